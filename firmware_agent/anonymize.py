@@ -1,0 +1,162 @@
+"""Anonymize stage: transmitter addresses become keyed device ids, then are wiped.
+
+A device id is SipHash-2-4 of the 6 address bytes under the current :class:`EpochKey`,
+computed by a vectorised numba kernel that equals ``nacl.hash.siphash24`` (libsodium's
+``crypto_shorthash``) bit for bit. The model fingerprint from the parser is keyed the
+same way (SipHash of its 8 little-endian bytes), so neither can be compared across
+epochs or sensors. The address array is overwritten with zeros as soon as it is hashed.
+
+The key is 16 bytes from ``nacl.utils.random``, held in a numpy array that
+:meth:`EpochKey.wipe` overwrites. It is never written to disk, logged or sent; its
+``label`` is an unrelated random id that may be published to tell epochs apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nacl.utils
+import numpy as np
+from numba import njit
+from numpy.typing import NDArray
+
+from firmware_agent.parse import KIND_NO_SA, ProbeBatch
+
+__all__ = ["DeviceBatch", "EpochKey", "anonymize", "siphash24_mac", "siphash24_u64"]
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_C0 = np.uint64(0x736F6D6570736575)
+_C1 = np.uint64(0x646F72616E646F6D)
+_C2 = np.uint64(0x6C7967656E657261)
+_C3 = np.uint64(0x7465646279746573)
+
+
+class EpochKey:
+    """A random 128-bit SipHash key that lives in memory only, for one epoch."""
+
+    __slots__ = ("_words", "label")
+
+    def __init__(self) -> None:
+        raw = bytearray(nacl.utils.random(16))
+        self._words = np.frombuffer(raw, dtype="<u8").astype(np.uint64)
+        raw[:] = bytes(16)
+        self.label = nacl.utils.random(8).hex()
+
+    @property
+    def words(self) -> NDArray[np.uint64]:
+        """The key as two little-endian 64-bit words (k0, k1), as SipHash reads it."""
+        return self._words
+
+    def wipe(self) -> None:
+        """Overwrite the key in place; the object is useless afterwards."""
+        self._words[:] = 0
+
+    def __repr__(self) -> str:
+        return f"EpochKey(label={self.label!r}, key=<hidden>)"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceBatch:
+    """Probe rows with keyed device ids instead of addresses."""
+
+    kind: NDArray[np.uint8]
+    ts_ns: NDArray[np.int64]
+    device: NDArray[np.uint64]  # SipHash-2-4 of the address; 0 where there is none
+    randomised: NDArray[np.uint8]  # 1 if the address is locally administered
+    seq: NDArray[np.uint16]
+    rssi: NDArray[np.int16]
+    freq_mhz: NDArray[np.uint16]
+    ssid: NDArray[np.uint8]
+    fp: NDArray[np.uint64]  # keyed model fingerprint; 0 where not parsed
+    frames: int
+
+    def __len__(self) -> int:
+        return int(self.kind.shape[0])
+
+
+@njit(cache=True, inline="always")
+def _rotl(x: np.uint64, b: int) -> np.uint64:
+    return ((x << np.uint64(b)) | (x >> np.uint64(64 - b))) & _M64
+
+
+@njit(cache=True, inline="always")
+def _sipround(
+    v0: np.uint64, v1: np.uint64, v2: np.uint64, v3: np.uint64
+) -> tuple[np.uint64, np.uint64, np.uint64, np.uint64]:
+    v0 = v0 + v1
+    v1 = _rotl(v1, 13) ^ v0
+    v0 = _rotl(v0, 32)
+    v2 = v2 + v3
+    v3 = _rotl(v3, 16) ^ v2
+    v0 = v0 + v3
+    v3 = _rotl(v3, 21) ^ v0
+    v2 = v2 + v1
+    v1 = _rotl(v1, 17) ^ v2
+    v2 = _rotl(v2, 32)
+    return v0, v1, v2, v3
+
+
+@njit(cache=True, inline="always")
+def _siphash_blocks(k: NDArray[np.uint64], m: np.uint64, full: bool, tail: np.uint64) -> np.uint64:
+    """SipHash-2-4 of at most one full 8-byte block ``m`` followed by the final ``tail``."""
+    v0 = k[0] ^ _C0
+    v1 = k[1] ^ _C1
+    v2 = k[0] ^ _C2
+    v3 = k[1] ^ _C3
+    if full:
+        v3 ^= m
+        v0, v1, v2, v3 = _sipround(v0, v1, v2, v3)
+        v0, v1, v2, v3 = _sipround(v0, v1, v2, v3)
+        v0 ^= m
+    v3 ^= tail
+    v0, v1, v2, v3 = _sipround(v0, v1, v2, v3)
+    v0, v1, v2, v3 = _sipround(v0, v1, v2, v3)
+    v0 ^= tail
+    v2 ^= np.uint64(0xFF)
+    for _ in range(4):
+        v0, v1, v2, v3 = _sipround(v0, v1, v2, v3)
+    return v0 ^ v1 ^ v2 ^ v3
+
+
+@njit(cache=True)
+def siphash24_mac(mac: NDArray[np.uint8], k: NDArray[np.uint64], out: NDArray[np.uint64]) -> None:
+    """out[i] = SipHash-2-4 of the 6 bytes mac[i] under k; then mac is zeroed."""
+    for i in range(mac.shape[0]):
+        tail = np.uint64(6) << np.uint64(56)
+        for b in range(6):
+            tail |= np.uint64(mac[i, b]) << np.uint64(8 * b)
+        out[i] = _siphash_blocks(k, np.uint64(0), False, tail)
+        for b in range(6):
+            mac[i, b] = 0
+
+
+@njit(cache=True)
+def siphash24_u64(values: NDArray[np.uint64], k: NDArray[np.uint64], out: NDArray[np.uint64]) -> None:
+    """out[i] = SipHash-2-4 of the 8 little-endian bytes of values[i] under k."""
+    tail = np.uint64(8) << np.uint64(56)
+    for i in range(values.shape[0]):
+        out[i] = _siphash_blocks(k, values[i], True, tail)
+
+
+def anonymize(probes: ProbeBatch, key: EpochKey) -> DeviceBatch:
+    """Key every address and fingerprint; the batch's address array is zeroed."""
+    n = len(probes)
+    randomised = (probes.mac[:, 0] & 0x02) >> 1
+    device = np.empty(n, np.uint64)
+    siphash24_mac(probes.mac, key.words, device)
+    device[(probes.kind & KIND_NO_SA) != 0] = 0
+    fp = np.empty(n, np.uint64)
+    siphash24_u64(probes.fp, key.words, fp)
+    fp[probes.fp == 0] = 0
+    return DeviceBatch(
+        kind=probes.kind,
+        ts_ns=probes.ts_ns,
+        device=device,
+        randomised=randomised.astype(np.uint8),
+        seq=probes.seq,
+        rssi=probes.rssi,
+        freq_mhz=probes.freq_mhz,
+        ssid=probes.ssid,
+        fp=fp,
+        frames=probes.frames,
+    )

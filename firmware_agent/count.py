@@ -1,0 +1,477 @@
+"""Count stage: device ids in, per-window counts out (numba).
+
+A :class:`DeviceTable` holds, for the current epoch only, one row per device id: first
+and last seen, best signal, frames, randomised flag, keyed fingerprint, last sequence
+number, the current visit, and per-window presence. It is an open-addressing hash table
+of numpy arrays so that the numba kernel can update it in place; it grows by doubling.
+
+Windows are aligned to the clock (multiples of ``window_s`` since the Unix epoch) and
+close on the frames' own clock: a watermark trails the newest timestamp seen by
+``lateness_s``, and a window closes once the watermark passes its end. A frame older than
+the oldest open window (a merged sniffer running late) is counted in that window and in
+``late_frames``. So a replay of a capture gives the same counts every time, and a live
+run gives the counts a replay of its capture would.
+
+When a window closes, one pass over the table yields:
+
+* ``devices``: distinct device ids seen in the window, ``devices_randomised`` of them
+  from locally administered addresses;
+* ``visitors``: those whose best signal in the window is at or above
+  ``rssi_threshold_dbm`` (or unknown: bare 802.11 captures carry no signal) and whose
+  current visit has lasted at least ``min_dwell_s``; the rest are ``passersby``;
+* ``visits_ended``: visits of visitors whose device has been silent for ``visit_gap_s``
+  by the window's end, with a histogram of their dwell (< 5, 5-15, 15-30, 30-60, >= 60
+  min); at the end of an epoch (the table is wiped) every open visit ends;
+* ``devices_epoch``: distinct devices since the epoch began.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+from numba import njit
+from numpy.typing import NDArray
+
+from firmware_agent.anonymize import DeviceBatch
+from firmware_agent.errors import ConfigError
+from firmware_agent.parse import KIND_PROBE, RSSI_MISSING
+
+__all__ = ["DWELL_BANDS", "CountSettings", "DeviceTable", "WindowCounter", "WindowCounts"]
+
+DWELL_BANDS = ("lt5", "5-15", "15-30", "30-60", "ge60")
+_DWELL_EDGES_MIN = (5, 15, 30, 60)
+NS = 1_000_000_000
+
+# Device table columns (int64).
+_FIRST, _LAST, _VISIT_START, _VISIT_BEST, _BEST, _FRAMES, _RANDOM, _FP = range(8)
+_WIN, _WRSSI, _SEQ, _VISITOR = 8, 10, 12, 13  # _WIN and _WRSSI take two slots each
+_NCOLS = 14
+
+# Window accumulator columns (int64), one row per open-window slot (two: by parity).
+_A_PROBES, _A_MALFORMED, _A_LATE, _A_ENDED = range(4)
+_A_DWELL = 4  # five dwell bands
+_NACC = 9
+
+# Output row columns (int64).
+_O_START, _O_PROBES, _O_MALFORMED, _O_LATE, _O_DEVICES, _O_RANDOM = range(6)
+_O_VISITORS, _O_PASSERS, _O_ENDED = 6, 7, 8
+_O_DWELL = 9
+_O_EPOCH = 14
+_NOUT = 15
+
+# Clock state (int64): newest timestamp, start of the oldest open window (or _NONE),
+# devices in the table, open visits.
+_C_MAX, _C_OLDEST, _C_USED, _C_OPEN_VISITS = range(4)
+_NONE = np.iinfo(np.int64).min
+
+
+@dataclass(frozen=True, slots=True)
+class CountSettings:
+    """How frames become counts; checked where made."""
+
+    window_s: int = 300
+    lateness_s: int = 10
+    rssi_threshold_dbm: int = -75
+    min_dwell_s: int = 120
+    visit_gap_s: int = 600
+
+    def __post_init__(self) -> None:
+        if not (60 <= self.window_s <= 3600 and 3600 % self.window_s == 0):
+            raise ConfigError(
+                f"window_s must be a divisor of 3600 between 60 and 3600, got {self.window_s}"
+            )
+        if not 0 <= self.lateness_s < self.window_s:
+            raise ConfigError(
+                f"lateness_s must be at least 0 and less than window_s ({self.window_s}), "
+                f"got {self.lateness_s}"
+            )
+        if not -120 <= self.rssi_threshold_dbm <= 0:
+            raise ConfigError(
+                f"rssi_threshold_dbm must be between -120 and 0 dBm, got {self.rssi_threshold_dbm}"
+            )
+        if self.min_dwell_s < 0:
+            raise ConfigError(f"min_dwell_s must be 0 or more seconds, got {self.min_dwell_s}")
+        if self.visit_gap_s < 60:
+            raise ConfigError(f"visit_gap_s must be at least 60 seconds, got {self.visit_gap_s}")
+
+
+@dataclass(frozen=True, slots=True)
+class WindowCounts:
+    """What one closed window says about footfall; nothing in it identifies a device."""
+
+    window_start: int  # Unix seconds, UTC, a multiple of window_s
+    window_s: int
+    probe_requests: int
+    malformed: int
+    late_frames: int
+    devices: int
+    devices_randomised: int
+    visitors: int
+    passersby: int
+    visits_ended: int
+    dwell_minutes: dict[str, int]  # DWELL_BANDS -> visits ended in the window
+    devices_epoch: int
+
+    def as_dict(self) -> dict[str, object]:
+        start = datetime.fromtimestamp(self.window_start, UTC)
+        return {
+            "window_start": start.isoformat().replace("+00:00", "Z"),
+            "window_s": self.window_s,
+            "probe_requests": self.probe_requests,
+            "malformed": self.malformed,
+            "late_frames": self.late_frames,
+            "devices": self.devices,
+            "devices_randomised": self.devices_randomised,
+            "visitors": self.visitors,
+            "passersby": self.passersby,
+            "visits_ended": self.visits_ended,
+            "dwell_minutes": dict(self.dwell_minutes),
+            "devices_epoch": self.devices_epoch,
+        }
+
+
+class DeviceTable:
+    """The epoch's devices: an open-addressing table of numpy arrays (see module doc)."""
+
+    __slots__ = ("keys", "state")
+
+    def __init__(self, capacity: int = 4096) -> None:
+        if capacity & (capacity - 1):
+            raise ValueError(f"capacity must be a power of two, got {capacity}")
+        self.keys = np.zeros(capacity, np.uint64)
+        self.state = np.zeros((capacity, _NCOLS), np.int64)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.keys.shape[0])
+
+    def grown(self) -> DeviceTable:
+        bigger = DeviceTable(self.capacity * 2)
+        _rehash(self.keys, self.state, bigger.keys, bigger.state)
+        return bigger
+
+    def wipe(self) -> None:
+        """Overwrite every device id and row in place."""
+        self.keys[:] = 0
+        self.state[:] = 0
+
+
+@njit(cache=True, inline="always")
+def _slot(keys: NDArray[np.uint64], dev: np.uint64) -> int:
+    mask = keys.shape[0] - 1
+    i = np.int64(dev & np.uint64(mask))
+    while keys[i] != 0 and keys[i] != dev:
+        i = (i + 1) & mask
+    return i
+
+
+@njit(cache=True)
+def _rehash(
+    keys: NDArray[np.uint64],
+    state: NDArray[np.int64],
+    new_keys: NDArray[np.uint64],
+    new_state: NDArray[np.int64],
+) -> None:
+    for i in range(keys.shape[0]):
+        if keys[i] != 0:
+            j = _slot(new_keys, keys[i])
+            new_keys[j] = keys[i]
+            new_state[j, :] = state[i, :]
+
+
+@njit(cache=True)
+def _close_window(
+    keys: NDArray[np.uint64],
+    state: NDArray[np.int64],
+    acc: NDArray[np.int64],
+    clock: NDArray[np.int64],
+    params: NDArray[np.int64],
+    end_all_visits: bool,
+    out: NDArray[np.int64],
+    row: int,
+) -> None:
+    """Emit the oldest open window into out[row] and advance the clock past it."""
+    w, _lateness, thr, min_dwell, gap = params[0], params[1], params[2], params[3], params[4]
+    start = clock[_C_OLDEST]
+    widx = start // w
+    p = widx & 1
+    end = start + w
+    devices = 0
+    randomised = 0
+    visitors = 0
+    scan_visits = clock[_C_OPEN_VISITS] > 0
+    if acc[p, _A_PROBES] > 0 or scan_visits:
+        for i in range(keys.shape[0]):
+            if keys[i] == 0:
+                continue
+            s = state[i]
+            if s[_WIN + p] == widx:
+                devices += 1
+                randomised += s[_RANDOM]
+                r = s[_WRSSI + p]
+                if (r >= thr or r == RSSI_MISSING) and s[_LAST] - s[_VISIT_START] >= min_dwell:
+                    visitors += 1
+                    s[_VISITOR] = 1
+            if s[_VISIT_START] != _NONE and (end_all_visits or s[_LAST] + gap <= end):
+                if s[_VISITOR]:
+                    dwell_min = (s[_LAST] - s[_VISIT_START]) // (60 * NS)
+                    band = 0
+                    while band < 4 and dwell_min >= _DWELL_EDGES_MIN[band]:
+                        band += 1
+                    acc[p, _A_ENDED] += 1
+                    acc[p, _A_DWELL + band] += 1
+                s[_VISIT_START] = _NONE
+                s[_VISITOR] = 0
+                clock[_C_OPEN_VISITS] -= 1
+    o = out[row]
+    o[_O_START] = start
+    o[_O_PROBES] = acc[p, _A_PROBES]
+    o[_O_MALFORMED] = acc[p, _A_MALFORMED]
+    o[_O_LATE] = acc[p, _A_LATE]
+    o[_O_DEVICES] = devices
+    o[_O_RANDOM] = randomised
+    o[_O_VISITORS] = visitors
+    o[_O_PASSERS] = devices - visitors
+    o[_O_ENDED] = acc[p, _A_ENDED]
+    for b in range(5):
+        o[_O_DWELL + b] = acc[p, _A_DWELL + b]
+    o[_O_EPOCH] = clock[_C_USED]
+    acc[p, :] = 0
+    clock[_C_OLDEST] = end
+
+
+@njit(cache=True)
+def _count(
+    kind: NDArray[np.uint8],
+    ts: NDArray[np.int64],
+    device: NDArray[np.uint64],
+    randomised: NDArray[np.uint8],
+    rssi: NDArray[np.int16],
+    fp: NDArray[np.uint64],
+    seq: NDArray[np.uint16],
+    begin: int,
+    keys: NDArray[np.uint64],
+    state: NDArray[np.int64],
+    acc: NDArray[np.int64],
+    clock: NDArray[np.int64],
+    params: NDArray[np.int64],
+    out: NDArray[np.int64],
+    rows: int,
+) -> tuple[int, int]:
+    """Count rows begin.. until done, the table is 1/2 full, or out is full.
+
+    Returns (next row to count, rows of out filled).
+    """
+    w, lateness, gap = params[0], params[1], params[4]
+    limit = keys.shape[0] // 2
+    i = begin
+    n = kind.shape[0]
+    while i < n:
+        if clock[_C_USED] >= limit:
+            break
+        t = ts[i]
+        if clock[_C_OLDEST] == _NONE:
+            clock[_C_OLDEST] = t // w * w
+            clock[_C_MAX] = t
+        if t > clock[_C_MAX]:
+            clock[_C_MAX] = t
+        while clock[_C_MAX] - lateness >= clock[_C_OLDEST] + w:
+            if rows == out.shape[0]:
+                return i, rows
+            _close_window(keys, state, acc, clock, params, False, out, rows)
+            rows += 1
+        wstart = t // w * w
+        if wstart < clock[_C_OLDEST]:
+            wstart = clock[_C_OLDEST]
+            acc[(wstart // w) & 1, _A_LATE] += 1
+        widx = wstart // w
+        p = widx & 1
+        k = kind[i]
+        if k & KIND_PROBE:
+            acc[p, _A_PROBES] += 1
+        if k != KIND_PROBE:
+            acc[p, _A_MALFORMED] += 1
+            i += 1
+            continue
+        dev = device[i]
+        if dev == 0:
+            dev = np.uint64(1)
+        j = _slot(keys, dev)
+        s = state[j]
+        r = np.int64(rssi[i])
+        if keys[j] == 0:
+            keys[j] = dev
+            clock[_C_USED] += 1
+            s[_FIRST] = t
+            s[_LAST] = t
+            s[_BEST] = r
+            s[_VISIT_START] = _NONE
+            s[_WIN] = -1
+            s[_WIN + 1] = -1
+        if s[_VISIT_START] != _NONE and t - s[_LAST] > gap:
+            s[_VISIT_START] = _NONE
+            s[_VISITOR] = 0
+            clock[_C_OPEN_VISITS] -= 1
+        if s[_VISIT_START] == _NONE:
+            s[_VISIT_START] = t
+            s[_VISIT_BEST] = r
+            clock[_C_OPEN_VISITS] += 1
+        elif t < s[_VISIT_START]:
+            s[_VISIT_START] = t
+        s[_FIRST] = min(s[_FIRST], t)
+        s[_LAST] = max(s[_LAST], t)
+        s[_BEST] = max(s[_BEST], r)
+        s[_VISIT_BEST] = max(s[_VISIT_BEST], r)
+        s[_FRAMES] += 1
+        s[_RANDOM] = randomised[i]
+        s[_FP] = np.int64(fp[i])
+        s[_SEQ] = seq[i]
+        if s[_WIN + p] != widx:
+            s[_WIN + p] = widx
+            s[_WRSSI + p] = r
+        else:
+            s[_WRSSI + p] = max(s[_WRSSI + p], r)
+        i += 1
+    return i, rows
+
+
+@njit(cache=True)
+def _flush(
+    keys: NDArray[np.uint64],
+    state: NDArray[np.int64],
+    acc: NDArray[np.int64],
+    clock: NDArray[np.int64],
+    params: NDArray[np.int64],
+    until: int,
+    end_all_visits: bool,
+    out: NDArray[np.int64],
+) -> int:
+    """Close every open window that ends at or before ``until``; the last one ends visits."""
+    rows = 0
+    w = params[0]
+    if clock[_C_OLDEST] == _NONE:
+        return 0
+    while clock[_C_OLDEST] + w <= until and rows < out.shape[0]:
+        last = clock[_C_OLDEST] + 2 * w > until
+        _close_window(keys, state, acc, clock, params, end_all_visits and last, out, rows)
+        rows += 1
+    return rows
+
+
+class WindowCounter:
+    """Feeds device batches through the counting kernel and yields closed windows."""
+
+    def __init__(self, settings: CountSettings, capacity: int = 4096) -> None:
+        self.settings = settings
+        self.table = DeviceTable(capacity)
+        self._acc = np.zeros((2, _NACC), np.int64)
+        self._clock = np.array([_NONE, _NONE, 0, 0], np.int64)
+        self._params = np.array(
+            [
+                settings.window_s * NS,
+                settings.lateness_s * NS,
+                settings.rssi_threshold_dbm,
+                settings.min_dwell_s * NS,
+                settings.visit_gap_s * NS,
+            ],
+            np.int64,
+        )
+        self._out = np.zeros((256, _NOUT), np.int64)
+
+    @property
+    def watermark_ns(self) -> int | None:
+        """Newest timestamp counted minus the lateness allowance (None before any frame)."""
+        newest = int(self._clock[_C_MAX])
+        return None if newest == _NONE else newest - int(self._params[1])
+
+    @property
+    def oldest_open_ns(self) -> int | None:
+        """Start of the oldest window still open (None before any frame)."""
+        oldest = int(self._clock[_C_OLDEST])
+        return None if oldest == _NONE else oldest
+
+    def add(self, batch: DeviceBatch) -> Iterator[WindowCounts]:
+        """Count a batch; yield the windows its frames closed."""
+        i = 0
+        while i < len(batch):
+            i, rows = _count(
+                batch.kind,
+                batch.ts_ns,
+                batch.device,
+                batch.randomised,
+                batch.rssi,
+                batch.fp,
+                batch.seq,
+                i,
+                self.table.keys,
+                self.table.state,
+                self._acc,
+                self._clock,
+                self._params,
+                self._out,
+                0,
+            )
+            yield from self._emit(rows)
+            if self._clock[_C_USED] >= self.table.capacity // 2:
+                old = self.table
+                self.table = old.grown()
+                old.wipe()
+
+    def close_until(self, until_ns: int, *, end_visits: bool) -> Iterator[WindowCounts]:
+        """Close every window ending at or before ``until_ns`` (aligned to windows).
+
+        With ``end_visits`` the last window closed also ends every open visit: the epoch
+        is over and its table is about to be wiped.
+        """
+        while True:
+            rows = _flush(
+                self.table.keys,
+                self.table.state,
+                self._acc,
+                self._clock,
+                self._params,
+                until_ns,
+                end_visits,
+                self._out,
+            )
+            yield from self._emit(rows)
+            if rows < self._out.shape[0]:
+                return
+
+    def close_all(self) -> Iterator[WindowCounts]:
+        """End of input: close every open window, ending every visit."""
+        if self._clock[_C_MAX] == _NONE:
+            return
+        w = int(self._params[0])
+        last_end = int(self._clock[_C_MAX]) // w * w + w
+        yield from self.close_until(last_end, end_visits=True)
+
+    def new_epoch(self, start_ns: int) -> None:
+        """Wipe the table: the next frames are counted under a new key from ``start_ns``."""
+        self.table.wipe()
+        self._clock[_C_USED] = 0
+        self._clock[_C_OPEN_VISITS] = 0
+        self._clock[_C_OLDEST] = start_ns
+
+    def _emit(self, rows: int) -> Iterator[WindowCounts]:
+        w = self.settings.window_s
+        for o in self._out[:rows]:
+            yield WindowCounts(
+                window_start=int(o[_O_START]) // NS,
+                window_s=w,
+                probe_requests=int(o[_O_PROBES]),
+                malformed=int(o[_O_MALFORMED]),
+                late_frames=int(o[_O_LATE]),
+                devices=int(o[_O_DEVICES]),
+                devices_randomised=int(o[_O_RANDOM]),
+                visitors=int(o[_O_VISITORS]),
+                passersby=int(o[_O_PASSERS]),
+                visits_ended=int(o[_O_ENDED]),
+                dwell_minutes={
+                    band: int(o[_O_DWELL + b]) for b, band in enumerate(DWELL_BANDS)
+                },
+                devices_epoch=int(o[_O_EPOCH]),
+            )

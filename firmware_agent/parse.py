@@ -1,0 +1,428 @@
+"""Parse stage: raw frames in, one row per probe request out (numba).
+
+:func:`parse_batch` walks a :class:`~firmware_agent.capture.FrameBatch` in one compiled
+pass. For each frame it reads the radio header (radiotap with extended presence bitmaps
+and field alignment, Prism, AVS, PPI, or none for bare 802.11), the 802.11 frame control,
+and for probe requests the transmitter address (addr2), the sequence number, the SSID
+element's kind and a fingerprint of the elements that describe the device *model*.
+
+Rows are kept for probe requests and for frames whose radio header cannot be read (then
+nobody can tell what they are). Every other frame is only counted. Nothing here raises on
+bad input and no read goes past a frame's captured length: a malformed frame becomes a
+row whose ``kind`` says so, and the counting stage skips it.
+
+``kind`` is a bit set:
+
+========================  ======================================================
+``KIND_PROBE``            frame control says probe request (type 0, subtype 4)
+``KIND_MALFORMED``        radio header, 802.11 header or an element is truncated
+``KIND_FCS_BAD``          the radio header says the FCS check failed
+``KIND_NO_SA``            the frame ends before the transmitter address
+========================  ======================================================
+
+A row is a usable observation of a device exactly when ``kind == KIND_PROBE``.
+
+The fingerprint is a 64-bit FNV-1a digest (unkeyed here; the anonymize stage keys it) of
+the element order and the contents of supported/extended rates, HT, VHT, HE and EHT
+capabilities, extended capabilities, and vendor elements' OUI and type. It never covers
+the SSID, the channel (DS parameter set) or vendor element bodies (WPS carries a UUID).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+from numpy.typing import NDArray
+
+from firmware_agent.capture import (
+    LINKTYPE_AVS,
+    LINKTYPE_IEEE802_11,
+    LINKTYPE_PPI,
+    LINKTYPE_PRISM,
+    LINKTYPE_RADIOTAP,
+    FrameBatch,
+)
+
+__all__ = [
+    "KIND_FCS_BAD",
+    "KIND_MALFORMED",
+    "KIND_NO_SA",
+    "KIND_PROBE",
+    "RSSI_MISSING",
+    "SSID_DIRECTED",
+    "SSID_NONE",
+    "SSID_WILDCARD",
+    "ProbeBatch",
+    "parse_batch",
+]
+
+KIND_PROBE = 1
+KIND_MALFORMED = 2
+KIND_FCS_BAD = 4
+KIND_NO_SA = 8
+
+SSID_NONE = 0
+SSID_WILDCARD = 1
+SSID_DIRECTED = 2
+
+RSSI_MISSING = -32768
+
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+# Radiotap fields of the first presence word that precede what we read: (size, alignment)
+# for bits 0..5: TSFT, Flags, Rate, Channel, FHSS, dBm antenna signal.
+_RT_SIZE = np.array([8, 1, 1, 4, 2, 1], dtype=np.int64)
+_RT_ALIGN = np.array([8, 1, 1, 2, 2, 1], dtype=np.int64)
+_RT_FLAG_FCS = 0x10
+_RT_FLAG_BADFCS = 0x40
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeBatch:
+    """Probe requests (and unreadable frames) of one frame batch, one row each.
+
+    ``mac`` holds transmitter addresses in the clear: it lives only until the anonymize
+    stage hashes and zeroes it.
+    """
+
+    kind: NDArray[np.uint8]
+    ts_ns: NDArray[np.int64]
+    mac: NDArray[np.uint8]  # shape (n, 6)
+    seq: NDArray[np.uint16]
+    rssi: NDArray[np.int16]  # dBm, RSSI_MISSING where the radio header has none
+    freq_mhz: NDArray[np.uint16]  # 0 where unknown
+    ssid: NDArray[np.uint8]  # SSID_NONE / SSID_WILDCARD / SSID_DIRECTED
+    fp: NDArray[np.uint64]  # unkeyed model fingerprint, 0 where not parsed
+    frames: int  # frames in the source batch, probes or not
+
+    def __len__(self) -> int:
+        return int(self.kind.shape[0])
+
+
+@njit(cache=True, inline="always")
+def _u16le(d: NDArray[np.uint8], p: int) -> int:
+    return int(d[p]) | (int(d[p + 1]) << 8)
+
+
+@njit(cache=True, inline="always")
+def _u32le(d: NDArray[np.uint8], p: int) -> int:
+    return _u16le(d, p) | (_u16le(d, p + 2) << 16)
+
+
+@njit(cache=True, inline="always")
+def _u32be(d: NDArray[np.uint8], p: int) -> int:
+    return (int(d[p]) << 24) | (int(d[p + 1]) << 16) | (int(d[p + 2]) << 8) | int(d[p + 3])
+
+
+@njit(cache=True, inline="always")
+def _s8(v: int) -> int:
+    return v - 256 if v >= 128 else v
+
+
+@njit(cache=True, inline="always")
+def _s32(v: int) -> int:
+    return v - (1 << 32) if v >= (1 << 31) else v
+
+
+@njit(cache=True, inline="always")
+def _channel_to_mhz(ch: int) -> int:
+    if 1 <= ch <= 13:
+        return 2407 + 5 * ch
+    if ch == 14:
+        return 2484
+    if 32 <= ch <= 196:
+        return 5000 + 5 * ch
+    return 0
+
+
+@njit(cache=True)
+def _radiotap(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int, int]:
+    """(header length or -1, flags, rssi, freq) of a radiotap header at d[start:end]."""
+    if end - start < 8 or d[start] != 0:
+        return -1, 0, RSSI_MISSING, 0
+    it_len = _u16le(d, start + 2)
+    if it_len < 8 or start + it_len > end:
+        return -1, 0, RSSI_MISSING, 0
+    hdr_end = start + it_len
+    p = start + 4
+    present = _u32le(d, p)
+    word = present
+    while word & 0x80000000:
+        p += 4
+        if p + 4 > hdr_end:
+            return -1, 0, RSSI_MISSING, 0
+        word = _u32le(d, p)
+    pos = p + 4 - start
+    flags = 0
+    rssi = RSSI_MISSING
+    freq = 0
+    for bit in range(6):
+        if not (present >> bit) & 1:
+            continue
+        align = _RT_ALIGN[bit]
+        pos = (pos + align - 1) // align * align
+        if start + pos + _RT_SIZE[bit] > hdr_end:
+            return -1, 0, RSSI_MISSING, 0
+        if bit == 1:
+            flags = int(d[start + pos])
+        elif bit == 3:
+            freq = _u16le(d, start + pos)
+        elif bit == 5:
+            rssi = _s8(int(d[start + pos]))
+        pos += _RT_SIZE[bit]
+    return it_len, flags, rssi, freq
+
+
+@njit(cache=True)
+def _prism(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int]:
+    """(header length or -1, rssi, freq) of a Prism (wlan-ng AVS-style DID) header."""
+    if end - start < 8:
+        return -1, RSSI_MISSING, 0
+    msglen = _u32le(d, start + 4)
+    if msglen < 24 or start + msglen > end:
+        return -1, RSSI_MISSING, 0
+    rssi = RSSI_MISSING
+    freq = 0
+    p = start + 24
+    while p + 12 <= start + msglen:
+        did = _u32le(d, p)
+        status = _u16le(d, p + 4)
+        value = _u32le(d, p + 8)
+        if status == 0:
+            # wlan-ng DIDs are 0x000N0044, other drivers' 0x0000N041; N=3 channel, 4 rssi
+            item = did >> 16 if did & 0xFFFF == 0x0044 else (did >> 12) & 0xF
+            if item == 3:
+                freq = _channel_to_mhz(value)
+            elif item == 4:
+                rssi = _s32(value)
+        p += 12
+    return msglen, rssi, freq
+
+
+@njit(cache=True)
+def _avs(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int]:
+    """(header length or -1, rssi, freq) of an AVS capture header (big-endian)."""
+    if end - start < 64:
+        return -1, RSSI_MISSING, 0
+    length = _u32be(d, start + 4)
+    if length < 64 or start + length > end:
+        return -1, RSSI_MISSING, 0
+    freq = _channel_to_mhz(_u32be(d, start + 28))
+    rssi = _s32(_u32be(d, start + 48)) if _u32be(d, start + 44) == 2 else RSSI_MISSING
+    return length, rssi, freq
+
+
+@njit(cache=True)
+def _ppi(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int, int]:
+    """(header length or -1, fcs flags as radiotap's, rssi, freq) of a PPI header."""
+    if end - start < 8 or d[start] != 0:
+        return -1, 0, RSSI_MISSING, 0
+    length = _u16le(d, start + 2)
+    if length < 8 or start + length > end or _u32le(d, start + 4) != LINKTYPE_IEEE802_11:
+        return -1, 0, RSSI_MISSING, 0
+    flags = 0
+    rssi = RSSI_MISSING
+    freq = 0
+    p = start + 8
+    while p + 4 <= start + length:
+        ftype = _u16le(d, p)
+        flen = _u16le(d, p + 2)
+        if p + 4 + flen > start + length:
+            return -1, 0, RSSI_MISSING, 0
+        if ftype == 2 and flen >= 20:
+            common = _u16le(d, p + 12)
+            if common & 1:
+                flags |= _RT_FLAG_FCS
+            if common & 4:
+                flags |= _RT_FLAG_BADFCS
+            freq = _u16le(d, p + 16)
+            rssi = _s8(int(d[p + 4 + 16]))
+        p += 4 + flen
+    return length, flags, rssi, freq
+
+
+@njit(cache=True, inline="always")
+def _fnv(h: np.uint64, b: int) -> np.uint64:
+    return (h ^ np.uint64(b)) * _FNV_PRIME
+
+
+@njit(cache=True, inline="always")
+def _element_length_ok(eid: int, elen: int) -> bool:
+    """Length rules of IEEE 802.11-2020 for the elements probe requests carry.
+
+    These are the checks Wireshark applies too (its ``_ws.malformed``), so that a probe
+    this parser calls malformed is one tshark calls malformed.
+    """
+    if eid in (1, 50, 127):  # rates, extended rates, extended capabilities
+        return elen >= 1
+    if eid in (221, 150):  # vendor specific (and Cisco's): an OUI at least
+        return elen >= 3
+    if eid == 3:  # DS parameter set
+        return elen == 1
+    if eid == 45:  # HT capabilities
+        return elen == 26
+    if eid == 191:  # VHT capabilities
+        return elen == 12
+    if eid == 72:  # 20/40 BSS coexistence
+        return elen == 1
+    if eid == 74:  # overlapping BSS scan parameters
+        return elen == 14
+    return True
+
+
+@njit(cache=True)
+def _elements(d: NDArray[np.uint8], p: int, end: int) -> tuple[bool, int, np.uint64]:
+    """Walk information elements in d[p:end]: (well formed, SSID kind, fingerprint)."""
+    ssid = SSID_NONE
+    h = _FNV_OFFSET
+    while p < end:
+        if p + 2 > end:
+            return False, ssid, h
+        eid = int(d[p])
+        elen = int(d[p + 1])
+        body = p + 2
+        if body + elen > end or not _element_length_ok(eid, elen):
+            return False, ssid, h
+        if eid == 0:
+            if ssid == SSID_NONE:
+                ssid = SSID_DIRECTED if elen > 0 else SSID_WILDCARD
+        elif eid != 3:
+            h = _fnv(h, eid)
+            n = 0
+            if eid in (1, 45, 50, 127, 191):
+                n = elen
+            elif eid == 221:
+                n = min(elen, 4)
+            elif eid == 255 and elen >= 1 and d[body] in (35, 108):
+                n = elen
+            h = _fnv(h, n)
+            for k in range(body, body + n):
+                h = _fnv(h, int(d[k]))
+        p = body + elen
+    return True, ssid, h
+
+
+@njit(cache=True)
+def _parse(
+    data: NDArray[np.uint8],
+    offsets: NDArray[np.int64],
+    lengths: NDArray[np.int32],
+    ts_ns: NDArray[np.int64],
+    link_types: NDArray[np.uint16],
+    kind: NDArray[np.uint8],
+    out_ts: NDArray[np.int64],
+    mac: NDArray[np.uint8],
+    seq: NDArray[np.uint16],
+    rssi_out: NDArray[np.int16],
+    freq_out: NDArray[np.uint16],
+    ssid_out: NDArray[np.uint8],
+    fp_out: NDArray[np.uint64],
+) -> int:
+    rows = 0
+    for i in range(offsets.shape[0]):
+        start = offsets[i]
+        end = start + lengths[i]
+        lt = link_types[i]
+        flags = 0
+        rssi = RSSI_MISSING
+        freq = 0
+        if lt == LINKTYPE_RADIOTAP:
+            hlen, flags, rssi, freq = _radiotap(data, start, end)
+        elif lt == LINKTYPE_IEEE802_11:
+            hlen = 0
+        elif lt == LINKTYPE_PRISM:
+            hlen, rssi, freq = _prism(data, start, end)
+        elif lt == LINKTYPE_AVS:
+            hlen, rssi, freq = _avs(data, start, end)
+        elif lt == LINKTYPE_PPI:
+            hlen, flags, rssi, freq = _ppi(data, start, end)
+        else:
+            hlen = -1
+        s = start + hlen
+        k = 0
+        if hlen < 0 or end - s < 1:
+            k = KIND_MALFORMED
+        else:
+            fc0 = int(data[s])
+            if fc0 != 0x40:
+                continue
+            k = KIND_PROBE
+            body_end = end
+            if flags & _RT_FLAG_FCS:
+                body_end -= 4
+            if flags & _RT_FLAG_BADFCS:
+                k |= KIND_FCS_BAD
+            hdr = 24
+            if body_end - s >= 2 and data[s + 1] & 0x80:
+                hdr = 28
+            if body_end - s < 16:
+                k |= KIND_MALFORMED | KIND_NO_SA
+            elif body_end - s < hdr:
+                k |= KIND_MALFORMED
+        row = rows
+        rows += 1
+        kind[row] = k
+        out_ts[row] = ts_ns[i]
+        rssi_out[row] = rssi
+        freq_out[row] = freq
+        ssid_out[row] = SSID_NONE
+        fp_out[row] = 0
+        seq[row] = 0
+        for b in range(6):
+            mac[row, b] = 0
+        if not k & KIND_PROBE or k & KIND_NO_SA:
+            continue
+        for b in range(6):
+            mac[row, b] = data[s + 10 + b]
+        if k & KIND_MALFORMED:
+            continue
+        seq[row] = _u16le(data, s + 22) >> 4
+        ok, ssid, fp = _elements(data, s + hdr, body_end)
+        ssid_out[row] = ssid
+        if ok:
+            fp_out[row] = fp
+        else:
+            kind[row] = k | KIND_MALFORMED
+    return rows
+
+
+def parse_batch(batch: FrameBatch) -> ProbeBatch:
+    """Parse one frame batch into probe rows (never raises on frame contents)."""
+    n = len(batch)
+    kind = np.empty(n, np.uint8)
+    ts = np.empty(n, np.int64)
+    mac = np.empty((n, 6), np.uint8)
+    seq = np.empty(n, np.uint16)
+    rssi = np.empty(n, np.int16)
+    freq = np.empty(n, np.uint16)
+    ssid = np.empty(n, np.uint8)
+    fp = np.empty(n, np.uint64)
+    rows = _parse(
+        batch.data,
+        batch.offsets,
+        batch.lengths,
+        batch.ts_ns,
+        batch.link_types,
+        kind,
+        ts,
+        mac,
+        seq,
+        rssi,
+        freq,
+        ssid,
+        fp,
+    )
+    return ProbeBatch(
+        kind=kind[:rows],
+        ts_ns=ts[:rows],
+        mac=mac[:rows],
+        seq=seq[:rows],
+        rssi=rssi[:rows],
+        freq_mhz=freq[:rows],
+        ssid=ssid[:rows],
+        fp=fp[:rows],
+        frames=n,
+    )
