@@ -79,7 +79,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         progress = Progress(f"inspect {source}", _source_size(source))
 
         def show(reader: CaptureReader, progress: Progress = progress) -> None:
-            progress.update(reader.bytes_read, reader.records_read, 0)
+            progress.update(0, reader.records_read, 0)
 
         facts = inspect_capture(source, show)
         print(json.dumps(facts), flush=True)
@@ -100,11 +100,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
         for batch in reader:
             for window in pipeline.feed(batch):
                 print(json.dumps(window.as_dict()), flush=True)
-            progress.update(reader.bytes_read, pipeline.stats.frames, pipeline.stats.windows)
+            progress.update(0, pipeline.stats.frames, pipeline.stats.windows)
         for window in pipeline.finish():
             print(json.dumps(window.as_dict()), flush=True)
         progress.update(
-            reader.bytes_read, pipeline.stats.frames, pipeline.stats.windows, final=True
+            0, pipeline.stats.frames, pipeline.stats.windows, final=True
         )
     log.info(
         "replayed %s: %d frames, %d probe rows, %d windows, %d epochs",
@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("footfall-agent: %(levelname)s: %(message)s"))
-    log.addHandler(handler)
+    log.handlers = [handler]
     log.setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
         status: int = args.func(args)

@@ -104,7 +104,7 @@ class ProbeBatch:
 
 @njit(cache=True, inline="always")
 def _u16le(d: NDArray[np.uint8], p: int) -> int:
-    return int(d[p]) | (int(d[p + 1]) << 8)
+    return np.int64(d[p]) | (np.int64(d[p + 1]) << 8)
 
 
 @njit(cache=True, inline="always")
@@ -114,7 +114,7 @@ def _u32le(d: NDArray[np.uint8], p: int) -> int:
 
 @njit(cache=True, inline="always")
 def _u32be(d: NDArray[np.uint8], p: int) -> int:
-    return (int(d[p]) << 24) | (int(d[p + 1]) << 16) | (int(d[p + 2]) << 8) | int(d[p + 3])
+    return (np.int64(d[p]) << 24) | (np.int64(d[p + 1]) << 16) | (np.int64(d[p + 2]) << 8) | np.int64(d[p + 3])
 
 
 @njit(cache=True, inline="always")
@@ -167,11 +167,11 @@ def _radiotap(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int
         if start + pos + _RT_SIZE[bit] > hdr_end:
             return -1, 0, RSSI_MISSING, 0
         if bit == 1:
-            flags = int(d[start + pos])
+            flags = np.int64(d[start + pos])
         elif bit == 3:
             freq = _u16le(d, start + pos)
         elif bit == 5:
-            rssi = _s8(int(d[start + pos]))
+            rssi = _s8(np.int64(d[start + pos]))
         pos += _RT_SIZE[bit]
     return it_len, flags, rssi, freq
 
@@ -239,7 +239,7 @@ def _ppi(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int, int
             if common & 4:
                 flags |= _RT_FLAG_BADFCS
             freq = _u16le(d, p + 16)
-            rssi = _s8(int(d[p + 4 + 16]))
+            rssi = _s8(np.int64(d[p + 4 + 16]))
         p += 4 + flen
     return length, flags, rssi, freq
 
@@ -281,8 +281,8 @@ def _elements(d: NDArray[np.uint8], p: int, end: int) -> tuple[bool, int, np.uin
     while p < end:
         if p + 2 > end:
             return False, ssid, h
-        eid = int(d[p])
-        elen = int(d[p + 1])
+        eid = np.int64(d[p])
+        elen = np.int64(d[p + 1])
         body = p + 2
         if body + elen > end or not _element_length_ok(eid, elen):
             return False, ssid, h
@@ -300,7 +300,7 @@ def _elements(d: NDArray[np.uint8], p: int, end: int) -> tuple[bool, int, np.uin
                 n = elen
             h = _fnv(h, n)
             for k in range(body, body + n):
-                h = _fnv(h, int(d[k]))
+                h = _fnv(h, np.int64(d[k]))
         p = body + elen
     return True, ssid, h
 
@@ -346,7 +346,7 @@ def _parse(
         if hlen < 0 or end - s < 1:
             k = KIND_MALFORMED
         else:
-            fc0 = int(data[s])
+            fc0 = np.int64(data[s])
             if fc0 != 0x40:
                 continue
             k = KIND_PROBE
