@@ -118,41 +118,67 @@ def _siphash_blocks(k: NDArray[np.uint64], m: np.uint64, full: bool, tail: np.ui
     return v0 ^ v1 ^ v2 ^ v3
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
+def _hash_mac(mac: NDArray[np.uint8], i: int, k: NDArray[np.uint64]) -> np.uint64:
+    tail = np.uint64(6) << np.uint64(56)
+    for b in range(6):
+        tail |= np.uint64(mac[i, b]) << np.uint64(8 * b)
+    return _siphash_blocks(k, np.uint64(0), False, tail)
+
+
+@njit(cache=True, inline="always")
+def _hash_u64(value: np.uint64, k: NDArray[np.uint64]) -> np.uint64:
+    return _siphash_blocks(k, value, True, np.uint64(8) << np.uint64(56))
+
+
+@njit(cache=True, nogil=True)
 def siphash24_mac(mac: NDArray[np.uint8], k: NDArray[np.uint64], out: NDArray[np.uint64]) -> None:
     """out[i] = SipHash-2-4 of the 6 bytes mac[i] under k; then mac is zeroed."""
     for i in range(mac.shape[0]):
-        tail = np.uint64(6) << np.uint64(56)
-        for b in range(6):
-            tail |= np.uint64(mac[i, b]) << np.uint64(8 * b)
-        out[i] = _siphash_blocks(k, np.uint64(0), False, tail)
-        for b in range(6):
-            mac[i, b] = 0
+        out[i] = _hash_mac(mac, i, k)
+        mac[i, :] = 0
 
 
-@njit(cache=True)
-def siphash24_u64(values: NDArray[np.uint64], k: NDArray[np.uint64], out: NDArray[np.uint64]) -> None:
+@njit(cache=True, nogil=True)
+def siphash24_u64(
+    values: NDArray[np.uint64], k: NDArray[np.uint64], out: NDArray[np.uint64]
+) -> None:
     """out[i] = SipHash-2-4 of the 8 little-endian bytes of values[i] under k."""
-    tail = np.uint64(8) << np.uint64(56)
     for i in range(values.shape[0]):
-        out[i] = _siphash_blocks(k, values[i], True, tail)
+        out[i] = _hash_u64(values[i], k)
+
+
+@njit(cache=True, nogil=True)
+def _key_rows(
+    kind: NDArray[np.uint8],
+    mac: NDArray[np.uint8],
+    fp: NDArray[np.uint64],
+    k: NDArray[np.uint64],
+    device: NDArray[np.uint64],
+    randomised: NDArray[np.uint8],
+    keyed_fp: NDArray[np.uint64],
+) -> None:
+    """One pass over the rows: ids, randomised flags, keyed fingerprints; addresses zeroed."""
+    for i in range(kind.shape[0]):
+        randomised[i] = (mac[i, 0] >> 1) & 1
+        zero = np.uint64(0)  # a bare 0 would unify with uint64 as float64
+        device[i] = zero if kind[i] & KIND_NO_SA else _hash_mac(mac, i, k)
+        mac[i, :] = 0
+        keyed_fp[i] = zero if fp[i] == zero else _hash_u64(fp[i], k)
 
 
 def anonymize(probes: ProbeBatch, key: EpochKey) -> DeviceBatch:
     """Key every address and fingerprint; the batch's address array is zeroed."""
     n = len(probes)
-    randomised = (probes.mac[:, 0] & 0x02) >> 1
     device = np.empty(n, np.uint64)
-    siphash24_mac(probes.mac, key.words, device)
-    device[(probes.kind & KIND_NO_SA) != 0] = 0
+    randomised = np.empty(n, np.uint8)
     fp = np.empty(n, np.uint64)
-    siphash24_u64(probes.fp, key.words, fp)
-    fp[probes.fp == 0] = 0
+    _key_rows(probes.kind, probes.mac, probes.fp, key.words, device, randomised, fp)
     return DeviceBatch(
         kind=probes.kind,
         ts_ns=probes.ts_ns,
         device=device,
-        randomised=randomised.astype(np.uint8),
+        randomised=randomised,
         seq=probes.seq,
         rssi=probes.rssi,
         freq_mhz=probes.freq_mhz,

@@ -81,7 +81,9 @@ def inspect_capture(
                 counts["frames"] += rows.frames
                 probe = (rows.kind & KIND_PROBE) != 0
                 counts["probe_requests"] += int(probe.sum())
-                counts["probe_malformed"] += int((probe & ((rows.kind & KIND_MALFORMED) != 0)).sum())
+                counts["probe_malformed"] += int(
+                    (probe & ((rows.kind & KIND_MALFORMED) != 0)).sum()
+                )
                 counts["probe_fcs_bad"] += int((probe & ((rows.kind & KIND_FCS_BAD) != 0)).sum())
                 counts["wildcard_probes"] += int((probe & (rows.ssid == SSID_WILDCARD)).sum())
                 counts["directed_probes"] += int((probe & (rows.ssid == SSID_DIRECTED)).sum())

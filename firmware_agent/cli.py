@@ -13,12 +13,12 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
 from firmware_agent import __version__
-from firmware_agent.capture import CaptureReader
+from firmware_agent.capture import CaptureReader, FrameBatch
 from firmware_agent.capture_stats import inspect_capture
 from firmware_agent.errors import AgentError
 from firmware_agent.pipeline import Pipeline
@@ -79,7 +79,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         progress = Progress(f"inspect {source}", _source_size(source))
 
         def show(reader: CaptureReader, progress: Progress = progress) -> None:
-            progress.update(0, reader.records_read, 0)
+            progress.update(reader.bytes_read, reader.records_read, 0)
 
         facts = inspect_capture(source, show)
         print(json.dumps(facts), flush=True)
@@ -97,15 +97,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     pipeline = Pipeline(config)
     progress = Progress(f"replay {source}", _source_size(source))
     with CaptureReader(source if source != "-" else sys.stdin.buffer) as reader:
-        for batch in reader:
-            for window in pipeline.feed(batch):
-                print(json.dumps(window.as_dict()), flush=True)
-            progress.update(0, pipeline.stats.frames, pipeline.stats.windows)
-        for window in pipeline.finish():
+
+        def batches() -> Iterator[FrameBatch]:
+            for batch in reader:
+                yield batch
+                progress.update(reader.bytes_read, reader.records_read, pipeline.stats.windows)
+
+        for window in pipeline.run(batches()):
             print(json.dumps(window.as_dict()), flush=True)
-        progress.update(
-            0, pipeline.stats.frames, pipeline.stats.windows, final=True
-        )
+        progress.update(reader.bytes_read, reader.records_read, pipeline.stats.windows, final=True)
     log.info(
         "replayed %s: %d frames, %d probe rows, %d windows, %d epochs",
         source,

@@ -168,7 +168,7 @@ def _slot(keys: NDArray[np.uint64], dev: np.uint64) -> int:
     return i
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rehash(
     keys: NDArray[np.uint64],
     state: NDArray[np.int64],
@@ -182,7 +182,7 @@ def _rehash(
             new_state[j, :] = state[i, :]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _close_window(
     keys: NDArray[np.uint64],
     state: NDArray[np.int64],
@@ -243,7 +243,7 @@ def _close_window(
     clock[_C_OLDEST] = end
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _count(
     kind: NDArray[np.uint8],
     ts: NDArray[np.int64],
@@ -276,8 +276,7 @@ def _count(
         if clock[_C_OLDEST] == _NONE:
             clock[_C_OLDEST] = t // w * w
             clock[_C_MAX] = t
-        if t > clock[_C_MAX]:
-            clock[_C_MAX] = t
+        clock[_C_MAX] = max(clock[_C_MAX], t)
         while clock[_C_MAX] - lateness >= clock[_C_OLDEST] + w:
             if rows == out.shape[0]:
                 return i, rows
@@ -338,7 +337,7 @@ def _count(
     return i, rows
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _flush(
     keys: NDArray[np.uint64],
     state: NDArray[np.int64],
@@ -470,8 +469,6 @@ class WindowCounter:
                 visitors=int(o[_O_VISITORS]),
                 passersby=int(o[_O_PASSERS]),
                 visits_ended=int(o[_O_ENDED]),
-                dwell_minutes={
-                    band: int(o[_O_DWELL + b]) for b, band in enumerate(DWELL_BANDS)
-                },
+                dwell_minutes={band: int(o[_O_DWELL + b]) for b, band in enumerate(DWELL_BANDS)},
                 devices_epoch=int(o[_O_EPOCH]),
             )

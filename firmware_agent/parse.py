@@ -22,7 +22,7 @@ row whose ``kind`` says so, and the counting stage skips it.
 
 A row is a usable observation of a device exactly when ``kind == KIND_PROBE``.
 
-The fingerprint is a 64-bit FNV-1a digest (unkeyed here; the anonymize stage keys it) of
+The fingerprint is a 64-bit digest (unkeyed here; the anonymize stage keys it) of
 the element order and the contents of supported/extended rates, HT, VHT, HE and EHT
 capabilities, extended capabilities, and vendor elements' OUI and type. It never covers
 the SSID, the channel (DS parameter set) or vendor element bodies (WPS carries a UUID).
@@ -30,10 +30,14 @@ the SSID, the channel (DS parameter set) or vendor element bodies (WPS carries a
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 from numpy.typing import NDArray
 
 from firmware_agent.capture import (
@@ -69,8 +73,11 @@ SSID_DIRECTED = 2
 
 RSSI_MISSING = -32768
 
-_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
-_FNV_PRIME = np.uint64(0x100000001B3)
+if sys.byteorder != "little":  # _load_u64le reads words in the machine's order
+    raise ImportError("footfall's parser needs a little-endian machine (x86-64, arm64)")
+
+_FP_SEED = np.uint64(0xCBF29CE484222325)
+_FP_PRIME = np.uint64(0x100000001B3)
 
 # Radiotap fields of the first presence word that precede what we read: (size, alignment)
 # for bits 0..5: TSFT, Flags, Rate, Channel, FHSS, dBm antenna signal.
@@ -114,7 +121,12 @@ def _u32le(d: NDArray[np.uint8], p: int) -> int:
 
 @njit(cache=True, inline="always")
 def _u32be(d: NDArray[np.uint8], p: int) -> int:
-    return (np.int64(d[p]) << 24) | (np.int64(d[p + 1]) << 16) | (np.int64(d[p + 2]) << 8) | np.int64(d[p + 3])
+    return (
+        (np.int64(d[p]) << 24)
+        | (np.int64(d[p + 1]) << 16)
+        | (np.int64(d[p + 2]) << 8)
+        | np.int64(d[p + 3])
+    )
 
 
 @njit(cache=True, inline="always")
@@ -138,7 +150,7 @@ def _channel_to_mhz(ch: int) -> int:
     return 0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _radiotap(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int, int]:
     """(header length or -1, flags, rssi, freq) of a radiotap header at d[start:end]."""
     if end - start < 8 or d[start] != 0:
@@ -176,7 +188,7 @@ def _radiotap(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int
     return it_len, flags, rssi, freq
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _prism(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int]:
     """(header length or -1, rssi, freq) of a Prism (wlan-ng AVS-style DID) header."""
     if end - start < 8:
@@ -202,7 +214,7 @@ def _prism(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int]:
     return msglen, rssi, freq
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _avs(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int]:
     """(header length or -1, rssi, freq) of an AVS capture header (big-endian)."""
     if end - start < 64:
@@ -215,7 +227,7 @@ def _avs(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int]:
     return length, rssi, freq
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _ppi(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int, int]:
     """(header length or -1, fcs flags as radiotap's, rssi, freq) of a PPI header."""
     if end - start < 8 or d[start] != 0:
@@ -244,68 +256,88 @@ def _ppi(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int, int
     return length, flags, rssi, freq
 
 
-@njit(cache=True, inline="always")
-def _fnv(h: np.uint64, b: int) -> np.uint64:
-    return (h ^ np.uint64(b)) * _FNV_PRIME
+@intrinsic
+def _load_u64le(typingctx: object, buf: types.Array, pos: types.Integer) -> tuple[object, object]:
+    """The 8 bytes buf[pos:pos+8] as a little-endian word, in one unaligned load.
 
-
-@njit(cache=True, inline="always")
-def _element_length_ok(eid: int, elen: int) -> bool:
-    """Length rules of IEEE 802.11-2020 for the elements probe requests carry.
-
-    These are the checks Wireshark applies too (its ``_ws.malformed``), so that a probe
-    this parser calls malformed is one tshark calls malformed.
+    No bounds check: every caller keeps pos + 8 within the current frame. (The agent runs
+    on little-endian machines only: x86-64 and 64-bit ARM.)
     """
-    if eid in (1, 50, 127):  # rates, extended rates, extended capabilities
-        return elen >= 1
-    if eid in (221, 150):  # vendor specific (and Cisco's): an OUI at least
-        return elen >= 3
-    if eid == 3:  # DS parameter set
-        return elen == 1
-    if eid == 45:  # HT capabilities
-        return elen == 26
-    if eid == 191:  # VHT capabilities
-        return elen == 12
-    if eid == 72:  # 20/40 BSS coexistence
-        return elen == 1
-    if eid == 74:  # overlapping BSS scan parameters
-        return elen == 14
-    return True
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        array = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.gep(array.data, [args[1]])
+        return builder.load(builder.bitcast(ptr, ir.IntType(64).as_pointer()), align=1)
+
+    return types.uint64(buf, pos), codegen
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
+def _mix(h: np.uint64, word: int) -> np.uint64:
+    """One step of the fingerprint digest: h = (h ^ word) * P; h ^= h >> 32."""
+    h = (h ^ np.uint64(word)) * _FP_PRIME
+    return h ^ (h >> np.uint64(32))
+
+
+def _element_tables() -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+    """Per element id: shortest and longest valid length, bytes the fingerprint takes.
+
+    The length rules are IEEE 802.11-2020's for the elements probe requests carry, the
+    checks Wireshark applies too (its ``_ws.malformed``), so that a probe this parser calls
+    malformed is one tshark calls malformed. Tables rather than branches: element ids
+    vary frame to frame and a chain of comparisons costs a mispredicted branch or two each.
+    """
+    shortest = np.zeros(256, np.int64)
+    longest = np.full(256, 255, np.int64)
+    shortest[[1, 50, 127]] = 1  # rates, extended rates, extended capabilities
+    shortest[[221, 150]] = 3  # vendor specific (and Cisco's): an OUI at least
+    for eid, size in ((3, 1), (45, 26), (191, 12), (72, 1), (74, 14)):
+        shortest[eid] = longest[eid] = size  # DS set, HT caps, VHT caps, 20/40, OBSS scan
+    take = np.zeros(256, np.int64)
+    take[[1, 45, 50, 127, 191]] = 255  # rates, HT/VHT capabilities, extended capabilities
+    take[221] = 4  # vendor elements: OUI and type only (WPS carries a UUID)
+    return shortest, longest, take
+
+
+_SHORTEST, _LONGEST, _FP_TAKE = _element_tables()
+_EXT_HE_CAPS = 35
+_EXT_EHT_CAPS = 108
+
+
+@njit(cache=True, nogil=True)
 def _elements(d: NDArray[np.uint8], p: int, end: int) -> tuple[bool, int, np.uint64]:
     """Walk information elements in d[p:end]: (well formed, SSID kind, fingerprint)."""
     ssid = SSID_NONE
-    h = _FNV_OFFSET
+    h = _FP_SEED
     while p < end:
         if p + 2 > end:
             return False, ssid, h
         eid = np.int64(d[p])
         elen = np.int64(d[p + 1])
         body = p + 2
-        if body + elen > end or not _element_length_ok(eid, elen):
+        if body + elen > end or elen < _SHORTEST[eid] or elen > _LONGEST[eid]:
             return False, ssid, h
         if eid == 0:
             if ssid == SSID_NONE:
                 ssid = SSID_DIRECTED if elen > 0 else SSID_WILDCARD
         elif eid != 3:
-            h = _fnv(h, eid)
-            n = 0
-            if eid in (1, 45, 50, 127, 191):
+            n = min(elen, _FP_TAKE[eid])
+            if eid == 255 and elen >= 1 and (d[body] == _EXT_HE_CAPS or d[body] == _EXT_EHT_CAPS):
                 n = elen
-            elif eid == 221:
-                n = min(elen, 4)
-            elif eid == 255 and elen >= 1 and d[body] in (35, 108):
-                n = elen
-            h = _fnv(h, n)
-            for k in range(body, body + n):
-                h = _fnv(h, np.int64(d[k]))
+            h = _mix(h, eid | (n << 8))
+            k = body
+            stop = body + n
+            while k + 8 <= stop:
+                h = _mix(h, _load_u64le(d, k))  # type: ignore[call-arg]  # numba fills typingctx
+                k += 8
+            if k < stop:  # the 8 bytes ending at stop are in the frame: a header precedes
+                tail: np.uint64 = _load_u64le(d, stop - 8)  # type: ignore[call-arg]  # numba fills typingctx
+                h = _mix(h, tail >> np.uint64(8 * (8 - (stop - k))))
         p = body + elen
     return True, ssid, h
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _parse(
     data: NDArray[np.uint8],
     offsets: NDArray[np.int64],

@@ -12,18 +12,18 @@ next and owns the epoch key's life:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from firmware_agent.anonymize import EpochKey, anonymize
-from firmware_agent.capture import FrameBatch
+from firmware_agent.capture import FrameBatch, read_ahead
 from firmware_agent.count import NS, WindowCounter, WindowCounts
 from firmware_agent.parse import ProbeBatch, parse_batch
 from firmware_agent.settings import AgentConfig
 
-__all__ = ["Pipeline", "PipelineStats"]
+__all__ = ["Pipeline", "PipelineStats", "parse_frames"]
 
 log = logging.getLogger("footfall.agent")
 
@@ -55,10 +55,22 @@ class Pipeline:
         """Public random label of the current epoch (not derived from the key)."""
         return None if self._key is None else self._key.label
 
+    def run(self, batches: Iterable[FrameBatch]) -> Iterator[WindowCounts]:
+        """Every window of a stream of batches, the last ones closed at its end.
+
+        Parsing runs a batch ahead in a second thread (:func:`read_ahead`), so that on two
+        cores reading and parsing overlap anonymizing and counting.
+        """
+        for probes in read_ahead(map(parse_frames, batches)):
+            yield from self.count(probes)
+        yield from self.finish()
+
     def feed(self, batch: FrameBatch) -> Iterator[WindowCounts]:
         """Parse, anonymize and count one batch; yield the windows it closed."""
-        probes = parse_batch(batch)
-        batch.data.fill(0)
+        yield from self.count(parse_frames(batch))
+
+    def count(self, probes: ProbeBatch) -> Iterator[WindowCounts]:
+        """Anonymize and count one parsed batch; yield the windows it closed."""
         self.stats.frames += probes.frames
         self.stats.probe_rows += len(probes)
         yield from self._count(probes)
@@ -79,16 +91,18 @@ class Pipeline:
                 self._key = EpochKey()
                 self._boundary = self.config.epoch.next_boundary(int(probes.ts_ns[start]))
                 self.stats.epochs += 1
-            newest = np.maximum.accumulate(probes.ts_ns[start:])
+            ts = probes.ts_ns[start:]
+            if int(ts.max()) - lateness < self._boundary:  # the common case: no boundary
+                part = _rows(probes, start, len(probes))
+                yield from self._counted(self._counter.add(anonymize(part, self._key)))
+                return
+            newest = np.maximum.accumulate(ts)
             previous = self._counter.watermark_ns
             if previous is not None:
                 np.maximum(newest, previous + lateness, out=newest)
-            reached = np.flatnonzero(newest - lateness >= self._boundary)
-            cut = start + (int(reached[0]) if reached.size else len(probes) - start)
+            cut = start + int(np.argmax(newest - lateness >= self._boundary))
             part = _rows(probes, start, cut)
             yield from self._counted(self._counter.add(anonymize(part, self._key)))
-            if cut == len(probes):
-                return
             yield from self._rotate(int(newest[cut - start]) - lateness)
             start = cut
 
@@ -113,6 +127,13 @@ class Pipeline:
         for window in windows:
             self.stats.windows += 1
             yield window
+
+
+def parse_frames(batch: FrameBatch) -> ProbeBatch:
+    """Parse a batch, then zero its frame buffer: it holds addresses and SSIDs."""
+    probes = parse_batch(batch)
+    batch.data.fill(0)
+    return probes
 
 
 def _rows(probes: ProbeBatch, start: int, stop: int) -> ProbeBatch:

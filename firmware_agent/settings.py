@@ -213,4 +213,3 @@ def _epoch_clock(values: Mapping[str, int | str], window_s: int) -> EpochClock:
             f"of count.window_s ({window_s}), got {length!r}"
         )
     return EpochClock(seconds, zone, window_s)
-

@@ -47,9 +47,10 @@ def reference_windows(
                 n += 1
                 rand += d.randomised
                 r = d.windows.pop(start)
-                assert d.visit_start is not None or True
-                if (r >= s.rssi_threshold_dbm or r == RSSI_MISSING) and d.visit_start is not None and (
-                    d.last - d.visit_start >= s.min_dwell_s * NS
+                if (
+                    (r >= s.rssi_threshold_dbm or r == RSSI_MISSING)
+                    and d.visit_start is not None
+                    and (d.last - d.visit_start >= s.min_dwell_s * NS)
                 ):
                     visitors += 1
                     d.visitor = True
@@ -98,9 +99,7 @@ def reference_windows(
         d = devices.setdefault(dev or 1, _Device(t, t, randomised))
         if d.visit_start is not None and t - d.last > gap:
             d.visit_start, d.visitor = None, False
-        if d.visit_start is None:
-            d.visit_start = t
-        elif t < d.visit_start:
+        if d.visit_start is None or t < d.visit_start:
             d.visit_start = t
         d.first, d.last, d.randomised = min(d.first, t), max(d.last, t), randomised
         d.windows[start] = max(d.windows.get(start, -32768), rssi) if start in d.windows else rssi

@@ -44,4 +44,3 @@ def test_inspect_agrees_with_tshark(name: str, pcaps_dir: Any, oracle: dict[str,
             assert facts[key] is None
         else:
             assert facts[key] == pytest.approx(expected[key], abs=1e-6), key
-

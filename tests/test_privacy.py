@@ -33,7 +33,9 @@ def _secrets_of(path: Path) -> tuple[set[bytes], set[bytes]]:
     try:
         with CaptureReader(path) as reader:
             for batch in reader:
-                for off, length, lt in zip(batch.offsets, batch.lengths, batch.link_types, strict=True):
+                for off, length, lt in zip(
+                    batch.offsets, batch.lengths, batch.link_types, strict=True
+                ):
                     frame = bytes(batch.data[off : off + length])
                     if lt == LINKTYPE_RADIOTAP and len(frame) >= 4:
                         frame = frame[struct.unpack_from("<H", frame, 2)[0] :]

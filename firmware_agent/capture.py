@@ -1,0 +1,600 @@
+"""Capture source: pcap and pcapng files (gzipped or not) and pcap streams, as batches of arrays.
+
+:class:`CaptureReader` turns one capture into :class:`FrameBatch` objects: the frames of a
+batch lie back to back in one ``uint8`` buffer, with per-frame offsets, captured lengths,
+timestamps (ns since the epoch) and link types beside them, ready for the compiled parser.
+
+Why not scapy's per-record loop: ``RawPcapReader`` costs a few microseconds per record (two
+``read`` calls, ``struct.unpack``, a namedtuple, a ``bytes`` object), which caps a reader at a
+few hundred thousand records per second; the agent must replay day-long captures and keep up
+with a live interface, millions of frames per second. So scapy only *opens* the capture: it
+detects gzip by magic, tries pcapng then pcap, learns the endianness and nanosecond magic,
+and reads the global header or the first Section Header Block. From there we read big chunks
+from ``reader.f`` and a numba function walks the records inside a chunk: it reads each record
+header, checks it, copies the frame bytes compactly into the batch buffer and fills the
+per-frame arrays, returning how far it got. The incomplete record at the end of a chunk is
+carried to the front of the buffer and completed by the next read.
+
+pcapng is walked the same way: the compiled splitter handles Enhanced (6), Simple (3) and the
+obsolete Packet (2) blocks and stops at any other block, which Python handles: an Interface
+Description Block (1) adds an interface (link type, ``if_tsresol``, ``if_tsoffset``), a new
+Section Header Block resets the interfaces and may switch endianness, anything else is
+skipped. Timestamps are converted with integers only, exactly (binary resolutions up to 2^-33).
+
+Memory is bounded by one chunk plus a batch or two whatever the file size: ``chunk_bytes`` is
+both the read size and a batch's byte capacity (a batch ends at ``batch_frames`` frames or when
+its buffer is full), and the read buffer only grows for a single record larger than it (up to
+the corrupt-record limits below). On a pipe (``-`` for stdin, a FIFO, any non-seekable stream)
+reads take only what has arrived (``read1``) and a batch is handed over as soon as that is
+split, so ``tcpdump -U -w - | footfall-agent replay -`` is never held back to fill a batch;
+regular files fill batches.
+
+Damage is not an error: at a record cut short, an impossible record header (a captured length
+over 262144 bytes, a bad block length) or a damaged gzip stream, the frames before it are
+yielded, a warning is logged once and :attr:`CaptureReader.truncated` is set. Input that is
+not a capture at all raises :class:`NotACaptureError`; a link type the parser cannot read
+raises :class:`UnsupportedLinkTypeError`. Frame contents are never logged.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+import os
+import queue
+import stat
+import struct
+import sys
+import threading
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, BinaryIO, Final, TypeVar, cast
+
+import numpy as np
+from numba import njit
+from numpy.typing import NDArray
+from scapy.error import Scapy_Exception
+from scapy.utils import RawPcapNgReader, RawPcapReader
+
+from firmware_agent.errors import CaptureError, NotACaptureError, UnsupportedLinkTypeError
+
+__all__ = [
+    "LINKTYPE_AVS",
+    "LINKTYPE_IEEE802_11",
+    "LINKTYPE_PPI",
+    "LINKTYPE_PRISM",
+    "LINKTYPE_RADIOTAP",
+    "MAX_CAPLEN",
+    "SUPPORTED_LINK_TYPES",
+    "CaptureReader",
+    "FrameBatch",
+    "open_capture",
+    "read_ahead",
+]
+
+log = logging.getLogger("footfall.agent")
+T = TypeVar("T")
+
+LINKTYPE_IEEE802_11: Final = 105
+LINKTYPE_PRISM: Final = 119
+LINKTYPE_RADIOTAP: Final = 127
+LINKTYPE_AVS: Final = 163
+LINKTYPE_PPI: Final = 192
+SUPPORTED_LINK_TYPES: dict[int, str] = {
+    LINKTYPE_IEEE802_11: "IEEE 802.11",
+    LINKTYPE_PRISM: "Prism",
+    LINKTYPE_RADIOTAP: "radiotap",
+    LINKTYPE_AVS: "AVS",
+    LINKTYPE_PPI: "PPI",
+}
+_OTHER_LINK_TYPES = {
+    0: "BSD loopback",
+    1: "Ethernet",
+    9: "PPP",
+    101: "raw IP",
+    113: "Linux cooked",
+    228: "raw IPv4",
+    229: "raw IPv6",
+    276: "Linux cooked v2",
+}
+
+MAX_CAPLEN: Final = 262144  # a record claiming more is corrupt (libpcap's own limit)
+_MAX_BLOCK: Final = 16 << 20  # a pcapng block claiming more is corrupt (Wireshark's limit)
+_SHB: Final = 0x0A0D0D0A
+_IDB: Final = 1
+_BOM_BIG: Final = b"\x1a\x2b\x3c\x4d"
+_BOM_LITTLE: Final = b"\x4d\x3c\x2b\x1a"
+_CAPTURE_MAGICS = (
+    b"\xa1\xb2\xc3\xd4",
+    b"\xd4\xc3\xb2\xa1",
+    b"\xa1\xb2\x3c\x4d",
+    b"\x4d\x3c\xb2\xa1",
+    b"\x0a\x0d\x0d\x0a",
+)
+
+# Why a splitter returned.
+_NEED_MORE: Final = 0  # the buffer ends inside a record: read more
+_FULL: Final = 1  # the batch is full
+_OTHER: Final = 2  # pcapng: a block for Python
+_CORRUPT: Final = 3  # a record header that cannot be right: stop as at a cut
+_GO_ON: Final = 4  # pcapng: Python has handled the block, split on
+
+# Columns of the pcapng interface table handed to the splitter.
+_IF_LINK, _IF_SNAPLEN, _IF_SHIFT, _IF_MUL, _IF_DIV, _IF_OFFSET = range(6)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class FrameBatch:
+    """Frames back to back in one buffer; row i is data[offsets[i]:offsets[i]+lengths[i]]."""
+
+    data: NDArray[np.uint8]
+    offsets: NDArray[np.int64]
+    lengths: NDArray[np.int32]  # captured length
+    ts_ns: NDArray[np.int64]  # capture time, ns since the Unix epoch
+    link_types: NDArray[np.uint16]  # per frame (pcapng may mix interfaces)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+@njit(cache=True, nogil=True)
+def _u32(buf: NDArray[np.uint8], p: int, big: bool) -> int:
+    b0, b1, b2, b3 = (p, p + 1, p + 2, p + 3) if big else (p + 3, p + 2, p + 1, p)
+    return int(
+        (np.int64(buf[b0]) << 24)
+        | (np.int64(buf[b1]) << 16)
+        | (np.int64(buf[b2]) << 8)
+        | np.int64(buf[b3])
+    )
+
+
+@njit(cache=True, nogil=True)
+def _copy(dst: NDArray[np.uint8], at: int, src: NDArray[np.uint8], start: int, size: int) -> None:
+    """dst[at:at+size] = src[start:start+size] at memcpy speed: with unsigned indices (no
+    negative-index wraparound) LLVM vectorises this loop; numba's slice copy is 4x slower."""
+    at_u, start_u = np.uint64(at), np.uint64(start)
+    for j in range(np.uint64(size)):
+        dst[at_u + j] = src[start_u + j]
+
+
+@njit(cache=True, nogil=True)
+def _split_pcap(
+    buf: NDArray[np.uint8],
+    pos: int,
+    end: int,
+    big: bool,
+    nano: bool,
+    link: int,
+    data: NDArray[np.uint8],
+    offsets: NDArray[np.int64],
+    lengths: NDArray[np.int32],
+    ts_ns: NDArray[np.int64],
+    links: NDArray[np.uint16],
+    n: int,
+    used: int,
+) -> tuple[int, int, int, int]:
+    """Split the pcap records in buf[pos:end] into the batch from row n, data byte used."""
+    frac_ns = 1 if nano else 1000
+    while n < offsets.size:
+        if end - pos < 16:
+            return pos, n, used, _NEED_MORE
+        caplen = _u32(buf, pos + 8, big)
+        if caplen > MAX_CAPLEN:
+            return pos, n, used, _CORRUPT
+        if end - pos - 16 < caplen:
+            return pos, n, used, _NEED_MORE
+        if used + caplen > data.size:
+            break
+        _copy(data, used, buf, pos + 16, caplen)
+        offsets[n] = used
+        lengths[n] = caplen
+        ts_ns[n] = _u32(buf, pos, big) * 1_000_000_000 + _u32(buf, pos + 4, big) * frac_ns
+        links[n] = link
+        used += caplen
+        n += 1
+        pos += 16 + caplen
+    return pos, n, used, _FULL
+
+
+@njit(cache=True, nogil=True)
+def _split_pcapng(
+    buf: NDArray[np.uint8],
+    pos: int,
+    end: int,
+    big: bool,
+    ifaces: NDArray[np.int64],
+    data: NDArray[np.uint8],
+    offsets: NDArray[np.int64],
+    lengths: NDArray[np.int32],
+    ts_ns: NDArray[np.int64],
+    links: NDArray[np.uint16],
+    n: int,
+    used: int,
+) -> tuple[int, int, int, int]:
+    """Split the pcapng packet blocks in buf[pos:end]; stop at any other block (_OTHER)."""
+    while n < offsets.size:
+        if end - pos < 8:
+            return pos, n, used, _NEED_MORE
+        btype = _u32(buf, pos, big)
+        if btype not in (2, 3, 6):
+            return pos, n, used, _OTHER
+        blen = _u32(buf, pos + 4, big)
+        if blen < 16 or blen % 4 != 0 or blen > _MAX_BLOCK:
+            return pos, n, used, _CORRUPT
+        if end - pos < blen:
+            return pos, n, used, _NEED_MORE
+        if _u32(buf, pos + blen - 4, big) != blen:
+            return pos, n, used, _CORRUPT
+        ticks = 0
+        if btype == 3:  # Simple Packet Block: interface 0, no timestamp
+            iface = 0
+            caplen = min(_u32(buf, pos + 8, big), blen - 16)
+            start = pos + 12
+        else:  # Enhanced Packet Block, or the obsolete Packet Block (16-bit interface id)
+            if blen < 32:
+                return pos, n, used, _CORRUPT
+            iface = _u32(buf, pos + 8, big)
+            if btype == 2:
+                iface = (iface >> 16) if big else (iface & 0xFFFF)
+            ticks = (_u32(buf, pos + 12, big) << 32) | _u32(buf, pos + 16, big)
+            caplen = _u32(buf, pos + 20, big)
+            start = pos + 28
+            if caplen > blen - 32:
+                return pos, n, used, _CORRUPT
+        if iface >= ifaces.shape[0]:  # no Interface Description Block for it: skip
+            pos += blen
+            continue
+        if btype == 3 and ifaces[0, _IF_SNAPLEN] > 0:
+            caplen = min(caplen, ifaces[0, _IF_SNAPLEN])
+        if caplen > MAX_CAPLEN:
+            return pos, n, used, _CORRUPT
+        if used + caplen > data.size:
+            break
+        shift = ifaces[iface, _IF_SHIFT]
+        if shift > 0:  # resolution 2^-shift s
+            sec = ticks >> shift
+            ns = sec * 1_000_000_000 + (((ticks - (sec << shift)) * 1_000_000_000) >> shift)
+        else:  # resolution 10^-k s: ns = ticks * 10^(9-k) or ticks // 10^(k-9)
+            ns = ticks * ifaces[iface, _IF_MUL] // ifaces[iface, _IF_DIV]
+        _copy(data, used, buf, start, caplen)
+        offsets[n] = used
+        lengths[n] = caplen
+        ts_ns[n] = ns + ifaces[iface, _IF_OFFSET] if btype != 3 else 0
+        links[n] = ifaces[iface, _IF_LINK]
+        used += caplen
+        n += 1
+        pos += blen
+    return pos, n, used, _FULL
+
+
+def _link_name(link_type: int) -> str:
+    name = SUPPORTED_LINK_TYPES.get(link_type) or _OTHER_LINK_TYPES.get(link_type)
+    return f"{link_type} ({name})" if name else str(link_type)
+
+
+def _what_it_is(head: bytes) -> str:
+    """A short hint of what a non-capture starts with (a few bytes at most)."""
+    if not head:
+        return "it is empty"
+    if head[:2] == b"\x1f\x8b":
+        return "gzip data with no capture inside"
+    if head[:4] in _CAPTURE_MAGICS:
+        return "a capture magic number, then a short or malformed header"
+    text = head[:16]
+    if all(32 <= c < 127 or c in b"\t\r\n" for c in text):
+        html = b"<!doctype html" in text.lower() or b"<html" in text.lower()
+        return f"starts with {text.decode('ascii')!r}" + (", an HTML page" if html else "")
+    return f"starts with bytes {head[:4].hex(' ')}"
+
+
+def _peek(stream: BinaryIO, size: int) -> bytes:
+    """The first bytes of a stream, without consuming them when the stream allows it."""
+    peek = getattr(stream, "peek", None)
+    if peek is not None:
+        return bytes(peek(size)[:size])
+    if stream.seekable():
+        where = stream.tell()
+        head = stream.read(size)
+        stream.seek(where)
+        return head
+    return b""
+
+
+class CaptureReader:
+    """Streams one capture as FrameBatch objects (context manager + iterable)."""
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] | BinaryIO,
+        *,
+        batch_frames: int = 65536,
+        chunk_bytes: int = 1 << 20,
+        link_type: int | None = None,
+    ) -> None:
+        if batch_frames < 1 or chunk_bytes < 1:
+            raise ValueError("batch_frames and chunk_bytes must be positive")
+        self._batch_frames = batch_frames
+        self._chunk_bytes = chunk_bytes
+        self._override = link_type
+        self.records_read = 0
+        self.truncated = False
+        self.link_types_seen: set[int] = set()
+        self._done = False
+        self._damaged = False
+        self._buf = np.empty(chunk_bytes, np.uint8)
+        self._pos = self._end = 0
+        if isinstance(source, str | os.PathLike):
+            self.name = os.fspath(source)
+            try:
+                self._file: BinaryIO = open(self.name, "rb")  # noqa: SIM115 (closed by close())
+            except OSError as err:
+                raise CaptureError(f"{self.name}: cannot open: {err.strerror}") from err
+            self._owned = True
+            self._streaming = not stat.S_ISREG(os.fstat(self._file.fileno()).st_mode)
+        else:
+            name = getattr(source, "name", None)
+            self.name = name if isinstance(name, str) else "<stream>"
+            self._file, self._owned, self._streaming = source, False, not source.seekable()
+        head = _peek(self._file, 16)
+        self._stream: BinaryIO | io.BufferedIOBase = self._file
+        if self._streaming and head[:2] == b"\x1f\x8b":  # scapy would seek back: unwrap here
+            self._stream = gzip.GzipFile(fileobj=self._file)
+        open_raw: Any = RawPcapReader  # its metaclass takes a file too (__init__ says str)
+        try:
+            reader = open_raw(self._stream)
+        except (Scapy_Exception, EOFError, OSError, zlib.error) as err:
+            self.close()
+            raise NotACaptureError(
+                f"{self.name}: not a pcap or pcapng capture ({_what_it_is(head)})"
+            ) from err
+        self._stream = cast(io.BufferedIOBase, reader.f)
+        self._big: bool = reader.endian == ">"
+        self._nano = False
+        self._link = 0
+        self._ifaces: NDArray[np.int64] | None = None
+        if isinstance(reader, RawPcapNgReader):
+            self.file_type = "pcapng"
+            self._ifaces = np.zeros((0, 6), np.int64)
+        else:
+            self.file_type = "pcap"
+            self._nano = bool(reader.nano)
+            try:
+                self._link = self._check_link_type(int(reader.linktype) & 0xFFFF)
+            except UnsupportedLinkTypeError:
+                self.close()
+                raise
+
+    def __enter__(self) -> CaptureReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close what this reader opened (a stream handed in stays open)."""
+        self._done = True
+        if self._stream is not self._file:  # a gzip layer; closing it leaves the file open
+            self._stream.close()
+        if self._owned:
+            self._file.close()
+
+    def __iter__(self) -> Iterator[FrameBatch]:
+        while (batch := self._next_batch()) is not None:
+            yield batch
+
+    def _check_link_type(self, declared: int) -> int:
+        link_type = declared if self._override is None else self._override
+        if link_type not in SUPPORTED_LINK_TYPES:
+            supported = ", ".join(_link_name(t) for t in SUPPORTED_LINK_TYPES)
+            raise UnsupportedLinkTypeError(
+                f"{self.name}: link type {_link_name(link_type)} is not supported; "
+                f"supported: {supported}"
+            )
+        self.link_types_seen.add(link_type)
+        return link_type
+
+    def _next_batch(self) -> FrameBatch | None:
+        if self._done:
+            return None
+        data = np.empty(max(self._chunk_bytes, MAX_CAPLEN), np.uint8)
+        offsets = np.empty(self._batch_frames, np.int64)
+        lengths = np.empty(self._batch_frames, np.int32)
+        ts_ns = np.empty(self._batch_frames, np.int64)
+        links = np.empty(self._batch_frames, np.uint16)
+        batch = (data, offsets, lengths, ts_ns, links)
+        n = used = 0
+        while True:
+            before = n
+            if self._ifaces is None:
+                pos, n, used, status = _split_pcap(
+                    self._buf,
+                    self._pos,
+                    self._end,
+                    self._big,
+                    self._nano,
+                    self._link,
+                    *batch,
+                    n,
+                    used,
+                )
+            else:
+                pos, n, used, status = _split_pcapng(
+                    self._buf, self._pos, self._end, self._big, self._ifaces, *batch, n, used
+                )
+            self._pos = pos
+            self.records_read += n - before
+            if status == _OTHER:
+                status = self._pcapng_block()
+                if status == _GO_ON:
+                    continue
+            if status == _FULL:
+                break
+            if status == _NEED_MORE:
+                if self._streaming and n:
+                    break  # hand over what has arrived before waiting for more
+                if self._refill():
+                    continue
+                self._finish(cut=self._pos < self._end or self._damaged)
+                break
+            self._finish(cut=True)
+            break
+        if n == 0:
+            return None
+        return FrameBatch(data[:used], offsets[:n], lengths[:n], ts_ns[:n], links[:n])
+
+    def _finish(self, *, cut: bool) -> None:
+        self._done = True
+        if cut:
+            self.truncated = True
+            log.warning(
+                "%s: cut mid-record after %d records; read up to the cut",
+                self.name,
+                self.records_read,
+            )
+
+    def _refill(self) -> bool:
+        """Keep the unsplit tail, read more after it; False at the end of the input."""
+        tail = self._end - self._pos
+        if tail == self._buf.size:  # one record larger than the buffer (bounded): grow
+            self._buf = np.concatenate((self._buf, np.empty_like(self._buf)))
+        else:
+            self._buf[:tail] = self._buf[self._pos : self._end]
+        self._pos, self._end = 0, tail
+        try:
+            got = self._read_into(self._buf.data[tail:])
+        except (EOFError, zlib.error, gzip.BadGzipFile):  # a gzip stream cut or damaged
+            self._damaged = True
+            return False
+        self._end += got
+        return got > 0
+
+    def _read_into(self, view: memoryview) -> int:
+        """Read into view: from a stream only what has arrived, from a file what fits."""
+        stream = cast(io.BufferedIOBase, self._stream)
+        if self._streaming:
+            # read1 returns the bytes already buffered without touching the pipe; readinto1
+            # would copy those, then block on the pipe to fill the rest of the view.
+            got = stream.read1(len(view))
+            view[: len(got)] = got
+            return len(got)
+        # Fills the view but at the end, or with what a gzip stream decompressed before a cut.
+        return stream.readinto1(view)
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes of the input file consumed so far (compressed ones for .gz); 0 on a stream."""
+        if self._streaming:
+            return 0
+        try:
+            return self._file.tell()
+        except (OSError, ValueError):
+            return 0
+
+    def _pcapng_block(self) -> int:
+        """Handle the non-packet pcapng block at the read position; _GO_ON once done."""
+        pos, avail = self._pos, self._end - self._pos
+        if avail < 12:
+            return _NEED_MORE
+        head = self._buf[pos : pos + 12].tobytes()
+        big = self._big
+        btype = int.from_bytes(head[:4], "big" if big else "little")
+        if btype == _SHB:
+            if head[8:] not in (_BOM_BIG, _BOM_LITTLE):
+                return _CORRUPT
+            big = head[8:] == _BOM_BIG
+        order = ">" if big else "<"
+        (blen,) = struct.unpack_from(order + "I", head, 4)
+        if blen < 12 or blen % 4 or blen > _MAX_BLOCK:
+            return _CORRUPT
+        if avail < blen:
+            return _NEED_MORE
+        block = self._buf[pos : pos + blen].tobytes()
+        if struct.unpack_from(order + "I", block, blen - 4)[0] != blen:
+            return _CORRUPT
+        if btype == _SHB:  # a new section: new endianness, interfaces numbered from 0
+            self._big = big
+            self._ifaces = np.zeros((0, 6), np.int64)
+        elif btype == _IDB:
+            if blen < 20:
+                return _CORRUPT
+            row = self._interface(block[8:-4], order)
+            self._ifaces = np.vstack((cast(NDArray[np.int64], self._ifaces), [row]))
+        self._pos = pos + blen
+        return _GO_ON
+
+    def _interface(self, body: bytes, order: str) -> list[int]:
+        """A row of the interface table from an Interface Description Block's body."""
+        link_type, _, snaplen = struct.unpack_from(order + "HHI", body)
+        link_type = self._check_link_type(link_type)
+        shift, mul, div, offset = 0, 1000, 1, 0  # default resolution: microseconds
+        pos = 8
+        while pos + 4 <= len(body):
+            code, size = struct.unpack_from(order + "HH", body, pos)
+            value = body[pos + 4 : pos + 4 + size]
+            if code == 0:
+                break
+            if code == 9 and len(value) == 1:  # if_tsresol
+                exp = value[0] & 0x7F
+                if value[0] & 0x80 and exp:  # 2^-exp
+                    shift = min(exp, 62)
+                else:  # 10^-exp (2^-0 is 10^-0)
+                    mul, div = 10 ** max(9 - exp, 0), 10 ** min(max(exp - 9, 0), 18)
+            elif code == 14 and len(value) == 8:  # if_tsoffset, seconds
+                (seconds,) = struct.unpack(order + "q", value)
+                offset = seconds * 1_000_000_000 if abs(seconds) < 1 << 33 else 0
+            pos += 4 + size + (-size % 4)
+        return [link_type, snaplen, shift, mul, div, offset]
+
+
+def read_ahead(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Yield ``items`` while a background thread produces the next ones.
+
+    The numba kernels release the GIL, so on two cores the work behind the next item
+    (reading, splitting, parsing a batch) overlaps what the caller does with this one.
+    At most ``depth`` items wait; an error in the producer is raised here; leaving early
+    stops the producer.
+    """
+    done = object()
+    box: queue.Queue[object] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        box.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            box.put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            box.put(exc)
+
+    producer = threading.Thread(target=produce, name="footfall-capture", daemon=True)
+    producer.start()
+    try:
+        while (item := box.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield cast(T, item)
+    finally:
+        stop.set()
+        producer.join()
+
+
+def open_capture(source: str | os.PathLike[str]) -> CaptureReader:
+    """Open a capture file, or standard input for "-"."""
+    if os.fspath(source) == "-":
+        return CaptureReader(sys.stdin.buffer)
+    return CaptureReader(source)
