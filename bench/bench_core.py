@@ -52,7 +52,7 @@ def _best(run: Callable[[], None], repeat: int) -> float:
 
 def _replay(path: Path) -> None:
     pipeline = Pipeline(load_config(environ={}))
-    with CaptureReader(path) as reader:
+    with CaptureReader(path, in_place=True) as reader:
         for _window in pipeline.run(reader):
             pass
 

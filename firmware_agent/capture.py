@@ -128,13 +128,19 @@ _IF_LINK, _IF_SNAPLEN, _IF_SHIFT, _IF_MUL, _IF_DIV, _IF_OFFSET = range(6)
 
 @dataclass(frozen=True, slots=True, eq=False)
 class FrameBatch:
-    """Frames back to back in one buffer; row i is data[offsets[i]:offsets[i]+lengths[i]]."""
+    """Frames in one buffer; row i is data[offsets[i]:offsets[i]+lengths[i]].
+
+    A ``transient`` batch lies in its reader's own read buffer (``in_place`` reading): it is
+    valid until the next batch is read, the next read overwrites it and closing the reader
+    zeroes it. Otherwise the batch owns its buffer and whoever is done with it wipes it.
+    """
 
     data: NDArray[np.uint8]
     offsets: NDArray[np.int64]
     lengths: NDArray[np.int32]  # captured length
     ts_ns: NDArray[np.int64]  # capture time, ns since the Unix epoch
     link_types: NDArray[np.uint16]  # per frame (pcapng may mix interfaces)
+    transient: bool = False
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -175,8 +181,12 @@ def _split_pcap(
     links: NDArray[np.uint16],
     n: int,
     used: int,
+    copy: bool,
 ) -> tuple[int, int, int, int]:
-    """Split the pcap records in buf[pos:end] into the batch from row n, data byte used."""
+    """Split the pcap records in buf[pos:end] into the batch from row n, data byte used.
+
+    Without ``copy`` the rows point into ``buf`` itself and ``data`` is not touched.
+    """
     frac_ns = 1 if nano else 1000
     while n < offsets.size:
         if end - pos < 16:
@@ -186,14 +196,17 @@ def _split_pcap(
             return pos, n, used, _CORRUPT
         if end - pos - 16 < caplen:
             return pos, n, used, _NEED_MORE
-        if used + caplen > data.size:
-            break
-        _copy(data, used, buf, pos + 16, caplen)
-        offsets[n] = used
+        if copy:
+            if used + caplen > data.size:
+                break
+            _copy(data, used, buf, pos + 16, caplen)
+            offsets[n] = used
+            used += caplen
+        else:
+            offsets[n] = pos + 16
         lengths[n] = caplen
         ts_ns[n] = _u32(buf, pos, big) * 1_000_000_000 + _u32(buf, pos + 4, big) * frac_ns
         links[n] = link
-        used += caplen
         n += 1
         pos += 16 + caplen
     return pos, n, used, _FULL
@@ -213,6 +226,7 @@ def _split_pcapng(
     links: NDArray[np.uint16],
     n: int,
     used: int,
+    copy: bool,
 ) -> tuple[int, int, int, int]:
     """Split the pcapng packet blocks in buf[pos:end]; stop at any other block (_OTHER)."""
     while n < offsets.size:
@@ -251,7 +265,7 @@ def _split_pcapng(
             caplen = min(caplen, ifaces[0, _IF_SNAPLEN])
         if caplen > MAX_CAPLEN:
             return pos, n, used, _CORRUPT
-        if used + caplen > data.size:
+        if copy and used + caplen > data.size:
             break
         shift = ifaces[iface, _IF_SHIFT]
         if shift > 0:  # resolution 2^-shift s
@@ -259,12 +273,15 @@ def _split_pcapng(
             ns = sec * 1_000_000_000 + (((ticks - (sec << shift)) * 1_000_000_000) >> shift)
         else:  # resolution 10^-k s: ns = ticks * 10^(9-k) or ticks // 10^(k-9)
             ns = ticks * ifaces[iface, _IF_MUL] // ifaces[iface, _IF_DIV]
-        _copy(data, used, buf, start, caplen)
-        offsets[n] = used
+        if copy:
+            _copy(data, used, buf, start, caplen)
+            offsets[n] = used
+            used += caplen
+        else:
+            offsets[n] = start
         lengths[n] = caplen
         ts_ns[n] = ns + ifaces[iface, _IF_OFFSET] if btype != 3 else 0
         links[n] = ifaces[iface, _IF_LINK]
-        used += caplen
         n += 1
         pos += blen
     return pos, n, used, _FULL
@@ -304,7 +321,12 @@ def _peek(stream: BinaryIO, size: int) -> bytes:
 
 
 class CaptureReader:
-    """Streams one capture as FrameBatch objects (context manager + iterable)."""
+    """Streams one capture as FrameBatch objects (context manager + iterable).
+
+    With ``in_place`` the batches point into the reader's read buffer instead of copies
+    (:attr:`FrameBatch.transient`): for a consumer that is done with each batch before it
+    asks for the next, such as the agent's pipeline, which parses it at once.
+    """
 
     def __init__(
         self,
@@ -313,12 +335,14 @@ class CaptureReader:
         batch_frames: int = 65536,
         chunk_bytes: int = 1 << 20,
         link_type: int | None = None,
+        in_place: bool = False,
     ) -> None:
         if batch_frames < 1 or chunk_bytes < 1:
             raise ValueError("batch_frames and chunk_bytes must be positive")
         self._batch_frames = batch_frames
         self._chunk_bytes = chunk_bytes
         self._override = link_type
+        self._in_place = in_place
         self.records_read = 0
         self.truncated = False
         self.link_types_seen: set[int] = set()
@@ -379,8 +403,9 @@ class CaptureReader:
         self.close()
 
     def close(self) -> None:
-        """Close what this reader opened (a stream handed in stays open)."""
+        """Close what this reader opened (a stream handed in stays open); zero the buffer."""
         self._done = True
+        self._buf.fill(0)
         if self._stream is not self._file:  # a gzip layer; closing it leaves the file open
             self._stream.close()
         if self._owned:
@@ -404,7 +429,8 @@ class CaptureReader:
     def _next_batch(self) -> FrameBatch | None:
         if self._done:
             return None
-        data = np.empty(max(self._chunk_bytes, MAX_CAPLEN), np.uint8)
+        copy = not self._in_place
+        data = np.empty(max(self._chunk_bytes, MAX_CAPLEN) if copy else 0, np.uint8)
         offsets = np.empty(self._batch_frames, np.int64)
         lengths = np.empty(self._batch_frames, np.int32)
         ts_ns = np.empty(self._batch_frames, np.int64)
@@ -424,10 +450,11 @@ class CaptureReader:
                     *batch,
                     n,
                     used,
+                    copy,
                 )
             else:
                 pos, n, used, status = _split_pcapng(
-                    self._buf, self._pos, self._end, self._big, self._ifaces, *batch, n, used
+                    self._buf, self._pos, self._end, self._big, self._ifaces, *batch, n, used, copy
                 )
             self._pos = pos
             self.records_read += n - before
@@ -438,8 +465,8 @@ class CaptureReader:
             if status == _FULL:
                 break
             if status == _NEED_MORE:
-                if self._streaming and n:
-                    break  # hand over what has arrived before waiting for more
+                if n and (self._streaming or self._in_place):
+                    break  # hand over what has arrived (and, in place, before reading over it)
                 if self._refill():
                     continue
                 self._finish(cut=self._pos < self._end or self._damaged)
@@ -448,6 +475,8 @@ class CaptureReader:
             break
         if n == 0:
             return None
+        if self._in_place:
+            return FrameBatch(self._buf, offsets[:n], lengths[:n], ts_ns[:n], links[:n], True)
         return FrameBatch(data[:used], offsets[:n], lengths[:n], ts_ns[:n], links[:n])
 
     def _finish(self, *, cut: bool) -> None:
@@ -464,7 +493,8 @@ class CaptureReader:
         """Keep the unsplit tail, read more after it; False at the end of the input."""
         tail = self._end - self._pos
         if tail == self._buf.size:  # one record larger than the buffer (bounded): grow
-            self._buf = np.concatenate((self._buf, np.empty_like(self._buf)))
+            old, self._buf = self._buf, np.concatenate((self._buf, np.empty_like(self._buf)))
+            old.fill(0)
         else:
             self._buf[:tail] = self._buf[self._pos : self._end]
         self._pos, self._end = 0, tail

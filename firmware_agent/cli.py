@@ -96,7 +96,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     source = str(args.file) if args.file is not None else str(BUNDLED_SAMPLE)
     pipeline = Pipeline(config)
     progress = Progress(f"replay {source}", _source_size(source))
-    with CaptureReader(source if source != "-" else sys.stdin.buffer) as reader:
+    with CaptureReader(source if source != "-" else sys.stdin.buffer, in_place=True) as reader:
 
         def batches() -> Iterator[FrameBatch]:
             for batch in reader:

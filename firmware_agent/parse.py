@@ -22,10 +22,16 @@ row whose ``kind`` says so, and the counting stage skips it.
 
 A row is a usable observation of a device exactly when ``kind == KIND_PROBE``.
 
-The fingerprint is a 64-bit digest (unkeyed here; the anonymize stage keys it) of
-the element order and the contents of supported/extended rates, HT, VHT, HE and EHT
+The fingerprint is a 64-bit digest (unkeyed here; the anonymize stage keys it) of the
+element order and the contents of supported/extended rates, HT, VHT, HE and EHT
 capabilities, extended capabilities, and vendor elements' OUI and type. It never covers
 the SSID, the channel (DS parameter set) or vendor element bodies (WPS carries a UUID).
+Precisely: ``h = 0xCBF29CE484222325``; for each element but SSID (0) and DS parameter
+set (3), in frame order, take ``n`` content bytes (all of elements 1, 45, 50, 127, 191
+and of extension elements 255 whose first byte is 35 or 108; the first four of 221;
+none of others), then ``h = mix(h, id | n << 8)`` and ``h = mix(h, w)`` for each 8-byte
+little-endian word ``w`` of those bytes (the last one zero-padded), where
+``mix(h, w) = g ^ (g >> 32)`` with ``g = (h ^ w) * 0x100000001B3 mod 2**64``.
 """
 
 from __future__ import annotations

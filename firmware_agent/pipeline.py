@@ -130,9 +130,14 @@ class Pipeline:
 
 
 def parse_frames(batch: FrameBatch) -> ProbeBatch:
-    """Parse a batch, then zero its frame buffer: it holds addresses and SSIDs."""
+    """Parse a batch, then zero its frame buffer: it holds addresses and SSIDs.
+
+    A transient batch lies in the reader's buffer, which the next read overwrites and
+    closing the reader zeroes.
+    """
     probes = parse_batch(batch)
-    batch.data.fill(0)
+    if not batch.transient:
+        batch.data.fill(0)
     return probes
 
 

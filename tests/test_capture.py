@@ -35,6 +35,7 @@ from firmware_agent.capture import (
     FrameBatch,
     open_capture,
 )
+from firmware_agent.cli import BUNDLED_SAMPLE
 from firmware_agent.errors import CaptureError, NotACaptureError, UnsupportedLinkTypeError
 from tests.conftest import REPO, shared_capture_names
 
@@ -59,10 +60,13 @@ class Frames(NamedTuple):
 
 
 def check_layout(batch: FrameBatch) -> None:
-    """A batch holds its frames back to back and nothing else."""
+    """A batch holds its frames back to back and nothing else (in place: in order, inside)."""
     assert len(batch) == len(batch.offsets) == len(batch.ts_ns) == len(batch.link_types)
-    ends = np.cumsum(batch.lengths, dtype=np.int64)
-    assert np.array_equal(batch.offsets, ends - batch.lengths)
+    ends = batch.offsets + batch.lengths
+    if batch.transient:
+        assert np.all(batch.offsets[1:] >= ends[:-1]) and ends[-1] <= batch.data.size
+        return
+    assert np.array_equal(batch.offsets, np.cumsum(batch.lengths, dtype=np.int64) - batch.lengths)
     assert batch.data.size == (ends[-1] if len(batch) else 0)
 
 
@@ -201,6 +205,8 @@ def test_shared_capture_reads_like_tshark_and_scapy(
     assert got.frames == expected.frames[:n]
     assert got.ts_ns == expected.ts_ns[:n]
     assert got.link_types == expected.link_types[:n]
+    in_place = read(path, in_place=True)  # batches pointing into the read buffer
+    assert (in_place.frames, in_place.ts_ns) == (got.frames, got.ts_ns)
 
 
 @pytest.mark.shared
@@ -240,8 +246,9 @@ def test_tiny_batches_and_chunks_give_the_same_frames(name: str, pcaps_dir: Path
     """Records cut by every chunk boundary are carried over; batches stop at batch_frames."""
     whole = read(pcaps_dir / name, chunk_bytes=8 << 20)
     tiny = read(pcaps_dir / name, batch_frames=7, chunk_bytes=1000)
-    assert tiny.frames == whole.frames
-    assert tiny.ts_ns == whole.ts_ns
+    in_place = read(pcaps_dir / name, batch_frames=7, chunk_bytes=1000, in_place=True)
+    assert tiny.frames == whole.frames == in_place.frames
+    assert tiny.ts_ns == whole.ts_ns == in_place.ts_ns
     assert max(tiny.batch_sizes) == 7
     assert len(whole.batch_sizes) == 1
 
@@ -499,3 +506,11 @@ def test_memory_stays_bounded_reading_a_200_mb_pcap(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert frames == records
     assert peak < 40 << 20, f"peak {peak >> 20} MiB reading a {file_size >> 20} MiB file"
+
+
+def test_closing_a_reader_zeroes_its_read_buffer() -> None:
+    reader = CaptureReader(BUNDLED_SAMPLE, in_place=True)
+    batch = next(iter(reader))
+    assert batch.transient and batch.data.any()
+    reader.close()
+    assert not batch.data.any()

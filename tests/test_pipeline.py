@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,7 @@ UTC_MIDNIGHT = {"FOOTFALL_EPOCH_TIMEZONE": "UTC"}
 
 
 def replay(
-    path: Path, environ: dict[str, str] | None = None, **reader: int
+    path: Path, environ: dict[str, str] | None = None, **reader: Any
 ) -> tuple[list[WindowCounts], Pipeline]:
     pipeline = Pipeline(load_config(None, environ=environ or UTC_MIDNIGHT))
     with CaptureReader(path, **reader) as frames:
@@ -31,7 +32,8 @@ def test_replay_is_deterministic_and_independent_of_batching() -> None:
     first, _ = replay(BUNDLED_SAMPLE)
     again, _ = replay(BUNDLED_SAMPLE)
     tiny, _ = replay(BUNDLED_SAMPLE, batch_frames=7, chunk_bytes=4096)
-    assert first == again == tiny
+    in_place, _ = replay(BUNDLED_SAMPLE, chunk_bytes=4096, in_place=True)
+    assert first == again == tiny == in_place
     assert len(first) > 20
 
 
