@@ -91,6 +91,9 @@ _RT_SIZE = np.array([8, 1, 1, 4, 2, 1], dtype=np.int64)
 _RT_ALIGN = np.array([8, 1, 1, 2, 2, 1], dtype=np.int64)
 _RT_FLAG_FCS = 0x10
 _RT_FLAG_BADFCS = 0x40
+_AVS_MAGIC_1 = 0x80211001
+_AVS_MAGIC_2 = 0x80211002
+_AVS_SSI_DBM = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,11 @@ def _u16le(d: NDArray[np.uint8], p: int) -> int:
 
 
 @njit(cache=True, inline="always")
+def _u16be(d: NDArray[np.uint8], p: int) -> int:
+    return (np.int64(d[p]) << 8) | np.int64(d[p + 1])
+
+
+@njit(cache=True, inline="always")
 def _u32le(d: NDArray[np.uint8], p: int) -> int:
     return _u16le(d, p) | (_u16le(d, p + 2) << 16)
 
@@ -141,17 +149,23 @@ def _s8(v: int) -> int:
 
 
 @njit(cache=True, inline="always")
-def _s32(v: int) -> int:
-    return v - (1 << 32) if v >= (1 << 31) else v
+def _dbm32(v: int) -> int:
+    """A 32-bit two's-complement signal as a row holds it: out of int16 range is missing."""
+    if v >= 1 << 31:
+        v -= 1 << 32
+    return v if -32767 <= v <= 32767 else RSSI_MISSING
 
 
 @njit(cache=True, inline="always")
 def _channel_to_mhz(ch: int) -> int:
+    """Centre frequency of a channel number given without a band (IEEE 802.11 Annex E)."""
     if 1 <= ch <= 13:
         return 2407 + 5 * ch
     if ch == 14:
         return 2484
-    if 32 <= ch <= 196:
+    if 182 <= ch <= 196:  # the 4.9 GHz band
+        return 4000 + 5 * ch
+    if 32 <= ch <= 181:
         return 5000 + 5 * ch
     return 0
 
@@ -194,71 +208,95 @@ def _radiotap(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int
     return it_len, flags, rssi, freq
 
 
+@njit(cache=True, inline="always")
+def _u32(d: NDArray[np.uint8], p: int, big: bool) -> int:
+    return _u32be(d, p) if big else _u32le(d, p)
+
+
 @njit(cache=True, nogil=True)
 def _prism(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int]:
-    """(header length or -1, rssi, freq) of a Prism (wlan-ng AVS-style DID) header."""
+    """(header length or -1, rssi, freq) of a Prism (wlan-ng) header, or of an AVS one.
+
+    The msgcode (0x44, or 0x41 from other drivers) is in the capturing host's byte order,
+    which it thereby tells. Items are ``did, status, len, data``; only exact DIDs count
+    (channel 0x00030044 / 0x00003041, signal in dBm 0x00040044 / 0x00004041), and only
+    with status 0. Linux drivers also wrote AVS headers under this link type.
+    """
+    if end - start >= 4 and _u32be(d, start) in (_AVS_MAGIC_1, _AVS_MAGIC_2):
+        return _avs(d, start, end)
     if end - start < 8:
         return -1, RSSI_MISSING, 0
-    msglen = _u32le(d, start + 4)
+    if _u32le(d, start) in (0x44, 0x41):
+        big = False
+    elif _u32be(d, start) in (0x44, 0x41):
+        big = True
+    else:
+        return -1, RSSI_MISSING, 0
+    msglen = _u32(d, start + 4, big)
     if msglen < 24 or start + msglen > end:
         return -1, RSSI_MISSING, 0
     rssi = RSSI_MISSING
     freq = 0
     p = start + 24
     while p + 12 <= start + msglen:
-        did = _u32le(d, p)
-        status = _u16le(d, p + 4)
-        value = _u32le(d, p + 8)
+        did = _u32(d, p, big)
+        status = _u16be(d, p + 4) if big else _u16le(d, p + 4)
+        value = _u32(d, p + 8, big)
         if status == 0:
-            # wlan-ng DIDs are 0x000N0044, other drivers' 0x0000N041; N=3 channel, 4 rssi
-            item = did >> 16 if did & 0xFFFF == 0x0044 else (did >> 12) & 0xF
-            if item == 3:
+            if did in (0x00030044, 0x00003041):
                 freq = _channel_to_mhz(value)
-            elif item == 4:
-                rssi = _s32(value)
+            elif did in (0x00040044, 0x00004041):
+                rssi = _dbm32(value)
         p += 12
     return msglen, rssi, freq
 
 
 @njit(cache=True, nogil=True)
 def _avs(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int]:
-    """(header length or -1, rssi, freq) of an AVS capture header (big-endian)."""
+    """(header length or -1, rssi, freq) of an AVS (wlancap) header: big-endian."""
     if end - start < 64:
         return -1, RSSI_MISSING, 0
     length = _u32be(d, start + 4)
     if length < 64 or start + length > end:
         return -1, RSSI_MISSING, 0
     freq = _channel_to_mhz(_u32be(d, start + 28))
-    rssi = _s32(_u32be(d, start + 48)) if _u32be(d, start + 44) == 2 else RSSI_MISSING
+    rssi = _dbm32(_u32be(d, start + 48)) if _u32be(d, start + 44) == _AVS_SSI_DBM else RSSI_MISSING
     return length, rssi, freq
 
 
 @njit(cache=True, nogil=True)
 def _ppi(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int, int]:
-    """(header length or -1, fcs flags as radiotap's, rssi, freq) of a PPI header."""
+    """(header length or -1, FCS flags as radiotap's, rssi, freq) of a PPI header.
+
+    Fields are ``type, length, data``, padded to 32 bits after each one when header flag
+    bit 0 says so. The 802.11-Common field (type 2) is exactly 20 bytes; its dBm signal
+    of -128 means none.
+    """
     if end - start < 8 or d[start] != 0:
         return -1, 0, RSSI_MISSING, 0
+    aligned = d[start + 1] & 1
     length = _u16le(d, start + 2)
     if length < 8 or start + length > end or _u32le(d, start + 4) != LINKTYPE_IEEE802_11:
         return -1, 0, RSSI_MISSING, 0
     flags = 0
     rssi = RSSI_MISSING
     freq = 0
-    p = start + 8
-    while p + 4 <= start + length:
-        ftype = _u16le(d, p)
-        flen = _u16le(d, p + 2)
-        if p + 4 + flen > start + length:
+    off = 8
+    while off + 4 <= length:
+        ftype = _u16le(d, start + off)
+        flen = _u16le(d, start + off + 2)
+        data = start + off + 4
+        if off + 4 + flen > length:
             return -1, 0, RSSI_MISSING, 0
-        if ftype == 2 and flen >= 20:
-            common = _u16le(d, p + 12)
-            if common & 1:
-                flags |= _RT_FLAG_FCS
-            if common & 4:
-                flags |= _RT_FLAG_BADFCS
-            freq = _u16le(d, p + 16)
-            rssi = _s8(np.int64(d[p + 4 + 16]))
-        p += 4 + flen
+        if ftype == 2 and flen == 20:
+            common = _u16le(d, data + 8)
+            flags = (_RT_FLAG_FCS if common & 1 else 0) | (_RT_FLAG_BADFCS if common & 4 else 0)
+            freq = _u16le(d, data + 12)
+            signal = _s8(np.int64(d[data + 18]))
+            rssi = RSSI_MISSING if signal == -128 else signal
+        off += 4 + flen
+        if aligned:
+            off = (off + 3) // 4 * 4
     return length, flags, rssi, freq
 
 
@@ -439,7 +477,7 @@ def parse_batch(batch: FrameBatch) -> ProbeBatch:
     ssid = np.empty(n, np.uint8)
     fp = np.empty(n, np.uint64)
     rows = _parse(
-        batch.data,
+        np.ascontiguousarray(batch.data),  # _load_u64le reads raw memory: no strides
         batch.offsets,
         batch.lengths,
         batch.ts_ns,
