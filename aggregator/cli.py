@@ -1,27 +1,367 @@
-"""``footfall-aggregator``: the aggregator's command line."""
+"""``footfall-aggregator``: the aggregator's command line.
+
+Errors end as one line on stderr (``footfall-aggregator: error: ...``) and exit status 1 (2 for
+usage errors); no traceback. Logs go unbuffered to stderr through the ``footfall.aggregator``
+logger and never carry a payload.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from types import FrameType
 
 from aggregator import __version__
+from aggregator.config import AggregatorConfig, load_config
+from aggregator.errors import AggregatorError
+from aggregator.store import Store
+
+log = logging.getLogger("footfall.aggregator")
+
+
+def _setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip(), value
+
+
+def _config(args: argparse.Namespace) -> AggregatorConfig:
+    return load_config(args.config, overrides=dict(args.set or []))
+
+
+def _store(args: argparse.Namespace) -> Store:
+    return Store.open(_config(args).store)
+
+
+def _when(unix_s: int | None) -> str:
+    if unix_s is None:
+        return "-"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix_s))
+
+
+def _table(rows: Sequence[Sequence[object]]) -> None:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(f"{cell!s:<{w}}" for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    config = _config(args)
+    with Store(config.store) as store:
+        revision = store.migrate()
+        print(f"database {store.where}: schema at revision {revision}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from aggregator.ingest import Ingest  # noqa: PLC0415 (paho only for this command)
+
+    config = _config(args)
+    log.setLevel(min(log.getEffectiveLevel(), logging.INFO))  # a service says what it does
+    with Store.open(config.store) as store:
+        ingest = Ingest(config, store)
+
+        def stop(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s: finishing the batch in hand", signal.Signals(signum).name)
+            ingest.stop()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        log.info(
+            "ingest: database %s, broker %s, share group %s",
+            store.where,
+            config.broker.address,
+            config.ingest.share_group,
+        )
+        ingest.run()
+    return 0
+
+
+def cmd_sites_add(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        store.add_site(args.site, args.name or args.site, args.timezone, int(time.time()))
+    print(f"site {args.site} added (time zone {args.timezone})")
+    return 0
+
+
+def cmd_sites_list(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        sites = store.sites()
+    if args.json:
+        for site in sites:
+            print(json.dumps(asdict(site)))
+    elif sites:
+        _table(
+            [("SITE", "NAME", "TIME ZONE", "AGENTS")]
+            + [(s.id, s.name, s.timezone, s.agents) for s in sites]
+        )
+    return 0
+
+
+def cmd_agents_add(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        store.add_agent(
+            args.site, args.agent, args.public_key, int(time.time()), replace=args.replace
+        )
+    print(f"agent {args.site}/{args.agent} enrolled")
+    return 0
+
+
+def cmd_agents_revoke(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        store.revoke_agent(args.site, args.agent, int(time.time()))
+    print(f"agent {args.site}/{args.agent} revoked: its new messages are refused")
+    return 0
+
+
+def cmd_agents_list(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        agents = store.agents(args.site)
+    if args.json:
+        for agent in agents:
+            print(json.dumps(asdict(agent)))
+        return 0
+    if not agents:
+        return 0
+    rows: list[Sequence[object]] = [
+        (
+            "SITE",
+            "AGENT",
+            "ENROLMENT",
+            "STATE",
+            "LAST SEEN",
+            "WINDOWS",
+            "LAST WINDOW",
+            "MISSING",
+            "SPOOL DROPPED",
+        )
+    ]
+    for a in agents:
+        enrolment = f"revoked {_when(a.revoked_at)}" if a.revoked_at is not None else "enrolled"
+        rows.append(
+            (
+                a.site,
+                a.agent,
+                enrolment,
+                a.state or "-",
+                _when(a.last_seen_at),
+                a.windows,
+                _when(a.last_window),
+                a.missing,
+                "-" if a.spool_dropped is None else a.spool_dropped,
+            )
+        )
+    _table(rows)
+    return 0
+
+
+def cmd_agents_gaps(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        gaps = store.gaps(args.site, args.agent, args.limit)
+    if args.json:
+        for gap in gaps:
+            print(json.dumps(asdict(gap)))
+    elif gaps:
+        _table(
+            [("AFTER SEQ", "BEFORE SEQ", "FROM", "TO", "MISSING")]
+            + [
+                (
+                    g.after_seq,
+                    g.before_seq,
+                    _when(g.after_window),
+                    _when(g.before_window),
+                    g.missing,
+                )
+                for g in gaps
+            ]
+        )
+    return 0
+
+
+def cmd_refusals(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        counts = store.refusal_counts()
+    rows = sorted(counts.items())
+    if args.json:
+        for (reason, site, agent), n in rows:
+            print(json.dumps({"reason": reason, "site": site, "agent": agent, "count": n}))
+    elif rows:
+        _table(
+            [("REASON", "SITE", "AGENT", "COUNT")]
+            + [(reason, site or "-", agent or "-", n) for (reason, site, agent), n in rows]
+        )
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    config = _config(args)
+    with Store.open(config.store) as store:
+        deleted = store.prune(int(time.time()), config.store.retention_days)
+    print(f"deleted {deleted} windows older than {config.store.retention_days} days")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    rows = _config(args).show()
+    width = max(len(name) for name, _, _ in rows)
+    for name, value, source in rows:
+        print(f"{name:<{width}}  {value:<12}  ({source})")
+    return 0
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="aggregator TOML config file")
+    parser.add_argument(
+        "--set",
+        type=_setting,
+        action="append",
+        metavar="NAME=VALUE",
+        help="override one setting (repeatable), e.g. store.dsn=postgresql://…",
+    )
+
+
+def _command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    help_text: str,
+    description: str | None = None,
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help_text, description=description or help_text
+    )
+    _common(parser)
+    parser.set_defaults(func=func)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="footfall-aggregator",
-        description="footfall aggregator: verified ingest of agents' counts, store, dashboard.",
+        description="footfall aggregator: verified ingest of agents' counts, store, roll-ups.",
     )
     parser.add_argument("--version", action="version", version=f"footfall-aggregator {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _command(
+        sub,
+        "ingest",
+        cmd_ingest,
+        "receive agents' counts from the broker, verify and store them (until SIGTERM)",
+        "Subscribe to every agent's counts (a shared subscription: several ingest processes "
+        "split them), status and meta; verify each message (schema, topic, enrolled agent, "
+        "signature), store it once, and acknowledge it to the broker after the commit.",
+    )
+    _command(sub, "migrate", cmd_migrate, "create or upgrade the database schema")
+    _command(
+        sub,
+        "prune",
+        cmd_prune,
+        "delete windows older than store.retention_days now (roll-ups stay)",
+    )
+    _command(
+        sub,
+        "refusals",
+        cmd_refusals,
+        "messages not stored, counted by reason, site and agent",
+    ).add_argument("--json", action="store_true", help="one JSON object per line")
+
+    sites = sub.add_parser("sites", help="sites: add, list")
+    sites_sub = sites.add_subparsers(dest="sites_command", required=True, metavar="ACTION")
+    p = _command(sites_sub, "add", cmd_sites_add, "register a site and its time zone")
+    p.add_argument("site", metavar="SITE", help="site id, as in the agents' topics")
+    p.add_argument(
+        "--timezone", required=True, help="IANA zone of its local hours and days, e.g. Europe/Paris"
+    )
+    p.add_argument("--name", help="a name for people (default: the id)")
+    p = _command(sites_sub, "list", cmd_sites_list, "list the sites")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    agents = sub.add_parser("agents", help="agents: add, list, revoke, gaps")
+    agents_sub = agents.add_subparsers(dest="agents_command", required=True, metavar="ACTION")
+    p = _command(
+        agents_sub,
+        "add",
+        cmd_agents_add,
+        "enrol an agent with its public key",
+        "Enrol an agent of a site with its Ed25519 public key (base64: what 'footfall-agent "
+        "keygen' prints). Only enrolled agents' messages are stored.",
+    )
+    p.add_argument("site", metavar="SITE")
+    p.add_argument("agent", metavar="AGENT")
+    p.add_argument("public_key", metavar="PUBKEY", help="base64 of the 32-byte Ed25519 key")
+    p.add_argument(
+        "--replace", action="store_true", help="a new key for an enrolled or revoked agent"
+    )
+    p = _command(
+        agents_sub,
+        "list",
+        cmd_agents_list,
+        "agents and their health",
+        "Every agent with its health: enrolled or revoked, online or offline (its last status "
+        "message), last seen, windows stored, the last window, windows missing (gaps in its "
+        "sequence numbers) and windows its spool dropped.",
+    )
+    p.add_argument("--site", help="only this site's agents")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p = _command(
+        agents_sub,
+        "revoke",
+        cmd_agents_revoke,
+        "refuse an agent's messages from now on (its stored windows stay)",
+    )
+    p.add_argument("site", metavar="SITE")
+    p.add_argument("agent", metavar="AGENT")
+    p = _command(
+        agents_sub, "gaps", cmd_agents_gaps, "the latest gaps in an agent's windows, newest first"
+    )
+    p.add_argument("site", metavar="SITE")
+    p.add_argument("agent", metavar="AGENT")
+    p.add_argument("--limit", type=int, default=50, help="at most this many gaps (default 50)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = _command(
+        sub,
+        "enrol",
+        cmd_agents_add,
+        "enrol an agent (the form 'footfall-agent enroll' prints; same as 'agents add')",
+    )
+    p.add_argument("--site", required=True)
+    p.add_argument("--agent", required=True)
+    p.add_argument("--public-key", dest="public_key", required=True)
+    p.add_argument("--replace", action="store_true", help="a new key for an enrolled agent")
+
+    config = sub.add_parser("config", help="configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    _command(config_sub, "show", cmd_config_show, "print the effective settings, secrets masked")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    print("footfall-aggregator: no command yet; see --help", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("footfall-aggregator: %(levelname)s: %(message)s"))
+    log.handlers = [handler]
+    log.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    try:
+        status: int = args.func(args)
+    except AggregatorError as exc:
+        print(f"footfall-aggregator: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return status
 
 
 if __name__ == "__main__":

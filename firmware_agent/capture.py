@@ -56,8 +56,6 @@ from typing import Any, BinaryIO, Final, TypeVar, cast
 import numpy as np
 from numba import njit
 from numpy.typing import NDArray
-from scapy.error import Scapy_Exception
-from scapy.utils import RawPcapNgReader, RawPcapReader
 
 from firmware_agent.errors import CaptureError, NotACaptureError, UnsupportedLinkTypeError
 
@@ -366,6 +364,10 @@ class CaptureReader:
         self._stream: BinaryIO | io.BufferedIOBase = self._file
         if self._streaming and head[:2] == b"\x1f\x8b":  # scapy would seek back: unwrap here
             self._stream = gzip.GzipFile(fileobj=self._file)
+        # scapy is imported here, not with this module: a live agent never needs it (20 MB).
+        from scapy.error import Scapy_Exception  # noqa: PLC0415
+        from scapy.utils import RawPcapNgReader, RawPcapReader  # noqa: PLC0415
+
         open_raw: Any = RawPcapReader  # its metaclass takes a file too (__init__ says str)
         try:
             reader = open_raw(self._stream)

@@ -20,9 +20,14 @@ from typing import TextIO
 from firmware_agent import __version__
 from firmware_agent.capture import CaptureReader, FrameBatch
 from firmware_agent.capture_stats import inspect_capture
+from firmware_agent.doctor import print_table, run_checks
 from firmware_agent.errors import AgentError
+from firmware_agent.evaluate import add_commands
+from firmware_agent.messages import public_key_text
 from firmware_agent.pipeline import Pipeline
+from firmware_agent.service import run_agent
 from firmware_agent.settings import load_config
+from firmware_agent.signing import KEY_FILE, create_signing_key, load_signing_key
 
 log = logging.getLogger("footfall.agent")
 
@@ -117,8 +122,64 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=VALUE such as broker.port=8883, got {text!r}"
+        )
+    return name.strip(), value
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    overrides: dict[str, object] = dict(args.set or [])
+    if args.source is not None:
+        overrides["source.path"] = args.source
+    if args.speed is not None:
+        overrides["source.speed"] = args.speed
+    config = load_config(args.config, overrides=overrides)
+    log.setLevel(min(log.level, logging.INFO))  # a service says what it does
+    return run_agent(config)
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    config_dir = load_config(args.config, overrides=dict(args.set or [])).identity.config_dir
+    if args.show:
+        key = load_signing_key(config_dir)
+    else:
+        key = create_signing_key(config_dir, replace=args.force)
+        print(f"wrote {config_dir / KEY_FILE} (mode 0600); enrol this public key:", file=sys.stderr)
+    print(public_key_text(key))
+    return 0
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    config = load_config(args.config, overrides=dict(args.set or []))
+    identity = config.identity
+    public = public_key_text(load_signing_key(identity.config_dir))
+    account = f"{identity.site}/{identity.agent}"
+    print(f"public key: {public}")
+    print("enrol it on the aggregator:")
+    print(
+        f"  footfall-aggregator enrol --site {identity.site} --agent {identity.agent} "
+        f"--public-key {public}"
+    )
+    print(f"broker account (hardware/mosquitto): user name {account!r}, made with")
+    print(f"  mosquitto_passwd /etc/mosquitto/footfall.passwd {account}")
+    if config.broker.username != account:
+        print(f"and set broker.username = {account!r} and broker.password in the agent's config")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    config = load_config(args.config, overrides=dict(args.set or []))
+    findings = run_checks(config, sample_s=args.sample_s)
+    print_table(findings)
+    return 1 if any(f.status == "FAIL" for f in findings) else 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_config(args.config, overrides=dict(args.set or []))
     width = max(len(name) for name, _, _ in config.show())
     for name, value, source in config.show():
         print(f"{name:<{width}}  {value:<12}  ({source})")
@@ -133,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"footfall-agent {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    set_help = "override one setting (repeatable), e.g. broker.port=8883"
 
     p = sub.add_parser(
         "inspect",
@@ -156,10 +218,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="agent TOML config file")
     p.set_defaults(func=cmd_replay)
 
+    p = sub.add_parser(
+        "run",
+        help="run the agent: count a source and publish its windows to the broker",
+        description="Run the agent as a service: read the source (source.path: a capture "
+        "file, or '-' for a pcap stream on standard input), count, sign each window and "
+        "spool it, publish it to the MQTT broker. A capture file ends the run once every "
+        "window is acknowledged; SIGTERM stops it cleanly (the open window is published, the "
+        "status goes offline).",
+    )
+    p.add_argument("--config", type=Path, help="agent TOML config file")
+    p.add_argument("--source", help="capture file or '-' (source.path)")
+    p.add_argument("--speed", help="realtime, fast or a factor such as 60 (source.speed)")
+    p.add_argument("--set", type=_setting, action="append", metavar="NAME=VALUE", help=set_help)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "keygen",
+        help="make the agent's signing key and print its public key",
+        description="Write a new Ed25519 signing key to <agent.config_dir>/signing.key (mode "
+        "0600) and print its public key, which the aggregator enrols. The signing key is not "
+        "the hashing key (that one never leaves memory).",
+    )
+    p.add_argument("--config", type=Path, help="agent TOML config file")
+    p.add_argument("--force", action="store_true", help="replace an existing key")
+    p.add_argument("--show", action="store_true", help="print the existing key's public key")
+    p.add_argument("--set", type=_setting, action="append", metavar="NAME=VALUE", help=set_help)
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser(
+        "enroll",
+        help="print the public key and the commands that enrol this agent",
+        description="Print this agent's public signing key, the aggregator command that "
+        "enrols it, and the broker account it needs (user name '<site>/<agent>').",
+    )
+    p.add_argument("--config", type=Path, help="agent TOML config file")
+    p.add_argument("--set", type=_setting, action="append", metavar="NAME=VALUE", help=set_help)
+    p.set_defaults(func=cmd_enroll)
+
+    p = sub.add_parser(
+        "doctor",
+        help="check that this access point is ready to count (exit status 1 if not)",
+        description="One table of checks, with a fix for each failing one: interface in "
+        "monitor mode, capabilities, probe requests arriving, clock synchronised, broker "
+        "reachable with these credentials, signing key, spool, numba cache.",
+    )
+    p.add_argument("--config", type=Path, help="agent TOML config file")
+    p.add_argument(
+        "--sample-s", type=float, default=5.0, help="seconds to listen for frames (default 5)"
+    )
+    p.add_argument("--set", type=_setting, action="append", metavar="NAME=VALUE", help=set_help)
+    p.set_defaults(func=cmd_doctor)
+
+    add_commands(sub, _setting)  # evaluate, calibrate
+
     p = sub.add_parser("config", help="configuration")
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = config_sub.add_parser("show", help="print the effective settings, secrets masked")
     show.add_argument("--config", type=Path, help="agent TOML config file")
+    show.add_argument("--set", type=_setting, action="append", metavar="NAME=VALUE", help=set_help)
     show.set_defaults(func=cmd_config_show)
     return parser
 

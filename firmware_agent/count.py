@@ -1,9 +1,9 @@
 """Count stage: device ids in, per-window counts out (numba).
 
-A :class:`DeviceTable` holds, for the current epoch only, one row per device id: first
-and last seen, best signal, frames, randomised flag, keyed fingerprint, last sequence
-number, the current visit, and per-window presence. It is an open-addressing hash table
-of numpy arrays so that the numba kernel can update it in place; it grows by doubling.
+A device table (:class:`~firmware_agent.table.KeyedRows`, numpy arrays the numba kernel
+updates in place) holds, for the current epoch only, one row per device id: first and last
+seen, best signal, frames, randomised flag, keyed fingerprint, last sequence number, the
+current visit, and per-window presence.
 
 Windows are aligned to the clock (multiples of ``window_s`` since the Unix epoch) and
 close on the frames' own clock: a watermark trails the newest timestamp seen by
@@ -23,6 +23,10 @@ When a window closes, one pass over the table yields:
   by the window's end, with a histogram of their dwell (< 5, 5-15, 15-30, 30-60, >= 60
   min); at the end of an epoch (the table is wiped) every open visit ends;
 * ``devices_epoch``: distinct devices since the epoch began.
+
+The pipeline adds what the estimate stage says of the same window (``people_est``,
+``static_excluded``, and ``people`` when the site is calibrated; see
+:mod:`firmware_agent.estimate`); a counter alone leaves them None.
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ from numpy.typing import NDArray
 from firmware_agent.anonymize import DeviceBatch
 from firmware_agent.errors import ConfigError
 from firmware_agent.parse import KIND_PROBE, RSSI_MISSING
+from firmware_agent.table import KeyedRows, slot
 
-__all__ = ["DWELL_BANDS", "CountSettings", "DeviceTable", "WindowCounter", "WindowCounts"]
+__all__ = ["DWELL_BANDS", "CountSettings", "WindowCounter", "WindowCounts"]
 
 DWELL_BANDS = ("lt5", "5-15", "15-30", "30-60", "ge60")
 _DWELL_EDGES_MIN = (5, 15, 30, 60)
@@ -114,6 +119,10 @@ class WindowCounts:
     visits_ended: int
     dwell_minutes: dict[str, int]  # DWELL_BANDS -> visits ended in the window
     devices_epoch: int
+    # Filled in by the pipeline from the estimate stage (None: not estimated).
+    people_est: int | None = None  # devices present, random addresses linked
+    static_excluded: int | None = None  # static devices left out of people_est
+    people: int | None = None  # people_est through the site's calibration, if it has one
 
     def as_dict(self) -> dict[str, object]:
         start = datetime.fromtimestamp(self.window_start, UTC)
@@ -130,56 +139,15 @@ class WindowCounts:
             "visits_ended": self.visits_ended,
             "dwell_minutes": dict(self.dwell_minutes),
             "devices_epoch": self.devices_epoch,
+        } | {
+            name: value
+            for name, value in (
+                ("people_est", self.people_est),
+                ("static_excluded", self.static_excluded),
+                ("people", self.people),
+            )
+            if value is not None
         }
-
-
-class DeviceTable:
-    """The epoch's devices: an open-addressing table of numpy arrays (see module doc)."""
-
-    __slots__ = ("keys", "state")
-
-    def __init__(self, capacity: int = 4096) -> None:
-        if capacity & (capacity - 1):
-            raise ValueError(f"capacity must be a power of two, got {capacity}")
-        self.keys = np.zeros(capacity, np.uint64)
-        self.state = np.zeros((capacity, _NCOLS), np.int64)
-
-    @property
-    def capacity(self) -> int:
-        return int(self.keys.shape[0])
-
-    def grown(self) -> DeviceTable:
-        bigger = DeviceTable(self.capacity * 2)
-        _rehash(self.keys, self.state, bigger.keys, bigger.state)
-        return bigger
-
-    def wipe(self) -> None:
-        """Overwrite every device id and row in place."""
-        self.keys[:] = 0
-        self.state[:] = 0
-
-
-@njit(cache=True, inline="always")
-def _slot(keys: NDArray[np.uint64], dev: np.uint64) -> int:
-    mask = keys.shape[0] - 1
-    i = np.int64(dev & np.uint64(mask))
-    while keys[i] != 0 and keys[i] != dev:
-        i = (i + 1) & mask
-    return i
-
-
-@njit(cache=True, nogil=True)
-def _rehash(
-    keys: NDArray[np.uint64],
-    state: NDArray[np.int64],
-    new_keys: NDArray[np.uint64],
-    new_state: NDArray[np.int64],
-) -> None:
-    for i in range(keys.shape[0]):
-        if keys[i] != 0:
-            j = _slot(new_keys, keys[i])
-            new_keys[j] = keys[i]
-            new_state[j, :] = state[i, :]
 
 
 @njit(cache=True, nogil=True)
@@ -298,7 +266,7 @@ def _count(
         dev = device[i]
         if dev == 0:
             dev = np.uint64(1)
-        j = _slot(keys, dev)
+        j = slot(keys, dev)
         s = state[j]
         r = np.int64(rssi[i])
         if keys[j] == 0:
@@ -365,7 +333,7 @@ class WindowCounter:
 
     def __init__(self, settings: CountSettings, capacity: int = 4096) -> None:
         self.settings = settings
-        self.table = DeviceTable(capacity)
+        self.table = KeyedRows(capacity, _NCOLS)
         self._acc = np.zeros((2, _NACC), np.int64)
         self._clock = np.array([_NONE, _NONE, 0, 0], np.int64)
         self._params = np.array(
@@ -406,7 +374,7 @@ class WindowCounter:
                 batch.seq,
                 i,
                 self.table.keys,
-                self.table.state,
+                self.table.rows,
                 self._acc,
                 self._clock,
                 self._params,
@@ -415,9 +383,7 @@ class WindowCounter:
             )
             yield from self._emit(rows)
             if self._clock[_C_USED] >= self.table.capacity // 2:
-                old = self.table
-                self.table = old.grown()
-                old.wipe()
+                self.table = self.table.grown()
 
     def close_until(self, until_ns: int, *, end_visits: bool) -> Iterator[WindowCounts]:
         """Close every window ending at or before ``until_ns`` (aligned to windows).
@@ -428,7 +394,7 @@ class WindowCounter:
         while True:
             rows = _flush(
                 self.table.keys,
-                self.table.state,
+                self.table.rows,
                 self._acc,
                 self._clock,
                 self._params,

@@ -12,19 +12,38 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
+import socket
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from pathlib import Path
+from typing import TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from firmware_agent.count import NS, CountSettings
-from firmware_agent.errors import ConfigError
+from firmware_agent.errors import ConfigError, MessageError
+from firmware_agent.estimate import Calibration, EstimateSettings
+from firmware_agent.homeassistant import HomeAssistantSettings
+from firmware_agent.live import LiveSettings
+from firmware_agent.messages import ID_PATTERN, AgentId, SiteId
+from firmware_agent.metrics import MetricsSettings
+from firmware_agent.publish import BrokerSettings
+from firmware_agent.spool import SpoolSettings
 
-__all__ = ["SETTINGS", "AgentConfig", "EpochClock", "Setting", "load_config"]
+__all__ = [
+    "SETTINGS",
+    "AgentConfig",
+    "AgentIdentity",
+    "EpochClock",
+    "Setting",
+    "SourceSettings",
+    "load_config",
+]
 
 DEFAULT_CONFIG = Path("/etc/footfall/agent.toml")
+IdT = TypeVar("IdT", SiteId, AgentId)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +83,171 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "IANA time zone of the site for midnight epochs (empty: the system's local zone).",
     ),
+    Setting("agent.site", "default", f"The site's id in topics and messages: {ID_PATTERN}."),
+    Setting(
+        "agent.id",
+        "",
+        f"This agent's id within its site: {ID_PATTERN} (empty: the host name, lower-cased, "
+        "other characters replaced by '-').",
+    ),
+    Setting(
+        "agent.config_dir",
+        "/etc/footfall",
+        "Directory of the signing key (signing.key, written by 'footfall-agent keygen').",
+    ),
+    Setting("agent.state_dir", "/var/lib/footfall", "Directory of the spool (spool.sqlite3)."),
+    Setting("broker.host", "localhost", "MQTT broker host name or address."),
+    Setting("broker.port", 1883, "MQTT broker port (8883 is usual with TLS)."),
+    Setting("broker.username", "", "User name at the broker (empty: none)."),
+    Setting("broker.password", "", "Password at the broker.", secret=True),
+    Setting(
+        "broker.tls_ca",
+        "",
+        "CA certificate file (PEM) that signed the broker's certificate; 'system' uses the "
+        "system's CAs; empty: no TLS.",
+    ),
+    Setting(
+        "broker.tls_cert", "", "Client certificate file (PEM) for TLS, if the broker wants one."
+    ),
+    Setting("broker.tls_key", "", "Private key file (PEM) of the client certificate."),
+    Setting(
+        "broker.keepalive_s",
+        60,
+        "Keep-alive (s): a silent connection is declared lost after about twice this.",
+    ),
+    Setting("broker.protocol", "5", "MQTT version: '5' or '3.1.1' (no message needs 5)."),
+    Setting(
+        "broker.max_inflight",
+        64,
+        "Counts messages sent and not yet acknowledged (QoS 1), at most.",
+    ),
+    Setting("broker.connect_timeout_s", 10, "How long (s) a connection attempt may take."),
+    Setting(
+        "broker.backoff_initial_ms",
+        500,
+        "First wait (ms) before reconnecting; it doubles at each failure, with jitter.",
+    ),
+    Setting("broker.backoff_max_s", 60, "Longest wait (s) between reconnection attempts."),
+    Setting(
+        "broker.stop_grace_s",
+        10,
+        "On SIGTERM, how long (s) to keep sending spooled windows before going offline.",
+    ),
+    Setting(
+        "spool.max_windows",
+        100_000,
+        "Windows the spool keeps unsent at most; beyond, the oldest are dropped and counted.",
+    ),
+    Setting(
+        "source.path",
+        "",
+        "What 'footfall-agent run' reads: a capture file (pcap, pcapng, .gz), '-' for a pcap "
+        "stream on standard input, or 'iface:<name>' for a monitor-mode interface.",
+    ),
+    Setting(
+        "source.speed",
+        "realtime",
+        "How fast a capture file is replayed: 'realtime' (its own pace), 'fast' (as fast as "
+        "possible) or a factor such as '60' (60 times its pace).",
+    ),
+    Setting(
+        "source.link_type",
+        "auto",
+        "Link type of a live interface's frames: 'auto' (from the interface: radiotap in "
+        "monitor mode), 'radiotap', '802.11' or a pcap link type number.",
+    ),
+    Setting(
+        "source.ring_mb",
+        8,
+        "Memory (MiB, 1 to 256) of the kernel ring a live interface is read through.",
+    ),
+    Setting("source.hop", "off", "Hop a live interface over source.hop_channels: 'on' or 'off'."),
+    Setting(
+        "source.hop_channels",
+        "1,6,11",
+        "Channels to hop over, separated by commas (with source.hop = 'on'; needs iw).",
+    ),
+    Setting("source.hop_dwell_ms", 200, "Time (ms, 50 to 60000) spent on each channel."),
+    Setting(
+        "metrics.port",
+        0,
+        "Port of the Prometheus endpoint (http://<metrics.host>:<port>/metrics); 0: none.",
+    ),
+    Setting("metrics.host", "127.0.0.1", "Address the Prometheus endpoint listens on."),
+    Setting(
+        "homeassistant.discovery",
+        "off",
+        "Publish a Home Assistant MQTT discovery config for this agent's counts: 'on' or 'off'.",
+    ),
+    Setting("homeassistant.prefix", "homeassistant", "Home Assistant's MQTT discovery prefix."),
+)
+# The estimate stage (firmware_agent/estimate.py).
+SETTINGS += (
+    Setting(
+        "estimate.rssi_threshold_dbm",
+        "auto",
+        "Signal (dBm) at or above which a device counts as in the venue for people_est; "
+        "-120 counts all; 'auto' learns it from the signal of devices that linger (logged).",
+    ),
+    Setting("estimate.min_dwell_s", 60, "How long (s) a device must have been heard to count."),
+    Setting(
+        "estimate.link_gap_s",
+        60,
+        "Silence (s) within which a new random address may continue an old one's counter.",
+    ),
+    Setting(
+        "estimate.seq_max_delta",
+        64,
+        "Largest step of the sequence number from an old random address to a new one that "
+        "links them.",
+    ),
+    Setting(
+        "estimate.cadence_gap_s",
+        300,
+        "Silence (s) within which a phone model that resets its sequence numbers may link a "
+        "new random address to a chain by timing and signal.",
+    ),
+    Setting(
+        "estimate.rssi_link_db",
+        30,
+        "Largest signal difference (dB) between a chain and a new address linked by timing.",
+    ),
+    Setting(
+        "estimate.reset_min",
+        10,
+        "Address changes of a phone model seen before it may be judged to reset its sequence "
+        "numbers.",
+    ),
+    Setting(
+        "estimate.reset_share_pct",
+        25,
+        "A model resets its sequence numbers if fewer than this % of its address changes "
+        "continued one (beyond chance).",
+    ),
+    Setting(
+        "estimate.static_min_s",
+        4 * 3600,
+        "A device heard over at least this long (s) and in most windows is static (a PC, a "
+        "printer) and left out; 0 turns static exclusion off.",
+    ),
+    Setting(
+        "estimate.static_share_pct",
+        80,
+        "Share (%) of the windows since it appeared a static device must have been heard in.",
+    ),
+    Setting(
+        "estimate.calibration_factor",
+        "",
+        "Site calibration, people = factor * people_est + offset; written by 'footfall-agent "
+        "calibrate' (empty: not calibrated, no 'people' in the counts).",
+    ),
+    Setting("estimate.calibration_offset", "0", "Offset (people) of the site calibration."),
+    Setting(
+        "estimate.calibration_mae",
+        "",
+        "Mean absolute error (people) of the calibration on the windows it was fitted on.",
+    ),
+    Setting("estimate.calibration_windows", 0, "Windows the calibration was fitted on."),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -95,6 +279,40 @@ class EpochClock:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentIdentity:
+    """Who this agent is and where it keeps its files."""
+
+    site: SiteId
+    agent: AgentId
+    config_dir: Path
+    state_dir: Path
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSettings:
+    """What ``footfall-agent run`` reads, and how fast (``speed`` None: as fast as possible)."""
+
+    path: str
+    speed: float | None
+
+    @classmethod
+    def parse(cls, path: str, speed: str) -> SourceSettings:
+        text = speed.strip().lower()
+        if text in ("realtime", "fast"):
+            return cls(path, 1.0 if text == "realtime" else None)
+        try:
+            factor = float(text.removesuffix("x"))
+        except ValueError:
+            factor = 0.0
+        if not 0 < factor <= 1e6:
+            raise ConfigError(
+                "source.speed must be 'realtime', 'fast' or a factor between 0 and 1000000 "
+                f"such as '60', got {speed!r}"
+            )
+        return cls(path, factor)
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     """The effective settings, checked, with where each value came from."""
 
@@ -102,6 +320,15 @@ class AgentConfig:
     sources: Mapping[str, str]
     count: CountSettings
     epoch: EpochClock
+    identity: AgentIdentity
+    broker: BrokerSettings
+    spool: SpoolSettings
+    source: SourceSettings
+    live: LiveSettings
+    metrics: MetricsSettings
+    homeassistant: HomeAssistantSettings
+    estimate: EstimateSettings = field(default_factory=EstimateSettings)
+    calibration: Calibration | None = None
 
     def show(self) -> list[tuple[str, str, str]]:
         """(name, value, source) rows, secrets masked."""
@@ -141,8 +368,8 @@ def _coerce(setting: Setting, value: object, where: str) -> int | str:
             except ValueError:
                 pass
         raise ConfigError(f"{setting.name} must be an integer, got {value!r} (from {where})")
-    if isinstance(value, int | str) and not isinstance(value, bool):
-        return str(value)
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        return str(value)  # a TOML float too: the calibration's numbers
     raise ConfigError(f"{setting.name} must be a string, got {value!r} (from {where})")
 
 
@@ -187,7 +414,75 @@ def load_config(
         min_dwell_s=int(values["count.min_dwell_s"]),
         visit_gap_s=int(values["count.visit_gap_s"]),
     )
-    return AgentConfig(values, sources, count, _epoch_clock(values, count.window_s))
+    if not values["agent.id"]:
+        values["agent.id"] = _host_agent_id()
+    return AgentConfig(
+        values,
+        sources,
+        count,
+        _epoch_clock(values, count.window_s),
+        _identity(values, sources),
+        BrokerSettings(
+            host=str(values["broker.host"]),
+            port=int(values["broker.port"]),
+            username=str(values["broker.username"]),
+            password=str(values["broker.password"]),
+            tls_ca=str(values["broker.tls_ca"]),
+            tls_cert=str(values["broker.tls_cert"]),
+            tls_key=str(values["broker.tls_key"]),
+            keepalive_s=int(values["broker.keepalive_s"]),
+            protocol=str(values["broker.protocol"]),
+            max_inflight=int(values["broker.max_inflight"]),
+            connect_timeout_s=int(values["broker.connect_timeout_s"]),
+            backoff_initial_ms=int(values["broker.backoff_initial_ms"]),
+            backoff_max_s=int(values["broker.backoff_max_s"]),
+            stop_grace_s=int(values["broker.stop_grace_s"]),
+        ),
+        SpoolSettings(max_windows=int(values["spool.max_windows"])),
+        SourceSettings.parse(str(values["source.path"]), str(values["source.speed"])),
+        LiveSettings.parse(
+            str(values["source.link_type"]),
+            int(values["source.ring_mb"]),
+            str(values["source.hop"]),
+            str(values["source.hop_channels"]),
+            int(values["source.hop_dwell_ms"]),
+        ),
+        MetricsSettings(str(values["metrics.host"]), int(values["metrics.port"])),
+        HomeAssistantSettings.parse(
+            str(values["homeassistant.discovery"]), str(values["homeassistant.prefix"])
+        ),
+        estimate=EstimateSettings.from_settings(values, count.window_s, count.lateness_s),
+        calibration=Calibration.from_settings(values),
+    )
+
+
+def _host_agent_id() -> str:
+    """This host's name as an agent id: lower-cased, other characters replaced by '-'."""
+    name = re.sub(r"[^a-z0-9_-]", "-", socket.gethostname().split(".")[0].lower())
+    return name.strip("-_")[:63] or "agent"
+
+
+def _identity(values: Mapping[str, int | str], sources: Mapping[str, str]) -> AgentIdentity:
+    return AgentIdentity(
+        _checked_id(SiteId, "agent.site", values, sources),
+        _checked_id(AgentId, "agent.id", values, sources),
+        Path(str(values["agent.config_dir"])),
+        Path(str(values["agent.state_dir"])),
+    )
+
+
+def _checked_id(
+    make: Callable[[str], IdT],
+    name: str,
+    values: Mapping[str, int | str],
+    sources: Mapping[str, str],
+) -> IdT:
+    try:
+        return make(str(values[name]))
+    except MessageError as exc:
+        raise ConfigError(
+            f"{name} must match {ID_PATTERN}, got {values[name]!r} (from {sources[name]})"
+        ) from exc
 
 
 def _epoch_clock(values: Mapping[str, int | str], window_s: int) -> EpochClock:

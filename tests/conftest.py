@@ -14,6 +14,12 @@ from typing import Any
 
 import pytest
 
+# Fixtures for tests against a real Mosquitto and a running agent, for every test module.
+from tests.agent_harness import reap_agents, sample_windows  # noqa: F401
+from tests.aggregator_harness import pg_schema, store, store_settings  # noqa: F401
+from tests.mqtt_broker import mosquitto_bin, start_broker, test_certificates  # noqa: F401
+from tests.netns import veth  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FOOTFALL_SHARED", REPO.parent / "shared"))
 REQUIRE_SHARED = os.environ.get("FOOTFALL_REQUIRE_SHARED") == "1"

@@ -1,6 +1,7 @@
 """Privacy invariants as tests: no address, SSID or key leaves a replay, in any encoding.
 
-Every shared capture is replayed through the real command line with INFO logging, from an
+Every shared capture is replayed through the real command line with INFO logging (counts,
+the estimate stage's people_est, and its signal-threshold log lines included), from an
 empty working directory. Everything it prints (stdout, stderr) and every file it leaves is
 searched for every address in the capture (all address fields of all frames) in colon,
 dash and plain hex, either case, as raw bytes, in base64, and as unkeyed MD5/SHA-1/SHA-256
@@ -112,6 +113,8 @@ def test_replay_leaks_no_address_ssid_or_key(
     monkeypatch.chdir(tmp_path)
     cli.main(["-v", "replay", str(capture)])
     out, err = capfd.readouterr()
+    if '"window_start"' in out:  # the hunt covers the people estimate and its log lines too
+        assert '"people_est"' in out and '"static_excluded"' in out
     # The capture's own file name may contain an SSID ("linksys"): it is not a leak.
     blobs = {"stdout": out.encode(), "stderr": err.replace(str(capture), "<capture>").encode()}
     for root, _dirs, files in os.walk(tmp_path):

@@ -1,0 +1,504 @@
+"""The aggregator's settings: one registry drives the TOML file, ``FOOTFALL_AGG_*`` variables,
+command-line overrides and ``footfall-aggregator config show``.
+
+Every setting has a dotted name (``store.dsn`` is ``dsn`` in the ``[store]`` table of
+``/etc/footfall/aggregator.toml``), a default, a type and a help text. Precedence, lowest
+first: default, config file, environment (``FOOTFALL_AGG_STORE_DSN``), flag (``--set``).
+Unknown keys are errors, and so are values of the wrong type or out of range: each error names
+the setting, the bad value and where it came from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import socket
+import ssl
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aggregator.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "SETTINGS",
+    "AggregatorConfig",
+    "BrokerSettings",
+    "IngestSettings",
+    "Setting",
+    "StoreSettings",
+    "load_config",
+]
+
+DEFAULT_CONFIG = Path("/etc/footfall/aggregator.toml")
+SQLITE_FILE = "aggregator.sqlite3"
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    name: str
+    default: int | str
+    help: str
+    secret: bool = False
+
+    @property
+    def env(self) -> str:
+        return "FOOTFALL_AGG_" + self.name.upper().replace(".", "_")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "store.data_dir",
+        "/var/lib/footfall-aggregator",
+        f"Directory of the aggregator's files: the SQLite database ({SQLITE_FILE}) when "
+        "store.dsn is empty.",
+    ),
+    Setting(
+        "store.dsn",
+        "",
+        "Database URL: empty for SQLite in store.data_dir; 'sqlite:///PATH'; or PostgreSQL, "
+        "'postgresql://USER:PASSWORD@HOST:PORT/DB' (driven by psycopg 3).",
+        secret=True,
+    ),
+    Setting(
+        "store.schema",
+        "",
+        "PostgreSQL schema that holds the aggregator's tables (empty: the server's search_path, "
+        "usually 'public'). Created if missing.",
+    ),
+    Setting(
+        "store.retention_days",
+        90,
+        "Days of fine (per-window) counts kept; older windows are deleted, their hourly and "
+        "daily roll-ups stay. 0 keeps every window.",
+    ),
+    Setting("broker.host", "localhost", "MQTT broker host name or address."),
+    Setting("broker.port", 1883, "MQTT broker port (8883 is usual with TLS)."),
+    Setting("broker.username", "aggregator", "User name at the broker (empty: none)."),
+    Setting("broker.password", "", "Password at the broker.", secret=True),
+    Setting(
+        "broker.tls_ca",
+        "",
+        "CA certificate file (PEM) that signed the broker's certificate; 'system' uses the "
+        "system's CAs; empty: no TLS.",
+    ),
+    Setting("broker.tls_cert", "", "Client certificate file (PEM), if the broker wants one."),
+    Setting("broker.tls_key", "", "Private key file (PEM) of the client certificate."),
+    Setting("broker.keepalive_s", 30, "Keep-alive (s): a silent connection is lost after ~2x."),
+    Setting("broker.connect_timeout_s", 10, "How long (s) a connection attempt may take."),
+    Setting("broker.backoff_max_s", 30, "Longest wait (s) between reconnection attempts."),
+    Setting(
+        "ingest.client_id",
+        "",
+        "MQTT client id of this ingest process; its persistent session (and the messages the "
+        "broker holds for it) is found again by this id, so it must be stable across restarts "
+        "and unique per process (empty: 'footfall-aggregator-<host name>').",
+    ),
+    Setting(
+        "ingest.share_group",
+        "footfall",
+        "Shared-subscription group: ingest processes in one group split the counts between "
+        "them ($share/<group>/footfall/v1/+/+/counts). Empty: a plain subscription, for a "
+        "single ingest process (Mosquitto 2.0 keeps it over a broker restart, but not a shared "
+        "one: see docs/aggregator.md).",
+    ),
+    Setting(
+        "ingest.session_expiry_s",
+        7 * 86400,
+        "How long (s) the broker keeps this process's session, and the counts queued for it, "
+        "while the process is away.",
+    ),
+    Setting(
+        "ingest.receive_maximum",
+        2000,
+        "Messages the broker may send before this process acknowledges them (MQTT 5 Receive "
+        "Maximum); at least twice ingest.batch_max.",
+    ),
+    Setting(
+        "ingest.batch_max",
+        500,
+        "Messages stored per database transaction, at most; each is acknowledged once its "
+        "transaction commits.",
+    ),
+    Setting(
+        "ingest.batch_wait_ms",
+        50,
+        "Longest wait (ms) for more messages before a partial batch is committed.",
+    ),
+    Setting(
+        "ingest.verify_threads",
+        2,
+        "Threads that check signatures (Ed25519 runs outside Python's GIL, so two use two "
+        "cores); 1 checks in the worker itself.",
+    ),
+    Setting(
+        "ingest.max_message_bytes",
+        65536,
+        "Messages larger than this (bytes) are refused unread (a counts message is ~600).",
+    ),
+    Setting(
+        "ingest.log_interval_s",
+        60,
+        "A refusal is logged once per reason and agent per this many seconds (then counted "
+        "only); a summary line is logged as often.",
+    ),
+    Setting(
+        "ingest.prune_interval_s",
+        3600,
+        "How often (s) ingest deletes windows older than store.retention_days.",
+    ),
+)
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def _check(problems: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        problems.append(message)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    """Where the data lives and how long fine windows stay."""
+
+    dsn: str = field(repr=False)
+    schema: str = ""
+    retention_days: int = 90
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        scheme = self.dsn.split(":", 1)[0].lower()
+        _check(
+            problems,
+            scheme.split("+")[0] in ("sqlite", "postgresql", "postgres"),
+            "store.dsn must start with 'sqlite:///' or 'postgresql://', got "
+            f"{mask_dsn(self.dsn)!r}",
+        )
+        _check(
+            problems,
+            not self.schema or re.fullmatch("[a-z_][a-z0-9_]{0,62}", self.schema) is not None,
+            f"store.schema must match [a-z_][a-z0-9_]{{0,62}}, got {self.schema!r}",
+        )
+        _check(
+            problems,
+            not self.schema or not scheme.startswith("sqlite"),
+            "store.schema applies to PostgreSQL only; leave it empty with SQLite",
+        )
+        _check(
+            problems,
+            0 <= self.retention_days <= 100_000,
+            f"store.retention_days must be between 0 (keep all) and 100000, got "
+            f"{self.retention_days}",
+        )
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.dsn.lower().startswith("sqlite")
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    """Where the broker is and how to talk to it (MQTT 5); checked where made."""
+
+    host: str = "localhost"
+    port: int = 1883
+    username: str = "aggregator"
+    password: str = field(default="", repr=False)
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    keepalive_s: int = 30
+    connect_timeout_s: int = 10
+    backoff_max_s: int = 30
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        _check(problems, bool(self.host), "broker.host must not be empty")
+        _check(
+            problems,
+            1 <= self.port <= 65535,
+            f"broker.port must be between 1 and 65535, got {self.port}",
+        )
+        _check(
+            problems,
+            1 <= self.keepalive_s <= 65535,
+            f"broker.keepalive_s must be between 1 and 65535, got {self.keepalive_s}",
+        )
+        _check(
+            problems,
+            1 <= self.connect_timeout_s <= 300,
+            f"broker.connect_timeout_s must be between 1 and 300, got {self.connect_timeout_s}",
+        )
+        _check(
+            problems,
+            1 <= self.backoff_max_s <= 3600,
+            f"broker.backoff_max_s must be between 1 and 3600, got {self.backoff_max_s}",
+        )
+        _check(
+            problems,
+            not (self.password and not self.username),
+            "broker.password is set but broker.username is empty",
+        )
+        _check(
+            problems,
+            bool(self.tls_cert) == bool(self.tls_key),
+            "broker.tls_cert and broker.tls_key go together: set both or neither",
+        )
+        _check(
+            problems,
+            not self.tls_cert or bool(self.tls_ca),
+            "broker.tls_cert needs TLS: set broker.tls_ca (a CA file or 'system')",
+        )
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context (None without TLS); files that cannot be used are named."""
+        if not self.tls_ca:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            if self.tls_ca == "system":
+                context.load_default_certs()
+            else:
+                context.load_verify_locations(cafile=self.tls_ca)
+            if self.tls_cert:
+                context.load_cert_chain(self.tls_cert, self.tls_key)
+        except OSError as exc:
+            raise ConfigError(
+                f"broker TLS files ({self.tls_ca}, {self.tls_cert or '-'}): cannot read "
+                f"{exc.filename or ''}: {exc.strerror or exc}"
+            ) from exc
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                f"broker TLS files ({self.tls_ca}, {self.tls_cert or '-'}) are not PEM "
+                f"certificates and keys ({exc.reason})"
+            ) from exc
+        return context
+
+
+@dataclass(frozen=True, slots=True)
+class IngestSettings:
+    """How ingest subscribes, batches and refuses."""
+
+    client_id: str = "footfall-aggregator"
+    share_group: str = "footfall"
+    session_expiry_s: int = 7 * 86400
+    receive_maximum: int = 2000
+    batch_max: int = 500
+    batch_wait_ms: int = 50
+    verify_threads: int = 2
+    max_message_bytes: int = 65536
+    log_interval_s: int = 60
+    prune_interval_s: int = 3600
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        _check(
+            problems,
+            re.fullmatch(r"[A-Za-z0-9_.:-]{1,128}", self.client_id) is not None,
+            f"ingest.client_id must be 1 to 128 of A-Z a-z 0-9 _ . : -, got {self.client_id!r}",
+        )
+        _check(
+            problems,
+            re.fullmatch(r"[A-Za-z0-9_-]{0,64}", self.share_group) is not None,
+            f"ingest.share_group must be up to 64 of A-Z a-z 0-9 _ -, got {self.share_group!r}",
+        )
+        _check(
+            problems,
+            0 <= self.session_expiry_s <= 0xFFFFFFFF,
+            f"ingest.session_expiry_s must be between 0 and 4294967295, got "
+            f"{self.session_expiry_s}",
+        )
+        _check(
+            problems,
+            1 <= self.batch_max <= 10_000,
+            f"ingest.batch_max must be between 1 and 10000, got {self.batch_max}",
+        )
+        _check(
+            problems,
+            2 * self.batch_max <= self.receive_maximum <= 65535,
+            "ingest.receive_maximum must be at least twice ingest.batch_max "
+            f"({2 * self.batch_max}) and at most 65535, got {self.receive_maximum}",
+        )
+        _check(
+            problems,
+            0 <= self.batch_wait_ms <= 10_000,
+            f"ingest.batch_wait_ms must be between 0 and 10000, got {self.batch_wait_ms}",
+        )
+        _check(
+            problems,
+            1 <= self.verify_threads <= 64,
+            f"ingest.verify_threads must be between 1 and 64, got {self.verify_threads}",
+        )
+        _check(
+            problems,
+            1024 <= self.max_message_bytes <= 16 << 20,
+            "ingest.max_message_bytes must be between 1024 and 16777216, got "
+            f"{self.max_message_bytes}",
+        )
+        _check(
+            problems,
+            1 <= self.log_interval_s <= 86400,
+            f"ingest.log_interval_s must be between 1 and 86400, got {self.log_interval_s}",
+        )
+        _check(
+            problems,
+            10 <= self.prune_interval_s <= 86400 * 7,
+            f"ingest.prune_interval_s must be between 10 and 604800, got {self.prune_interval_s}",
+        )
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+def mask_dsn(dsn: str) -> str:
+    """A database URL with its password replaced by stars."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1********@", dsn)
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatorConfig:
+    """The effective settings, checked, with where each value came from."""
+
+    values: Mapping[str, int | str]
+    sources: Mapping[str, str]
+    data_dir: Path
+    store: StoreSettings
+    broker: BrokerSettings
+    ingest: IngestSettings
+
+    def show(self) -> list[tuple[str, str, str]]:
+        """(name, value, source) rows, secrets masked."""
+        rows = []
+        for s in SETTINGS:
+            value = self.values[s.name]
+            if s.name == "store.dsn":
+                shown = repr(mask_dsn(str(value)))
+            elif s.secret and value:
+                shown = "'********'"
+            else:
+                shown = repr(value)
+            rows.append((s.name, shown, self.sources[s.name]))
+        return rows
+
+
+def _flatten(table: Mapping[str, object], prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _unknown(name: str, where: str) -> ConfigError:
+    hint = difflib.get_close_matches(name, _BY_NAME, n=1)
+    did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+    return ConfigError(f"{where}: unknown setting {name!r}{did_you_mean}")
+
+
+def _coerce(setting: Setting, value: object, where: str) -> int | str:
+    if isinstance(setting.default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{setting.name} must be an integer, got {value!r} (from {where})")
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"{setting.name} must be a string, got {value!r} (from {where})")
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> AggregatorConfig:
+    """Defaults, then ``path`` (or /etc/footfall/aggregator.toml if present), then the
+    environment, then ``overrides`` (command-line flags, by dotted name)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, int | str] = {s.name: s.default for s in SETTINGS}
+    sources = {s.name: "default" for s in SETTINGS}
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    if path is not None:
+        try:
+            table = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        for name, value in _flatten(table).items():
+            if name not in _BY_NAME:
+                raise _unknown(name, str(path))
+            values[name] = _coerce(_BY_NAME[name], value, str(path))
+            sources[name] = str(path)
+    for s in SETTINGS:
+        if s.env in environ:
+            values[s.name] = _coerce(s, environ[s.env], s.env)
+            sources[s.name] = s.env
+    for name, value in (overrides or {}).items():
+        if name not in _BY_NAME:
+            raise _unknown(name, "command line")
+        values[name] = _coerce(_BY_NAME[name], value, "command line")
+        sources[name] = "command line"
+
+    def text(name: str) -> str:
+        return str(values[name])
+
+    def number(name: str) -> int:
+        return int(values[name])
+
+    data_dir = Path(text("store.data_dir"))
+    dsn = text("store.dsn") or f"sqlite:///{data_dir / SQLITE_FILE}"
+    client_id = text("ingest.client_id") or _default_client_id()
+    return AggregatorConfig(
+        values,
+        sources,
+        data_dir,
+        StoreSettings(dsn, text("store.schema"), number("store.retention_days")),
+        BrokerSettings(
+            host=text("broker.host"),
+            port=number("broker.port"),
+            username=text("broker.username"),
+            password=text("broker.password"),
+            tls_ca=text("broker.tls_ca"),
+            tls_cert=text("broker.tls_cert"),
+            tls_key=text("broker.tls_key"),
+            keepalive_s=number("broker.keepalive_s"),
+            connect_timeout_s=number("broker.connect_timeout_s"),
+            backoff_max_s=number("broker.backoff_max_s"),
+        ),
+        IngestSettings(
+            client_id=client_id,
+            share_group=text("ingest.share_group"),
+            session_expiry_s=number("ingest.session_expiry_s"),
+            receive_maximum=number("ingest.receive_maximum"),
+            batch_max=number("ingest.batch_max"),
+            batch_wait_ms=number("ingest.batch_wait_ms"),
+            verify_threads=number("ingest.verify_threads"),
+            max_message_bytes=number("ingest.max_message_bytes"),
+            log_interval_s=number("ingest.log_interval_s"),
+            prune_interval_s=number("ingest.prune_interval_s"),
+        ),
+    )
+
+
+def _default_client_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname().split(".")[0]) or "host"
+    return f"footfall-aggregator-{host}"[:128]

@@ -1,0 +1,39 @@
+"""Errors raised by the footfall aggregator.
+
+Every error the aggregator raises on purpose derives from :class:`AggregatorError`, so the
+command line can turn any of them into one readable line and an exit code::
+
+    AggregatorError
+    ├── ConfigError            a setting is unknown, missing or out of range (names it)
+    ├── StoreError             the database cannot be opened, migrated or written
+    │   └── RegistryError      a site or agent is unknown, already enrolled, or malformed
+    └── BrokerError            the broker cannot be reached or refuses the aggregator
+
+A message that an agent sends and the aggregator refuses is *not* an error: it is a
+:class:`aggregator.verify.Refusal`, counted by reason and logged (rate-limited), and ingest
+goes on.
+"""
+
+from __future__ import annotations
+
+__all__ = ["AggregatorError", "BrokerError", "ConfigError", "RegistryError", "StoreError"]
+
+
+class AggregatorError(Exception):
+    """Base class of every error the aggregator raises on purpose."""
+
+
+class ConfigError(AggregatorError):
+    """A setting is unknown, missing or out of range."""
+
+
+class StoreError(AggregatorError):
+    """The database cannot be opened, migrated or written."""
+
+
+class RegistryError(StoreError):
+    """A site or agent is unknown, already enrolled, or given in a form the registry refuses."""
+
+
+class BrokerError(AggregatorError):
+    """The broker cannot be reached, refuses the aggregator, or the connection is lost."""

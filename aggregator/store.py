@@ -1,0 +1,1052 @@
+"""The aggregator's store: registry, windows, roll-ups and agent health, in SQLite or PostgreSQL.
+
+SQLAlchemy Core 2; the schema is made and moved forward by Alembic (``aggregator/migrations``),
+run by :meth:`Store.migrate` at every start (and by ``footfall-aggregator migrate``) under a
+lock, so several processes may start together. SQLite (WAL, ``synchronous=FULL``, every write
+transaction ``BEGIN IMMEDIATE``) is the default, a file in the data directory; PostgreSQL
+(psycopg 3) is chosen by a ``postgresql://`` DSN, optionally in a schema of its own.
+
+Tables::
+
+    sites           id, name, timezone
+    agents          agent_key, site_id, agent_id, public_key, enrolled/revoked, health
+                    (last seen, status, spool), last meta, retention watermark
+    registry_state  a version bumped by every enrolment, revocation and prune
+    windows         one row per stored counts message: (agent_key, seq) and
+                    (agent_key, window_start) unique; every count the schema defines as a
+                    column, and the payload's canonical JSON and signature as received
+    agent_hours     roll-ups by agent and local hour, agent and local day, site and local
+    agent_days      hour, site and local day (aggregator.rollup); they stay when retention
+    site_hours      deletes the windows
+    site_days
+    refusals        messages not stored, by reason, site and agent: count, first, last
+
+Times are Unix seconds (integers) throughout.
+
+Writing a batch (:meth:`Store.store_batch`) is one transaction: the new windows are bulk
+loaded into a temporary staging table (PostgreSQL: ``COPY``; SQLite: ``executemany``) and
+moved with one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING``, so a window already
+stored (a redelivery, a replay) is skipped and only the windows really inserted are added to
+the roll-ups, which are upserted the same way, in key order (two processes on PostgreSQL take
+row locks in the same order, so they do not deadlock each other).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql.elements import ColumnElement
+
+from aggregator.config import StoreSettings, mask_dsn
+from aggregator.errors import RegistryError, StoreError
+from aggregator.registry import AgentEntry, Registry
+from aggregator.rollup import MAX_MEASURES, MEASURES, Buckets, RollupDeltas
+from aggregator.verify import Accepted
+from firmware_agent.errors import MessageError
+from firmware_agent.messages import AgentId, SiteId, public_key_text, verify_key_from_text
+
+__all__ = [
+    "AgentHealth",
+    "BatchOutcome",
+    "Gap",
+    "SiteRow",
+    "Store",
+    "metadata",
+]
+
+log = logging.getLogger("footfall.aggregator")
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+_PG_LOCK = 0x666F6F74  # pg_advisory_xact_lock key for migrations ("foot")
+
+metadata = sa.MetaData()
+
+sites = sa.Table(
+    "sites",
+    metadata,
+    sa.Column("id", sa.String(63), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("timezone", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)
+
+agents = sa.Table(
+    "agents",
+    metadata,
+    sa.Column("agent_key", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("site_id", sa.String(63), sa.ForeignKey("sites.id"), nullable=False),
+    sa.Column("agent_id", sa.String(63), nullable=False),
+    sa.Column("public_key", sa.String(44), nullable=False),
+    sa.Column("enrolled_at", sa.BigInteger, nullable=False),
+    sa.Column("revoked_at", sa.BigInteger),
+    sa.Column("pruned_through_seq", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("last_seen_at", sa.BigInteger),
+    sa.Column("status_state", sa.String(8)),
+    sa.Column("status_cause", sa.String(16)),
+    sa.Column("status_at", sa.BigInteger),
+    sa.Column("spool_pending", sa.BigInteger),
+    sa.Column("spool_dropped", sa.BigInteger),
+    sa.Column("status_last_seq", sa.BigInteger),
+    sa.Column("meta", sa.Text),
+    sa.Column("meta_at", sa.BigInteger),
+    sa.UniqueConstraint("site_id", "agent_id", name="uq_agents_site_agent"),
+)
+
+registry_state = sa.Table(
+    "registry_state",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
+)
+
+# Counts fields stored as columns (the roll-ups' inputs); the rest stays in `payload`.
+COUNT_COLUMNS = (
+    "probe_requests",
+    "malformed",
+    "late_frames",
+    "devices",
+    "devices_randomised",
+    "visitors",
+    "passersby",
+    "visits_ended",
+    "devices_epoch",
+)
+DWELL_COLUMNS = {
+    "lt5": "dwell_lt5",
+    "5-15": "dwell_5_15",
+    "15-30": "dwell_15_30",
+    "30-60": "dwell_30_60",
+    "ge60": "dwell_ge60",
+}
+OPTIONAL_COLUMNS = ("people_est", "static_excluded", "people")
+
+
+def _window_columns() -> list[sa.Column[Any]]:
+    return [
+        sa.Column("agent_key", sa.Integer, nullable=False),
+        sa.Column("seq", sa.BigInteger, nullable=False),
+        sa.Column("window_start", sa.BigInteger, nullable=False),
+        sa.Column("window_s", sa.Integer, nullable=False),
+        sa.Column("epoch", sa.String(16), nullable=False),
+        *(sa.Column(name, sa.BigInteger, nullable=False) for name in COUNT_COLUMNS),
+        *(sa.Column(name, sa.BigInteger, nullable=False) for name in DWELL_COLUMNS.values()),
+        *(sa.Column(name, sa.BigInteger) for name in OPTIONAL_COLUMNS),
+        sa.Column("payload", sa.Text, nullable=False),
+        sa.Column("sig", sa.String(88), nullable=False),
+        sa.Column("received_at", sa.BigInteger, nullable=False),
+    ]
+
+
+windows = sa.Table(
+    "windows",
+    metadata,
+    *_window_columns(),
+    sa.PrimaryKeyConstraint("agent_key", "seq", name="pk_windows"),
+    sa.UniqueConstraint("agent_key", "window_start", name="uq_windows_agent_start"),
+    sa.ForeignKeyConstraint(["agent_key"], ["agents.agent_key"], name="fk_windows_agent"),
+)
+WINDOW_COLUMNS = tuple(c.name for c in windows.columns)
+
+
+def _measure_columns() -> list[sa.Column[Any]]:
+    return [sa.Column(name, sa.BigInteger, nullable=False, server_default="0") for name in MEASURES]
+
+
+def _rollup_table(name: str, key: sa.Column[Any], period: str) -> sa.Table:
+    when: list[sa.Column[Any]]
+    if period == "hour":
+        when = [
+            sa.Column("hour_start", sa.BigInteger, nullable=False),
+            sa.Column("local_hour", sa.String(16), nullable=False),
+            sa.Column("utc_offset_s", sa.Integer, nullable=False),
+        ]
+    else:
+        when = [
+            sa.Column("local_day", sa.String(10), nullable=False),
+            sa.Column("day_start", sa.BigInteger, nullable=False),
+            sa.Column("day_hours", sa.Integer, nullable=False),
+        ]
+    return sa.Table(
+        name,
+        metadata,
+        key,
+        *when,
+        *_measure_columns(),
+        sa.PrimaryKeyConstraint(key.name, when[0].name, name=f"pk_{name}"),
+    )
+
+
+agent_hours = _rollup_table("agent_hours", sa.Column("agent_key", sa.Integer), "hour")
+agent_days = _rollup_table("agent_days", sa.Column("agent_key", sa.Integer), "day")
+site_hours = _rollup_table("site_hours", sa.Column("site_id", sa.String(63)), "hour")
+site_days = _rollup_table("site_days", sa.Column("site_id", sa.String(63)), "day")
+ROLLUPS = (agent_hours, agent_days, site_hours, site_days)
+
+refusals = sa.Table(
+    "refusals",
+    metadata,
+    sa.Column("reason", sa.String(32), nullable=False),
+    sa.Column("site_id", sa.String(63), nullable=False),
+    sa.Column("agent_id", sa.String(63), nullable=False),
+    sa.Column("count", sa.BigInteger, nullable=False),
+    sa.Column("first_at", sa.BigInteger, nullable=False),
+    sa.Column("last_at", sa.BigInteger, nullable=False),
+    sa.PrimaryKeyConstraint("reason", "site_id", "agent_id", name="pk_refusals"),
+)
+
+# Per-connection temporary staging tables: the same columns, no constraints.
+_staging_metadata = sa.MetaData()
+
+
+def _staging(table: sa.Table) -> sa.Table:
+    return sa.Table(
+        f"{table.name}_in",
+        _staging_metadata,
+        *(sa.Column(c.name, c.type) for c in table.columns),
+        prefixes=["TEMPORARY"],
+        postgresql_on_commit="DELETE ROWS",
+    )
+
+
+STAGING = {t.name: _staging(t) for t in (windows, *ROLLUPS)}
+
+
+@dataclass(frozen=True, slots=True)
+class SiteRow:
+    id: str
+    name: str
+    timezone: str
+    agents: int
+
+
+@dataclass(frozen=True, slots=True)
+class AgentHealth:
+    """One agent's enrolment and health, as ``agents list`` shows it."""
+
+    site: str
+    agent: str
+    public_key: str
+    enrolled_at: int
+    revoked_at: int | None
+    last_seen_at: int | None
+    state: str | None  # from its last status message: online / offline
+    cause: str | None
+    status_at: int | None
+    spool_pending: int | None
+    spool_dropped: int | None
+    windows: int  # stored (within retention)
+    first_window: int | None
+    last_window: int | None
+    last_seq: int | None
+    missing: int  # windows the agent made that never arrived (gaps in seq)
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Windows missing between two stored windows of one agent."""
+
+    after_seq: int
+    before_seq: int
+    after_window: int
+    before_window: int
+    missing: int
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    """What a batch did: the counts stored, and the messages skipped with their reason."""
+
+    stored: list[Accepted] = field(default_factory=list)
+    skipped: list[tuple[Accepted, str]] = field(default_factory=list)
+
+
+def engine_url(settings: StoreSettings) -> sa.URL:
+    """The SQLAlchemy URL of a DSN: PostgreSQL through psycopg 3, SQLite as given."""
+    dsn = settings.dsn
+    for prefix in ("postgresql://", "postgres://"):
+        if dsn.startswith(prefix):
+            dsn = "postgresql+psycopg://" + dsn.removeprefix(prefix)
+    try:
+        return sa.make_url(dsn)
+    except sa.exc.ArgumentError as exc:
+        raise StoreError(f"store.dsn is not a database URL: {mask_dsn(settings.dsn)!r}") from exc
+
+
+def _make_engine(settings: StoreSettings) -> Engine:
+    url = engine_url(settings)
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            path = Path(url.database)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot make the data directory {path.parent}: {exc.strerror}"
+                ) from exc
+        engine = sa.create_engine(url, connect_args={"timeout": 60})
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None  # we say BEGIN ourselves
+            cursor = dbapi_connection.cursor()
+            for pragma in (
+                "journal_mode=WAL",
+                "synchronous=FULL",
+                "foreign_keys=ON",
+                "temp_store=MEMORY",
+            ):
+                cursor.execute(f"PRAGMA {pragma}")
+            for table in STAGING.values():
+                cursor.execute(str(sa.schema.CreateTable(table).compile(dialect=engine.dialect)))
+            cursor.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _sqlite_begin(connection: Connection) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    if url.get_backend_name() != "postgresql":
+        raise StoreError(f"store.dsn must be SQLite or PostgreSQL, got {url.get_backend_name()}")
+    connect_args: dict[str, Any] = {"connect_timeout": 10}
+    if settings.schema:
+        connect_args["options"] = f"-c search_path={settings.schema}"
+    engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+
+    @sa.event.listens_for(engine, "connect")
+    def _pg_connect(dbapi_connection: Any, _record: Any) -> None:
+        with dbapi_connection.cursor() as cursor:
+            for table in STAGING.values():
+                cursor.execute(str(sa.schema.CreateTable(table).compile(dialect=engine.dialect)))
+        dbapi_connection.commit()
+
+    return engine
+
+
+def _check_site(site: str) -> str:
+    try:
+        return SiteId(site).value
+    except MessageError as exc:
+        raise RegistryError(str(exc)) from exc
+
+
+def _check_agent(agent: str) -> str:
+    try:
+        return AgentId(agent).value
+    except MessageError as exc:
+        raise RegistryError(str(exc)) from exc
+
+
+class Store:
+    """One database (see the module docstring)."""
+
+    def __init__(self, settings: StoreSettings) -> None:
+        self.settings = settings
+        self.engine = _make_engine(settings)
+        self.dialect = self.engine.dialect.name
+        self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        self._statements = _Statements(self)
+        self._seen_written: dict[int, int] = {}  # agent_key -> last_seen_at written
+        self.db_s = 0.0
+
+    @classmethod
+    def open(cls, settings: StoreSettings, *, migrate: bool = True) -> Store:
+        """Connect, and bring the schema to the newest migration (unless ``migrate`` is off)."""
+        store = cls(settings)
+        try:
+            if migrate:
+                store.migrate()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @property
+    def where(self) -> str:
+        """The database, for messages (password masked)."""
+        text = mask_dsn(self.settings.dsn)
+        return f"{text} schema {self.settings.schema}" if self.settings.schema else text
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A write transaction; database failures become :class:`StoreError` naming the DB."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except sa.exc.DBAPIError as exc:
+            raise StoreError(f"database {self.where}: {_db_error(exc)}") from exc
+
+    # --- migrations ------------------------------------------------------------------------
+
+    def migrate(self) -> str:
+        """Apply every migration not yet applied; the schema's revision afterwards."""
+        from alembic import command  # noqa: PLC0415 (alembic is needed only here)
+        from alembic.config import Config  # noqa: PLC0415
+        from alembic.runtime.migration import MigrationContext  # noqa: PLC0415
+
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        with self._migration_lock(), self.begin() as conn:
+            if self.dialect == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_LOCK})")
+                if self.settings.schema:
+                    conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{self.settings.schema}"')
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+            revision = MigrationContext.configure(conn).get_current_revision()
+        return revision or ""
+
+    @contextlib.contextmanager
+    def _migration_lock(self) -> Iterator[None]:
+        """SQLite: a lock file beside the database (PostgreSQL locks in the transaction)."""
+        url = engine_url(self.settings)
+        if self.dialect != "sqlite" or not url.database or url.database == ":memory:":
+            yield
+            return
+        with open(f"{url.database}.migrate-lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    # --- registry --------------------------------------------------------------------------
+
+    def add_site(self, site: str, name: str, timezone: str, now: int) -> None:
+        """Register a site; its time zone (IANA) decides its local hours and days."""
+        site = _check_site(site)
+        try:
+            ZoneInfo(timezone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise RegistryError(
+                f"time zone must be an IANA name such as 'Europe/Paris', got {timezone!r}"
+            ) from exc
+        with self.begin() as conn:
+            exists = conn.execute(sa.select(sites.c.timezone).where(sites.c.id == site)).first()
+            if exists is not None:
+                raise RegistryError(f"site {site} already exists (time zone {exists[0]})")
+            conn.execute(
+                sites.insert().values(id=site, name=name or site, timezone=timezone, created_at=now)
+            )
+
+    def sites(self) -> list[SiteRow]:
+        count = (
+            sa.select(sa.func.count())
+            .where(agents.c.site_id == sites.c.id)
+            .scalar_subquery()
+            .label("agents")
+        )
+        with self.begin() as conn:
+            rows = conn.execute(
+                sa.select(sites.c.id, sites.c.name, sites.c.timezone, count).order_by(sites.c.id)
+            ).all()
+        return [SiteRow(*row) for row in rows]
+
+    def add_agent(
+        self, site: str, agent: str, public_key: str, now: int, *, replace: bool = False
+    ) -> None:
+        """Enrol an agent with its Ed25519 public key (base64, as ``keygen`` prints it).
+        ``replace`` gives an enrolled (or revoked) agent a new key and lifts a revocation."""
+        site, agent = _check_site(site), _check_agent(agent)
+        try:
+            key_text = public_key_text(verify_key_from_text(public_key))
+        except MessageError as exc:
+            raise RegistryError(f"agent {site}/{agent}: {exc}") from exc
+        with self.begin() as conn:
+            if conn.execute(sa.select(sites.c.id).where(sites.c.id == site)).first() is None:
+                raise RegistryError(
+                    f"site {site} does not exist: add it first "
+                    f"(footfall-aggregator sites add {site} --timezone ZONE)"
+                )
+            row = conn.execute(
+                sa.select(agents.c.agent_key, agents.c.revoked_at).where(
+                    agents.c.site_id == site, agents.c.agent_id == agent
+                )
+            ).first()
+            if row is None:
+                conn.execute(
+                    agents.insert().values(
+                        site_id=site, agent_id=agent, public_key=key_text, enrolled_at=now
+                    )
+                )
+            elif not replace:
+                state = "revoked" if row.revoked_at is not None else "enrolled"
+                raise RegistryError(
+                    f"agent {site}/{agent} is already {state}; --replace enrols the new key"
+                    + (" and lifts the revocation" if row.revoked_at is not None else "")
+                )
+            else:
+                conn.execute(
+                    agents.update()
+                    .where(agents.c.agent_key == row.agent_key)
+                    .values(public_key=key_text, enrolled_at=now, revoked_at=None)
+                )
+            self._bump(conn)
+
+    def add_agents(self, site: str, keys: Mapping[str, str], now: int) -> None:
+        """Enrol many new agents of one site at once: agent id -> public key (an installer's
+        list; one transaction)."""
+        site = _check_site(site)
+        rows = []
+        for agent, public_key in keys.items():
+            try:
+                key_text = public_key_text(verify_key_from_text(public_key))
+            except MessageError as exc:
+                raise RegistryError(f"agent {site}/{agent}: {exc}") from exc
+            rows.append(
+                {
+                    "site_id": site,
+                    "agent_id": _check_agent(agent),
+                    "public_key": key_text,
+                    "enrolled_at": now,
+                }
+            )
+        try:
+            with self.begin() as conn:
+                conn.execute(agents.insert(), rows)
+                self._bump(conn)
+        except StoreError as exc:
+            raise RegistryError(
+                f"cannot enrol {len(rows)} agents of site {site} (is the site there, and are "
+                f"they new?): {exc}"
+            ) from exc
+
+    def revoke_agent(self, site: str, agent: str, now: int) -> None:
+        """Refuse the agent's messages from now on (its stored windows stay)."""
+        site, agent = _check_site(site), _check_agent(agent)
+        with self.begin() as conn:
+            done = conn.execute(
+                agents.update()
+                .where(
+                    agents.c.site_id == site,
+                    agents.c.agent_id == agent,
+                    agents.c.revoked_at.is_(None),
+                )
+                .values(revoked_at=now)
+            )
+            if done.rowcount == 0:
+                known = conn.execute(
+                    sa.select(agents.c.revoked_at).where(
+                        agents.c.site_id == site, agents.c.agent_id == agent
+                    )
+                ).first()
+                if known is None:
+                    raise RegistryError(f"agent {site}/{agent} is not enrolled")
+                raise RegistryError(f"agent {site}/{agent} is already revoked")
+            self._bump(conn)
+
+    def _bump(self, conn: Connection) -> None:
+        conn.execute(registry_state.update().values(version=registry_state.c.version + 1))
+
+    def registry_version(self) -> int:
+        with self.begin() as conn:
+            return int(conn.execute(sa.select(registry_state.c.version)).scalar_one())
+
+    def registry(self) -> Registry:
+        """Every enrolled agent (revoked ones too: their messages are refused by name)."""
+        with self.begin() as conn:
+            version = int(conn.execute(sa.select(registry_state.c.version)).scalar_one())
+            rows = conn.execute(
+                sa.select(
+                    agents.c.agent_key,
+                    agents.c.site_id,
+                    agents.c.agent_id,
+                    agents.c.public_key,
+                    agents.c.revoked_at,
+                    agents.c.pruned_through_seq,
+                    sites.c.timezone,
+                ).join_from(agents, sites, agents.c.site_id == sites.c.id)
+            ).all()
+        entries = {
+            (row.site_id, row.agent_id): AgentEntry(
+                key=row.agent_key,
+                site=row.site_id,
+                agent=row.agent_id,
+                verify_key=verify_key_from_text(row.public_key),
+                revoked=row.revoked_at is not None,
+                zone=row.timezone,
+                pruned_through_seq=row.pruned_through_seq,
+            )
+            for row in rows
+        }
+        return Registry(version, entries)
+
+    # --- ingest ----------------------------------------------------------------------------
+
+    def store_batch(
+        self,
+        accepted: Sequence[Accepted],
+        refused: Mapping[tuple[str, str, str], int] | None = None,
+        now: int = 0,
+    ) -> BatchOutcome:
+        """Store a batch of verified messages in one transaction (see the module docstring);
+        ``refused`` counts (reason, site, agent) of messages refused before the store."""
+        outcome = BatchOutcome()
+        counts: list[Accepted] = []
+        seen: dict[tuple[int, int], str] = {}  # (agent_key, seq) -> signature
+        for message in accepted:
+            if message.kind != "counts":
+                continue
+            ident = (message.agent.key, int(message.payload["seq"]))
+            if ident in seen:
+                same = seen[ident] == message.signature
+                outcome.skipped.append((message, "duplicate" if same else "seq_conflict"))
+            else:
+                seen[ident] = message.signature
+                counts.append(message)
+        tally: dict[tuple[str, str, str], int] = dict(refused or {})
+        with self.begin() as conn:
+            inserted = self._insert_windows(conn, counts)
+            for message in counts:
+                if (message.agent.key, int(message.payload["seq"])) in inserted:
+                    outcome.stored.append(message)
+            if len(outcome.stored) < len(counts):
+                outcome.skipped.extend(self._classify(conn, counts, inserted))
+            deltas = RollupDeltas.of(
+                (m.agent.key, m.agent.site, m.agent.zone, m.window_start, m.payload)
+                for m in outcome.stored
+            )
+            if deltas:
+                self._upsert_rollups(conn, deltas)
+            self._update_agents(conn, accepted, now)
+            for message, reason in outcome.skipped:
+                who = (reason, message.agent.site, message.agent.agent)
+                tally[who] = tally.get(who, 0) + 1
+            if tally:
+                self._count_refusals(conn, tally, now)
+        return outcome
+
+    def _insert_windows(self, conn: Connection, counts: Sequence[Accepted]) -> set[tuple[int, int]]:
+        """Insert the windows not stored yet; the (agent_key, seq) of those inserted."""
+        if not counts:
+            return set()
+        rows = sorted((_window_row(m) for m in counts), key=lambda row: (row[0], row[1]))
+        st = self._statements
+        if self.dialect == "sqlite":
+            # The write transaction is exclusive (BEGIN IMMEDIATE) and new rows get rowids
+            # above the largest, so the rows above it afterwards are exactly those inserted.
+            before = conn.exec_driver_sql(st.sqlite_max_rowid).scalar_one()
+            conn.exec_driver_sql(st.sqlite_insert_windows, rows)
+            returned = conn.exec_driver_sql(st.sqlite_inserted, (before,)).all()
+        else:
+            self._stage(conn, STAGING["windows"], rows)
+            returned = conn.execute(st.insert_windows).all()
+        return {(int(key), int(seq)) for key, seq in returned}
+
+    def _classify(
+        self, conn: Connection, counts: Sequence[Accepted], inserted: set[tuple[int, int]]
+    ) -> Iterable[tuple[Accepted, str]]:
+        """Why the counts not inserted were skipped: the same message again, another under
+        the same seq, or another window for the same start."""
+        left = [m for m in counts if (m.agent.key, int(m.payload["seq"])) not in inserted]
+        if self.dialect == "sqlite":
+            stored_sig = {}
+            for m in left:
+                ident = (m.agent.key, int(m.payload["seq"]))
+                sig = conn.exec_driver_sql(self._statements.sqlite_sig, ident).scalar()
+                if sig is not None:
+                    stored_sig[ident] = sig
+        else:
+            stored_sig = {
+                (int(key), int(seq)): sig
+                for key, seq, sig in conn.execute(self._statements.stored_sigs).all()
+            }
+        for message in left:
+            sig = stored_sig.get((message.agent.key, int(message.payload["seq"])))
+            if sig is None:
+                yield message, "duplicate_window"
+            elif sig == message.signature:
+                yield message, "duplicate"
+            else:
+                yield message, "seq_conflict"
+
+    def _upsert_rollups(self, conn: Connection, deltas: RollupDeltas) -> None:
+        for table, rows in (
+            (agent_hours, deltas.agent_hours),
+            (agent_days, deltas.agent_days),
+            (site_hours, deltas.site_hours),
+            (site_days, deltas.site_days),
+        ):
+            staged = [
+                (key[0], *_period(table, b), *sums, *maxima)
+                for key, (b, (sums, maxima)) in sorted(rows.items())
+            ]
+            if self.dialect == "sqlite":
+                conn.exec_driver_sql(self._statements.sqlite_upsert_rollup[table.name], staged)
+            else:
+                self._stage(conn, STAGING[table.name], staged)
+                conn.execute(self._statements.upsert_rollup[table.name])
+
+    def _update_agents(self, conn: Connection, accepted: Sequence[Accepted], now: int) -> None:
+        statuses: list[dict[str, Any]] = []
+        metas: list[dict[str, Any]] = []
+        seen: dict[int, int] = {}
+        for message in accepted:
+            key = message.agent.key
+            seen[key] = max(seen.get(key, 0), message.received_at)
+            if message.kind == "status":
+                p = message.payload
+                statuses.append(
+                    {
+                        "k": key,
+                        "state": p["state"],
+                        "cause": p["cause"],
+                        "at": message.window_start,
+                        "pending": int(p["spool_pending"]),
+                        "dropped": int(p["spool_dropped"]),
+                        "last_seq": int(p["last_seq"]),
+                    }
+                )
+            elif message.kind == "meta":
+                metas.append({"k": key, "meta": message.canonical, "at": message.received_at})
+        if statuses:
+            conn.execute(self._statements.update_status, statuses)
+        if metas:
+            conn.execute(self._statements.update_meta, metas)
+        due = [
+            {"k": key, "at": at}
+            for key, at in seen.items()
+            if at - self._seen_written.get(key, -(1 << 62)) >= 5
+        ]
+        if due:
+            conn.execute(self._statements.update_seen, due)
+            for row in due:
+                self._seen_written[row["k"]] = row["at"]
+
+    def _count_refusals(
+        self, conn: Connection, tally: Mapping[tuple[str, str, str], int], now: int
+    ) -> None:
+        rows = [
+            {"reason": r, "site_id": s, "agent_id": a, "count": n, "first_at": now, "last_at": now}
+            for (r, s, a), n in sorted(tally.items())
+        ]
+        conn.execute(self._statements.count_refusals, rows)
+
+    def _stage(self, conn: Connection, table: sa.Table, rows: Sequence[Sequence[Any]]) -> None:
+        """Bulk load rows into a temporary staging table (emptied first)."""
+        names = ", ".join(c.name for c in table.columns)
+        if self.dialect == "postgresql":
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            # The table is empty: ON COMMIT DELETE ROWS.
+            with (
+                raw.cursor() as cursor,
+                cursor.copy(f"COPY {table.name} ({names}) FROM STDIN") as copy,
+            ):
+                for row in rows:
+                    copy.write_row(row)
+        else:
+            conn.exec_driver_sql(f"DELETE FROM {table.name}")
+            marks = ", ".join("?" for _ in table.columns)
+            conn.exec_driver_sql(
+                f"INSERT INTO {table.name} ({names}) VALUES ({marks})",
+                [tuple(row) for row in rows],
+            )
+
+    # --- retention -------------------------------------------------------------------------
+
+    def prune(self, now: int, retention_days: int) -> int:
+        """Delete windows that started more than ``retention_days`` ago (roll-ups stay); the
+        number deleted. Their seqs are remembered per agent, so a replay of one is refused."""
+        if retention_days <= 0:
+            return 0
+        cutoff = now - retention_days * 86400
+        deleted = 0
+        with self.begin() as conn:
+            keys = conn.execute(sa.select(agents.c.agent_key)).scalars().all()
+            for key in keys:
+                in_agent = (windows.c.agent_key == key) & (windows.c.window_start < cutoff)
+                top = conn.execute(sa.select(sa.func.max(windows.c.seq)).where(in_agent)).scalar()
+                if top is None:
+                    continue
+                conn.execute(
+                    agents.update()
+                    .where(agents.c.agent_key == key, agents.c.pruned_through_seq < top)
+                    .values(pruned_through_seq=top)
+                )
+                deleted += conn.execute(sa.delete(windows).where(in_agent)).rowcount
+            if deleted:
+                self._bump(conn)
+        return deleted
+
+    # --- health ----------------------------------------------------------------------------
+
+    def _gaps(self) -> sa.Subquery:
+        """Per stored window after an agent's first: how many windows are missing before it."""
+        w = windows.c
+        before_seq = sa.func.lag(w.seq).over(partition_by=w.agent_key, order_by=w.seq)
+        before_start = sa.func.lag(w.window_start).over(partition_by=w.agent_key, order_by=w.seq)
+        by_seq = w.seq - before_seq - 1
+        by_time = (w.window_start - before_start) // w.window_s - 1
+        return sa.select(
+            w.agent_key,
+            before_seq.label("after_seq"),
+            w.seq.label("before_seq"),
+            before_start.label("after_window"),
+            w.window_start.label("before_window"),
+            self._least(by_seq, by_time).label("missing"),
+        ).subquery()
+
+    def _least(self, a: ColumnElement[Any], b: ColumnElement[Any]) -> ColumnElement[Any]:
+        return sa.func.least(a, b) if self.dialect == "postgresql" else sa.func.min(a, b)
+
+    def agents(self, site: str | None = None) -> list[AgentHealth]:
+        """Every agent (of one site), with its health."""
+        gaps = self._gaps()
+        missing = (
+            sa.select(
+                gaps.c.agent_key,
+                sa.func.sum(sa.case((gaps.c.missing > 0, gaps.c.missing), else_=0)).label("n"),
+            )
+            .group_by(gaps.c.agent_key)
+            .subquery()
+        )
+        stored = (
+            sa.select(
+                windows.c.agent_key,
+                sa.func.count().label("windows"),
+                sa.func.min(windows.c.window_start).label("first_window"),
+                sa.func.max(windows.c.window_start).label("last_window"),
+                sa.func.max(windows.c.seq).label("last_seq"),
+            )
+            .group_by(windows.c.agent_key)
+            .subquery()
+        )
+        a = agents.c
+        query = (
+            sa.select(
+                a.site_id,
+                a.agent_id,
+                a.public_key,
+                a.enrolled_at,
+                a.revoked_at,
+                a.last_seen_at,
+                a.status_state,
+                a.status_cause,
+                a.status_at,
+                a.spool_pending,
+                a.spool_dropped,
+                sa.func.coalesce(stored.c.windows, 0),
+                stored.c.first_window,
+                stored.c.last_window,
+                stored.c.last_seq,
+                sa.func.coalesce(missing.c.n, 0),
+            )
+            .outerjoin(stored, stored.c.agent_key == a.agent_key)
+            .outerjoin(missing, missing.c.agent_key == a.agent_key)
+            .order_by(a.site_id, a.agent_id)
+        )
+        if site is not None:
+            query = query.where(a.site_id == site)
+        with self.begin() as conn:
+            rows = conn.execute(query).all()
+        return [
+            AgentHealth(
+                site=row[0],
+                agent=row[1],
+                public_key=row[2],
+                enrolled_at=row[3],
+                revoked_at=row[4],
+                last_seen_at=row[5],
+                state=row[6],
+                cause=row[7],
+                status_at=row[8],
+                spool_pending=row[9],
+                spool_dropped=row[10],
+                windows=int(row[11]),
+                first_window=row[12],
+                last_window=row[13],
+                last_seq=row[14],
+                missing=int(row[15]),
+            )
+            for row in rows
+        ]
+
+    def gaps(self, site: str, agent: str, limit: int = 50) -> list[Gap]:
+        """The latest gaps in an agent's windows, newest first."""
+        site, agent = _check_site(site), _check_agent(agent)
+        gaps = self._gaps()
+        with self.begin() as conn:
+            key = conn.execute(
+                sa.select(agents.c.agent_key).where(
+                    agents.c.site_id == site, agents.c.agent_id == agent
+                )
+            ).scalar()
+            if key is None:
+                raise RegistryError(f"agent {site}/{agent} is not enrolled")
+            rows = conn.execute(
+                sa.select(
+                    gaps.c.after_seq,
+                    gaps.c.before_seq,
+                    gaps.c.after_window,
+                    gaps.c.before_window,
+                    gaps.c.missing,
+                )
+                .where(gaps.c.agent_key == key, gaps.c.missing > 0)
+                .order_by(gaps.c.before_seq.desc())
+                .limit(limit)
+            ).all()
+        return [Gap(*(int(v) for v in row)) for row in rows]
+
+    def refusal_counts(self) -> dict[tuple[str, str, str], int]:
+        """Messages not stored so far: (reason, site, agent) -> count."""
+        with self.begin() as conn:
+            rows = conn.execute(
+                sa.select(
+                    refusals.c.reason, refusals.c.site_id, refusals.c.agent_id, refusals.c.count
+                )
+            ).all()
+        return {(r, s, a): int(n) for r, s, a, n in rows}
+
+
+def _period(table: sa.Table, b: Buckets) -> tuple[Any, ...]:
+    if "hour_start" in table.c:
+        return (b.hour_start, b.local_hour, b.utc_offset_s)
+    return (b.local_day, b.day_start, b.day_hours)
+
+
+def _window_row(message: Accepted) -> tuple[Any, ...]:
+    p = message.payload
+    dwell = p["dwell_minutes"]
+    optional = [p.get(name) for name in OPTIONAL_COLUMNS]
+    return (
+        message.agent.key,
+        int(p["seq"]),
+        message.window_start,
+        int(p["window_s"]),
+        p["epoch"],
+        *(int(p[name]) for name in COUNT_COLUMNS),
+        *(int(dwell[band]) for band in DWELL_COLUMNS),
+        *(None if v is None else int(v) for v in optional),
+        message.canonical,
+        message.signature,
+        message.received_at,
+    )
+
+
+def _db_error(exc: sa.exc.DBAPIError) -> str:
+    text = str(exc.orig).strip().splitlines()
+    return text[0] if text else type(exc.orig).__name__
+
+
+def _positional_insert(table: sa.Table, conflict: str) -> str:
+    """INSERT of every column of a table, by position (SQLite's executemany, no SQLAlchemy
+    parameter processing on the hot path)."""
+    names = ", ".join(c.name for c in table.columns)
+    marks = ", ".join("?" for _ in table.columns)
+    return f"INSERT INTO {table.name} ({names}) VALUES ({marks}) {conflict}"
+
+
+class _Statements:
+    """The store's write statements, built once per dialect."""
+
+    def __init__(self, store: Store) -> None:
+        insert = store._insert
+        staged = STAGING["windows"]
+        self.insert_windows = (
+            insert(windows)
+            .from_select(
+                list(WINDOW_COLUMNS),
+                sa.select(*(staged.c[name] for name in WINDOW_COLUMNS))
+                .where(sa.true())
+                .order_by(staged.c.agent_key, staged.c.seq),
+            )
+            .on_conflict_do_nothing()
+            .returning(windows.c.agent_key, windows.c.seq)
+        )
+        self.stored_sigs = sa.select(windows.c.agent_key, windows.c.seq, windows.c.sig).join(
+            staged,
+            (staged.c.agent_key == windows.c.agent_key) & (staged.c.seq == windows.c.seq),
+        )
+        greatest = sa.func.greatest if store.dialect == "postgresql" else sa.func.max
+        self.upsert_rollup: dict[str, Any] = {}
+        for table in ROLLUPS:
+            source = STAGING[table.name]
+            keys = [c.name for c in table.primary_key.columns]
+            names = [c.name for c in table.columns]
+            statement = insert(table).from_select(
+                names,
+                sa.select(*(source.c[n] for n in names))
+                .where(sa.true())
+                .order_by(*(source.c[k] for k in keys)),
+            )
+            excluded = statement.excluded
+            self.upsert_rollup[table.name] = statement.on_conflict_do_update(
+                index_elements=keys,
+                set_={
+                    m: (
+                        greatest(table.c[m], excluded[m])
+                        if m in MAX_MEASURES
+                        else table.c[m] + excluded[m]
+                    )
+                    for m in MEASURES
+                },
+            )
+        self.sqlite_max_rowid = "SELECT coalesce(max(rowid), 0) FROM windows"
+        self.sqlite_insert_windows = _positional_insert(windows, "ON CONFLICT DO NOTHING")
+        self.sqlite_inserted = "SELECT agent_key, seq FROM windows WHERE rowid > ?"
+        self.sqlite_sig = "SELECT sig FROM windows WHERE agent_key = ? AND seq = ?"
+        self.sqlite_upsert_rollup: dict[str, str] = {}
+        for table in ROLLUPS:
+            conflict = ", ".join(c.name for c in table.primary_key.columns)
+            updates = ", ".join(
+                f"{m} = max({m}, excluded.{m})"
+                if m in MAX_MEASURES
+                else f"{m} = {m} + excluded.{m}"
+                for m in MEASURES
+            )
+            self.sqlite_upsert_rollup[table.name] = _positional_insert(
+                table, f"ON CONFLICT ({conflict}) DO UPDATE SET {updates}"
+            )
+        a = agents.c
+        self.update_status = (
+            agents.update()
+            .where(
+                a.agent_key == sa.bindparam("k"),
+                sa.or_(a.status_at.is_(None), a.status_at <= sa.bindparam("at")),
+            )
+            .values(
+                status_state=sa.bindparam("state"),
+                status_cause=sa.bindparam("cause"),
+                status_at=sa.bindparam("at"),
+                spool_pending=sa.bindparam("pending"),
+                spool_dropped=sa.bindparam("dropped"),
+                status_last_seq=sa.bindparam("last_seq"),
+            )
+        )
+        self.update_meta = (
+            agents.update()
+            .where(a.agent_key == sa.bindparam("k"))
+            .values(meta=sa.bindparam("meta"), meta_at=sa.bindparam("at"))
+        )
+        self.update_seen = (
+            agents.update()
+            .where(
+                a.agent_key == sa.bindparam("k"),
+                sa.or_(a.last_seen_at.is_(None), a.last_seen_at < sa.bindparam("at")),
+            )
+            .values(last_seen_at=sa.bindparam("at"))
+        )
+        refused = insert(refusals)
+        self.count_refusals = refused.on_conflict_do_update(
+            index_elements=["reason", "site_id", "agent_id"],
+            set_={
+                "count": refusals.c.count + refused.excluded["count"],
+                "last_at": refused.excluded.last_at,
+            },
+        )

@@ -1,0 +1,308 @@
+"""The message contract between agents and the aggregator: ids, topics, payloads, signatures.
+
+Both sides import this one module, so it stays light: the standard library, pynacl, and
+``jsonschema`` (imported on first validation). No numba, numpy, scapy or paho.
+
+Topics (:class:`Topic`)::
+
+    footfall/v1/<site>/<agent>/counts   QoS 1, not retained: one message per closed window
+    footfall/v1/<site>/<agent>/status   QoS 1, retained: online / offline (also the last will)
+    footfall/v1/<site>/<agent>/meta     QoS 1, retained: how the agent counts, its privacy settings
+
+Site and agent ids match ``[a-z0-9][a-z0-9_-]{0,62}`` (:class:`SiteId`, :class:`AgentId`).
+
+A message on the wire is an envelope, itself canonical JSON::
+
+    {"alg":"ed25519","payload":{...},"sig":"<base64 of 64 bytes>"}
+
+``sig`` is the agent's Ed25519 signature over :func:`canonical_json` of ``payload``: keys
+sorted, no whitespace, UTF-8, integers only (no floats in counts). A verifier decodes the
+envelope, re-encodes the payload canonically, checks the signature with the agent's enrolled
+public key, then validates the payload against the schema its ``kind`` and ``v`` name
+(``schemas/<kind>.v<v>.json``, JSON Schema draft 2020-12, ``additionalProperties: false``
+everywhere: unknown fields are errors). It must also check that the topic's site and agent
+are the payload's. ``docs/messages.md`` documents every field.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import nacl.exceptions
+import nacl.signing
+
+from firmware_agent.errors import MessageError, SchemaError, SignatureError
+
+if TYPE_CHECKING:
+    from jsonschema.protocols import Validator
+
+__all__ = [
+    "ID_PATTERN",
+    "KINDS",
+    "TOPIC_ROOT",
+    "AgentId",
+    "Envelope",
+    "SiteId",
+    "Topic",
+    "canonical_json",
+    "counts_payload",
+    "meta_payload",
+    "public_key_text",
+    "seal",
+    "status_payload",
+    "utc_text",
+    "validate",
+    "verify_key_from_text",
+]
+
+ID_PATTERN = "[a-z0-9][a-z0-9_-]{0,62}"
+_ID = re.compile(ID_PATTERN)
+TOPIC_ROOT = "footfall/v1"
+KINDS = ("counts", "status", "meta")
+VERSION = 1
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
+def _check_id(value: object, what: str) -> None:
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise MessageError(f"{what} must match {ID_PATTERN}, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class SiteId:
+    """A site's id, as it appears in topics and payloads."""
+
+    value: str
+
+    def __post_init__(self) -> None:
+        _check_id(self.value, "site id")
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True, slots=True)
+class AgentId:
+    """An agent's id, unique within its site."""
+
+    value: str
+
+    def __post_init__(self) -> None:
+        _check_id(self.value, "agent id")
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    """``footfall/v1/<site>/<agent>/<kind>``."""
+
+    site: SiteId
+    agent: AgentId
+    kind: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise MessageError(f"topic kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+
+    def __str__(self) -> str:
+        return f"{TOPIC_ROOT}/{self.site}/{self.agent}/{self.kind}"
+
+    @classmethod
+    def parse(cls, text: str) -> Topic:
+        """The topic a string names; :class:`MessageError` if it is not a footfall topic."""
+        parts = text.split("/")
+        if len(parts) != 5 or f"{parts[0]}/{parts[1]}" != TOPIC_ROOT:
+            raise MessageError(f"topic must be {TOPIC_ROOT}/<site>/<agent>/<kind>, got {text!r}")
+        return cls(SiteId(parts[2]), AgentId(parts[3]), parts[4])
+
+
+def utc_text(unix_s: int) -> str:
+    """``2024-03-05T10:55:00Z``: how payloads write a time (UTC, whole seconds)."""
+    return datetime.fromtimestamp(unix_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def canonical_json(value: object) -> bytes:
+    """The one encoding that is signed: sorted keys, no whitespace, UTF-8, no NaN."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode()
+
+
+@functools.cache
+def _validator(name: str) -> Validator:
+    # jsonschema costs ~0.15 s to import; only validation needs it.
+    from jsonschema import Draft202012Validator  # noqa: PLC0415
+
+    schema = json.loads(
+        resources.files("firmware_agent").joinpath(f"schemas/{name}.json").read_text()
+    )
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+def _schema_errors(name: str, instance: Any, what: str) -> None:
+    from jsonschema.exceptions import best_match  # noqa: PLC0415 (see _validator)
+
+    error = best_match(_validator(name).iter_errors(instance))
+    if error is not None:
+        raise SchemaError(f"{what}: {error.json_path}: {error.message}")
+
+
+def _control_characters(value: object, path: str, what: str) -> None:
+    """Python's ``$`` also matches before a final newline: refuse control characters outright."""
+    if isinstance(value, str) and _CONTROL.search(value):
+        raise SchemaError(f"{what}: {path}: control characters are not allowed in {value!r}")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _control_characters(key, path, what)
+            _control_characters(item, f"{path}.{key}", what)
+
+
+def validate(payload: Mapping[str, object]) -> None:
+    """Check a payload against the schema of its ``kind`` and ``v``.
+
+    :class:`SchemaError` names the field at fault: ``counts message: $.devices: -1 is less
+    than the minimum of 0``.
+    """
+    kind, version = payload.get("kind"), payload.get("v")
+    if kind not in KINDS or version != VERSION:
+        raise SchemaError(
+            f"payload: $.kind and $.v must name a known schema ({', '.join(KINDS)}; "
+            f"v {VERSION}), got kind={kind!r} v={version!r}"
+        )
+    what = f"{kind} message"
+    _schema_errors(f"{kind}.v{version}", payload, what)
+    _control_characters(payload, "$", what)
+
+
+def seal(payload: Mapping[str, object], key: nacl.signing.SigningKey) -> bytes:
+    """Validate ``payload``, sign its canonical JSON, and return the envelope's bytes."""
+    validate(payload)
+    signature = key.sign(canonical_json(payload)).signature
+    envelope = {"alg": "ed25519", "payload": payload, "sig": base64.b64encode(signature).decode()}
+    return canonical_json(envelope)
+
+
+def public_key_text(key: nacl.signing.SigningKey | nacl.signing.VerifyKey) -> str:
+    """The public key as enrolment takes it: 32 bytes, standard base64."""
+    verify_key = key.verify_key if isinstance(key, nacl.signing.SigningKey) else key
+    return base64.b64encode(bytes(verify_key)).decode()
+
+
+def verify_key_from_text(text: str) -> nacl.signing.VerifyKey:
+    """An enrolled public key from its base64 text (:func:`public_key_text`)."""
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except binascii.Error as exc:
+        raise SignatureError(f"public key must be base64, got {text!r}") from exc
+    if len(raw) != 32:
+        raise SignatureError(f"public key must be 32 bytes of base64, got {len(raw)} bytes")
+    return nacl.signing.VerifyKey(raw)
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A received message: its payload (validated) and signature (not yet verified)."""
+
+    payload: dict[str, Any]
+    signature: bytes
+
+    @classmethod
+    def parse(cls, data: bytes) -> Envelope:
+        """Decode and validate an envelope and its payload; :meth:`verify` checks the signature."""
+        try:
+            envelope = json.loads(data.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SchemaError(f"envelope: not UTF-8 JSON: {exc}") from exc
+        _schema_errors("envelope.v1", envelope, "envelope")
+        payload = envelope["payload"]
+        validate(payload)
+        return cls(payload, base64.b64decode(envelope["sig"]))
+
+    @property
+    def topic(self) -> Topic:
+        """The topic this payload belongs on."""
+        return Topic(
+            SiteId(self.payload["site"]), AgentId(self.payload["agent"]), self.payload["kind"]
+        )
+
+    def verify(self, key: nacl.signing.VerifyKey) -> dict[str, Any]:
+        """The payload if ``key`` signed it; :class:`SignatureError` otherwise."""
+        try:
+            key.verify(canonical_json(self.payload), self.signature)
+        except nacl.exceptions.BadSignatureError as exc:
+            raise SignatureError(
+                f"{self.payload['kind']} message from {self.payload['site']}/"
+                f"{self.payload['agent']}: the signature does not verify with the enrolled key"
+            ) from exc
+        return self.payload
+
+
+def counts_payload(
+    site: SiteId, agent: AgentId, seq: int, epoch: str, window: Mapping[str, object]
+) -> dict[str, object]:
+    """A counts payload: one window's counts (``WindowCounts.as_dict()``) and its header."""
+    header = {"kind": "counts", "v": VERSION, "site": site.value, "agent": agent.value}
+    return header | {"seq": seq, "epoch": epoch} | dict(window)
+
+
+def status_payload(
+    site: SiteId,
+    agent: AgentId,
+    *,
+    cause: str,
+    at: int,
+    spool_pending: int,
+    spool_dropped: int,
+    last_seq: int,
+) -> dict[str, object]:
+    """A status payload; ``cause`` is ``connected`` (online), ``stopped`` or ``lost`` (offline)."""
+    return {
+        "kind": "status",
+        "v": VERSION,
+        "site": site.value,
+        "agent": agent.value,
+        "state": "online" if cause == "connected" else "offline",
+        "cause": cause,
+        "at": utc_text(at),
+        "spool_pending": spool_pending,
+        "spool_dropped": spool_dropped,
+        "last_seq": last_seq,
+    }
+
+
+def meta_payload(
+    site: SiteId,
+    agent: AgentId,
+    *,
+    agent_version: str,
+    window_s: int,
+    epoch_length: str | int,
+    epoch_timezone: str,
+    thresholds: Mapping[str, int],
+    privacy: Mapping[str, object],
+) -> dict[str, object]:
+    """A meta payload: how the agent counts and what it does for privacy."""
+    return {
+        "kind": "meta",
+        "v": VERSION,
+        "site": site.value,
+        "agent": agent.value,
+        "agent_version": agent_version,
+        "window_s": window_s,
+        "epoch_length": epoch_length,
+        "epoch_timezone": epoch_timezone,
+        "thresholds": dict(thresholds),
+        "privacy": dict(privacy),
+    }

@@ -1,0 +1,259 @@
+#!/usr/bin/env bash
+# Install the footfall agent on a Raspberry Pi access point (64-bit Raspberry Pi OS or Debian 12).
+#
+#   sudo hardware/install.sh [--radio wlan1] [--monitor mon0] [--channel 6]
+#
+# What it does, each step only if needed (running it twice changes nothing):
+#   1. apt: python3-venv, iw                          (not with --root or --no-apt)
+#   2. the 'footfall' system user (systemd-sysusers)
+#   3. /etc/footfall (root:footfall 0750) with agent.toml (0640, kept if present),
+#      /var/lib/footfall (the spool) and /var/cache/footfall (numba's cache), footfall's, 0700
+#   4. the agent in a virtual environment, /opt/footfall (not with --no-venv)
+#   5. the signing key, /etc/footfall/signing.key (footfall's, 0600), if there is none
+#   6. footfall-monitor.service (makes mon0 with iw), footfall-agent.service (hardened),
+#      /etc/default/footfall-monitor (kept if present), NetworkManager told to leave the radio
+#   7. numba's cache filled once, as the footfall user (a minute on a Pi 4)
+#   8. systemd: reload, enable both units, start the monitor interface
+#   also: /usr/local/bin/footfall-agent (a link) and /usr/local/sbin/footfall-doctor
+# Then: edit /etc/footfall/agent.toml, 'footfall-agent enroll', 'footfall-doctor',
+# 'systemctl start footfall-agent'.
+#
+# --root DIR installs into DIR instead of / (an image, or a throwaway root for the tests): no apt,
+# no systemctl, and the units are not started.
+set -euo pipefail
+
+usage() {
+	sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+	cat <<'EOF'
+Options:
+  --root DIR       install into DIR instead of /
+  --source PATH    what pip installs (default: the checkout this script is in)
+  --radio IF       the USB adapter's interface that listens (default wlan1)
+  --monitor IF     the monitor interface to make (default mon0)
+  --channel N      the channel to listen on (default 6)
+  --no-apt         do not install Debian packages
+  --no-venv        do not make the virtual environment (nor the key, nor the cache)
+  --upgrade        reinstall the agent even if the same version is installed
+  -h, --help       this help
+EOF
+}
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=/
+source_path=$(dirname "$here")
+radio=wlan1
+monitor=mon0
+channel=6
+apt=yes
+venv=yes
+upgrade=no
+
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--root) root=${2:?--root needs a directory}; shift 2 ;;
+	--source) source_path=${2:?--source needs a path}; shift 2 ;;
+	--radio) radio=${2:?--radio needs an interface}; shift 2 ;;
+	--monitor) monitor=${2:?--monitor needs an interface}; shift 2 ;;
+	--channel) channel=${2:?--channel needs a number}; shift 2 ;;
+	--no-apt) apt=no; shift ;;
+	--no-venv) venv=no; shift ;;
+	--upgrade) upgrade=yes; shift ;;
+	-h | --help) usage; exit 0 ;;
+	*) echo "install.sh: unknown option $1 (--help lists them)" >&2; exit 2 ;;
+	esac
+done
+
+say() { printf 'footfall-install: %s\n' "$*"; }
+die() {
+	printf 'footfall-install: error: %s\n' "$*" >&2
+	exit 1
+}
+
+[ "$(id -u)" -eq 0 ] || die "run as root (sudo), it installs system files"
+[ -d "$root" ] || die "--root $root is not a directory"
+r=${root%/}                # prefix of every installed path ('' for /)
+live=no                    # installing into the running system?
+[ -z "$r" ] && live=yes
+case "$channel" in '' | *[!0-9]*) die "--channel must be a number, got '$channel'" ;; esac
+for name in "$radio" "$monitor"; do
+	case "$name" in '' | *[!A-Za-z0-9_.-]*) die "not an interface name: '$name'" ;; esac
+done
+
+changes=0
+changed() {
+	changes=$((changes + 1))
+	say "$*"
+}
+
+# The numeric id of a user or group in the target root's /etc/passwd or /etc/group (root: 0).
+id_in() {
+	if [ "$2" = root ]; then
+		echo 0
+	elif [ -f "$r/etc/$1" ]; then
+		awk -F: -v n="$2" '$1 == n { print $3; found = 1 } END { exit !found }' "$r/etc/$1"
+	else
+		return 1
+	fi
+}
+
+# ensure_owner PATH MODE USER GROUP: set a path's mode and owner where they differ.
+ensure_owner() {
+	local path=$1 mode=$2 want have
+	want="$(id_in passwd "$3"):$(id_in group "$4") $mode"
+	have=$(stat -c '%u:%g %a' "$path")
+	if [ "$have" != "$want" ]; then
+		chown "${want% *}" "$path"
+		chmod "$mode" "$path"
+		changed "set ${path#"$r"} to $3:$4 $mode"
+	fi
+}
+
+# ensure_dir DIR MODE USER GROUP
+ensure_dir() {
+	if [ ! -d "$r$1" ]; then
+		mkdir -p "$r$1"
+		changed "made $1"
+	fi
+	ensure_owner "$r$1" "$2" "$3" "$4"
+}
+
+# put_file SRC DEST MODE USER GROUP [keep]: copy where the content differs ('keep': only if absent).
+put_file() {
+	local src=$1 dest=$r$2
+	if [ -e "$dest" ] && { [ "${6:-}" = keep ] || cmp -s "$src" "$dest"; }; then
+		:
+	else
+		mkdir -p "$(dirname "$dest")"
+		cp "$src" "$dest"
+		changed "wrote $2"
+	fi
+	ensure_owner "$dest" "$3" "$4" "$5"
+}
+
+# put_text DEST MODE USER GROUP [keep] < text
+put_text() {
+	local text
+	text=$(mktemp)
+	cat >"$text"
+	put_file "$text" "$@"
+	rm -f "$text"
+}
+
+# 1. Debian packages
+if [ "$live" = yes ]; then
+	case "$(uname -m)" in
+	aarch64 | x86_64) ;;
+	*) die "this is a $(uname -m) system: numba needs a 64-bit OS (64-bit Raspberry Pi OS)" ;;
+	esac
+fi
+if [ "$live" = yes ] && [ "$apt" = yes ]; then
+	missing=()
+	for package in python3-venv iw; do
+		dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+	done
+	if [ "${#missing[@]}" -gt 0 ]; then
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+		changed "installed ${missing[*]}"
+	fi
+fi
+
+# 2. the user
+mkdir -p "$r/etc"
+put_file "$here/systemd/footfall.sysusers" /usr/lib/sysusers.d/footfall.conf 644 root root
+if ! id_in passwd footfall >/dev/null 2>&1; then
+	command -v systemd-sysusers >/dev/null || die "systemd-sysusers is missing (package systemd)"
+	systemd-sysusers --root="$root" "$r/usr/lib/sysusers.d/footfall.conf" >/dev/null 2>&1
+	changed "made the user footfall"
+fi
+
+# 3. directories and configuration
+ensure_dir /etc/footfall 750 root footfall
+ensure_dir /var/lib/footfall 700 footfall footfall
+ensure_dir /var/cache/footfall 700 footfall footfall
+put_file "$here/agent.toml" /etc/footfall/agent.toml 640 root footfall keep
+put_text /etc/default/footfall-monitor 644 root root keep <<EOF
+# footfall-monitor.service: the USB adapter that listens, the monitor interface it makes, the channel.
+FOOTFALL_RADIO=$radio
+FOOTFALL_MONITOR=$monitor
+FOOTFALL_CHANNEL=$channel
+EOF
+
+# 4. the agent
+ensure_dir /opt/footfall 755 root root
+agent=$r/opt/footfall/bin/footfall-agent
+if [ "$venv" = yes ]; then
+	if [ ! -x "$r/opt/footfall/bin/python" ]; then
+		python3 -m venv "$r/opt/footfall"
+		changed "made the virtual environment /opt/footfall"
+	fi
+	wanted=$(sed -n 's/^version = "\(.*\)"/\1/p' "$source_path/pyproject.toml" 2>/dev/null || true)
+	installed=$("$agent" --version 2>/dev/null | awk '{ print $2 }' || true)
+	if [ "$upgrade" = yes ] || [ -z "$installed" ] || [ "$installed" != "$wanted" ]; then
+		"$r/opt/footfall/bin/pip" install -q --upgrade "$source_path"
+		changed "installed footfall ${wanted:-from $source_path} in /opt/footfall"
+	fi
+fi
+put_file "$here/footfall-monitor" /opt/footfall/libexec/footfall-monitor 755 root root
+put_file "$here/footfall-doctor" /usr/local/sbin/footfall-doctor 755 root root
+mkdir -p "$r/usr/local/bin"
+if [ "$(readlink "$r/usr/local/bin/footfall-agent" || true)" != /opt/footfall/bin/footfall-agent ]; then
+	ln -sfn /opt/footfall/bin/footfall-agent "$r/usr/local/bin/footfall-agent"
+	changed "linked /usr/local/bin/footfall-agent"
+fi
+
+# 5. the signing key
+if [ "$venv" = yes ] && [ ! -e "$r/etc/footfall/signing.key" ]; then
+	"$agent" keygen --set "agent.config_dir=$r/etc/footfall" >/dev/null 2>&1
+	changed "made the signing key /etc/footfall/signing.key (footfall-agent enroll prints it)"
+fi
+if [ -e "$r/etc/footfall/signing.key" ]; then
+	ensure_owner "$r/etc/footfall/signing.key" 600 footfall footfall
+fi
+
+# 6. units, and NetworkManager leaves the radio alone
+units_before=$changes
+put_file "$here/systemd/footfall-monitor.service" /etc/systemd/system/footfall-monitor.service \
+	644 root root
+put_file "$here/systemd/footfall-agent.service" /etc/systemd/system/footfall-agent.service \
+	644 root root
+put_text /etc/NetworkManager/conf.d/90-footfall.conf 644 root root <<EOF
+# footfall: the radio that listens (and its monitor interface) is not NetworkManager's.
+[keyfile]
+unmanaged-devices=interface-name:$radio;interface-name:$monitor
+EOF
+units_changed=$((changes - units_before))
+
+# 7. numba's cache, filled once as the user that reads it
+cache=/var/cache/footfall/numba
+if [ "$live" = yes ] && [ "$venv" = yes ] && [ -z "$(find "$cache" -name '*.nbi' 2>/dev/null | head -n 1)" ]; then
+	say "compiling the agent's kernels into $cache (about a minute on a Pi 4)"
+	runuser -u footfall -- env NUMBA_CACHE_DIR="$cache" "$agent" replay >/dev/null
+	changed "filled numba's cache $cache"
+fi
+
+# 8. systemd
+if [ "$live" = yes ] && [ -d /run/systemd/system ]; then
+	if [ "$units_changed" -gt 0 ]; then
+		systemctl daemon-reload
+		changed "reloaded systemd"
+	fi
+	for unit in footfall-monitor.service footfall-agent.service; do
+		if ! systemctl is-enabled --quiet "$unit"; then
+			systemctl enable --quiet "$unit"
+			changed "enabled $unit"
+		fi
+	done
+	if ! systemctl is-active --quiet footfall-monitor.service; then
+		systemctl start footfall-monitor.service || say "footfall-monitor did not start:" \
+			"journalctl -u footfall-monitor says why"
+		changed "started footfall-monitor.service"
+	fi
+fi
+
+if [ "$changes" -eq 0 ]; then
+	say "nothing to change: footfall is installed in ${root}"
+else
+	say "$changes changes in ${root}"
+fi
+say "next: edit /etc/footfall/agent.toml, 'footfall-agent enroll', 'footfall-doctor'," \
+	"then 'systemctl start footfall-agent'"

@@ -1,0 +1,123 @@
+"""``footfall-agent doctor`` and ``enroll``: the installer's checks and enrolment text."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import pytest
+
+from aggregator.cli import build_parser as aggregator_parser
+from firmware_agent import cli, doctor
+from firmware_agent.cli import BUNDLED_SAMPLE
+from firmware_agent.settings import load_config
+from tests.agent_harness import prepare_agent, toml_text, unique_id
+from tests.mqtt_broker import HOST, Mosquitto, free_port
+from tests.netns import Veth
+
+StartBroker = Callable[[Mapping[tuple[str, str], str]], Mosquitto]
+
+
+def rows(text: str) -> dict[str, str]:
+    """check name -> its line, from the table (fix lines joined to their check)."""
+    table: dict[str, str] = {}
+    last = ""
+    for line in text.splitlines()[1:-1]:
+        if line.startswith(" "):
+            table[last] += "\n" + line.strip()
+        else:
+            last = line[:12].strip()
+            table[last] = line[12:].strip()
+    return table
+
+
+def test_doctor_passes_on_a_ready_access_point(
+    veth: Veth,
+    start_broker: StartBroker,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(doctor, "clock_state", lambda: (0, 8000))  # this VM's clock is not
+    site, agent = unique_id("s"), "a1"
+    broker = start_broker({(site, agent): f"pw-{agent}"})
+    files = prepare_agent(tmp_path, broker, site, agent, {
+        "source.path": f"iface:{veth.agent}", "source.link_type": "radiotap",
+    })  # fmt: skip
+    files.state_dir.mkdir()
+    sender = threading.Thread(
+        target=lambda: (time.sleep(0.3), veth.replay(BUNDLED_SAMPLE, tmp_path, pps=5000))
+    )
+    sender.start()
+    status = cli.main(["doctor", "--config", str(files.config), "--sample-s", "2"])
+    sender.join()
+    out = capsys.readouterr().out
+    assert status == 0, out
+    table = rows(out)
+    assert list(table) == [
+        "interface", "capabilities", "frames", "clock", "broker", "signing key", "spool",
+        "numba cache",
+    ]  # fmt: skip
+    assert all(line.startswith("ok") for line in table.values()), out
+    assert "dropped" in table["frames"] and " 0 probe requests" not in table["frames"]
+    username = load_config(files.config).broker.username
+    assert f"accepted {site}/{agent} as {username!r}" in table["broker"]
+    assert out.endswith("all checks passed\n")
+
+
+def test_doctor_names_every_failure_with_its_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(toml_text({
+        "agent.config_dir": str(tmp_path / "etc"), "agent.state_dir": str(tmp_path / "none"),
+        "broker.host": HOST, "broker.port": free_port(), "broker.connect_timeout_s": 2,
+        "source.path": "iface:ffnone0",
+    }))  # fmt: skip
+    assert cli.main(["doctor", "--config", str(config), "--sample-s", "0.1"]) == 1
+    out = capsys.readouterr().out
+    table = rows(out)
+    assert table["interface"].startswith("FAIL  interface 'ffnone0' does not exist")
+    assert "fix: create it: systemctl start footfall-monitor" in table["interface"]
+    assert table["frames"].startswith("skip")
+    assert table["broker"].startswith("FAIL") and "refused" in table["broker"]
+    assert "fix: check broker.host" in table["broker"]
+    assert "fix: footfall-agent keygen" in table["signing key"]
+    assert table["spool"].startswith("FAIL") and "none is missing or not writable" in out
+    assert out.rstrip().endswith("checks failed")
+
+
+def test_clock_check_reads_the_kernels_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    state, _ = doctor.clock_state()
+    assert 0 <= state <= 5
+    monkeypatch.setattr(doctor, "clock_state", lambda: (5, 16_000_000))
+    finding = doctor.check_clock()
+    assert (finding.status, finding.fix) == ("FAIL", doctor.check_clock().fix)
+    assert "timedatectl set-ntp true" in finding.fix
+    monkeypatch.setattr(doctor, "clock_state", lambda: (0, 12_000))
+    assert doctor.check_clock().detail == "synchronised, max error 12 ms"
+
+
+def test_enroll_prints_the_public_key_and_the_exact_commands(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(toml_text({
+        "agent.site": "shop1", "agent.id": "door", "agent.config_dir": str(tmp_path / "etc"),
+    }))  # fmt: skip
+    assert cli.main(["enroll", "--config", str(config)]) == 1
+    assert "signing.key does not exist: run 'footfall-agent keygen'" in capsys.readouterr().err
+    assert cli.main(["keygen", "--config", str(config)]) == 0
+    public = capsys.readouterr().out.strip()
+    assert cli.main(["enroll", "--config", str(config)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"public key: {public}"
+    command = f"footfall-aggregator enrol --site shop1 --agent door --public-key {public}"
+    assert lines[2].strip() == command
+    enrol = aggregator_parser().parse_args(command.split()[1:])  # the aggregator takes it as is
+    assert (enrol.site, enrol.agent, enrol.public_key) == ("shop1", "door", public)
+    assert "mosquitto_passwd /etc/mosquitto/footfall.passwd shop1/door" in lines[4]
+    assert "broker.username = 'shop1/door'" in lines[5]
+    assert str(load_config(config).identity.agent) == "door"
