@@ -10,17 +10,17 @@ the setting, the bad value and where it came from.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import socket
 import ssl
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aggregator.errors import ConfigError
+from firmware_agent.registry import Setting as _Setting
+from firmware_agent.registry import resolve
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -37,19 +37,12 @@ DEFAULT_CONFIG = Path("/etc/footfall/aggregator.toml")
 SQLITE_FILE = "aggregator.sqlite3"
 
 
-@dataclass(frozen=True, slots=True)
-class Setting:
-    name: str
-    default: int | str
-    help: str
-    secret: bool = False
-
-    @property
-    def env(self) -> str:
-        return "FOOTFALL_AGG_" + self.name.upper().replace(".", "_")
+def Setting(name: str, default: int | str, help: str, secret: bool = False) -> _Setting:  # noqa: N802
+    """A setting of the aggregator's: its variables are FOOTFALL_AGG_*."""
+    return _Setting(name, default, help, secret, env_prefix="FOOTFALL_AGG_")
 
 
-SETTINGS: tuple[Setting, ...] = (
+SETTINGS: tuple[_Setting, ...] = (
     Setting(
         "store.data_dir",
         "/var/lib/footfall-aggregator",
@@ -391,38 +384,6 @@ class AggregatorConfig:
         return rows
 
 
-def _flatten(table: Mapping[str, object], prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in table.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def _unknown(name: str, where: str) -> ConfigError:
-    hint = difflib.get_close_matches(name, _BY_NAME, n=1)
-    did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
-    return ConfigError(f"{where}: unknown setting {name!r}{did_you_mean}")
-
-
-def _coerce(setting: Setting, value: object, where: str) -> int | str:
-    if isinstance(setting.default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"{setting.name} must be an integer, got {value!r} (from {where})")
-    if isinstance(value, str):
-        return value
-    raise ConfigError(f"{setting.name} must be a string, got {value!r} (from {where})")
-
-
 def load_config(
     path: Path | None = None,
     *,
@@ -431,32 +392,11 @@ def load_config(
 ) -> AggregatorConfig:
     """Defaults, then ``path`` (or /etc/footfall/aggregator.toml if present), then the
     environment, then ``overrides`` (command-line flags, by dotted name)."""
-    environ = os.environ if environ is None else environ
-    values: dict[str, int | str] = {s.name: s.default for s in SETTINGS}
-    sources = {s.name: "default" for s in SETTINGS}
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
-    if path is not None:
-        try:
-            table = tomllib.loads(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-        for name, value in _flatten(table).items():
-            if name not in _BY_NAME:
-                raise _unknown(name, str(path))
-            values[name] = _coerce(_BY_NAME[name], value, str(path))
-            sources[name] = str(path)
-    for s in SETTINGS:
-        if s.env in environ:
-            values[s.name] = _coerce(s, environ[s.env], s.env)
-            sources[s.name] = s.env
-    for name, value in (overrides or {}).items():
-        if name not in _BY_NAME:
-            raise _unknown(name, "command line")
-        values[name] = _coerce(_BY_NAME[name], value, "command line")
-        sources[name] = "command line"
+    values, sources = resolve(
+        SETTINGS, path, os.environ if environ is None else environ, overrides or {}, ConfigError
+    )
 
     def text(name: str) -> str:
         return str(values[name])

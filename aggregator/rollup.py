@@ -16,7 +16,6 @@ only the windows that carry those optional fields (``*_windows`` says how many).
 from __future__ import annotations
 
 import functools
-import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
@@ -30,6 +29,7 @@ __all__ = [
     "Buckets",
     "RollupDeltas",
     "buckets",
+    "totals",
     "window_measures",
     "zone",
 ]
@@ -136,29 +136,40 @@ def window_measures(p: Mapping[str, Any]) -> tuple[list[int], list[int]]:
     return sums, [devices, visitors, int(p["devices_epoch"]), est_n, people_n]
 
 
-def _add(
-    table: dict[K, tuple[Buckets, list[list[int]]]],
-    key: K,
-    b: Buckets,
-    add: tuple[list[int], list[int]],
-) -> None:
-    row = table.get(key)
-    if row is None:
-        table[key] = (b, [add[0], add[1]])
+Entry = tuple[Buckets, tuple[list[list[int]], list[list[int]]]]  # buckets, (sums, maxima)
+
+
+def _add(table: dict[K, Entry], key: K, b: Buckets, add: tuple[list[int], list[int]]) -> None:
+    entry = table.get(key)
+    if entry is None:
+        table[key] = (b, ([add[0]], [add[1]]))
     else:
-        measures = row[1]
-        measures[0] = list(map(operator.add, measures[0], add[0]))
-        measures[1] = list(map(max, measures[1], add[1]))
+        entry[1][0].append(add[0])
+        entry[1][1].append(add[1])
+
+
+def totals(table: Mapping[K, Entry]) -> list[tuple[K, Buckets, list[int], list[int]]]:
+    """Each row's key, buckets, summed sums and greatest maxima, in key order (the order in
+    which the store takes row locks)."""
+    out = []
+    for key in sorted(table):
+        b, (sums, maxima) = table[key]
+        if len(sums) == 1:
+            out.append((key, b, sums[0], maxima[0]))
+        else:
+            summed = list(map(sum, zip(*sums, strict=True)))
+            out.append((key, b, summed, list(map(max, zip(*maxima, strict=True)))))
+    return out
 
 
 @dataclass(slots=True)
 class RollupDeltas:
-    """The roll-up rows a set of new windows adds to, with their summed measures."""
+    """The roll-up rows a set of new windows adds to, with what each window adds."""
 
-    agent_hours: dict[tuple[int, int], tuple[Buckets, list[list[int]]]]
-    agent_days: dict[tuple[int, str], tuple[Buckets, list[list[int]]]]
-    site_hours: dict[tuple[str, int], tuple[Buckets, list[list[int]]]]
-    site_days: dict[tuple[str, str], tuple[Buckets, list[list[int]]]]
+    agent_hours: dict[tuple[int, int], Entry]
+    agent_days: dict[tuple[int, str], Entry]
+    site_hours: dict[tuple[str, int], Entry]
+    site_days: dict[tuple[str, str], Entry]
 
     @classmethod
     def of(cls, windows: Iterable[tuple[int, str, str, int, Mapping[str, Any]]]) -> RollupDeltas:
@@ -177,6 +188,6 @@ class RollupDeltas:
         return bool(self.agent_hours)
 
 
-def measures_dict(measures: list[list[int]]) -> dict[str, int]:
-    """Measures by name, from [sums, maxima]."""
-    return dict(zip(MEASURES, measures[0] + measures[1], strict=True))
+def measures_dict(sums: list[int], maxima: list[int]) -> dict[str, int]:
+    """Measures by name."""
+    return dict(zip(MEASURES, sums + maxima, strict=True))

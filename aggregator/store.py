@@ -50,7 +50,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from aggregator.config import StoreSettings, mask_dsn
 from aggregator.errors import RegistryError, StoreError
 from aggregator.registry import AgentEntry, Registry
-from aggregator.rollup import MAX_MEASURES, MEASURES, Buckets, RollupDeltas
+from aggregator.rollup import MAX_MEASURES, MEASURES, Buckets, RollupDeltas, totals
 from aggregator.verify import Accepted
 from firmware_agent.errors import MessageError
 from firmware_agent.messages import AgentId, SiteId, public_key_text, verify_key_from_text
@@ -156,6 +156,7 @@ windows = sa.Table(
     sa.ForeignKeyConstraint(["agent_key"], ["agents.agent_key"], name="fk_windows_agent"),
 )
 WINDOW_COLUMNS = tuple(c.name for c in windows.columns)
+assert WINDOW_COLUMNS[5:22] == (*COUNT_COLUMNS, *DWELL_COLUMNS.values(), *OPTIONAL_COLUMNS)
 
 
 def _measure_columns() -> list[sa.Column[Any]]:
@@ -191,6 +192,7 @@ agent_days = _rollup_table("agent_days", sa.Column("agent_key", sa.Integer), "da
 site_hours = _rollup_table("site_hours", sa.Column("site_id", sa.String(63)), "hour")
 site_days = _rollup_table("site_days", sa.Column("site_id", sa.String(63)), "day")
 ROLLUPS = (agent_hours, agent_days, site_hours, site_days)
+_HOURLY = {table.name: "hour_start" in table.c for table in ROLLUPS}
 
 refusals = sa.Table(
     "refusals",
@@ -677,14 +679,14 @@ class Store:
 
     def _upsert_rollups(self, conn: Connection, deltas: RollupDeltas) -> None:
         for table, rows in (
-            (agent_hours, deltas.agent_hours),
-            (agent_days, deltas.agent_days),
-            (site_hours, deltas.site_hours),
-            (site_days, deltas.site_days),
+            (agent_hours, totals(deltas.agent_hours)),
+            (agent_days, totals(deltas.agent_days)),
+            (site_hours, totals(deltas.site_hours)),
+            (site_days, totals(deltas.site_days)),
         ):
+            hourly = _HOURLY[table.name]
             staged = [
-                (key[0], *_period(table, b), *sums, *maxima)
-                for key, (b, (sums, maxima)) in sorted(rows.items())
+                (key[0], *_period(hourly, b), *sums, *maxima) for key, b, sums, maxima in rows
             ]
             if self.dialect == "sqlite":
                 conn.exec_driver_sql(self._statements.sqlite_upsert_rollup[table.name], staged)
@@ -914,25 +916,41 @@ class Store:
         return {(r, s, a): int(n) for r, s, a, n in rows}
 
 
-def _period(table: sa.Table, b: Buckets) -> tuple[Any, ...]:
-    if "hour_start" in table.c:
+def _period(hourly: bool, b: Buckets) -> tuple[Any, ...]:
+    if hourly:
         return (b.hour_start, b.local_hour, b.utc_offset_s)
     return (b.local_day, b.day_start, b.day_hours)
 
 
 def _window_row(message: Accepted) -> tuple[Any, ...]:
+    """The row of a counts message, in WINDOW_COLUMNS order (int() turns a validated integral
+    float into the int it is)."""
     p = message.payload
     dwell = p["dwell_minutes"]
-    optional = [p.get(name) for name in OPTIONAL_COLUMNS]
+    est, static, people = p.get("people_est"), p.get("static_excluded"), p.get("people")
     return (
         message.agent.key,
         int(p["seq"]),
         message.window_start,
         int(p["window_s"]),
         p["epoch"],
-        *(int(p[name]) for name in COUNT_COLUMNS),
-        *(int(dwell[band]) for band in DWELL_COLUMNS),
-        *(None if v is None else int(v) for v in optional),
+        int(p["probe_requests"]),
+        int(p["malformed"]),
+        int(p["late_frames"]),
+        int(p["devices"]),
+        int(p["devices_randomised"]),
+        int(p["visitors"]),
+        int(p["passersby"]),
+        int(p["visits_ended"]),
+        int(p["devices_epoch"]),
+        int(dwell["lt5"]),
+        int(dwell["5-15"]),
+        int(dwell["15-30"]),
+        int(dwell["30-60"]),
+        int(dwell["ge60"]),
+        None if est is None else int(est),
+        None if static is None else int(static),
+        None if people is None else int(people),
         message.canonical,
         message.signature,
         message.received_at,

@@ -343,6 +343,12 @@ def _type_check(schema: Mapping[str, Any]) -> Check:
             return f": must be an integer, got {_what(x)}"
 
         return integer
+    if names == ["object"]:
+
+        def is_object(x: object) -> str | None:
+            return None if type(x) is dict else f": must be an object, got {_what(x)}"
+
+        return is_object
 
     def type_check(x: object) -> str | None:
         if any(test(x) for test in tests):

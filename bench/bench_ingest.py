@@ -336,7 +336,7 @@ def main() -> int:
                     "backlog",
                     processes,
                     f"backlog: {args.backlog_agents} agents x {args.backlog_windows} -> {name}, "
-                    f"{processes} processes",
+                    f"{processes} process{'es' if processes > 1 else ''}",
                 )
             )
             broker.kill()
@@ -354,23 +354,36 @@ def main() -> int:
         f"\n{n:,} messages ({args.agents} agents x {args.windows} windows), Mosquitto on "
         "loopback, QoS 1, 2 cores shared by broker, agents, ingest and database\n"
     )
+    w = max(len(r.label) for r in results)
+    widths = (w, 8, 7, 7, 15, 17)
     head = ("run", "messages", "seconds", "msg/s", "vs receive only", "ingest CPU µs/msg")
-    print("| " + " | ".join(f"{h:<52}" if i == 0 else h for i, h in enumerate(head)) + " |")
-    print(f"|{'-' * 54}|{'-' * 10}:|{'-' * 8}:|{'-' * 8}:|{'-' * 16}:|{'-' * 18}:|")
+    print(
+        "| "
+        + " | ".join(
+            h.ljust(n) if i == 0 else h.rjust(n)
+            for i, (h, n) in enumerate(zip(head, widths, strict=True))
+        )
+        + " |"
+    )
+    print(
+        "|"
+        + "|".join("-" * (n + 2) if i == 0 else "-" * (n + 1) + ":" for i, n in enumerate(widths))
+        + "|"
+    )
     for r in results:
         cpu = f"{r.cpu_s / r.messages * 1e6:,.0f}" if r.cpu_s and r.messages else "-"
         print(
-            f"| {r.label:<52} | {r.messages:>8,} | {r.seconds:>7.2f} | {r.rate:>7,.0f} | "
+            f"| {r.label:<{w}} | {r.messages:>8,} | {r.seconds:>7.2f} | {r.rate:>7,.0f} | "
             f"{r.rate / baseline.rate:>15.2f} | {cpu:>17} |"
         )
     print("\nWhere ingest's worker spent its time (shares of parse + signatures + database):\n")
-    print(f"| {'run':<52} | {'JSON, schema, topic':>19} | {'signatures':>10} | {'database':>8} |")
-    print(f"|{'-' * 54}|{'-' * 20}:|{'-' * 11}:|{'-' * 9}:|")
+    print(f"| {'run':<{w}} | {'JSON, schema, topic':>19} | {'signatures':>10} | {'database':>8} |")
+    print(f"|{'-' * (w + 2)}|{'-' * 20}:|{'-' * 11}:|{'-' * 9}:|")
     for r in results:
         if r.split:
             busy = sum(r.split.values()) or 1.0
             parse, sig, db = (r.split[k] / busy for k in ("parse", "signatures", "database"))
-            print(f"| {r.label:<52} | {parse:>19.0%} | {sig:>10.0%} | {db:>8.0%} |")
+            print(f"| {r.label:<{w}} | {parse:>19.0%} | {sig:>10.0%} | {db:>8.0%} |")
     return 0
 
 

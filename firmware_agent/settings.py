@@ -10,11 +10,9 @@ names the setting, the bad value and where it came from.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import socket
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
@@ -30,6 +28,7 @@ from firmware_agent.live import LiveSettings
 from firmware_agent.messages import ID_PATTERN, AgentId, SiteId
 from firmware_agent.metrics import MetricsSettings
 from firmware_agent.publish import BrokerSettings
+from firmware_agent.registry import Setting, resolve
 from firmware_agent.spool import SpoolSettings
 
 __all__ = [
@@ -44,18 +43,6 @@ __all__ = [
 
 DEFAULT_CONFIG = Path("/etc/footfall/agent.toml")
 IdT = TypeVar("IdT", SiteId, AgentId)
-
-
-@dataclass(frozen=True, slots=True)
-class Setting:
-    name: str
-    default: int | str
-    help: str
-    secret: bool = False
-
-    @property
-    def env(self) -> str:
-        return "FOOTFALL_" + self.name.upper().replace(".", "_")
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -339,40 +326,6 @@ class AgentConfig:
         return rows
 
 
-def _flatten(table: Mapping[str, object], prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in table.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def _unknown(name: str, where: str) -> ConfigError:
-    hint = difflib.get_close_matches(name, _BY_NAME, n=1)
-    did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
-    return ConfigError(f"{where}: unknown setting {name!r}{did_you_mean}")
-
-
-def _coerce(setting: Setting, value: object, where: str) -> int | str:
-    if isinstance(setting.default, int):
-        if isinstance(value, bool):
-            raise ConfigError(f"{setting.name} must be an integer, got {value!r} (from {where})")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"{setting.name} must be an integer, got {value!r} (from {where})")
-    if isinstance(value, int | float | str) and not isinstance(value, bool):
-        return str(value)  # a TOML float too: the calibration's numbers
-    raise ConfigError(f"{setting.name} must be a string, got {value!r} (from {where})")
-
-
 def load_config(
     path: Path | None = None,
     *,
@@ -381,32 +334,11 @@ def load_config(
 ) -> AgentConfig:
     """Defaults, then ``path`` (or /etc/footfall/agent.toml if present), then environment,
     then ``overrides`` (command-line flags, by dotted name)."""
-    environ = os.environ if environ is None else environ
-    values: dict[str, int | str] = {s.name: s.default for s in SETTINGS}
-    sources = {s.name: "default" for s in SETTINGS}
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
-    if path is not None:
-        try:
-            table = tomllib.loads(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-        for name, value in _flatten(table).items():
-            if name not in _BY_NAME:
-                raise _unknown(name, str(path))
-            values[name] = _coerce(_BY_NAME[name], value, str(path))
-            sources[name] = str(path)
-    for s in SETTINGS:
-        if s.env in environ:
-            values[s.name] = _coerce(s, environ[s.env], s.env)
-            sources[s.name] = s.env
-    for name, value in (overrides or {}).items():
-        if name not in _BY_NAME:
-            raise _unknown(name, "command line")
-        values[name] = _coerce(_BY_NAME[name], value, "command line")
-        sources[name] = "command line"
+    values, sources = resolve(
+        SETTINGS, path, os.environ if environ is None else environ, overrides or {}, ConfigError
+    )
     count = CountSettings(
         window_s=int(values["count.window_s"]),
         lateness_s=int(values["count.lateness_s"]),
