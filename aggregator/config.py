@@ -372,8 +372,11 @@ class AggregatorConfig:
     def show(self) -> list[tuple[str, str, str]]:
         """(name, value, source) rows, secrets masked."""
         rows = []
+        derived = {"store.dsn": self.store.dsn, "ingest.client_id": self.ingest.client_id}
         for s in SETTINGS:
             value = self.values[s.name]
+            if s.name in derived and not value:
+                value = derived[s.name]
             if s.name == "store.dsn":
                 shown = repr(mask_dsn(str(value)))
             elif s.secret and value:

@@ -273,6 +273,7 @@ def main() -> int:
     binary = find_mosquitto()
     if binary is None:
         raise SystemExit("mosquitto is not installed (apt-get install mosquitto)")
+    load_before = os.getloadavg()[0]
     root = Path(tempfile.mkdtemp(prefix="footfall-bench-ingest-"))
     certs = TestCertificates.make(root / "certs")
     results: list[Result] = []
@@ -352,7 +353,9 @@ def main() -> int:
     baseline = next(r for r in results if "aggregator.mqtt" in r.label)
     print(
         f"\n{n:,} messages ({args.agents} agents x {args.windows} windows), Mosquitto on "
-        "loopback, QoS 1, 2 cores shared by broker, agents, ingest and database\n"
+        "loopback, QoS 1, 2 cores shared by broker, agents, ingest and database; load "
+        f"average {load_before:.2f} before the runs (others' work on the machine slows every "
+        "row, the receive-only baselines too)\n"
     )
     w = max(len(r.label) for r in results)
     widths = (w, 8, 7, 7, 15, 17)
