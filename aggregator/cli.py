@@ -22,6 +22,7 @@ from aggregator import __version__
 from aggregator.config import AggregatorConfig, load_config
 from aggregator.errors import AggregatorError
 from aggregator.store import Store
+from firmware_agent.command_line import run_command
 
 log = logging.getLogger("footfall.aggregator")
 
@@ -347,21 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("footfall-aggregator: %(levelname)s: %(message)s"))
-    log.handlers = [handler]
-    log.setLevel(logging.INFO if args.verbose else logging.WARNING)
-    try:
-        status: int = args.func(args)
-    except AggregatorError as exc:
-        print(f"footfall-aggregator: error: {exc}", file=sys.stderr)
-        return 1
-    except BrokenPipeError:
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return status
+    return run_command("footfall-aggregator", log, AggregatorError, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import TextIO
 from firmware_agent import __version__
 from firmware_agent.capture import CaptureReader, FrameBatch
 from firmware_agent.capture_stats import inspect_capture
+from firmware_agent.command_line import run_command
 from firmware_agent.doctor import print_table, run_checks
 from firmware_agent.errors import AgentError
 from firmware_agent.evaluate import add_commands
@@ -282,21 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("footfall-agent: %(levelname)s: %(message)s"))
-    log.handlers = [handler]
-    log.setLevel(logging.INFO if args.verbose else logging.WARNING)
-    try:
-        status: int = args.func(args)
-    except AgentError as exc:
-        print(f"footfall-agent: error: {exc}", file=sys.stderr)
-        return 1
-    except BrokenPipeError:
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return status
+    return run_command("footfall-agent", log, AgentError, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
