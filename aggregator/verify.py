@@ -255,8 +255,13 @@ class SchemaCheck:
 
     def _one_of(self, options: list[Check]) -> Check:
         def one_of(x: object) -> str | None:
-            if sum(option(x) is None for option in options) == 1:
+            errors = [option(x) for option in options]
+            if errors.count(None) == 1:
                 return None
+            # One alternative of the value's own type failed on a bound: that is the reason.
+            near = [e for e in errors if e is not None and ", got " not in e]
+            if errors.count(None) == 0 and len(near) == 1:
+                return near[0]
             return f": must match exactly one of {len(options)} alternatives"
 
         return one_of

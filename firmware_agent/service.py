@@ -112,12 +112,15 @@ def agent_meta(config: AgentConfig) -> dict[str, object]:
             "visit_gap_s": count.visit_gap_s,
             "lateness_s": count.lateness_s,
         },
-        # No count is suppressed and no noise added yet: the privacy stage is to come.
         privacy={
+            "mode": "standard",
             "device_hash": "siphash-2-4",
             "key_bits": 128,
-            "suppress_below": 0,
+            "key_lifetime_s": 90000 if config.epoch.length_s is None else config.epoch.length_s,
+            "id_bits": None,
+            "suppress_below": 1,
             "dp_epsilon": None,
+            "dp_epsilon_day": None,
         },
     )
 

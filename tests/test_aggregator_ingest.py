@@ -159,10 +159,14 @@ def test_ingest_stores_verified_messages_and_refuses_hostile_ones_with_their_rea
                     "lateness_s": 10,
                 },
                 privacy={
+                    "mode": "standard",
                     "device_hash": "siphash-2-4",
                     "key_bits": 128,
-                    "suppress_below": 0,
+                    "key_lifetime_s": 90000,
+                    "id_bits": None,
+                    "suppress_below": 5,
                     "dp_epsilon": None,
+                    "dp_epsilon_day": None,
                 },
             )
             accounts["a1"].publish("meta", seal(meta, a1.key), retain=True)
