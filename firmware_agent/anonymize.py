@@ -6,9 +6,10 @@ computed by a vectorised numba kernel that equals ``nacl.hash.siphash24`` (libso
 same way (SipHash of its 8 little-endian bytes), so neither can be compared across
 epochs or sensors. The address array is overwritten with zeros as soon as it is hashed.
 
-The key is 16 bytes from ``nacl.utils.random``, held in a numpy array that
-:meth:`EpochKey.wipe` overwrites. It is never written to disk, logged or sent; its
-``label`` is an unrelated random id that may be published to tell epochs apart.
+The key is 16 bytes from the kernel's random source read straight into a numpy array (no
+immutable copy is ever made) that :meth:`EpochKey.wipe` overwrites. It is never written to
+disk, logged or sent; its ``label`` is an unrelated random id that may be published to tell
+epochs apart.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ class EpochKey:
     __slots__ = ("_words", "label")
 
     def __init__(self) -> None:
-        raw = bytearray(nacl.utils.random(16))
-        self._words = np.frombuffer(raw, dtype="<u8").astype(np.uint64)
-        raw[:] = bytes(16)
+        # Read straight into the array: no bytes object (which cannot be wiped) ever holds it.
+        self._words = np.zeros(2, np.uint64)
+        with open("/dev/urandom", "rb", buffering=0) as urandom:
+            if urandom.readinto(self._words.data.cast("B")) != 16:
+                raise OSError("/dev/urandom gave fewer than 16 bytes")
         self.label = nacl.utils.random(8).hex()
 
     @property

@@ -1,7 +1,8 @@
 """A short MQTT session beside the publisher's: connect, maybe publish, disconnect.
 
 ``footfall-agent doctor`` uses it to check that the broker answers and accepts the agent's
-credentials, and Home Assistant discovery to publish its retained config. Unlike the
+credentials, Home Assistant discovery to publish its retained config, and ``footfall-agent
+audit`` to listen to what agents publish. Unlike the
 publisher's connection it has **no last will** (a will would overwrite the agent's retained
 status if this session dropped) and its own client id (``footfall-<site>-<agent>-<purpose>``),
 so it never takes over the running agent's session.
@@ -10,6 +11,7 @@ so it never takes over the running agent's session.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
@@ -45,13 +47,18 @@ class BrokerSession:
         client.connect_timeout = settings.connect_timeout_s
         client.on_connect = self._on_connect
         client.on_publish = self._on_publish
+        client.on_message = self._on_message
         self._client = client
+        self._received: list[tuple[str, bytes]] = []
 
     def _on_connect(self, _c: Any, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
         self._connack = reason
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, reason: ReasonCode, _p: Any) -> None:
         self._acks[mid] = reason
+
+    def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
+        self._received.append((message.topic, bytes(message.payload)))
 
     def __enter__(self) -> BrokerSession:
         s = self.settings
@@ -86,6 +93,17 @@ class BrokerSession:
             raise BrokerError(
                 f"broker {self.settings.address} refused {topic}: {reason_in_words(reason)}"
             )
+
+    def listen(self, topic_filter: str, seconds: float) -> Iterator[tuple[str, bytes]]:
+        """(topic, payload) of what arrives on ``topic_filter`` (QoS 1, retained messages
+        first) for ``seconds``."""
+        self._client.subscribe(topic_filter, qos=1)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self._client.loop(0.1) != mqtt.MQTT_ERR_SUCCESS:
+                raise BrokerError(f"broker {self.settings.address} dropped the connection")
+            yield from self._received
+            self._received.clear()
 
     def __exit__(
         self,

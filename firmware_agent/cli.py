@@ -13,19 +13,25 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
+import nacl.signing
+
 from firmware_agent import __version__
+from firmware_agent.audit import audit_all
+from firmware_agent.broker_session import BrokerSession
 from firmware_agent.capture import CaptureReader, FrameBatch
 from firmware_agent.capture_stats import inspect_capture
 from firmware_agent.command_line import run_command
 from firmware_agent.doctor import print_table, run_checks
 from firmware_agent.errors import AgentError
 from firmware_agent.evaluate import add_commands
-from firmware_agent.messages import public_key_text
+from firmware_agent.messages import public_key_text, verify_key_from_text
+from firmware_agent.mqtt_capture import publishes
 from firmware_agent.pipeline import Pipeline
+from firmware_agent.privacy_report import privacy_report
 from firmware_agent.service import run_agent
 from firmware_agent.settings import load_config
 from firmware_agent.signing import KEY_FILE, create_signing_key, load_signing_key
@@ -110,7 +116,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 progress.update(reader.bytes_read, reader.records_read, pipeline.stats.windows)
 
         for window in pipeline.run(batches()):
-            print(json.dumps(window.as_dict()), flush=True)
+            released = config.privacy.release(window, config.calibration)
+            print(json.dumps(released), flush=True)
         progress.update(reader.bytes_read, reader.records_read, pipeline.stats.windows, final=True)
     log.info(
         "replayed %s: %d frames, %d probe rows, %d windows, %d epochs",
@@ -187,6 +194,56 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_privacy_report(args: argparse.Namespace) -> int:
+    print(privacy_report(load_config(args.config, overrides=dict(args.set or []))))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    keys = dict(args.key or [])
+    problems: list[str] = []
+    if args.pcap is not None:
+        messages: Iterable[tuple[str, bytes]] = publishes(args.pcap, problems)
+        source = str(args.pcap)
+    else:
+        overrides: dict[str, object] = dict(args.set or [])
+        if args.broker:
+            host, _, port = (
+                args.broker.rpartition(":") if ":" in args.broker else (args.broker, "", "")
+            )
+            overrides["broker.host"] = host
+            if port:
+                overrides["broker.port"] = port
+        broker = load_config(args.config, overrides=overrides).broker
+        source = f"broker {broker.address}, {args.topic}, {args.seconds:g} s"
+        session = BrokerSession(broker, f"footfall-audit-{os.getpid()}")
+        messages = _listening(session, args.topic, args.seconds)
+    audit = audit_all(messages, keys)
+    if args.json:
+        print(json.dumps(audit.as_json() | {"source": source, "unreadable": problems}))
+    else:
+        print(f"footfall audit of {source}")
+        for problem in problems:
+            print(f"note: {problem}")
+        print(audit.report())
+    return 0 if audit.verdict() else 1
+
+
+def _listening(session: BrokerSession, topic: str, seconds: float) -> Iterator[tuple[str, bytes]]:
+    with session:
+        yield from session.listen(topic, seconds)
+
+
+def _agent_key(text: str) -> tuple[str, nacl.signing.VerifyKey]:
+    name, sep, key = text.partition("=")
+    if not sep or name.count("/") != 1:
+        raise argparse.ArgumentTypeError(f"expected SITE/AGENT=PUBLIC_KEY, got {text!r}")
+    try:
+        return name, verify_key_from_text(key)
+    except AgentError as exc:
+        raise argparse.ArgumentTypeError(f"{name}: {exc}") from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="footfall-agent",
@@ -210,8 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "replay",
         help="replay a capture and print one JSON line per closed window",
-        description="Replay a capture through parse, anonymize and count; print one JSON "
-        "line per closed window. Without FILE, replays the capture bundled with footfall. "
+        description="Replay a capture through parse, anonymize, count and the privacy stage; "
+        "print one JSON line per closed window, as the agent would publish it. Without FILE, "
+        "replays the capture bundled with footfall. "
         "'-' reads a pcap stream on standard input (tcpdump -U -w - | ...).",
     )
     p.add_argument("file", nargs="?", metavar="FILE", help="pcap or pcapng (.gz too), or -")
@@ -272,6 +330,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     add_commands(sub, _setting)  # evaluate, calibrate
+
+    p = sub.add_parser(
+        "privacy-report",
+        help="explain the effective privacy settings in plain language",
+        description="What the agent hears, what it keeps in memory and for how long, what "
+        "it writes to disk, what leaves the device, and the rule each mode answers, from the "
+        "settings in force.",
+    )
+    p.add_argument("--config", type=Path, help="agent TOML config file")
+    p.add_argument("--set", type=_setting, action="append", metavar="NAME=VALUE", help=set_help)
+    p.set_defaults(func=cmd_privacy_report)
+
+    p = sub.add_parser(
+        "audit",
+        help="check what agents publish for identifiers and privacy (exit status 1: FAIL)",
+        description="Listen to the agents' topics on a broker (or read a capture of their "
+        "MQTT traffic) and check every message: contract, signature, anything identifier-"
+        "like, and consistency with the privacy mode each agent declares. Prints a report "
+        "with a PASS/FAIL verdict; exit status 0 on PASS, 1 on FAIL.",
+    )
+    p.add_argument("--broker", metavar="HOST[:PORT]", help="broker to listen to (broker.host)")
+    p.add_argument("--pcap", type=Path, metavar="FILE", help="capture of agents' MQTT traffic")
+    p.add_argument(
+        "--topic", default="footfall/v1/+/+/+", help="topic filter (default footfall/v1/+/+/+)"
+    )
+    p.add_argument("--seconds", type=float, default=60.0, help="how long to listen (default 60)")
+    p.add_argument(
+        "--key",
+        type=_agent_key,
+        action="append",
+        metavar="SITE/AGENT=PUBLIC_KEY",
+        help="an agent's public key, to check its signatures (repeatable)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the report")
+    p.add_argument("--config", type=Path, help="agent TOML config file (broker settings)")
+    p.add_argument("--set", type=_setting, action="append", metavar="NAME=VALUE", help=set_help)
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("config", help="configuration")
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")

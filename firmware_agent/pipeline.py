@@ -8,6 +8,8 @@ next and owns the epoch key's life:
 
 * the raw frame buffer is zeroed as soon as it is parsed (it holds addresses and SSIDs);
 * the address array is zeroed by the anonymize stage as soon as it is hashed;
+* in strict privacy mode, device ids are truncated (and fingerprints dropped) before the
+  counter sees them, the estimate stage is left out, and the key lives one window;
 * when the watermark reaches an epoch boundary, the windows before it are closed (every
   open visit ends), the key, the device table and the estimator's chains are overwritten,
   and a new key starts.
@@ -29,6 +31,7 @@ from firmware_agent.capture import FrameBatch, read_ahead
 from firmware_agent.count import NS, WindowCounter, WindowCounts
 from firmware_agent.estimate import Estimator, WindowEstimate
 from firmware_agent.parse import KIND_PROBE, ProbeBatch, parse_batch
+from firmware_agent.privacy import truncate_ids
 from firmware_agent.settings import AgentConfig
 
 __all__ = ["Pipeline", "PipelineStats", "parse_frames"]
@@ -65,7 +68,7 @@ class Pipeline:
 
     def __post_init__(self) -> None:
         self._counter = WindowCounter(self.config.count)
-        if self.estimate:
+        if self.estimate and not self.config.privacy.strict:
             self._estimator = Estimator(self.config.estimate)
 
     @property
@@ -204,6 +207,9 @@ class Pipeline:
 
     def _add(self, batch: DeviceBatch) -> list[WindowCounts]:
         """Count and estimate one batch; the windows it closed, joined with their estimates."""
+        bits = self.config.privacy.id_bits
+        if bits is not None:
+            truncate_ids(batch, bits)
         windows = list(self._counter.add(batch))
         estimates = self._estimator.add(batch) if self._estimator else None
         return self._joined(windows, estimates)
@@ -228,9 +234,10 @@ class Pipeline:
         return joined
 
     def _counted(self, windows: Iterable[WindowCounts]) -> Iterator[WindowCounts]:
+        privacy = self.config.privacy
         for window in windows:
             self.stats.windows += 1
-            yield window
+            yield privacy.correct(window) if privacy.strict else window
 
 
 def parse_frames(batch: FrameBatch) -> ProbeBatch:

@@ -112,16 +112,7 @@ def agent_meta(config: AgentConfig) -> dict[str, object]:
             "visit_gap_s": count.visit_gap_s,
             "lateness_s": count.lateness_s,
         },
-        privacy={
-            "mode": "standard",
-            "device_hash": "siphash-2-4",
-            "key_bits": 128,
-            "key_lifetime_s": 90000 if config.epoch.length_s is None else config.epoch.length_s,
-            "id_bits": None,
-            "suppress_below": 1,
-            "dp_epsilon": None,
-            "dp_epsilon_day": None,
-        },
+        privacy=config.privacy.meta(),
     )
 
 
@@ -129,7 +120,16 @@ def _counts_message(
     config: AgentConfig, key: nacl.signing.SigningKey, label: str, window: WindowCounts, seq: int
 ) -> bytes:
     identity = config.identity
-    return seal(counts_payload(identity.site, identity.agent, seq, label, window.as_dict()), key)
+    return seal(
+        counts_payload(
+            identity.site,
+            identity.agent,
+            seq,
+            label,
+            config.privacy.release(window, config.calibration),
+        ),
+        key,
+    )
 
 
 @contextmanager

@@ -27,6 +27,7 @@ from firmware_agent.homeassistant import HomeAssistantSettings
 from firmware_agent.live import LiveSettings
 from firmware_agent.messages import ID_PATTERN, AgentId, SiteId
 from firmware_agent.metrics import MetricsSettings
+from firmware_agent.privacy import STANDARD_MAX_KEY_S, PrivacyPolicy
 from firmware_agent.publish import BrokerSettings
 from firmware_agent.registry import Setting, resolve
 from firmware_agent.spool import SpoolSettings
@@ -62,8 +63,31 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "epoch.length",
         "midnight",
-        "When the hashing key and device table are replaced: 'midnight' (local) or seconds, "
-        "60 to 86400, a multiple of the window.",
+        "When the hashing key and device table are replaced: 'midnight' (local, and at most "
+        "24 h) or seconds, 60 to 86400, a multiple of the window. Strict mode: every window.",
+    ),
+    Setting(
+        "privacy.mode",
+        "standard",
+        "'standard' (keyed device ids for at most 24 h: dwell, visits, unique-today) or "
+        "'strict' (nothing per device outlives a window of at most 10 min; truncated ids).",
+    ),
+    Setting(
+        "privacy.suppress_below",
+        5,
+        "k: device counts from 1 to k-1 are published as suppressed, with any count that "
+        "would give them back by subtraction. 2 to 1000.",
+    ),
+    Setting(
+        "privacy.dp_epsilon",
+        "off",
+        "Per-window epsilon of discrete Laplace noise on published device counts, or 'off'.",
+    ),
+    Setting(
+        "privacy.expected_devices",
+        100,
+        "Strict mode: devices expected in a window at busy times; sets the bits kept of a "
+        "device id so that most devices share their value.",
     ),
     Setting(
         "epoch.timezone",
@@ -241,7 +265,9 @@ _BY_NAME = {s.name: s for s in SETTINGS}
 
 @dataclass(frozen=True, slots=True)
 class EpochClock:
-    """Where epochs end: local midnight in a zone, or every ``length_s`` seconds.
+    """Where epochs end: local midnight in a zone (or 24 hours after the epoch began, if
+    sooner: the 25-hour autumn day has a one-hour epoch before midnight), or every
+    ``length_s`` seconds. ``next_boundary`` is asked at the start of each epoch.
 
     A boundary is always a window boundary (midnight rounded up to the next window start,
     which matters only for zones off the hour with 30- or 60-minute windows).
@@ -262,7 +288,8 @@ class EpochClock:
         if self.zone is None:
             midnight = midnight.astimezone()
         b = int(midnight.timestamp()) * NS
-        return -(-b // w) * w
+        # A key never lives more than a day, not even on a 25-hour daylight-saving day.
+        return min(-(-b // w) * w, t_ns // w * w + STANDARD_MAX_KEY_S * NS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +343,7 @@ class AgentConfig:
     homeassistant: HomeAssistantSettings
     estimate: EstimateSettings = field(default_factory=EstimateSettings)
     calibration: Calibration | None = None
+    privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
     def show(self) -> list[tuple[str, str, str]]:
         """(name, value, source) rows, secrets masked."""
@@ -348,11 +376,18 @@ def load_config(
     )
     if not values["agent.id"]:
         values["agent.id"] = _host_agent_id()
+    strict = str(values["privacy.mode"]).strip().lower() == "strict"
+    if strict and sources["epoch.length"] == "default":
+        values["epoch.length"] = str(count.window_s)
+    epoch = _epoch_clock(values, count.window_s)
+    privacy = PrivacyPolicy.from_settings(
+        values, count.window_s, STANDARD_MAX_KEY_S if epoch.length_s is None else epoch.length_s
+    )
     return AgentConfig(
         values,
         sources,
         count,
-        _epoch_clock(values, count.window_s),
+        epoch,
         _identity(values, sources),
         BrokerSettings(
             host=str(values["broker.host"]),
@@ -385,6 +420,7 @@ def load_config(
         ),
         estimate=EstimateSettings.from_settings(values, count.window_s, count.lateness_s),
         calibration=Calibration.from_settings(values),
+        privacy=privacy,
     )
 
 
@@ -434,9 +470,9 @@ def _epoch_clock(values: Mapping[str, int | str], window_s: int) -> EpochClock:
         seconds = int(length)
     except ValueError:
         seconds = 0
-    if not 60 <= seconds <= 86400 or seconds % window_s:
+    if seconds < 60 or seconds % window_s:
         raise ConfigError(
-            "epoch.length must be 'midnight' or seconds from 60 to 86400 that are a multiple "
+            "epoch.length must be 'midnight' or seconds, at least 60, that are a multiple "
             f"of count.window_s ({window_s}), got {length!r}"
         )
     return EpochClock(seconds, zone, window_s)

@@ -59,7 +59,8 @@ def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("length", "message"),
     [
-        ("5", "epoch.length must be 'midnight' or seconds from 60 to 86400"),
+        ("5", "epoch.length must be 'midnight' or seconds, at least 60"),
+        ("172800", "'standard' keeps a key and device ids for at most 24 hours"),
         ("450", "multiple of count.window_s"),
     ],
 )

@@ -1,0 +1,378 @@
+"""The privacy reviewer's check of what agents actually publish (``footfall-agent audit``).
+
+It trusts nothing the agents say about themselves except what it can check on the wire.
+Each message, from a broker subscription or from a capture of the agents' MQTT traffic
+(:mod:`firmware_agent.mqtt_capture`), goes through:
+
+* **contract**: UTF-8 JSON envelope, payload valid against its strict schema, topic ids
+  equal to payload ids;
+* **signature**: Ed25519 with the agent's public key, when the reviewer gives it;
+* **identifier-like values** anywhere in the message: a MAC address in any spelling, a run
+  of 12 or more hex digits (other than the epoch label), a base64-like blob, an integer of
+  more than 40 bits, a string in a place that holds no free text (an SSID would be one);
+* **the declared privacy mode** (the agent's retained ``meta``): no device count from 1 to
+  *k*-1; no relation of a message (``devices = visitors + passersby``, ``devices =
+  devices_randomised + global``, ``visits_ended =`` the dwell bands) that gives a small
+  count back by subtraction; strict mode's missing fields and window limit; one epoch label
+  never covering more time than the declared key lifetime (one window in strict mode);
+  no two agents sharing an epoch label (which would suggest a shared key).
+
+The verdict is PASS when every message was audited without a failure (warnings, such as a
+signature left unchecked for want of a key, do not fail it) and FAIL otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import nacl.signing
+
+from firmware_agent.errors import MessageError
+from firmware_agent.messages import Envelope, Topic
+from firmware_agent.privacy import STANDARD_MAX_KEY_S, STRICT_MAX_WINDOW_S
+
+__all__ = ["Audit", "Finding", "audit_all"]
+
+_MAC = re.compile(
+    r"(?i)(?<![0-9a-f])[0-9a-f]{2}([:.-]?)(?:[0-9a-f]{2}\1){4}[0-9a-f]{2}(?![0-9a-f])"
+)
+_HEX_RUN = re.compile(r"(?i)[0-9a-f]{12,}")
+_B64 = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
+_BIG_INT = 1 << 40
+# Where a payload may hold a string, and what it must look like there.
+_STRINGS: Mapping[str, re.Pattern[str]] = {
+    "$.kind": re.compile(r"counts|status|meta"),
+    "$.site": re.compile(r"[a-z0-9][a-z0-9_-]{0,62}"),
+    "$.agent": re.compile(r"[a-z0-9][a-z0-9_-]{0,62}"),
+    "$.epoch": re.compile(r"[0-9a-f]{16}"),
+    "$.window_start": re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"),
+    "$.at": re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"),
+    "$.state": re.compile(r"online|offline"),
+    "$.cause": re.compile(r"connected|stopped|lost"),
+    "$.agent_version": re.compile(r"[0-9A-Za-z.+-]{1,32}"),
+    "$.epoch_length": re.compile(r"midnight"),
+    "$.epoch_timezone": re.compile(r"[A-Za-z0-9_+/-]{0,64}"),
+    "$.privacy.mode": re.compile(r"standard|strict"),
+    "$.privacy.device_hash": re.compile(r"siphash-2-4"),
+}
+_RELATIONS = (
+    ("devices", ("visitors", "passersby")),
+    ("devices", ("devices_randomised",)),  # the rest are devices with global addresses
+    (
+        "visits_ended",
+        tuple(f"dwell_minutes.{b}" for b in ("lt5", "5-15", "15-30", "30-60", "ge60")),
+    ),
+)
+_STRICT_ABSENT = ("visits_ended", "dwell_minutes", "devices_epoch", "people_est", "people")
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One thing wrong (``fail``) or unchecked (``warn``), with where it was found."""
+
+    level: str  # "fail" or "warn"
+    where: str  # 'site/agent counts seq 812' or 'message 3 on <topic>'
+    reason: str
+
+    def line(self) -> str:
+        return f"{self.level.upper():4} {self.where}: {self.reason}"
+
+
+@dataclass(slots=True)
+class _AgentSeen:
+    messages: int = 0
+    counts: int = 0
+    signed: int = 0
+    unsigned: int = 0
+    meta: dict[str, Any] | None = None
+    labels: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+
+
+@dataclass(slots=True)
+class Audit:
+    """Feed it messages (:meth:`add`), then read :meth:`findings` and :meth:`verdict`."""
+
+    keys: Mapping[str, nacl.signing.VerifyKey] = field(default_factory=dict)  # 'site/agent'
+    messages: int = 0
+    _agents: dict[str, _AgentSeen] = field(default_factory=dict)
+    _findings: list[Finding] = field(default_factory=list)
+    _pending: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def add(self, topic: str, body: bytes) -> None:
+        """Audit one message received on ``topic``."""
+        self.messages += 1
+        where = f"message {self.messages} on {topic}"
+        self._scan_raw(body, where)
+        try:
+            envelope = Envelope.parse(body)
+        except MessageError as exc:
+            self._fail(where, f"breaks the contract: {exc}")
+            return
+        p = envelope.payload
+        name = f"{p['site']}/{p['agent']}"
+        where = f"{name} {p['kind']}" + (f" seq {p['seq']}" if "seq" in p else "")
+        try:
+            if Topic.parse(topic) != envelope.topic:
+                self._fail(where, f"published on {topic}, which names another site or agent")
+        except MessageError as exc:
+            self._fail(where, str(exc))
+        seen = self._agents.setdefault(name, _AgentSeen())
+        seen.messages += 1
+        self._check_signature(envelope, name, where, seen)
+        self._scan(p, "$", where)
+        if p["kind"] == "meta":
+            seen.meta = p
+            self._check_meta(p, where)
+        elif p["kind"] == "counts":
+            seen.counts += 1
+            start = int(datetime.fromisoformat(p["window_start"]).timestamp())
+            seen.labels[p["epoch"]].append(start)
+            self._pending.append((where, p))  # checked against meta once all is in
+
+    def findings(self) -> list[Finding]:
+        """Every finding, counts checked against their agent's meta (seen before or after)."""
+        out = list(self._findings)
+        for where, p in self._pending:
+            out += _counts_findings(p, self._agents[f"{p['site']}/{p['agent']}"].meta, where)
+        out += self._label_findings()
+        return out
+
+    def verdict(self) -> bool:
+        """True (PASS) when messages were audited and none failed."""
+        return self.messages > 0 and not any(f.level == "fail" for f in self.findings())
+
+    def report(self) -> str:
+        """The printed report: a table per agent, the findings, the verdict."""
+        findings = self.findings()
+        head = f"{'agent':32} {'mode':8} {'k':>3} {'epsilon':>8} {'msgs':>5} {'counts':>6} "
+        lines = [head + f"{'signed':>9} {'fails':>5}"]
+        for name, seen in sorted(self._agents.items()):
+            privacy = (seen.meta or {}).get("privacy", {})
+            eps = privacy.get("dp_epsilon")
+            fails = sum(f.level == "fail" and f.where.startswith(name + " ") for f in findings)
+            lines.append(
+                f"{name:32} {privacy.get('mode', '?'):8} {privacy.get('suppress_below', '?'):>3} "
+                f"{'off' if eps is None else eps:>8} {seen.messages:>5} {seen.counts:>6} "
+                f"{f'{seen.signed}/{seen.messages}':>9} {fails:>5}"
+            )
+        lines.append("")
+        lines.append(
+            "checks: contract (schema, topic ids), signatures, identifier-like values, declared "
+            "privacy mode (small counts, subtraction, strict fields, key lifetime), shared keys"
+        )
+        lines += [f.line() for f in findings] or ["no findings"]
+        n_fail = sum(f.level == "fail" for f in findings)
+        n_warn = len(findings) - n_fail
+        verdict = "PASS" if self.verdict() else "FAIL"
+        if self.messages == 0:
+            verdict += " (no message to audit)"
+        lines.append(
+            f"verdict: {verdict}: {self.messages} messages from {len(self._agents)} agents, "
+            f"{n_fail} failures, {n_warn} warnings"
+        )
+        return "\n".join(lines)
+
+    def as_json(self) -> dict[str, object]:
+        findings = self.findings()
+        return {
+            "verdict": "pass" if self.verdict() else "fail",
+            "messages": self.messages,
+            "agents": {
+                name: {"messages": s.messages, "counts": s.counts, "signed": s.signed}
+                for name, s in sorted(self._agents.items())
+            },
+            "findings": [
+                {"level": f.level, "where": f.where, "reason": f.reason} for f in findings
+            ],
+        }
+
+    def _fail(self, where: str, reason: str) -> None:
+        self._findings.append(Finding("fail", where, reason))
+
+    def _check_signature(self, envelope: Envelope, name: str, where: str, seen: _AgentSeen) -> None:
+        key = self.keys.get(name)
+        if key is None:
+            if seen.unsigned == 0:
+                self._findings.append(
+                    Finding("warn", name, "no public key given (--key): signatures not checked")
+                )
+            seen.unsigned += 1
+            return
+        try:
+            envelope.verify(key)
+        except MessageError:
+            self._fail(where, "the signature does not verify with the given public key")
+            return
+        seen.signed += 1
+
+    def _scan_raw(self, body: bytes, where: str) -> None:
+        """Identifier-like text in a message that is not JSON (JSON is scanned by field)."""
+        if not _parses(body) and _MAC.search(body.decode("utf-8", "replace")):
+            self._fail(where, "holds text shaped like a MAC address")
+
+    def _scan(self, value: object, path: str, where: str) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                self._scan(inner, f"{path}.{key}", where)
+        elif isinstance(value, list):
+            for i, inner in enumerate(value):
+                self._scan(inner, f"{path}[{i}]", where)
+        elif isinstance(value, bool) or value is None:
+            return
+        elif isinstance(value, int):
+            if abs(value) >= _BIG_INT:
+                self._fail(where, f"{path} is a {value.bit_length()}-bit integer (like a MAC)")
+        elif isinstance(value, str):
+            self._scan_text(value, path, where)
+
+    def _scan_text(self, text: str, path: str, where: str) -> None:
+        shape = _STRINGS.get(path)
+        if _MAC.search(text):
+            self._fail(where, f"{path} holds text shaped like a MAC address")
+        elif path != "$.epoch" and _HEX_RUN.search(text):
+            self._fail(where, f"{path} holds a run of 12 or more hex digits")
+        elif _base64_like(text):
+            self._fail(where, f"{path} holds a base64-like blob")
+        elif shape is None or not shape.fullmatch(text):
+            self._fail(where, f"{path} holds a string where none is expected (an SSID?)")
+
+    def _check_meta(self, p: Mapping[str, Any], where: str) -> None:
+        privacy = p["privacy"]
+        k, life = privacy["suppress_below"], privacy["key_lifetime_s"]
+        if k < 2:
+            self._fail(where, f"suppress_below {k}: a count of one device is published")
+        if privacy["mode"] == "strict":
+            if p["window_s"] > STRICT_MAX_WINDOW_S:
+                self._fail(where, f"strict mode with {p['window_s']} s windows (at most 600)")
+            if life != p["window_s"] or privacy["id_bits"] is None:
+                self._fail(where, "strict mode must replace its key every window and truncate ids")
+        elif life > STANDARD_MAX_KEY_S:
+            self._fail(where, f"standard mode keeps a key {life} s (at most 86400)")
+
+    def _label_findings(self) -> list[Finding]:
+        out: list[Finding] = []
+        owners: dict[str, set[str]] = defaultdict(set)
+        for name, seen in self._agents.items():
+            privacy = (seen.meta or {}).get("privacy", {})
+            window_s = int((seen.meta or {}).get("window_s", 0))
+            life = privacy.get("key_lifetime_s")
+            for label, starts in seen.labels.items():
+                owners[label].add(name)
+                span = max(starts) - min(starts) + window_s
+                if life is not None and span > life:
+                    out.append(
+                        Finding(
+                            "fail",
+                            name,
+                            f"one epoch label spans {span} s of windows, more than the declared "
+                            f"key lifetime of {life} s",
+                        )
+                    )
+        for label, names in owners.items():
+            if len(names) > 1:
+                out.append(
+                    Finding(
+                        "fail",
+                        ", ".join(sorted(names)),
+                        f"agents share epoch label {label}: one hashing key for several sensors",
+                    )
+                )
+        out += [
+            Finding("warn", name, "no meta message seen: its privacy mode was not checked")
+            for name, seen in self._agents.items()
+            if seen.meta is None
+        ]
+        return out
+
+
+def audit_all(
+    messages: Iterable[tuple[str, bytes]], keys: Mapping[str, nacl.signing.VerifyKey]
+) -> Audit:
+    """An audit of every (topic, body)."""
+    audit = Audit(keys)
+    for topic, body in messages:
+        audit.add(topic, body)
+    return audit
+
+
+def _counts_findings(
+    p: Mapping[str, Any], meta: Mapping[str, Any] | None, where: str
+) -> list[Finding]:
+    if meta is None:
+        return []
+    privacy = meta["privacy"]
+    k = int(privacy["suppress_below"])
+    out = []
+    if p["window_s"] != meta["window_s"]:
+        out.append(
+            Finding("fail", where, f"window_s {p['window_s']}, meta says {meta['window_s']}")
+        )
+    if privacy["mode"] == "strict":
+        present = [name for name in _STRICT_ABSENT if name in p]
+        if present:
+            out.append(Finding("fail", where, f"strict mode publishes {', '.join(present)}"))
+    flat: dict[str, int | None] = {}
+    for name, value in p.items():
+        if isinstance(value, dict):
+            flat.update({f"{name}.{band}": n for band, n in value.items()})
+        elif name in _DEVICE_FIELDS:
+            flat[name] = value
+    for name, value in flat.items():
+        if value is not None and 0 < value < k:
+            out.append(Finding("fail", where, f"$.{name} is a small count below k={k}"))
+    for total, parts in _RELATIONS:
+        if total not in flat or any(m not in flat for m in parts):
+            continue
+        nulls = [m for m in (total, *parts) if flat[m] is None]
+        implicit = len(parts) == 1  # the rest of the total is never published
+        if len(nulls) + implicit != 1:
+            continue
+        n = {m: v for m, v in flat.items() if v is not None}
+        if implicit:
+            hidden, derived = "devices with global addresses", n[total] - n[parts[0]]
+        elif nulls[0] == total:
+            hidden, derived = f"$.{total}", sum(n[m] for m in parts)
+        else:
+            hidden = f"$.{nulls[0]}"
+            derived = n[total] - sum(n[m] for m in parts if m != nulls[0])
+        if 0 < derived < k:
+            out.append(
+                Finding("fail", where, f"{hidden} follows by subtraction and is below k={k}")
+            )
+    return out
+
+
+_DEVICE_FIELDS = frozenset(
+    (
+        "devices",
+        "devices_randomised",
+        "visitors",
+        "passersby",
+        "visits_ended",
+        "devices_epoch",
+        "people_est",
+        "static_excluded",
+        "people",
+    )
+)
+
+
+def _base64_like(text: str) -> bool:
+    return any(
+        re.search("[A-Z]", m) and re.search("[a-z]", m) and re.search("[0-9]", m)
+        for m in _B64.findall(text)
+    )
+
+
+def _parses(body: bytes) -> bool:
+    try:
+        json.loads(body)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,127 @@
+"""``footfall-agent privacy-report``: the effective privacy settings in plain language.
+
+Written for a shop owner, a works council or a data-protection officer: what the agent
+hears, what it keeps in memory and for how long, what it writes to disk, what leaves the
+device, and which rule each mode answers. Every figure comes from the loaded settings.
+"""
+
+from __future__ import annotations
+
+from firmware_agent.settings import AgentConfig
+
+__all__ = ["privacy_report"]
+
+
+def _duration(seconds: int) -> str:
+    if seconds % 3600 == 0:
+        hours = seconds // 3600
+        return f"{hours} hour" + ("s" if hours != 1 else "")
+    minutes = seconds // 60
+    return f"{minutes} minute" + ("s" if minutes != 1 else "")
+
+
+def privacy_report(config: AgentConfig) -> str:
+    """The report's text for ``config``."""
+    p = config.privacy
+    window = _duration(config.count.window_s)
+    identity = config.identity
+    if config.epoch.length_s is None:
+        zone = str(config.values["epoch.timezone"]) or "the system's time zone"
+        key_life = f"at local midnight ({zone}), and at least every 24 hours"
+    else:
+        key_life = f"every {_duration(config.epoch.length_s)}"
+    lines = [
+        f"footfall privacy report: agent {identity.site}/{identity.agent}, mode {p.mode}",
+        "",
+        "What the agent hears",
+        "  Probe requests: the frames phones send when they look for WiFi networks. From each",
+        "  it reads the sender's address, the time, the signal strength, a sequence number and",
+        "  the frame's capability fields. Nothing is decrypted; no traffic is inspected.",
+        "",
+        "What it keeps in memory, and for how long",
+        "  - The received frames: until they are read (a fraction of a second), then the",
+        "    buffer is overwritten with zeros.",
+        "  - Addresses: until turned into a device id, in the same step; then zeroed.",
+        "  - Device ids: SipHash-2-4 of the address under a 128-bit random key, drawn when the",
+        f"    agent starts and replaced {key_life}. The key is never written to disk, logged",
+        "    or sent; the old key is overwritten when the new one starts.",
+    ]
+    if p.strict:
+        bits = p.id_bits or 0
+        shared = p.shared_share() or 0.0
+        lines += [
+            f"  - Strict mode: the key lives one window ({window}). Each device id is cut to",
+            f"    {bits} bits ({1 << bits} possible values): with {p.expected_devices} devices "
+            f"around, about {shared:.0%} of",
+            "    them share their value with another device, so a value does not single one",
+            "    out. The per-window table (first and last time heard, best signal) is wiped",
+            "    at the end of every window with the key. Counts are corrected for the shared",
+            "    values by linear counting.",
+        ]
+    else:
+        lines += [
+            "  - The device table (first and last time heard, best signal, current visit, last",
+            "    sequence number, a keyed fingerprint of the phone model) and the estimator's",
+            "    links between the random addresses of one phone: wiped with the key.",
+        ]
+    lines += [
+        "",
+        "What it writes to disk",
+        f"  - The spool ({identity.state_dir}/spool.sqlite3): the signed counts messages below,",
+        "    until the broker has acknowledged them.",
+        f"  - The signing key ({identity.config_dir}/signing.key): proves the messages come from",
+        "    this agent; it says nothing about any phone.",
+        "  - Never: addresses, device ids, the hashing key, network names (SSIDs).",
+        "",
+        "What leaves the device",
+        f"  Every {window}, one signed message of counts for the window:",
+        "  - frames heard (probe requests, malformed frames, late frames);",
+    ]
+    if p.strict:
+        lines.append(
+            "  - devices, of which randomised, visitors and passers-by (collision-corrected)."
+        )
+        lines.append("  - Not published in strict mode: dwell times, visits, unique devices today.")
+    else:
+        lines += [
+            "  - devices, of which randomised, visitors and passers-by; visits ended and their",
+            "    length in five bands; devices so far today; the estimate of people present.",
+        ]
+    lines += [
+        f"  - Any count of devices from 1 to {p.suppress_below - 1} is sent as 'suppressed', "
+        "never as its value,",
+        "    and so is any count from which a reader could subtract back to such a value.",
+    ]
+    if p.dp_epsilon is None:
+        lines.append("  - No random noise is added (privacy.dp_epsilon = off).")
+    else:
+        lines += [
+            f"  - Random noise (discrete Laplace, epsilon {p.dp_epsilon} per window) is added to "
+            "every",
+            f"    count of devices; one device's presence for a whole day costs at most epsilon "
+            f"{p.dp_epsilon_day}.",
+        ]
+    lines += [
+        "  Also, retained: the agent's settings (this mode, window, thresholds) and whether it is",
+        "  online. No address, device id, key, network name, fingerprint or per-device signal.",
+        "",
+        "Which rules this answers",
+    ]
+    if p.strict:
+        lines += [
+            "  CNIL (France), WiFi counting on legitimate interest: anonymisation at short",
+            "  notice with a high collision rate. GDPR: what leaves the device is anonymous",
+            "  statistics; the pseudonymous ids exist for one window, in memory only.",
+        ]
+    else:
+        lines += [
+            "  CNIL (France), WiFi counting on legitimate interest: immediate pseudonymisation",
+            "  with a salted (keyed) hash, deleted within 24 hours. GDPR: the ids are",
+            "  pseudonymous data (Art. 4(5)) kept in memory for at most a day; what leaves the",
+            "  device is anonymous statistics.",
+        ]
+    lines += [
+        "  PIPL (China), minimum necessary: only counts leave, nothing that identifies a person.",
+        "  See docs/PRIVACY.md for the data flow, the threat model and a DPIA template.",
+    ]
+    return "\n".join(lines)

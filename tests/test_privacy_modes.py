@@ -1,0 +1,370 @@
+"""Privacy modes, small-count suppression and noise: the rules hold in code.
+
+The audit (``firmware_agent.audit``) is the independent checker of what the privacy stage
+releases: it re-derives every hidden count by subtraction from the published message.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import nacl.encoding
+import nacl.hash
+import nacl.signing
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from firmware_agent import anonymize
+from firmware_agent.audit import Audit
+from firmware_agent.capture import CaptureReader
+from firmware_agent.cli import BUNDLED_SAMPLE
+from firmware_agent.count import DWELL_BANDS, NS, WindowCounts
+from firmware_agent.errors import ConfigError
+from firmware_agent.messages import AgentId, SiteId, counts_payload, meta_payload, seal
+from firmware_agent.pipeline import Pipeline
+from firmware_agent.privacy import PrivacyPolicy, discrete_laplace, linear_count
+from firmware_agent.service import agent_meta, run_agent
+from firmware_agent.settings import AgentConfig, load_config
+from tests.agent_harness import prepare_agent, unique_id
+from tests.mqtt_broker import Mosquitto
+from tests.test_privacy import _key_encodings, _leaks, _secrets_of
+from tests.test_publish import StartBroker
+
+UTC_ENV = {"FOOTFALL_EPOCH_TIMEZONE": "UTC"}
+
+
+def _config(**env: str) -> AgentConfig:
+    return load_config(None, environ=UTC_ENV | {f"FOOTFALL_{k.upper()}": v for k, v in env.items()})
+
+
+def _windows(config: AgentConfig, capture: Path = BUNDLED_SAMPLE) -> list[WindowCounts]:
+    pipeline = Pipeline(config)
+    with CaptureReader(capture) as reader:
+        return list(pipeline.run(reader))
+
+
+@pytest.mark.parametrize(
+    ("env", "rule"),
+    [
+        (
+            {"privacy_mode": "strict", "count_window_s": "900"},
+            "count.window_s 900 breaks that rule",
+        ),
+        ({"privacy_mode": "strict", "epoch_length": "86400"}, "epoch.length must be left unset"),
+        ({"epoch_length": "90000"}, "keeps a key and device ids for at most 24 hours"),
+        ({"privacy_suppress_below": "1"}, "a count of one device is that device"),
+        ({"privacy_dp_epsilon": "lots"}, "privacy.dp_epsilon must be 'off' or a number"),
+        ({"privacy_dp_epsilon": "50"}, "at most 10"),
+        ({"privacy_mode": "lenient"}, "privacy.mode must be 'standard' or 'strict'"),
+    ],
+)
+def test_a_setting_that_weakens_a_mode_is_refused_naming_the_rule(
+    env: dict[str, str], rule: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(rule)):
+        _config(**env)
+
+
+def test_strict_mode_keys_every_window_and_truncates_ids() -> None:
+    config = _config(privacy_mode="strict", privacy_expected_devices="100")
+    assert config.epoch.length_s == config.count.window_s == 300
+    meta = agent_meta(config)["privacy"]
+    assert meta == config.privacy.meta()
+    assert (meta["mode"], meta["key_lifetime_s"], meta["id_bits"]) == ("strict", 300, 6)
+    assert 0.75 < (config.privacy.shared_share() or 0) < 0.85  # most devices share their id
+
+
+def test_a_key_never_lives_more_than_a_day_even_on_the_25_hour_day() -> None:
+    config = load_config(None, environ={"FOOTFALL_EPOCH_TIMEZONE": "Europe/Paris"})
+    paris = ZoneInfo("Europe/Paris")
+    autumn = int(datetime(2024, 10, 27, 0, 0, tzinfo=paris).timestamp()) * NS
+    boundary = config.epoch.next_boundary(autumn)
+    assert boundary - autumn == 86400 * NS  # 23:00 local, an hour before midnight
+    assert config.epoch.next_boundary(boundary) == int(
+        datetime(2024, 10, 28, 0, 0, tzinfo=paris).timestamp() * NS
+    )
+    spring = int(datetime(2024, 3, 31, 0, 0, tzinfo=paris).timestamp()) * NS
+    assert config.epoch.next_boundary(spring) - spring == 23 * 3600 * NS
+
+
+def _window(
+    devices: int, randomised: int, visitors: int, bands: list[int], epoch: int
+) -> WindowCounts:
+    return WindowCounts(
+        window_start=1_709_631_000,
+        window_s=300,
+        probe_requests=500,
+        malformed=0,
+        late_frames=0,
+        devices=devices,
+        devices_randomised=randomised,
+        visitors=visitors,
+        passersby=devices - visitors,
+        visits_ended=sum(bands),
+        dwell_minutes=dict(zip(DWELL_BANDS, bands, strict=True)),
+        devices_epoch=epoch,
+        people_est=visitors,
+        static_excluded=min(2, devices),
+    )
+
+
+@st.composite
+def windows(draw: st.DrawFn) -> WindowCounts:
+    devices = draw(st.integers(0, 40))
+    return _window(
+        devices,
+        draw(st.integers(0, devices)),
+        draw(st.integers(0, devices)),
+        draw(st.lists(st.integers(0, 12), min_size=5, max_size=5)),
+        devices + draw(st.integers(0, 100)),
+    )
+
+
+def _audited(policy: PrivacyPolicy, released: dict[str, object]) -> list[str]:
+    site, agent = SiteId("s1"), AgentId("a1")
+    meta = meta_payload(
+        site, agent, agent_version="0", window_s=300, epoch_length="midnight",
+        epoch_timezone="UTC", privacy=policy.meta(),
+        thresholds={"rssi_threshold_dbm": -75, "min_dwell_s": 120, "visit_gap_s": 600,
+                    "lateness_s": 10},
+    )  # fmt: skip
+    audit = Audit()
+    key = nacl.signing.SigningKey.generate()
+    for payload in (meta, counts_payload(site, agent, 1, "0" * 16, released)):
+        audit.add(f"footfall/v1/s1/a1/{payload['kind']}", seal(payload, key))
+    return [f.reason for f in audit.findings() if f.level == "fail"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(windows(), st.integers(2, 10))
+def test_released_counts_give_no_small_count_back_by_subtraction(
+    window: WindowCounts, k: int
+) -> None:
+    policy = PrivacyPolicy(suppress_below=k)
+    released = policy.release(window)
+    assert _audited(policy, released) == []
+    for name, value in released.items():
+        if name == "dwell_minutes":
+            assert isinstance(value, dict)
+            assert all(v is None or v == 0 or v >= k for v in value.values())
+        elif isinstance(value, int) and name not in ("probe_requests", "window_s"):
+            assert value == 0 or value >= k, name
+
+
+def test_suppression_is_null_not_zero_and_complements_its_relations() -> None:
+    released = PrivacyPolicy().release(_window(20, 18, 3, [0, 9, 1, 0, 0], 80))
+    assert released["visitors"] is None and released["passersby"] is None  # 3 + 17 = 20
+    assert released["devices_randomised"] is None  # else 20 - 18 = 2 global devices
+    assert released["devices"] == 20 and released["devices_epoch"] == 80
+    bands = released["dwell_minutes"]
+    assert bands == {"lt5": 0, "5-15": None, "15-30": None, "30-60": 0, "ge60": 0}
+    assert released["people_est"] is None  # 3 visitors, and people follows people_est
+
+
+def test_strict_release_publishes_no_dwell_visits_or_unique_today() -> None:
+    released = PrivacyPolicy(mode="strict", key_lifetime_s=300).release(
+        _window(40, 20, 30, [5, 5, 5, 5, 5], 90)
+    )
+    assert set(released) == {
+        "window_start", "window_s", "probe_requests", "malformed", "late_frames",
+        "devices", "devices_randomised", "visitors", "passersby",
+    }  # fmt: skip
+
+
+def test_discrete_laplace_noise_has_its_distribution() -> None:
+    scale = 0.5  # epsilon / sensitivity
+    draws = np.array([discrete_laplace(scale) for _ in range(40_000)])
+    a = math.exp(-scale)
+    assert abs(draws.mean()) < 0.06
+    assert draws.var() == pytest.approx(2 * a / (1 - a) ** 2, rel=0.06)
+    for x in range(-4, 5):
+        expected = (1 - a) / (1 + a) * a ** abs(x)
+        assert (draws == x).mean() == pytest.approx(expected, abs=0.01), x
+
+
+def test_noise_is_fresh_every_window() -> None:
+    policy = PrivacyPolicy(dp_epsilon=1.0, suppress_below=2)
+    window = _window(400, 200, 300, [50, 50, 50, 50, 50], 2000)
+    noise = np.array([int(policy.release(window)["devices"]) - 400 for _ in range(3000)])  # type: ignore[call-overload]
+    assert len(set(noise.tolist())) > 20
+    lag1 = np.corrcoef(noise[:-1], noise[1:])[0, 1]
+    assert abs(lag1) < 0.06
+    a = math.exp(-1.0 / policy.sensitivity)
+    assert noise.var() == pytest.approx(2 * a / (1 - a) ** 2, rel=0.12)
+    assert policy.dp_epsilon_day == 288.0
+
+
+def test_linear_counting_corrects_the_collisions_of_strict_ids() -> None:
+    rng = np.random.default_rng(7)
+    for n in (20, 64, 100, 150):
+        occupied = [len(set(rng.integers(0, 64, n).tolist())) for _ in range(300)]
+        estimates = [linear_count(o, 64) for o in occupied]
+        assert np.mean(estimates) == pytest.approx(n, rel=0.08), n
+
+
+def test_strict_replay_counts_close_to_standard_and_publishes_no_per_device_fields() -> None:
+    standard = _windows(_config())
+    strict = _windows(_config(privacy_mode="strict", privacy_expected_devices="64"))
+    assert [w.window_start for w in strict] == [w.window_start for w in standard]
+    busy = [(a.devices, b.devices) for a, b in zip(standard, strict, strict=True) if a.devices >= 5]
+    error = np.mean([abs(b - a) / a for a, b in busy])
+    assert error < 0.2, f"strict devices depart from standard by {error:.1%} on average"
+    assert all(w.people_est is None for w in strict)  # the estimator is off in strict mode
+
+
+def test_two_sensors_in_one_room_publish_nothing_that_links_a_device() -> None:
+    config = _config()
+    a, b = Pipeline(config), Pipeline(config)
+    labels_a: set[str | None] = set()
+    labels_b: set[str | None] = set()
+    released = []
+    for pipeline, labels in ((a, labels_a), (b, labels_b)):
+        out = []
+        with CaptureReader(BUNDLED_SAMPLE) as reader:  # parsing zeroes each batch: read twice
+            for batch in reader:
+                out += [config.privacy.release(w) for w in pipeline.feed(batch)]
+                labels.add(pipeline.epoch_label)
+        out += [config.privacy.release(w) for w in pipeline.finish()]
+        released.append(out)
+    # Different keys, the same published counts: what leaves depends on what happened in
+    # the room, not on any device's id, so nothing in it can match a device across sensors.
+    assert released[0] == released[1]
+    assert not labels_a & labels_b
+
+
+def _device_ids(macs: set[bytes], keys: list[np.ndarray]) -> list[bytes]:
+    ids = []
+    for words in keys:
+        key = words.astype("<u8").tobytes()
+        for mac in macs:
+            digest = nacl.hash.siphash24(mac, key, encoder=nacl.encoding.RawEncoder)
+            value = int.from_bytes(digest, "little")
+            ids += [digest, digest[::-1], digest.hex().encode(), str(value).encode()]
+    return ids
+
+
+@pytest.fixture
+def recorded_keys(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[np.ndarray]]:
+    keys: list[np.ndarray] = []
+    original = anonymize.EpochKey.__init__
+
+    def remember(self: Any) -> None:
+        original(self)
+        keys.append(self.words.copy())
+
+    monkeypatch.setattr(anonymize.EpochKey, "__init__", remember)
+    yield keys
+
+
+@pytest.mark.parametrize("mode", ["standard", "strict"])
+def test_after_a_run_no_file_holds_a_key_address_or_device_id(
+    mode: str,
+    start_broker: StartBroker,
+    tmp_path: Path,
+    recorded_keys: list[np.ndarray],
+) -> None:
+    site, agent = unique_id("s"), "a1"
+    broker: Mosquitto = start_broker({(site, agent): f"pw-{agent}"})
+    files = prepare_agent(
+        tmp_path, broker, site, agent, {"privacy.mode": mode, "source.path": str(BUNDLED_SAMPLE)}
+    )
+    assert run_agent(load_config(files.config, environ={})) == 0
+    macs, ssids = _secrets_of(BUNDLED_SAMPLE)
+    assert recorded_keys and macs
+    needles = _device_ids(macs, recorded_keys)
+    needles += [n for words in recorded_keys for n in _key_encodings(words)]
+    found = 0
+    for root, _dirs, names in os.walk(tmp_path):
+        for name in names:
+            blob = (Path(root) / name).read_bytes()
+            found += 1
+            assert not _leaks(blob, macs), f"an address in {name}"
+            assert not any(s in blob for s in ssids), f"an SSID in {name}"
+            assert not any(n in blob for n in needles), f"a key or device id in {name}"
+    assert found >= 3  # config, signing key, spool (and its WAL)
+
+
+_DUMP_CHILD = textwrap.dedent(
+    """
+    import sys
+    from firmware_agent import anonymize
+    from firmware_agent.capture import CaptureReader
+    from firmware_agent.pipeline import Pipeline
+    from firmware_agent.settings import load_config
+
+    keys = []
+    original = anonymize.EpochKey.__init__
+    def remember(self):
+        original(self)
+        keys.append(" ".join(f"{w:016x}" for w in self.words.tolist()))
+    anonymize.EpochKey.__init__ = remember
+    config = load_config(None, environ={"FOOTFALL_EPOCH_TIMEZONE": "UTC",
+                                       "FOOTFALL_EPOCH_LENGTH": "300"})
+    pipeline = Pipeline(config)
+    with CaptureReader(sys.argv[1]) as reader:
+        for batch in reader:
+            for _ in pipeline.feed(batch):
+                pass
+    print(keys[-1], *keys[:-1], sep="\\n", flush=True)  # the current key, then rotated-out ones
+    sys.stdin.readline()
+    """
+)
+
+
+def _memory(pid: int) -> Iterator[bytes]:
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            fields = line.split()
+            if "rw" not in fields[1] or (len(fields) > 5 and fields[5].startswith("/")):
+                continue  # only the process's own writable memory: heap, stacks, anonymous
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            try:
+                mem.seek(start)
+                yield mem.read(end - start)
+            except OSError:
+                continue
+
+
+def test_a_memory_dump_after_rotation_holds_no_previous_key(tmp_path: Path) -> None:
+    """Best effort (docs/PRIVACY.md): the process's writable memory is searched for every
+    rotated-out key, whole and by halves, after the pipeline has rotated several times."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _DUMP_CHILD, str(BUNDLED_SAMPLE)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"PYTHONHASHSEED": "0"},
+    )
+    try:
+        assert child.stdout is not None
+        keys: list[bytes] = []
+        while len(keys) < 4:
+            line = child.stdout.readline()
+            assert line, "the child ended early"
+            k0, k1 = (int(word, 16) for word in line.split())
+            keys.append(np.array([k0, k1], np.uint64).astype("<u8").tobytes())
+        current, *old = keys
+        memory = list(_memory(child.pid))
+        assert any(current in blob for blob in memory), "the search cannot even find the live key"
+        needles = [part for raw in old for part in (raw, raw[:8], raw[8:])]
+        hits = sum(blob.count(n) for blob in memory for n in needles)
+        assert hits == 0, f"{hits} copies of rotated-out keys found in the process's memory"
+    finally:
+        child.kill()
+        child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+        if child.stdin is not None:
+            child.stdin.close()
