@@ -9,7 +9,8 @@ next and owns the epoch key's life:
 * the raw frame buffer is zeroed as soon as it is parsed (it holds addresses and SSIDs);
 * the address array is zeroed by the anonymize stage as soon as it is hashed;
 * in strict privacy mode, device ids are truncated (and fingerprints dropped) before the
-  counter sees them, the estimate stage is left out, and the key lives one window;
+  counter sees them, the estimate stage is left out, and the key lives one window; the
+  windows count truncated ids (the privacy stage corrects them for collisions on release);
 * when the watermark reaches an epoch boundary, the windows before it are closed (every
   open visit ends), the key, the device table and the estimator's chains are overwritten,
   and a new key starts.
@@ -234,10 +235,9 @@ class Pipeline:
         return joined
 
     def _counted(self, windows: Iterable[WindowCounts]) -> Iterator[WindowCounts]:
-        privacy = self.config.privacy
         for window in windows:
             self.stats.windows += 1
-            yield privacy.correct(window) if privacy.strict else window
+            yield window
 
 
 def parse_frames(batch: FrameBatch) -> ProbeBatch:

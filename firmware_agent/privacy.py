@@ -123,6 +123,7 @@ class PrivacyPolicy:
     expected_devices: int = 100
     window_s: int = 300
     key_lifetime_s: int = STANDARD_MAX_KEY_S
+    lateness_s: int = 10
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -149,6 +150,12 @@ class PrivacyPolicy:
                     f"{STRICT_MAX_WINDOW_S // 60} minutes (anonymisation within minutes): "
                     f"count.window_s {self.window_s} breaks that rule"
                 )
+            if self.window_s + self.lateness_s > STRICT_MAX_WINDOW_S:
+                raise ConfigError(
+                    "privacy.mode 'strict' replaces its key once a window's late frames are in: "
+                    f"count.window_s + count.lateness_s must be at most {STRICT_MAX_WINDOW_S} s, "
+                    f"got {self.window_s} + {self.lateness_s}"
+                )
             if self.key_lifetime_s != self.window_s:
                 raise ConfigError(
                     "privacy.mode 'strict' replaces the key and the device table every window: "
@@ -164,7 +171,7 @@ class PrivacyPolicy:
 
     @classmethod
     def from_settings(
-        cls, values: Mapping[str, int | str], window_s: int, key_lifetime_s: int
+        cls, values: Mapping[str, int | str], window_s: int, key_lifetime_s: int, lateness_s: int
     ) -> PrivacyPolicy:
         text = str(values["privacy.dp_epsilon"]).strip().lower()
         try:
@@ -183,6 +190,7 @@ class PrivacyPolicy:
             expected_devices=int(values["privacy.expected_devices"]),
             window_s=window_s,
             key_lifetime_s=key_lifetime_s,
+            lateness_s=lateness_s,
         )
 
     @property
@@ -236,27 +244,44 @@ class PrivacyPolicy:
         }
 
     def correct(self, window: WindowCounts) -> WindowCounts:
-        """Strict: a window counted on truncated ids, corrected for their collisions. The
-        occupied values (``devices``) give the devices by linear counting; the shares of
-        randomised devices and visitors among the occupied values carry over."""
-        bits = self.id_bits
-        if bits is None or window.devices == 0:
+        """Strict: a window counted on truncated ids, corrected for their collisions (see
+        :meth:`_corrected`); unchanged in standard."""
+        if not self.strict:
             return window
-        devices = round(linear_count(window.devices, 1 << bits))
-        scale = devices / window.devices
-        visitors = min(round(window.visitors * scale), devices)
+        fields = ("devices", "devices_randomised", "visitors", "passersby")
+        c = self._corrected({name: getattr(window, name) for name in fields})
         return replace(
             window,
-            devices=devices,
-            devices_randomised=min(round(window.devices_randomised * scale), devices),
-            visitors=visitors,
-            passersby=devices - visitors,
+            devices=c["devices"],
+            devices_randomised=c["devices_randomised"],
+            visitors=c["visitors"],
+            passersby=c["passersby"],
         )
+
+    def _corrected(self, counts: Mapping[str, int]) -> dict[str, int]:
+        """Linear counting on the truncated ids: the occupied values give the devices, the
+        values with a randomised address give those, the values with a visitor the visitors
+        (a value shared by a visitor and a passer-by counts once for each)."""
+        m = 1 << (self.id_bits or 0)
+        devices = round(linear_count(counts["devices"], m))
+        visitors = min(round(linear_count(counts["visitors"], m)), devices)
+        return dict(counts) | {
+            "devices": devices,
+            "devices_randomised": min(
+                round(linear_count(counts["devices_randomised"], m)), devices
+            ),
+            "visitors": visitors,
+            "passersby": devices - visitors,
+        }
 
     def release(
         self, window: WindowCounts, calibration: Calibration | None = None
     ) -> dict[str, object]:
-        """What the window may say outside the device: the counts part of a counts message."""
+        """What the window may say outside the device: the counts part of a counts message.
+
+        Noise goes on the counts as counted (in strict mode, on the truncated ids, where one
+        device moves each count by at most one), then strict mode's collision correction and
+        the suppression follow as post-processing, which spends no privacy budget."""
         full = window.as_dict()
         if self.strict:
             for name in (*_STRICT_OMITS, "people"):
@@ -268,6 +293,8 @@ class PrivacyPolicy:
             counts = {name: max(0, n + discrete_laplace(noise)) for name, n in counts.items()}
             if "people" in counts and calibration is not None:
                 counts["people"] = calibration.people(counts["people_est"])
+        if self.strict:
+            counts = self._corrected(counts)
         hidden = suppress(counts, self.suppress_below)
         flat.update({name: None if name in hidden else n for name, n in counts.items()})
         return _unflatten(flat)

@@ -381,7 +381,10 @@ def load_config(
         values["epoch.length"] = str(count.window_s)
     epoch = _epoch_clock(values, count.window_s)
     privacy = PrivacyPolicy.from_settings(
-        values, count.window_s, STANDARD_MAX_KEY_S if epoch.length_s is None else epoch.length_s
+        values,
+        count.window_s,
+        STANDARD_MAX_KEY_S if epoch.length_s is None else epoch.length_s,
+        count.lateness_s,
     )
     return AgentConfig(
         values,

@@ -63,6 +63,10 @@ def _windows(config: AgentConfig, capture: Path = BUNDLED_SAMPLE) -> list[Window
             "count.window_s 900 breaks that rule",
         ),
         ({"privacy_mode": "strict", "epoch_length": "86400"}, "epoch.length must be left unset"),
+        (
+            {"privacy_mode": "strict", "count_window_s": "600", "count_lateness_s": "60"},
+            "count.window_s + count.lateness_s must be at most 600 s",
+        ),
         ({"epoch_length": "90000"}, "keeps a key and device ids for at most 24 hours"),
         ({"privacy_suppress_below": "1"}, "a count of one device is that device"),
         ({"privacy_dp_epsilon": "lots"}, "privacy.dp_epsilon must be 'off' or a number"),
@@ -216,7 +220,8 @@ def test_linear_counting_corrects_the_collisions_of_strict_ids() -> None:
 
 def test_strict_replay_counts_close_to_standard_and_publishes_no_per_device_fields() -> None:
     standard = _windows(_config())
-    strict = _windows(_config(privacy_mode="strict", privacy_expected_devices="64"))
+    strict_config = _config(privacy_mode="strict", privacy_expected_devices="64")
+    strict = [strict_config.privacy.correct(w) for w in _windows(strict_config)]
     assert [w.window_start for w in strict] == [w.window_start for w in standard]
     busy = [(a.devices, b.devices) for a, b in zip(standard, strict, strict=True) if a.devices >= 5]
     error = np.mean([abs(b - a) / a for a, b in busy])
