@@ -334,7 +334,9 @@ def engine_url(settings: StoreSettings) -> sa.URL:
         raise StoreError(f"store.dsn is not a database URL: {mask_dsn(settings.dsn)!r}") from exc
 
 
-def _make_engine(settings: StoreSettings) -> Engine:
+def _make_engine(settings: StoreSettings, *, writer: bool = True) -> Engine:
+    """The engine; on SQLite, a ``writer`` begins every transaction ``IMMEDIATE`` (taking the
+    write lock at once), a reader with a plain deferred ``BEGIN`` (WAL: it never waits)."""
     url = engine_url(settings)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
@@ -364,7 +366,7 @@ def _make_engine(settings: StoreSettings) -> Engine:
 
         @sa.event.listens_for(engine, "begin")
         def _sqlite_begin(connection: Connection) -> None:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
 
         return engine
     if url.get_backend_name() != "postgresql":
@@ -405,6 +407,9 @@ class Store:
         self.settings = settings
         self.engine = _make_engine(settings)
         self.dialect = self.engine.dialect.name
+        self._read_engine = (
+            _make_engine(settings, writer=False) if self.dialect == "sqlite" else self.engine
+        )
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         self._statements = _Statements(self)
         self._seen_written: dict[int, int] = {}  # agent_key -> last_seen_at written
@@ -424,6 +429,7 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+        self._read_engine.dispose()
 
     def __enter__(self) -> Store:
         return self
@@ -438,10 +444,11 @@ class Store:
         return f"{text} schema {self.settings.schema}" if self.settings.schema else text
 
     @contextlib.contextmanager
-    def begin(self) -> Iterator[Connection]:
-        """A write transaction; database failures become :class:`StoreError` naming the DB."""
+    def begin(self, *, read_only: bool = False) -> Iterator[Connection]:
+        """A transaction (``read_only``: on SQLite, one that never takes the write lock);
+        database failures become :class:`StoreError` naming the DB."""
         try:
-            with self.engine.begin() as conn:
+            with (self._read_engine if read_only else self.engine).begin() as conn:
                 yield conn
         except sa.exc.DBAPIError as exc:
             raise StoreError(f"database {self.where}: {_db_error(exc)}") from exc
@@ -838,28 +845,41 @@ class Store:
 
     # --- health ----------------------------------------------------------------------------
 
-    def _gaps(self) -> sa.Subquery:
-        """Per stored window after an agent's first: how many windows are missing before it."""
+    def _gaps(self, scope: ColumnElement[bool]) -> sa.Subquery:
+        """Per stored window (in ``scope``) after an agent's first: how many windows are
+        missing before it."""
         w = windows.c
         before_seq = sa.func.lag(w.seq).over(partition_by=w.agent_key, order_by=w.seq)
         before_start = sa.func.lag(w.window_start).over(partition_by=w.agent_key, order_by=w.seq)
         by_seq = w.seq - before_seq - 1
         by_time = (w.window_start - before_start) // w.window_s - 1
-        return sa.select(
-            w.agent_key,
-            before_seq.label("after_seq"),
-            w.seq.label("before_seq"),
-            before_start.label("after_window"),
-            w.window_start.label("before_window"),
-            self._least(by_seq, by_time).label("missing"),
-        ).subquery()
+        return (
+            sa.select(
+                w.agent_key,
+                before_seq.label("after_seq"),
+                w.seq.label("before_seq"),
+                before_start.label("after_window"),
+                w.window_start.label("before_window"),
+                self._least(by_seq, by_time).label("missing"),
+            )
+            .where(scope)
+            .subquery()
+        )
 
     def _least(self, a: ColumnElement[Any], b: ColumnElement[Any]) -> ColumnElement[Any]:
         return sa.func.least(a, b) if self.dialect == "postgresql" else sa.func.min(a, b)
 
-    def agents(self, site: str | None = None) -> list[AgentHealth]:
-        """Every agent (of one site), with its health."""
-        gaps = self._gaps()
+    def agents(self, site: str | None = None, since: int | None = None) -> list[AgentHealth]:
+        """Every agent (of one site), with its health; with ``since`` (Unix s), the windows
+        stored and missing count only those from then on (a quick look at a big store)."""
+        scope: ColumnElement[bool] = sa.true()
+        if site is not None:
+            scope &= windows.c.agent_key.in_(
+                sa.select(agents.c.agent_key).where(agents.c.site_id == site)
+            )
+        if since is not None:
+            scope &= windows.c.window_start >= since
+        gaps = self._gaps(scope)
         missing = (
             sa.select(
                 gaps.c.agent_key,
@@ -876,6 +896,7 @@ class Store:
                 sa.func.max(windows.c.window_start).label("last_window"),
                 sa.func.max(windows.c.seq).label("last_seq"),
             )
+            .where(scope)
             .group_by(windows.c.agent_key)
             .subquery()
         )
@@ -905,7 +926,7 @@ class Store:
         )
         if site is not None:
             query = query.where(a.site_id == site)
-        with self.begin() as conn:
+        with self.begin(read_only=True) as conn:
             rows = conn.execute(query).all()
         return [
             AgentHealth(
@@ -932,7 +953,7 @@ class Store:
     def gaps(self, site: str, agent: str, limit: int = 50) -> list[Gap]:
         """The latest gaps in an agent's windows, newest first."""
         site, agent = _check_site(site), _check_agent(agent)
-        gaps = self._gaps()
+        gaps = self._gaps(sa.true())
         with self.begin() as conn:
             key = conn.execute(
                 sa.select(agents.c.agent_key).where(
