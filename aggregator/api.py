@@ -237,9 +237,8 @@ def dashboard_data(found: Services, site: Site, day: date) -> dict[str, Any]:
             "visitors": visitors,
             "devices": devices,
             "rate": round(visitors / devices, 3) if visitors is not None and devices else None,
-            "suppressed": 0
-            if today is None
-            else today["visitors_suppressed"] + today["devices_suppressed"],
+            "visitors_suppressed": 0 if today is None else today["visitors_suppressed"],
+            "devices_suppressed": 0 if today is None else today["devices_suppressed"],
         },
         "agents": [asdict(a) for a in found.store.agents(site.id, since=day_start)],
     }

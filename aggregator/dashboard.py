@@ -197,6 +197,7 @@ def site_page(
         request,
         "site.html",
         data=data,
+        agents=data["agents"],
         bands=[band for band, _ in DWELL_BANDS],
         previous=day - timedelta(days=1),
         week_before=day - timedelta(days=7),
