@@ -97,6 +97,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from aggregator.demo import run_demo  # noqa: PLC0415
+
+    return run_demo(args.port, args.timezone)
+
+
 def _password(args: argparse.Namespace) -> str:
     """The password from stdin (``--password-stdin``) or asked twice at the terminal."""
     if args.password_stdin:
@@ -430,6 +436,15 @@ def build_parser() -> argparse.ArgumentParser:
         "serve.host:serve.port; with serve.ingest on (the default) ingest runs in the same "
         "process.",
     )
+
+    p = _command(
+        sub,
+        "demo",
+        cmd_demo,
+        "the whole system on this machine: broker, aggregator, an agent replaying a capture",
+    )
+    p.add_argument("--port", type=int, default=8080, help="the dashboard's port (default 8080)")
+    p.add_argument("--timezone", default="Europe/Paris", help="the demo shop's time zone (IANA)")
 
     users = sub.add_parser("users", help="accounts: add, grant, password, list, token")
     users_sub = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")

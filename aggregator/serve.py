@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import uvicorn
 
@@ -20,8 +21,9 @@ __all__ = ["serve"]
 log = logging.getLogger("footfall.aggregator")
 
 
-def serve(config: AggregatorConfig, store: Store) -> None:
-    """Serve until SIGINT or SIGTERM (uvicorn's handlers), then stop ingest after its batch."""
+def serve(config: AggregatorConfig, store: Store, *, ready: threading.Event | None = None) -> None:
+    """Serve until SIGINT or SIGTERM (uvicorn's handlers), then stop ingest after its batch.
+    ``ready`` is set once the server listens and ingest (if on) has subscribed."""
     settings = config.serve
     app = create_app(
         store, session_s=3600 * settings.session_hours, secure_cookies=settings.secure_cookies
@@ -46,6 +48,16 @@ def serve(config: AggregatorConfig, store: Store) -> None:
         ingest_thread.start()
         log.info("ingest in this process: broker %s", config.broker.address)
     log.info("serving the API and dashboard on http://%s:%d/", settings.host, settings.port)
+
+    def announce() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if ingest_thread is not None:
+            ingest.connected.wait()
+        if ready is not None:
+            ready.set()
+
+    threading.Thread(target=announce, name="footfall-ready", daemon=True).start()
     try:
         server.run()
     finally:
