@@ -8,6 +8,7 @@ logger and never carry a payload.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import signal
@@ -20,7 +21,7 @@ from types import FrameType
 
 from aggregator import __version__
 from aggregator.config import AggregatorConfig, load_config
-from aggregator.errors import AggregatorError
+from aggregator.errors import AccountError, AggregatorError
 from aggregator.store import Store
 from firmware_agent.command_line import run_command
 
@@ -83,6 +84,91 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             config.ingest.share_group,
         )
         ingest.run()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aggregator.serve import serve  # noqa: PLC0415 (the web stack only for this command)
+
+    config = _config(args)
+    log.setLevel(min(log.getEffectiveLevel(), logging.INFO))
+    with Store.open(config.store) as store:
+        serve(config, store)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from aggregator.demo import run_demo  # noqa: PLC0415
+
+    return run_demo(args.port, args.timezone)
+
+
+def _password(args: argparse.Namespace) -> str:
+    """The password from stdin (``--password-stdin``) or asked twice at the terminal."""
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != first:
+        raise AccountError("the two passwords differ")
+    return first
+
+
+def cmd_users_add(args: argparse.Namespace) -> int:
+    from aggregator.accounts import Accounts  # noqa: PLC0415
+
+    with _store(args) as store:
+        accounts = Accounts(store)
+        accounts.add_user(args.name, args.role, _password(args), int(time.time()))
+        for site in args.site or ():
+            accounts.grant(args.name, site)
+    print(f"user {args.name} added ({args.role})")
+    return 0
+
+
+def cmd_users_grant(args: argparse.Namespace) -> int:
+    from aggregator.accounts import Accounts  # noqa: PLC0415
+
+    with _store(args) as store:
+        Accounts(store).grant(args.name, args.site)
+    print(f"user {args.name} sees site {args.site}")
+    return 0
+
+
+def cmd_users_password(args: argparse.Namespace) -> int:
+    from aggregator.accounts import Accounts  # noqa: PLC0415
+
+    with _store(args) as store:
+        Accounts(store).set_password(args.name, _password(args))
+    print(f"user {args.name}: new password set; their sessions have ended")
+    return 0
+
+
+def cmd_users_list(args: argparse.Namespace) -> int:
+    from aggregator.accounts import Accounts  # noqa: PLC0415
+
+    with _store(args) as store:
+        users = Accounts(store).users()
+    if args.json:
+        for u in users:
+            print(json.dumps({"name": u.name, "role": u.role, "sites": sorted(u.sites)}))
+    elif users:
+        _table(
+            [("USER", "ROLE", "SITES")]
+            + [(u.name, u.role, ",".join(sorted(u.sites)) or "-") for u in users]
+        )
+    return 0
+
+
+def cmd_users_token(args: argparse.Namespace) -> int:
+    from aggregator.accounts import Accounts  # noqa: PLC0415
+
+    with _store(args) as store:
+        accounts = Accounts(store)
+        user = next((u for u in accounts.users() if u.name == args.name), None)
+        if user is None:
+            raise AccountError(f"user {args.name} does not exist")
+        secret = accounts.add_token(user, args.token_name, int(time.time()))
+    print(secret)
     return 0
 
 
@@ -340,6 +426,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent", required=True)
     p.add_argument("--public-key", dest="public_key", required=True)
     p.add_argument("--replace", action="store_true", help="a new key for an enrolled agent")
+
+    _command(
+        sub,
+        "serve",
+        cmd_serve,
+        "run the API and the dashboard (and ingest, unless serve.ingest is off)",
+        "Serve the HTTP API (OpenAPI at /api/v1/openapi.json) and the merchants' dashboard on "
+        "serve.host:serve.port; with serve.ingest on (the default) ingest runs in the same "
+        "process.",
+    )
+
+    p = _command(
+        sub,
+        "demo",
+        cmd_demo,
+        "the whole system on this machine: broker, aggregator, an agent replaying a capture",
+    )
+    p.add_argument("--port", type=int, default=8080, help="the dashboard's port (default 8080)")
+    p.add_argument("--timezone", default="Europe/Paris", help="the demo shop's time zone (IANA)")
+
+    users = sub.add_parser("users", help="accounts: add, grant, password, list, token")
+    users_sub = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    p = _command(
+        users_sub,
+        "add",
+        cmd_users_add,
+        "add a user (the first admin too); the password is asked for, never defaulted",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--role", required=True, choices=("merchant", "installer", "admin"))
+    p.add_argument("--site", action="append", help="grant this site (repeatable)")
+    p.add_argument(
+        "--password-stdin", action="store_true", help="read the password from stdin's first line"
+    )
+    p = _command(users_sub, "grant", cmd_users_grant, "let a user see a site")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("site", metavar="SITE")
+    p = _command(
+        users_sub, "password", cmd_users_password, "set a user's password (ends their sessions)"
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument(
+        "--password-stdin", action="store_true", help="read the password from stdin's first line"
+    )
+    p = _command(users_sub, "list", cmd_users_list, "list the users, their roles and sites")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p = _command(
+        users_sub, "token", cmd_users_token, "make an API token for a user (printed this once)"
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("token_name", metavar="TOKEN_NAME", help="what the token is for")
 
     config = sub.add_parser("config", help="configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")

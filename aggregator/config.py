@@ -28,6 +28,7 @@ __all__ = [
     "AggregatorConfig",
     "BrokerSettings",
     "IngestSettings",
+    "ServeSettings",
     "Setting",
     "StoreSettings",
     "load_config",
@@ -142,6 +143,26 @@ SETTINGS: tuple[_Setting, ...] = (
         "ingest.prune_interval_s",
         3600,
         "How often (s) ingest deletes windows older than store.retention_days.",
+    ),
+    Setting("serve.host", "127.0.0.1", "Address the API and dashboard listen on."),
+    Setting("serve.port", 8080, "Port of the API and dashboard (HTTP; put TLS in front)."),
+    Setting(
+        "serve.ingest",
+        "on",
+        "'on': 'serve' also runs ingest in the same process (a single-site install); 'off': "
+        "API and dashboard only, with 'footfall-aggregator ingest' run apart (for scale).",
+    ),
+    Setting("serve.session_hours", 12, "How long (h) a dashboard sign-in lasts."),
+    Setting(
+        "serve.secure_cookies",
+        "auto",
+        "Mark cookies Secure: 'auto' when the request came over https (set the proxy's "
+        "X-Forwarded-Proto and serve.forwarded_allow_ips), 'on' always, 'off' never.",
+    ),
+    Setting(
+        "serve.forwarded_allow_ips",
+        "127.0.0.1",
+        "Proxies whose X-Forwarded-For/-Proto headers are believed (comma-separated, '*': any).",
     ),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -353,6 +374,40 @@ class IngestSettings:
             raise ConfigError("; ".join(problems))
 
 
+@dataclass(frozen=True, slots=True)
+class ServeSettings:
+    """Where the API and dashboard listen, and how they treat sessions."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    ingest: str = "on"
+    session_hours: int = 12
+    secure_cookies: str = "auto"
+    forwarded_allow_ips: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        _check(problems, bool(self.host), "serve.host must not be empty")
+        _check(problems, 1 <= self.port <= 65535, f"serve.port must be 1 to 65535, got {self.port}")
+        _check(
+            problems,
+            self.ingest in ("on", "off"),
+            f"serve.ingest must be 'on' or 'off', got {self.ingest!r}",
+        )
+        _check(
+            problems,
+            1 <= self.session_hours <= 24 * 90,
+            f"serve.session_hours must be between 1 and 2160, got {self.session_hours}",
+        )
+        _check(
+            problems,
+            self.secure_cookies in ("auto", "on", "off"),
+            f"serve.secure_cookies must be 'auto', 'on' or 'off', got {self.secure_cookies!r}",
+        )
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
 def mask_dsn(dsn: str) -> str:
     """A database URL with its password replaced by stars."""
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1********@", dsn)
@@ -368,6 +423,7 @@ class AggregatorConfig:
     store: StoreSettings
     broker: BrokerSettings
     ingest: IngestSettings
+    serve: ServeSettings
 
     def show(self) -> list[tuple[str, str, str]]:
         """(name, value, source) rows, secrets masked."""
@@ -438,6 +494,14 @@ def load_config(
             max_message_bytes=number("ingest.max_message_bytes"),
             log_interval_s=number("ingest.log_interval_s"),
             prune_interval_s=number("ingest.prune_interval_s"),
+        ),
+        ServeSettings(
+            host=text("serve.host"),
+            port=number("serve.port"),
+            ingest=text("serve.ingest"),
+            session_hours=number("serve.session_hours"),
+            secure_cookies=text("serve.secure_cookies"),
+            forwarded_allow_ips=text("serve.forwarded_allow_ips"),
         ),
     )
 

@@ -7,6 +7,8 @@ command line can turn any of them into one readable line and an exit code::
     ├── ConfigError            a setting is unknown, missing or out of range (names it)
     ├── StoreError             the database cannot be opened, migrated or written
     │   └── RegistryError      a site or agent is unknown, already enrolled, or malformed
+    ├── AccountError           a user, role, grant, password or token is refused (names it)
+    │   └── LoginRefusedError       wrong name or password, or too many failed logins lately
     └── BrokerError            the broker cannot be reached or refuses the aggregator
 
 A message that an agent sends and the aggregator refuses is *not* an error: it is a
@@ -16,7 +18,15 @@ goes on.
 
 from __future__ import annotations
 
-__all__ = ["AggregatorError", "BrokerError", "ConfigError", "RegistryError", "StoreError"]
+__all__ = [
+    "AccountError",
+    "AggregatorError",
+    "BrokerError",
+    "ConfigError",
+    "LoginRefusedError",
+    "RegistryError",
+    "StoreError",
+]
 
 
 class AggregatorError(Exception):
@@ -37,3 +47,15 @@ class RegistryError(StoreError):
 
 class BrokerError(AggregatorError):
     """The broker cannot be reached, refuses the aggregator, or the connection is lost."""
+
+
+class AccountError(AggregatorError):
+    """A user, role, grant, password or token is refused."""
+
+
+class LoginRefusedError(AccountError):
+    """A login is refused: wrong name or password, or rate-limited (``limited``)."""
+
+    def __init__(self, message: str, *, limited: bool = False) -> None:
+        super().__init__(message)
+        self.limited = limited

@@ -9,8 +9,16 @@ how many hours it had: 23 on the spring change, 25 in autumn, 24 otherwise.
 Roll-ups are sums, so a late window folds in like any other, whatever its order of arrival:
 each new window adds its :data:`MEASURES` to four rows (agent and site, by hour and by day),
 and the store upserts the added deltas in the transaction that inserts the window. Maxima
-(``*_max``) are those of single windows of one agent; ``people_est_*`` and ``people_*`` cover
-only the windows that carry those optional fields (``*_windows`` says how many).
+(``*_max``) are those of single windows of one agent.
+
+**Suppressed and absent counts.** A device count is ``null`` in a window when the agent
+suppressed it (its true value was between 1 and *k*-1, or it would let a reader subtract back to
+one that was), and absent when the agent's privacy mode does not publish it (strict mode has no
+``visits_ended``, ``dwell_minutes`` or ``devices_epoch``; ``people_est`` and ``people`` are
+optional). A roll-up sums only the published values, and counts per measure the windows whose
+value was suppressed (``*_suppressed``) and, for the fields that may be absent, the windows
+that carried the field at all (``*_windows``, suppressed ones included). So a reader can tell
+"0" (published zeros) from "at least N, some windows suppressed" and from "not published".
 """
 
 from __future__ import annotations
@@ -23,16 +31,40 @@ from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 __all__ = [
+    "DWELL_BANDS",
     "MAX_MEASURES",
     "MEASURES",
     "SUM_MEASURES",
+    "SUPPRESSIBLE",
     "Buckets",
     "RollupDeltas",
     "buckets",
+    "device_counts",
     "totals",
     "window_measures",
     "zone",
 ]
+
+# The device counts a window may publish as null (suppressed), in the order of their
+# ``*_suppressed`` measures: payload field, or dwell band as its column names it.
+DWELL_BANDS: tuple[tuple[str, str], ...] = (
+    ("lt5", "dwell_lt5"),
+    ("5-15", "dwell_5_15"),
+    ("15-30", "dwell_15_30"),
+    ("30-60", "dwell_30_60"),
+    ("ge60", "dwell_ge60"),
+)
+SUPPRESSIBLE: tuple[str, ...] = (
+    "devices",
+    "devices_randomised",
+    "visitors",
+    "passersby",
+    "visits_ended",
+    *(column for _, column in DWELL_BANDS),
+    "devices_epoch",
+    "people_est",
+    "people",
+)
 
 # Every roll-up row holds these, all integers, 0 by default: sums, then maxima.
 SUM_MEASURES: tuple[str, ...] = (
@@ -54,6 +86,10 @@ SUM_MEASURES: tuple[str, ...] = (
     "people_est_sum",
     "people_windows",
     "people_sum",
+    "visits_ended_windows",
+    "dwell_windows",
+    "devices_epoch_windows",
+    *(f"{name}_suppressed" for name in SUPPRESSIBLE),
 )
 MAX_MEASURES: tuple[str, ...] = (
     "devices_max",
@@ -105,35 +141,58 @@ def buckets(window_start: int, zone_name: str) -> Buckets:
     )
 
 
+def device_counts(p: Mapping[str, Any]) -> tuple[list[Any], list[bool]]:
+    """A (validated) counts payload's device counts in :data:`SUPPRESSIBLE` order (None when
+    suppressed or absent), and whether each was there at all (so None there is suppressed)."""
+    get = p.get
+    dwell = get("dwell_minutes")
+    values = [
+        p["devices"],
+        p["devices_randomised"],
+        p["visitors"],
+        p["passersby"],
+        get("visits_ended"),
+        *((None,) * 5 if dwell is None else (dwell[band] for band, _ in DWELL_BANDS)),
+        get("devices_epoch"),
+        get("people_est"),
+        get("people"),
+    ]
+    there = [
+        True,
+        True,
+        True,
+        True,
+        "visits_ended" in p,
+        *((dwell is not None,) * 5),
+        "devices_epoch" in p,
+        "people_est" in p,
+        "people" in p,
+    ]
+    return values, there
+
+
 def window_measures(p: Mapping[str, Any]) -> tuple[list[int], list[int]]:
     """What one (validated) counts payload adds to each of its roll-up rows: its
-    :data:`SUM_MEASURES` and its :data:`MAX_MEASURES`."""
-    dwell = p["dwell_minutes"]
-    est, people = p.get("people_est"), p.get("people")
-    devices, visitors = int(p["devices"]), int(p["visitors"])
-    est_n = 0 if est is None else int(est)
-    people_n = 0 if people is None else int(people)
+    :data:`SUM_MEASURES` and its :data:`MAX_MEASURES` (a suppressed or absent count adds 0 to
+    its sum and maximum, and a suppressed one 1 to its ``*_suppressed``)."""
+    values, there = device_counts(p)
+    n = [0 if v is None else int(v) for v in values]
     sums = [
         1,
         int(p["probe_requests"]),
         int(p["malformed"]),
         int(p["late_frames"]),
-        devices,
-        int(p["devices_randomised"]),
-        visitors,
-        int(p["passersby"]),
-        int(p["visits_ended"]),
-        int(dwell["lt5"]),
-        int(dwell["5-15"]),
-        int(dwell["15-30"]),
-        int(dwell["30-60"]),
-        int(dwell["ge60"]),
-        0 if est is None else 1,
-        est_n,
-        0 if people is None else 1,
-        people_n,
+        *n[:10],
+        int(there[11]),
+        n[11],
+        int(there[12]),
+        n[12],
+        int(there[4]),
+        int(there[5]),
+        int(there[10]),
+        *(int(v is None and t) for v, t in zip(values, there, strict=True)),
     ]
-    return sums, [devices, visitors, int(p["devices_epoch"]), est_n, people_n]
+    return sums, [n[0], n[2], n[10], n[11], n[12]]
 
 
 Entry = tuple[Buckets, tuple[list[list[int]], list[list[int]]]]  # buckets, (sums, maxima)
@@ -186,8 +245,3 @@ class RollupDeltas:
 
     def __bool__(self) -> bool:
         return bool(self.agent_hours)
-
-
-def measures_dict(sums: list[int], maxima: list[int]) -> dict[str, int]:
-    """Measures by name."""
-    return dict(zip(MEASURES, sums + maxima, strict=True))

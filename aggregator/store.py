@@ -14,12 +14,18 @@ Tables::
     registry_state  a version bumped by every enrolment, revocation and prune
     windows         one row per stored counts message: (agent_key, seq) and
                     (agent_key, window_start) unique; every count the schema defines as a
-                    column, and the payload's canonical JSON and signature as received
+                    column (SQL NULL when suppressed or absent; ``suppressed`` has a bit per
+                    suppressed one, :data:`NULLABLE_COLUMNS` order), and the payload's
+                    canonical JSON and signature as received
     agent_hours     roll-ups by agent and local hour, agent and local day, site and local
     agent_days      hour, site and local day (aggregator.rollup); they stay when retention
     site_hours      deletes the windows
     site_days
     refusals        messages not stored, by reason, site and agent: count, first, last
+    users, grants,  accounts (aggregator.accounts): users with a role, the sites granted to
+    sessions,       them, browser sessions and API tokens (SHA-256 of the secret at rest),
+    api_tokens,     failed logins by account and address (the rate limit)
+    login_failures
 
 Times are Unix seconds (integers) throughout.
 
@@ -50,7 +56,15 @@ from sqlalchemy.sql.elements import ColumnElement
 from aggregator.config import StoreSettings, mask_dsn
 from aggregator.errors import RegistryError, StoreError
 from aggregator.registry import AgentEntry, Registry
-from aggregator.rollup import MAX_MEASURES, MEASURES, Buckets, RollupDeltas, totals
+from aggregator.rollup import (
+    MAX_MEASURES,
+    MEASURES,
+    SUPPRESSIBLE,
+    Buckets,
+    RollupDeltas,
+    device_counts,
+    totals,
+)
 from aggregator.verify import Accepted
 from firmware_agent.errors import MessageError
 from firmware_agent.messages import AgentId, SiteId, public_key_text, verify_key_from_text
@@ -110,25 +124,9 @@ registry_state = sa.Table(
 )
 
 # Counts fields stored as columns (the roll-ups' inputs); the rest stays in `payload`.
-COUNT_COLUMNS = (
-    "probe_requests",
-    "malformed",
-    "late_frames",
-    "devices",
-    "devices_randomised",
-    "visitors",
-    "passersby",
-    "visits_ended",
-    "devices_epoch",
-)
-DWELL_COLUMNS = {
-    "lt5": "dwell_lt5",
-    "5-15": "dwell_5_15",
-    "15-30": "dwell_15_30",
-    "30-60": "dwell_30_60",
-    "ge60": "dwell_ge60",
-}
-OPTIONAL_COLUMNS = ("people_est", "static_excluded", "people")
+COUNT_COLUMNS = ("probe_requests", "malformed", "late_frames")
+# Device counts: NULL when suppressed (its bit set in `suppressed`) or absent (bit clear).
+NULLABLE_COLUMNS = (*SUPPRESSIBLE, "static_excluded")
 
 
 def _window_columns() -> list[sa.Column[Any]]:
@@ -139,8 +137,8 @@ def _window_columns() -> list[sa.Column[Any]]:
         sa.Column("window_s", sa.Integer, nullable=False),
         sa.Column("epoch", sa.String(16), nullable=False),
         *(sa.Column(name, sa.BigInteger, nullable=False) for name in COUNT_COLUMNS),
-        *(sa.Column(name, sa.BigInteger, nullable=False) for name in DWELL_COLUMNS.values()),
-        *(sa.Column(name, sa.BigInteger) for name in OPTIONAL_COLUMNS),
+        *(sa.Column(name, sa.BigInteger) for name in NULLABLE_COLUMNS),
+        sa.Column("suppressed", sa.Integer, nullable=False, server_default="0"),
         sa.Column("payload", sa.Text, nullable=False),
         sa.Column("sig", sa.String(88), nullable=False),
         sa.Column("received_at", sa.BigInteger, nullable=False),
@@ -156,7 +154,7 @@ windows = sa.Table(
     sa.ForeignKeyConstraint(["agent_key"], ["agents.agent_key"], name="fk_windows_agent"),
 )
 WINDOW_COLUMNS = tuple(c.name for c in windows.columns)
-assert WINDOW_COLUMNS[5:22] == (*COUNT_COLUMNS, *DWELL_COLUMNS.values(), *OPTIONAL_COLUMNS)
+assert WINDOW_COLUMNS[5:23] == (*COUNT_COLUMNS, *NULLABLE_COLUMNS, "suppressed")
 
 
 def _measure_columns() -> list[sa.Column[Any]]:
@@ -204,6 +202,58 @@ refusals = sa.Table(
     sa.Column("first_at", sa.BigInteger, nullable=False),
     sa.Column("last_at", sa.BigInteger, nullable=False),
     sa.PrimaryKeyConstraint("reason", "site_id", "agent_id", name="pk_refusals"),
+)
+
+# Accounts (aggregator.accounts): users and their roles, grants of sites, browser sessions and
+# API tokens (both hashed at rest), failed logins counted by account and by address.
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("password_hash", sa.String(200), nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("disabled_at", sa.BigInteger),
+    sa.UniqueConstraint("name", name="uq_users_name"),
+)
+grants = sa.Table(
+    "grants",
+    metadata,
+    sa.Column("user_id", sa.Integer, nullable=False),
+    sa.Column("site_id", sa.String(63), nullable=False),
+    sa.PrimaryKeyConstraint("user_id", "site_id", name="pk_grants"),
+    sa.ForeignKeyConstraint(["user_id"], ["users.id"], name="fk_grants_user"),
+    sa.ForeignKeyConstraint(["site_id"], ["sites.id"], name="fk_grants_site"),
+)
+sessions = sa.Table(
+    "sessions",
+    metadata,
+    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column("user_id", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("expires_at", sa.BigInteger, nullable=False),
+    sa.ForeignKeyConstraint(["user_id"], ["users.id"], name="fk_sessions_user"),
+)
+api_tokens = sa.Table(
+    "api_tokens",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("user_id", sa.Integer, nullable=False),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("token_hash", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("last_used_at", sa.BigInteger),
+    sa.Column("revoked_at", sa.BigInteger),
+    sa.UniqueConstraint("token_hash", name="uq_api_tokens_hash"),
+    sa.ForeignKeyConstraint(["user_id"], ["users.id"], name="fk_api_tokens_user"),
+)
+login_failures = sa.Table(
+    "login_failures",
+    metadata,
+    sa.Column("key", sa.String(200), primary_key=True),
+    sa.Column("failures", sa.Integer, nullable=False),
+    sa.Column("first_at", sa.BigInteger, nullable=False),
 )
 
 # Per-connection temporary staging tables: the same columns, no constraints.
@@ -284,7 +334,9 @@ def engine_url(settings: StoreSettings) -> sa.URL:
         raise StoreError(f"store.dsn is not a database URL: {mask_dsn(settings.dsn)!r}") from exc
 
 
-def _make_engine(settings: StoreSettings) -> Engine:
+def _make_engine(settings: StoreSettings, *, writer: bool = True) -> Engine:
+    """The engine; on SQLite, a ``writer`` begins every transaction ``IMMEDIATE`` (taking the
+    write lock at once), a reader with a plain deferred ``BEGIN`` (WAL: it never waits)."""
     url = engine_url(settings)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
@@ -314,7 +366,7 @@ def _make_engine(settings: StoreSettings) -> Engine:
 
         @sa.event.listens_for(engine, "begin")
         def _sqlite_begin(connection: Connection) -> None:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
 
         return engine
     if url.get_backend_name() != "postgresql":
@@ -355,6 +407,9 @@ class Store:
         self.settings = settings
         self.engine = _make_engine(settings)
         self.dialect = self.engine.dialect.name
+        self._read_engine = (
+            _make_engine(settings, writer=False) if self.dialect == "sqlite" else self.engine
+        )
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         self._statements = _Statements(self)
         self._seen_written: dict[int, int] = {}  # agent_key -> last_seen_at written
@@ -374,6 +429,7 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+        self._read_engine.dispose()
 
     def __enter__(self) -> Store:
         return self
@@ -388,10 +444,11 @@ class Store:
         return f"{text} schema {self.settings.schema}" if self.settings.schema else text
 
     @contextlib.contextmanager
-    def begin(self) -> Iterator[Connection]:
-        """A write transaction; database failures become :class:`StoreError` naming the DB."""
+    def begin(self, *, read_only: bool = False) -> Iterator[Connection]:
+        """A transaction (``read_only``: on SQLite, one that never takes the write lock);
+        database failures become :class:`StoreError` naming the DB."""
         try:
-            with self.engine.begin() as conn:
+            with (self._read_engine if read_only else self.engine).begin() as conn:
                 yield conn
         except sa.exc.DBAPIError as exc:
             raise StoreError(f"database {self.where}: {_db_error(exc)}") from exc
@@ -788,28 +845,41 @@ class Store:
 
     # --- health ----------------------------------------------------------------------------
 
-    def _gaps(self) -> sa.Subquery:
-        """Per stored window after an agent's first: how many windows are missing before it."""
+    def _gaps(self, scope: ColumnElement[bool]) -> sa.Subquery:
+        """Per stored window (in ``scope``) after an agent's first: how many windows are
+        missing before it."""
         w = windows.c
         before_seq = sa.func.lag(w.seq).over(partition_by=w.agent_key, order_by=w.seq)
         before_start = sa.func.lag(w.window_start).over(partition_by=w.agent_key, order_by=w.seq)
         by_seq = w.seq - before_seq - 1
         by_time = (w.window_start - before_start) // w.window_s - 1
-        return sa.select(
-            w.agent_key,
-            before_seq.label("after_seq"),
-            w.seq.label("before_seq"),
-            before_start.label("after_window"),
-            w.window_start.label("before_window"),
-            self._least(by_seq, by_time).label("missing"),
-        ).subquery()
+        return (
+            sa.select(
+                w.agent_key,
+                before_seq.label("after_seq"),
+                w.seq.label("before_seq"),
+                before_start.label("after_window"),
+                w.window_start.label("before_window"),
+                self._least(by_seq, by_time).label("missing"),
+            )
+            .where(scope)
+            .subquery()
+        )
 
     def _least(self, a: ColumnElement[Any], b: ColumnElement[Any]) -> ColumnElement[Any]:
         return sa.func.least(a, b) if self.dialect == "postgresql" else sa.func.min(a, b)
 
-    def agents(self, site: str | None = None) -> list[AgentHealth]:
-        """Every agent (of one site), with its health."""
-        gaps = self._gaps()
+    def agents(self, site: str | None = None, since: int | None = None) -> list[AgentHealth]:
+        """Every agent (of one site), with its health; with ``since`` (Unix s), the windows
+        stored and missing count only those from then on (a quick look at a big store)."""
+        scope: ColumnElement[bool] = sa.true()
+        if site is not None:
+            scope &= windows.c.agent_key.in_(
+                sa.select(agents.c.agent_key).where(agents.c.site_id == site)
+            )
+        if since is not None:
+            scope &= windows.c.window_start >= since
+        gaps = self._gaps(scope)
         missing = (
             sa.select(
                 gaps.c.agent_key,
@@ -826,6 +896,7 @@ class Store:
                 sa.func.max(windows.c.window_start).label("last_window"),
                 sa.func.max(windows.c.seq).label("last_seq"),
             )
+            .where(scope)
             .group_by(windows.c.agent_key)
             .subquery()
         )
@@ -855,7 +926,7 @@ class Store:
         )
         if site is not None:
             query = query.where(a.site_id == site)
-        with self.begin() as conn:
+        with self.begin(read_only=True) as conn:
             rows = conn.execute(query).all()
         return [
             AgentHealth(
@@ -882,7 +953,7 @@ class Store:
     def gaps(self, site: str, agent: str, limit: int = 50) -> list[Gap]:
         """The latest gaps in an agent's windows, newest first."""
         site, agent = _check_site(site), _check_agent(agent)
-        gaps = self._gaps()
+        gaps = self._gaps(sa.true())
         with self.begin() as conn:
             key = conn.execute(
                 sa.select(agents.c.agent_key).where(
@@ -924,10 +995,16 @@ def _period(hourly: bool, b: Buckets) -> tuple[Any, ...]:
 
 def _window_row(message: Accepted) -> tuple[Any, ...]:
     """The row of a counts message, in WINDOW_COLUMNS order (int() turns a validated integral
-    float into the int it is)."""
+    float into the int it is; a suppressed count is NULL with its bit in ``suppressed``, an
+    absent one NULL alone)."""
     p = message.payload
-    dwell = p["dwell_minutes"]
-    est, static, people = p.get("people_est"), p.get("static_excluded"), p.get("people")
+    values, there = device_counts(p)
+    values.append(p.get("static_excluded"))
+    there.append("static_excluded" in p)
+    suppressed = 0
+    for bit, (value, present) in enumerate(zip(values, there, strict=True)):
+        if value is None and present:
+            suppressed |= 1 << bit
     return (
         message.agent.key,
         int(p["seq"]),
@@ -937,20 +1014,8 @@ def _window_row(message: Accepted) -> tuple[Any, ...]:
         int(p["probe_requests"]),
         int(p["malformed"]),
         int(p["late_frames"]),
-        int(p["devices"]),
-        int(p["devices_randomised"]),
-        int(p["visitors"]),
-        int(p["passersby"]),
-        int(p["visits_ended"]),
-        int(p["devices_epoch"]),
-        int(dwell["lt5"]),
-        int(dwell["5-15"]),
-        int(dwell["15-30"]),
-        int(dwell["30-60"]),
-        int(dwell["ge60"]),
-        None if est is None else int(est),
-        None if static is None else int(static),
-        None if people is None else int(people),
+        *(None if value is None else int(value) for value in values),
+        suppressed,
         message.canonical,
         message.signature,
         message.received_at,

@@ -213,7 +213,8 @@ class SchemaCheck:
     def _object_check(self, schema: Mapping[str, Any]) -> Check:
         subschemas = schema.get("properties", {})
         properties = {k: self._compile(v) for k, v in subschemas.items()}
-        # Integer fields in bounds (most of a counts message) are checked inline, no call.
+        # Integer fields in bounds, or null where the schema allows it (most of a counts
+        # message), are checked inline, no call.
         ranges = {k: r for k, v in subschemas.items() if (r := self._int_range(v)) is not None}
         required = tuple(schema.get("required", ()))
         required_set = frozenset(required)
@@ -233,7 +234,10 @@ class SchemaCheck:
                 return f": unexpected field {extra[:40]!r}"
             for key, value in x.items():
                 bounds = ranges.get(key)
-                if bounds is not None and type(value) is int and bounds[0] <= value <= bounds[1]:
+                if bounds is not None and (
+                    (type(value) is int and bounds[0] <= value <= bounds[1])
+                    or (value is None and bounds[2])
+                ):
                     continue
                 check = properties.get(key)
                 if check is not None:
@@ -244,13 +248,19 @@ class SchemaCheck:
 
         return object_check
 
-    def _int_range(self, schema: Mapping[str, Any]) -> tuple[float, float] | None:
-        """(minimum, maximum) of a schema that says only "an integer in bounds"."""
+    def _int_range(self, schema: Mapping[str, Any]) -> tuple[float, float, bool] | None:
+        """(minimum, maximum, null allowed) of a schema that says only "an integer in bounds",
+        or "one of: an integer in bounds, null"."""
         keywords = set(schema) - _ANNOTATIONS
         if keywords == {"$ref"} and schema["$ref"].startswith("#/$defs/"):
             return self._int_range(self._root["$defs"][schema["$ref"].removeprefix("#/$defs/")])
         if schema.get("type") == "integer" and keywords <= {"type", "minimum", "maximum"}:
-            return (schema.get("minimum", -math.inf), schema.get("maximum", math.inf))
+            return (schema.get("minimum", -math.inf), schema.get("maximum", math.inf), False)
+        if keywords == {"oneOf"} and len(schema["oneOf"]) == 2:
+            integer, null = schema["oneOf"]
+            bounds = self._int_range(integer)
+            if bounds is not None and not bounds[2] and null == {"type": "null"}:
+                return (bounds[0], bounds[1], True)
         return None
 
     def _one_of(self, options: list[Check]) -> Check:

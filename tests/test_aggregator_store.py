@@ -15,6 +15,7 @@ from alembic.runtime.migration import MigrationContext
 from aggregator.errors import RegistryError
 from aggregator.rollup import MAX_MEASURES, MEASURES, buckets, window_measures
 from aggregator.store import (
+    NULLABLE_COLUMNS,
     Store,
     agent_days,
     agent_hours,
@@ -49,7 +50,7 @@ def test_migrations_make_exactly_the_tables_the_store_defines(store: Store) -> N
     with store.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     assert diff == []
-    assert store.migrate() == "0001"  # again: nothing to do
+    assert store.migrate() == "0003"  # again: nothing to do
 
 
 def test_sites_and_agents_are_enrolled_revoked_and_refused_with_reasons(store: Store) -> None:
@@ -374,3 +375,73 @@ def test_rollup_rows_sum_like_the_windows_they_hold(store: Store) -> None:
         day = conn.execute(sa.select(agent_days)).mappings().one()
     assert {m: day[m] for m in MEASURES} == dict(sums)
     assert day["windows"] == 8 and day["probe_requests"] == 8 * 96
+
+
+def test_suppressed_counts_are_null_and_known_as_suppressed_absent_ones_as_absent(
+    store: Store,
+) -> None:
+    """A null count (suppressed below k) is stored as NULL with its bit set; a field a strict
+    agent leaves out is NULL without it. Roll-ups sum only what was published and count, per
+    measure, the suppressed windows and the windows that carried an optional field."""
+    agent = Agent()
+    enrolled(store, agent)
+    t0 = 1_709_596_800  # 2024-03-05T00:00:00Z, 01:00 in Paris
+    standard = accept(
+        store,
+        agent.topic,
+        agent.counts(
+            1,
+            utc_text(t0),
+            visitors=None,
+            dwell_minutes={"lt5": None, "5-15": 5, "15-30": None, "30-60": 0, "ge60": 6},
+        ),
+    )
+    strict_window = {
+        "window_start": utc_text(t0 + 300),
+        "window_s": 300,
+        "probe_requests": 40,
+        "malformed": 0,
+        "late_frames": 0,
+        "devices": 7,
+        "devices_randomised": None,
+        "visitors": 5,
+        "passersby": None,
+    }
+    strict = accept(
+        store,
+        agent.topic,
+        fast_seal(
+            counts_payload(SiteId("s1"), AgentId("a1"), 2, "0" * 16, strict_window), agent.key
+        ),
+    )
+    store.store_batch([standard, strict], now=NOW)
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(windows).order_by(windows.c.seq)).mappings().all()
+        day = conn.execute(sa.select(site_days)).mappings().one()
+    assert (rows[0]["visitors"], rows[0]["dwell_lt5"], rows[0]["dwell_5_15"]) == (None, None, 5)
+    assert (rows[1]["visits_ended"], rows[1]["dwell_lt5"], rows[1]["devices_randomised"]) == (
+        None,
+        None,
+        None,
+    )
+    suppressed = [
+        {name for bit, name in enumerate(NULLABLE_COLUMNS) if row["suppressed"] >> bit & 1}
+        for row in rows
+    ]
+    assert suppressed == [
+        {"visitors", "dwell_lt5", "dwell_15_30"},
+        {"devices_randomised", "passersby"},
+    ]
+    assert day["windows"] == 2
+    assert (day["visitors_sum"], day["visitors_suppressed"], day["visitors_max"]) == (5, 1, 5)
+    assert (day["devices_sum"], day["devices_suppressed"]) == (18, 0)
+    assert (day["passersby_sum"], day["passersby_suppressed"]) == (3, 1)
+    assert (day["visits_ended"], day["visits_ended_windows"], day["visits_ended_suppressed"]) == (
+        18,
+        1,
+        0,
+    )
+    assert (day["dwell_windows"], day["dwell_lt5"], day["dwell_lt5_suppressed"]) == (1, 0, 1)
+    assert (day["dwell_5_15"], day["dwell_15_30_suppressed"], day["dwell_ge60"]) == (5, 1, 6)
+    assert (day["devices_epoch_windows"], day["devices_epoch_max"]) == (1, 289)
+    assert day["people_est_windows"] == 0

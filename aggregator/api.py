@@ -1,0 +1,396 @@
+"""The HTTP API (FastAPI, OpenAPI at ``/api/v1/openapi.json``): sites, agents and their
+health, counts by window, hour and day in the site's time zone, CSV export, and the dashboard's
+data in one call.
+
+**Who sees what.** Every call is made as a user: an API token (``Authorization: Bearer
+fft_…``) or the dashboard's session cookie (then a state-changing call must also send the
+``X-CSRF-Token`` header equal to the ``footfall_csrf`` cookie). A site that is not granted to
+the user answers 404, exactly as a site that does not exist; a call the user's role may not
+make on a site they see answers 403.
+
+**One error shape.** Every error the API answers, whatever raised it::
+
+    {"error": {"status": 404, "code": "not_found", "message": "site s9 does not exist",
+               "field": null}}
+
+``field`` names the parameter or body field at fault when there is one.
+"""
+
+from __future__ import annotations
+
+import csv
+import hmac
+import io
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import date, datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
+
+from aggregator.accounts import Accounts, User
+from aggregator.errors import RegistryError
+from aggregator.query import MAX_WINDOW_DAYS, MEASURES, UNITS, Counts, Site
+from aggregator.rollup import DWELL_BANDS, zone
+from aggregator.store import Store
+
+__all__ = ["CSRF_COOKIE", "SESSION_COOKIE", "ApiError", "Services", "api_router", "error_body"]
+
+log = logging.getLogger("footfall.aggregator")
+
+SESSION_COOKIE = "footfall_session"
+CSRF_COOKIE = "footfall_csrf"
+SITE_PATTERN = "^[a-z0-9][a-z0-9_-]{0,62}$"
+AGENT_PATTERN = SITE_PATTERN
+MAX_RANGE_DAYS = {"window": MAX_WINDOW_DAYS, "hour": 31, "day": 366}
+_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    422: "invalid",
+    429: "too_many_requests",
+    500: "internal",
+}
+
+
+class ApiError(Exception):
+    """An error answered in the API's one shape."""
+
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+
+
+def error_body(status: int, message: str, field: str | None = None) -> dict[str, Any]:
+    code = _CODES.get(status, "bad_request" if status < 500 else "internal")
+    return {"error": {"status": status, "code": code, "message": message, "field": field}}
+
+
+class Services:
+    """What a request needs: the store, accounts, counts, and how long sessions last."""
+
+    def __init__(self, store: Store, session_s: int, secure_cookies: str) -> None:
+        self.store = store
+        self.accounts = Accounts(store)
+        self.counts = Counts(store)
+        self.session_s = session_s
+        self.secure_cookies = secure_cookies  # "auto" (when the request came by https), on, off
+
+
+def services(request: Request) -> Services:
+    found: Services = request.app.state.services
+    return found
+
+
+_bearer = HTTPBearer(auto_error=False, description="An API token: fft_…")
+_cookie = APIKeyCookie(name=SESSION_COOKIE, auto_error=False, description="A dashboard session")
+
+
+def current_user(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    cookie: Annotated[str | None, Security(_cookie)],
+) -> User:
+    """The user making the call (401 when there is none)."""
+    found = services(request)
+    now = int(time.time())
+    if bearer is not None:
+        user = found.accounts.token_user(bearer.credentials, now)
+        if user is None:
+            raise ApiError(401, "the API token is unknown or revoked", "Authorization")
+        return user
+    if request.headers.get("authorization"):
+        raise ApiError(401, "Authorization must be 'Bearer <API token>'", "Authorization")
+    if cookie:
+        user = found.accounts.session_user(cookie, now)
+        if user is not None:
+            if request.method not in ("GET", "HEAD") and not _csrf_ok(request):
+                raise ApiError(
+                    403, "X-CSRF-Token must equal the footfall_csrf cookie", "X-CSRF-Token"
+                )
+            return user
+    raise ApiError(401, "sign in, or send an API token (Authorization: Bearer fft_…)")
+
+
+def _csrf_ok(request: Request) -> bool:
+    expected = request.cookies.get(CSRF_COOKIE, "")
+    given = request.headers.get("x-csrf-token", "")
+    return bool(expected) and hmac.compare_digest(expected, given)
+
+
+CurrentUser = Annotated[User, Depends(current_user)]
+SiteIdPath = Annotated[str, Path(pattern=SITE_PATTERN, description="site id")]
+
+
+def visible_site(request: Request, site_id: SiteIdPath, user: CurrentUser) -> Site:
+    """The site, if the user may see it; 404 as if it did not exist otherwise."""
+    if user.sees(site_id):
+        try:
+            return services(request).counts.site(site_id)
+        except RegistryError:
+            pass
+    raise ApiError(404, f"site {site_id} does not exist", "site_id")
+
+
+VisibleSite = Annotated[Site, Depends(visible_site)]
+
+
+def counts_site(site: VisibleSite, user: CurrentUser) -> Site:
+    """The site, if the user may also read its counts (merchants and admins)."""
+    if not user.reads_counts:
+        raise ApiError(403, f"a {user.role} does not read counts", "site_id")
+    return site
+
+
+CountsSite = Annotated[Site, Depends(counts_site)]
+
+
+def local_today(site: Site) -> date:
+    return datetime.now(zone(site.timezone)).date()
+
+
+def _day_range(
+    site: Site, first: date | None, last: date | None, resolution: str
+) -> tuple[date, date]:
+    last = last or local_today(site)
+    first = first or last
+    if first > last:
+        raise ApiError(422, f"from ({first}) is after to ({last})", "from")
+    limit = MAX_RANGE_DAYS[resolution]
+    if (last - first).days >= limit:
+        raise ApiError(
+            422,
+            f"resolution {resolution}: at most {limit} days at a time, "
+            f"got {(last - first).days + 1}",
+            "from",
+        )
+    return first, last
+
+
+class SiteOut(BaseModel):
+    id: str
+    name: str
+    timezone: str
+
+
+class MeOut(BaseModel):
+    name: str
+    role: str
+    sites: list[str]
+
+
+class AgentIn(BaseModel):
+    agent: str = Field(pattern=AGENT_PATTERN, description="agent id, as in its topics")
+    public_key: str = Field(max_length=100, description="base64 Ed25519 key (keygen prints it)")
+
+
+Resolution = Annotated[str, Query(pattern="^(window|hour|day)$", description="window, hour or day")]
+FromDay = Annotated[date | None, Query(alias="from", description="first local day (default: to)")]
+ToDay = Annotated[date | None, Query(alias="to", description="last local day (default: today)")]
+OnDay = Annotated[date | None, Query(description="local day (default: today)")]
+
+
+def _rows(
+    counts: Counts, site: Site, resolution: str, first: date, last: date
+) -> list[dict[str, Any]]:
+    read: dict[str, Callable[[Site, date, date], list[dict[str, Any]]]] = {
+        "window": counts.windows,
+        "hour": counts.hours,
+        "day": counts.days,
+    }
+    return read[resolution](site, first, last)
+
+
+def dashboard_data(found: Services, site: Site, day: date) -> dict[str, Any]:
+    """Everything the site page shows for one local day (the page embeds exactly this)."""
+    counts = found.counts
+    today = next(iter(counts.days(site, day, day)), None)
+    dwell = {
+        band: {
+            "visits": None if today is None else today[column],
+            "suppressed": 0 if today is None else today[f"{column}_suppressed"],
+        }
+        for band, column in DWELL_BANDS
+    }
+    visitors = None if today is None else today["visitors"]
+    devices = None if today is None else today["devices"]
+    day_start, _ = counts.day_bounds(site, day, day)
+    return {
+        "site": asdict(site),
+        "date": day.isoformat(),
+        "today": counts.hours(site, day, day),
+        "last_week": counts.hours(site, day - timedelta(days=7), day - timedelta(days=7)),
+        "days": counts.days(site, day - timedelta(days=27), day),
+        "heatmap": counts.heatmap(site, day),
+        "dwell": dwell,
+        "capture": {
+            "visitors": visitors,
+            "devices": devices,
+            "rate": round(visitors / devices, 3) if visitors is not None and devices else None,
+            "visitors_suppressed": 0 if today is None else today["visitors_suppressed"],
+            "devices_suppressed": 0 if today is None else today["devices_suppressed"],
+        },
+        "agents": [asdict(a) for a in found.store.agents(site.id, since=day_start)],
+    }
+
+
+def csv_text(site: Site, resolution: str, rows: list[dict[str, Any]]) -> str:
+    """Rows as CSV; the header names each column's unit and the site's time zone."""
+    names = ["windows", "probe_requests"] + [n for m in MEASURES for n in (m, f"{m}_suppressed")]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(
+        [f"{resolution} ({site.timezone})"] + [f"{name} ({UNITS[name]})" for name in names]
+    )
+    for row in rows:
+        writer.writerow([row["local"]] + ["" if row[n] is None else row[n] for n in names])
+    return out.getvalue()
+
+
+api_router = APIRouter(prefix="/api/v1")
+
+
+@api_router.get("/me", response_model=MeOut, summary="the user making the call")
+def get_me(user: CurrentUser) -> MeOut:
+    return MeOut(name=user.name, role=user.role, sites=sorted(user.sites))
+
+
+@api_router.get("/sites", response_model=list[SiteOut], summary="the sites the user sees")
+def get_sites(request: Request, user: CurrentUser) -> list[SiteOut]:
+    only = None if user.role == "admin" else user.sites
+    return [SiteOut(**asdict(s)) for s in services(request).counts.sites(only)]
+
+
+@api_router.get("/sites/{site_id}", response_model=SiteOut, summary="one site")
+def get_site(site: VisibleSite) -> SiteOut:
+    return SiteOut(**asdict(site))
+
+
+@api_router.get("/sites/{site_id}/agents", summary="the site's agents and their health")
+def get_agents(
+    request: Request,
+    site: VisibleSite,
+    since_hours: Annotated[int, Query(ge=1, le=24 * 366, description="windows counted since")] = 24,
+) -> list[dict[str, Any]]:
+    since = int(time.time()) - 3600 * since_hours
+    return [asdict(a) for a in services(request).store.agents(site.id, since=since)]
+
+
+@api_router.post("/sites/{site_id}/agents", status_code=201, summary="enrol an agent")
+def post_agent(
+    request: Request, site: VisibleSite, user: CurrentUser, body: AgentIn
+) -> dict[str, str]:
+    if not user.enrols:
+        raise ApiError(403, f"a {user.role} does not enrol agents", "site_id")
+    try:
+        services(request).store.add_agent(site.id, body.agent, body.public_key, int(time.time()))
+    except RegistryError as exc:
+        field = "public_key" if "public key" in str(exc) else "agent"
+        raise ApiError(409 if "already" in str(exc) else 422, str(exc), field) from exc
+    return {"site": site.id, "agent": body.agent}
+
+
+@api_router.get("/sites/{site_id}/counts", summary="counts by window, hour or day")
+def get_counts(
+    request: Request,
+    site: CountsSite,
+    first: FromDay = None,
+    last: ToDay = None,
+    resolution: Resolution = "hour",
+) -> dict[str, Any]:
+    first, last = _day_range(site, first, last, resolution)
+    return {
+        "site": site.id,
+        "timezone": site.timezone,
+        "resolution": resolution,
+        "from": first.isoformat(),
+        "to": last.isoformat(),
+        "units": UNITS,
+        "rows": _rows(services(request).counts, site, resolution, first, last),
+    }
+
+
+@api_router.get(
+    "/sites/{site_id}/counts.csv",
+    summary="counts as CSV (the header names units)",
+    response_class=Response,
+    responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}}}},
+)
+def get_counts_csv(
+    request: Request,
+    site: CountsSite,
+    first: FromDay = None,
+    last: ToDay = None,
+    resolution: Resolution = "hour",
+) -> Response:
+    first, last = _day_range(site, first, last, resolution)
+    rows = _rows(services(request).counts, site, resolution, first, last)
+    name = f"footfall-{site.id}-{resolution}-{first}-{last}.csv"
+    return Response(
+        csv_text(site, resolution, rows),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )
+
+
+@api_router.get("/sites/{site_id}/heatmap", summary="busy times: weekday by hour, 4 weeks")
+def get_heatmap(request: Request, site: CountsSite, day: OnDay = None) -> dict[str, Any]:
+    return services(request).counts.heatmap(site, day or local_today(site))
+
+
+@api_router.get("/sites/{site_id}/dashboard", summary="everything the site page shows")
+def get_dashboard(request: Request, site: CountsSite, day: OnDay = None) -> dict[str, Any]:
+    return dashboard_data(services(request), site, day or local_today(site))
+
+
+def install_error_handlers(app: FastAPI, page: Callable[[Request, int, str], Response]) -> None:
+    """Every error in the one shape under /api/; as an HTML page (``page``) elsewhere."""
+
+    def answer(request: Request, status: int, message: str, field: str | None) -> Response:
+        if request.url.path.startswith("/api/"):
+            return JSONResponse(error_body(status, message, field), status_code=status)
+        return page(request, status, message)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return answer(request, exc.status, exc.message, exc.field)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        response = answer(request, exc.status_code, str(exc.detail), None)
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0]
+        where = [
+            str(part)
+            for part in first.get("loc", ())
+            if part not in ("query", "path", "body", "header", "cookie")
+        ]
+        field = ".".join(where) or None
+        message = f"{field or 'request'}: {first.get('msg', 'invalid')}"
+        return answer(request, 422, message, field)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception) -> Response:
+        log.error(
+            "internal error on %s %s: %s",
+            request.method,
+            request.url.path,
+            type(exc).__name__,
+            exc_info=exc,
+        )
+        return answer(request, 500, "internal error (the server's log says more)", None)

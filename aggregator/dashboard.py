@@ -1,0 +1,319 @@
+"""The merchants' dashboard: server-rendered pages (Jinja2), charts drawn by the vendored uPlot
+(``aggregator/web/static/uPlot-1.6.32.min.js``; no build step, no CDN), and the web app that
+serves them with the API (:func:`create_app`).
+
+Pages: ``/login``, ``/`` (the user's sites), ``/sites/<site>?date=YYYY-MM-DD`` (a day: by hour
+against the same weekday a week before, the last 4 weeks by day, busy times, dwell, capture
+rate, agents' health; CSV of what is shown), ``/account`` (API tokens). Every form carries a
+CSRF token that must equal the ``footfall_csrf`` cookie (double submit; the cookie is
+``SameSite=Strict`` and ``HttpOnly``). The session cookie is ``HttpOnly``, ``SameSite=Lax``,
+and ``Secure`` when the request came over TLS (``serve.secure_cookies``). Every page is sent
+with a Content-Security-Policy that allows scripts and styles from this server only.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, FastAPI, Form, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+
+from aggregator import __version__
+from aggregator.accounts import User
+from aggregator.api import (
+    CSRF_COOKIE,
+    SESSION_COOKIE,
+    SITE_PATTERN,
+    ApiError,
+    Services,
+    api_router,
+    dashboard_data,
+    install_error_handlers,
+    local_today,
+    services,
+)
+from aggregator.errors import AccountError, LoginRefusedError, RegistryError
+from aggregator.query import Site
+from aggregator.rollup import DWELL_BANDS
+from aggregator.store import Store
+
+__all__ = ["UPLOT", "create_app", "shown_value"]
+
+WEB = Path(__file__).with_name("web")
+UPLOT = "uPlot-1.6.32"
+templates = Jinja2Templates(directory=WEB / "templates")
+
+
+def shown_value(value: int | None, suppressed: int) -> str:
+    """A count as a person reads it: ``12``; ``≥ 12`` when some windows were suppressed;
+    ``suppressed`` when every window was; ``—`` when it was not published."""
+    if value is None:
+        return "suppressed" if suppressed else "—"
+    return f"≥ {value}" if suppressed else str(value)
+
+
+def _shown(row: dict[str, Any], measure: str) -> str:
+    return shown_value(row[measure], row[f"{measure}_suppressed"])
+
+
+def _utc(unix_s: int | None) -> str:
+    return "—" if unix_s is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(unix_s))
+
+
+templates.env.globals.update(shown=_shown, shown_value=shown_value)
+templates.env.filters["utc"] = _utc
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+pages = APIRouter(include_in_schema=False)
+
+
+class _SignInRequiredError(Exception):
+    """Not signed in: go to the login page."""
+
+
+def _page_user(request: Request) -> User:
+    secret = request.cookies.get(SESSION_COOKIE)
+    user = services(request).accounts.session_user(secret, int(time.time())) if secret else None
+    if user is None:
+        raise _SignInRequiredError
+    return user
+
+
+def _csrf(request: Request) -> str:
+    """The browser's CSRF token (made on the first page it sees; the middleware sets it)."""
+    token: str = getattr(request.state, "csrf", "")
+    return token
+
+
+def _check_csrf(request: Request, given: str) -> None:
+    expected = request.cookies.get(CSRF_COOKIE, "")
+    if not expected or not hmac.compare_digest(expected, given):
+        raise ApiError(403, "the form is stale or came from another site: reload and try again")
+
+
+def _render(request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
+    return templates.TemplateResponse(
+        request,
+        template,
+        {"csrf": _csrf(request), "uplot": UPLOT, "version": __version__, **context},
+        status_code=status,
+    )
+
+
+def _secure(request: Request) -> bool:
+    setting = services(request).secure_cookies
+    return setting == "on" or (setting == "auto" and request.url.scheme == "https")
+
+
+def _user_site(request: Request, user: User, site_id: str) -> Site:
+    if user.sees(site_id):
+        try:
+            return services(request).counts.site(site_id)
+        except RegistryError:
+            pass
+    raise ApiError(404, f"site {site_id} does not exist")
+
+
+@pages.get("/login")
+def login_page(request: Request) -> HTMLResponse:
+    return _render(request, "login.html", title="Sign in")
+
+
+@pages.post("/login")
+def login(
+    request: Request,
+    name: Annotated[str, Form(max_length=100)],
+    password: Annotated[str, Form(max_length=1000)],
+    csrf: Annotated[str, Form(max_length=100)] = "",
+) -> Response:
+    _check_csrf(request, csrf)
+    found = services(request)
+    address = request.client.host if request.client else "-"
+    try:
+        user = found.accounts.login(name, password, address, int(time.time()))
+    except LoginRefusedError as exc:
+        status = 429 if exc.limited else 401
+        return _render(request, "login.html", status, title="Sign in", error=str(exc), name=name)
+    secret = found.accounts.open_session(user, int(time.time()), found.session_s)
+    response = RedirectResponse("/", status_code=303)
+    response.set_cookie(
+        SESSION_COOKIE,
+        secret,
+        max_age=found.session_s,
+        httponly=True,
+        samesite="lax",
+        secure=_secure(request),
+    )
+    return response
+
+
+@pages.post("/logout")
+def logout(request: Request, csrf: Annotated[str, Form(max_length=100)] = "") -> Response:
+    _check_csrf(request, csrf)
+    secret = request.cookies.get(SESSION_COOKIE)
+    if secret:
+        services(request).accounts.close_session(secret)
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, httponly=True, samesite="lax", secure=_secure(request))
+    return response
+
+
+@pages.get("/")
+def home(request: Request) -> HTMLResponse:
+    user = _page_user(request)
+    only = None if user.role == "admin" else user.sites
+    return _render(
+        request, "sites.html", title="Sites", user=user, sites=services(request).counts.sites(only)
+    )
+
+
+@pages.get("/sites/{site_id}")
+def site_page(
+    request: Request,
+    site_id: str,
+    day: Annotated[date | None, Query(alias="date")] = None,
+) -> HTMLResponse:
+    user = _page_user(request)
+    site = _user_site(request, user, site_id)
+    found = services(request)
+    day = day or local_today(site)
+    context: dict[str, Any] = {"title": site.name, "user": user, "site": site, "day": day}
+    if not user.reads_counts:
+        day_start, _ = found.counts.day_bounds(site, day, day)
+        agents = found.store.agents(site.id, since=day_start)
+        return _render(request, "agents.html", agents=agents, **context)
+    data = dashboard_data(found, site, day)
+    return _render(
+        request,
+        "site.html",
+        data=data,
+        agents=data["agents"],
+        bands=[band for band, _ in DWELL_BANDS],
+        previous=day - timedelta(days=1),
+        week_before=day - timedelta(days=7),
+        following=day + timedelta(days=1),
+        heat_max=max((v for row in data["heatmap"]["visitors"] for v in row if v), default=0),
+        **context,
+    )
+
+
+@pages.post("/sites/{site_id}/agents")
+def enrol_agent(
+    request: Request,
+    site_id: str,
+    agent: Annotated[str, Form(pattern=SITE_PATTERN)],
+    public_key: Annotated[str, Form(max_length=100)],
+    csrf: Annotated[str, Form(max_length=100)] = "",
+) -> Response:
+    _check_csrf(request, csrf)
+    user = _page_user(request)
+    site = _user_site(request, user, site_id)
+    if not user.enrols:
+        raise ApiError(403, f"a {user.role} does not enrol agents")
+    try:
+        services(request).store.add_agent(site.id, agent, public_key, int(time.time()))
+    except RegistryError as exc:
+        raise ApiError(422, str(exc)) from exc
+    return RedirectResponse(f"/sites/{site.id}", status_code=303)
+
+
+@pages.get("/account")
+def account(request: Request) -> HTMLResponse:
+    user = _page_user(request)
+    tokens = services(request).accounts.tokens(user)
+    return _render(request, "account.html", title="Account", user=user, tokens=tokens)
+
+
+@pages.post("/account/tokens")
+def add_token(
+    request: Request,
+    name: Annotated[str, Form(max_length=100)],
+    csrf: Annotated[str, Form(max_length=100)] = "",
+) -> HTMLResponse:
+    _check_csrf(request, csrf)
+    user = _page_user(request)
+    found = services(request)
+    try:
+        secret = found.accounts.add_token(user, name, int(time.time()))
+    except AccountError as exc:
+        raise ApiError(422, str(exc), "name") from exc
+    tokens = found.accounts.tokens(user)
+    return _render(
+        request, "account.html", title="Account", user=user, tokens=tokens, new_token=secret
+    )
+
+
+@pages.post("/account/tokens/{token_id}/revoke")
+def revoke_token(
+    request: Request, token_id: int, csrf: Annotated[str, Form(max_length=100)] = ""
+) -> Response:
+    _check_csrf(request, csrf)
+    user = _page_user(request)
+    if not services(request).accounts.revoke_token(user, token_id, int(time.time())):
+        raise ApiError(404, f"token {token_id} does not exist")
+    return RedirectResponse("/account", status_code=303)
+
+
+class _Headers(BaseHTTPMiddleware):
+    """Security headers on every answer; the CSRF cookie for a browser that has none."""
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        known = request.cookies.get(CSRF_COOKIE)
+        request.state.csrf = known or secrets.token_urlsafe(24)
+        response = await call_next(request)
+        response.headers.setdefault("Content-Security-Policy", CSP)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "same-origin"
+        response.headers["X-Frame-Options"] = "DENY"
+        if not request.url.path.startswith("/static/"):
+            response.headers.setdefault("Cache-Control", "no-store")
+        if not known:
+            response.set_cookie(
+                CSRF_COOKIE,
+                request.state.csrf,
+                httponly=True,
+                samesite="strict",
+                secure=_secure(request),
+            )
+        return response
+
+
+def create_app(
+    store: Store, *, session_s: int = 12 * 3600, secure_cookies: str = "auto"
+) -> FastAPI:
+    """The API and the dashboard over one store."""
+    app = FastAPI(
+        title="footfall",
+        version=__version__,
+        description="Foot traffic counts of the sites you may see. Errors: "
+        '{"error": {"status", "code", "message", "field"}}.',
+        openapi_url="/api/v1/openapi.json",
+        docs_url="/api/v1/docs",
+        redoc_url=None,
+    )
+    app.state.services = Services(store, session_s, secure_cookies)
+    app.include_router(api_router)
+    app.include_router(pages)
+    app.mount("/static", StaticFiles(directory=WEB / "static"), name="static")
+    app.add_middleware(_Headers)
+
+    def error_page(request: Request, status: int, message: str) -> Response:
+        return _render(request, "error.html", status, title=f"Error {status}", message=message)
+
+    install_error_handlers(app, error_page)
+
+    @app.exception_handler(_SignInRequiredError)
+    async def to_login(_request: Request, _exc: _SignInRequiredError) -> Response:
+        return RedirectResponse("/login", status_code=303)
+
+    return app
