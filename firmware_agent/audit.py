@@ -29,13 +29,13 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import nacl.signing
 
 from firmware_agent.errors import MessageError
 from firmware_agent.messages import Envelope, Topic
-from firmware_agent.privacy import STANDARD_MAX_KEY_S, STRICT_MAX_WINDOW_S
+from firmware_agent.privacy import STANDARD_MAX_KEY_S, STRICT_MAX_WINDOW_S, flatten_counts
 
 __all__ = ["Audit", "Finding", "audit_all"]
 
@@ -317,12 +317,11 @@ def _counts_findings(
         present = [name for name in _STRICT_ABSENT if name in p]
         if present:
             out.append(Finding("fail", where, f"strict mode publishes {', '.join(present)}"))
-    flat: dict[str, int | None] = {}
-    for name, value in p.items():
-        if isinstance(value, dict):
-            flat.update({f"{name}.{band}": n for band, n in value.items()})
-        elif name in _DEVICE_FIELDS:
-            flat[name] = value
+    flat = {
+        name: cast(int | None, value)
+        for name, value in flatten_counts(p).items()
+        if name in _DEVICE_FIELDS or name.startswith("dwell_minutes.")
+    }
     for name, value in flat.items():
         if value is not None and 0 < value < k:
             out.append(Finding("fail", where, f"$.{name} is a small count below k={k}"))

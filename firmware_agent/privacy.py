@@ -49,6 +49,7 @@ __all__ = [
     "STRICT_MAX_WINDOW_S",
     "PrivacyPolicy",
     "discrete_laplace",
+    "flatten_counts",
     "linear_count",
     "suppress",
     "truncate_ids",
@@ -81,7 +82,14 @@ _DEVICE_COUNTS = (
     "static_excluded",
     "people",
 )
-_STRICT_OMITS = ("visits_ended", "dwell_minutes", "devices_epoch", "people_est", "static_excluded")
+_STRICT_OMITS = (
+    "visits_ended",
+    "dwell_minutes",
+    "devices_epoch",
+    "people_est",
+    "static_excluded",
+    "people",
+)
 
 
 def truncate_ids(batch: DeviceBatch, bits: int) -> None:
@@ -91,6 +99,9 @@ def truncate_ids(batch: DeviceBatch, bits: int) -> None:
     np.bitwise_and(batch.device, np.uint64((1 << bits) - 1), out=batch.device)
     np.add(batch.device, np.uint64(1), out=batch.device, where=present)
     batch.fp.fill(0)
+
+
+_RANDOM = secrets.SystemRandom()  # every draw reads the operating system's randomness
 
 
 def linear_count(occupied: int, buckets: int) -> float:
@@ -107,7 +118,7 @@ def discrete_laplace(scale_epsilon: float) -> int:
     log_a = math.log(a)
 
     def geometric() -> int:  # failures before the first success, success probability 1 - a
-        u = 1.0 - secrets.SystemRandom().random()  # in (0, 1]
+        u = 1.0 - _RANDOM.random()  # in (0, 1]
         return int(math.log(u) / log_a)
 
     return geometric() - geometric()
@@ -284,9 +295,9 @@ class PrivacyPolicy:
         the suppression follow as post-processing, which spends no privacy budget."""
         full = window.as_dict()
         if self.strict:
-            for name in (*_STRICT_OMITS, "people"):
+            for name in _STRICT_OMITS:
                 full.pop(name, None)
-        flat = _flatten(full)
+        flat = flatten_counts(full)
         counts = {name: cast(int, v) for name, v in flat.items() if name in _DEVICE_COUNTS}
         if self.dp_epsilon is not None:
             noise = self.dp_epsilon / self.sensitivity
@@ -328,7 +339,7 @@ def suppress(counts: Mapping[str, int], k: int) -> set[str]:
     return hidden - set(_IMPLICIT)
 
 
-def _flatten(counts: Mapping[str, object]) -> dict[str, object]:
+def flatten_counts(counts: Mapping[str, object]) -> dict[str, object]:
     """Dwell bands as ``dwell_minutes.<band>``, the rest as they are."""
     flat: dict[str, object] = {}
     for name, value in counts.items():
