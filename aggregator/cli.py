@@ -11,6 +11,7 @@ import argparse
 import getpass
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -100,7 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from aggregator.demo import run_demo  # noqa: PLC0415
 
-    return run_demo(args.port, args.timezone)
+    return run_demo(args.port, args.timezone, args.broker)
 
 
 def _password(args: argparse.Namespace) -> str:
@@ -445,6 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=8080, help="the dashboard's port (default 8080)")
     p.add_argument("--timezone", default="Europe/Paris", help="the demo shop's time zone (IANA)")
+    p.add_argument(
+        "--broker",
+        default=os.environ.get("FOOTFALL_DEMO_BROKER", "auto"),
+        help="'auto' (the default, or FOOTFALL_DEMO_BROKER): Mosquitto if installed, else the "
+        "embedded amqtt; 'mosquitto'; 'embedded' (amqtt, MQTT 3.1.1)",
+    )
 
     users = sub.add_parser("users", help="accounts: add, grant, password, list, token")
     users_sub = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")

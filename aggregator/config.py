@@ -82,6 +82,13 @@ SETTINGS: tuple[_Setting, ...] = (
     Setting("broker.tls_cert", "", "Client certificate file (PEM), if the broker wants one."),
     Setting("broker.tls_key", "", "Private key file (PEM) of the client certificate."),
     Setting("broker.keepalive_s", 30, "Keep-alive (s): a silent connection is lost after ~2x."),
+    Setting(
+        "broker.protocol",
+        "5",
+        "MQTT version: '5', or '3.1.1' for a broker without 5 (amqtt, the demo's embedded one): "
+        "no shared subscription (ingest.share_group must be empty), no session expiry or "
+        "receive maximum (the broker's own limits apply).",
+    ),
     Setting("broker.connect_timeout_s", 10, "How long (s) a connection attempt may take."),
     Setting("broker.backoff_max_s", 30, "Longest wait (s) between reconnection attempts."),
     Setting(
@@ -103,7 +110,7 @@ SETTINGS: tuple[_Setting, ...] = (
         "ingest.session_expiry_s",
         7 * 86400,
         "How long (s) the broker keeps this process's session, and the counts queued for it, "
-        "while the process is away.",
+        "while the process is away (MQTT 5; with 3.1.1 the broker decides).",
     ),
     Setting(
         "ingest.receive_maximum",
@@ -216,7 +223,7 @@ class StoreSettings:
 
 @dataclass(frozen=True, slots=True)
 class BrokerSettings:
-    """Where the broker is and how to talk to it (MQTT 5); checked where made."""
+    """Where the broker is and how to talk to it; checked where made."""
 
     host: str = "localhost"
     port: int = 1883
@@ -228,6 +235,7 @@ class BrokerSettings:
     keepalive_s: int = 30
     connect_timeout_s: int = 10
     backoff_max_s: int = 30
+    protocol: str = "5"
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -251,6 +259,11 @@ class BrokerSettings:
             problems,
             1 <= self.backoff_max_s <= 3600,
             f"broker.backoff_max_s must be between 1 and 3600, got {self.backoff_max_s}",
+        )
+        _check(
+            problems,
+            self.protocol in ("5", "3.1.1"),
+            f"broker.protocol must be '5' or '3.1.1', got {self.protocol!r}",
         )
         _check(
             problems,
@@ -425,6 +438,14 @@ class AggregatorConfig:
     ingest: IngestSettings
     serve: ServeSettings
 
+    def __post_init__(self) -> None:
+        if self.broker.protocol != "5" and self.ingest.share_group:
+            raise ConfigError(
+                f"ingest.share_group = {self.ingest.share_group!r} needs MQTT 5 (a shared "
+                f"subscription), but broker.protocol is {self.broker.protocol!r}: set "
+                "ingest.share_group = '' (one ingest process) or broker.protocol = '5'"
+            )
+
     def show(self) -> list[tuple[str, str, str]]:
         """(name, value, source) rows, secrets masked."""
         rows = []
@@ -482,6 +503,7 @@ def load_config(
             keepalive_s=number("broker.keepalive_s"),
             connect_timeout_s=number("broker.connect_timeout_s"),
             backoff_max_s=number("broker.backoff_max_s"),
+            protocol=text("broker.protocol"),
         ),
         IngestSettings(
             client_id=client_id,

@@ -1,4 +1,4 @@
-"""The MQTT 5 session ingest reads through: receive, and acknowledge when told to.
+"""The MQTT session ingest reads through (5, or 3.1.1): receive, and acknowledge when told to.
 
 Why not paho: paho-mqtt 2.2 costs about 150 µs of CPU per QoS 1 message received and
 acknowledged on this project's machine (it reads a packet's header a byte per ``recv`` call,
@@ -8,10 +8,15 @@ two cores shared with the broker and the database is about 300 µs per message, 
 check included. ``bench/bench_ingest.py`` measures both side by side. Ingest needs a small
 part of MQTT, so this module does that part and nothing else, in about 20 µs per message:
 
-* one connection at a time, MQTT 5, TCP or TLS (``ssl.SSLContext``), user name and password;
-* ``clean_start`` off with a Session Expiry Interval (the broker keeps the session and what is
-  queued for it while we are away) and a Receive Maximum (how many unacknowledged QoS 1
-  messages the broker may send ahead);
+* one connection at a time, TCP or TLS (``ssl.SSLContext``), user name and password;
+* MQTT 5 (``broker.protocol = "5"``): ``clean_start`` off with a Session Expiry Interval (the
+  broker keeps the session and what is queued for it while we are away) and a Receive Maximum
+  (how many unacknowledged QoS 1 messages the broker may send ahead);
+* MQTT 3.1.1 (``"3.1.1"``, protocol level 4, for brokers without 5 such as amqtt):
+  ``clean session`` off (the broker keeps the session for as long as it decides) and no
+  properties in any packet; the broker's own limit bounds what it sends ahead. The two
+  versions differ only in the packets' layout (:func:`connect_packet`,
+  :func:`subscribe_packet`, :func:`_skip_properties`) and the CONNACK's codes;
 * SUBSCRIBE at QoS 1 on connecting (shared subscriptions are plain topic filters here);
 * PUBLISH received (QoS 0 and 1), reads buffered 256 KiB at a time;
 * PUBACK only when :meth:`Session.ack` is called (after the database commit), several per
@@ -46,12 +51,13 @@ __all__ = ["Delivery", "ProtocolError", "Session", "reason_in_words"]
 log = logging.getLogger("footfall.aggregator")
 
 _REASONS = {
+    0x01: "it does not speak MQTT 5 (try broker.protocol = '3.1.1')",  # a 3.1.1 CONNACK
     0x04: "disconnected with the will message",
     0x80: "unspecified error",
     0x81: "malformed packet",
     0x82: "protocol error",
     0x83: "implementation specific error",
-    0x84: "it does not speak MQTT 5",
+    0x84: "it does not speak MQTT 5 (try broker.protocol = '3.1.1')",
     0x85: "client identifier not valid (ingest.client_id)",
     0x86: "bad user name or password (check broker.username and broker.password)",
     0x87: "not authorised (check the account and the broker's ACL)",
@@ -71,14 +77,22 @@ _REASONS = {
     0x9F: "connection rate exceeded",
     0xA2: "wildcard subscriptions not supported",
 }
+_RETURN_CODES_311 = {  # CONNACK return codes of MQTT 3.1.1, and SUBACK's failure
+    0x01: "it does not speak MQTT 3.1.1",
+    0x02: "client identifier rejected (ingest.client_id)",
+    0x03: "server unavailable",
+    0x04: "bad user name or password (check broker.username and broker.password)",
+    0x05: "not authorised (check the account and the broker's ACL)",
+    0x80: "refused",
+}
 _PINGREQ = b"\xc0\x00"
 _DISCONNECT = b"\xe0\x00"  # normal disconnection: the session stays (its expiry runs)
 _READ_SIZE = 256 * 1024
 
 
-def reason_in_words(code: int) -> str:
-    """An MQTT 5 reason code as words an operator can act on."""
-    return _REASONS.get(code, f"reason code 0x{code:02x}")
+def reason_in_words(code: int, v5: bool = True) -> str:
+    """An MQTT 5 reason code (or a 3.1.1 return code) as words an operator can act on."""
+    return (_REASONS if v5 else _RETURN_CODES_311).get(code, f"reason code 0x{code:02x}")
 
 
 class ProtocolError(Exception):
@@ -119,6 +133,20 @@ def _read_varint(data: bytes | bytearray, at: int) -> tuple[int, int] | None:
     raise ProtocolError("malformed packet: a length of more than four bytes")
 
 
+def _skip_properties(data: bytes | bytearray, at: int, packet: str) -> int:
+    """Where an MQTT 5 packet's properties that start at ``at`` end."""
+    try:
+        first = data[at]
+    except IndexError:
+        raise ProtocolError(f"malformed {packet}") from None
+    if first < 0x80:  # under 128 bytes of properties: one byte says so
+        return at + 1 + first
+    length = _read_varint(data, at)
+    if length is None:
+        raise ProtocolError(f"malformed {packet}")
+    return at + length[1] + length[0]
+
+
 def _string(value: str | bytes) -> bytes:
     raw = value.encode() if isinstance(value, str) else value
     return struct.pack("!H", len(raw)) + raw
@@ -131,13 +159,17 @@ def connect_packet(
     keepalive_s: int,
     session_expiry_s: int,
     receive_maximum: int,
+    v5: bool = True,
 ) -> bytes:
-    """CONNECT, MQTT 5, clean start off."""
+    """CONNECT, clean start (3.1.1: clean session) off; MQTT 5 with the session expiry and
+    receive maximum, 3.1.1 (protocol level 4) without properties."""
     flags = (0x80 if username else 0) | (0x40 if password else 0)
-    properties = b"\x11" + struct.pack("!I", session_expiry_s)
-    properties += b"\x21" + struct.pack("!H", receive_maximum)
-    body = _string("MQTT") + bytes([5, flags]) + struct.pack("!H", keepalive_s)
-    body += _varint(len(properties)) + properties + _string(client_id)
+    body = _string("MQTT") + bytes([5 if v5 else 4, flags]) + struct.pack("!H", keepalive_s)
+    if v5:
+        properties = b"\x11" + struct.pack("!I", session_expiry_s)
+        properties += b"\x21" + struct.pack("!H", receive_maximum)
+        body += _varint(len(properties)) + properties
+    body += _string(client_id)
     if username:
         body += _string(username)
     if password:
@@ -145,21 +177,22 @@ def connect_packet(
     return b"\x10" + _varint(len(body)) + body
 
 
-def subscribe_packet(mid: int, filters: Sequence[str]) -> bytes:
-    """SUBSCRIBE each filter at QoS 1."""
-    body = struct.pack("!H", mid) + b"\x00"
+def subscribe_packet(mid: int, filters: Sequence[str], v5: bool = True) -> bytes:
+    """SUBSCRIBE each filter at QoS 1 (MQTT 5: with no properties)."""
+    body = struct.pack("!H", mid) + (b"\x00" if v5 else b"")
     for topic_filter in filters:
         body += _string(topic_filter) + b"\x01"
     return b"\x82" + _varint(len(body)) + body
 
 
 def puback_packets(mids: Sequence[int]) -> bytes:
-    """PUBACKs (success, no properties: the two-byte form)."""
+    """PUBACKs (success, no properties: the two-byte form, the same in 3.1.1)."""
     return b"".join(b"\x40\x02" + struct.pack("!H", mid) for mid in mids)
 
 
 class Session:
-    """One MQTT 5 subscriber session, kept connected (see the module docstring).
+    """One MQTT 5 or 3.1.1 subscriber session (``settings.protocol``), kept connected (see
+    the module docstring).
 
     ``on_message`` runs in the session's thread for every PUBLISH; it must be quick (ingest
     puts the delivery on a queue)."""
@@ -175,6 +208,7 @@ class Session:
         on_message: Callable[[Delivery], None],
     ) -> None:
         self.settings = settings
+        self.v5 = settings.protocol == "5"
         self.client_id = client_id
         self.session_expiry_s = session_expiry_s
         self.receive_maximum = receive_maximum
@@ -273,13 +307,22 @@ class Session:
                     s.keepalive_s,
                     self.session_expiry_s,
                     self.receive_maximum,
+                    self.v5,
                 )
             )
-            header, body, early = self._read_one(sock)
+            try:
+                header, body, early = self._read_one(sock)
+            except TimeoutError:
+                if not self.v5:
+                    raise
+                raise ProtocolError(
+                    "no answer to CONNECT in time (a broker without MQTT 5, such as amqtt, says "
+                    "nothing: if that is it, set broker.protocol = '3.1.1')"
+                ) from None
             if header >> 4 != 2 or len(body) < 2:
                 raise ProtocolError(f"expected CONNACK, got packet type {header >> 4}")
             if body[1] != 0:
-                raise ProtocolError(f"refused the connection: {reason_in_words(body[1])}")
+                raise ProtocolError(f"refused the connection: {reason_in_words(body[1], self.v5)}")
         except BaseException:
             raw.close()
             raise
@@ -312,7 +355,7 @@ class Session:
     def _serve(self, sock: socket.socket, early: bytes) -> None:
         s = self.settings
         sock.settimeout(s.keepalive_s)
-        sock.sendall(subscribe_packet(1, self.filters))
+        sock.sendall(subscribe_packet(1, self.filters, self.v5))
         with self._lock:
             self._generation += 1
             generation = self._generation
@@ -347,14 +390,20 @@ class Session:
                     last_in = time.monotonic()
                     used = self._packets(buffer, generation, sock)
                     del buffer[:used]
-                with self._lock:
-                    acks, self._acks = self._acks, []
+                acks = self._take_acks()
                 if acks:
                     sock.sendall(puback_packets(acks))
                     last_out = time.monotonic()
-            sock.sendall(_DISCONNECT)
+            # The last batch's acknowledgements go before the DISCONNECT, or the broker sends
+            # that batch again to the next connection (stored already: skipped as duplicates).
+            sock.sendall(puback_packets(self._take_acks()) + _DISCONNECT)
         finally:
             selector.close()
+
+    def _take_acks(self) -> list[int]:
+        with self._lock:
+            acks, self._acks = self._acks, []
+        return acks
 
     def _packets(self, data: bytearray, generation: int, sock: socket.socket) -> int:
         """Handle every whole packet in ``data``; the number of bytes used."""
@@ -397,19 +446,14 @@ class Session:
         if qos:
             mid = (body[at] << 8) | body[at + 1]
             at += 2
-        properties = _read_varint(body, at)
-        if properties is None:
-            raise ProtocolError("malformed PUBLISH")
-        at += properties[1] + properties[0]
+        if self.v5:
+            at = _skip_properties(body, at, "PUBLISH")
         self.on_message(Delivery(generation, mid, qos, bool(header & 1), topic, bytes(body[at:])))
 
     def _suback(self, body: bytes) -> None:
-        properties = _read_varint(body, 2)
-        if properties is None:
-            raise ProtocolError("malformed SUBACK")
-        codes = body[2 + properties[1] + properties[0] :]
+        codes = body[_skip_properties(body, 2, "SUBACK") if self.v5 else 2 :]
         refused = [
-            f"{topic_filter}: {reason_in_words(code)}"
+            f"{topic_filter}: {reason_in_words(code, self.v5)}"
             for topic_filter, code in zip(self.filters, codes, strict=False)
             if code >= 0x80
         ]

@@ -21,9 +21,16 @@ __all__ = ["serve"]
 log = logging.getLogger("footfall.aggregator")
 
 
-def serve(config: AggregatorConfig, store: Store, *, ready: threading.Event | None = None) -> None:
-    """Serve until SIGINT or SIGTERM (uvicorn's handlers), then stop ingest after its batch.
-    ``ready`` is set once the server listens and ingest (if on) has subscribed."""
+def serve(
+    config: AggregatorConfig,
+    store: Store,
+    *,
+    ready: threading.Event | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Serve until SIGINT or SIGTERM (uvicorn's handlers, in the main thread) or ``stop`` is
+    set, then stop ingest after its batch. ``ready`` is set once the server listens and ingest
+    (if on) has subscribed."""
     settings = config.serve
     app = create_app(
         store, session_s=3600 * settings.session_hours, secure_cookies=settings.secure_cookies
@@ -57,7 +64,13 @@ def serve(config: AggregatorConfig, store: Store, *, ready: threading.Event | No
         if ready is not None:
             ready.set()
 
+    def watch(stop: threading.Event) -> None:
+        stop.wait()
+        server.should_exit = True
+
     threading.Thread(target=announce, name="footfall-ready", daemon=True).start()
+    if stop is not None:
+        threading.Thread(target=watch, args=(stop,), name="footfall-stop", daemon=True).start()
     try:
         server.run()
     finally:
