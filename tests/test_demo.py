@@ -1,13 +1,22 @@
 """The README's main command: ``footfall-aggregator demo`` runs broker, aggregator and an agent
-replaying the bundled capture, and the printed login opens a dashboard with its counts."""
+replaying the bundled capture, and the printed login opens a dashboard with its counts.
+
+Twice: with Mosquitto (MQTT 5), stopped by Ctrl-C (SIGINT), and with the embedded amqtt broker
+forced (``--broker embedded``, MQTT 3.1.1: what a machine without Mosquitto gets), stopped by
+SIGTERM. Either way the demo exits 0 and its broker is gone. Each run is bounded in time.
+"""
 
 from __future__ import annotations
 
+import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -15,29 +24,72 @@ import pytest
 
 from tests.web_harness import free_port
 
+START_S = 120  # the demo prints its login within this (about 15 s on 2 busy cores)
 
-def test_the_demo_prints_a_login_that_shows_the_replayed_counts() -> None:
-    if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
-        pytest.skip("the demo needs mosquitto (apt-get install mosquitto)")
+
+def _lines_until_login(demo: subprocess.Popen[str]) -> str:
+    """What the demo printed up to its 'Ctrl-C stops it.' line; fails after START_S."""
+    lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+
+    def read() -> None:
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    text, deadline = "", time.monotonic() + START_S
+    while not text.endswith("Ctrl-C stops it.\n"):
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"no login within {START_S} s:\n{text}") from None
+        if line is None:
+            raise AssertionError(f"the demo exited with {demo.wait()}:\n{text}")
+        text += line
+    return text
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize(
+    ("broker", "stop", "printed"),
+    [
+        (
+            "mosquitto",
+            signal.SIGINT,
+            "broker: Mosquitto (",
+        ),
+        ("embedded", signal.SIGTERM, "broker: amqtt "),
+    ],
+    ids=["mosquitto", "embedded"],
+)
+def test_the_demo_prints_a_login_that_shows_the_replayed_counts(
+    broker: str, stop: signal.Signals, printed: str
+) -> None:
+    if broker == "mosquitto" and not (
+        shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()
+    ):
+        pytest.skip("the demo with Mosquitto needs mosquitto (apt-get install mosquitto)")
     port = free_port()
     cli = Path(sys.executable).with_name("footfall-aggregator")
     demo = subprocess.Popen(
-        [str(cli), "demo", "--port", str(port)],
+        [str(cli), "demo", "--port", str(port), "--broker", broker],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
     )
     try:
-        assert demo.stdout is not None
-        lines = []
-        for line in demo.stdout:
-            lines.append(line)
-            if line.startswith("Ctrl-C"):
-                break
-        text = "".join(lines)
+        text = _lines_until_login(demo)
+        assert text.startswith(printed), text
+        protocol = "MQTT 5" if broker == "mosquitto" else "MQTT 3.1.1"
+        listens = re.search(rf", {protocol}, on 127\.0\.0\.1:(\d+)\n", text)
         url = re.search(r"open (http://\S+)", text)
         password = re.search(r"password: (\S+)", text)
-        assert url and password, text
+        assert listens and url and password, text
         day = url.group(1).split("date=")[1]
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as browser:
             csrf = browser.get("/login").cookies["footfall_csrf"]
@@ -50,8 +102,9 @@ def test_the_demo_prints_a_login_that_shows_the_replayed_counts() -> None:
             assert [a["agent"] for a in data["agents"]] == ["entrance"]
             assert browser.get(url.group(1)).status_code == 200
     finally:
-        demo.send_signal(signal.SIGINT)
+        demo.send_signal(stop)
         status = demo.wait(30)
         if demo.stdout is not None:
             demo.stdout.close()
     assert status == 0
+    assert not _listening(int(listens.group(1))), "the demo's broker outlived it"
