@@ -75,10 +75,6 @@ def _mosquitto() -> str | None:
     return shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/sbin")
 
 
-def _has_amqtt() -> bool:
-    return importlib.util.find_spec("amqtt") is not None
-
-
 @contextlib.contextmanager
 def _process(command: list[str], name: str, port: int) -> Iterator[None]:
     """``command`` running until the block ends, once something listens on ``port``; stopped
@@ -150,11 +146,13 @@ def _broker(workdir: Path, choice: str) -> contextlib.AbstractContextManager[Bro
         raise AggregatorError(
             "--broker mosquitto: Mosquitto is not installed (apt-get install mosquitto)"
         )
-    if not _has_amqtt():
+    if importlib.util.find_spec("amqtt") is None:
         raise AggregatorError(
             "the demo needs a broker: install footfall with its demo extra (pip install "
             "'.[demo]', which brings amqtt) or Mosquitto (apt-get install mosquitto)"
         )
+    if choice == "auto":
+        print("Mosquitto is not installed: the demo uses its embedded broker", flush=True)
     return embedded_broker(workdir)
 
 

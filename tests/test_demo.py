@@ -3,7 +3,8 @@ replaying the bundled capture, and the printed login opens a dashboard with its 
 
 Twice: with Mosquitto (MQTT 5), stopped by Ctrl-C (SIGINT), and with the embedded amqtt broker
 forced (``--broker embedded``, MQTT 3.1.1: what a machine without Mosquitto gets), stopped by
-SIGTERM. Either way the demo exits 0 and its broker is gone. Each run is bounded in time.
+SIGTERM. Either way the demo exits 0 and its broker is gone. Each run is bounded in time. A
+broker it does not know (``FOOTFALL_DEMO_BROKER``) is refused, naming the flag and the variable.
 """
 
 from __future__ import annotations
@@ -108,3 +109,20 @@ def test_the_demo_prints_a_login_that_shows_the_replayed_counts(
             demo.stdout.close()
     assert status == 0
     assert not _listening(int(listens.group(1))), "the demo's broker outlived it"
+
+
+def test_the_demo_refuses_a_broker_it_does_not_know() -> None:
+    cli = Path(sys.executable).with_name("footfall-aggregator")
+    done = subprocess.run(
+        [str(cli), "demo", "--port", str(free_port())],
+        check=False,
+        env={"FOOTFALL_DEMO_BROKER": "nats", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert (
+        "(--broker or FOOTFALL_DEMO_BROKER) must be one of auto, mosquitto, embedded, got "
+        "'nats'" in done.stderr
+    )
