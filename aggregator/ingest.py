@@ -2,7 +2,10 @@
 
 One process holds one MQTT 5 session (:mod:`aggregator.mqtt`) under a stable client id, with
 ``clean_start`` off and a session expiry, so the broker keeps what it has for the process while
-the process is away (a restart, a crash, a broker restart with persistence). It subscribes to
+the process is away (a restart, a crash, a broker restart with persistence). With
+``broker.protocol = "3.1.1"`` (a broker without 5) it is a 3.1.1 session with clean session off,
+less what needs 5: no shared subscription (the settings refuse a share group), no session expiry
+or receive maximum (docs/aggregator.md). It subscribes to
 
 * ``$share/<group>/footfall/v1/+/+/counts``: a shared subscription, so several processes in a
   group split the counts between them;
