@@ -4,8 +4,8 @@ replaying the bundled capture, and the printed login opens a dashboard with its 
 Twice: with Mosquitto (MQTT 5), stopped by Ctrl-C (SIGINT), and with the embedded amqtt broker
 forced (``--broker embedded``, MQTT 3.1.1: what a machine without Mosquitto gets), stopped by
 SIGTERM. Either way every window of the capture reaches the dashboard's API, the demo exits 0
-and its broker is gone. Each run is bounded in time. A
-broker it does not know (``FOOTFALL_DEMO_BROKER``) is refused, naming the flag and the variable.
+and its broker is gone. Each run is bounded in time. A broker it does not know
+(``FOOTFALL_DEMO_BROKER``) is refused, naming the flag and the variable.
 """
 
 from __future__ import annotations
