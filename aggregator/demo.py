@@ -13,9 +13,10 @@ and the login. Ctrl-C (or SIGTERM) stops it all.
 amqtt keeps a session's queued messages only for a client that gave a user name (with
 anonymous access on it keeps none), so the embedded broker is configured to want a user name and
 check nothing else, and both clients give one. Its limits, which the demo does not meet (ingest
-runs for the whole demo and acknowledges each batch within milliseconds): it drops a QoS 1
-message that is not acknowledged within 5 s or whose subscriber disconnects before
-acknowledging it, and keeps nothing over its own restart (docs/aggregator.md).
+runs for the whole demo and acknowledges each batch within milliseconds): it never sends again
+a QoS 1 message that is not acknowledged within 5 s or before its subscriber disconnects, loses
+one that comes while its subscriber is disconnecting, and keeps nothing over its own restart
+(docs/aggregator.md).
 """
 
 from __future__ import annotations
