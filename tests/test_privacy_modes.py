@@ -7,8 +7,12 @@ releases: it re-derives every hidden count by subtraction from the published mes
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import re
+import resource
+import shutil
+import struct
 import subprocess
 import sys
 import textwrap
@@ -342,9 +346,18 @@ def _memory(pid: int) -> Iterator[bytes]:
                 continue
 
 
+def _siphash_state(key: bytes) -> list[bytes]:
+    """SipHash's state v0..v3 right after initialisation under ``key`` (8 bytes each, little
+    endian): the key XORed with the public constants, as the kernel holds it."""
+    k0, k1 = struct.unpack("<QQ", key)
+    constants = (0x736F6D6570736575, 0x646F72616E646F6D, 0x6C7967656E657261, 0x7465646279746573)
+    return [struct.pack("<Q", k ^ c) for k, c in zip((k0, k1, k0, k1), constants, strict=True)]
+
+
 def test_a_memory_dump_after_rotation_holds_no_previous_key(tmp_path: Path) -> None:
     """Best effort (docs/PRIVACY.md): the process's writable memory is searched for every
-    rotated-out key, whole and by halves, after the pipeline has rotated several times."""
+    rotated-out key, whole and by halves, and for the SipHash state derived from it, after
+    the pipeline has rotated several times."""
     child = subprocess.Popen(
         [sys.executable, "-c", _DUMP_CHILD, str(BUNDLED_SAMPLE)],
         stdin=subprocess.PIPE,
@@ -363,7 +376,7 @@ def test_a_memory_dump_after_rotation_holds_no_previous_key(tmp_path: Path) -> N
         current, *old = keys
         memory = list(_memory(child.pid))
         assert any(current in blob for blob in memory), "the search cannot even find the live key"
-        needles = [part for raw in old for part in (raw, raw[:8], raw[8:])]
+        needles = [part for raw in old for part in (raw, raw[:8], raw[8:], *_siphash_state(raw))]
         hits = sum(blob.count(n) for blob in memory for n in needles)
         assert hits == 0, f"{hits} copies of rotated-out keys found in the process's memory"
     finally:
@@ -373,3 +386,60 @@ def test_a_memory_dump_after_rotation_holds_no_previous_key(tmp_path: Path) -> N
             child.stdout.close()
         if child.stdin is not None:
             child.stdin.close()
+
+
+def _locked_kb(address: int) -> int:
+    """``Locked:`` (kB) of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if not head.endswith(":"):  # a mapping's first line: start-end perms ...
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "Locked:":
+            return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_the_epoch_key_is_on_a_locked_page_until_it_is_wiped() -> None:
+    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if os.geteuid() != 0 and soft != resource.RLIM_INFINITY and soft < 64 * mmap.PAGESIZE:
+        pytest.skip(f"RLIMIT_MEMLOCK is {soft} bytes and this is not root: mlock may fail")
+    key = anonymize.EpochKey()
+    address = key.words.__array_interface__["data"][0]
+    assert key.words.any()
+    assert _locked_kb(address) >= mmap.PAGESIZE // 1024  # never paged out to swap
+    key.wipe()
+    assert not key.words.any()
+    assert _locked_kb(address) == 0  # unlocked once zeroed
+
+
+_UNLOCKABLE_CHILD = textwrap.dedent(
+    """
+    import logging
+    from firmware_agent.anonymize import EpochKey
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    keys = [EpochKey(), EpochKey()]
+    print(all(key.words.any() for key in keys))
+    """
+)
+
+
+def test_a_key_whose_page_cannot_be_locked_is_used_with_one_warning() -> None:
+    def no_memlock() -> None:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (0, 0))
+
+    command = [sys.executable, "-c", _UNLOCKABLE_CHILD]
+    if os.geteuid() == 0:  # root locks regardless of the limit, unless it lacks CAP_IPC_LOCK
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("setpriv (util-linux) is needed to drop CAP_IPC_LOCK as root")
+        command = [setpriv, "--inh-caps", "-ipc_lock", "--bounding-set", "-ipc_lock", *command]
+    result = subprocess.run(
+        command, preexec_fn=no_memlock, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "True"
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1, result.stderr
+    assert "could not lock the epoch key's memory page" in warnings[0]
+    assert "RLIMIT_MEMLOCK" in warnings[0]
