@@ -19,7 +19,6 @@ import textwrap
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 from zoneinfo import ZoneInfo
 
 import nacl.encoding
@@ -39,12 +38,8 @@ from firmware_agent.errors import ConfigError
 from firmware_agent.messages import AgentId, SiteId, counts_payload, meta_payload, seal
 from firmware_agent.pipeline import Pipeline
 from firmware_agent.privacy import PrivacyPolicy, discrete_laplace, linear_count
-from firmware_agent.service import agent_meta, run_agent
+from firmware_agent.service import agent_meta
 from firmware_agent.settings import AgentConfig, load_config
-from tests.agent_harness import prepare_agent, unique_id
-from tests.mqtt_broker import Mosquitto
-from tests.test_privacy import _key_encodings, _leaks, _secrets_of
-from tests.test_publish import StartBroker
 
 UTC_ENV = {"FOOTFALL_EPOCH_TIMEZONE": "UTC"}
 
@@ -205,7 +200,8 @@ def test_discrete_laplace_noise_has_its_distribution() -> None:
 def test_noise_is_fresh_every_window() -> None:
     policy = PrivacyPolicy(dp_epsilon=1.0, suppress_below=2)
     window = _window(400, 200, 300, [50, 50, 50, 50, 50], 2000)
-    noise = np.array([int(policy.release(window)["devices"]) - 400 for _ in range(3000)])  # type: ignore[call-overload]
+    # 10,000 draws: the variance's relative error is about 2 %, so 12 % is over 5 sigma away.
+    noise = np.array([int(policy.release(window)["devices"]) - 400 for _ in range(10_000)])  # type: ignore[call-overload]
     assert len(set(noise.tolist())) > 20
     lag1 = np.corrcoef(noise[:-1], noise[1:])[0, 1]
     assert abs(lag1) < 0.06
@@ -251,58 +247,6 @@ def test_two_sensors_in_one_room_publish_nothing_that_links_a_device() -> None:
     # the room, not on any device's id, so nothing in it can match a device across sensors.
     assert released[0] == released[1]
     assert not labels_a & labels_b
-
-
-def _device_ids(macs: set[bytes], keys: list[np.ndarray]) -> list[bytes]:
-    ids = []
-    for words in keys:
-        key = words.astype("<u8").tobytes()
-        for mac in macs:
-            digest = nacl.hash.siphash24(mac, key, encoder=nacl.encoding.RawEncoder)
-            value = int.from_bytes(digest, "little")
-            ids += [digest, digest[::-1], digest.hex().encode(), str(value).encode()]
-    return ids
-
-
-@pytest.fixture
-def recorded_keys(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[np.ndarray]]:
-    keys: list[np.ndarray] = []
-    original = anonymize.EpochKey.__init__
-
-    def remember(self: Any) -> None:
-        original(self)
-        keys.append(self.words.copy())
-
-    monkeypatch.setattr(anonymize.EpochKey, "__init__", remember)
-    yield keys
-
-
-@pytest.mark.parametrize("mode", ["standard", "strict"])
-def test_after_a_run_no_file_holds_a_key_address_or_device_id(
-    mode: str,
-    start_broker: StartBroker,
-    tmp_path: Path,
-    recorded_keys: list[np.ndarray],
-) -> None:
-    site, agent = unique_id("s"), "a1"
-    broker: Mosquitto = start_broker({(site, agent): f"pw-{agent}"})
-    files = prepare_agent(
-        tmp_path, broker, site, agent, {"privacy.mode": mode, "source.path": str(BUNDLED_SAMPLE)}
-    )
-    assert run_agent(load_config(files.config, environ={})) == 0
-    macs, ssids = _secrets_of(BUNDLED_SAMPLE)
-    assert recorded_keys and macs
-    needles = _device_ids(macs, recorded_keys)
-    needles += [n for words in recorded_keys for n in _key_encodings(words)]
-    found = 0
-    for root, _dirs, names in os.walk(tmp_path):
-        for name in names:
-            blob = (Path(root) / name).read_bytes()
-            found += 1
-            assert not _leaks(blob, macs), f"an address in {name}"
-            assert not any(s in blob for s in ssids), f"an SSID in {name}"
-            assert not any(n in blob for n in needles), f"a key or device id in {name}"
-    assert found >= 3  # config, signing key, spool (and its WAL)
 
 
 _DUMP_CHILD = textwrap.dedent(
