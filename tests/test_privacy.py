@@ -74,6 +74,23 @@ def _key_encodings(words: np.ndarray) -> list[bytes]:
     return [raw, raw.hex().encode(), raw.hex().upper().encode(), base64.b64encode(raw)]
 
 
+def u64_hits(blob: bytes, wanted: np.ndarray) -> int:
+    """How many of the 8-byte runs of ``blob``, at any offset, read little endian, are in
+    ``wanted`` (a sorted uint64 array)."""
+    if not len(wanted):
+        return 0
+    low = np.zeros(1 << 16, bool)  # a first sieve on the low 16 bits: few runs pass it
+    low[wanted & np.uint64(0xFFFF)] = True
+    data = np.frombuffer(blob, np.uint8)
+    hits = 0
+    for offset in range(8):
+        words = data[offset : offset + (len(data) - offset) // 8 * 8].view("<u8")
+        candidates = words[low[words.view("<u2")[::4]]]
+        at = np.minimum(np.searchsorted(wanted, candidates), len(wanted) - 1)
+        hits += int(np.count_nonzero(wanted[at] == candidates))
+    return hits
+
+
 def _leaks(blob: bytes, macs: set[bytes]) -> bool:
     lowered = blob.lower()
     return any(n in blob or n.lower() in lowered for mac in macs for n in _encodings(mac))

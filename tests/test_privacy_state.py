@@ -38,6 +38,7 @@ from tests.test_privacy import (
     _secrets_of,
     on_shared_captures_in_both_modes,
     recorded_keys_fixture,  # noqa: F401 (the recorded_keys fixture)
+    u64_hits,
 )
 
 _SITE, _AGENT = "lab", "a1"
@@ -57,16 +58,8 @@ def _holds_an_id(blob: bytes, ids: np.ndarray) -> bool:
     """Whether ``blob`` holds any of ``ids`` (see the module docstring for the encodings)."""
     wanted = np.unique(np.concatenate([ids, ids.byteswap()]))  # either byte order, sorted
     either = set(wanted.tolist())
-
-    def found(values: np.ndarray) -> bool:
-        at = np.minimum(np.searchsorted(wanted, values), len(wanted) - 1)
-        return bool(len(wanted) and (wanted[at] == values).any())
-
-    data = np.frombuffer(blob, np.uint8)
-    for offset in range(8):
-        whole = (len(data) - offset) // 8
-        if found(data[offset : offset + 8 * whole].view("<u8")):
-            return True
+    if u64_hits(blob, wanted):
+        return True
     for run in re.findall(rb"[0-9a-fA-F]{16,}", blob):
         if any(int(run[i : i + 16], 16) in either for i in range(len(run) - 15)):
             return True
