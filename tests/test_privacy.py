@@ -16,6 +16,7 @@ import base64
 import hashlib
 import os
 import struct
+import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -111,6 +112,22 @@ def test_leak_detector_finds_each_encoding(text: str) -> None:
     assert _leaks(text.encode(), {mac})
     assert _leaks(b"raw " + mac, {mac})
     assert not _leaks(b"window_start 2023-02-08T11:40:00Z devices 88", {mac})
+
+
+# The start of a child process's script: every epoch key drawn goes into ``keys`` as the hex
+# of its two words ("k0 k1"), for the child to print.
+RECORD_KEYS_CHILD = textwrap.dedent(
+    """
+    from firmware_agent import anonymize
+
+    keys = []
+    original = anonymize.EpochKey.__init__
+    def remember(self):
+        original(self)
+        keys.append(" ".join(f"{w:016x}" for w in self.words.tolist()))
+    anonymize.EpochKey.__init__ = remember
+    """
+)
 
 
 @pytest.fixture(name="recorded_keys")

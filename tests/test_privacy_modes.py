@@ -40,7 +40,7 @@ from firmware_agent.pipeline import Pipeline
 from firmware_agent.privacy import PrivacyPolicy, discrete_laplace, linear_count
 from firmware_agent.service import agent_meta
 from firmware_agent.settings import AgentConfig, load_config
-from tests.test_privacy import u64_hits
+from tests.test_privacy import RECORD_KEYS_CHILD, u64_hits
 
 UTC_ENV = {"FOOTFALL_EPOCH_TIMEZONE": "UTC"}
 
@@ -250,20 +250,13 @@ def test_two_sensors_in_one_room_publish_nothing_that_links_a_device() -> None:
     assert not labels_a & labels_b
 
 
-_DUMP_CHILD = textwrap.dedent(
+_DUMP_CHILD = RECORD_KEYS_CHILD + textwrap.dedent(
     """
     import sys
-    from firmware_agent import anonymize
     from firmware_agent.capture import CaptureReader
     from firmware_agent.pipeline import Pipeline
     from firmware_agent.settings import load_config
 
-    keys = []
-    original = anonymize.EpochKey.__init__
-    def remember(self):
-        original(self)
-        keys.append(" ".join(f"{w:016x}" for w in self.words.tolist()))
-    anonymize.EpochKey.__init__ = remember
     config = load_config(None, environ={"FOOTFALL_EPOCH_TIMEZONE": "UTC",
                                        "FOOTFALL_EPOCH_LENGTH": "300",
                                        "FOOTFALL_PRIVACY_MODE": sys.argv[2]})

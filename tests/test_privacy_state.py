@@ -2,7 +2,8 @@
 
 ``footfall-agent run`` (:func:`firmware_agent.service.run_agent`, in this process, so that
 every epoch key it draws can be recorded) replays a capture as fast as it can to a real
-Mosquitto, in both privacy modes: the bundled capture, and every shared capture. Then every
+Mosquitto, in both privacy modes: the bundled capture, and every shared capture; and once,
+on the bundled capture, the command line's ``run`` in a process of its own. Then every
 byte under the agent's directories (its config, signing key, and state directory with the
 spool, whose sent rows are deleted but may linger in free pages) is searched for:
 
@@ -18,6 +19,9 @@ from __future__ import annotations
 
 import base64
 import re
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +37,7 @@ from firmware_agent.settings import load_config
 from tests.agent_harness import prepare_agent
 from tests.mqtt_broker import Mosquitto, TestCertificates
 from tests.test_privacy import (
+    RECORD_KEYS_CHILD,
     _key_encodings,
     _leaks,
     _secrets_of,
@@ -120,6 +125,12 @@ def _run_then_search(
         assert run_agent(load_config(files.config, environ={})) == 0
     except NotACaptureError:
         assert not keys
+    return _search(capture, root, keys)
+
+
+def _search(capture: Path, root: Path, keys: list[np.ndarray]) -> list[str]:
+    """Assert that no file under ``root`` holds a secret of a run on ``capture`` that drew
+    ``keys``; the files searched."""
     written = {
         str(path.relative_to(root)): path.read_bytes()
         for path in sorted(root.rglob("*"))
@@ -135,6 +146,41 @@ def _run_then_search(
     assert not any(n in blob for words in keys for n in _key_encodings(words)), f"a key in {where}"
     assert not _holds_an_id(blob, _device_ids(macs, keys)), f"a device id in {where}"
     return list(written)
+
+
+_RUN_CHILD = RECORD_KEYS_CHILD + textwrap.dedent(
+    """
+    import sys
+    from firmware_agent import cli
+
+    status = cli.main(["run", "--config", sys.argv[1]])
+    print(*keys, sep="\\n")
+    sys.exit(status)
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["standard", "strict"])
+def test_footfall_agent_run_in_its_own_process_leaves_no_secret(
+    mode: str, lab_broker: Mosquitto, tmp_path: Path
+) -> None:
+    """The command line's ``run`` in a process of its own, which reports its keys on exit."""
+    files = prepare_agent(
+        tmp_path, lab_broker, _SITE, _AGENT,
+        {"privacy.mode": mode, "source.path": str(BUNDLED_SAMPLE)},
+    )  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", _RUN_CHILD, str(files.config)],
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    keys = [
+        np.array([int(word, 16) for word in line.split()], np.uint64)
+        for line in result.stdout.splitlines()
+    ]
+    assert keys
+    assert "stopped site=lab agent=a1" in result.stderr  # it ran to the end of the capture
+    written = _search(BUNDLED_SAMPLE, tmp_path, keys)
+    assert "state/spool.sqlite3" in written
 
 
 @pytest.mark.parametrize("mode", ["standard", "strict"])
