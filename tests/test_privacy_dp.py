@@ -23,6 +23,7 @@ from firmware_agent.count import WindowCounts
 from firmware_agent.errors import CaptureError
 from firmware_agent.parse import KIND_PROBE, ProbeBatch
 from firmware_agent.privacy import DP_WITHHELD, PrivacyPolicy
+from firmware_agent.privacy_report import privacy_report
 from firmware_agent.settings import AgentConfig, load_config
 from tests.conftest import shared_capture_names
 from tests.test_privacy_modes import _audited, _window
@@ -51,6 +52,7 @@ def test_noise_withholds_the_estimate_whose_sensitivity_is_unbounded() -> None:
     assert config.privacy.sensitivity == 6 and config.calibration is not None
     assert not set(DP_WITHHELD) & set(config.privacy.device_counts(window))
     assert _config("strict", FOOTFALL_PRIVACY_DP_EPSILON="0.5").privacy.sensitivity == 3
+    assert "estimate of people present is not sent under noise" in privacy_report(config)
     # The audit holds an agent that declares noise to it.
     noisy = PrivacyPolicy(dp_epsilon=1.0)
     assert _audited(noisy, noisy.release(window)) == []
