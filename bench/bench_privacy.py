@@ -142,7 +142,7 @@ def null_share(runs: Sequence[Run], field: str) -> float:
     for one in runs:
         policy = one.config.privacy
         for w in one.windows.values():
-            hidden += policy.release(w, one.config.calibration).get(field, 0) is None
+            hidden += policy.release(w).get(field, 0) is None
             total += 1
     return 100 * hidden / max(total, 1)
 

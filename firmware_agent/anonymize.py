@@ -21,6 +21,7 @@ import numpy as np
 from numba import njit
 from numpy.typing import NDArray
 
+from firmware_agent import memlock
 from firmware_agent.parse import KIND_NO_SA, ProbeBatch
 
 __all__ = ["DeviceBatch", "EpochKey", "anonymize", "siphash24_mac", "siphash24_u64"]
@@ -39,7 +40,8 @@ class EpochKey:
 
     def __init__(self) -> None:
         # Read straight into the array: no bytes object (which cannot be wiped) ever holds it.
-        self._words = np.zeros(2, np.uint64)
+        # Its page is locked: never swapped out, left out of core dumps (memlock).
+        self._words = memlock.locked_words(2)
         with open("/dev/urandom", "rb", buffering=0) as urandom:
             if urandom.readinto(self._words.data.cast("B")) != 16:
                 raise OSError("/dev/urandom gave fewer than 16 bytes")
@@ -51,8 +53,8 @@ class EpochKey:
         return self._words
 
     def wipe(self) -> None:
-        """Overwrite the key in place; the object is useless afterwards."""
-        self._words[:] = 0
+        """Overwrite the key in place and unlock its page; the object is useless afterwards."""
+        memlock.release(self._words)
 
     def __repr__(self) -> str:
         return f"EpochKey(label={self.label!r}, key=<hidden>)"

@@ -35,7 +35,12 @@ import nacl.signing
 
 from firmware_agent.errors import MessageError
 from firmware_agent.messages import Envelope, Topic
-from firmware_agent.privacy import STANDARD_MAX_KEY_S, STRICT_MAX_WINDOW_S, flatten_counts
+from firmware_agent.privacy import (
+    DP_WITHHELD,
+    STANDARD_MAX_KEY_S,
+    STRICT_MAX_WINDOW_S,
+    flatten_counts,
+)
 
 __all__ = ["Audit", "Finding", "audit_all"]
 
@@ -317,6 +322,8 @@ def _counts_findings(
         present = [name for name in _STRICT_ABSENT if name in p]
         if present:
             out.append(Finding("fail", where, f"strict mode publishes {', '.join(present)}"))
+    if privacy.get("dp_epsilon") is not None and (withheld := set(DP_WITHHELD) & set(p)):
+        out.append(Finding("fail", where, f"noised counts publish {', '.join(sorted(withheld))}"))
     flat = {
         name: cast(int | None, value)
         for name, value in flatten_counts(p).items()

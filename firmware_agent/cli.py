@@ -116,7 +116,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 progress.update(reader.bytes_read, reader.records_read, pipeline.stats.windows)
 
         for window in pipeline.run(batches()):
-            released = config.privacy.release(window, config.calibration)
+            released = config.privacy.release(window)
             print(json.dumps(released), flush=True)
         progress.update(reader.bytes_read, reader.records_read, pipeline.stats.windows, final=True)
     log.info(

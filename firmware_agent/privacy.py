@@ -18,7 +18,8 @@ In both modes, on the way out (:meth:`PrivacyPolicy.release`):
 1. optional differential privacy: discrete Laplace noise (the two-sided geometric
    mechanism: integers, so no floating-point side channel) on every device count, scaled
    to the counts one device can move in a window, with fresh operating-system randomness
-   for every value; a calibrated ``people`` is recomputed from the noisy ``people_est``;
+   for every value; the estimate (``people_est``, ``static_excluded``, ``people``) is then
+   withheld, since one device can move it by more than any stated sensitivity;
 2. small-count suppression: a device count from 1 to *k*-1 is published as ``null``, and
    so is a count that would let a reader subtract back to one (complementary suppression
    over the message's additive relations, including the never-published count of devices
@@ -41,9 +42,9 @@ import numpy as np
 from firmware_agent.anonymize import DeviceBatch
 from firmware_agent.count import DWELL_BANDS, WindowCounts
 from firmware_agent.errors import ConfigError
-from firmware_agent.estimate import Calibration
 
 __all__ = [
+    "DP_WITHHELD",
     "MODES",
     "STANDARD_MAX_KEY_S",
     "STRICT_MAX_WINDOW_S",
@@ -90,6 +91,9 @@ _STRICT_OMITS = (
     "static_excluded",
     "people",
 )
+# Withheld under differential privacy: one device id can move them by an unbounded amount
+# (the learnt signal threshold, chain linking: docs/PRIVACY.md), so no noise scale fits them.
+DP_WITHHELD = ("people_est", "static_excluded", "people")
 
 
 def truncate_ids(batch: DeviceBatch, bits: int) -> None:
@@ -228,11 +232,15 @@ class PrivacyPolicy:
 
     @property
     def sensitivity(self) -> int:
-        """How many published device counts one device id can move by one in a window: the
-        L1 sensitivity the noise is scaled to. Standard: devices, devices_randomised, one of
-        visitors/passersby, visits_ended, one dwell band, devices_epoch, people_est and
-        static_excluded (``people`` follows from ``people_est``). Strict: the first three."""
-        return 3 if self.strict else 8
+        """The most one device id can move the sum of the published device counts of a window
+        (as counted, before strict mode's correction): the L1 sensitivity the noise is scaled
+        to. Standard: one each of devices, devices_randomised, visitors or passersby,
+        visits_ended, one dwell band (a device's visit ends at most once per window close),
+        devices_epoch; the estimate is withheld under noise (:data:`DP_WITHHELD`). Strict:
+        devices, devices_randomised, visitors/passersby; on a truncated id shared with another
+        device, the id's randomised flag and its class can change (visitors +1, passersby -1)
+        while devices does not: 3 still."""
+        return 3 if self.strict else 6
 
     @property
     def dp_epsilon_day(self) -> float | None:
@@ -285,25 +293,34 @@ class PrivacyPolicy:
             "passersby": devices - visitors,
         }
 
-    def release(
-        self, window: WindowCounts, calibration: Calibration | None = None
-    ) -> dict[str, object]:
+    def device_counts(self, window: WindowCounts) -> dict[str, int]:
+        """The device counts of ``window`` this policy publishes, as counted (dwell bands as
+        ``dwell_minutes.<band>``): what the noise goes on. One device id moves their sum by
+        at most :attr:`sensitivity`."""
+        return _device_counts(self._publishable(window))
+
+    def _publishable(self, window: WindowCounts) -> dict[str, object]:
+        """The window's fields this policy may publish, flattened."""
+        omitted: tuple[str, ...] = _STRICT_OMITS if self.strict else ()
+        if self.dp_epsilon is not None:
+            omitted += DP_WITHHELD
+        return {
+            name: value
+            for name, value in flatten_counts(window.as_dict()).items()
+            if name.partition(".")[0] not in omitted
+        }
+
+    def release(self, window: WindowCounts) -> dict[str, object]:
         """What the window may say outside the device: the counts part of a counts message.
 
         Noise goes on the counts as counted (in strict mode, on the truncated ids, where one
         device moves each count by at most one), then strict mode's collision correction and
         the suppression follow as post-processing, which spends no privacy budget."""
-        full = window.as_dict()
-        if self.strict:
-            for name in _STRICT_OMITS:
-                full.pop(name, None)
-        flat = flatten_counts(full)
-        counts = {name: cast(int, v) for name, v in flat.items() if name in _DEVICE_COUNTS}
+        flat = self._publishable(window)
+        counts = _device_counts(flat)
         if self.dp_epsilon is not None:
             noise = self.dp_epsilon / self.sensitivity
             counts = {name: max(0, n + discrete_laplace(noise)) for name, n in counts.items()}
-            if "people" in counts and calibration is not None:
-                counts["people"] = calibration.people(counts["people_est"])
         if self.strict:
             counts = self._corrected(counts)
         hidden = suppress(counts, self.suppress_below)
@@ -348,6 +365,10 @@ def flatten_counts(counts: Mapping[str, object]) -> dict[str, object]:
         else:
             flat[name] = value
     return flat
+
+
+def _device_counts(flat: Mapping[str, object]) -> dict[str, int]:
+    return {name: cast(int, v) for name, v in flat.items() if name in _DEVICE_COUNTS}
 
 
 def _unflatten(flat: Mapping[str, object]) -> dict[str, object]:

@@ -101,6 +101,11 @@ def privacy_report(config: AgentConfig) -> str:
             f"    count of devices; one device's presence for a whole day costs at most epsilon "
             f"{p.dp_epsilon_day}.",
         ]
+        if not p.strict:
+            lines.append(
+                "  - The estimate of people present is not sent under noise: one device can "
+                "move it by more than noise scaled to one device can hide."
+            )
     lines += [
         "  Also, retained: the agent's settings (this mode, window, thresholds) and whether it is",
         "  online. No address, device id, key, network name, fingerprint or per-device signal.",

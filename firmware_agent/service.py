@@ -126,7 +126,7 @@ def _counts_message(
             identity.agent,
             seq,
             label,
-            config.privacy.release(window, config.calibration),
+            config.privacy.release(window),
         ),
         key,
     )

@@ -156,6 +156,7 @@ def test_agent_unit_is_hardened_with_only_the_capabilities_it_needs() -> None:
     assert settings["StateDirectory"] == settings["ConfigurationDirectory"] == "footfall"
     assert settings["Restart"] == "on-failure"
     assert settings["MemoryDenyWriteExecute"] == "no"  # numba's JIT (see the unit's comment)
+    assert settings["LimitCORE"] == settings["MemorySwapMax"] == "0"  # the key stays in memory
     assert "NUMBA_CACHE_DIR=/var/cache/footfall/numba" in unit
     assert settings["CacheDirectory"] == "footfall"
 

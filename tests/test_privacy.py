@@ -16,8 +16,10 @@ import base64
 import hashlib
 import os
 import struct
+import textwrap
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -25,7 +27,10 @@ import pytest
 from firmware_agent import anonymize, cli
 from firmware_agent.capture import LINKTYPE_IEEE802_11, LINKTYPE_RADIOTAP, CaptureReader
 from firmware_agent.errors import CaptureError
+from firmware_agent.privacy import MODES
 from tests.conftest import shared_capture_names
+
+TestT = TypeVar("TestT", bound=Callable[..., None])
 
 
 def _secrets_of(path: Path) -> tuple[set[bytes], set[bytes]]:
@@ -70,6 +75,23 @@ def _key_encodings(words: np.ndarray) -> list[bytes]:
     return [raw, raw.hex().encode(), raw.hex().upper().encode(), base64.b64encode(raw)]
 
 
+def u64_hits(blob: bytes, wanted: np.ndarray) -> int:
+    """How many of the 8-byte runs of ``blob``, at any offset, read little endian, are in
+    ``wanted`` (a sorted uint64 array)."""
+    if not len(wanted):
+        return 0
+    low = np.zeros(1 << 16, bool)  # a first sieve on the low 16 bits: few runs pass it
+    low[wanted & np.uint64(0xFFFF)] = True
+    data = np.frombuffer(blob, np.uint8)
+    hits = 0
+    for offset in range(8):
+        words = data[offset : offset + (len(data) - offset) // 8 * 8].view("<u8")
+        candidates = words[low[words.view("<u2")[::4]]]
+        at = np.minimum(np.searchsorted(wanted, candidates), len(wanted) - 1)
+        hits += int(np.count_nonzero(wanted[at] == candidates))
+    return hits
+
+
 def _leaks(blob: bytes, macs: set[bytes]) -> bool:
     lowered = blob.lower()
     return any(n in blob or n.lower() in lowered for mac in macs for n in _encodings(mac))
@@ -92,9 +114,48 @@ def test_leak_detector_finds_each_encoding(text: str) -> None:
     assert not _leaks(b"window_start 2023-02-08T11:40:00Z devices 88", {mac})
 
 
-@pytest.mark.shared
-@pytest.mark.parametrize("mode", ["standard", "strict"])
-@pytest.mark.parametrize("name", shared_capture_names())
+# The start of a child process's script: every epoch key drawn goes into ``keys`` as the hex
+# of its two words ("k0 k1"), for the child to print.
+RECORD_KEYS_CHILD = textwrap.dedent(
+    """
+    from firmware_agent import anonymize
+
+    keys = []
+    original = anonymize.EpochKey.__init__
+    def remember(self):
+        original(self)
+        keys.append(" ".join(f"{w:016x}" for w in self.words.tolist()))
+    anonymize.EpochKey.__init__ = remember
+    """
+)
+
+
+@pytest.fixture(name="recorded_keys")
+def recorded_keys_fixture(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[np.ndarray]]:
+    """Every epoch key drawn during the test, copied as it is drawn."""
+    keys: list[np.ndarray] = []
+    original = anonymize.EpochKey.__init__
+
+    def remember(self: Any) -> None:
+        original(self)
+        keys.append(self.words.copy())
+
+    monkeypatch.setattr(anonymize.EpochKey, "__init__", remember)
+    yield keys
+
+
+def on_shared_captures_in_both_modes(test: TestT) -> TestT:
+    """Run ``test`` for every shared capture (``name``) in both privacy modes (``mode``)."""
+    for mark in (
+        pytest.mark.parametrize("name", shared_capture_names()),
+        pytest.mark.parametrize("mode", MODES),
+        pytest.mark.shared,
+    ):
+        test = mark(test)
+    return test
+
+
+@on_shared_captures_in_both_modes
 def test_replay_leaks_no_address_ssid_or_key(
     name: str,
     mode: str,
@@ -102,17 +163,10 @@ def test_replay_leaks_no_address_ssid_or_key(
     tmp_path: Path,
     capfd: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
+    recorded_keys: list[np.ndarray],
 ) -> None:
     capture = pcaps_dir / name
     macs, ssids = _secrets_of(capture)
-    keys: list[np.ndarray] = []
-    original_init = anonymize.EpochKey.__init__
-
-    def remember(self: Any) -> None:
-        original_init(self)
-        keys.append(self.words.copy())
-
-    monkeypatch.setattr(anonymize.EpochKey, "__init__", remember)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FOOTFALL_PRIVACY_MODE", mode)
     cli.main(["-v", "replay", str(capture)])
@@ -128,6 +182,6 @@ def test_replay_leaks_no_address_ssid_or_key(
         assert not _leaks(blob, macs), f"an address of {name} appears in {where}"
         for ssid in ssids:
             assert ssid not in blob, f"an SSID of {name} appears in {where}"
-        for words in keys:
+        for words in recorded_keys:
             for needle in _key_encodings(words):
                 assert needle not in blob, f"an epoch key appears in {where}"
