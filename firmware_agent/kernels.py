@@ -39,9 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from firmware_agent.errors import AgentError
+
 __all__ = [
     "AOT",
     "KERNEL_MODULES",
+    "KernelBuildError",
     "build",
     "compiler_module",
     "kernel",
@@ -116,6 +119,10 @@ AOT = _load_aot()
 """The ahead-of-time build in use, or None: the kernels are numba's JIT."""
 
 
+class KernelBuildError(AgentError):
+    """The ahead-of-time build cannot be made here (no setuptools, no C compiler)."""
+
+
 @dataclass(frozen=True)
 class _Export:
     name: str
@@ -171,7 +178,13 @@ def build(target_cpu: str = "host") -> tuple[Path, bool]:
         importlib.import_module(f"firmware_agent.{module}")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*pycc.*pending deprecation")
-        from numba.pycc.cc import CC  # noqa: PLC0415 (only to build)
+        try:
+            from numba.pycc.cc import CC  # noqa: PLC0415 (only to build)
+        except ImportError as exc:  # numba.pycc builds the extension with setuptools
+            raise KernelBuildError(
+                f"the ahead-of-time build needs {exc.name} in this Python environment "
+                f"({sys.prefix}/bin/pip install {exc.name})"
+            ) from exc
 
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as work:
@@ -181,7 +194,13 @@ def build(target_cpu: str = "host") -> tuple[Path, bool]:
         cc.verbose = False
         for entry in _EXPORTS:
             cc.export(entry.name, entry.signature)(entry.function)  # type: ignore[no-untyped-call]
-        cc.compile()
+        try:
+            cc.compile()
+        except Exception as exc:  # setuptools' compiler errors, or a missing compiler
+            raise KernelBuildError(
+                f"compiling the kernels' extension failed ({exc}): it needs a C compiler and "
+                "Python's headers (apt-get install gcc python3-dev)"
+            ) from exc
         (built,) = Path(work).glob(f"{name}*")
         path = directory / built.name
         os.replace(built, path)
