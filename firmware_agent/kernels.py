@@ -10,7 +10,7 @@ ways, from that one definition:
   the kernel modules' sources and the numba, llvmlite and numpy versions, so a build is used
   only by the exact sources it was compiled from. When it is present the decorated names
   are the extension's functions, and neither numba nor llvmlite is imported: the agent
-  saves the ~130 MB that numba's compiler takes (bench/bench_live.py).
+  takes about 110 MB less (bench/bench_live.py).
 * just in time (JIT), otherwise: :func:`kernel` is ``numba.njit(cache=True)``, as before.
   A build from other sources (a stale one) is ignored, with a warning.
 
@@ -182,23 +182,24 @@ def build(target_cpu: str = "host") -> tuple[Path, bool]:
             from numba.pycc.cc import CC  # noqa: PLC0415 (only to build)
         except ImportError as exc:  # numba.pycc builds the extension with setuptools
             raise KernelBuildError(
-                f"the ahead-of-time build needs {exc.name} in this Python environment "
-                f"({sys.prefix}/bin/pip install {exc.name})"
+                f"the ahead-of-time build needs numba.pycc and setuptools ({exc}); "
+                f"{sys.prefix}/bin/pip install setuptools"
             ) from exc
 
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as work:
-        cc = CC(name)  # type: ignore[no-untyped-call]
-        cc.output_dir = work
-        cc.target_cpu = target_cpu
-        cc.verbose = False
-        for entry in _EXPORTS:
-            cc.export(entry.name, entry.signature)(entry.function)  # type: ignore[no-untyped-call]
         try:
+            cc = CC(name)  # type: ignore[no-untyped-call]  # finds the C compiler
+            cc.output_dir = work
+            cc.target_cpu = target_cpu
+            cc.verbose = False
+            for entry in _EXPORTS:
+                cc.export(entry.name, entry.signature)(entry.function)  # type: ignore[no-untyped-call]
             cc.compile()
-        except Exception as exc:  # setuptools' compiler errors, or a missing compiler
+        except Exception as exc:  # no C compiler (RuntimeError), setuptools' compile errors
+            first = str(exc).splitlines()[0]
             raise KernelBuildError(
-                f"compiling the kernels' extension failed ({exc}): it needs a C compiler and "
+                f"compiling the kernels' extension failed ({first}): it needs a C compiler and "
                 "Python's headers (apt-get install gcc python3-dev)"
             ) from exc
         (built,) = Path(work).glob(f"{name}*")

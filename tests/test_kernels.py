@@ -87,3 +87,17 @@ def test_the_kernels_unit_tests_pass_on_the_aot_build(aot_dir: Path) -> None:
     tests = ["tests/test_anonymize.py", "tests/test_live.py", "tests/test_count.py"]
     result = _run(aot_dir, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests)
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_a_build_without_a_c_compiler_says_what_it_needs(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(AGENT), "build-kernels"],
+        env=_env(tmp_path) | {"CC": "/bin/false"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "footfall-agent: error: compiling the kernels' extension failed" in result.stderr
+    assert "apt-get install gcc python3-dev" in result.stderr
+    assert not list(tmp_path.iterdir())  # nothing half-built is left
