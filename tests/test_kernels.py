@@ -101,3 +101,18 @@ def test_a_build_without_a_c_compiler_says_what_it_needs(tmp_path: Path) -> None
     assert "footfall-agent: error: compiling the kernels' extension failed" in result.stderr
     assert "apt-get install gcc python3-dev" in result.stderr
     assert not list(tmp_path.iterdir())  # nothing half-built is left
+
+
+def test_doctor_under_the_aot_build_replays_without_numba(aot_dir: Path) -> None:
+    code = (
+        "import sys\n"
+        "from firmware_agent import doctor, settings\n"
+        "config = settings.load_config(None, environ={'FOOTFALL_EPOCH_TIMEZONE': 'UTC'})\n"
+        "finding = doctor.check_numba_cache(config)\n"
+        "print(finding.status, finding.detail)\n"
+        "print('numba' in sys.modules)\n"
+    )
+    result = _run(aot_dir, sys.executable, "-c", code)
+    status, numba_loaded = result.stdout.splitlines()
+    assert status.startswith(f"ok not needed: kernels compiled ahead of time ({aot_dir}/"), status
+    assert numba_loaded == "False"
