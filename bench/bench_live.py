@@ -15,7 +15,13 @@ the same run: the same frames replayed from the file in process (``Pipeline`` ov
 Then the footprint: a fresh agent is sent a capture of 100,000 devices, and its resident
 memory (VmRSS) is read once every frame is in, with the device count the last window reports.
 
-Usage: ``sudo .venv/bin/python bench/bench_live.py [--seconds 5]``
+Both are measured for each way the kernels are compiled (``--kernels``): numba's JIT (the
+baseline, as without a build) and the ahead-of-time build (``footfall-agent build-kernels``,
+made here into ``bench/out/kernels``; firmware_agent/kernels.py), which spares the agent
+importing numba. The agent runs with the environment its systemd unit sets
+(``hardware/systemd/footfall-agent.service``'s ``Environment=`` lines).
+
+Usage: ``sudo .venv/bin/python bench/bench_live.py [--seconds 5] [--kernels jit,aot]``
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from tests.mqtt_broker import (  # noqa: E402
 from tests.netns import Veth, veth_pair  # noqa: E402
 
 OUT = REPO / "bench" / "out"
+UNIT = REPO / "hardware" / "systemd" / "footfall-agent.service"
 SITE, AGENT = "bench", "live"
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -68,6 +75,14 @@ def memory_mb(pid: int) -> dict[str, float]:
     return {k: int(v) / 1024 for k, v in re.findall(pattern, status)}
 
 
+def kernels_loaded(pid: int) -> str:
+    """What the agent's kernels run on, from its memory map: the AOT build or numba's JIT."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    aot = "footfall_kernels_" in maps
+    jit = "llvmlite" in maps
+    return {(True, False): "AOT build", (False, True): "numba JIT"}.get((aot, jit), "both?")
+
+
 def scrape(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
         text = response.read().decode()
@@ -76,6 +91,24 @@ def scrape(port: int) -> dict[str, float]:
         for line in text.splitlines()
         if line and not line.startswith("#")
     }
+
+
+def unit_environment() -> dict[str, str]:
+    """The ``Environment=`` settings of the agent's systemd unit (the cache directory aside)."""
+    pairs = re.findall(r"^Environment=(\w+)=(.*)$", UNIT.read_text(), re.M)
+    return {k: v for k, v in pairs if k != "NUMBA_CACHE_DIR"}
+
+
+def kernels_dir(kernels: str) -> Path:
+    """FOOTFALL_KERNELS_DIR for a mode: an empty directory (JIT), or one with the AOT build."""
+    directory = OUT / ("kernels" if kernels == "aot" else "no-kernels")
+    directory.mkdir(parents=True, exist_ok=True)
+    if kernels == "aot":
+        print(f"building the kernels ahead of time into {directory} ...", file=sys.stderr)
+        agent = Path(sys.executable).with_name("footfall-agent")
+        env = os.environ | {"FOOTFALL_KERNELS_DIR": str(directory)}
+        subprocess.run([str(agent), "build-kernels"], env=env, check=True)
+    return directory
 
 
 def capture(name: str, spec: SyntheticSpec) -> Path:
@@ -154,6 +187,7 @@ def replay_baseline(path: Path, frames: int) -> float:
 
 @dataclass(frozen=True)
 class Row:
+    kernels: str  # jit or aot
     asked: int  # frames/s; 0: --topspeed
     sent_at: float  # frames/s, as tcpreplay reports it
     sent: int
@@ -173,7 +207,7 @@ class Row:
         return self.cpu_s / self.sent * 10_000
 
 
-def measure(agent: Agent, veth: Veth, path: Path, rate: int, seconds: float) -> Row:
+def measure(kernels: str, agent: Agent, veth: Veth, path: Path, rate: int, seconds: float) -> Row:
     limit = int(rate * seconds) if rate else 1_000_000
     before, cpu0 = scrape(agent.port), cpu_seconds(agent.pid)
     result = veth.replay(path, OUT, pps=rate or None, limit=limit)
@@ -184,7 +218,7 @@ def measure(agent: Agent, veth: Veth, path: Path, rate: int, seconds: float) -> 
         return after[name] - before[name]
 
     return Row(
-        rate, achieved, sent, delta("footfall_frames_total"),
+        kernels, rate, achieved, sent, delta("footfall_frames_total"),
         delta("footfall_kernel_drops_total"), cpu_seconds(agent.pid) - cpu0, took,
     )  # fmt: skip
 
@@ -194,6 +228,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="sending time per rate")
     parser.add_argument(
         "--rates", default="10000,50000,100000,200000", help="frames/s, then --topspeed"
+    )
+    parser.add_argument(
+        "--kernels", default="jit,aot", help="how the agent's kernels are compiled: jit, aot"
     )
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -210,27 +247,39 @@ def main() -> int:
     )
     baseline = replay_baseline(frames_path, 200_000)
 
+    modes = {kernels: kernels_dir(kernels) for kernels in args.kernels.split(",")}
+    os.environ.update(unit_environment())
+
     work = Path(tempfile.mkdtemp(prefix="bench_live-"))
     certs = TestCertificates.make(work / "certs")
     broker = Mosquitto(mosquitto, work / "broker", certs, {(SITE, AGENT): f"pw-{AGENT}"})
     broker.start()
+    rows: list[Row] = []
+    crowds: dict[str, Footprint] = {}
     try:
         with veth_pair() as veth:
-            agent = Agent(work / "agent", broker, veth)
-            try:
-                agent.warm_up(veth, frames_path)
-                rows = [measure(agent, veth, frames_path, r, args.seconds) for r in rates]
-            finally:
-                agent.stop()
-            crowd = footprint(work / "crowd", broker, veth, frames_path, crowd_path)
+            for kernels, directory in modes.items():
+                print(f"{kernels}: rates {rates} (0: top speed), then memory", file=sys.stderr)
+                os.environ["FOOTFALL_KERNELS_DIR"] = str(directory)
+                agent = Agent(work / f"agent-{kernels}", broker, veth)
+                try:
+                    agent.warm_up(veth, frames_path)
+                    rows += [
+                        measure(kernels, agent, veth, frames_path, r, args.seconds) for r in rates
+                    ]
+                finally:
+                    agent.stop()
+                crowds[kernels] = footprint(
+                    work / f"crowd-{kernels}", broker, veth, frames_path, crowd_path
+                )
     finally:
         broker.kill()
         shutil.rmtree(work, ignore_errors=True)
-    print_report(rows, baseline, crowd)
+    print_report(rows, baseline, crowds)
     return 0
 
 
-Footprint = tuple[dict[str, float], dict[str, float], int]
+Footprint = tuple[dict[str, float], dict[str, float], int, str]
 
 
 def footprint(root: Path, broker: Mosquitto, veth: Veth, warm: Path, crowd: Path) -> Footprint:
@@ -241,6 +290,7 @@ def footprint(root: Path, broker: Mosquitto, veth: Veth, warm: Path, crowd: Path
     try:
         agent.warm_up(veth, warm)
         idle = memory_mb(agent.pid)
+        loaded = kernels_loaded(agent.pid)
         veth.replay(crowd, OUT, pps=50_000)
         agent.settle(205_000)
         samples = []
@@ -252,33 +302,36 @@ def footprint(root: Path, broker: Mosquitto, veth: Veth, warm: Path, crowd: Path
     wait_for(lambda: bool(sub.windows()), 10, "the agent's last window")
     devices = max(w["devices_epoch"] for w in sub.windows())
     sub.close()
-    return idle, samples[-1] | {"VmHWM": max(s["VmHWM"] for s in samples)}, devices
+    return idle, samples[-1] | {"VmHWM": max(s["VmHWM"] for s in samples)}, devices, loaded
 
 
-def print_report(rows: list[Row], baseline: float, crowd: Footprint) -> None:
+def print_report(rows: list[Row], baseline: float, crowds: dict[str, Footprint]) -> None:
     print(f"live path: footfall-agent run on a veth, {os.cpu_count()} cores; baseline: the same "
           f"frames replayed in process, {baseline:.4f} CPU s per 10k frames")  # fmt: skip
     print()
-    print("| asked (frames/s) | sent at (frames/s) | sent | received | kernel drops "
+    print("| kernels | asked (frames/s) | sent at (frames/s) | sent | received | kernel drops "
           "| agent CPU (% of a core) | CPU per 10k frames/s | vs replay |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         asked = f"{row.asked:,}" if row.asked else "topspeed"
-        print(f"| {asked} | {row.sent_at:,.0f} | {row.sent:,} | {row.received:,.0f} "
-              f"| {row.drops:,.0f} | {row.share:.1%} | {row.per_10k:.1%} "
+        print(f"| {row.kernels} | {asked} | {row.sent_at:,.0f} | {row.sent:,} "
+              f"| {row.received:,.0f} | {row.drops:,.0f} | {row.share:.1%} | {row.per_10k:.1%} "
               f"| {row.per_10k / baseline:.2f}x |")  # fmt: skip
-    clean = [row for row in rows if row.drops == 0 and row.received >= row.sent]
-    if clean:
-        best = max(clean, key=lambda row: row.sent_at).sent_at
-        print(f"\nhighest rate with every frame received, no kernel drop: {best:,.0f} frames/s")
-    idle, full, devices = crowd
-    print("\n| agent memory (MB) | RSS | anonymous | files (libraries) | peak |")
-    print("|---|---:|---:|---:|---:|")
-    for label, m in (("warm, a few thousand devices", idle),
-                     (f"{devices:,} devices in the epoch", full)):  # fmt: skip
-        print(f"| {label} | {m['VmRSS']:.0f} | {m['RssAnon']:.0f} | {m['RssFile']:.0f} "
-              f"| {m['VmHWM']:.0f} |")  # fmt: skip
-    print("goal: at most 160 MB with 100,000 devices")
+    for kernels in dict.fromkeys(row.kernels for row in rows):
+        clean = [r for r in rows if r.kernels == kernels and r.drops == 0 and r.received >= r.sent]
+        if clean:
+            best = max(clean, key=lambda row: row.sent_at).sent_at
+            print(f"\n{kernels}: highest rate with every frame received, no kernel drop: "
+                  f"{best:,.0f} frames/s")  # fmt: skip
+    print("\n| kernels (mapped) | agent memory (MB) | RSS | anonymous | files (libraries) "
+          "| peak |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|")
+    for kernels, (idle, full, devices, loaded) in crowds.items():
+        for label, m in (("warm, a few thousand devices", idle),
+                         (f"{devices:,} devices in the epoch", full)):  # fmt: skip
+            print(f"| {kernels} ({loaded}) | {label} | {m['VmRSS']:.0f} | {m['RssAnon']:.0f} "
+                  f"| {m['RssFile']:.0f} | {m['VmHWM']:.0f} |")  # fmt: skip
+    print("goal: at most 160 MB with 100,000 devices; baseline: the JIT rows")
 
 
 if __name__ == "__main__":

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import nacl.utils
 import numpy as np
-from numba import njit
 from numpy.typing import NDArray
 
 from firmware_agent import memlock
+from firmware_agent.kernels import kernel
 from firmware_agent.parse import KIND_NO_SA, ProbeBatch
 
 __all__ = ["DeviceBatch", "EpochKey", "anonymize", "siphash24_mac", "siphash24_u64"]
@@ -79,12 +79,12 @@ class DeviceBatch:
         return int(self.kind.shape[0])
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _rotl(x: np.uint64, b: int) -> np.uint64:
     return ((x << np.uint64(b)) | (x >> np.uint64(64 - b))) & _M64
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _sipround(
     v0: np.uint64, v1: np.uint64, v2: np.uint64, v3: np.uint64
 ) -> tuple[np.uint64, np.uint64, np.uint64, np.uint64]:
@@ -101,7 +101,7 @@ def _sipround(
     return v0, v1, v2, v3
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _siphash_blocks(k: NDArray[np.uint64], m: np.uint64, full: bool, tail: np.uint64) -> np.uint64:
     """SipHash-2-4 of at most one full 8-byte block ``m`` followed by the final ``tail``."""
     v0 = k[0] ^ _C0
@@ -123,7 +123,7 @@ def _siphash_blocks(k: NDArray[np.uint64], m: np.uint64, full: bool, tail: np.ui
     return v0 ^ v1 ^ v2 ^ v3
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _hash_mac(mac: NDArray[np.uint8], i: int, k: NDArray[np.uint64]) -> np.uint64:
     tail = np.uint64(6) << np.uint64(56)
     for b in range(6):
@@ -131,12 +131,12 @@ def _hash_mac(mac: NDArray[np.uint8], i: int, k: NDArray[np.uint64]) -> np.uint6
     return _siphash_blocks(k, np.uint64(0), False, tail)
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _hash_u64(value: np.uint64, k: NDArray[np.uint64]) -> np.uint64:
     return _siphash_blocks(k, value, True, np.uint64(8) << np.uint64(56))
 
 
-@njit(cache=True, nogil=True)
+@kernel(export="void(u1[:, :], u8[:], u8[:])")
 def siphash24_mac(mac: NDArray[np.uint8], k: NDArray[np.uint64], out: NDArray[np.uint64]) -> None:
     """out[i] = SipHash-2-4 of the 6 bytes mac[i] under k; then mac is zeroed."""
     for i in range(mac.shape[0]):
@@ -144,7 +144,7 @@ def siphash24_mac(mac: NDArray[np.uint8], k: NDArray[np.uint64], out: NDArray[np
         mac[i, :] = 0
 
 
-@njit(cache=True, nogil=True)
+@kernel(export="void(u8[:], u8[:], u8[:])")
 def siphash24_u64(
     values: NDArray[np.uint64], k: NDArray[np.uint64], out: NDArray[np.uint64]
 ) -> None:
@@ -153,7 +153,7 @@ def siphash24_u64(
         out[i] = _hash_u64(values[i], k)
 
 
-@njit(cache=True, nogil=True)
+@kernel(export="void(u1[:], u1[:, :], u8[:], u8[:], u8[:], u1[:], u8[:])")
 def _key_rows(
     kind: NDArray[np.uint8],
     mac: NDArray[np.uint8],

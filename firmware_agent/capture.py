@@ -54,10 +54,10 @@ from types import TracebackType
 from typing import Any, BinaryIO, Final, TypeVar, cast
 
 import numpy as np
-from numba import njit
 from numpy.typing import NDArray
 
 from firmware_agent.errors import CaptureError, NotACaptureError, UnsupportedLinkTypeError
+from firmware_agent.kernels import kernel
 
 __all__ = [
     "LINKTYPE_AVS",
@@ -144,7 +144,7 @@ class FrameBatch:
         return len(self.lengths)
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _u32(buf: NDArray[np.uint8], p: int, big: bool) -> int:
     b0, b1, b2, b3 = (p, p + 1, p + 2, p + 3) if big else (p + 3, p + 2, p + 1, p)
     return int(
@@ -155,7 +155,7 @@ def _u32(buf: NDArray[np.uint8], p: int, big: bool) -> int:
     )
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _copy(dst: NDArray[np.uint8], at: int, src: NDArray[np.uint8], start: int, size: int) -> None:
     """dst[at:at+size] = src[start:start+size] at memcpy speed: with unsigned indices (no
     negative-index wraparound) LLVM vectorises this loop; numba's slice copy is 4x slower."""
@@ -164,7 +164,11 @@ def _copy(dst: NDArray[np.uint8], at: int, src: NDArray[np.uint8], start: int, s
         dst[at_u + j] = src[start_u + j]
 
 
-@njit(cache=True, nogil=True)
+@kernel(
+    export=(
+        "UniTuple(i8, 4)(u1[:], i8, i8, b1, b1, i8, u1[:], i8[:], i4[:], i8[:], u2[:], i8, i8, b1)"
+    )
+)
 def _split_pcap(
     buf: NDArray[np.uint8],
     pos: int,
@@ -210,7 +214,12 @@ def _split_pcap(
     return pos, n, used, _FULL
 
 
-@njit(cache=True, nogil=True)
+@kernel(
+    export=(
+        "UniTuple(i8, 4)(u1[:], i8, i8, b1, i8[:, :], u1[:], i8[:], i4[:], i8[:], u2[:], "
+        "i8, i8, b1)"
+    )
+)
 def _split_pcapng(
     buf: NDArray[np.uint8],
     pos: int,

@@ -19,7 +19,7 @@ from typing import TextIO
 
 import nacl.signing
 
-from firmware_agent import __version__
+from firmware_agent import __version__, kernels
 from firmware_agent.audit import audit_all
 from firmware_agent.broker_session import BrokerSession
 from firmware_agent.capture import CaptureReader, FrameBatch
@@ -184,6 +184,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     findings = run_checks(config, sample_s=args.sample_s)
     print_table(findings)
     return 1 if any(f.status == "FAIL" for f in findings) else 0
+
+
+def cmd_build_kernels(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    print(f"compiling the kernels ahead of time into {kernels.kernels_dir()} ...", file=sys.stderr)
+    path, built = kernels.build()
+    took = time.monotonic() - started
+    print(f"built {path} in {took:.0f} s" if built else f"up to date: {path}")
+    return 0
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -367,6 +376,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="agent TOML config file (broker settings)")
     p.add_argument("--set", type=_setting, action="append", metavar="NAME=VALUE", help=set_help)
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser(
+        "build-kernels",
+        help="compile the kernels ahead of time (then numba is not loaded at run time)",
+        description="Compile the agent's numba kernels with numba.pycc into one extension "
+        "module in FOOTFALL_KERNELS_DIR (default: lib/footfall-kernels in this Python "
+        "environment). The agent uses it when it matches its sources and saves the memory of "
+        "numba's compiler; otherwise it compiles them just in time. Does nothing if the build "
+        "is up to date.",
+    )
+    p.set_defaults(func=cmd_build_kernels)
 
     p = sub.add_parser("config", help="configuration")
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")

@@ -36,11 +36,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
-from numba import njit
 from numpy.typing import NDArray
 
 from firmware_agent.anonymize import DeviceBatch
 from firmware_agent.errors import ConfigError
+from firmware_agent.kernels import kernel
 from firmware_agent.parse import KIND_PROBE, RSSI_MISSING
 from firmware_agent.table import KeyedRows, slot
 
@@ -150,7 +150,7 @@ class WindowCounts:
         }
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _close_window(
     keys: NDArray[np.uint64],
     state: NDArray[np.int64],
@@ -211,7 +211,12 @@ def _close_window(
     clock[_C_OLDEST] = end
 
 
-@njit(cache=True, nogil=True)
+@kernel(
+    export=(
+        "UniTuple(i8, 2)(u1[:], i8[:], u8[:], u1[:], i2[:], u8[:], u2[:], i8, u8[:], "
+        "i8[:, :], i8[:, :], i8[:], i8[:], i8[:, :], i8)"
+    )
+)
 def _count(
     kind: NDArray[np.uint8],
     ts: NDArray[np.int64],
@@ -305,7 +310,7 @@ def _count(
     return i, rows
 
 
-@njit(cache=True, nogil=True)
+@kernel(export="i8(u8[:], i8[:, :], i8[:, :], i8[:], i8[:], i8, b1, i8[:, :])")
 def _flush(
     keys: NDArray[np.uint64],
     state: NDArray[np.int64],

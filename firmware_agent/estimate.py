@@ -60,11 +60,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
 from numpy.typing import NDArray
 
 from firmware_agent.anonymize import DeviceBatch
 from firmware_agent.errors import ConfigError
+from firmware_agent.kernels import kernel
 from firmware_agent.parse import KIND_PROBE, RSSI_MISSING
 from firmware_agent.table import KeyedRows, slot
 
@@ -290,7 +290,7 @@ class WindowEstimate:
     rssi_threshold_dbm: int  # the threshold used (learnt or set)
 
 
-@njit(cache=True)
+@kernel(export="i8(i8[:], i8)", gil=True)
 def otsu_split(hist: NDArray[np.int64], lo: int) -> int:
     """Otsu's threshold of a histogram whose bin ``k`` holds value ``lo + k``.
 
@@ -330,7 +330,7 @@ def otsu_split(hist: NDArray[np.int64], lo: int) -> int:
     return lo + (first + last) // 2 + 1
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _close_window(
     chains: NDArray[np.int64],
     clock: NDArray[np.int64],
@@ -385,7 +385,7 @@ def _close_window(
     clock[_K_OLDEST] = end
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _link(
     t: int,
     dev: np.uint64,
@@ -451,7 +451,12 @@ def _link(
     return chain
 
 
-@njit(cache=True, nogil=True)
+@kernel(
+    export=(
+        "UniTuple(i8, 2)(u1[:], i8[:], u8[:], u1[:], i2[:], u8[:], u2[:], i8, u8[:], "
+        "i8[:, :], i8[:, :], u8[:], i8[:, :], i8[:], i8[:], i8[:], i8[:, :], i8)"
+    )
+)
 def _estimate(
     kind: NDArray[np.uint8],
     ts: NDArray[np.int64],
@@ -557,7 +562,7 @@ def _estimate(
     return i, rows
 
 
-@njit(cache=True, nogil=True)
+@kernel(export="i8(i8[:, :], i8[:], i8[:], i8[:], i8, i8[:, :])")
 def _flush(
     chains: NDArray[np.int64],
     clock: NDArray[np.int64],

@@ -51,11 +51,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
-from numba import njit, types
-from numba.extending import intrinsic
 from numpy.typing import NDArray
 
 from firmware_agent.capture import (
@@ -68,6 +66,7 @@ from firmware_agent.capture import (
 )
 from firmware_agent.channels import ChannelHopper
 from firmware_agent.errors import ConfigError, LiveCaptureError
+from firmware_agent.kernels import compiler_module, kernel
 
 __all__ = [
     "IFACE_PREFIX",
@@ -275,26 +274,10 @@ def _attach_filter(sock: socket.socket, program: tuple[tuple[int, int, int, int]
     sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)  # the kernel copies it now
 
 
-def _fence_intrinsic(ordering: str) -> Any:
-    """An intrinsic that emits an LLVM ``fence`` of ``ordering`` (a compiler barrier on x86, a
-    ``dmb`` on ARM)."""
-
-    def fence(typingctx: object) -> tuple[object, object]:
-        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-            builder.fence(ordering)
-            return context.get_dummy_value()
-
-        return types.void(), codegen
-
-    fence.__name__ = f"_fence_{ordering}"
-    return intrinsic(fence)
+intrinsics = compiler_module("firmware_agent.intrinsics")
 
 
-_acquire_fence = _fence_intrinsic("acquire")
-_release_fence = _fence_intrinsic("release")
-
-
-@njit(cache=True, nogil=True)
+@kernel(export="UniTuple(i8, 2)(u4[:], i8, i8, i8, i8, i8, i8[:], i4[:], i8[:], u2[:])")
 def _take_blocks(
     ring32: NDArray[np.uint32],
     block_bytes: int,
@@ -322,7 +305,7 @@ def _take_blocks(
         w = base // 4
         if ring32[w + 2] & _TP_STATUS_USER == 0:
             break
-        _acquire_fence()
+        intrinsics.acquire_fence()
         count = int(ring32[w + 3])
         if n + count > offsets.shape[0]:
             break
@@ -349,7 +332,7 @@ def _take_blocks(
     return n, taken
 
 
-@njit(cache=True, nogil=True)
+@kernel(export="void(u1[:], u4[:], i8, i8, i8, i8)")
 def _release_blocks(
     ring: NDArray[np.uint8],
     ring32: NDArray[np.uint32],
@@ -366,7 +349,7 @@ def _release_blocks(
         stop = np.uint64(base + min(int(ring32[w + 5]), block_bytes))
         for i in range(start, stop):  # unsigned indices: LLVM turns this into memset
             ring[i] = 0
-        _release_fence()
+        intrinsics.release_fence()
         ring32[w + 2] = 0  # TP_STATUS_KERNEL
 
 

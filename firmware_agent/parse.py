@@ -38,12 +38,8 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
 from numpy.typing import NDArray
 
 from firmware_agent.capture import (
@@ -54,6 +50,7 @@ from firmware_agent.capture import (
     LINKTYPE_RADIOTAP,
     FrameBatch,
 )
+from firmware_agent.kernels import compiler_module, kernel
 
 __all__ = [
     "KIND_FCS_BAD",
@@ -118,22 +115,22 @@ class ProbeBatch:
         return int(self.kind.shape[0])
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _u16le(d: NDArray[np.uint8], p: int) -> int:
     return np.int64(d[p]) | (np.int64(d[p + 1]) << 8)
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _u16be(d: NDArray[np.uint8], p: int) -> int:
     return (np.int64(d[p]) << 8) | np.int64(d[p + 1])
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _u32le(d: NDArray[np.uint8], p: int) -> int:
     return _u16le(d, p) | (_u16le(d, p + 2) << 16)
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _u32be(d: NDArray[np.uint8], p: int) -> int:
     return (
         (np.int64(d[p]) << 24)
@@ -143,12 +140,12 @@ def _u32be(d: NDArray[np.uint8], p: int) -> int:
     )
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _s8(v: int) -> int:
     return v - 256 if v >= 128 else v
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _dbm32(v: int) -> int:
     """A 32-bit two's-complement signal as a row holds it: out of int16 range is missing."""
     if v >= 1 << 31:
@@ -156,7 +153,7 @@ def _dbm32(v: int) -> int:
     return v if -32767 <= v <= 32767 else RSSI_MISSING
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _channel_to_mhz(ch: int) -> int:
     """Centre frequency of a channel number given without a band (IEEE 802.11 Annex E)."""
     if 1 <= ch <= 13:
@@ -170,7 +167,7 @@ def _channel_to_mhz(ch: int) -> int:
     return 0
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _radiotap(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int, int]:
     """(header length or -1, flags, rssi, freq) of a radiotap header at d[start:end]."""
     if end - start < 8 or d[start] != 0:
@@ -208,12 +205,12 @@ def _radiotap(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int
     return it_len, flags, rssi, freq
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _u32(d: NDArray[np.uint8], p: int, big: bool) -> int:
     return _u32be(d, p) if big else _u32le(d, p)
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _prism(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int]:
     """(header length or -1, rssi, freq) of a Prism (wlan-ng) header, or of an AVS one.
 
@@ -251,7 +248,7 @@ def _prism(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int]:
     return msglen, rssi, freq
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _avs(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int]:
     """(header length or -1, rssi, freq) of an AVS (wlancap) header: big-endian."""
     if end - start < 64:
@@ -264,7 +261,7 @@ def _avs(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int]:
     return length, rssi, freq
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _ppi(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int, int]:
     """(header length or -1, FCS flags as radiotap's, rssi, freq) of a PPI header.
 
@@ -300,23 +297,7 @@ def _ppi(d: NDArray[np.uint8], start: int, end: int) -> tuple[int, int, int, int
     return length, flags, rssi, freq
 
 
-@intrinsic
-def _load_u64le(typingctx: object, buf: types.Array, pos: types.Integer) -> tuple[object, object]:
-    """The 8 bytes buf[pos:pos+8] as a little-endian word, in one unaligned load.
-
-    No bounds check: every caller keeps pos + 8 within the current frame. (The agent runs
-    on little-endian machines only: x86-64 and 64-bit ARM.)
-    """
-
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        array = context.make_array(sig.args[0])(context, builder, args[0])
-        ptr = builder.gep(array.data, [args[1]])
-        return builder.load(builder.bitcast(ptr, ir.IntType(64).as_pointer()), align=1)
-
-    return types.uint64(buf, pos), codegen
-
-
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _mix(h: np.uint64, word: int) -> np.uint64:
     """One step of the fingerprint digest: h = (h ^ word) * P; h ^= h >> 32."""
     h = (h ^ np.uint64(word)) * _FP_PRIME
@@ -346,9 +327,10 @@ def _element_tables() -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.
 _SHORTEST, _LONGEST, _FP_TAKE = _element_tables()
 _EXT_HE_CAPS = 35
 _EXT_EHT_CAPS = 108
+intrinsics = compiler_module("firmware_agent.intrinsics")
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _elements(d: NDArray[np.uint8], p: int, end: int) -> tuple[bool, int, np.uint64]:
     """Walk information elements in d[p:end]: (well formed, SSID kind, fingerprint)."""
     ssid = SSID_NONE
@@ -372,16 +354,21 @@ def _elements(d: NDArray[np.uint8], p: int, end: int) -> tuple[bool, int, np.uin
             k = body
             stop = body + n
             while k + 8 <= stop:
-                h = _mix(h, _load_u64le(d, k))  # type: ignore[call-arg]  # numba fills typingctx
+                h = _mix(h, intrinsics.load_u64le(d, k))
                 k += 8
             if k < stop:  # the 8 bytes ending at stop are in the frame: a header precedes
-                tail: np.uint64 = _load_u64le(d, stop - 8)  # type: ignore[call-arg]  # numba fills typingctx
+                tail: np.uint64 = intrinsics.load_u64le(d, stop - 8)
                 h = _mix(h, tail >> np.uint64(8 * (8 - (stop - k))))
         p = body + elen
     return True, ssid, h
 
 
-@njit(cache=True, nogil=True)
+@kernel(
+    export=(
+        "i8(u1[:], i8[:], i4[:], i8[:], u2[:], u1[:], i8[:], u1[:, :], u2[:], i2[:], "
+        "u2[:], u1[:], u8[:])"
+    )
+)
 def _parse(
     data: NDArray[np.uint8],
     offsets: NDArray[np.int64],

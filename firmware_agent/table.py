@@ -10,13 +10,14 @@ SipHash outputs, uniform, so the low bits index well) and insert by writing the 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 from numpy.typing import NDArray
+
+from firmware_agent.kernels import kernel
 
 __all__ = ["KeyedRows", "slot"]
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def slot(keys: NDArray[np.uint64], key: np.uint64) -> int:
     """The slot holding ``key``, or the empty slot where it belongs."""
     mask = keys.shape[0] - 1
@@ -26,7 +27,7 @@ def slot(keys: NDArray[np.uint64], key: np.uint64) -> int:
     return i
 
 
-@njit(cache=True, nogil=True)
+@kernel(export="void(u8[:], i8[:, :], u8[:], i8[:, :])")
 def _rehash(
     keys: NDArray[np.uint64],
     rows: NDArray[np.int64],

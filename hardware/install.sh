@@ -4,7 +4,7 @@
 #   sudo hardware/install.sh [--radio wlan1] [--monitor mon0] [--channel 6]
 #
 # What it does, each step only if needed (running it twice changes nothing):
-#   1. apt: python3-venv, iw                          (not with --root or --no-apt)
+#   1. apt: python3-venv, python3-dev, gcc, iw        (not with --root or --no-apt)
 #   2. the 'footfall' system user (systemd-sysusers)
 #   3. /etc/footfall (root:footfall 0750) with agent.toml (0640, kept if present),
 #      /var/lib/footfall (the spool) and /var/cache/footfall (numba's cache), footfall's, 0700
@@ -12,7 +12,8 @@
 #   5. the signing key, /etc/footfall/signing.key (footfall's, 0600), if there is none
 #   6. footfall-monitor.service (makes mon0 with iw), footfall-agent.service (hardened),
 #      /etc/default/footfall-monitor (kept if present), NetworkManager told to leave the radio
-#   7. numba's cache filled once, as the footfall user (a minute on a Pi 4)
+#   7. the kernels compiled ahead of time (footfall-agent build-kernels; a minute or two on a
+#      Pi 4), or if that fails numba's cache filled once, as the footfall user
 #   8. systemd: reload, enable both units, start the monitor interface
 #   also: /usr/local/bin/footfall-agent (a link) and /usr/local/sbin/footfall-doctor
 # Then: edit /etc/footfall/agent.toml, 'footfall-agent enroll', 'footfall-doctor',
@@ -148,7 +149,7 @@ if [ "$live" = yes ]; then
 fi
 if [ "$live" = yes ] && [ "$apt" = yes ]; then
 	missing=()
-	for package in python3-venv iw; do
+	for package in python3-venv python3-dev gcc iw; do
 		dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
 	done
 	if [ "${#missing[@]}" -gt 0 ]; then
@@ -223,12 +224,30 @@ unmanaged-devices=interface-name:$radio;interface-name:$monitor
 EOF
 units_changed=$((changes - units_before))
 
-# 7. numba's cache, filled once as the user that reads it
-cache=/var/cache/footfall/numba
-if [ "$live" = yes ] && [ "$venv" = yes ] && [ -z "$(find "$cache" -name '*.nbi' 2>/dev/null | head -n 1)" ]; then
-	say "compiling the agent's kernels into $cache (about a minute on a Pi 4)"
-	runuser -u footfall -- env NUMBA_CACHE_DIR="$cache" "$agent" replay >/dev/null
-	changed "filled numba's cache $cache"
+# 7. the kernels compiled ahead of time into /opt/footfall/lib/footfall-kernels (the agent then
+#    never loads numba: ~130 MB less); if that fails, numba's cache, filled as the agent's user
+if [ "$live" = yes ] && [ "$venv" = yes ]; then
+	if ! "$r/opt/footfall/bin/python" -c 'import setuptools' 2>/dev/null; then
+		"$r/opt/footfall/bin/pip" install -q setuptools
+		changed "installed setuptools in /opt/footfall (numba.pycc builds with it)"
+	fi
+	errors=$(mktemp)
+	if built=$("$agent" build-kernels 2>"$errors"); then
+		case "$built" in
+		"up to date: "*) ;;
+		*) changed "compiled the agent's kernels ahead of time: ${built#built }" ;;
+		esac
+	else
+		say "the kernels' ahead-of-time build failed (it needs gcc and python3-dev):"
+		tail -n 3 "$errors" >&2
+		cache=/var/cache/footfall/numba
+		if [ -z "$(find "$cache" -name '*.nbi' 2>/dev/null | head -n 1)" ]; then
+			say "compiling the agent's kernels into $cache instead (about a minute on a Pi 4)"
+			runuser -u footfall -- env NUMBA_CACHE_DIR="$cache" "$agent" replay >/dev/null
+			changed "filled numba's cache $cache"
+		fi
+	fi
+	rm -f "$errors"
 fi
 
 # 8. systemd
