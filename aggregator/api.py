@@ -222,9 +222,7 @@ def dashboard_data(found: Services, site: Site, day: date) -> dict[str, Any]:
         }
         for band, column in DWELL_BANDS
     }
-    visitors = None if today is None else today["visitors"]
-    devices = None if today is None else today["devices"]
-    day_start, _ = counts.day_bounds(site, day, day)
+    day_start, day_end = counts.day_bounds(site, day, day)
     return {
         "site": asdict(site),
         "date": day.isoformat(),
@@ -233,14 +231,8 @@ def dashboard_data(found: Services, site: Site, day: date) -> dict[str, Any]:
         "days": counts.days(site, day - timedelta(days=27), day),
         "heatmap": counts.heatmap(site, day),
         "dwell": dwell,
-        "capture": {
-            "visitors": visitors,
-            "devices": devices,
-            "rate": round(visitors / devices, 3) if visitors is not None and devices else None,
-            "visitors_suppressed": 0 if today is None else today["visitors_suppressed"],
-            "devices_suppressed": 0 if today is None else today["devices_suppressed"],
-        },
-        "agents": [asdict(a) for a in found.store.agents(site.id, since=day_start)],
+        "capture": counts.capture(site, day, day),
+        "agents": [asdict(a) for a in found.store.agents(site.id, since=day_start, until=day_end)],
     }
 
 

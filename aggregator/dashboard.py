@@ -189,8 +189,8 @@ def site_page(
     day = day or local_today(site)
     context: dict[str, Any] = {"title": site.name, "user": user, "site": site, "day": day}
     if not user.reads_counts:
-        day_start, _ = found.counts.day_bounds(site, day, day)
-        agents = found.store.agents(site.id, since=day_start)
+        day_start, day_end = found.counts.day_bounds(site, day, day)
+        agents = found.store.agents(site.id, since=day_start, until=day_end)
         return _render(request, "agents.html", agents=agents, **context)
     data = dashboard_data(found, site, day)
     return _render(

@@ -869,9 +869,12 @@ class Store:
     def _least(self, a: ColumnElement[Any], b: ColumnElement[Any]) -> ColumnElement[Any]:
         return sa.func.least(a, b) if self.dialect == "postgresql" else sa.func.min(a, b)
 
-    def agents(self, site: str | None = None, since: int | None = None) -> list[AgentHealth]:
-        """Every agent (of one site), with its health; with ``since`` (Unix s), the windows
-        stored and missing count only those from then on (a quick look at a big store)."""
+    def agents(
+        self, site: str | None = None, since: int | None = None, until: int | None = None
+    ) -> list[AgentHealth]:
+        """Every agent (of one site), with its health; with ``since`` (and ``until``, Unix s),
+        the windows stored and missing count only those from then on (and before then): a
+        quick look at a big store."""
         scope: ColumnElement[bool] = sa.true()
         if site is not None:
             scope &= windows.c.agent_key.in_(
@@ -879,6 +882,8 @@ class Store:
             )
         if since is not None:
             scope &= windows.c.window_start >= since
+        if until is not None:
+            scope &= windows.c.window_start < until
         gaps = self._gaps(scope)
         missing = (
             sa.select(
