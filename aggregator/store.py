@@ -455,8 +455,9 @@ class Store:
 
     # --- migrations ------------------------------------------------------------------------
 
-    def migrate(self) -> str:
-        """Apply every migration not yet applied; the schema's revision afterwards."""
+    def migrate(self, revision: str = "head", *, downgrade: bool = False) -> str:
+        """Apply every migration not yet applied (up to ``revision``; with ``downgrade``, undo
+        those after it); the schema's revision afterwards."""
         from alembic import command  # noqa: PLC0415 (alembic is needed only here)
         from alembic.config import Config  # noqa: PLC0415
         from alembic.runtime.migration import MigrationContext  # noqa: PLC0415
@@ -469,7 +470,7 @@ class Store:
                 if self.settings.schema:
                     conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{self.settings.schema}"')
             config.attributes["connection"] = conn
-            command.upgrade(config, "head")
+            (command.downgrade if downgrade else command.upgrade)(config, revision)
             revision = MigrationContext.configure(conn).get_current_revision()
         return revision or ""
 
