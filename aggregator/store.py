@@ -471,8 +471,8 @@ class Store:
                     conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{self.settings.schema}"')
             config.attributes["connection"] = conn
             (command.downgrade if downgrade else command.upgrade)(config, revision)
-            revision = MigrationContext.configure(conn).get_current_revision()
-        return revision or ""
+            current = MigrationContext.configure(conn).get_current_revision()
+        return current or ""
 
     @contextlib.contextmanager
     def _migration_lock(self) -> Iterator[None]:
