@@ -49,6 +49,9 @@ SESSION_COOKIE = "footfall_session"
 CSRF_COOKIE = "footfall_csrf"
 SITE_PATTERN = "^[a-z0-9][a-z0-9_-]{0,62}$"
 AGENT_PATTERN = SITE_PATTERN
+KEY_PATTERN = "^[A-Za-z0-9+/]*={0,2}$"  # base64
+# Local days the API answers for (the roll-ups' keys; a day's bounds must be instants).
+FIRST_DAY, LAST_DAY = date(2000, 1, 1), date(9998, 12, 31)
 MAX_RANGE_DAYS = {"window": MAX_WINDOW_DAYS, "hour": 31, "day": 366}
 _CODES = {
     400: "bad_request",
@@ -159,11 +162,20 @@ def local_today(site: Site) -> date:
     return datetime.now(zone(site.timezone)).date()
 
 
+def _day(site: Site, day: date | None, field: str) -> date:
+    """The local day asked for (today when none), if the API answers for it."""
+    if day is None:
+        return local_today(site)
+    if not FIRST_DAY <= day <= LAST_DAY:
+        raise ApiError(422, f"{field}: a day from {FIRST_DAY} to {LAST_DAY}, got {day}", field)
+    return day
+
+
 def _day_range(
     site: Site, first: date | None, last: date | None, resolution: str
 ) -> tuple[date, date]:
-    last = last or local_today(site)
-    first = first or last
+    last = _day(site, last, "to")
+    first = _day(site, first, "from") if first else last
     if first > last:
         raise ApiError(422, f"from ({first}) is after to ({last})", "from")
     limit = MAX_RANGE_DAYS[resolution]
@@ -191,7 +203,9 @@ class MeOut(BaseModel):
 
 class AgentIn(BaseModel):
     agent: str = Field(pattern=AGENT_PATTERN, description="agent id, as in its topics")
-    public_key: str = Field(max_length=100, description="base64 Ed25519 key (keygen prints it)")
+    public_key: str = Field(
+        max_length=100, pattern=KEY_PATTERN, description="base64 Ed25519 key (keygen prints it)"
+    )
 
 
 Resolution = Annotated[str, Query(pattern="^(window|hour|day)$", description="window, hour or day")]
@@ -249,7 +263,31 @@ def csv_text(site: Site, resolution: str, rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
-api_router = APIRouter(prefix="/api/v1")
+class ErrorDetail(BaseModel):
+    status: int
+    code: str
+    message: str
+    field: str | None
+
+
+class ErrorOut(BaseModel):
+    """The one shape of every error."""
+
+    error: ErrorDetail
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorOut, "description": description}
+    for status, description in (
+        (400, "the request body is not JSON"),
+        (401, "not signed in, or an unknown API token"),
+        (403, "the user's role may not make this call (or the CSRF token is missing)"),
+        (404, "no such site or path, or a site not granted to the user"),
+        (409, "already there"),
+        (422, "a parameter or body field is invalid (``field`` names it)"),
+    )
+}
+api_router = APIRouter(prefix="/api/v1", responses=_ERRORS)
 
 
 @api_router.get("/me", response_model=MeOut, summary="the user making the call")
@@ -337,12 +375,12 @@ def get_counts_csv(
 
 @api_router.get("/sites/{site_id}/heatmap", summary="busy times: weekday by hour, 4 weeks")
 def get_heatmap(request: Request, site: CountsSite, day: OnDay = None) -> dict[str, Any]:
-    return services(request).counts.heatmap(site, day or local_today(site))
+    return services(request).counts.heatmap(site, _day(site, day, "day"))
 
 
 @api_router.get("/sites/{site_id}/dashboard", summary="everything the site page shows")
 def get_dashboard(request: Request, site: CountsSite, day: OnDay = None) -> dict[str, Any]:
-    return dashboard_data(services(request), site, day or local_today(site))
+    return dashboard_data(services(request), site, _day(site, day, "day"))
 
 
 def install_error_handlers(app: FastAPI, page: Callable[[Request, int, str], Response]) -> None:

@@ -30,6 +30,7 @@ from aggregator import __version__
 from aggregator.accounts import User
 from aggregator.api import (
     CSRF_COOKIE,
+    KEY_PATTERN,
     SESSION_COOKIE,
     SITE_PATTERN,
     ApiError,
@@ -212,7 +213,7 @@ def enrol_agent(
     request: Request,
     site_id: str,
     agent: Annotated[str, Form(pattern=SITE_PATTERN)],
-    public_key: Annotated[str, Form(max_length=100)],
+    public_key: Annotated[str, Form(max_length=100, pattern=KEY_PATTERN)],
     csrf: Annotated[str, Form(max_length=100)] = "",
 ) -> Response:
     _check_csrf(request, csrf)

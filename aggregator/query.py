@@ -244,12 +244,19 @@ class Counts:
         totals = [[0] * 24 for _ in range(7)]
         seen = [[0] * 24 for _ in range(7)]
         suppressed = [[0] * 24 for _ in range(7)]
-        for row in self.hours(site, first, last):
-            day, hour = date.fromisoformat(row["local"][:10]).weekday(), int(row["local"][11:13])
-            if row["visitors"] is not None:
-                totals[day][hour] += row["visitors"]
+        start, end = self.day_bounds(site, first, last)
+        h = site_hours.c
+        query = sa.select(h.local_hour, h.windows, h.visitors_sum, h.visitors_suppressed).where(
+            h.site_id == site.id, h.hour_start >= start, h.hour_start < end
+        )
+        with self.store.begin(read_only=True) as conn:
+            rows = conn.execute(query).all()
+        for local, stored, visitors, hidden in rows:
+            day, hour = date.fromisoformat(local[:10]).weekday(), int(local[11:13])
+            if stored > hidden:  # some window published its visitors
+                totals[day][hour] += visitors
                 seen[day][hour] += 1
-            suppressed[day][hour] += row["visitors_suppressed"]
+            suppressed[day][hour] += hidden
         return {
             "first": first.isoformat(),
             "last": last.isoformat(),

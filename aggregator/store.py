@@ -81,6 +81,7 @@ __all__ = [
 log = logging.getLogger("footfall.aggregator")
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+_NEVER = 1 << 62  # a time after every window (Unix s)
 _PG_LOCK = 0x666F6F74  # pg_advisory_xact_lock key for migrations ("foot")
 
 metadata = sa.MetaData()
@@ -881,10 +882,11 @@ class Store:
             scope &= windows.c.agent_key.in_(
                 sa.select(agents.c.agent_key).where(agents.c.site_id == site)
             )
-        if since is not None:
-            scope &= windows.c.window_start >= since
-        if until is not None:
-            scope &= windows.c.window_start < until
+        if since is not None or until is not None:
+            # Both bounds, always: given one, SQLite's planner reads every window of an agent
+            # in primary key order instead of the (agent, window start) index's range.
+            scope &= windows.c.window_start >= (since or 0)
+            scope &= windows.c.window_start < (_NEVER if until is None else until)
         gaps = self._gaps(scope)
         missing = (
             sa.select(
