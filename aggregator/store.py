@@ -877,86 +877,71 @@ class Store:
         """Every agent (of one site), with its health; with ``since`` (and ``until``, Unix s),
         the windows stored and missing count only those from then on (and before then): a
         quick look at a big store."""
+        a = agents.c
         scope: ColumnElement[bool] = sa.true()
+        listed = sa.select(
+            a.agent_key,
+            a.site_id,
+            a.agent_id,
+            a.public_key,
+            a.enrolled_at,
+            a.revoked_at,
+            a.last_seen_at,
+            a.status_state,
+            a.status_cause,
+            a.status_at,
+            a.spool_pending,
+            a.spool_dropped,
+        ).order_by(a.site_id, a.agent_id)
         if site is not None:
-            scope &= windows.c.agent_key.in_(
-                sa.select(agents.c.agent_key).where(agents.c.site_id == site)
-            )
+            listed = listed.where(a.site_id == site)
+            scope &= windows.c.agent_key.in_(sa.select(a.agent_key).where(a.site_id == site))
         if since is not None or until is not None:
             # Both bounds, always: given one, SQLite's planner reads every window of an agent
             # in primary key order instead of the (agent, window start) index's range.
             scope &= windows.c.window_start >= (since or 0)
             scope &= windows.c.window_start < (_NEVER if until is None else until)
+        # The windows' figures by agent in a query of their own, not joined to the agents: a
+        # planner that thinks a site has one agent (PostgreSQL never analyses a table that
+        # small) would compute them again for every agent.
         gaps = self._gaps(scope)
-        missing = (
-            sa.select(
-                gaps.c.agent_key,
-                sa.func.sum(sa.case((gaps.c.missing > 0, gaps.c.missing), else_=0)).label("n"),
-            )
-            .group_by(gaps.c.agent_key)
-            .subquery()
-        )
-        stored = (
-            sa.select(
-                windows.c.agent_key,
-                sa.func.count().label("windows"),
-                sa.func.min(windows.c.window_start).label("first_window"),
-                sa.func.max(windows.c.window_start).label("last_window"),
-                sa.func.max(windows.c.seq).label("last_seq"),
-            )
-            .where(scope)
-            .group_by(windows.c.agent_key)
-            .subquery()
-        )
-        a = agents.c
-        query = (
-            sa.select(
-                a.site_id,
-                a.agent_id,
-                a.public_key,
-                a.enrolled_at,
-                a.revoked_at,
-                a.last_seen_at,
-                a.status_state,
-                a.status_cause,
-                a.status_at,
-                a.spool_pending,
-                a.spool_dropped,
-                sa.func.coalesce(stored.c.windows, 0),
-                stored.c.first_window,
-                stored.c.last_window,
-                stored.c.last_seq,
-                sa.func.coalesce(missing.c.n, 0),
-            )
-            .outerjoin(stored, stored.c.agent_key == a.agent_key)
-            .outerjoin(missing, missing.c.agent_key == a.agent_key)
-            .order_by(a.site_id, a.agent_id)
-        )
-        if site is not None:
-            query = query.where(a.site_id == site)
+        stored = sa.select(
+            gaps.c.agent_key,
+            sa.func.count(),
+            sa.func.min(gaps.c.before_window),
+            sa.func.max(gaps.c.before_window),
+            sa.func.max(gaps.c.before_seq),
+            sa.func.sum(sa.case((gaps.c.missing > 0, gaps.c.missing), else_=0)),
+        ).group_by(gaps.c.agent_key)
         with self.begin(read_only=True) as conn:
-            rows = conn.execute(query).all()
-        return [
-            AgentHealth(
-                site=row[0],
-                agent=row[1],
-                public_key=row[2],
-                enrolled_at=row[3],
-                revoked_at=row[4],
-                last_seen_at=row[5],
-                state=row[6],
-                cause=row[7],
-                status_at=row[8],
-                spool_pending=row[9],
-                spool_dropped=row[10],
-                windows=int(row[11]),
-                first_window=row[12],
-                last_window=row[13],
-                last_seq=row[14],
-                missing=int(row[15]),
+            rows = conn.execute(listed).all()
+            figures = {row[0]: row[1:] for row in conn.execute(stored)}
+        out = []
+        for row in rows:
+            count, first, last, last_seq, missing = figures.get(
+                row.agent_key, (0, None, None, None, 0)
             )
-            for row in rows
-        ]
+            out.append(
+                AgentHealth(
+                    site=row.site_id,
+                    agent=row.agent_id,
+                    public_key=row.public_key,
+                    enrolled_at=row.enrolled_at,
+                    revoked_at=row.revoked_at,
+                    last_seen_at=row.last_seen_at,
+                    state=row.status_state,
+                    cause=row.status_cause,
+                    status_at=row.status_at,
+                    spool_pending=row.spool_pending,
+                    spool_dropped=row.spool_dropped,
+                    windows=int(count),
+                    first_window=first,
+                    last_window=last,
+                    last_seq=last_seq,
+                    missing=int(missing or 0),
+                )
+            )
+        return out
 
     def gaps(self, site: str, agent: str, limit: int = 50) -> list[Gap]:
         """The latest gaps in an agent's windows, newest first."""

@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))  # the tests' app server and schema drop
 
 import httpx  # noqa: E402
 import nacl.signing  # noqa: E402
+import orjson  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
 from aggregator.accounts import Accounts  # noqa: E402
@@ -56,7 +57,7 @@ from aggregator.config import StoreSettings  # noqa: E402
 from aggregator.query import HEATMAP_WEEKS, Counts, Site  # noqa: E402
 from aggregator.rollup import zone  # noqa: E402
 from aggregator.store import Store, agents, windows  # noqa: E402
-from aggregator.verify import Accepted, canonical  # noqa: E402
+from aggregator.verify import Accepted  # noqa: E402
 from firmware_agent.messages import VERSION, public_key_text, utc_text  # noqa: E402
 from tests.aggregator_harness import drop_schema  # noqa: E402
 from tests.web_harness import serve_app  # noqa: E402
@@ -177,7 +178,7 @@ def build(
                         signature=SIG,
                         agent=entry,
                         received_at=at + WINDOW_S + 5,
-                        canonical=canonical("counts", payload).decode(),
+                        canonical=orjson.dumps(payload, option=orjson.OPT_SORT_KEYS).decode(),
                         window_start=at,
                     )
                 )
