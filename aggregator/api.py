@@ -228,7 +228,8 @@ def _rows(
 def dashboard_data(found: Services, site: Site, day: date) -> dict[str, Any]:
     """Everything the site page shows for one local day (the page embeds exactly this)."""
     counts = found.counts
-    today = next(iter(counts.days(site, day, day)), None)
+    days = counts.days(site, day - timedelta(days=27), day)
+    today = days[-1] if days and days[-1]["local"] == day.isoformat() else None
     dwell = {
         band: {
             "visits": None if today is None else today[column],
@@ -242,7 +243,7 @@ def dashboard_data(found: Services, site: Site, day: date) -> dict[str, Any]:
         "date": day.isoformat(),
         "today": counts.hours(site, day, day),
         "last_week": counts.hours(site, day - timedelta(days=7), day - timedelta(days=7)),
-        "days": counts.days(site, day - timedelta(days=27), day),
+        "days": days,
         "heatmap": counts.heatmap(site, day),
         "dwell": dwell,
         "capture": counts.capture(site, day, day),
