@@ -41,7 +41,15 @@ from aggregator.query import MAX_WINDOW_DAYS, MEASURES, UNITS, Counts, Site
 from aggregator.rollup import DWELL_BANDS, zone
 from aggregator.store import Store
 
-__all__ = ["CSRF_COOKIE", "SESSION_COOKIE", "ApiError", "Services", "api_router", "error_body"]
+__all__ = [
+    "CSRF_COOKIE",
+    "SESSION_COOKIE",
+    "ApiError",
+    "Services",
+    "api_router",
+    "asked_day",
+    "error_body",
+]
 
 log = logging.getLogger("footfall.aggregator")
 
@@ -162,7 +170,7 @@ def local_today(site: Site) -> date:
     return datetime.now(zone(site.timezone)).date()
 
 
-def _day(site: Site, day: date | None, field: str) -> date:
+def asked_day(site: Site, day: date | None, field: str) -> date:
     """The local day asked for (today when none), if the API answers for it."""
     if day is None:
         return local_today(site)
@@ -174,8 +182,8 @@ def _day(site: Site, day: date | None, field: str) -> date:
 def _day_range(
     site: Site, first: date | None, last: date | None, resolution: str
 ) -> tuple[date, date]:
-    last = _day(site, last, "to")
-    first = _day(site, first, "from") if first else last
+    last = asked_day(site, last, "to")
+    first = asked_day(site, first, "from") if first else last
     if first > last:
         raise ApiError(422, f"from ({first}) is after to ({last})", "from")
     limit = MAX_RANGE_DAYS[resolution]
@@ -227,28 +235,28 @@ def _rows(
 
 def dashboard_data(found: Services, site: Site, day: date) -> dict[str, Any]:
     """Everything the site page shows for one local day (the page embeds exactly this)."""
-    counts = found.counts
-    days = counts.days(site, day - timedelta(days=27), day)
-    today = days[-1] if days and days[-1]["local"] == day.isoformat() else None
-    dwell = {
-        band: {
-            "visits": None if today is None else today[column],
-            "suppressed": 0 if today is None else today[f"{column}_suppressed"],
+    day_start, day_end = found.counts.day_bounds(site, day, day)
+    with found.counts.reading() as counts:
+        days = counts.days(site, day - timedelta(days=27), day)
+        today = days[-1] if days and days[-1]["local"] == day.isoformat() else None
+        data = {
+            "site": asdict(site),
+            "date": day.isoformat(),
+            "today": counts.hours(site, day, day),
+            "last_week": counts.hours(site, day - timedelta(days=7), day - timedelta(days=7)),
+            "days": days,
+            "heatmap": counts.heatmap(site, day),
+            "dwell": {
+                band: {
+                    "visits": None if today is None else today[column],
+                    "suppressed": 0 if today is None else today[f"{column}_suppressed"],
+                }
+                for band, column in DWELL_BANDS
+            },
+            "capture": counts.capture(site, day, day),
         }
-        for band, column in DWELL_BANDS
-    }
-    day_start, day_end = counts.day_bounds(site, day, day)
-    return {
-        "site": asdict(site),
-        "date": day.isoformat(),
-        "today": counts.hours(site, day, day),
-        "last_week": counts.hours(site, day - timedelta(days=7), day - timedelta(days=7)),
-        "days": days,
-        "heatmap": counts.heatmap(site, day),
-        "dwell": dwell,
-        "capture": counts.capture(site, day, day),
-        "agents": [asdict(a) for a in found.store.agents(site.id, since=day_start, until=day_end)],
-    }
+    agents = found.store.agents(site.id, since=day_start, until=day_end)
+    return data | {"agents": [asdict(a) for a in agents]}
 
 
 def csv_text(site: Site, resolution: str, rows: list[dict[str, Any]]) -> str:
@@ -376,12 +384,12 @@ def get_counts_csv(
 
 @api_router.get("/sites/{site_id}/heatmap", summary="busy times: weekday by hour, 4 weeks")
 def get_heatmap(request: Request, site: CountsSite, day: OnDay = None) -> dict[str, Any]:
-    return services(request).counts.heatmap(site, _day(site, day, "day"))
+    return services(request).counts.heatmap(site, asked_day(site, day, "day"))
 
 
 @api_router.get("/sites/{site_id}/dashboard", summary="everything the site page shows")
 def get_dashboard(request: Request, site: CountsSite, day: OnDay = None) -> dict[str, Any]:
-    return dashboard_data(services(request), site, _day(site, day, "day"))
+    return dashboard_data(services(request), site, asked_day(site, day, "day"))
 
 
 def install_error_handlers(app: FastAPI, page: Callable[[Request, int, str], Response]) -> None:

@@ -36,9 +36,9 @@ from aggregator.api import (
     ApiError,
     Services,
     api_router,
+    asked_day,
     dashboard_data,
     install_error_handlers,
-    local_today,
     services,
 )
 from aggregator.errors import AccountError, LoginRefusedError, RegistryError
@@ -187,7 +187,7 @@ def site_page(
     user = _page_user(request)
     site = _user_site(request, user, site_id)
     found = services(request)
-    day = day or local_today(site)
+    day = asked_day(site, day, "date")
     context: dict[str, Any] = {"title": site.name, "user": user, "site": site, "day": day}
     if not user.reads_counts:
         day_start, day_end = found.counts.day_bounds(site, day, day)

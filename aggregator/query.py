@@ -13,12 +13,14 @@ published it (all suppressed, or a field the agents' privacy mode does not publi
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from aggregator.errors import RegistryError
 from aggregator.rollup import DWELL_BANDS, SUPPRESSIBLE, zone
@@ -79,11 +81,28 @@ def _measures(row: sa.RowMapping) -> dict[str, int | None]:
 class Counts:
     """Reads of a store for one site at a time (the caller has checked the site is theirs)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, conn: Connection | None = None) -> None:
         self.store = store
+        self._conn = conn
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[Connection]:
+        """The connection of :meth:`reading`, or a read-only transaction of its own."""
+        if self._conn is not None:
+            yield self._conn
+            return
+        with self.store.begin(read_only=True) as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Counts]:
+        """Counts that make all their reads in one read-only transaction (one snapshot, one
+        connection: a page's dozen reads without a dozen round trips to begin and end)."""
+        with self.store.begin(read_only=True) as conn:
+            yield Counts(self.store, conn)
 
     def site(self, site_id: str) -> Site:
-        with self.store.begin(read_only=True) as conn:
+        with self._reading() as conn:
             row = conn.execute(
                 sa.select(sites.c.id, sites.c.name, sites.c.timezone).where(sites.c.id == site_id)
             ).first()
@@ -96,7 +115,7 @@ class Counts:
         query = sa.select(sites.c.id, sites.c.name, sites.c.timezone).order_by(sites.c.id)
         if only is not None:
             query = query.where(sites.c.id.in_(list(only)))
-        with self.store.begin(read_only=True) as conn:
+        with self._reading() as conn:
             return [Site(*row) for row in conn.execute(query)]
 
     @staticmethod
@@ -117,7 +136,7 @@ class Counts:
             .where(h.site_id == site.id, h.hour_start >= start, h.hour_start < end)
             .order_by(h.hour_start)
         )
-        with self.store.begin(read_only=True) as conn:
+        with self._reading() as conn:
             rows = conn.execute(query).mappings().all()
         return [
             {
@@ -140,7 +159,7 @@ class Counts:
             )
             .order_by(d.local_day)
         )
-        with self.store.begin(read_only=True) as conn:
+        with self._reading() as conn:
             rows = conn.execute(query).mappings().all()
         return [
             {"local": row["local_day"], "hours": row["day_hours"], **_measures(row)} for row in rows
@@ -180,7 +199,7 @@ class Counts:
             .order_by(w.window_start)
         )
         tz = zone(site.timezone)
-        with self.store.begin(read_only=True) as conn:
+        with self._reading() as conn:
             rows = conn.execute(query).mappings().all()
         return [
             {
@@ -223,7 +242,7 @@ class Counts:
             sa.func.sum(sa.case((clean, h.devices_sum))),
         ).where(h.site_id == site.id, h.hour_start >= start, h.hour_start < end)
         basis = "windows"
-        with self.store.begin(read_only=True) as conn:
+        with self._reading() as conn:
             row = conn.execute(by_window).one()
             if not row[0]:
                 basis, row = "hours", conn.execute(by_hour).one()
@@ -249,7 +268,7 @@ class Counts:
         query = sa.select(h.local_hour, h.windows, h.visitors_sum, h.visitors_suppressed).where(
             h.site_id == site.id, h.hour_start >= start, h.hour_start < end
         )
-        with self.store.begin(read_only=True) as conn:
+        with self._reading() as conn:
             rows = conn.execute(query).all()
         for local, stored, visitors, hidden in rows:
             day, hour = date.fromisoformat(local[:10]).weekday(), int(local[11:13])
