@@ -41,7 +41,15 @@ from aggregator.query import MAX_WINDOW_DAYS, MEASURES, UNITS, Counts, Site
 from aggregator.rollup import DWELL_BANDS, zone
 from aggregator.store import Store
 
-__all__ = ["CSRF_COOKIE", "SESSION_COOKIE", "ApiError", "Services", "api_router", "error_body"]
+__all__ = [
+    "CSRF_COOKIE",
+    "SESSION_COOKIE",
+    "ApiError",
+    "Services",
+    "api_router",
+    "asked_day",
+    "error_body",
+]
 
 log = logging.getLogger("footfall.aggregator")
 
@@ -49,6 +57,9 @@ SESSION_COOKIE = "footfall_session"
 CSRF_COOKIE = "footfall_csrf"
 SITE_PATTERN = "^[a-z0-9][a-z0-9_-]{0,62}$"
 AGENT_PATTERN = SITE_PATTERN
+KEY_PATTERN = "^[A-Za-z0-9+/]*={0,2}$"  # base64
+# Local days the API answers for (the roll-ups' keys; a day's bounds must be instants).
+FIRST_DAY, LAST_DAY = date(2000, 1, 1), date(9998, 12, 31)
 MAX_RANGE_DAYS = {"window": MAX_WINDOW_DAYS, "hour": 31, "day": 366}
 _CODES = {
     400: "bad_request",
@@ -159,11 +170,20 @@ def local_today(site: Site) -> date:
     return datetime.now(zone(site.timezone)).date()
 
 
+def asked_day(site: Site, day: date | None, field: str) -> date:
+    """The local day asked for (today when none), if the API answers for it."""
+    if day is None:
+        return local_today(site)
+    if not FIRST_DAY <= day <= LAST_DAY:
+        raise ApiError(422, f"{field}: a day from {FIRST_DAY} to {LAST_DAY}, got {day}", field)
+    return day
+
+
 def _day_range(
     site: Site, first: date | None, last: date | None, resolution: str
 ) -> tuple[date, date]:
-    last = last or local_today(site)
-    first = first or last
+    last = asked_day(site, last, "to")
+    first = asked_day(site, first, "from") if first else last
     if first > last:
         raise ApiError(422, f"from ({first}) is after to ({last})", "from")
     limit = MAX_RANGE_DAYS[resolution]
@@ -191,7 +211,9 @@ class MeOut(BaseModel):
 
 class AgentIn(BaseModel):
     agent: str = Field(pattern=AGENT_PATTERN, description="agent id, as in its topics")
-    public_key: str = Field(max_length=100, description="base64 Ed25519 key (keygen prints it)")
+    public_key: str = Field(
+        max_length=100, pattern=KEY_PATTERN, description="base64 Ed25519 key (keygen prints it)"
+    )
 
 
 Resolution = Annotated[str, Query(pattern="^(window|hour|day)$", description="window, hour or day")]
@@ -213,35 +235,28 @@ def _rows(
 
 def dashboard_data(found: Services, site: Site, day: date) -> dict[str, Any]:
     """Everything the site page shows for one local day (the page embeds exactly this)."""
-    counts = found.counts
-    today = next(iter(counts.days(site, day, day)), None)
-    dwell = {
-        band: {
-            "visits": None if today is None else today[column],
-            "suppressed": 0 if today is None else today[f"{column}_suppressed"],
+    day_start, day_end = found.counts.day_bounds(site, day, day)
+    with found.counts.reading() as counts:
+        days = counts.days(site, day - timedelta(days=27), day)
+        today = days[-1] if days and days[-1]["local"] == day.isoformat() else None
+        data = {
+            "site": asdict(site),
+            "date": day.isoformat(),
+            "today": counts.hours(site, day, day),
+            "last_week": counts.hours(site, day - timedelta(days=7), day - timedelta(days=7)),
+            "days": days,
+            "heatmap": counts.heatmap(site, day),
+            "dwell": {
+                band: {
+                    "visits": None if today is None else today[column],
+                    "suppressed": 0 if today is None else today[f"{column}_suppressed"],
+                }
+                for band, column in DWELL_BANDS
+            },
+            "capture": counts.capture(site, day, day),
         }
-        for band, column in DWELL_BANDS
-    }
-    visitors = None if today is None else today["visitors"]
-    devices = None if today is None else today["devices"]
-    day_start, _ = counts.day_bounds(site, day, day)
-    return {
-        "site": asdict(site),
-        "date": day.isoformat(),
-        "today": counts.hours(site, day, day),
-        "last_week": counts.hours(site, day - timedelta(days=7), day - timedelta(days=7)),
-        "days": counts.days(site, day - timedelta(days=27), day),
-        "heatmap": counts.heatmap(site, day),
-        "dwell": dwell,
-        "capture": {
-            "visitors": visitors,
-            "devices": devices,
-            "rate": round(visitors / devices, 3) if visitors is not None and devices else None,
-            "visitors_suppressed": 0 if today is None else today["visitors_suppressed"],
-            "devices_suppressed": 0 if today is None else today["devices_suppressed"],
-        },
-        "agents": [asdict(a) for a in found.store.agents(site.id, since=day_start)],
-    }
+    agents = found.store.agents(site.id, since=day_start, until=day_end)
+    return data | {"agents": [asdict(a) for a in agents]}
 
 
 def csv_text(site: Site, resolution: str, rows: list[dict[str, Any]]) -> str:
@@ -257,7 +272,31 @@ def csv_text(site: Site, resolution: str, rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
-api_router = APIRouter(prefix="/api/v1")
+class ErrorDetail(BaseModel):
+    status: int
+    code: str
+    message: str
+    field: str | None
+
+
+class ErrorOut(BaseModel):
+    """The one shape of every error."""
+
+    error: ErrorDetail
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorOut, "description": description}
+    for status, description in (
+        (400, "the request body is not JSON"),
+        (401, "not signed in, or an unknown API token"),
+        (403, "the user's role may not make this call (or the CSRF token is missing)"),
+        (404, "no such site or path, or a site not granted to the user"),
+        (409, "already there"),
+        (422, "a parameter or body field is invalid (``field`` names it)"),
+    )
+}
+api_router = APIRouter(prefix="/api/v1", responses=_ERRORS)
 
 
 @api_router.get("/me", response_model=MeOut, summary="the user making the call")
@@ -345,12 +384,12 @@ def get_counts_csv(
 
 @api_router.get("/sites/{site_id}/heatmap", summary="busy times: weekday by hour, 4 weeks")
 def get_heatmap(request: Request, site: CountsSite, day: OnDay = None) -> dict[str, Any]:
-    return services(request).counts.heatmap(site, day or local_today(site))
+    return services(request).counts.heatmap(site, asked_day(site, day, "day"))
 
 
 @api_router.get("/sites/{site_id}/dashboard", summary="everything the site page shows")
 def get_dashboard(request: Request, site: CountsSite, day: OnDay = None) -> dict[str, Any]:
-    return dashboard_data(services(request), site, day or local_today(site))
+    return dashboard_data(services(request), site, asked_day(site, day, "day"))
 
 
 def install_error_handlers(app: FastAPI, page: Callable[[Request, int, str], Response]) -> None:

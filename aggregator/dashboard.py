@@ -30,14 +30,15 @@ from aggregator import __version__
 from aggregator.accounts import User
 from aggregator.api import (
     CSRF_COOKIE,
+    KEY_PATTERN,
     SESSION_COOKIE,
     SITE_PATTERN,
     ApiError,
     Services,
     api_router,
+    asked_day,
     dashboard_data,
     install_error_handlers,
-    local_today,
     services,
 )
 from aggregator.errors import AccountError, LoginRefusedError, RegistryError
@@ -186,11 +187,11 @@ def site_page(
     user = _page_user(request)
     site = _user_site(request, user, site_id)
     found = services(request)
-    day = day or local_today(site)
+    day = asked_day(site, day, "date")
     context: dict[str, Any] = {"title": site.name, "user": user, "site": site, "day": day}
     if not user.reads_counts:
-        day_start, _ = found.counts.day_bounds(site, day, day)
-        agents = found.store.agents(site.id, since=day_start)
+        day_start, day_end = found.counts.day_bounds(site, day, day)
+        agents = found.store.agents(site.id, since=day_start, until=day_end)
         return _render(request, "agents.html", agents=agents, **context)
     data = dashboard_data(found, site, day)
     return _render(
@@ -212,7 +213,7 @@ def enrol_agent(
     request: Request,
     site_id: str,
     agent: Annotated[str, Form(pattern=SITE_PATTERN)],
-    public_key: Annotated[str, Form(max_length=100)],
+    public_key: Annotated[str, Form(max_length=100, pattern=KEY_PATTERN)],
     csrf: Annotated[str, Form(max_length=100)] = "",
 ) -> Response:
     _check_csrf(request, csrf)

@@ -13,12 +13,14 @@ published it (all suppressed, or a field the agents' privacy mode does not publi
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from aggregator.errors import RegistryError
 from aggregator.rollup import DWELL_BANDS, SUPPRESSIBLE, zone
@@ -79,11 +81,28 @@ def _measures(row: sa.RowMapping) -> dict[str, int | None]:
 class Counts:
     """Reads of a store for one site at a time (the caller has checked the site is theirs)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, conn: Connection | None = None) -> None:
         self.store = store
+        self._conn = conn
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[Connection]:
+        """The connection of :meth:`reading`, or a read-only transaction of its own."""
+        if self._conn is not None:
+            yield self._conn
+            return
+        with self.store.begin(read_only=True) as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Counts]:
+        """Counts that make all their reads in one read-only transaction (one snapshot, one
+        connection: a page's dozen reads without a dozen round trips to begin and end)."""
+        with self.store.begin(read_only=True) as conn:
+            yield Counts(self.store, conn)
 
     def site(self, site_id: str) -> Site:
-        with self.store.begin(read_only=True) as conn:
+        with self._reading() as conn:
             row = conn.execute(
                 sa.select(sites.c.id, sites.c.name, sites.c.timezone).where(sites.c.id == site_id)
             ).first()
@@ -96,7 +115,7 @@ class Counts:
         query = sa.select(sites.c.id, sites.c.name, sites.c.timezone).order_by(sites.c.id)
         if only is not None:
             query = query.where(sites.c.id.in_(list(only)))
-        with self.store.begin(read_only=True) as conn:
+        with self._reading() as conn:
             return [Site(*row) for row in conn.execute(query)]
 
     @staticmethod
@@ -117,7 +136,7 @@ class Counts:
             .where(h.site_id == site.id, h.hour_start >= start, h.hour_start < end)
             .order_by(h.hour_start)
         )
-        with self.store.begin(read_only=True) as conn:
+        with self._reading() as conn:
             rows = conn.execute(query).mappings().all()
         return [
             {
@@ -140,7 +159,7 @@ class Counts:
             )
             .order_by(d.local_day)
         )
-        with self.store.begin(read_only=True) as conn:
+        with self._reading() as conn:
             rows = conn.execute(query).mappings().all()
         return [
             {"local": row["local_day"], "hours": row["day_hours"], **_measures(row)} for row in rows
@@ -180,7 +199,7 @@ class Counts:
             .order_by(w.window_start)
         )
         tz = zone(site.timezone)
-        with self.store.begin(read_only=True) as conn:
+        with self._reading() as conn:
             rows = conn.execute(query).mappings().all()
         return [
             {
@@ -195,6 +214,48 @@ class Counts:
             for row in rows
         ]
 
+    def capture(self, site: Site, first: date, last: date) -> dict[str, Any]:
+        """Capture rate from ``first`` to ``last``: Σ visitors / Σ devices over the windows
+        whose visitors and devices were both published (a mean of per-window ratios would weigh
+        a quiet window like a busy one). A window with either suppressed is left out of both
+        sums and counted in ``windows_excluded``. Once retention has deleted the period's
+        windows, the same over the roll-ups' hours (``basis``: ``hours``), an hour being left
+        out whole when any of its windows had either count suppressed."""
+        start, end = self.day_bounds(site, first, last)
+        w, h = windows.c, site_hours.c
+        both = w.visitors.is_not(None) & w.devices.is_not(None)
+        clean = (h.visitors_suppressed == 0) & (h.devices_suppressed == 0)
+        by_window = sa.select(
+            sa.func.count(),
+            sa.func.sum(sa.case((both, 0), else_=1)),
+            sa.func.sum(sa.case((both, w.visitors))),
+            sa.func.sum(sa.case((both, w.devices))),
+        ).where(
+            w.agent_key.in_(sa.select(agents.c.agent_key).where(agents.c.site_id == site.id)),
+            w.window_start >= start,
+            w.window_start < end,
+        )
+        by_hour = sa.select(
+            sa.func.sum(h.windows),
+            sa.func.sum(sa.case((clean, 0), else_=h.windows)),
+            sa.func.sum(sa.case((clean, h.visitors_sum))),
+            sa.func.sum(sa.case((clean, h.devices_sum))),
+        ).where(h.site_id == site.id, h.hour_start >= start, h.hour_start < end)
+        basis = "windows"
+        with self._reading() as conn:
+            row = conn.execute(by_window).one()
+            if not row[0]:
+                basis, row = "hours", conn.execute(by_hour).one()
+        stored, excluded, visitors, devices = (None if v is None else int(v) for v in row)
+        return {
+            "visitors": visitors,
+            "devices": devices,
+            "rate": round(visitors / devices, 3) if visitors is not None and devices else None,
+            "windows": stored or 0,
+            "windows_excluded": excluded or 0,
+            "basis": basis,
+        }
+
     def heatmap(self, site: Site, last: date) -> dict[str, Any]:
         """Busy times: mean visitors per weekday (0 = Monday) and local hour over the
         :data:`HEATMAP_WEEKS` weeks that end with ``last``; ``null`` where no hour had data."""
@@ -202,12 +263,19 @@ class Counts:
         totals = [[0] * 24 for _ in range(7)]
         seen = [[0] * 24 for _ in range(7)]
         suppressed = [[0] * 24 for _ in range(7)]
-        for row in self.hours(site, first, last):
-            day, hour = date.fromisoformat(row["local"][:10]).weekday(), int(row["local"][11:13])
-            if row["visitors"] is not None:
-                totals[day][hour] += row["visitors"]
+        start, end = self.day_bounds(site, first, last)
+        h = site_hours.c
+        query = sa.select(h.local_hour, h.windows, h.visitors_sum, h.visitors_suppressed).where(
+            h.site_id == site.id, h.hour_start >= start, h.hour_start < end
+        )
+        with self._reading() as conn:
+            rows = conn.execute(query).all()
+        for local, stored, visitors, hidden in rows:
+            day, hour = date.fromisoformat(local[:10]).weekday(), int(local[11:13])
+            if stored > hidden:  # some window published its visitors
+                totals[day][hour] += visitors
                 seen[day][hour] += 1
-            suppressed[day][hour] += row["visitors_suppressed"]
+            suppressed[day][hour] += hidden
         return {
             "first": first.isoformat(),
             "last": last.isoformat(),

@@ -81,6 +81,7 @@ __all__ = [
 log = logging.getLogger("footfall.aggregator")
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+_NEVER = 1 << 62  # a time after every window (Unix s)
 _PG_LOCK = 0x666F6F74  # pg_advisory_xact_lock key for migrations ("foot")
 
 metadata = sa.MetaData()
@@ -152,6 +153,16 @@ windows = sa.Table(
     sa.PrimaryKeyConstraint("agent_key", "seq", name="pk_windows"),
     sa.UniqueConstraint("agent_key", "window_start", name="uq_windows_agent_start"),
     sa.ForeignKeyConstraint(["agent_key"], ["agents.agent_key"], name="fk_windows_agent"),
+    # A day's reads by the site page (agents' health, capture rate) from the index alone.
+    sa.Index(
+        "ix_windows_day_reads",
+        "agent_key",
+        "window_start",
+        "seq",
+        "window_s",
+        "visitors",
+        "devices",
+    ),
 )
 WINDOW_COLUMNS = tuple(c.name for c in windows.columns)
 assert WINDOW_COLUMNS[5:23] == (*COUNT_COLUMNS, *NULLABLE_COLUMNS, "suppressed")
@@ -455,8 +466,9 @@ class Store:
 
     # --- migrations ------------------------------------------------------------------------
 
-    def migrate(self) -> str:
-        """Apply every migration not yet applied; the schema's revision afterwards."""
+    def migrate(self, revision: str = "head", *, downgrade: bool = False) -> str:
+        """Apply every migration not yet applied (up to ``revision``; with ``downgrade``, undo
+        those after it); the schema's revision afterwards."""
         from alembic import command  # noqa: PLC0415 (alembic is needed only here)
         from alembic.config import Config  # noqa: PLC0415
         from alembic.runtime.migration import MigrationContext  # noqa: PLC0415
@@ -469,9 +481,9 @@ class Store:
                 if self.settings.schema:
                     conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{self.settings.schema}"')
             config.attributes["connection"] = conn
-            command.upgrade(config, "head")
-            revision = MigrationContext.configure(conn).get_current_revision()
-        return revision or ""
+            (command.downgrade if downgrade else command.upgrade)(config, revision)
+            current = MigrationContext.configure(conn).get_current_revision()
+        return current or ""
 
     @contextlib.contextmanager
     def _migration_lock(self) -> Iterator[None]:
@@ -849,106 +861,109 @@ class Store:
         """Per stored window (in ``scope``) after an agent's first: how many windows are
         missing before it."""
         w = windows.c
-        before_seq = sa.func.lag(w.seq).over(partition_by=w.agent_key, order_by=w.seq)
-        before_start = sa.func.lag(w.window_start).over(partition_by=w.agent_key, order_by=w.seq)
-        by_seq = w.seq - before_seq - 1
-        by_time = (w.window_start - before_start) // w.window_s - 1
-        return (
+        # Each lag once, in a subquery (named twice in one select, it is computed twice).
+        lagged = (
             sa.select(
                 w.agent_key,
-                before_seq.label("after_seq"),
-                w.seq.label("before_seq"),
-                before_start.label("after_window"),
-                w.window_start.label("before_window"),
-                self._least(by_seq, by_time).label("missing"),
+                w.seq,
+                w.window_start,
+                w.window_s,
+                sa.func.lag(w.seq)
+                .over(partition_by=w.agent_key, order_by=w.seq)
+                .label("after_seq"),
+                sa.func.lag(w.window_start)
+                .over(partition_by=w.agent_key, order_by=w.seq)
+                .label("after_window"),
             )
             .where(scope)
             .subquery()
         )
+        g = lagged.c
+        by_seq = g.seq - g.after_seq - 1
+        by_time = (g.window_start - g.after_window) // g.window_s - 1
+        return sa.select(
+            g.agent_key,
+            g.after_seq,
+            g.seq.label("before_seq"),
+            g.after_window,
+            g.window_start.label("before_window"),
+            self._least(by_seq, by_time).label("missing"),
+        ).subquery()
 
     def _least(self, a: ColumnElement[Any], b: ColumnElement[Any]) -> ColumnElement[Any]:
         return sa.func.least(a, b) if self.dialect == "postgresql" else sa.func.min(a, b)
 
-    def agents(self, site: str | None = None, since: int | None = None) -> list[AgentHealth]:
-        """Every agent (of one site), with its health; with ``since`` (Unix s), the windows
-        stored and missing count only those from then on (a quick look at a big store)."""
-        scope: ColumnElement[bool] = sa.true()
-        if site is not None:
-            scope &= windows.c.agent_key.in_(
-                sa.select(agents.c.agent_key).where(agents.c.site_id == site)
-            )
-        if since is not None:
-            scope &= windows.c.window_start >= since
-        gaps = self._gaps(scope)
-        missing = (
-            sa.select(
-                gaps.c.agent_key,
-                sa.func.sum(sa.case((gaps.c.missing > 0, gaps.c.missing), else_=0)).label("n"),
-            )
-            .group_by(gaps.c.agent_key)
-            .subquery()
-        )
-        stored = (
-            sa.select(
-                windows.c.agent_key,
-                sa.func.count().label("windows"),
-                sa.func.min(windows.c.window_start).label("first_window"),
-                sa.func.max(windows.c.window_start).label("last_window"),
-                sa.func.max(windows.c.seq).label("last_seq"),
-            )
-            .where(scope)
-            .group_by(windows.c.agent_key)
-            .subquery()
-        )
+    def agents(
+        self, site: str | None = None, since: int | None = None, until: int | None = None
+    ) -> list[AgentHealth]:
+        """Every agent (of one site), with its health; with ``since`` (and ``until``, Unix s),
+        the windows stored and missing count only those from then on (and before then): a
+        quick look at a big store."""
         a = agents.c
-        query = (
-            sa.select(
-                a.site_id,
-                a.agent_id,
-                a.public_key,
-                a.enrolled_at,
-                a.revoked_at,
-                a.last_seen_at,
-                a.status_state,
-                a.status_cause,
-                a.status_at,
-                a.spool_pending,
-                a.spool_dropped,
-                sa.func.coalesce(stored.c.windows, 0),
-                stored.c.first_window,
-                stored.c.last_window,
-                stored.c.last_seq,
-                sa.func.coalesce(missing.c.n, 0),
-            )
-            .outerjoin(stored, stored.c.agent_key == a.agent_key)
-            .outerjoin(missing, missing.c.agent_key == a.agent_key)
-            .order_by(a.site_id, a.agent_id)
-        )
+        scope: ColumnElement[bool] = sa.true()
+        listed = sa.select(
+            a.agent_key,
+            a.site_id,
+            a.agent_id,
+            a.public_key,
+            a.enrolled_at,
+            a.revoked_at,
+            a.last_seen_at,
+            a.status_state,
+            a.status_cause,
+            a.status_at,
+            a.spool_pending,
+            a.spool_dropped,
+        ).order_by(a.site_id, a.agent_id)
         if site is not None:
-            query = query.where(a.site_id == site)
+            listed = listed.where(a.site_id == site)
+            scope &= windows.c.agent_key.in_(sa.select(a.agent_key).where(a.site_id == site))
+        if since is not None or until is not None:
+            # Both bounds, always: given one, SQLite's planner reads every window of an agent
+            # in primary key order instead of the (agent, window start) index's range.
+            scope &= windows.c.window_start >= (since or 0)
+            scope &= windows.c.window_start < (_NEVER if until is None else until)
+        # The windows' figures by agent in a query of their own, not joined to the agents: a
+        # planner that thinks a site has one agent (PostgreSQL never analyses a table that
+        # small) would compute them again for every agent.
+        gaps = self._gaps(scope)
+        stored = sa.select(
+            gaps.c.agent_key,
+            sa.func.count(),
+            sa.func.min(gaps.c.before_window),
+            sa.func.max(gaps.c.before_window),
+            sa.func.max(gaps.c.before_seq),
+            sa.func.sum(sa.case((gaps.c.missing > 0, gaps.c.missing), else_=0)),
+        ).group_by(gaps.c.agent_key)
         with self.begin(read_only=True) as conn:
-            rows = conn.execute(query).all()
-        return [
-            AgentHealth(
-                site=row[0],
-                agent=row[1],
-                public_key=row[2],
-                enrolled_at=row[3],
-                revoked_at=row[4],
-                last_seen_at=row[5],
-                state=row[6],
-                cause=row[7],
-                status_at=row[8],
-                spool_pending=row[9],
-                spool_dropped=row[10],
-                windows=int(row[11]),
-                first_window=row[12],
-                last_window=row[13],
-                last_seq=row[14],
-                missing=int(row[15]),
+            rows = conn.execute(listed).all()
+            figures = {row[0]: row[1:] for row in conn.execute(stored)}
+        out = []
+        for row in rows:
+            count, first, last, last_seq, missing = figures.get(
+                row.agent_key, (0, None, None, None, 0)
             )
-            for row in rows
-        ]
+            out.append(
+                AgentHealth(
+                    site=row.site_id,
+                    agent=row.agent_id,
+                    public_key=row.public_key,
+                    enrolled_at=row.enrolled_at,
+                    revoked_at=row.revoked_at,
+                    last_seen_at=row.last_seen_at,
+                    state=row.status_state,
+                    cause=row.status_cause,
+                    status_at=row.status_at,
+                    spool_pending=row.spool_pending,
+                    spool_dropped=row.spool_dropped,
+                    windows=int(count),
+                    first_window=first,
+                    last_window=last,
+                    last_seq=last_seq,
+                    missing=int(missing or 0),
+                )
+            )
+        return out
 
     def gaps(self, site: str, agent: str, limit: int = 50) -> list[Gap]:
         """The latest gaps in an agent's windows, newest first."""

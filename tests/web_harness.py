@@ -135,13 +135,11 @@ def serve_app(store: Store) -> Iterator[str]:
     thread.join(10)
 
 
-@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
-def served(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Served]:
-    """A seeded store (SQLite, then PostgreSQL) and the app served on it."""
+@contextlib.contextmanager
+def seeded_store(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+    """A seeded store on ``kind`` (sqlite, postgresql: a schema of its own, dropped after)."""
     schema = ""
-    if request.param == "sqlite":
+    if kind == "sqlite":
         path: Path = tmp_path_factory.mktemp("web") / "aggregator.sqlite3"
         settings = StoreSettings(f"sqlite:///{path}")
     else:
@@ -149,7 +147,15 @@ def served(
         settings = StoreSettings(pg_dsn(), schema)
     with Store.open(settings) as store:
         seed(store)
-        with serve_app(store) as url:
-            yield Served(store, url)
+        yield store
     if schema:
         drop_schema(settings.dsn, schema)
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def served(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
+    """A seeded store (SQLite, then PostgreSQL) and the app served on it."""
+    with seeded_store(request.param, tmp_path_factory) as store, serve_app(store) as url:
+        yield Served(store, url)

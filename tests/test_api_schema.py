@@ -1,0 +1,84 @@
+"""Schemathesis against the API's own OpenAPI document, every operation, as users of every role
+(API tokens: an admin, a merchant, an installer) on a seeded store (two shops, four weeks of
+windows; SQLite, then PostgreSQL): no answer is a server error, and every status code, content
+type, header and body is one the document declares."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import schemathesis
+from fastapi.routing import APIRoute
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis.checks import not_a_server_error
+from schemathesis.generation import GenerationMode
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from aggregator.accounts import Accounts
+from aggregator.api import api_router
+from aggregator.dashboard import create_app
+from aggregator.store import Store
+from tests.web_harness import SITES, USERS, seeded_store
+
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def seeded(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Store, dict[str, str]]]:
+    """A seeded store of its own (the run enrols agents), and an API token per user."""
+    with seeded_store(request.param, tmp_path_factory) as store:
+        accounts = Accounts(store)
+        yield store, {u.name: accounts.add_token(u, "schemathesis", 0) for u in accounts.users()}
+
+
+OPERATIONS = sorted(
+    (method, route.path)
+    for route in api_router.routes
+    if isinstance(route, APIRoute)
+    for method in route.methods or ()
+)
+
+
+@pytest.mark.parametrize(("method", "path"), OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])
+def test_the_api_answers_as_its_openapi_document_says(
+    seeded: tuple[Store, dict[str, str]], method: str, path: str
+) -> None:
+    store, tokens = seeded
+    operation = schemathesis.openapi.from_asgi("/api/v1/openapi.json", create_app(store))[path][
+        method
+    ]
+    cases = st.one_of(
+        operation.as_strategy(GenerationMode.POSITIVE),
+        operation.as_strategy(GenerationMode.NEGATIVE),
+    )
+
+    @given(case=cases, user=st.sampled_from(sorted(USERS)), site=st.sampled_from([*SITES, None]))
+    @settings(
+        max_examples=40,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    def run(case: schemathesis.Case[Any], user: str, site: str | None) -> None:
+        if site is not None and "site_id" in (case.path_parameters or {}):
+            case.path_parameters = {**(case.path_parameters or {}), "site_id": site}
+        case.call_and_validate(headers={"Authorization": f"Bearer {tokens[user]}"}, checks=CHECKS)
+
+    run()
