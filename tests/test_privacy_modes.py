@@ -40,6 +40,7 @@ from firmware_agent.pipeline import Pipeline
 from firmware_agent.privacy import PrivacyPolicy, discrete_laplace, linear_count
 from firmware_agent.service import agent_meta
 from firmware_agent.settings import AgentConfig, load_config
+from tests.conftest import shared_capture_names, shared_path
 from tests.test_privacy import RECORD_KEYS_CHILD, u64_hits
 
 UTC_ENV = {"FOOTFALL_EPOCH_TIMEZONE": "UTC"}
@@ -254,14 +255,27 @@ _DUMP_CHILD = RECORD_KEYS_CHILD + textwrap.dedent(
     """
     import sys
     from firmware_agent.capture import CaptureReader
+    from firmware_agent.errors import NotACaptureError
     from firmware_agent.pipeline import Pipeline
     from firmware_agent.settings import load_config
 
     config = load_config(None, environ={"FOOTFALL_EPOCH_TIMEZONE": "UTC",
                                        "FOOTFALL_EPOCH_LENGTH": "300",
-                                       "FOOTFALL_PRIVACY_MODE": sys.argv[2]})
-    pipeline = Pipeline(config)
-    with CaptureReader(sys.argv[1]) as reader:
+                                       "FOOTFALL_PRIVACY_MODE": sys.argv[1]})
+    *ended, last = sys.argv[2:]
+    for path in ended:  # a whole run each: fed, then finished as a stopping agent does
+        pipeline = Pipeline(config)
+        try:
+            with CaptureReader(path) as reader:
+                for batch in reader:
+                    for _ in pipeline.feed(batch):
+                        pass
+        except NotACaptureError:
+            continue  # refused before any frame: nothing was keyed
+        for _ in pipeline.finish():
+            pass
+    pipeline = Pipeline(config)  # the last one stays running: its key is the live one
+    with CaptureReader(last) as reader:
         for batch in reader:
             for _ in pipeline.feed(batch):
                 pass
@@ -295,11 +309,13 @@ def _siphash_state(key: bytes) -> list[bytes]:
 
 @pytest.mark.parametrize("mode", ["standard", "strict"])
 def test_a_memory_dump_after_rotation_holds_no_previous_key(mode: str) -> None:
-    """Best effort (docs/PRIVACY.md): the process's writable memory is searched for every
-    rotated-out key, whole and by halves, and for the SipHash state derived from it, after
-    the pipeline has rotated several times."""
+    """Best effort (docs/PRIVACY.md): one process runs the pipeline over every shared capture
+    (each a whole run, finished) and then the bundled one (still running); its writable memory
+    is searched for every rotated-out key, whole and by halves, and for the SipHash state
+    derived from it."""
+    captures = [str(shared_path("data", "pcaps", name)) for name in shared_capture_names()]
     child = subprocess.Popen(
-        [sys.executable, "-c", _DUMP_CHILD, str(BUNDLED_SAMPLE), mode],
+        [sys.executable, "-c", _DUMP_CHILD, mode, *captures, str(BUNDLED_SAMPLE)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
