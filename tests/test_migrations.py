@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from aggregator.config import StoreSettings
 from aggregator.query import Counts
 from aggregator.store import Store
+from tests.agent_fleet import WINDOW
 from tests.aggregator_harness import drop_schema
 
 FIRST = "0001"
@@ -85,16 +86,9 @@ def _fill_first_revision(store: Store) -> None:
             t["agents"].insert(),
             {"site_id": "s1", "agent_id": "a1", "public_key": "k" * 44, "enrolled_at": 1},
         )
-        counts = {
-            "window_s": 300,
+        # A 0001-era row: the fleet's window as columns, its dwell bands flattened.
+        counts = {key: value for key, value in WINDOW.items() if key != "dwell_minutes"} | {
             "epoch": "9f3c1a7e52b04d68",
-            "probe_requests": 96,
-            "malformed": 0,
-            "late_frames": 0,
-            "devices": 11,
-            "devices_randomised": 3,
-            "visitors": 8,
-            "passersby": 3,
             "visits_ended": 2,
             "devices_epoch": 40,
             "dwell_lt5": 1,
