@@ -1,15 +1,18 @@
 """The README's main command: ``footfall-aggregator demo`` runs broker, aggregator and an agent
 replaying the bundled capture, and the printed login opens a dashboard with its counts.
 
-Twice: with Mosquitto (MQTT 5), stopped by Ctrl-C (SIGINT), and with the embedded amqtt broker
-forced (``--broker embedded``, MQTT 3.1.1: what a machine without Mosquitto gets), stopped by
-SIGTERM. Either way every window of the capture reaches the dashboard's API, the demo exits 0
-and its broker is gone. Each run is bounded in time. A broker it does not know
-(``FOOTFALL_DEMO_BROKER``) is refused, naming the flag and the variable.
+Three times: with Mosquitto (MQTT 5), stopped by Ctrl-C (SIGINT); with the embedded amqtt broker
+forced (``--broker embedded``, MQTT 3.1.1), stopped by SIGTERM; and with ``--broker auto`` where
+Mosquitto is hidden (a mount namespace puts /dev/null over its binaries: what a machine without
+it gets), which must fall back to the embedded broker and say so. Each time every window of the
+capture reaches the dashboard's API, the demo exits 0 and its broker is gone; each run is
+bounded in time. A broker it does not know (``FOOTFALL_DEMO_BROKER``) is refused, naming the
+flag and the variable.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import re
 import shutil
@@ -24,6 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.netns import require
 from tests.web_harness import free_port
 
 START_S = 120  # the demo prints its login within this (about 15 s on 2 busy cores)
@@ -67,6 +71,27 @@ def _listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _hiding_mosquitto(broker: str) -> list[str]:
+    """For ``auto``: a command prefix that runs the demo in a mount namespace of its own where
+    every Mosquitto binary is /dev/null (not executable), as on a machine without it. The
+    prefix execs (no fork), so the demo keeps the process id signals are sent to."""
+    if broker != "auto":
+        return []
+    unshare = shutil.which("unshare")
+    binaries = {
+        str(Path(found).resolve())
+        for found in (shutil.which("mosquitto"), shutil.which("mosquitto", path="/usr/sbin:/sbin"))
+        if found
+    }
+    require(
+        unshare is not None and os.geteuid() == 0,
+        "hiding Mosquitto needs root and unshare (util-linux) for a mount namespace",
+    )
+    assert unshare is not None
+    mounts = "".join(f"mount --bind /dev/null {path} && " for path in sorted(binaries))
+    return [unshare, "--mount", "--propagation", "private", "sh", "-c", mounts + 'exec "$@"', "sh"]
+
+
 @pytest.mark.parametrize(
     ("broker", "stop", "printed"),
     [
@@ -76,8 +101,13 @@ def _listening(port: int) -> bool:
             "broker: Mosquitto (",
         ),
         ("embedded", signal.SIGTERM, "broker: amqtt "),
+        (
+            "auto",
+            signal.SIGTERM,
+            "Mosquitto is not installed: the demo uses its embedded broker\nbroker: amqtt ",
+        ),
     ],
-    ids=["mosquitto", "embedded"],
+    ids=["mosquitto", "embedded", "auto-without-mosquitto"],
 )
 def test_the_demo_prints_a_login_that_shows_the_replayed_counts(
     broker: str, stop: signal.Signals, printed: str, replayed_windows: int
@@ -89,7 +119,7 @@ def test_the_demo_prints_a_login_that_shows_the_replayed_counts(
     port = free_port()
     cli = Path(sys.executable).with_name("footfall-aggregator")
     demo = subprocess.Popen(
-        [str(cli), "demo", "--port", str(port), "--broker", broker],
+        [*_hiding_mosquitto(broker), str(cli), "demo", "--port", str(port), "--broker", broker],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
