@@ -83,17 +83,10 @@ _DEVICE_COUNTS = (
     "static_excluded",
     "people",
 )
-_STRICT_OMITS = (
-    "visits_ended",
-    "dwell_minutes",
-    "devices_epoch",
-    "people_est",
-    "static_excluded",
-    "people",
-)
 # Withheld under differential privacy: one device id can move them by an unbounded amount
 # (the learnt signal threshold, chain linking: docs/PRIVACY.md), so no noise scale fits them.
 DP_WITHHELD = ("people_est", "static_excluded", "people")
+_STRICT_OMITS = ("visits_ended", "dwell_minutes", "devices_epoch", *DP_WITHHELD)
 
 
 def truncate_ids(batch: DeviceBatch, bits: int) -> None:

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import nacl.signing
+import numpy as np
 import pytest
 
+from firmware_agent import anonymize
 from firmware_agent.cli import BUNDLED_SAMPLE
 from firmware_agent.signing import create_signing_key
 from tests.mqtt_broker import HOST, Mosquitto
@@ -140,3 +142,17 @@ def reap_agents() -> Iterator[None]:
             process.wait(10)
         if process.stdin is not None:
             process.stdin.close()
+
+
+@pytest.fixture(name="recorded_keys")
+def recorded_keys_fixture(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[np.ndarray]]:
+    """Every epoch key drawn during the test, copied as it is drawn."""
+    keys: list[np.ndarray] = []
+    original = anonymize.EpochKey.__init__
+
+    def remember(self: Any) -> None:
+        original(self)
+        keys.append(self.words.copy())
+
+    monkeypatch.setattr(anonymize.EpochKey, "__init__", remember)
+    yield keys

@@ -15,7 +15,11 @@ from typing import Any
 import pytest
 
 # Fixtures for tests against a real Mosquitto and a running agent, for every test module.
-from tests.agent_harness import reap_agents, sample_windows  # noqa: F401
+from tests.agent_harness import (  # noqa: F401
+    reap_agents,
+    recorded_keys_fixture,
+    sample_windows,
+)
 from tests.aggregator_harness import pg_schema, store, store_settings  # noqa: F401
 from tests.mqtt_broker import mosquitto_bin, start_broker, test_certificates  # noqa: F401
 from tests.netns import veth  # noqa: F401

@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
-from firmware_agent import anonymize, cli
+from firmware_agent import cli
 from firmware_agent.messages import Envelope
 from tests.agent_harness import AgentFiles, prepare_agent, unique_id
 from tests.mqtt_broker import Mosquitto, Subscriber, wait_for
@@ -57,19 +56,12 @@ def test_nothing_identifying_reaches_the_broker_or_the_disk(
     start_broker: StartBroker,
     tmp_path: Path,
     capfd: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    recorded_keys: list[np.ndarray],
 ) -> None:
     site = unique_id("s")
     agents = [f"a{i}" for i in range(len(CAPTURES))]
     broker = start_broker({(site, agent): f"pw-{agent}" for agent in agents})
-    keys: list[np.ndarray] = []
-    original_init = anonymize.EpochKey.__init__
-
-    def remember(self: Any) -> None:
-        original_init(self)
-        keys.append(self.words.copy())
-
-    monkeypatch.setattr(anonymize.EpochKey, "__init__", remember)
+    keys = recorded_keys
     sub = Subscriber(broker, "#")
     runs: dict[str, AgentFiles] = {}
     try:

@@ -17,14 +17,14 @@ import hashlib
 import os
 import struct
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import pytest
 
-from firmware_agent import anonymize, cli
+from firmware_agent import cli
 from firmware_agent.capture import LINKTYPE_IEEE802_11, LINKTYPE_RADIOTAP, CaptureReader
 from firmware_agent.errors import CaptureError
 from firmware_agent.privacy import MODES
@@ -128,20 +128,6 @@ RECORD_KEYS_CHILD = textwrap.dedent(
     anonymize.EpochKey.__init__ = remember
     """
 )
-
-
-@pytest.fixture(name="recorded_keys")
-def recorded_keys_fixture(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[np.ndarray]]:
-    """Every epoch key drawn during the test, copied as it is drawn."""
-    keys: list[np.ndarray] = []
-    original = anonymize.EpochKey.__init__
-
-    def remember(self: Any) -> None:
-        original(self)
-        keys.append(self.words.copy())
-
-    monkeypatch.setattr(anonymize.EpochKey, "__init__", remember)
-    yield keys
 
 
 def on_shared_captures_in_both_modes(test: TestT) -> TestT:

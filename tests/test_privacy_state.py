@@ -42,7 +42,6 @@ from tests.test_privacy import (
     _leaks,
     _secrets_of,
     on_shared_captures_in_both_modes,
-    recorded_keys_fixture,  # noqa: F401 (the recorded_keys fixture)
     u64_hits,
 )
 
