@@ -108,9 +108,8 @@ class LabResult:
     people_est_max: int  # highest uncalibrated count of a window
     people_max: int  # highest calibrated count of a window
     threshold: str | None
-    truth_sd: float  # the truth's standard deviation over the windows
-    error_mean: float  # calibrated people - truth: the bias
-    error_sd: float  # and its spread
+    truths: tuple[float, ...]  # the truth per window
+    errors: tuple[float, ...]  # calibrated people - truth, per window
 
 
 @functools.cache
@@ -132,7 +131,6 @@ def lab_result(
     counts = [int(w.people_est or 0) for w, _ in pairs]
     people = [calibration.people(c) for c in counts]
     truths = [t for _, t in pairs]
-    errors = np.subtract(people, truths)
     return LabResult(
         name,
         stage,
@@ -143,9 +141,8 @@ def lab_result(
         max(counts),
         max(people),
         lab_replay(pcaps, name, stage, without_pcs, threshold).threshold_note,
-        float(np.std(truths)),
-        float(errors.mean()),
-        float(errors.std()),
+        tuple(truths),
+        tuple(float(e) for e in np.subtract(people, truths)),
     )
 
 
@@ -199,13 +196,17 @@ def goals_met(result: LabResult) -> tuple[bool, bool, bool]:
     )
 
 
+def empty_day_met(result: LabResult) -> bool:
+    return result.people_max <= 1 and result.people_est_max <= 1
+
+
 def goals_count(pcaps: Path, threshold: int | None) -> int:
     """Lab-room goals the estimator meets (of 13), every device; None: the learnt threshold."""
     met = 0
     for name in LAB:
         res = lab_result(pcaps, name, ESTIMATOR, False, threshold)
         if name == EMPTY_DAY:
-            met += res.people_max <= 1 and res.people_est_max <= 1
+            met += empty_day_met(res)
         else:
             met += sum(goals_met(res))
     return met
@@ -231,14 +232,14 @@ def feasibility(pcaps: Path) -> list[str]:
         f"| r >= {GOAL_R} needs error sd at most |",
         "|---|---|---|---|---|---|---|",
     ]
-    truth = lab_truth(pcaps)
     for name in busy:
         res = lab_result(pcaps, name, ESTIMATOR, False)
-        values = [t for _, t in lab_replay(pcaps, name, ESTIMATOR, False).scored(truth)]
+        truth_sd = float(np.std(res.truths))
         out.append(
-            f"| {name} | {res.calibrated.windows} | {np.mean(values):.1f}, {res.truth_sd:.2f}, "
-            f"{min(values):.1f}-{max(values):.1f} | {_f(res.raw.r, 3)} | {res.error_mean:+.2f} "
-            f"| {res.error_sd:.2f} | {R_ERROR_RATIO * res.truth_sd:.2f} |"
+            f"| {name} | {res.calibrated.windows} | {np.mean(res.truths):.1f}, {truth_sd:.2f}, "
+            f"{min(res.truths):.1f}-{max(res.truths):.1f} | {_f(res.raw.r, 3)} "
+            f"| {np.mean(res.errors):+.2f} | {np.std(res.errors):.2f} "
+            f"| {R_ERROR_RATIO * truth_sd:.2f} |"
         )
     learnt = goals_count(pcaps, None)
     counts = {dbm: goals_count(pcaps, dbm) for dbm in SWEEP_DBM}
@@ -292,7 +293,7 @@ def table(pcaps: Path) -> str:
             s = res.calibrated
             empty = (
                 f"{res.people_max} people, {res.people_est_max} people_est: "
-                + _mark(res.people_max <= 1 and res.people_est_max <= 1)
+                + _mark(empty_day_met(res))
                 if name == EMPTY_DAY
                 else ""
             )
@@ -359,10 +360,10 @@ def table(pcaps: Path) -> str:
         "devices are at -62 dBm or stronger in both halves, while weaker ones (down to the "
         "learnt threshold, -61 to -69 dBm over the day) go from 1.6 to 5.4, mostly phones "
         "with random addresses (5.7 chains of them per morning window, 8.9 per afternoon "
-        "one). A stricter "
-        "site threshold helps that day and costs 2023-02-08 (the table above): one linear "
-        "calibration per room cannot follow a device-per-person ratio that changes within a "
-        "day, and people_est's r with the truth there is -0.05, so no calibration of it can.",
+        "one). A stricter site threshold helps that day and costs 2023-02-08 (the table "
+        "above): one linear calibration per room cannot follow a device-per-person ratio that "
+        "changes within a day, and people_est's r with the truth there is -0.05, so no "
+        "calibration of it can.",
         "- Tried and not kept (measured leave-one-day-out; 2023-02-21 calibrated MAE 3.06 "
         "now): a time-weighted people_est (each chain counts the share of the window from its "
         "first to its last frame, widened by 60-180 s; MAE 3.07-3.24: mean occupancy is no better "
