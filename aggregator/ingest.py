@@ -25,6 +25,11 @@ Maximum), which bounds the memory a backlog takes.
 An acknowledgement belongs to its connection: after a reconnection the broker sends again what
 was not acknowledged, so acknowledgements of messages from an older connection are dropped.
 
+After each commit the agents whose windows the batch settled get a new signed receipt
+(:mod:`aggregator.receipts`), published by the worker at most every
+``ingest.receipt_interval_ms`` per agent: agents that have the receipt key keep a window
+until a receipt covers it, so nothing the broker loses is lost.
+
 If the database fails, the batch is retried with a capped backoff, unacknowledged, for as long
 as it takes; the broker holds everything behind it.
 
@@ -45,10 +50,12 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aggregator.config import AggregatorConfig
 from aggregator.errors import StoreError
 from aggregator.mqtt import Delivery, Session
+from aggregator.receipts import Receipts, load_receipt_key
 from aggregator.registry import Registry
 from aggregator.store import BatchOutcome, Store
 from aggregator.verify import REASONS, Accepted, Refusal, Verifier
@@ -159,6 +166,12 @@ class Ingest:
             on_message=self._on_message,
         )
         self.connected = self.session.connected
+        self.receipts = Receipts(
+            load_receipt_key(Path(self.settings.receipt_key_file)),
+            store,
+            self.session.publish,
+            self.settings.receipt_interval_ms / 1000,
+        )
 
     def _on_message(self, delivery: Delivery) -> None:
         self._queue.put((delivery, time.time()))
@@ -188,6 +201,8 @@ class Ingest:
                     if verified is None:
                         break
                     self._verified.put(verified)
+                if self.session.connected.is_set():
+                    self.receipts.flush()
                 now = time.monotonic()
                 if now >= next_prune:
                     next_prune = now + self.settings.prune_interval_s
@@ -264,6 +279,7 @@ class Ingest:
             if outcome is None:
                 continue  # stopping with the database down: the broker keeps the batch
             self.session.ack([delivery for delivery, _ in verified.batch])
+            self.receipts.changed(outcome.settled)
             with self._stats_lock:
                 self.stats.batches += 1
                 self.stats.received += len(verified.batch)

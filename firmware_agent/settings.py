@@ -145,6 +145,25 @@ SETTINGS: tuple[Setting, ...] = (
         "On SIGTERM, how long (s) to keep sending spooled windows before going offline.",
     ),
     Setting(
+        "broker.receipt_key",
+        "",
+        "The aggregator's receipt public key (base64, 'footfall-aggregator receipt-key' prints "
+        "it): a window then leaves the spool only when a receipt signed with it says the "
+        "aggregator stored it, and is sent again when none does. Empty: a window leaves the "
+        "spool on the broker's acknowledgement (an aggregator without receipts).",
+    ),
+    Setting(
+        "broker.receipt_timeout_s",
+        60,
+        "With broker.receipt_key: a window sent this long (s) ago and still not in a receipt "
+        "is sent again, oldest first.",
+    ),
+    Setting(
+        "broker.resend_per_s",
+        100,
+        "With broker.receipt_key: windows sent again per second, at most.",
+    ),
+    Setting(
         "spool.max_windows",
         100_000,
         "Windows the spool keeps unsent at most; beyond, the oldest are dropped and counted.",
@@ -407,6 +426,9 @@ def load_config(
             backoff_initial_ms=int(values["broker.backoff_initial_ms"]),
             backoff_max_s=int(values["broker.backoff_max_s"]),
             stop_grace_s=int(values["broker.stop_grace_s"]),
+            receipt_key=str(values["broker.receipt_key"]),
+            receipt_timeout_s=int(values["broker.receipt_timeout_s"]),
+            resend_per_s=int(values["broker.resend_per_s"]),
         ),
         SpoolSettings(max_windows=int(values["spool.max_windows"])),
         SourceSettings.parse(str(values["source.path"]), str(values["source.speed"])),

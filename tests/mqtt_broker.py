@@ -10,7 +10,9 @@ file written with ``mosquitto_passwd -b``, ACL, persistence, log) on free loopba
 It can be stopped (SIGTERM), killed (SIGKILL), made to save its persistence (SIGUSR1) and
 started again on the same ports. The ACL gives each agent account (user name
 ``<site>/<agent>``) write access to its own topics only (``pattern write footfall/v1/%u/#``)
-and the ``reader`` account read access to all.
+and read access to its receipt, and the ``reader`` account read access to all and write
+access to the receipts (it is what ingest logs in as). Its two ports are bound together when
+chosen, so they differ (two separate "free" ports could be the same one).
 
 :class:`Link` stands between a client and the broker: :meth:`Link.cut` silences every open
 connection (bytes are swallowed, nothing is closed, so only keep-alive can tell) and closes the
@@ -64,9 +66,16 @@ def find_mosquitto() -> str | None:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: all bound at once, so none is handed out twice."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in socks:
+            sock.bind((HOST, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -140,14 +149,20 @@ class Mosquitto:
         """``agents`` maps (site, agent) to the password of the account ``<site>/<agent>``."""
         self.binary = binary
         self.root = root
-        self.port = free_port()
-        self.tls_port = free_port()
+        self.port, self.tls_port = free_ports(2)
         self.process: subprocess.Popen[bytes] | None = None
         root.mkdir(parents=True, exist_ok=True)
         passwords = root / "passwords"
         passwords.touch()
         # Agents' user names are '<site>/<agent>': one pattern gives each its own topics.
-        acl = ["pattern write footfall/v1/%u/#", f"user {READER[0]}", "topic read #", ""]
+        acl = [
+            "pattern write footfall/v1/%u/#",
+            "pattern read footfall/v1/%u/receipt",
+            f"user {READER[0]}",
+            "topic read #",
+            "topic write footfall/v1/+/+/receipt",
+            "",
+        ]
         accounts = {READER[0]: READER[1]}
         for (site, agent), password in agents.items():
             accounts[f"{site}/{agent}"] = password

@@ -14,6 +14,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -188,6 +189,7 @@ def footfall_broker(
         ("/etc/mosquitto/certs/footfall.crt", str(certs.server_cert)),
         ("/etc/mosquitto/certs/footfall.key", str(certs.server_key)),
         ("listener 8883", f"listener {port} {HOST}"),
+        ("/var/lib/mosquitto/", f"{root}/"),
     ]:
         assert shipped in conf
         conf = conf.replace(shipped, local)
@@ -234,12 +236,27 @@ def test_broker_acl_lets_each_agent_write_only_its_own_topics(
         ):
             with pytest.raises(BrokerError, match="not authorised"):
                 session.publish(other, b"{}", retain=False)
+        with pytest.raises(BrokerError, match="not authorised"):  # receipts: the aggregator's
+            session.publish("footfall/v1/shop1/door/receipt", b"{}", retain=True)
     for reader in ("aggregator", "homeassistant"):
         with (
             BrokerSession(account(port, certs, reader), f"{reader}-test") as session,
             pytest.raises(BrokerError, match="not authorised"),
         ):
             session.publish(f"footfall/v1/{reader}/x/counts", b"{}", retain=False)
+
+
+def test_broker_acl_lets_the_aggregator_write_receipts_that_only_their_agent_reads(
+    footfall_broker: tuple[int, TestCertificates],
+) -> None:
+    port, certs = footfall_broker
+    with BrokerSession(account(port, certs, "aggregator"), "aggregator-receipts") as session:
+        for agent in ("door", "till"):
+            session.publish(f"footfall/v1/shop1/{agent}/receipt", agent.encode(), retain=True)
+    door = retained(account(port, certs, "shop1/door"), "footfall/v1/+/+/receipt")
+    assert door == {"footfall/v1/shop1/door/receipt": b"door"}
+    home = account(port, certs, "homeassistant")
+    assert retained(home, "footfall/v1/shop1/door/receipt", wait_s=1) == {}
 
 
 def test_home_assistant_discovery_is_accepted_for_the_agents_own_config_and_reads_its_counts(
@@ -259,8 +276,9 @@ def test_home_assistant_discovery_is_accepted_for_the_agents_own_config_and_read
     assert retained(account(port, certs, "homeassistant"), "homeassistant/#") == {topic: body}
 
 
-def retained(settings: BrokerSettings, topic_filter: str) -> dict[str, bytes]:
-    """The retained messages a subscriber with these settings gets under a filter."""
+def retained(settings: BrokerSettings, topic_filter: str, wait_s: float = 0) -> dict[str, bytes]:
+    """The retained messages a subscriber with these settings gets under a filter (within
+    ``wait_s``, or the first within 5 s)."""
     got: dict[str, bytes] = {}
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     client.username_pw_set(settings.username, settings.password)
@@ -272,7 +290,10 @@ def retained(settings: BrokerSettings, topic_filter: str) -> dict[str, bytes]:
     client.connect(HOST, settings.port)
     client.loop_start()
     try:
-        wait_for(lambda: bool(got), 5, f"a retained message under {topic_filter}")
+        if wait_s:
+            time.sleep(wait_s)
+        else:
+            wait_for(lambda: bool(got), 5, f"a retained message under {topic_filter}")
     finally:
         client.disconnect()
         client.loop_stop()

@@ -156,6 +156,7 @@ def test_ingest_over_311_stores_acknowledges_and_loses_nothing_over_a_restart(
         environ={},
         overrides={
             "store.dsn": settings.dsn,
+            "store.data_dir": str(tmp_path),
             "store.retention_days": 0,
             "broker.host": HOST,
             "broker.port": broker.port,
