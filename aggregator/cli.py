@@ -23,8 +23,9 @@ from types import FrameType
 from aggregator import __version__
 from aggregator.config import AggregatorConfig, load_config
 from aggregator.errors import AccountError, AggregatorError
-from aggregator.store import Store
+from aggregator.store import AgentHealth, Store
 from firmware_agent.command_line import run_command
+from firmware_agent.messages import public_key_text
 
 log = logging.getLogger("footfall.aggregator")
 
@@ -229,6 +230,7 @@ def cmd_agents_list(args: argparse.Namespace) -> int:
             "WINDOWS",
             "LAST WINDOW",
             "MISSING",
+            "SPOOL",
             "SPOOL DROPPED",
         )
     ]
@@ -244,11 +246,18 @@ def cmd_agents_list(args: argparse.Namespace) -> int:
                 a.windows,
                 _when(a.last_window),
                 a.missing,
+                _spool(a),
                 "-" if a.spool_dropped is None else a.spool_dropped,
             )
         )
     _table(rows)
     return 0
+
+
+def _spool(a: AgentHealth) -> str:
+    if a.spool_pending is None:
+        return "-"
+    return f"{a.spool_pending} filling" if a.spool_filling else str(a.spool_pending)
 
 
 def cmd_agents_gaps(args: argparse.Namespace) -> int:
@@ -294,6 +303,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     with Store.open(config.store) as store:
         deleted = store.prune(int(time.time()), config.store.retention_days)
     print(f"deleted {deleted} windows older than {config.store.retention_days} days")
+    return 0
+
+
+def cmd_receipt_key(args: argparse.Namespace) -> int:
+    from aggregator.receipts import load_receipt_key  # noqa: PLC0415 (only for this command)
+
+    path = Path(_config(args).ingest.receipt_key_file)
+    print(public_key_text(load_receipt_key(path)))
     return 0
 
 
@@ -350,6 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
         "signature), store it once, and acknowledge it to the broker after the commit.",
     )
     _command(sub, "migrate", cmd_migrate, "create or upgrade the database schema")
+    _command(
+        sub,
+        "receipt-key",
+        cmd_receipt_key,
+        "print the public key of the receipt key (made if missing), for agents' broker.receipt_key",
+        "Print the public half of ingest.receipt_key_file, the key ingest signs agents' "
+        "receipts with (made if the file is missing): give it to every agent as "
+        "broker.receipt_key, and the file to every ingest replica.",
+    )
     _command(
         sub,
         "prune",

@@ -278,6 +278,7 @@ receipts = sa.Table(
     sa.Column("updated_at", sa.BigInteger, nullable=False),
     sa.ForeignKeyConstraint(["agent_key"], ["agents.agent_key"], name="fk_receipts_agent"),
 )
+SPOOL_FILLING = 12  # windows waiting in an agent's spool: an hour of 5-minute windows
 MAX_SETTLED_RANGES = 256  # per agent; beyond, the lowest are forgotten (module docstring)
 
 login_failures = sa.Table(
@@ -332,7 +333,8 @@ class AgentHealth:
     first_window: int | None
     last_window: int | None
     last_seq: int | None
-    missing: int  # windows the agent made that never arrived (gaps in seq)
+    missing: int  # windows the agent made that have not arrived (gaps in seq, and after)
+    spool_filling: bool  # its last status said more than SPOOL_FILLING windows wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -970,7 +972,14 @@ class Store:
     ) -> list[AgentHealth]:
         """Every agent (of one site), with its health; with ``since`` (and ``until``, Unix s),
         the windows stored and missing count only those from then on (and before then): a
-        quick look at a big store."""
+        quick look at a big store.
+
+        Missing windows are the gaps in an agent's stored seqs, and (but with ``until``) those
+        after its last stored one up to the ``last_seq`` of its last status: windows it made
+        that have not arrived, lost or still on the way (an agent with receipts sends them
+        again). ``spool_filling``: its last status said more than :data:`SPOOL_FILLING`
+        windows wait in its spool (the aggregator does not store them, or the agent cannot
+        reach the broker)."""
         a = agents.c
         scope: ColumnElement[bool] = sa.true()
         listed = sa.select(
@@ -986,6 +995,7 @@ class Store:
             a.status_at,
             a.spool_pending,
             a.spool_dropped,
+            a.status_last_seq,
         ).order_by(a.site_id, a.agent_id)
         if site is not None:
             listed = listed.where(a.site_id == site)
@@ -1015,6 +1025,9 @@ class Store:
             count, first, last, last_seq, missing = figures.get(
                 row.agent_key, (0, None, None, None, 0)
             )
+            made = row.status_last_seq  # the newest window the agent says it made
+            if last_seq is not None and made is not None and until is None:
+                missing = int(missing or 0) + max(0, made - last_seq)
             out.append(
                 AgentHealth(
                     site=row.site_id,
@@ -1033,6 +1046,7 @@ class Store:
                     last_window=last,
                     last_seq=last_seq,
                     missing=int(missing or 0),
+                    spool_filling=(row.spool_pending or 0) > SPOOL_FILLING,
                 )
             )
         return out

@@ -14,9 +14,10 @@ and read access to its receipt, and the ``reader`` account read access to all an
 access to the receipts (it is what ingest logs in as). Its two ports are bound together when
 chosen, so they differ (two separate "free" ports could be the same one).
 
-:class:`Link` stands between a client and the broker: :meth:`Link.cut` silences every open
-connection (bytes are swallowed, nothing is closed, so only keep-alive can tell) and closes the
-listening port; :meth:`Link.restore` drops the silenced connections and listens again.
+:class:`Link` stands between a client and the broker (or a database): :meth:`Link.cut`
+silences every open connection (bytes are swallowed, nothing is closed, so only keep-alive
+can tell) and closes the listening port; :meth:`Link.refuse` closes every connection too (a
+server that stopped); :meth:`Link.restore` drops the silenced connections and listens again.
 
 :class:`Subscriber` reads everything under ``footfall/`` with the reader account.
 
@@ -278,6 +279,13 @@ class Link:
                 self._selector.unregister(self._listener)
                 self._listener.close()
                 self._listener = None
+
+    def refuse(self) -> None:
+        """Close every open connection and refuse new ones: the server stopped."""
+        self.cut()
+        with self._lock:
+            for sock in list(self._peers):
+                self._drop(sock)
 
     def restore(self) -> None:
         """Drop the silenced connections and accept new ones again."""
