@@ -1,108 +1,41 @@
-"""End-to-end delivery under faults: the agent's own publisher and spool, real ingest
-processes, a real Mosquitto, a real database; the fault matrix of docs/aggregator.md.
+"""End-to-end delivery under faults: the agent's own publisher and spool, real ingest processes, a
+real Mosquitto, a real database; the fault matrix of docs/aggregator.md.
 
 A :class:`Rig` holds the parts: a Mosquitto of its own (tests/mqtt_broker.py, an account per
 agent), a store (SQLite, or PostgreSQL in a schema of its own, optionally reached through a
-:class:`~tests.mqtt_broker.Link` that can play a database gone), the aggregator's config
-file and receipt key, and ``agents`` simulated agents whose spools are filled beforehand with
-``windows`` signed windows each (recent, aligned 5-minute windows).
+:class:`~tests.mqtt_broker.Link` that can play a database gone), the aggregator's config file
+and receipt key, and ``agents`` simulated agents that make ``windows`` signed windows each
+(recent, aligned 5-minute windows), ``rate`` a second.
 
-The agents run in a process of their own (``python -m tests.delivery``, :func:`main`): one
-:class:`firmware_agent.publish.Publisher` per agent, exactly as ``footfall-agent run`` drives
-it, with the receipt key, until every spool is empty; so ``kill -9`` of the agents is a real
-crash of their spools. Ingest runs as ``footfall-aggregator ingest`` processes.
+The agents run in a process of their own (tests/delivery_agents.py): the agent's own publisher
+per agent, with the receipt key, until every spool is empty; so ``kill -9`` of the agents is a
+real crash of their spools. Ingest runs as ``footfall-aggregator ingest`` processes.
 
-:meth:`Rig.outcome` counts what the database holds: windows stored, lost (sent but not
-stored), stored twice (a second row for an (agent, seq), or a roll-up that counted a window
-twice), and :meth:`Rig.health_right` compares the agents' health with the truth.
+:meth:`Rig.outcome` counts what the database holds: windows stored, lost (sent but not stored),
+stored twice (a second row for an (agent, seq), or a roll-up that counted a window twice), and
+:meth:`Rig.health_right` compares the agents' health with the truth.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nacl.signing
 import sqlalchemy as sa
 
 from aggregator.config import StoreSettings
 from aggregator.receipts import load_receipt_key
 from aggregator.store import Store, agents, site_days, windows
-from firmware_agent.messages import (
-    AgentId,
-    SiteId,
-    counts_payload,
-    meta_payload,
-    public_key_text,
-)
-from firmware_agent.publish import BrokerSettings, Publisher
-from firmware_agent.spool import Spool, SpoolSettings
-from tests.agent_fleet import SimAgent, fast_seal, fleet_broker, make_agents, window
-from tests.conftest import REPO
+from firmware_agent.messages import public_key_text
+from tests.agent_fleet import SimAgent, fleet_broker, make_agents
+from tests.delivery_agents import WINDOW_S
 from tests.mqtt_broker import HOST, READER, Link, Mosquitto, TestCertificates, wait_for
 
-WINDOW_S = 300
-THRESHOLDS = {"rssi_threshold_dbm": -75, "min_dwell_s": 120, "visit_gap_s": 600, "lateness_s": 10}
-PRIVACY = {
-    "mode": "standard",
-    "device_hash": "siphash-2-4",
-    "key_bits": 128,
-    "key_lifetime_s": 90000,
-    "id_bits": None,
-    "suppress_below": 5,
-    "dp_epsilon": None,
-    "dp_epsilon_day": None,
-}
-RECEIPT_TIMEOUT_S = 2  # the agents re-send what no receipt covers after this long
-
-
-def spool_path(root: Path, agent: SimAgent) -> Path:
-    return root / "agents" / f"{agent.site}-{agent.agent}.sqlite3"
-
-
-def fill_spools(root: Path, agents: Sequence[SimAgent], windows_each: int, end: int) -> None:
-    """Give each agent's spool ``windows_each`` signed windows ending before ``end`` (aligned),
-    sealed as the agent seals them, seq allocated by the spool."""
-    first = end - end % WINDOW_S - WINDOW_S * windows_each
-    for a, agent in enumerate(agents):
-
-        def sealed(seq: int, body: dict[str, object], agent: SimAgent = agent) -> bytes:
-            payload = counts_payload(
-                SiteId(agent.site), AgentId(agent.agent), seq, "9f3c1a7e52b04d68", body
-            )
-            return fast_seal(payload, agent.key)
-
-        with Spool(spool_path(root, agent)) as spool:
-            spool._db.execute("PRAGMA synchronous=OFF")  # a fixture: no power cut to survive
-            for i in range(windows_each):
-                start = first + WINDOW_S * i
-                body = window(i, a) | {"window_start": _utc(start)}
-                spool.append(start, lambda seq, body=body: sealed(seq, body))
-
-
-def _utc(unix_s: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix_s))
-
-
-def _meta(agent: SimAgent) -> dict[str, object]:
-    return meta_payload(
-        SiteId(agent.site),
-        AgentId(agent.agent),
-        agent_version="0.1.0",
-        window_s=WINDOW_S,
-        epoch_length="midnight",
-        epoch_timezone="UTC",
-        thresholds=THRESHOLDS,
-        privacy=PRIVACY,
-    )
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -131,8 +64,18 @@ class Rig:
     agents: list[SimAgent]
     windows: int
     seed: str
+    first: int  # the first window's start
     db_link: Link | None = None
+    rate: float = 0  # windows made a second per agent (0: all at once)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _store: Store | None = None
+
+    @property
+    def store(self) -> Store:
+        """The rig's own handle on the database (not through the link)."""
+        if self._store is None:
+            self._store = Store(self.settings)
+        return self._store
 
     @classmethod
     def make(
@@ -144,14 +87,16 @@ class Rig:
         *,
         agents: int,
         windows: int,
+        rate: float = 0,
         db_link: Link | None = None,
     ) -> Rig:
         seed = root.name
         sim = make_agents(agents, "s1", seed=seed)
         broker = fleet_broker(mosquitto, root / "broker", certs, sim)
         broker.start()
-        fill_spools(root, sim, windows, int(time.time()))
-        rig = cls(root, broker, settings, sim, windows, seed, db_link)
+        now = int(time.time())
+        first = now - now % WINDOW_S - WINDOW_S * windows
+        rig = cls(root, broker, settings, sim, windows, seed, first, db_link, rate)
         with Store.open(settings) as store:
             store.add_site("s1", "Mall", "UTC", int(time.time()))
             store.add_agents("s1", {a.agent: a.public_key for a in sim}, int(time.time()))
@@ -192,12 +137,16 @@ class Rig:
         wait_for(lambda: "connected to broker" in self.log(name), 20, f"{name} to connect")
         time.sleep(0.3)  # its SUBACK
 
-    def start_agents(self, port: int | None = None) -> None:
+    def start_agents(self, port: int | None = None, *, receipts: bool = True) -> None:
+        """The agents' process; without ``receipts``, agents as they were before receipts
+        (a window leaves the spool on the broker's PUBACK)."""
         log = (self.root / "agents.log").open("ab")
         self.processes["agents"] = subprocess.Popen(
-            [sys.executable, "-m", "tests.delivery", "--root", str(self.root),
+            [sys.executable, "-m", "tests.delivery_agents", "--root", str(self.root),
              "--port", str(port or self.broker.port), "--agents", str(len(self.agents)),
-             "--seed", self.seed, "--receipt-key", self.receipt_key],
+             "--seed", self.seed, "--receipt-key", self.receipt_key if receipts else "",
+             "--windows", str(self.windows), "--first", str(self.first),
+             "--rate", str(self.rate)],
             cwd=REPO, stderr=log, stdout=subprocess.DEVNULL,
         )  # fmt: skip
         log.close()
@@ -216,7 +165,7 @@ class Rig:
         process.wait(20)
 
     def stored(self) -> int:
-        with Store(self.settings) as store, store.engine.connect() as conn:
+        with self.store.engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(windows)).scalar_one())
 
     def agents_done(self, timeout: float) -> None:
@@ -233,7 +182,7 @@ class Rig:
         assert code == 0, self.log("agents")[-3000:]
 
     def outcome(self) -> Outcome:
-        with Store(self.settings) as store, store.engine.connect() as conn:
+        with self.store.engine.connect() as conn:
             rows = conn.execute(sa.select(sa.func.count()).select_from(windows)).scalar_one()
             ids = sa.select(windows.c.agent_key, windows.c.seq).distinct().subquery()
             distinct = conn.execute(sa.select(sa.func.count()).select_from(ids)).scalar_one()
@@ -246,22 +195,22 @@ class Rig:
         list``) are those from its first stored one to the last it made (its status's
         ``last_seq``) that are not stored. (Windows before the first stored one cannot be
         told apart from none: an agent's first seq is the time its spool was made.)"""
-        with Store(self.settings) as store:
-            health = {a.agent: a for a in store.agents("s1")}
-            with store.engine.connect() as conn:
-                truth = conn.execute(
-                    sa.select(
-                        agents.c.agent_id,
-                        agents.c.status_last_seq,
-                        sa.func.min(windows.c.seq),
-                        sa.func.count(),
-                    )
-                    .join(windows, windows.c.agent_key == agents.c.agent_key)
-                    .group_by(agents.c.agent_id, agents.c.status_last_seq)
-                ).all()
+        health = {a.agent: a for a in self.store.agents("s1")}
+        with self.store.engine.connect() as conn:
+            truth = conn.execute(
+                sa.select(
+                    agents.c.agent_id,
+                    agents.c.status_last_seq,
+                    sa.func.min(windows.c.seq),
+                    sa.func.max(windows.c.seq),
+                    sa.func.count(),
+                )
+                .join(windows, windows.c.agent_key == agents.c.agent_key)
+                .group_by(agents.c.agent_id, agents.c.status_last_seq)
+            ).all()
         return all(
-            health[agent].missing == made - first + 1 - count
-            for agent, made, first, count in truth
+            health[agent].missing == max(made, last) - first + 1 - count
+            for agent, made, first, last, count in truth
             if made is not None and health[agent].windows == count
         )
 
@@ -269,6 +218,8 @@ class Rig:
         for name in list(self.processes):
             self.kill(name, signal.SIGKILL)
         self.broker.kill()
+        if self._store is not None:
+            self._store.close()
 
 
 # --- the faults: each starts the parts, does its harm, and undoes it (or not); the caller
@@ -280,17 +231,18 @@ def _until_stored(rig: Rig, share: float) -> None:
     wait_for(lambda: rig.stored() >= rig.total * share, 60, f"{share:.0%} of the windows")
 
 
-def broker_killed_while_ingest_away(rig: Rig, _outage_s: float) -> bool:
+def broker_killed_while_ingest_away(rig: Rig, _outage_s: float, receipts: bool = True) -> bool:
     """Finding 3: every window acknowledged by the broker and queued for an ingest that is
     away, then the broker killed before it saved them."""
     rig.start_ingest("ingest-a", "")  # its session exists: the broker queues for it
     rig.kill("ingest-a", signal.SIGTERM)
-    rig.start_agents()
+    rig.start_agents(receipts=receipts)
     wait_for(lambda: rig.published() >= rig.total, 60, "the broker to acknowledge everything")
     rig.broker.kill()
     rig.broker.start()
     rig.start_ingest("ingest-a", "")
-    _until_stored(rig, 0.1)
+    if receipts:
+        _until_stored(rig, 0.1)
     return rig.health_right()
 
 
@@ -368,7 +320,7 @@ def network_cut(rig: Rig, outage_s: float) -> bool:
         rig.start_agents(link.port)
         _until_stored(rig, 0.3)
         link.cut()
-        time.sleep(max(outage_s, 5))
+        time.sleep(max(outage_s, 3.5))
         right = rig.health_right()
         link.restore()
         rig.agents_done(120)
@@ -387,57 +339,3 @@ FAULTS = {
     "agents kill -9": agents_killed,
     "network cut": network_cut,
 }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The agents' process: a publisher per agent over its filled spool, with the receipt
-    key, until every spool is empty."""
-    parser = argparse.ArgumentParser(prog="python -m tests.delivery")
-    parser.add_argument("--root", type=Path, required=True)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--agents", type=int, required=True)
-    parser.add_argument("--seed", required=True)
-    parser.add_argument("--receipt-key", required=True)
-    args = parser.parse_args(argv)
-    import logging  # noqa: PLC0415 (the process's own log)
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(threadName)s %(message)s")
-    publishers = []
-    for agent in make_agents(args.agents, "s1", seed=args.seed):
-        settings = BrokerSettings(
-            host=HOST,
-            port=args.port,
-            username=f"{agent.site}/{agent.agent}",
-            password=agent.password,
-            keepalive_s=2,
-            backoff_initial_ms=100,
-            backoff_max_s=1,
-            connect_timeout_s=2,
-            receipt_key=args.receipt_key,
-            receipt_timeout_s=RECEIPT_TIMEOUT_S,
-            resend_per_s=2000,
-        )
-        key = nacl.signing.SigningKey(bytes(agent.key))
-        publisher = Publisher(
-            settings,
-            SiteId(agent.site),
-            AgentId(agent.agent),
-            key,
-            spool_path(args.root, agent),
-            SpoolSettings(),
-            _meta(agent),
-        )
-        publisher.start()
-        publishers.append(publisher)
-    for publisher in publishers:
-        publisher.stop(None)  # send until the spool is empty, however long it takes
-    for publisher in publishers:
-        publisher.join()
-    failed = [str(p.error) for p in publishers if p.error is not None]
-    print(json.dumps({"settled": sum(p.settled for p in publishers), "failed": failed}))
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main())
