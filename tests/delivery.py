@@ -38,6 +38,11 @@ from tests.mqtt_broker import HOST, READER, Link, Mosquitto, TestCertificates, w
 REPO = Path(__file__).resolve().parents[1]
 
 
+def database_link(dsn: str) -> Link:
+    """A link to the PostgreSQL server of ``dsn`` (its port), which can play it stopped."""
+    return Link(HOST, int(dsn.rsplit(":", 1)[1].split("/", maxsplit=1)[0]))
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What the database holds after a run."""

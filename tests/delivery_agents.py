@@ -90,10 +90,11 @@ def _utc(unix_s: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix_s))
 
 
-def _meta(agent: SimAgent) -> dict[str, object]:
+def meta_of(site: str, agent: str) -> dict[str, object]:
+    """A meta payload like an agent's (what the publisher sends on connecting)."""
     return meta_payload(
-        SiteId(agent.site),
-        AgentId(agent.agent),
+        SiteId(site),
+        AgentId(agent),
         agent_version="0.1.0",
         window_s=WINDOW_S,
         epoch_length="midnight",
@@ -142,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             key,
             spool_path(args.root, agent),
             SpoolSettings(),
-            _meta(agent),
+            meta_of(agent.site, agent.agent),
         )
         publisher.start()
         publishers.append(publisher)
