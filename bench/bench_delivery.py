@@ -55,6 +55,7 @@ def run(
     rig = Rig.make(
         root / uuid.uuid4().hex[:8], binary, certs, StoreSettings(dsn, schema),
         agents=args.agents, windows=args.windows, rate=args.rate, db_link=link,
+        amqtt="amqtt" in fault,
     )  # fmt: skip
     started = time.monotonic()
     try:

@@ -19,6 +19,7 @@ stored twice (a second row for an (agent, seq), or a roll-up that counted a wind
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,14 +29,57 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from aggregator.config import StoreSettings
+from aggregator.demo import amqtt_command
 from aggregator.receipts import load_receipt_key
 from aggregator.store import Store, agents, site_days, windows
 from firmware_agent.messages import public_key_text
 from tests.agent_fleet import SimAgent, fleet_broker, make_agents
 from tests.delivery_agents import WINDOW_S
-from tests.mqtt_broker import HOST, READER, Link, Mosquitto, TestCertificates, wait_for
+from tests.mqtt_broker import (
+    HOST,
+    READER,
+    Link,
+    Mosquitto,
+    TestCertificates,
+    free_port,
+    wait_for,
+)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class Amqtt:
+    """amqtt, the demo's broker, as a rig's broker: the same port over restarts, nothing kept
+    (no persistence), no password checked, MQTT 3.1.1."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.port = free_port()
+        self.command = amqtt_command(root, self.port)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+        def up() -> bool:
+            try:
+                with socket.create_connection((HOST, self.port), timeout=0.2):
+                    return True
+            except OSError:
+                return False
+
+        wait_for(up, 30, f"amqtt on port {self.port}")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        self.kill()  # it keeps nothing either way
 
 
 def database_link(dsn: str) -> Link:
@@ -64,7 +108,7 @@ class Rig:
     """The parts of one fault run (module docstring)."""
 
     root: Path
-    broker: Mosquitto
+    broker: Mosquitto | Amqtt
     settings: StoreSettings
     agents: list[SimAgent]
     windows: int
@@ -94,10 +138,13 @@ class Rig:
         windows: int,
         rate: float = 0,
         db_link: Link | None = None,
+        amqtt: bool = False,
     ) -> Rig:
+        """A rig; with ``amqtt``, the demo's broker instead of Mosquitto (MQTT 3.1.1)."""
         seed = root.name
         sim = make_agents(agents, "s1", seed=seed)
-        broker = fleet_broker(mosquitto, root / "broker", certs, sim)
+        where = root / "broker"
+        broker = Amqtt(where) if amqtt else fleet_broker(mosquitto, where, certs, sim)
         broker.start()
         now = int(time.time())
         first = now - now % WINDOW_S - WINDOW_S * windows
@@ -106,6 +153,10 @@ class Rig:
             store.add_site("s1", "Mall", "UTC", int(time.time()))
             store.add_agents("s1", {a.agent: a.public_key for a in sim}, int(time.time()))
         return rig
+
+    @property
+    def protocol(self) -> str:
+        return "3.1.1" if isinstance(self.broker, Amqtt) else "5"
 
     @property
     def total(self) -> int:
@@ -125,6 +176,7 @@ class Rig:
             f'data_dir = "{self.root}"\n'
             f'[broker]\nhost = "{HOST}"\nport = {self.broker.port}\nusername = "{READER[0]}"\n'
             f'password = "{READER[1]}"\nkeepalive_s = 5\nbackoff_max_s = 1\n'
+            f'protocol = "{self.protocol}"\n'
             f'[ingest]\nbatch_wait_ms = 20\nshare_group = "{share_group}"\n'
             "receipt_interval_ms = 200\n"
         )
@@ -151,7 +203,7 @@ class Rig:
              "--port", str(port or self.broker.port), "--agents", str(len(self.agents)),
              "--seed", self.seed, "--receipt-key", self.receipt_key if receipts else "",
              "--windows", str(self.windows), "--first", str(self.first),
-             "--rate", str(self.rate)],
+             "--rate", str(self.rate), "--protocol", self.protocol],
             cwd=REPO, stderr=log, stdout=subprocess.DEVNULL,
         )  # fmt: skip
         log.close()
@@ -334,6 +386,18 @@ def network_cut(rig: Rig, outage_s: float) -> bool:
     return right
 
 
+def amqtt_killed(rig: Rig, _outage_s: float) -> bool:
+    """The demo's broker killed mid-stream and started again: it keeps nothing (no
+    persistence), and forgets what a client had not acknowledged anyway."""
+    rig.start_ingest("ingest-a", "")
+    rig.start_agents()
+    _until_stored(rig, 0.3)
+    rig.broker.kill()
+    right = rig.health_right()
+    rig.broker.start()
+    return right
+
+
 FAULTS = {
     "broker kill -9, ingest away": broker_killed_while_ingest_away,
     "broker kill -9, ingest running": broker_killed_while_ingest_runs,
@@ -343,4 +407,5 @@ FAULTS = {
     "PostgreSQL stopped": database_stopped,
     "agents kill -9": agents_killed,
     "network cut": network_cut,
+    "amqtt (the demo's broker) kill -9": amqtt_killed,
 }

@@ -116,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, required=True)
     parser.add_argument("--first", type=int, required=True)
     parser.add_argument("--rate", type=float, default=0)
+    parser.add_argument("--protocol", default="5")
     args = parser.parse_args(argv)
     sim = make_agents(args.agents, "s1", seed=args.seed)
 
@@ -131,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             backoff_initial_ms=100,
             backoff_max_s=1,
             connect_timeout_s=2,
+            protocol=args.protocol,
             receipt_key=args.receipt_key,
             receipt_timeout_s=RECEIPT_TIMEOUT_S,
             resend_per_s=2000,
