@@ -338,7 +338,7 @@ def test_with_receipts_a_window_stays_spooled_until_a_signed_receipt_covers_it(
         backoff_initial_ms=100, backoff_max_s=1, receipt_key=public_key_text(aggregator),
         receipt_timeout_s=1,
     )  # fmt: skip
-    sub = Subscriber(broker, f"footfall/v1/{site}/{agent}/counts")
+    sub = Subscriber(broker, f"footfall/v1/{site}/{agent}/+")
     publisher = Publisher(settings, *ids, key, path, SpoolSettings(), meta_of(site, agent))
     caplog.set_level(logging.INFO, "footfall.agent")
     pending = lambda: Spool(path).state().pending  # noqa: E731
@@ -353,6 +353,12 @@ def test_with_receipts_a_window_stays_spooled_until_a_signed_receipt_covers_it(
         _send_receipt(broker, ids, [(seqs[0], seqs[2]), (seqs[4], seqs[4])], aggregator)
         wait_for(lambda: pending() == 2, 5, "the covered windows to leave the spool")
         assert [m.seq for m in Spool(path).pending()] == [seqs[3], seqs[5]]
+        # The status follows the spool (the aggregator's health sees it fill and empty).
+        wait_for(
+            lambda: sub.envelopes("/status")[-1].payload["spool_pending"] == 2,
+            5,
+            "a status saying 2 windows wait",
+        )
         _send_receipt(broker, ids, [(seqs[0], seqs[-1])], aggregator)
         publisher.stop(None)  # ends once the spool is empty
         assert publisher.join(10) and publisher.error is None
