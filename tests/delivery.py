@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -288,6 +289,21 @@ def _until_stored(rig: Rig, share: float) -> None:
     wait_for(lambda: rig.stored() >= rig.total * share, 60, f"{share:.0%} of the windows")
 
 
+def _mid_stream(rig: Rig, replicas: int = 1, agents_port: int | None = None) -> None:
+    """Ingest (one process on a plain subscription, or ``replicas`` on a shared one) and the
+    agents started, and a share of the windows stored: the moment a fault strikes."""
+    for name in ("ingest-a", "ingest-b")[:replicas]:
+        rig.start_ingest(name, "footfall" if replicas > 1 else "")
+    rig.start_agents(agents_port)
+    _until_stored(rig, 0.3)
+
+
+def _outage(rig: Rig, seconds: float) -> bool:
+    """The fault lasts ``seconds``; whether the agents' health was right meanwhile."""
+    time.sleep(seconds)
+    return rig.health_right()
+
+
 def broker_killed_while_ingest_away(rig: Rig, _outage_s: float, receipts: bool = True) -> bool:
     """Finding 3: every window acknowledged by the broker and queued for an ingest that is
     away, then the broker killed before it saved them."""
@@ -303,68 +319,52 @@ def broker_killed_while_ingest_away(rig: Rig, _outage_s: float, receipts: bool =
     return rig.health_right()
 
 
-def broker_killed_while_ingest_runs(rig: Rig, _outage_s: float) -> bool:
-    rig.start_ingest("ingest-a", "")
-    rig.start_agents()
-    _until_stored(rig, 0.3)
-    rig.broker.kill()
-    right = rig.health_right()
-    time.sleep(0.5)
+def _broker_down(rig: Rig, replicas: int, down: Callable[[], None], seconds: float) -> bool:
+    _mid_stream(rig, replicas)
+    down()
+    right = _outage(rig, seconds)
     rig.broker.start()
     return right
+
+
+def broker_killed(rig: Rig, _outage_s: float) -> bool:
+    """Mosquitto killed while ingest runs (or amqtt, the demo's broker, which keeps nothing
+    and forgets what a client had not acknowledged anyway), and started again."""
+    return _broker_down(rig, 1, rig.broker.kill, 0.5)
 
 
 def broker_restarted_with_shared_subscription(rig: Rig, _outage_s: float) -> bool:
-    rig.start_ingest("ingest-a")
-    rig.start_ingest("ingest-b")
-    rig.start_agents()
-    _until_stored(rig, 0.3)
-    rig.broker.stop()
-    right = rig.health_right()
-    rig.broker.start()
-    return right
+    """A clean restart: Mosquitto 2.0 forgets the shared subscription."""
+    return _broker_down(rig, 2, rig.broker.stop, 0)
 
 
 def replica_gone_for_good(rig: Rig, _outage_s: float) -> bool:
-    rig.start_ingest("ingest-a")
-    rig.start_ingest("ingest-b")
-    rig.start_agents()
-    _until_stored(rig, 0.25)
+    _mid_stream(rig, replicas=2)
     rig.kill("ingest-b")  # never comes back: its share waits in its session
-    time.sleep(1)
-    return rig.health_right()
+    return _outage(rig, 1)
 
 
 def ingest_killed(rig: Rig, outage_s: float) -> bool:
-    rig.start_ingest("ingest-a", "")
-    rig.start_agents()
-    _until_stored(rig, 0.3)
+    _mid_stream(rig)
     rig.kill("ingest-a")
-    time.sleep(outage_s)
-    right = rig.health_right()
+    right = _outage(rig, outage_s)
     rig.start_ingest("ingest-a", "")
     return right
 
 
 def database_stopped(rig: Rig, outage_s: float) -> bool:
     assert rig.db_link is not None, "the database fault needs the rig's database link"
-    rig.start_ingest("ingest-a", "")
-    rig.start_agents()
-    _until_stored(rig, 0.3)
+    _mid_stream(rig)
     rig.db_link.refuse()
-    time.sleep(outage_s)
-    right = rig.health_right()  # read past the link: the database itself is there
+    right = _outage(rig, outage_s)  # read past the link: the database itself is there
     rig.db_link.restore()
     return right
 
 
 def agents_killed(rig: Rig, outage_s: float) -> bool:
-    rig.start_ingest("ingest-a", "")
-    rig.start_agents()
-    _until_stored(rig, 0.3)
+    _mid_stream(rig)
     rig.kill("agents")
-    time.sleep(outage_s)
-    right = rig.health_right()
+    right = _outage(rig, outage_s)
     rig.start_agents()
     return right
 
@@ -373,12 +373,9 @@ def network_cut(rig: Rig, outage_s: float) -> bool:
     """The agents' network silently gone for longer than their keep-alive (2 s)."""
     link = Link(HOST, rig.broker.port)
     try:
-        rig.start_ingest("ingest-a", "")
-        rig.start_agents(link.port)
-        _until_stored(rig, 0.3)
+        _mid_stream(rig, agents_port=link.port)
         link.cut()
-        time.sleep(max(outage_s, 3.5))
-        right = rig.health_right()
+        right = _outage(rig, max(outage_s, 3.5))
         link.restore()
         rig.agents_done(120)
     finally:
@@ -386,26 +383,14 @@ def network_cut(rig: Rig, outage_s: float) -> bool:
     return right
 
 
-def amqtt_killed(rig: Rig, _outage_s: float) -> bool:
-    """The demo's broker killed mid-stream and started again: it keeps nothing (no
-    persistence), and forgets what a client had not acknowledged anyway."""
-    rig.start_ingest("ingest-a", "")
-    rig.start_agents()
-    _until_stored(rig, 0.3)
-    rig.broker.kill()
-    right = rig.health_right()
-    rig.broker.start()
-    return right
-
-
 FAULTS = {
     "broker kill -9, ingest away": broker_killed_while_ingest_away,
-    "broker kill -9, ingest running": broker_killed_while_ingest_runs,
+    "broker kill -9, ingest running": broker_killed,
     "broker restart, shared subscription": broker_restarted_with_shared_subscription,
     "one of two ingest replicas gone for good": replica_gone_for_good,
     "ingest kill -9": ingest_killed,
     "PostgreSQL stopped": database_stopped,
     "agents kill -9": agents_killed,
     "network cut": network_cut,
-    "amqtt (the demo's broker) kill -9": amqtt_killed,
+    "amqtt (the demo's broker) kill -9": broker_killed,
 }
