@@ -15,7 +15,8 @@ paho-mqtt 2 client driven by its ``loop()`` in that thread) and its own handle o
      aggregator keeps (retained) a receipt signed with its receipt key: the seq ranges it has
      settled (:func:`firmware_agent.messages.settled_ranges`). A receipt that does not verify
      is ignored. A window sent ``broker.receipt_timeout_s`` ago that no receipt covers is sent
-     again, oldest first, at most ``broker.resend_per_s`` a second: whatever the broker lost
+     again, oldest first, at most ``broker.resend_per_s`` a second (one above the last seq a
+     receipt named only once receipts have said nothing new for as long): whatever the broker lost
      (a crash without persistence, a shared subscription it forgot, an ingest replica gone
      for good, amqtt dropping what a client had not acknowledged) comes back, and the
      aggregator, idempotent on (agent, seq), stores it once. The status is published again
@@ -39,6 +40,7 @@ whose PUBACK says "not authorised", to find ACL mistakes.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import random
@@ -418,6 +420,8 @@ class Publisher:
         self._receipt_key = settings.receipt_verify_key
         self._sent_at: dict[int, float] = {}  # with receipts: seq -> when last sent (monotonic)
         self._reported = -1  # the spool_pending of the last status sent
+        self._receipt_last = 0  # the highest last_seq a receipt has named
+        self._progress_at = time.monotonic()  # when receipts last said more
         self.settled = 0  # windows receipts took out of the spool since the start
         self._backoff = Backoff(settings.backoff_initial_ms / 1000, settings.backoff_max_s)
         self._wake = threading.Event()
@@ -611,7 +615,10 @@ class Publisher:
         resend: _Resend,
     ) -> None:
         """Send again, oldest first, the windows sent broker.receipt_timeout_s ago that no
-        receipt has covered since; at most broker.resend_per_s a second."""
+        receipt has covered since; at most broker.resend_per_s a second. That is all for a
+        window below the last seq a receipt named (a gap: later ones arrived, it did not); one
+        above it waits until receipts have also said nothing new for the timeout, so an
+        aggregator that is slowly catching up is not sent its backlog twice."""
         now = time.monotonic()
         budget = min(room, resend.budget(now))
         if budget <= 0 or now < resend.idle_until:
@@ -624,6 +631,8 @@ class Publisher:
         for queued in batch:
             resend.cursor = queued.seq
             if now - self._sent_at.get(queued.seq, -math.inf) < timeout:
+                continue
+            if queued.seq > self._receipt_last and now - self._progress_at < timeout:
                 continue
             inflight[connection.publish(self._topics["counts"], queued.body)] = queued
             self._sent_at[queued.seq] = now
@@ -668,10 +677,14 @@ class Publisher:
                 continue
             left = spool.settle(ranges)
             self.settled += left
+            if left or payload["last_seq"] > self._receipt_last:
+                self._progress_at = time.monotonic()
+            self._receipt_last = max(self._receipt_last, payload["last_seq"])
+            starts = [lo for lo, _ in ranges]
             self._sent_at = {
                 seq: at
                 for seq, at in self._sent_at.items()
-                if not any(lo <= seq <= hi for lo, hi in ranges)
+                if (i := bisect.bisect_right(starts, seq) - 1) < 0 or seq > ranges[i][1]
             }
             if left:
                 log.info(

@@ -18,12 +18,15 @@ stored twice (a second row for an (agent, seq), or a roll-up that counted a wind
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +48,7 @@ from tests.mqtt_broker import (
     free_port,
     wait_for,
 )
+from tests.netns import require
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,6 +123,7 @@ class Rig:
     rate: float = 0  # windows made a second per agent (0: all at once)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _store: Store | None = None
+    _agents_at: tuple[str, str, int] | None = None
 
     @property
     def store(self) -> Store:
@@ -195,13 +200,19 @@ class Rig:
         wait_for(lambda: "connected to broker" in self.log(name), 20, f"{name} to connect")
         time.sleep(0.3)  # its SUBACK
 
-    def start_agents(self, port: int | None = None, *, receipts: bool = True) -> None:
-        """The agents' process; without ``receipts``, agents as they were before receipts
-        (a window leaves the spool on the broker's PUBACK)."""
+    def start_agents(
+        self, at: tuple[str, str, int] | None = None, *, receipts: bool = True
+    ) -> None:
+        """The agents' process (``at``: in that network namespace, the broker at that address
+        and port); without ``receipts``, agents as they were before receipts (a window leaves
+        the spool on the broker's PUBACK)."""
+        self._agents_at = at or self._agents_at
+        namespace, host, port = self._agents_at or ("", HOST, self.broker.port)
+        inside = ["ip", "netns", "exec", namespace] if namespace else []
         log = (self.root / "agents.log").open("ab")
         self.processes["agents"] = subprocess.Popen(
-            [sys.executable, "-m", "tests.delivery_agents", "--root", str(self.root),
-             "--port", str(port or self.broker.port), "--agents", str(len(self.agents)),
+            [*inside, sys.executable, "-m", "tests.delivery_agents", "--root", str(self.root),
+             "--host", host, "--port", str(port), "--agents", str(len(self.agents)),
              "--seed", self.seed, "--receipt-key", self.receipt_key if receipts else "",
              "--windows", str(self.windows), "--first", str(self.first),
              "--rate", str(self.rate), "--protocol", self.protocol],
@@ -289,12 +300,13 @@ def _until_stored(rig: Rig, share: float) -> None:
     wait_for(lambda: rig.stored() >= rig.total * share, 60, f"{share:.0%} of the windows")
 
 
-def _mid_stream(rig: Rig, replicas: int = 1, agents_port: int | None = None) -> None:
+def _mid_stream(rig: Rig, replicas: int = 1, agents_at: tuple[str, str, int] | None = None) -> None:
     """Ingest (one process on a plain subscription, or ``replicas`` on a shared one) and the
-    agents started, and a share of the windows stored: the moment a fault strikes."""
+    agents started (``agents_at``: in that namespace, to that address and port), and a share of
+    the windows stored: the moment a fault strikes."""
     for name in ("ingest-a", "ingest-b")[:replicas]:
         rig.start_ingest(name, "footfall" if replicas > 1 else "")
-    rig.start_agents(agents_port)
+    rig.start_agents(agents_at)
     _until_stored(rig, 0.3)
 
 
@@ -369,17 +381,45 @@ def agents_killed(rig: Rig, outage_s: float) -> bool:
     return right
 
 
-def network_cut(rig: Rig, outage_s: float) -> bool:
-    """The agents' network silently gone for longer than their keep-alive (2 s)."""
-    link = Link(HOST, rig.broker.port)
+@contextlib.contextmanager
+def agents_network() -> Iterator[tuple[str, str, str]]:
+    """A network namespace for the agents, joined to this one by a veth pair: (namespace,
+    this side's device, this side's address). Needs root; removed whatever happens."""
+    suffix = uuid.uuid4().hex[:8]
+    namespace, outside, inside = f"footfall-net-{suffix}", f"ffo{suffix}", f"ffn{suffix}"
+    subnet = f"10.{200 + int(suffix[:2], 16) % 50}.{int(suffix[2:4], 16)}"
+    commands = [
+        ["ip", "netns", "add", namespace],
+        ["ip", "link", "add", outside, "type", "veth", "peer", "name", inside, "netns", namespace],
+        ["ip", "addr", "add", f"{subnet}.1/30", "dev", outside],
+        ["ip", "link", "set", outside, "up"],
+        ["ip", "-n", namespace, "addr", "add", f"{subnet}.2/30", "dev", inside],
+        ["ip", "-n", namespace, "link", "set", inside, "up"],
+        ["ip", "-n", namespace, "link", "set", "lo", "up"],
+    ]
     try:
-        _mid_stream(rig, agents_port=link.port)
-        link.cut()
-        right = _outage(rig, max(outage_s, 3.5))
-        link.restore()
-        rig.agents_done(120)
+        for command in commands:
+            subprocess.run(command, check=True, capture_output=True)
+        yield namespace, outside, f"{subnet}.1"
     finally:
-        link.close()
+        subprocess.run(["ip", "link", "del", outside], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
+
+
+def network_cut(rig: Rig, outage_s: float) -> bool:
+    """The agents in a network namespace of their own, whose link to the broker's goes down
+    (nothing closed, packets dropped) for longer than their keep-alive (2 s)."""
+    require(os.geteuid() == 0, "the network cut needs root (ip netns)")
+    with agents_network() as (namespace, device, address):
+        link = Link(HOST, rig.broker.port, bind=address)  # the broker, seen from the veth
+        try:
+            _mid_stream(rig, agents_at=(namespace, address, link.port))
+            subprocess.run(["ip", "link", "set", device, "down"], check=True)
+            right = _outage(rig, max(outage_s, 3.5))
+            subprocess.run(["ip", "link", "set", device, "up"], check=True)
+            rig.agents_done(120)
+        finally:
+            link.close()
     return right
 
 

@@ -109,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     into the spools, then sending until every spool is empty."""
     parser = argparse.ArgumentParser(prog="python -m tests.delivery_agents")
     parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--host", default=HOST)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--agents", type=int, required=True)
     parser.add_argument("--seed", required=True)
@@ -124,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     publishers = []
     for agent in sim:
         settings = BrokerSettings(
-            host=HOST,
+            host=args.host,
             port=args.port,
             username=f"{agent.site}/{agent.agent}",
             password=agent.password,
