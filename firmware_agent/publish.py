@@ -624,10 +624,10 @@ class Publisher:
         if budget <= 0 or now < resend.idle_until:
             return
         batch = spool.pending(resend.cursor, budget)
-        if not batch:  # looked at the whole spool: from the oldest again, in a second
-            resend.cursor, resend.idle_until = 0, now + 1.0
-            return
         timeout = self.settings.receipt_timeout_s
+        if not batch:  # looked at the whole spool: from the oldest again, a little later
+            resend.cursor, resend.idle_until = 0, now + min(1.0, timeout / 4)
+            return
         for queued in batch:
             resend.cursor = queued.seq
             if now - self._sent_at.get(queued.seq, -math.inf) < timeout:
