@@ -27,8 +27,10 @@ paho-mqtt 2 client driven by its ``loop()`` in that thread) and its own handle o
 
 4. when the connection drops (keep-alive timeout, broker gone, network cut) everything not
    safe stays spooled; after a capped exponential backoff with jitter a new connection starts
-   again from the oldest spooled message. Each connection is a new paho client with a clean
-   session, so paho never re-sends anything by itself and the order stays ours;
+   again from the oldest spooled message (with receipts: the oldest no broker has
+   acknowledged; those a broker had are left to the re-send timer, or every reconnection to
+   a slow broker would send the whole backlog again). Each connection is a new paho client
+   with a clean session, so paho never re-sends anything by itself and the order stays ours;
 5. at stop: keep sending until the spool is empty or the grace period is over, publish
    ``offline`` (cause ``stopped``) and disconnect cleanly, so the broker drops the will.
 
@@ -418,7 +420,10 @@ class Publisher:
             kind: Topic(site, agent, kind) for kind in ("counts", "status", "meta", "receipt")
         }
         self._receipt_key = settings.receipt_verify_key
-        self._sent_at: dict[int, float] = {}  # with receipts: seq -> when last sent (monotonic)
+        # With receipts: seq -> when a broker last acknowledged it (monotonic). A new
+        # connection does not send these again at once (they may be on their way to ingest);
+        # _resend does, if no receipt covers them in time.
+        self._sent_at: dict[int, float] = {}
         self._reported = -1  # the spool_pending of the last status sent
         self._receipt_last = 0  # the highest last_seq a receipt has named
         self._progress_at = time.monotonic()  # when receipts last said more
@@ -550,12 +555,10 @@ class Publisher:
             if more and room > 0:
                 batch = spool.pending(after, room)
                 more = len(batch) == room
-                now = time.monotonic()
                 for queued in batch:
-                    inflight[connection.publish(self._topics["counts"], queued.body)] = queued
                     after = queued.seq
-                    if receipts:
-                        self._sent_at[queued.seq] = now
+                    if queued.seq not in self._sent_at:  # else a broker had it: see _resend
+                        inflight[connection.publish(self._topics["counts"], queued.body)] = queued
             elif receipts and room > 0:
                 self._resend(connection, spool, inflight, room, resend)
             for mid, reason in connection.loop(0.0 if more and room > 0 else 0.1):
@@ -575,8 +578,9 @@ class Publisher:
                     utc_text(message.window_start)[:16] + "Z",
                     message.seq,
                 )
-                if receipts:
-                    continue  # it leaves the spool when a receipt says so
+                if receipts:  # it leaves the spool when a receipt says so
+                    self._sent_at[message.seq] = time.monotonic()
+                    continue
                 if not acked:
                     acked_since = time.monotonic()
                 acked.append(message.seq)
@@ -628,14 +632,14 @@ class Publisher:
         if not batch:  # looked at the whole spool: from the oldest again, a little later
             resend.cursor, resend.idle_until = 0, now + min(1.0, timeout / 4)
             return
+        busy = {message.seq for message in inflight.values()}
         for queued in batch:
             resend.cursor = queued.seq
-            if now - self._sent_at.get(queued.seq, -math.inf) < timeout:
+            if queued.seq in busy or now - self._sent_at.get(queued.seq, -math.inf) < timeout:
                 continue
             if queued.seq > self._receipt_last and now - self._progress_at < timeout:
                 continue
             inflight[connection.publish(self._topics["counts"], queued.body)] = queued
-            self._sent_at[queued.seq] = now
             resend.tokens -= 1
             resend.sent += 1
             if resend.sent == 1 or resend.sent % 1000 == 0:

@@ -239,15 +239,15 @@ class Rig:
 
     def agents_done(self, timeout: float) -> None:
         """The agents' process ends once every spool is empty (receipts cover everything)."""
-        process = self.processes.pop("agents")
+        process = self.processes["agents"]
         try:
             code = process.wait(timeout)
         except subprocess.TimeoutExpired:
-            process.kill()
             raise AssertionError(
                 f"agents still sending after {timeout} s ({self.stored()} of {self.total} "
                 f"stored)\n{self.log('agents')[-3000:]}"
             ) from None
+        del self.processes["agents"]
         assert code == 0, self.log("agents")[-3000:]
 
     def outcome(self) -> Outcome:
