@@ -16,7 +16,8 @@ paho-mqtt 2 client driven by its ``loop()`` in that thread) and its own handle o
      settled (:func:`firmware_agent.messages.settled_ranges`). A receipt that does not verify
      is ignored. A window sent ``broker.receipt_timeout_s`` ago that no receipt covers is sent
      again, oldest first, at most ``broker.resend_per_s`` a second (one above the last seq a
-     receipt named only once receipts have said nothing new for as long): whatever the broker lost
+     receipt named only once receipts have said nothing new for as long; the timeout doubles
+     while receipts come later than it, up to 16 times): whatever the broker lost
      (a crash without persistence, a shared subscription it forgot, an ingest replica gone
      for good, amqtt dropping what a client had not acknowledged) comes back, and the
      aggregator, idempotent on (agent, seq), stores it once. The status is published again
@@ -427,6 +428,7 @@ class Publisher:
         self._reported = -1  # the spool_pending of the last status sent
         self._receipt_last = 0  # the highest last_seq a receipt has named
         self._progress_at = time.monotonic()  # when receipts last said more
+        self._timeout = float(settings.receipt_timeout_s)  # re-send after (adapts: _adapt)
         self.settled = 0  # windows receipts took out of the spool since the start
         self._backoff = Backoff(settings.backoff_initial_ms / 1000, settings.backoff_max_s)
         self._wake = threading.Event()
@@ -628,7 +630,7 @@ class Publisher:
         if budget <= 0 or now < resend.idle_until:
             return
         batch = spool.pending(resend.cursor, budget)
-        timeout = self.settings.receipt_timeout_s
+        timeout = self._timeout
         if not batch:  # looked at the whole spool: from the oldest again, a little later
             resend.cursor, resend.idle_until = 0, now + min(1.0, timeout / 4)
             return
@@ -644,12 +646,31 @@ class Publisher:
             resend.sent += 1
             if resend.sent == 1 or resend.sent % 1000 == 0:
                 log.warning(
-                    "no receipt for seq=%d after %d s: sent it again (%d windows sent again "
+                    "no receipt for seq=%d after %.0f s: sent it again (%d windows sent again "
                     "on this connection)",
                     queued.seq,
                     timeout,
                     resend.sent,
                 )
+
+    def _adapt(self, waited: float) -> None:
+        """Receipts came ``waited`` s after a broker took the window they cover: a re-send
+        timeout shorter than that only sends duplicates (which slow the path further), so it
+        doubles, up to 16 times ``broker.receipt_timeout_s``; quick receipts bring it back."""
+        least = float(self.settings.receipt_timeout_s)
+        if waited > self._timeout:
+            timeout = min(self._timeout * 2, least * 16)
+        elif waited < self._timeout / 4:
+            timeout = max(least, self._timeout / 2)
+        else:
+            return
+        if timeout != self._timeout:
+            log.info(
+                "receipts come %.1f s after the broker takes a window: re-sending after %.0f s",
+                waited,
+                timeout,
+            )
+            self._timeout = timeout
 
     def _take_receipts(self, connection: Connection, spool: Spool) -> None:
         """Let go of the windows the receipts that came in cover."""
@@ -685,11 +706,15 @@ class Publisher:
                 self._progress_at = time.monotonic()
             self._receipt_last = max(self._receipt_last, payload["last_seq"])
             starts = [lo for lo, _ in ranges]
-            self._sent_at = {
-                seq: at
-                for seq, at in self._sent_at.items()
-                if (i := bisect.bisect_right(starts, seq) - 1) < 0 or seq > ranges[i][1]
-            }
+            kept, oldest = {}, math.inf
+            for seq, at in self._sent_at.items():
+                if (i := bisect.bisect_right(starts, seq) - 1) < 0 or seq > ranges[i][1]:
+                    kept[seq] = at
+                else:
+                    oldest = min(oldest, at)
+            self._sent_at = kept
+            if oldest < math.inf:
+                self._adapt(time.monotonic() - oldest)
             if left:
                 log.info(
                     "receipt: the aggregator holds seq %d to %d but %d gaps; %d windows left "
