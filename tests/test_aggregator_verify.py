@@ -1,7 +1,8 @@
 """Every message is accepted with its agent or refused with its own reason, never stored blind.
 
-The fast schema check must agree with jsonschema (the contract's own validator) on every
-message, valid or not; the fast canonical encoding must give the contract's bytes.
+The fast schema check must agree with jsonschema (the contract's own validator), made strict as
+the verifier is (patterns match whole strings, integers are JSON integers), on every message,
+valid or not; the fast canonical encoding must give the contract's bytes.
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ from __future__ import annotations
 import copy
 import json
 import random
+import re
+from collections.abc import Iterator
 from typing import Any
 
 import nacl.signing
 import pytest
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, ValidationError, validators
 
 from aggregator.registry import AgentEntry, Registry
 from aggregator.verify import REASONS, Accepted, Refusal, SchemaCheck, Verifier, canonical
@@ -30,6 +33,8 @@ from tests.agent_fleet import fast_seal, window
 from tests.aggregator_harness import Agent
 
 TOPIC = "footfall/v1/s1/a1/counts"
+NOW = 1_730_000_000  # 2024-10-27: the messages' windows are from 2024-03-05
+PRUNED_BEFORE = 1_709_596_800  # 2024-03-05T00:00:00Z: retention deleted what came before
 
 
 @pytest.fixture
@@ -42,7 +47,7 @@ def registry_of(*entries: tuple[Agent, bool]) -> Registry:
         1,
         {
             (a.site, a.agent): AgentEntry(
-                i + 1, a.site, a.agent, a.key.verify_key, revoked, "UTC", 5
+                i + 1, a.site, a.agent, a.key.verify_key, revoked, "UTC", PRUNED_BEFORE
             )
             for i, (a, revoked) in enumerate(entries)
         },
@@ -50,7 +55,7 @@ def registry_of(*entries: tuple[Agent, bool]) -> Registry:
 
 
 def check(data: bytes, registry: Registry, topic: str = TOPIC) -> Accepted | Refusal:
-    return Verifier(65536).check(topic, data, registry, 0)
+    return Verifier(65536).check(topic, data, registry, NOW)
 
 
 def refused(result: Accepted | Refusal) -> str:
@@ -77,7 +82,7 @@ def test_hostile_messages_are_each_refused_with_their_own_reason(agent: Agent) -
     good = agent.counts(7, "2024-03-05T10:55:00Z")
 
     def forge(e: dict[str, Any]) -> None:
-        e["payload"]["devices"] = 500  # the signature no longer covers it
+        e["payload"]["probe_requests"] = 500  # the signature no longer covers it
 
     def extra_field(e: dict[str, Any]) -> None:
         e["payload"]["mac"] = "aa:bb:cc:dd:ee:ff"
@@ -111,7 +116,7 @@ def test_hostile_messages_are_each_refused_with_their_own_reason(agent: Agent) -
             "schema",
         ),
         "replay of a window retention deleted": (
-            agent.counts(5, "2024-03-05T10:55:00Z"),
+            agent.counts(5, "2024-03-04T10:55:00Z"),
             TOPIC,
             "expired",
         ),
@@ -244,11 +249,35 @@ def test_the_fast_schema_check_agrees_with_jsonschema(kind: str) -> None:
             __import__("importlib").resources.files("firmware_agent") / f"schemas/{name}.json"
         ).read_text()
     )
-    fast, slow = SchemaCheck(schema), Draft202012Validator(schema)
+    fast, slow = SchemaCheck(schema), STRICT(schema)
     cases = _mutations(samples[kind], random.Random(kind))
     disagreements = [case for case in cases if (fast.errors(case) is None) != slow.is_valid(case)]
     assert disagreements == []
     assert sum(fast.errors(c) is None for c in cases) >= 3  # the valid side is exercised too
+
+
+def _whole_pattern(
+    validator: Any, pattern: str, instance: object, _schema: Any
+) -> Iterator[ValidationError]:
+    if isinstance(instance, str) and re.fullmatch(pattern[1:-1], instance) is None:
+        yield ValidationError(f"{instance!r} does not match {pattern!r} as a whole")
+
+
+STRICT = validators.extend(
+    Draft202012Validator,
+    validators={"pattern": _whole_pattern},
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, x: type(x) is int
+    ),
+)
+
+
+def test_the_strict_checks_refuse_what_plain_jsonschema_lets_through() -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "s": {"pattern": "^a$"}}}
+    for instance in ({"n": 11.0}, {"s": "a\n"}):
+        assert Draft202012Validator(schema).is_valid(instance)
+        assert SchemaCheck(schema).errors(instance) is not None
+        assert not STRICT(schema).is_valid(instance)
 
 
 def test_an_unknown_schema_keyword_is_an_error_not_a_silent_pass() -> None:
@@ -275,8 +304,6 @@ def test_the_fast_canonical_encoding_is_the_contracts(agent: Agent) -> None:
         last_seq=3,
     )
     assert canonical("status", status) == canonical_json(status)
-    floats = {"devices": 11.0}  # an integral float passes the schema: encoded as the contract does
-    assert canonical("counts", floats) == canonical_json(floats)
 
 
 def test_the_verifier_accepts_what_the_agent_seals(agent: Agent) -> None:
