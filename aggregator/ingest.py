@@ -172,6 +172,10 @@ def _quarantine_row(
     }
 
 
+class _StoppedError(Exception):
+    """Ingest was stopped while retrying the database."""
+
+
 def _failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -340,8 +344,9 @@ class Ingest:
     def _verify_stage(self, batch: list[tuple[Delivery, float]]) -> _Verified | None:
         """Verify a batch against the current registry (read again, with retries, if the
         database fails); None if stopped meanwhile."""
-        registry = self._retrying("read the registry", self._current_registry)
-        if registry is None:
+        try:
+            registry = self._retrying("read the registry", self._current_registry)
+        except _StoppedError:
             return None
         verified = _Verified(batch)
         now = time.monotonic()
@@ -407,10 +412,10 @@ class Ingest:
         except BaseException as exc:
             self._die("the store stage", exc)
 
-    def _retrying(self, what: str, attempt: Callable[[], T]) -> T | None:
+    def _retrying(self, what: str, attempt: Callable[[], T]) -> T:
         """``attempt()``, again with a capped backoff while the database fails in a way that
-        may pass (a connection, a lock); None if stopped meanwhile. A failure that lasts
-        ingest.database_retry_s is fatal; any other error is raised at once."""
+        may pass (a connection, a lock); :class:`_StoppedError` if stopped meanwhile. A failure
+        that lasts ingest.database_retry_s is fatal; any other error is raised at once."""
         delay, first_failure = 0.2, None
         while True:
             started = time.perf_counter()
@@ -421,7 +426,7 @@ class Ingest:
                     raise
                 if self._stop.is_set():
                     log.warning("stopping: cannot %s (%s); the broker keeps the batch", what, exc)
-                    return None
+                    raise _StoppedError from exc
                 now = time.monotonic()
                 first_failure = first_failure or now
                 limit = self.settings.database_retry_s
@@ -439,13 +444,17 @@ class Ingest:
     def _store(self, verified: _Verified) -> BatchOutcome | None:
         """Store a batch; if the batch fails on what it holds, its messages one by one, and
         quarantine each that fails alone. None if stopped meanwhile."""
+        try:
+            return self._store_or_quarantine(verified)
+        except _StoppedError:
+            return None
+
+    def _store_or_quarantine(self, verified: _Verified) -> BatchOutcome:
         now = int(time.time())
         tally = dict(verified.tally)
         if verified.quarantine:
             rows = verified.quarantine
-            if self._retrying("quarantine", lambda: self.store.quarantine(rows, now)) is None:
-                return None
-            verified.quarantine = []  # done, should the batch be tried again
+            self._retrying("quarantine", lambda: self.store.quarantine(rows, now))
             with self._stats_lock:
                 self.stats.quarantined += len(rows)
         try:
@@ -453,7 +462,7 @@ class Ingest:
                 f"store a batch of {len(verified.batch)} messages",
                 lambda: self.store.store_batch(verified.accepted, tally, now),
             )
-        except IngestFatalError:
+        except (IngestFatalError, _StoppedError):
             raise
         except Exception as exc:
             log.warning(
@@ -462,32 +471,27 @@ class Ingest:
                 _failure(exc),
             )
         outcome = BatchOutcome()
-        if self._retrying("count refusals", lambda: self.store.store_batch([], tally, now)) is None:
-            return None
+        self._retrying("count refusals", lambda: self.store.store_batch([], tally, now))
         for message in verified.accepted:
             try:
                 part = self._retrying(
                     "store a message",
                     functools.partial(self.store.store_batch, [message], None, now),
                 )
-            except IngestFatalError:
+            except (IngestFatalError, _StoppedError):
                 raise
             except Exception as exc:
-                if not self._quarantine_stored(message, exc, now):
-                    return None
+                self._quarantine_stored(message, exc, now)
                 continue
-            if part is None:
-                return None
             outcome.stored += part.stored
             outcome.skipped += part.skipped
         return outcome
 
-    def _quarantine_stored(self, message: Accepted, exc: Exception, now: int) -> bool:
+    def _quarantine_stored(self, message: Accepted, exc: Exception, now: int) -> None:
         """Quarantine a verified message the store failed on alone, after making sure the
-        database itself answers (else that is fatal); False if stopped meanwhile."""
+        database itself answers (else that is fatal)."""
         try:
-            if self._retrying("read the database", self.store.probe) is None:
-                return False
+            self._retrying("read the database", self.store.probe)
         except StoreError as broken:
             raise IngestFatalError(
                 f"the database fails on every message, not this one: {broken}"
@@ -503,15 +507,13 @@ class Ingest:
             message.received_at,
         )
         row["message"] = text
-        if self._retrying("quarantine", lambda: self.store.quarantine([row], now)) is None:
-            return False
+        self._retrying("quarantine", lambda: self.store.quarantine([row], now))
         refusal = Refusal("store_failed", _failure(exc), *who)
         self._refusals.note(refusal, time.monotonic())
         with self._stats_lock:
             self.stats.quarantined += 1
             self.stats.refused["store_failed"] += 1
             self.stats.accepted -= 1
-        return True
 
     def _check(
         self, batch: list[tuple[Delivery, float]], registry: Registry

@@ -7,6 +7,7 @@ valid or not; the fast canonical encoding must give the contract's bytes.
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import random
@@ -84,12 +85,22 @@ def test_hostile_messages_are_each_refused_with_their_own_reason(agent: Agent) -
     def forge(e: dict[str, Any]) -> None:
         e["payload"]["probe_requests"] = 500  # the signature no longer covers it
 
+    def respell(e: dict[str, Any]) -> None:
+        sig = e["sig"]
+        e["sig"] = sig[:85] + chr(ord(sig[85]) ^ 1) + "=="  # a low bit base64 drops
+        assert base64.b64decode(e["sig"]) == base64.b64decode(sig)
+
     def extra_field(e: dict[str, Any]) -> None:
         e["payload"]["mac"] = "aa:bb:cc:dd:ee:ff"
 
     deep = b'{"alg":"ed25519","payload":' + b'{"a":' * 5000 + b"1" + b"}" * 5001
     cases = {
         "forged signature": (_tampered(agent, forge), TOPIC, "bad_signature"),
+        "signature spelled with other trailing bits (same bytes)": (
+            _tampered(agent, respell),
+            TOPIC,
+            "sig_encoding",
+        ),
         "signed by another key": (
             other.counts(7, "2024-03-05T10:55:00Z").replace(b'"a2"', b'"a1"'),
             TOPIC,

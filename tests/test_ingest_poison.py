@@ -1,0 +1,231 @@
+"""Issue 16's findings on ingest, each on SQLite and PostgreSQL, against a real Mosquitto:
+
+* one signed window dated 9999-12-31 (a site in UTC) or 0001-01-01 (a site in New York) made
+  the roll-up raise ``OverflowError``: the store thread died, nothing more was stored for any
+  site, ingest ignored a stop, and the broker sent the message again after every restart;
+* a replayed message with ``\\n`` after its signature passed the schema (``re.search`` and
+  ``$``), verified, and failed PostgreSQL's insert (89 characters): the same stall;
+* a message the database refuses on its own (here a constraint refusing seq 666) failed its
+  whole batch for ever; now it is quarantined and the rest of the batch is stored;
+* retention remembered the largest seq among deleted windows whatever their date, so after a
+  1970-dated window was deleted a current window with a lower seq was refused as ``expired``;
+* a database gone for good: ingest exits non-zero with a clear message (its supervisor
+  restarts it), instead of retrying silently for ever.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from aggregator.config import StoreSettings
+from aggregator.ingest import Ingest
+from aggregator.store import Store
+from aggregator.verify import Accepted, Verifier
+from firmware_agent.messages import utc_text
+from tests.aggregator_harness import Agent
+from tests.conftest import REPO
+from tests.mqtt_broker import HOST, READER, Mosquitto, wait_for
+from tests.test_aggregator_ingest import AgentAccount, config_for, running
+
+NOW = int(time.time())
+RECENT = NOW - NOW % 300 - 3600  # an aligned window start an hour ago
+
+
+def _with_newline_after_sig(sealed: bytes) -> bytes:
+    envelope = json.loads(sealed)
+    envelope["sig"] += "\n"
+    return json.dumps(envelope).encode()
+
+
+def _refuse_seq_666(store: Store) -> None:
+    """A constraint of the database's own that refuses one message (and no other)."""
+    with store.begin() as conn:
+        if store.dialect == "postgresql":
+            conn.exec_driver_sql("ALTER TABLE windows ADD CONSTRAINT no_666 CHECK (seq <> 666)")
+        else:
+            conn.exec_driver_sql(
+                "CREATE TRIGGER no_666 BEFORE INSERT ON windows WHEN NEW.seq = 666 "
+                "BEGIN SELECT RAISE(ABORT, 'seq 666 refused'); END"
+            )
+
+
+def _seqs(store: Store, agent: str) -> list[int]:
+    with store.begin(read_only=True) as conn:
+        return list(
+            conn.execute(
+                sa.text(
+                    "SELECT w.seq FROM windows w JOIN agents a ON a.agent_key = w.agent_key "
+                    "WHERE a.agent_id = :agent ORDER BY w.seq"
+                ),
+                {"agent": agent},
+            ).scalars()
+        )
+
+
+def test_no_poisonous_message_stops_ingest_for_the_others(
+    store_settings: StoreSettings,
+    start_broker: Callable[[Mapping[tuple[str, str], str]], Mosquitto],
+) -> None:
+    utc, york, other = Agent("utc", "a1"), Agent("ny", "b1"), Agent("utc", "a2")
+    broker = start_broker({("utc", "a1"): "p1", ("ny", "b1"): "p2", ("utc", "a2"): "p3"})
+    with Store.open(store_settings) as store:
+        store.add_site("utc", "", "UTC", NOW)
+        store.add_site("ny", "", "America/New_York", NOW)
+        for a in (utc, york, other):
+            store.add_agent(a.site, a.agent, a.public_key, NOW)
+        _refuse_seq_666(store)
+        accounts = [
+            AgentAccount(broker, a.site, a.agent, password)
+            for a, password in ((utc, "p1"), (york, "p2"), (other, "p3"))
+        ]
+        config = config_for(broker, store_settings, **{"ingest.batch_wait_ms": 200})
+        try:
+            with running(config) as ingest:
+                # In one batch: the two dates, the signature with a newline, and the window
+                # the database refuses, between windows that are fine.
+                accounts[0].publish("counts", utc.counts(1, "9999-12-31T00:00:00Z"))
+                accounts[1].publish("counts", york.counts(1, "0001-01-01T00:00:00Z"))
+                newline = _with_newline_after_sig(utc.counts(2, utc_text(RECENT)))
+                accounts[0].publish("counts", newline)
+                accounts[2].publish("counts", other.counts(665, utc_text(RECENT)))
+                accounts[2].publish("counts", other.counts(666, utc_text(RECENT + 300)))
+                accounts[2].publish("counts", other.counts(667, utc_text(RECENT + 600)))
+                wait_for(lambda: ingest.stats.received >= 6, 10, "the first six messages")
+                accounts[2].publish("counts", other.counts(668, utc_text(RECENT + 900)))
+                sent = time.monotonic()
+                wait_for(lambda: 668 in _seqs(store, "a2"), 1.0, "a window after the poison")
+                latency = time.monotonic() - sent
+                refused = dict(ingest.stats.refused)
+        finally:
+            for account in accounts:
+                account.close()
+        assert latency < 1.0
+        assert _seqs(store, "a2") == [665, 667, 668]
+        assert _seqs(store, "a1") == _seqs(store, "b1") == []
+        assert refused == {"window_range": 2, "schema": 1, "store_failed": 1}
+        counted = store.refusal_counts()
+        assert counted[("window_range", "utc", "a1")] == counted[("window_range", "ny", "b1")] == 1
+        assert counted[("schema", "utc", "a1")] == counted[("store_failed", "utc", "a2")] == 1
+        (quarantined,) = store.quarantined()
+        assert (quarantined["reason"], quarantined["agent_id"]) == ("store_failed", "a2")
+        assert "seq 666 refused" in quarantined["error"] or "no_666" in quarantined["error"]
+        assert json.loads(quarantined["message"])["payload"]["seq"] == 666
+
+
+def test_retention_deletes_by_window_time_so_a_current_window_is_never_refused(
+    store: Store,
+) -> None:
+    agent = Agent()
+    store.add_site("s1", "", "UTC", NOW)
+    store.add_agent("s1", "a1", agent.public_key, NOW)
+    verifier = Verifier(65536)
+
+    def accept(seq: int, start: int, received_at: int) -> Accepted:
+        result = verifier.check(
+            agent.topic, agent.counts(seq, utc_text(start)), store.registry(), received_at
+        )
+        assert isinstance(result, Accepted), result
+        return result
+
+    # A window dated 1970 (an agent whose clock had not been set) with a large seq.
+    store.store_batch([accept(1_000_000, 600, 900)], now=NOW)
+    assert store.prune(NOW, 90) == 1
+    current = accept(7, RECENT, NOW)  # a lower seq, never stored: not a replay
+    assert [m.payload["seq"] for m in store.store_batch([current], now=NOW).stored] == [7]
+    replay = verifier.check(
+        agent.topic, agent.counts(1_000_000, utc_text(600)), store.registry(), NOW
+    )
+    assert not isinstance(replay, Accepted) and replay.reason in {"expired", "window_range"}
+    old = verifier.check(
+        agent.topic, agent.counts(8, utc_text(RECENT - 91 * 86400)), store.registry(), NOW
+    )
+    assert not isinstance(old, Accepted) and old.reason == "expired"
+
+
+def test_ingest_exits_non_zero_when_its_database_is_gone_for_good(
+    start_broker: Callable[[Mapping[tuple[str, str], str]], Mosquitto], tmp_path: Path
+) -> None:
+    agent = Agent("s1", "a1")
+    broker = start_broker({("s1", "a1"): "pw"})
+    database = tmp_path / "aggregator.sqlite3"
+    with Store.open(StoreSettings(f"sqlite:///{database}")) as store:
+        store.add_site("s1", "", "UTC", NOW)
+        store.add_agent("s1", "a1", agent.public_key, NOW)
+    config = tmp_path / "aggregator.toml"
+    config.write_text(
+        f'[store]\ndsn = "sqlite:///{database}"\nretention_days = 0\n'
+        f'[broker]\nhost = "{HOST}"\nport = {broker.port}\nusername = "{READER[0]}"\n'
+        f'password = "{READER[1]}"\nkeepalive_s = 5\nbackoff_max_s = 1\n'
+        '[ingest]\nclient_id = "ingest-gone"\nbatch_wait_ms = 20\ndatabase_retry_s = 2\n'
+    )
+    log = tmp_path / "ingest.log"
+    with log.open("wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "aggregator.cli", "ingest", "--config", str(config)],
+            cwd=REPO,
+            stderr=err,
+        )
+    account = AgentAccount(broker, "s1", "a1", "pw")
+    try:
+        wait_for(lambda: "connected to broker" in log.read_text(), 20, "ingest to connect")
+        with sqlite3.connect(database) as db:  # the database loses its tables for good
+            db.execute("PRAGMA foreign_keys = OFF")
+            db.execute("DROP TABLE windows")
+        account.publish("counts", agent.counts(1, utc_text(RECENT)))
+        started = time.monotonic()
+        status = process.wait(30)
+        took = time.monotonic() - started
+    finally:
+        account.close()
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+    text = log.read_text()
+    assert status == 1, text
+    assert took < 15, text
+    assert "footfall-aggregator: error: ingest stopped" in text
+    assert "for 2 s (ingest.database_retry_s)" in text
+    assert "no such table: windows" in text
+
+
+def test_a_stop_ends_ingest_within_its_grace_while_the_database_is_gone(
+    start_broker: Callable[[Mapping[tuple[str, str], str]], Mosquitto], tmp_path: Path
+) -> None:
+    agent = Agent("s1", "a1")
+    broker = start_broker({("s1", "a1"): "pw"})
+    database = tmp_path / "aggregator.sqlite3"
+    settings = StoreSettings(f"sqlite:///{database}")
+    with Store.open(settings) as store:
+        store.add_site("s1", "", "UTC", NOW)
+        store.add_agent("s1", "a1", agent.public_key, NOW)
+        ingest = Ingest(config_for(broker, settings), store)
+        thread = threading.Thread(target=ingest.run, daemon=True)
+        thread.start()
+        account = AgentAccount(broker, "s1", "a1", "pw")
+        try:
+            wait_for(ingest.connected.is_set, 10, "ingest to connect")
+            with sqlite3.connect(database) as db:
+                db.execute("PRAGMA foreign_keys = OFF")
+                db.execute("DROP TABLE windows")
+            account.publish("counts", agent.counts(1, utc_text(RECENT)))
+            wait_for(lambda: ingest.stats.accepted == 1, 5, "the window verified")
+            time.sleep(1.0)  # the store stage retries the database meanwhile
+            started = time.monotonic()
+            ingest.stop()
+            thread.join(10)
+            took = time.monotonic() - started
+        finally:
+            account.close()
+    assert not thread.is_alive()
+    assert took < 2
+    assert ingest.stats.stored == 0
