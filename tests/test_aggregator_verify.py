@@ -87,7 +87,8 @@ def test_hostile_messages_are_each_refused_with_their_own_reason(agent: Agent) -
 
     def respell(e: dict[str, Any]) -> None:
         sig = e["sig"]
-        e["sig"] = sig[:85] + chr(ord(sig[85]) ^ 1) + "=="  # a low bit base64 drops
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+        e["sig"] = sig[:85] + alphabet[alphabet.index(sig[85]) | 1] + "=="  # bits base64 drops
         assert base64.b64decode(e["sig"]) == base64.b64decode(sig)
 
     def extra_field(e: dict[str, Any]) -> None:
