@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -166,7 +167,7 @@ def test_ingest_exits_non_zero_when_its_database_is_gone_for_good(
         f'[store]\ndsn = "sqlite:///{database}"\nretention_days = 0\n'
         f'[broker]\nhost = "{HOST}"\nport = {broker.port}\nusername = "{READER[0]}"\n'
         f'password = "{READER[1]}"\nkeepalive_s = 5\nbackoff_max_s = 1\n'
-        '[ingest]\nclient_id = "ingest-gone"\nbatch_wait_ms = 20\ndatabase_retry_s = 2\n'
+        '[ingest]\nclient_id = "ingest-gone"\nbatch_wait_ms = 20\n'
     )
     log = tmp_path / "ingest.log"
     with log.open("wb") as err:
@@ -174,6 +175,7 @@ def test_ingest_exits_non_zero_when_its_database_is_gone_for_good(
             [sys.executable, "-m", "aggregator.cli", "ingest", "--config", str(config)],
             cwd=REPO,
             stderr=err,
+            env=os.environ | {"FOOTFALL_AGG_INGEST_DATABASE_RETRY_S": "2"},
         )
     account = AgentAccount(broker, "s1", "a1", "pw")
     try:
