@@ -29,9 +29,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from aggregator.config import AggregatorConfig, StoreSettings, load_config
 from aggregator.ingest import Ingest
 from aggregator.store import Store, site_days, windows
-from firmware_agent.messages import AgentId, SiteId, meta_payload, seal, status_payload
+from firmware_agent.messages import AgentId, SiteId, seal, status_payload
 from tests.agent_fleet import Fleet, fleet_broker, fleet_messages, make_agents
-from tests.aggregator_harness import Agent, drop_schema, pg_dsn
+from tests.aggregator_harness import Agent, drop_schema, meta_of, pg_dsn
 from tests.conftest import REPO
 from tests.mqtt_broker import HOST, READER, Mosquitto, TestCertificates, wait_for
 
@@ -145,30 +145,7 @@ def test_ingest_stores_verified_messages_and_refuses_hostile_ones_with_their_rea
                 last_seq=2,
             )
             accounts["a1"].publish("status", seal(status, a1.key), retain=True)
-            meta = meta_payload(
-                SiteId("s1"),
-                AgentId("a1"),
-                agent_version="0.1.0",
-                window_s=300,
-                epoch_length="midnight",
-                epoch_timezone="Europe/Paris",
-                thresholds={
-                    "rssi_threshold_dbm": -75,
-                    "min_dwell_s": 120,
-                    "visit_gap_s": 600,
-                    "lateness_s": 10,
-                },
-                privacy={
-                    "mode": "standard",
-                    "device_hash": "siphash-2-4",
-                    "key_bits": 128,
-                    "key_lifetime_s": 90000,
-                    "id_bits": None,
-                    "suppress_below": 5,
-                    "dp_epsilon": None,
-                    "dp_epsilon_day": None,
-                },
-            )
+            meta = meta_of("s1", "a1")
             accounts["a1"].publish("meta", seal(meta, a1.key), retain=True)
             total = 1 + len(hostile) + 3
             wait_for(lambda: ingest.stats.received >= total, 20, f"{total} messages")

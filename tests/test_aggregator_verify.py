@@ -26,12 +26,11 @@ from firmware_agent.messages import (
     SiteId,
     canonical_json,
     counts_payload,
-    meta_payload,
     seal,
     status_payload,
 )
 from tests.agent_fleet import fast_seal, window
-from tests.aggregator_harness import Agent
+from tests.aggregator_harness import Agent, meta_of
 
 TOPIC = "footfall/v1/s1/a1/counts"
 NOW = 1_730_000_000  # 2024-10-27: the messages' windows are from 2024-03-05
@@ -229,30 +228,7 @@ def test_the_fast_schema_check_agrees_with_jsonschema(kind: str) -> None:
         "status": status_payload(
             site, agent, cause="connected", at=0, spool_pending=1, spool_dropped=0, last_seq=3
         ),
-        "meta": meta_payload(
-            site,
-            agent,
-            agent_version="0.1.0",
-            window_s=300,
-            epoch_length="midnight",
-            epoch_timezone="Europe/Paris",
-            thresholds={
-                "rssi_threshold_dbm": -75,
-                "min_dwell_s": 120,
-                "visit_gap_s": 600,
-                "lateness_s": 10,
-            },
-            privacy={
-                "mode": "standard",
-                "device_hash": "siphash-2-4",
-                "key_bits": 128,
-                "key_lifetime_s": 90000,
-                "id_bits": None,
-                "suppress_below": 5,
-                "dp_epsilon": 0.5,
-                "dp_epsilon_day": 144.0,
-            },
-        ),
+        "meta": meta_of("s1", "a1", dp_epsilon=0.5, dp_epsilon_day=144.0),
         "envelope": {"alg": "ed25519", "payload": {}, "sig": "A" * 86 + "=="},
     }
     name = "envelope.v1" if kind == "envelope" else f"{kind}.v1"

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 
 from aggregator.config import StoreSettings
 from aggregator.store import Store
@@ -39,11 +38,11 @@ from firmware_agent.messages import (
     AgentId,
     SiteId,
     canonical_json,
-    meta_payload,
     status_payload,
     utc_text,
 )
-from tests.aggregator_harness import Agent, drop_schema, pg_dsn
+from tests.agent_fleet import WINDOW
+from tests.aggregator_harness import Agent, drop_schema, meta_of, pg_dsn, stored_seqs
 from tests.conftest import REPO
 from tests.mqtt_broker import HOST, READER, Mosquitto, TestCertificates, wait_for
 from tests.test_aggregator_ingest import AgentAccount
@@ -53,6 +52,7 @@ DAY = NOW - NOW % 86400 - 86400  # yesterday, 00:00 UTC
 OLD = DAY - 100 * 86400  # past store.retention_days (90)
 SITE, YORK = "hx", "hy"
 GOOD = Agent(SITE, "good")
+NOISY = Agent(SITE, "noisy")  # its meta says it adds noise (standard mode)
 GOOD_SEQ = itertools.count(1)
 MB_100 = 100 << 20
 B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
@@ -63,20 +63,7 @@ Payload = dict[str, Any]
 def window(who: Agent, seq: int = 1, slot: int = 0, **fields: Any) -> Payload:
     """A valid counts payload of ``who`` (its ``slot``-th 5-minute window of yesterday),
     fields replaced by ``fields``."""
-    counts = {
-        "window_start": utc_text(DAY + 300 * slot),
-        "window_s": 300,
-        "probe_requests": 96,
-        "malformed": 0,
-        "late_frames": 0,
-        "devices": 11,
-        "devices_randomised": 3,
-        "visitors": 8,
-        "passersby": 3,
-        "visits_ended": 18,
-        "dwell_minutes": {"lt5": 5, "5-15": 5, "15-30": 1, "30-60": 1, "ge60": 6},
-        "devices_epoch": 289,
-    }
+    counts = WINDOW | {"window_start": utc_text(DAY + 300 * slot)}
     header = {"kind": "counts", "v": 1, "site": who.site, "agent": who.agent, "seq": seq}
     return header | {"epoch": "9f3c1a7e52b04d68"} | counts | fields
 
@@ -337,31 +324,7 @@ def _forged_status(a: Agent) -> list[bytes]:
 
 
 def _meta_with_extra(a: Agent) -> list[bytes]:
-    meta = meta_payload(
-        SiteId(a.site),
-        AgentId(a.agent),
-        agent_version="0.1.0",
-        window_s=300,
-        epoch_length="midnight",
-        epoch_timezone="UTC",
-        thresholds={
-            "rssi_threshold_dbm": -75,
-            "min_dwell_s": 120,
-            "visit_gap_s": 600,
-            "lateness_s": 10,
-        },
-        privacy={
-            "mode": "standard",
-            "device_hash": "siphash-2-4",
-            "key_bits": 128,
-            "key_lifetime_s": 90000,
-            "id_bits": None,
-            "suppress_below": 5,
-            "dp_epsilon": None,
-            "dp_epsilon_day": None,
-        },
-    )
-    return [signed(a, meta | {"ssid": "MyHomeNetwork"})]
+    return [signed(a, meta_of(a.site, a.agent) | {"ssid": "MyHomeNetwork"})]
 
 
 KINDS = _kinds()
@@ -391,14 +354,14 @@ def rig(
 ) -> Iterator[Rig]:
     root = tmp_path_factory.mktemp("hostile")
     accounts = {(k.agent.site, k.agent.agent): "pw" for k in KINDS}
-    accounts[(SITE, GOOD.agent)] = "pw"
+    accounts[(SITE, GOOD.agent)] = accounts[(SITE, NOISY.agent)] = "pw"
     broker = Mosquitto(mosquitto_bin, root / "broker", test_certificates, accounts)
     broker.start()
     settings = StoreSettings(pg_dsn(), f"ff_test_{uuid.uuid4().hex[:10]}")
     store = Store.open(settings)
     store.add_site(SITE, "", "UTC", NOW)
     store.add_site(YORK, "", "America/New_York", NOW)
-    for k in (*KINDS, Kind("good", GOOD, None, lambda _a: [])):
+    for k in (*KINDS, *(Kind(a.agent, a, None, lambda _a: []) for a in (GOOD, NOISY))):
         if k.enrolled:
             store.add_agent(k.agent.site, k.agent.agent, k.agent.public_key, NOW)
         if k.revoked:
@@ -445,25 +408,12 @@ def rig(
         drop_schema(settings.dsn, settings.schema)
 
 
-def _seqs(store: Store, site: str, agent: str) -> list[int]:
-    with store.begin(read_only=True) as conn:
-        return list(
-            conn.execute(
-                sa.text(
-                    "SELECT w.seq FROM windows w JOIN agents a ON a.agent_key = w.agent_key "
-                    "WHERE a.site_id = :site AND a.agent_id = :agent ORDER BY w.seq"
-                ),
-                {"site": site, "agent": agent},
-            ).scalars()
-        )
-
-
 def _stored_within_a_second(rig: Rig) -> float:
     """Send the good agent's next window; how long until it is stored (at most 1 s)."""
     seq = next(GOOD_SEQ)
     rig.good.publish("counts", signed(GOOD, window(GOOD, seq=seq, slot=seq)))
     sent = time.monotonic()
-    wait_for(lambda: seq in _seqs(rig.store, SITE, GOOD.agent), 1.0, f"good window {seq}")
+    wait_for(lambda: seq in stored_seqs(rig.store, SITE, GOOD.agent), 1.0, f"good window {seq}")
     return time.monotonic() - sent
 
 
@@ -476,7 +426,7 @@ def test_a_hostile_message_is_refused_with_its_reason_and_stops_no_one(
     try:
         for body in kind.prior(a):
             account.publish("counts", body)
-            wait_for(lambda: _seqs(rig.store, a.site, a.agent) != [], 5, "the prior window")
+            wait_for(lambda: stored_seqs(rig.store, a.site, a.agent) != [], 5, "the prior window")
         before = rig.store.refusal_counts()
         peak = _peak_rss_kib(rig.process.pid)
         messages = kind.messages(a)
@@ -517,7 +467,7 @@ def test_a_hostile_message_is_refused_with_its_reason_and_stops_no_one(
         assert _peak_rss_kib(rig.process.pid) - peak < 32 << 10  # KiB: far below 100 MB
     else:
         assert added == {kind.row: len(messages)}
-    stored = _seqs(rig.store, a.site, a.agent)
+    stored = stored_seqs(rig.store, a.site, a.agent)
     assert stored == ([1] if kind.prior(a) else [])
     if kind.reason == "store_failed":
         (row,) = [q for q in rig.store.quarantined() if q["agent_id"] == a.agent]
@@ -530,3 +480,22 @@ def test_the_suite_has_at_least_50_kinds_and_the_two_stalls() -> None:
     names = " ".join(k.name for k in KINDS)
     assert "(stall 1)" in names and "(stall 2)" in names
     assert len({k.agent.agent for k in KINDS}) == len(KINDS)
+
+
+def test_an_agent_that_adds_noise_is_held_to_the_schema_only(rig: Rig) -> None:
+    """Standard mode with differential privacy noises each count on its own: its sums need
+    not add up. Its meta says so; counts in the same batch as that meta are held to it, and
+    so are later ones (the store reloads the registry)."""
+    meta = signed(NOISY, meta_of(SITE, NOISY.agent, dp_epsilon=0.5, dp_epsilon_day=144.0))
+    account = AgentAccount(rig.broker, SITE, NOISY.agent, "pw")
+    try:
+        account.publish("meta", meta, retain=True)
+        account.publish("counts", signed(NOISY, window(NOISY, visitors=10, devices=12)))
+        wait_for(lambda: stored_seqs(rig.store, SITE, NOISY.agent) == [1], 2, "window 1")
+        account.publish(
+            "counts", signed(NOISY, window(NOISY, seq=2, slot=1, devices_randomised=13))
+        )
+        wait_for(lambda: stored_seqs(rig.store, SITE, NOISY.agent) == [1, 2], 2, "window 2")
+    finally:
+        account.close()
+    assert not [row for row in rig.store.refusal_counts() if row[2] == NOISY.agent]

@@ -26,14 +26,12 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import sqlalchemy as sa
-
 from aggregator.config import StoreSettings
 from aggregator.ingest import Ingest
 from aggregator.store import Store
 from aggregator.verify import Accepted, Verifier
 from firmware_agent.messages import utc_text
-from tests.aggregator_harness import Agent
+from tests.aggregator_harness import Agent, stored_seqs
 from tests.conftest import REPO
 from tests.mqtt_broker import HOST, READER, Mosquitto, wait_for
 from tests.test_aggregator_ingest import AgentAccount, config_for, running
@@ -58,19 +56,6 @@ def _refuse_seq_666(store: Store) -> None:
                 "CREATE TRIGGER no_666 BEFORE INSERT ON windows WHEN NEW.seq = 666 "
                 "BEGIN SELECT RAISE(ABORT, 'seq 666 refused'); END"
             )
-
-
-def _seqs(store: Store, agent: str) -> list[int]:
-    with store.begin(read_only=True) as conn:
-        return list(
-            conn.execute(
-                sa.text(
-                    "SELECT w.seq FROM windows w JOIN agents a ON a.agent_key = w.agent_key "
-                    "WHERE a.agent_id = :agent ORDER BY w.seq"
-                ),
-                {"agent": agent},
-            ).scalars()
-        )
 
 
 def test_no_poisonous_message_stops_ingest_for_the_others(
@@ -104,15 +89,15 @@ def test_no_poisonous_message_stops_ingest_for_the_others(
                 wait_for(lambda: ingest.stats.received >= 6, 10, "the first six messages")
                 accounts[2].publish("counts", other.counts(668, utc_text(RECENT + 900)))
                 sent = time.monotonic()
-                wait_for(lambda: 668 in _seqs(store, "a2"), 1.0, "a window after the poison")
+                wait_for(lambda: 668 in stored_seqs(store, "utc", "a2"), 1.0, "the window after")
                 latency = time.monotonic() - sent
                 refused = dict(ingest.stats.refused)
         finally:
             for account in accounts:
                 account.close()
         assert latency < 1.0
-        assert _seqs(store, "a2") == [665, 667, 668]
-        assert _seqs(store, "a1") == _seqs(store, "b1") == []
+        assert stored_seqs(store, "utc", "a2") == [665, 667, 668]
+        assert stored_seqs(store, "utc", "a1") == stored_seqs(store, "ny", "b1") == []
         assert refused == {"window_range": 2, "schema": 1, "store_failed": 1}
         counted = store.refusal_counts()
         assert counted[("window_range", "utc", "a1")] == counted[("window_range", "ny", "b1")] == 1
