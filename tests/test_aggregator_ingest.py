@@ -112,7 +112,7 @@ def test_ingest_stores_verified_messages_and_refuses_hostile_ones_with_their_rea
         a.agent: AgentAccount(broker, "s1", a.agent, f"pw{a.agent[1]}") for a in (a1, a2, a3)
     }
     good = a1.counts(1, "2024-03-05T10:55:00Z")
-    forged = good.replace(b'"devices":11', b'"devices":99')
+    forged = good.replace(b'"probe_requests":96', b'"probe_requests":99')
     extra = good.replace(b'"devices":11', b'"devices":11,"mac":"aa:bb:cc:dd:ee:ff"')
     deep = b'{"alg":"ed25519","payload":' + b"[" * 3000 + b"]" * 3000 + b"}"
     hostile = [
