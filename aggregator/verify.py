@@ -52,7 +52,13 @@ import orjson
 
 from aggregator.registry import AgentEntry, Registry
 from firmware_agent.errors import MessageError
-from firmware_agent.messages import KINDS, VERSION, Topic, canonical_json
+from firmware_agent.messages import (
+    VERSIONS,
+    Topic,
+    canonical_json,
+    counts_v2_errors,
+    known_schemas,
+)
 
 __all__ = [
     "REASONS",
@@ -489,11 +495,21 @@ def _topic(text: str) -> Topic | None:
 
 def canonical(kind: str, payload: Mapping[str, Any]) -> bytes:
     """:func:`canonical_json` of a validated payload; orjson (ten times faster) where it gives
-    the same bytes: counts and status payloads, whose numbers are all ``int`` (the schemas'
-    integers are strict) and whose strings are ASCII without escapes (their patterns)."""
-    if kind != "meta":
+    the same bytes: counts and status payloads whose numbers are all ``int`` (counts v2's
+    ``occupancy_mean`` is a float: Python's own text for it) and whose strings are ASCII
+    without escapes (their patterns)."""
+    if kind != "meta" and _all_int(payload):
         return orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
     return canonical_json(payload)
+
+
+def _all_int(payload: Mapping[str, Any]) -> bool:
+    for value in payload.values():
+        if type(value) is float:
+            return False
+        if type(value) is dict and not _all_int(value):
+            return False
+    return True
 
 
 # --- sense: what the counts of one window say about each other -----------------------------
@@ -536,15 +552,24 @@ SENSE: dict[tuple[str, int], tuple[Rule, ...]] = {
         Within("passersby", "devices"),
         Within("devices", "devices_epoch"),
     ),
+    # v2 (firmware_agent/people.py): an arrived visit that ends counts in visits_ended and in
+    # one dwell band; the mean of the window's occupancy samples is at most their peak.
+    # People and devices are not compared: a person's chain links several addresses, and a
+    # visit counts in the window of its instant, not in each window it was heard in.
+    ("counts", 2): (
+        Sum("visits_ended", _DWELL),
+        Within("devices_randomised", "devices"),
+        Within("occupancy_mean", "occupancy_peak"),
+    ),
 }
 
 
-def _field(payload: Mapping[str, Any], name: str) -> int | None:
+def _field(payload: Mapping[str, Any], name: str) -> int | float | None:
     outer, _, inner = name.partition(".")
     value = payload.get(outer)
     if inner and isinstance(value, dict):
         value = value.get(inner)
-    return value if type(value) is int else None
+    return value if type(value) in (int, float) else None
 
 
 def _nonsense(rules: tuple[Rule, ...], payload: Mapping[str, Any]) -> str | None:
@@ -588,7 +613,9 @@ class Verifier:
         self.limits = limits or WindowLimits()
         self.envelope = SchemaCheck(_schema("envelope.v1"))
         self.payloads: dict[tuple[str, int | float], SchemaCheck] = {
-            (kind, VERSION): SchemaCheck(_schema(f"{kind}.v{VERSION}")) for kind in KINDS
+            (kind, v): SchemaCheck(_schema(f"{kind}.v{v}"))
+            for kind, versions in VERSIONS.items()
+            for v in versions
         }
         self.parse_s = 0.0  # decoding, JSON, schemas, topic
         self.verify_s = 0.0  # canonical JSON and Ed25519
@@ -651,9 +678,11 @@ class Verifier:
         if check is None:
             return refuse(
                 "schema",
-                f"$.kind and $.v must name a known schema ({', '.join(KINDS)}; v {VERSION})",
+                f"$.kind and $.v must name a known schema ({known_schemas()})",
             )
         error = check.errors(payload)
+        if error is None and (kind, version) == ("counts", 2):
+            error = counts_v2_errors(payload)
         if error is None and "\\" in text:  # only an escape can make a control character
             control = _control_characters(payload)
             error = None if control is None else "$" + control

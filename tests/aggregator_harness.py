@@ -28,6 +28,7 @@ from firmware_agent.messages import (
     public_key_text,
     seal,
 )
+from firmware_agent.privacy import STANDARD_PUBLISHES
 
 PG_DSN = os.environ.get("FOOTFALL_TEST_PG_DSN", "")
 NO_PG = (
@@ -110,13 +111,14 @@ class Agent:
             "devices_epoch": 289,
         } | fields
         payload = counts_payload(
-            SiteId(self.site), AgentId(self.agent), seq, "9f3c1a7e52b04d68", window
+            SiteId(self.site), AgentId(self.agent), seq, "9f3c1a7e52b04d68", window, version=1
         )
         return seal(payload, self.key)
 
 
 def meta_of(site: str, agent: str, **privacy: object) -> dict[str, object]:
-    """A meta payload as an agent in standard mode sends it, ``privacy`` fields replaced."""
+    """A meta payload (v2) as an agent in standard mode sends it, ``privacy`` fields
+    replaced."""
     return meta_payload(
         SiteId(site),
         AgentId(agent),
@@ -129,6 +131,7 @@ def meta_of(site: str, agent: str, **privacy: object) -> dict[str, object]:
             "min_dwell_s": 120,
             "visit_gap_s": 600,
             "lateness_s": 10,
+            "presence_hold_s": 120,
         },
         privacy={
             "mode": "standard",
@@ -139,6 +142,7 @@ def meta_of(site: str, agent: str, **privacy: object) -> dict[str, object]:
             "suppress_below": 5,
             "dp_epsilon": None,
             "dp_epsilon_day": None,
+            "published": dict.fromkeys(STANDARD_PUBLISHES, True),
         }
         | privacy,
     )
