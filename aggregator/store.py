@@ -234,7 +234,7 @@ quarantine = sa.Table(
     sa.Column("digest", sa.String(64), nullable=False),
     sa.Column("message", sa.Text),
 )
-QUARANTINE_KEEP = 10_000  # rows; retention deletes older ones
+QUARANTINE_KEEP = 10_000  # rows: each quarantining deletes those before the newest 10,000
 
 # Accounts (aggregator.accounts): users and their roles, grants of sites, browser sessions and
 # API tokens (both hashed at rest), failed logins counted by account and by address.
@@ -884,10 +884,12 @@ class Store:
 
     # --- quarantine ------------------------------------------------------------------------
 
-    def quarantine(self, rows: Sequence[Mapping[str, Any]], now: int) -> None:
+    def quarantine(
+        self, rows: Sequence[Mapping[str, Any]], now: int, keep: int = QUARANTINE_KEEP
+    ) -> None:
         """Quarantine messages (rows of the ``quarantine`` table but ``id``) and count each
-        as a refusal of its reason, site and agent, in one transaction; the newest
-        :data:`QUARANTINE_KEEP` rows stay."""
+        as a refusal of its reason, site and agent, in one transaction; the newest ``keep``
+        rows stay."""
         tally: dict[tuple[str, str, str], int] = {}
         for row in rows:
             who = (row["reason"], row["site_id"], row["agent_id"])
@@ -895,7 +897,7 @@ class Store:
         newest = sa.select(sa.func.max(quarantine.c.id)).scalar_subquery()
         with self.begin() as conn:
             conn.execute(quarantine.insert(), list(rows))
-            conn.execute(sa.delete(quarantine).where(quarantine.c.id <= newest - QUARANTINE_KEEP))
+            conn.execute(sa.delete(quarantine).where(quarantine.c.id <= newest - keep))
             self._count_refusals(conn, tally, now)
 
     def quarantined(self) -> list[dict[str, Any]]:

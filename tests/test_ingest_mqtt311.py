@@ -29,7 +29,7 @@ import pytest
 import sqlalchemy as sa
 from paho.mqtt.enums import CallbackAPIVersion
 
-from aggregator.config import BrokerSettings, StoreSettings, load_config
+from aggregator.config import AggregatorConfig, BrokerSettings, StoreSettings, load_config
 from aggregator.demo import embedded_broker
 from aggregator.errors import ConfigError
 from aggregator.mqtt import Delivery, Session
@@ -146,15 +146,9 @@ def test_the_311_session_receives_acknowledges_and_resumes_its_session(
         publisher.close()
 
 
-def test_ingest_over_311_stores_acknowledges_and_loses_nothing_over_a_restart(
-    broker: Broker311, tmp_path: Path
-) -> None:
-    settings = StoreSettings(f"sqlite:///{tmp_path / 'aggregator.sqlite3'}")
-    agent = Agent(SITE, AGENT)
-    with Store.open(settings) as store:
-        store.add_site(SITE, "Shop", "Europe/Paris", NOW)
-        store.add_agent(SITE, AGENT, agent.public_key, NOW)
-    config = load_config(
+def _config(broker: Broker311, settings: StoreSettings, client_id: str) -> AggregatorConfig:
+    """Ingest over 3.1.1 (no share group) into ``settings``."""
+    return load_config(
         environ={},
         overrides={
             "store.dsn": settings.dsn,
@@ -167,10 +161,21 @@ def test_ingest_over_311_stores_acknowledges_and_loses_nothing_over_a_restart(
             "broker.backoff_max_s": 1,
             "broker.protocol": "3.1.1",
             "ingest.share_group": "",
-            "ingest.client_id": "ingest-311",
+            "ingest.client_id": client_id,
             "ingest.batch_wait_ms": 20,
         },
     )
+
+
+def test_ingest_over_311_stores_acknowledges_and_loses_nothing_over_a_restart(
+    broker: Broker311, tmp_path: Path
+) -> None:
+    settings = StoreSettings(f"sqlite:///{tmp_path / 'aggregator.sqlite3'}")
+    agent = Agent(SITE, AGENT)
+    with Store.open(settings) as store:
+        store.add_site(SITE, "Shop", "Europe/Paris", NOW)
+        store.add_agent(SITE, AGENT, agent.public_key, NOW)
+    config = _config(broker, settings, "ingest-311")
     bodies = [
         agent.counts(seq, f"2024-03-05T{8 + seq // 12:02d}:{seq % 12 * 5:02d}:00Z")
         for seq in range(1, 31)
@@ -206,22 +211,7 @@ def test_a_message_larger_than_ingest_takes_is_read_past_refused_and_acknowledge
     with Store.open(settings) as store:
         store.add_site(SITE, "Shop", "UTC", NOW)
         store.add_agent(SITE, AGENT, agent.public_key, NOW)
-    config = load_config(
-        environ={},
-        overrides={
-            "store.dsn": settings.dsn,
-            "store.retention_days": 0,
-            "broker.host": HOST,
-            "broker.port": broker.port,
-            "broker.username": broker.reader[0],
-            "broker.password": broker.reader[1],
-            "broker.keepalive_s": 5,
-            "broker.protocol": "3.1.1",
-            "ingest.share_group": "",
-            "ingest.client_id": "ingest-311-big",
-            "ingest.batch_wait_ms": 20,
-        },
-    )
+    config = _config(broker, settings, "ingest-311-big")
     big = tmp_path / "big"
     big.write_bytes(b"{" + b" " * (8 << 20) + b"}")
     user = ["-u", broker.agent[0]] + (["-P", broker.agent[1]] if broker.agent[1] else [])

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from aggregator.config import StoreSettings
 from aggregator.ingest import Ingest
-from aggregator.store import Store
+from aggregator.store import QUARANTINE_KEEP, Store
 from aggregator.verify import Accepted, Verifier
 from firmware_agent.messages import utc_text
 from tests.aggregator_harness import Agent, stored_seqs
@@ -216,3 +216,14 @@ def test_a_stop_ends_ingest_within_its_grace_while_the_database_is_gone(
     assert not thread.is_alive()
     assert took < 2
     assert ingest.stats.stored == 0
+
+
+def test_the_quarantine_keeps_its_newest_rows(store: Store) -> None:
+    row = {"received_at": NOW, "reason": "store_failed", "site_id": "s1", "agent_id": "a1",
+           "topic": "footfall/v1/s1/a1/counts", "error": "e", "size": 1, "digest": "0" * 64,
+           "message": None}  # fmt: skip
+    store.quarantine([row | {"size": i} for i in range(5)], NOW, keep=3)
+    store.quarantine([row | {"size": 5}], NOW, keep=3)
+    assert [kept["size"] for kept in store.quarantined()] == [3, 4, 5]
+    assert store.refusal_counts() == {("store_failed", "s1", "a1"): 6}
+    assert QUARANTINE_KEEP == 10_000  # what ingest keeps (docs/aggregator.md)
