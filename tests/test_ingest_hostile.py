@@ -21,7 +21,6 @@ import itertools
 import json
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -43,9 +42,8 @@ from firmware_agent.messages import (
 )
 from tests.agent_fleet import WINDOW
 from tests.aggregator_harness import Agent, drop_schema, meta_of, pg_dsn, stored_seqs
-from tests.conftest import REPO
-from tests.mqtt_broker import HOST, READER, Mosquitto, TestCertificates, wait_for
-from tests.test_aggregator_ingest import AgentAccount
+from tests.mqtt_broker import HOST, Mosquitto, TestCertificates, wait_for
+from tests.test_aggregator_ingest import AgentAccount, _config_file, _spawn
 
 NOW = int(time.time())
 DAY = NOW - NOW % 86400 - 86400  # yesterday, 00:00 UTC
@@ -375,20 +373,8 @@ def rig(
     assert store.prune(NOW, 90) == 1
     with store.begin() as conn:
         conn.exec_driver_sql("ALTER TABLE windows ADD CONSTRAINT no_666 CHECK (seq <> 666)")
-    config = root / "aggregator.toml"
-    config.write_text(
-        f'[store]\ndsn = "{settings.dsn}"\nschema = "{settings.schema}"\nretention_days = 0\n'
-        f'[broker]\nhost = "{HOST}"\nport = {broker.port}\nusername = "{READER[0]}"\n'
-        f'password = "{READER[1]}"\nkeepalive_s = 5\nbackoff_max_s = 1\n'
-        '[ingest]\nclient_id = "ingest-hostile"\nbatch_wait_ms = 10\nverify_threads = 1\n'
-    )
     log = root / "ingest.log"
-    with log.open("wb") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "aggregator.cli", "ingest", "--config", str(config)],
-            cwd=REPO,
-            stderr=err,
-        )
+    process = _spawn(_config_file(root / "aggregator.toml", broker, settings), "hostile", log)
     good = AgentAccount(broker, SITE, GOOD.agent, "pw")
     try:
         wait_for(lambda: "connected to broker" in log.read_text(), 20, "ingest to connect")

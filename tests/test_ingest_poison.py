@@ -16,15 +16,14 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+
+import pytest
 
 from aggregator.config import StoreSettings
 from aggregator.ingest import Ingest
@@ -32,9 +31,8 @@ from aggregator.store import QUARANTINE_KEEP, Store
 from aggregator.verify import Accepted, Verifier
 from firmware_agent.messages import utc_text
 from tests.aggregator_harness import Agent, stored_seqs
-from tests.conftest import REPO
-from tests.mqtt_broker import HOST, READER, Mosquitto, wait_for
-from tests.test_aggregator_ingest import AgentAccount, config_for, running
+from tests.mqtt_broker import Mosquitto, wait_for
+from tests.test_aggregator_ingest import AgentAccount, _config_file, _spawn, config_for, running
 
 NOW = int(time.time())
 RECENT = NOW - NOW % 300 - 3600  # an aligned window start an hour ago
@@ -139,29 +137,21 @@ def test_retention_deletes_by_window_time_so_a_current_window_is_never_refused(
 
 
 def test_ingest_exits_non_zero_when_its_database_is_gone_for_good(
-    start_broker: Callable[[Mapping[tuple[str, str], str]], Mosquitto], tmp_path: Path
+    start_broker: Callable[[Mapping[tuple[str, str], str]], Mosquitto],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     agent = Agent("s1", "a1")
     broker = start_broker({("s1", "a1"): "pw"})
     database = tmp_path / "aggregator.sqlite3"
-    with Store.open(StoreSettings(f"sqlite:///{database}")) as store:
+    settings = StoreSettings(f"sqlite:///{database}")
+    with Store.open(settings) as store:
         store.add_site("s1", "", "UTC", NOW)
         store.add_agent("s1", "a1", agent.public_key, NOW)
-    config = tmp_path / "aggregator.toml"
-    config.write_text(
-        f'[store]\ndsn = "sqlite:///{database}"\nretention_days = 0\n'
-        f'[broker]\nhost = "{HOST}"\nport = {broker.port}\nusername = "{READER[0]}"\n'
-        f'password = "{READER[1]}"\nkeepalive_s = 5\nbackoff_max_s = 1\n'
-        '[ingest]\nclient_id = "ingest-gone"\nbatch_wait_ms = 20\n'
-    )
+    monkeypatch.setenv("FOOTFALL_AGG_INGEST_DATABASE_RETRY_S", "2")
     log = tmp_path / "ingest.log"
-    with log.open("wb") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "aggregator.cli", "ingest", "--config", str(config)],
-            cwd=REPO,
-            stderr=err,
-            env=os.environ | {"FOOTFALL_AGG_INGEST_DATABASE_RETRY_S": "2"},
-        )
+    config = _config_file(tmp_path / "aggregator.toml", broker, settings)
+    process = _spawn(config, "ingest-gone", log)
     account = AgentAccount(broker, "s1", "a1", "pw")
     try:
         wait_for(lambda: "connected to broker" in log.read_text(), 20, "ingest to connect")
