@@ -708,6 +708,7 @@ class Store:
                 counts.append(message)
         tally: dict[tuple[str, str, str], int] = dict(refused or {})
         with self.begin() as conn:
+            counts = self._not_pruned(conn, counts, outcome)
             inserted = self._insert_windows(conn, counts)
             for message in counts:
                 if (message.agent.key, int(message.payload["seq"])) in inserted:
@@ -727,6 +728,33 @@ class Store:
             if tally:
                 self._count_refusals(conn, tally, now)
         return outcome
+
+    def _not_pruned(
+        self, conn: Connection, counts: list[Accepted], outcome: BatchOutcome
+    ) -> list[Accepted]:
+        """The windows that start at or after their agent's retention cutoff, as the database
+        has it now (the verifier's registry may be older than the last prune: a replay it let
+        through would be counted again); the others are skipped as ``expired``."""
+        keys = sorted({m.agent.key for m in counts})
+        if not keys:
+            return counts
+        cutoffs = {
+            int(key): int(cutoff)
+            for key, cutoff in conn.execute(
+                sa.select(agents.c.agent_key, agents.c.pruned_before).where(
+                    agents.c.agent_key.in_(keys), agents.c.pruned_before > 0
+                )
+            )
+        }
+        if not cutoffs:
+            return counts
+        kept = []
+        for message in counts:
+            if message.window_start < cutoffs.get(message.agent.key, 0):
+                outcome.skipped.append((message, "expired"))
+            else:
+                kept.append(message)
+        return kept
 
     def _insert_windows(self, conn: Connection, counts: Sequence[Accepted]) -> set[tuple[int, int]]:
         """Insert the windows not stored yet; the (agent_key, seq) of those inserted."""

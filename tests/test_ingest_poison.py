@@ -123,7 +123,10 @@ def test_retention_deletes_by_window_time_so_a_current_window_is_never_refused(
 
     # A window dated 1970 (an agent whose clock had not been set) with a large seq.
     store.store_batch([accept(1_000_000, 600, 900)], now=NOW)
+    late = accept(9, RECENT - 95 * 86400, NOW)  # verified before the prune, stored after it
     assert store.prune(NOW, 90) == 1
+    skipped = store.store_batch([late], now=NOW).skipped
+    assert [(m.payload["seq"], reason) for m, reason in skipped] == [(9, "expired")]
     current = accept(7, RECENT, NOW)  # a lower seq, never stored: not a replay
     assert [m.payload["seq"] for m in store.store_batch([current], now=NOW).stored] == [7]
     replay = verifier.check(
