@@ -43,6 +43,7 @@ from aggregator.store import Store
 
 __all__ = [
     "CSRF_COOKIE",
+    "ERROR_RESPONSES",
     "SESSION_COOKIE",
     "ApiError",
     "Services",
@@ -118,7 +119,7 @@ def current_user(
     if bearer is not None:
         user = found.accounts.token_user(bearer.credentials, now)
         if user is None:
-            raise ApiError(401, "the API token is unknown or revoked", "Authorization")
+            raise ApiError(401, "the API token is unknown, expired or revoked", "Authorization")
         return user
     if request.headers.get("authorization"):
         raise ApiError(401, "Authorization must be 'Bearer <API token>'", "Authorization")
@@ -285,7 +286,7 @@ class ErrorOut(BaseModel):
     error: ErrorDetail
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorOut, "description": description}
     for status, description in (
         (400, "the request body is not JSON"),
@@ -296,7 +297,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (422, "a parameter or body field is invalid (``field`` names it)"),
     )
 }
-api_router = APIRouter(prefix="/api/v1", responses=_ERRORS)
+api_router = APIRouter(prefix="/api/v1", responses=ERROR_RESPONSES)
 
 
 @api_router.get("/me", response_model=MeOut, summary="the user making the call")

@@ -27,7 +27,8 @@ from fastapi.templating import Jinja2Templates
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 
 from aggregator import __version__
-from aggregator.accounts import User
+from aggregator.accounts import TOKEN_DAYS, User
+from aggregator.admin import admin_router
 from aggregator.api import (
     CSRF_COOKIE,
     KEY_PATTERN,
@@ -71,6 +72,7 @@ def _utc(unix_s: int | None) -> str:
 
 templates.env.globals.update(shown=_shown, shown_value=shown_value)
 templates.env.filters["utc"] = _utc
+templates.env.globals["token_days"] = TOKEN_DAYS
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -144,7 +146,10 @@ def login(
         user = found.accounts.login(name, password, address, int(time.time()))
     except LoginRefusedError as exc:
         status = 429 if exc.limited else 401
-        return _render(request, "login.html", status, title="Sign in", error=str(exc), name=name)
+        page = _render(request, "login.html", status, title="Sign in", error=str(exc), name=name)
+        if exc.limited:
+            page.headers["Retry-After"] = str(exc.retry_after_s)
+        return page
     secret = found.accounts.open_session(user, int(time.time()), found.session_s)
     response = RedirectResponse("/", status_code=303)
     response.set_cookie(
@@ -231,8 +236,10 @@ def enrol_agent(
 @pages.get("/account")
 def account(request: Request) -> HTMLResponse:
     user = _page_user(request)
-    tokens = services(request).accounts.tokens(user)
-    return _render(request, "account.html", title="Account", user=user, tokens=tokens)
+    tokens = services(request).accounts.tokens(user.name)
+    return _render(
+        request, "account.html", title="Account", user=user, tokens=tokens, now=int(time.time())
+    )
 
 
 @pages.post("/account/tokens")
@@ -248,9 +255,15 @@ def add_token(
         secret = found.accounts.add_token(user, name, int(time.time()))
     except AccountError as exc:
         raise ApiError(422, str(exc), "name") from exc
-    tokens = found.accounts.tokens(user)
+    tokens = found.accounts.tokens(user.name)
     return _render(
-        request, "account.html", title="Account", user=user, tokens=tokens, new_token=secret
+        request,
+        "account.html",
+        title="Account",
+        user=user,
+        tokens=tokens,
+        new_token=secret,
+        now=int(time.time()),
     )
 
 
@@ -304,6 +317,7 @@ def create_app(
     )
     app.state.services = Services(store, session_s, secure_cookies)
     app.include_router(api_router)
+    app.include_router(admin_router)
     app.include_router(pages)
     app.mount("/static", StaticFiles(directory=WEB / "static"), name="static")
     app.add_middleware(_Headers)
