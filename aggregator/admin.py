@@ -10,6 +10,7 @@ admin gets 403 on every one of these, whatever the user, site or token named.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Annotated, Literal
 
@@ -68,11 +69,16 @@ def _token_out(row: TokenRow, now: int) -> TokenOut:
     return TokenOut(**asdict(row), state=row.state(now))
 
 
-def _account_error(exc: AccountError, field: str) -> ApiError:
-    """An account refused as the API answers: 404 for what does not exist, 409 otherwise."""
-    text = str(exc)
-    missing = "does not exist" in text or "has no grant" in text
-    return ApiError(404 if missing else 409, text, field)
+def _changed(change: Callable[[], UserRow]) -> UserOut:
+    """The user after a change; an account refused as the API answers: 404 for what does not
+    exist, 409 otherwise, naming the site or the user."""
+    try:
+        return _user_out(change())
+    except AccountError as exc:
+        text = str(exc)
+        missing = "does not exist" in text or "has no grant" in text
+        field = "site" if text.startswith("site") or "grant" in text else "name"
+        raise ApiError(404 if missing else 409, text, field) from exc
 
 
 @admin_router.get("/users", response_model=list[UserOut], summary="every user (admins)")
@@ -86,10 +92,7 @@ def get_users(request: Request, _admin: Admin) -> list[UserOut]:
     summary="disable a user: no login, sessions end, tokens revoked (admins)",
 )
 def disable_user(request: Request, _admin: Admin, name: UserName) -> UserOut:
-    try:
-        return _user_out(services(request).accounts.disable(name, int(time.time())))
-    except AccountError as exc:
-        raise _account_error(exc, "name") from exc
+    return _changed(lambda: services(request).accounts.disable(name, int(time.time())))
 
 
 @admin_router.post(
@@ -98,20 +101,14 @@ def disable_user(request: Request, _admin: Admin, name: UserName) -> UserOut:
     summary="let a disabled user log in again; old tokens stay revoked (admins)",
 )
 def enable_user(request: Request, _admin: Admin, name: UserName) -> UserOut:
-    try:
-        return _user_out(services(request).accounts.enable(name))
-    except AccountError as exc:
-        raise _account_error(exc, "name") from exc
+    return _changed(lambda: services(request).accounts.enable(name))
 
 
 @admin_router.put(
     "/users/{name}/grants/{site}", response_model=UserOut, summary="grant a site (admins)"
 )
 def put_grant(request: Request, _admin: Admin, name: UserName, site: SiteName) -> UserOut:
-    try:
-        return _user_out(services(request).accounts.grant(name, site))
-    except AccountError as exc:
-        raise _account_error(exc, "site" if "site" in str(exc) else "name") from exc
+    return _changed(lambda: services(request).accounts.grant(name, site))
 
 
 @admin_router.delete(
@@ -120,10 +117,7 @@ def put_grant(request: Request, _admin: Admin, name: UserName, site: SiteName) -
     summary="remove a site from a user, from their next request on (admins)",
 )
 def delete_grant(request: Request, _admin: Admin, name: UserName, site: SiteName) -> UserOut:
-    try:
-        return _user_out(services(request).accounts.revoke_grant(name, site))
-    except AccountError as exc:
-        raise _account_error(exc, "site" if "grant" in str(exc) else "name") from exc
+    return _changed(lambda: services(request).accounts.revoke_grant(name, site))
 
 
 @admin_router.get("/tokens", response_model=list[TokenOut], summary="API tokens (admins)")
@@ -136,7 +130,7 @@ def get_tokens(
     try:
         rows = services(request).accounts.tokens(user)
     except AccountError as exc:
-        raise _account_error(exc, "user") from exc
+        raise ApiError(404, str(exc), "user") from exc
     return [_token_out(row, now) for row in rows]
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 from aggregator import __version__
-from aggregator.accounts import TOKEN_DAYS, Accounts, UserRow
+from aggregator.accounts import MAX_TOKEN_DAYS, TOKEN_DAYS, Accounts, UserRow
 from aggregator.config import AggregatorConfig, load_config
 from aggregator.errors import AccountError, AggregatorError
 from aggregator.store import Store
@@ -390,6 +390,18 @@ def _command(
     return parser
 
 
+def _user_command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    help_text: str,
+) -> argparse.ArgumentParser:
+    """A ``users`` action on one user, named first."""
+    parser = _command(sub, name, func, help_text)
+    parser.add_argument("name", metavar="NAME")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="footfall-aggregator",
@@ -518,66 +530,59 @@ def build_parser() -> argparse.ArgumentParser:
         "tokens, revoke-token",
     )
     users_sub = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
-    p = _command(
+    p = _user_command(
         users_sub,
         "add",
         cmd_users_add,
         "add a user (the first admin too); the password is asked for, never defaulted",
     )
-    p.add_argument("name", metavar="NAME")
     p.add_argument("--role", required=True, choices=("merchant", "installer", "admin"))
     p.add_argument("--site", action="append", help="grant this site (repeatable)")
     p.add_argument(
         "--password-stdin", action="store_true", help="read the password from stdin's first line"
     )
-    p = _command(users_sub, "grant", cmd_users_grant, "let a user see a site")
-    p.add_argument("name", metavar="NAME")
+    p = _user_command(users_sub, "grant", cmd_users_grant, "let a user see a site")
     p.add_argument("site", metavar="SITE")
-    p = _command(
+    p = _user_command(
         users_sub,
         "revoke-grant",
         cmd_users_revoke_grant,
         "stop a user seeing a site (from their next request on)",
     )
-    p.add_argument("name", metavar="NAME")
     p.add_argument("site", metavar="SITE")
-    p = _command(
+    _user_command(
         users_sub,
         "disable",
         cmd_users_disable,
         "disable a user: no login; their sessions end and their API tokens are revoked",
     )
-    p.add_argument("name", metavar="NAME")
-    p = _command(
+    _user_command(
         users_sub,
         "enable",
         cmd_users_enable,
         "let a disabled user log in again (their old API tokens stay revoked)",
     )
-    p.add_argument("name", metavar="NAME")
-    p = _command(
+    p = _user_command(
         users_sub,
         "password",
         cmd_users_password,
         "set a user's password (ends their sessions and revokes their API tokens)",
     )
-    p.add_argument("name", metavar="NAME")
     p.add_argument(
         "--password-stdin", action="store_true", help="read the password from stdin's first line"
     )
     p = _command(users_sub, "list", cmd_users_list, "list the users, their roles, state and sites")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p = _command(
+    p = _user_command(
         users_sub, "token", cmd_users_token, "make an API token for a user (printed this once)"
     )
-    p.add_argument("name", metavar="NAME")
     p.add_argument("token_name", metavar="TOKEN_NAME", help="what the token is for")
     p.add_argument(
         "--expires",
         type=int,
         default=TOKEN_DAYS,
         metavar="DAYS",
-        help=f"days until the token expires (default {TOKEN_DAYS}, at most 3660)",
+        help=f"days until the token expires (default {TOKEN_DAYS}, at most {MAX_TOKEN_DAYS})",
     )
     p = _command(
         users_sub,

@@ -34,16 +34,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the tests' free port and schema drop
+sys.path.insert(0, str(REPO))  # the tests' server and schema drop
 
 import httpx  # noqa: E402
 
 from aggregator.accounts import Accounts  # noqa: E402
-from aggregator.config import load_config  # noqa: E402
-from aggregator.serve import serve  # noqa: E402
+from aggregator.config import StoreSettings  # noqa: E402
 from aggregator.store import Store  # noqa: E402
 from tests.aggregator_harness import drop_schema  # noqa: E402
-from tests.web_harness import PASSWORD, free_port  # noqa: E402
+from tests.web_harness import PASSWORD, serve_command  # noqa: E402
 
 WRONG = "not the password"
 
@@ -51,30 +50,11 @@ WRONG = "not the password"
 @contextlib.contextmanager
 def serving(dsn: str, schema: str, **overrides: str) -> Iterator[str]:
     """A fresh store with the merchant 'owner', served; its URL."""
-    port = free_port()
-    config = load_config(
-        environ={},
-        overrides={
-            "store.dsn": dsn,
-            "store.schema": schema,
-            "serve.port": str(port),
-            "serve.ingest": "off",
-        }
-        | overrides,
-    )
-    ready, stop = threading.Event(), threading.Event()
-    with Store.open(config.store) as store:
+    settings = StoreSettings(dsn, schema)
+    with Store.open(settings) as store:
         Accounts(store).add_user("owner", "merchant", PASSWORD, int(time.time()))
-        thread = threading.Thread(
-            target=serve, args=(config, store), kwargs={"ready": ready, "stop": stop}
-        )
-        thread.start()
-        try:
-            assert ready.wait(30), "the server did not start"
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            stop.set()
-            thread.join(30)
+    with serve_command(settings, **overrides) as url:
+        yield url
 
 
 def login(url: str, name: str, password: str = WRONG, forwarded_for: str = "") -> int:
