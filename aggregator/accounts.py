@@ -27,7 +27,9 @@ in 60 s"; ``tests/test_accounts.py``). Attempts are counted per name *and* clien
 their own; and per address over every name (:data:`FREE_ADDRESS_ATTEMPTS` free, the same
 backoff), against one address trying many names. A successful login clears its name's count
 at that address and gives back its attempt to the address's. A counter is forgotten after
-:data:`FORGET_S` without attempts. The address is the TCP peer's, or the one a proxy listed
+:data:`FORGET_S` without attempts (deleted in a transaction of its own that skips locked rows).
+A try the limiter refuses is a read only (no write lock, no fsync): a flood of them costs the
+database little. The address is the TCP peer's, or the one a proxy listed
 in ``serve.forwarded_allow_ips`` forwards (default: no proxy is believed).
 """
 
@@ -333,6 +335,7 @@ class Accounts:
         if not wait:
             with self.store.begin() as conn:
                 wait = self._count_attempt(conn, keys, now)
+            self._forget(now)
         if wait:
             raise LoginRefusedError(
                 f"too many failed logins for this name from this address: try again in {wait} s",
@@ -371,11 +374,14 @@ class Accounts:
     def _count_attempt(self, conn: Connection, keys: dict[str, int], now: int) -> int:
         """Count an attempt on every counter, if each (read again under its row lock) lets it
         be checked now: 0; else the seconds to wait (and nothing is counted)."""
-        conn.execute(login_attempts.delete().where(login_attempts.c.last_at < now - FORGET_S))
         counted: dict[str, int] = {}
         wait = 0
         for key in keys:
-            attempts, next_at, _ = conn.execute(self._lock_counter, {"key": key, "now": now}).one()
+            attempts, next_at, last_at = conn.execute(
+                self._lock_counter, {"key": key, "now": now}
+            ).one()
+            if last_at < now - FORGET_S:
+                attempts, next_at = 0, 0
             wait = max(wait, next_at - now)
             counted[key] = attempts + 1
         if wait > 0:
@@ -390,12 +396,21 @@ class Accounts:
             )
         return 0
 
+    def _forget(self, now: int) -> None:
+        """Delete the counters without attempts for :data:`FORGET_S`, in a transaction of its
+        own that skips rows others hold (PostgreSQL), so it never waits for nor blocks an
+        attempt's locks in an order that could deadlock."""
+        a = login_attempts.c
+        old = sa.select(a.key).where(a.last_at < now - FORGET_S).with_for_update(skip_locked=True)
+        with self.store.begin() as conn:
+            conn.execute(login_attempts.delete().where(a.key.in_(old)))
+
     def _forgive(self, conn: Connection, keys: dict[str, int], now: int) -> None:
         """A successful login: its name's counter at this address goes; the address's gives
         the attempt back."""
         for key, free in keys.items():
             attempts, _, last_at = conn.execute(self._lock_counter, {"key": key, "now": now}).one()
-            if free == FREE_ATTEMPTS or attempts <= 1:
+            if key.startswith("name:") or attempts <= 1:
                 conn.execute(login_attempts.delete().where(login_attempts.c.key == key))
                 continue
             conn.execute(

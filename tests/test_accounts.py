@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from aggregator.accounts import (
     BACKOFF_MAX_S,
@@ -32,7 +33,7 @@ from aggregator.accounts import (
 from aggregator.cli import main
 from aggregator.config import StoreSettings, load_config
 from aggregator.errors import AccountError, ConfigError, LoginRefusedError
-from aggregator.store import Store
+from aggregator.store import Store, login_attempts
 from tests.web_harness import PASSWORD, Served, serve_command
 
 NOW = 1_790_000_000
@@ -180,6 +181,11 @@ def test_one_address_trying_many_names_is_slowed_too(store: Store) -> None:
     assert waits == [0] * FREE_ADDRESS_ATTEMPTS
     assert _checked(accounts, "hana", WRONG, sprayer, NOW) == BACKOFF_S
     assert accounts.login("hana", PASSWORD, "192.0.2.51", NOW).name == "hana"
+    # A day later the sprayer's counters are gone from the table, not merely ignored.
+    assert _checked(accounts, "hana", WRONG, "192.0.2.52", NOW + FORGET_S + 1) == 0
+    with store.begin() as conn:
+        kept = set(conn.execute(sa.select(login_attempts.c.key)).scalars())
+    assert kept == {"addr:192.0.2.52", "name:hana@192.0.2.52"}
 
 
 def _login(url: str, name: str, password: str, forwarded_for: str | None = None) -> int:
