@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, Field
 
 from aggregator.accounts import TokenRow, User, UserRow
-from aggregator.api import ERROR_RESPONSES, SITE_PATTERN, ApiError, CurrentUser, services
+from aggregator.api import SITE_PATTERN, ApiError, CurrentUser, api_router, services
 from aggregator.errors import AccountError
 
 __all__ = ["admin_router"]
@@ -58,7 +58,7 @@ UserName = Annotated[str, Path(min_length=1, max_length=100, description="user n
 SiteName = Annotated[str, Path(pattern=SITE_PATTERN, description="site id")]
 TokenId = Annotated[int, Path(ge=1, le=2**31 - 1, description="token id (tokens lists them)")]
 
-admin_router = APIRouter(prefix="/api/v1", tags=["admin"], responses=ERROR_RESPONSES)
+admin_router = APIRouter(prefix="/api/v1", tags=["admin"], responses=api_router.responses)
 
 
 def _user_out(row: UserRow) -> UserOut:

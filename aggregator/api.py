@@ -43,7 +43,6 @@ from aggregator.store import Store
 
 __all__ = [
     "CSRF_COOKIE",
-    "ERROR_RESPONSES",
     "SESSION_COOKIE",
     "ApiError",
     "Services",
@@ -286,7 +285,7 @@ class ErrorOut(BaseModel):
     error: ErrorDetail
 
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorOut, "description": description}
     for status, description in (
         (400, "the request body is not JSON"),
@@ -297,7 +296,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (422, "a parameter or body field is invalid (``field`` names it)"),
     )
 }
-api_router = APIRouter(prefix="/api/v1", responses=ERROR_RESPONSES)
+api_router = APIRouter(prefix="/api/v1", responses=_ERRORS)
 
 
 @api_router.get("/me", response_model=MeOut, summary="the user making the call")

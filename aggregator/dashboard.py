@@ -72,7 +72,6 @@ def _utc(unix_s: int | None) -> str:
 
 templates.env.globals.update(shown=_shown, shown_value=shown_value)
 templates.env.filters["utc"] = _utc
-templates.env.globals["token_days"] = TOKEN_DAYS
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -233,13 +232,24 @@ def enrol_agent(
     return RedirectResponse(f"/sites/{site.id}", status_code=303)
 
 
-@pages.get("/account")
-def account(request: Request) -> HTMLResponse:
-    user = _page_user(request)
+def _account_page(request: Request, user: User, **extra: Any) -> HTMLResponse:
+    """The account page: the user's API tokens, each with its state, and the form for one."""
     tokens = services(request).accounts.tokens(user.name)
     return _render(
-        request, "account.html", title="Account", user=user, tokens=tokens, now=int(time.time())
+        request,
+        "account.html",
+        title="Account",
+        user=user,
+        tokens=tokens,
+        now=int(time.time()),
+        token_days=TOKEN_DAYS,
+        **extra,
     )
+
+
+@pages.get("/account")
+def account(request: Request) -> HTMLResponse:
+    return _account_page(request, _page_user(request))
 
 
 @pages.post("/account/tokens")
@@ -250,21 +260,11 @@ def add_token(
 ) -> HTMLResponse:
     _check_csrf(request, csrf)
     user = _page_user(request)
-    found = services(request)
     try:
-        secret = found.accounts.add_token(user, name, int(time.time()))
+        secret = services(request).accounts.add_token(user, name, int(time.time()))
     except AccountError as exc:
         raise ApiError(422, str(exc), "name") from exc
-    tokens = found.accounts.tokens(user.name)
-    return _render(
-        request,
-        "account.html",
-        title="Account",
-        user=user,
-        tokens=tokens,
-        new_token=secret,
-        now=int(time.time()),
-    )
+    return _account_page(request, user, new_token=secret)
 
 
 @pages.post("/account/tokens/{token_id}/revoke")
