@@ -338,7 +338,7 @@ class Accounts:
             self._forget(now)
         if wait:
             raise LoginRefusedError(
-                f"too many failed logins for this name from this address: try again in {wait} s",
+                f"too many failed logins from this address: try again in {wait} s",
                 retry_after_s=wait,
             )
         with self.store.begin(read_only=True) as conn:
