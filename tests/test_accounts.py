@@ -6,7 +6,8 @@ tokens; a removed grant hides the site at once; tokens expire; attempts are coun
 and address with a doubling wait. Through the real server (``footfall-aggregator serve``'s
 uvicorn): simultaneous wrong passwords are checked at most the limit; ``X-Forwarded-For`` is
 believed only from configured proxies. Through the API: an admin does all of it, typed and
-CSRF-checked. Through the command line: the same, by name and token id.
+CSRF-checked; the account page shows each token's expiry. Through the command line: the same,
+by name and token id.
 """
 
 from __future__ import annotations
@@ -362,3 +363,22 @@ def test_the_users_commands_take_access_back(
     status, _, err = run("users", "disable", "boss")
     assert status == 1 and "boss is the last enabled admin" in err
     assert len(err.splitlines()) == 1
+
+
+def test_the_account_page_shows_each_tokens_expiry_and_state(served: Served) -> None:
+    accounts = Accounts(served.store)
+    name = f"lu-{time.time_ns()}"
+    accounts.add_user(name, "merchant", PASSWORD, NOW)
+    accounts.add_token(accounts.user(name), "old one", NOW - 100 * 86400)
+    with httpx.Client(base_url=served.url, cookies={"footfall_csrf": "c"}) as page:
+        signed = page.post("/login", data={"name": name, "password": PASSWORD, "csrf": "c"})
+        assert signed.status_code == 303
+        made = page.post("/account/tokens", data={"name": "new one", "csrf": "c"})
+        assert made.status_code == 200 and "it expires after 90 days" in made.text
+        rows = {
+            row.split("</td>")[0]: row for row in page.get("/account").text.split("<tr><td>")[1:]
+        }
+    assert "expired" in rows["old one"] and "Revoke" not in rows["old one"]
+    assert "Revoke" in rows["new one"]
+    expires = time.strftime("%Y-%m-%d", time.gmtime(time.time() + TOKEN_DAYS * 86400))
+    assert expires in rows["new one"]
