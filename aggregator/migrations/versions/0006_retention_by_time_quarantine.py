@@ -12,7 +12,7 @@ alone (aggregator.ingest), with the reason, an error in words, and the message's
 size; its text only when it verified (signed by its enrolled agent, valid against its schema).
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0008
 Create Date: 2026-12-05
 """
 
@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0006"
-down_revision = "0004"
+down_revision = "0008"  # the newest on this branch when it merged main (0008 revises 0004)
 branch_labels = None
 depends_on = None
 
