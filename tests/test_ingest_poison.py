@@ -139,18 +139,30 @@ def test_retention_deletes_by_window_time_so_a_current_window_is_never_refused(
     assert not isinstance(old, Accepted) and old.reason == "expired"
 
 
+def _one_agent(
+    start_broker: Callable[[Mapping[tuple[str, str], str]], Mosquitto], tmp_path: Path
+) -> tuple[Agent, Mosquitto, StoreSettings]:
+    """Agent s1/a1 (broker password "pw"), enrolled in a SQLite store."""
+    agent = Agent("s1", "a1")
+    settings = StoreSettings(f"sqlite:///{tmp_path / 'aggregator.sqlite3'}")
+    with Store.open(settings) as store:
+        store.add_site("s1", "", "UTC", NOW)
+        store.add_agent("s1", "a1", agent.public_key, NOW)
+    return agent, start_broker({("s1", "a1"): "pw"}), settings
+
+
+def _drop_windows(settings: StoreSettings) -> None:
+    with sqlite3.connect(settings.dsn.removeprefix("sqlite:///")) as db:
+        db.execute("PRAGMA foreign_keys = OFF")
+        db.execute("DROP TABLE windows")
+
+
 def test_ingest_exits_non_zero_when_its_database_is_gone_for_good(
     start_broker: Callable[[Mapping[tuple[str, str], str]], Mosquitto],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    agent = Agent("s1", "a1")
-    broker = start_broker({("s1", "a1"): "pw"})
-    database = tmp_path / "aggregator.sqlite3"
-    settings = StoreSettings(f"sqlite:///{database}")
-    with Store.open(settings) as store:
-        store.add_site("s1", "", "UTC", NOW)
-        store.add_agent("s1", "a1", agent.public_key, NOW)
+    agent, broker, settings = _one_agent(start_broker, tmp_path)
     monkeypatch.setenv("FOOTFALL_AGG_INGEST_DATABASE_RETRY_S", "2")
     log = tmp_path / "ingest.log"
     config = _config_file(tmp_path / "aggregator.toml", broker, settings)
@@ -158,9 +170,7 @@ def test_ingest_exits_non_zero_when_its_database_is_gone_for_good(
     account = AgentAccount(broker, "s1", "a1", "pw")
     try:
         wait_for(lambda: "connected to broker" in log.read_text(), 20, "ingest to connect")
-        with sqlite3.connect(database) as db:  # the database loses its tables for good
-            db.execute("PRAGMA foreign_keys = OFF")
-            db.execute("DROP TABLE windows")
+        _drop_windows(settings)  # the database loses a table for good
         account.publish("counts", agent.counts(1, utc_text(RECENT)))
         started = time.monotonic()
         status = process.wait(30)
@@ -181,22 +191,15 @@ def test_ingest_exits_non_zero_when_its_database_is_gone_for_good(
 def test_a_stop_ends_ingest_within_its_grace_while_the_database_is_gone(
     start_broker: Callable[[Mapping[tuple[str, str], str]], Mosquitto], tmp_path: Path
 ) -> None:
-    agent = Agent("s1", "a1")
-    broker = start_broker({("s1", "a1"): "pw"})
-    database = tmp_path / "aggregator.sqlite3"
-    settings = StoreSettings(f"sqlite:///{database}")
+    agent, broker, settings = _one_agent(start_broker, tmp_path)
     with Store.open(settings) as store:
-        store.add_site("s1", "", "UTC", NOW)
-        store.add_agent("s1", "a1", agent.public_key, NOW)
         ingest = Ingest(config_for(broker, settings), store)
         thread = threading.Thread(target=ingest.run, daemon=True)
         thread.start()
         account = AgentAccount(broker, "s1", "a1", "pw")
         try:
             wait_for(ingest.connected.is_set, 10, "ingest to connect")
-            with sqlite3.connect(database) as db:
-                db.execute("PRAGMA foreign_keys = OFF")
-                db.execute("DROP TABLE windows")
+            _drop_windows(settings)
             account.publish("counts", agent.counts(1, utc_text(RECENT)))
             wait_for(lambda: ingest.stats.accepted == 1, 5, "the window verified")
             time.sleep(1.0)  # the store stage retries the database meanwhile
