@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from aggregator.cli import main
 from aggregator.config import StoreSettings
 from aggregator.ingest import Ingest
 from aggregator.store import QUARANTINE_KEEP, Store
@@ -59,6 +60,7 @@ def _refuse_seq_666(store: Store) -> None:
 def test_no_poisonous_message_stops_ingest_for_the_others(
     store_settings: StoreSettings,
     start_broker: Callable[[Mapping[tuple[str, str], str]], Mosquitto],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     utc, york, other = Agent("utc", "a1"), Agent("ny", "b1"), Agent("utc", "a2")
     broker = start_broker({("utc", "a1"): "p1", ("ny", "b1"): "p2", ("utc", "a2"): "p3"})
@@ -104,6 +106,11 @@ def test_no_poisonous_message_stops_ingest_for_the_others(
         assert (quarantined["reason"], quarantined["agent_id"]) == ("store_failed", "a2")
         assert "seq 666 refused" in quarantined["error"] or "no_666" in quarantined["error"]
         assert json.loads(quarantined["message"])["payload"]["seq"] == 666
+    where = [f"store.dsn={store_settings.dsn}", f"store.schema={store_settings.schema}"]
+    assert main(["quarantine", "--set", where[0], "--set", where[1]]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:5] == ["RECEIVED", "REASON", "SITE", "AGENT", "BYTES"]
+    assert table[1].split()[1:4] == ["store_failed", "utc", "a2"]
 
 
 def test_retention_deletes_by_window_time_so_a_current_window_is_never_refused(
