@@ -10,6 +10,7 @@ the setting, the bad value and where it came from.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -146,7 +147,28 @@ SETTINGS: tuple[_Setting, ...] = (
     Setting(
         "ingest.max_message_bytes",
         65536,
-        "Messages larger than this (bytes) are refused unread (a counts message is ~600).",
+        "Messages larger than this (bytes) are refused unread (a counts message is ~600); "
+        "announced to the broker, with 1024 bytes for the topic, as the MQTT 5 Maximum Packet "
+        "Size, so it drops larger ones.",
+    ),
+    Setting(
+        "ingest.max_window_age_days",
+        3650,
+        "Counts windows that start more than this many days before they arrive are refused "
+        "(window_range): an agent's spool and a replayed capture are younger.",
+    ),
+    Setting(
+        "ingest.max_window_lead_s",
+        3600,
+        "Counts windows that start more than this many seconds after they arrive are refused "
+        "(window_range): a closed window never starts in the future; this allows clock skew.",
+    ),
+    Setting(
+        "ingest.database_retry_s",
+        600,
+        "How long (s) ingest retries a database that cannot be reached before it exits non-zero "
+        "for its supervisor to start it again (the broker keeps what it has not stored); 0: "
+        "retry for ever.",
     ),
     Setting(
         "ingest.log_interval_s",
@@ -189,8 +211,11 @@ SETTINGS: tuple[_Setting, ...] = (
     ),
     Setting(
         "serve.forwarded_allow_ips",
-        "127.0.0.1",
-        "Proxies whose X-Forwarded-For/-Proto headers are believed (comma-separated, '*': any).",
+        "",
+        "Reverse proxies whose X-Forwarded-For/-Proto headers are believed: comma-separated "
+        "addresses or networks (e.g. '127.0.0.1,10.0.0.0/8'). Empty (the default): none, the "
+        "client is the TCP peer. The login limiter counts by this client address, so a proxy "
+        "listed here must set X-Forwarded-For itself.",
     ),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -346,6 +371,9 @@ class IngestSettings:
     batch_wait_ms: int = 50
     verify_threads: int = 2
     max_message_bytes: int = 65536
+    max_window_age_days: int = 3650
+    max_window_lead_s: int = 3600
+    database_retry_s: int = 600
     log_interval_s: int = 60
     prune_interval_s: int = 3600
     receipt_key_file: str = "receipt.key"
@@ -404,6 +432,23 @@ class IngestSettings:
         )
         _check(
             problems,
+            1 <= self.max_window_age_days <= 36500,
+            "ingest.max_window_age_days must be between 1 and 36500, got "
+            f"{self.max_window_age_days}",
+        )
+        _check(
+            problems,
+            0 <= self.max_window_lead_s <= 86400 * 366,
+            "ingest.max_window_lead_s must be between 0 and 31622400, got "
+            f"{self.max_window_lead_s}",
+        )
+        _check(
+            problems,
+            0 <= self.database_retry_s <= 86400 * 7,
+            f"ingest.database_retry_s must be between 0 and 604800, got {self.database_retry_s}",
+        )
+        _check(
+            problems,
             1 <= self.log_interval_s <= 86400,
             f"ingest.log_interval_s must be between 1 and 86400, got {self.log_interval_s}",
         )
@@ -425,7 +470,12 @@ class ServeSettings:
     ingest: str = "on"
     session_hours: int = 12
     secure_cookies: str = "auto"
-    forwarded_allow_ips: str = "127.0.0.1"
+    forwarded_allow_ips: str = ""
+
+    @property
+    def trusted_proxies(self) -> list[str]:
+        """The proxies whose forwarded headers are believed (none by default)."""
+        return [p.strip() for p in self.forwarded_allow_ips.split(",") if p.strip()]
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -446,6 +496,14 @@ class ServeSettings:
             self.secure_cookies in ("auto", "on", "off"),
             f"serve.secure_cookies must be 'auto', 'on' or 'off', got {self.secure_cookies!r}",
         )
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy)
+            except ValueError:
+                problems.append(
+                    "serve.forwarded_allow_ips must be comma-separated addresses or networks "
+                    f"(e.g. 127.0.0.1,10.0.0.0/8), got {proxy!r}"
+                )
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -547,6 +605,9 @@ def load_config(
             batch_wait_ms=number("ingest.batch_wait_ms"),
             verify_threads=number("ingest.verify_threads"),
             max_message_bytes=number("ingest.max_message_bytes"),
+            max_window_age_days=number("ingest.max_window_age_days"),
+            max_window_lead_s=number("ingest.max_window_lead_s"),
+            database_retry_s=number("ingest.database_retry_s"),
             log_interval_s=number("ingest.log_interval_s"),
             prune_interval_s=number("ingest.prune_interval_s"),
             receipt_key_file=text("ingest.receipt_key_file") or str(data_dir / "receipt.key"),

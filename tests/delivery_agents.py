@@ -20,24 +20,14 @@ from pathlib import Path
 
 import nacl.signing
 
-from firmware_agent.messages import AgentId, SiteId, counts_payload, meta_payload
+from firmware_agent.messages import AgentId, SiteId, counts_payload
 from firmware_agent.publish import BrokerSettings, Publisher
 from firmware_agent.spool import Spool, SpoolSettings
 from tests.agent_fleet import SimAgent, fast_seal, make_agents, window
+from tests.aggregator_harness import meta_of
 from tests.mqtt_broker import HOST
 
 WINDOW_S = 300
-THRESHOLDS = {"rssi_threshold_dbm": -75, "min_dwell_s": 120, "visit_gap_s": 600, "lateness_s": 10}
-PRIVACY = {
-    "mode": "standard",
-    "device_hash": "siphash-2-4",
-    "key_bits": 128,
-    "key_lifetime_s": 90000,
-    "id_bits": None,
-    "suppress_below": 5,
-    "dp_epsilon": None,
-    "dp_epsilon_day": None,
-}
 RECEIPT_TIMEOUT_S = 1  # the agents re-send what no receipt covers after this long
 
 
@@ -88,20 +78,6 @@ def _sealed(agent: SimAgent, body: dict[str, object], seq: int) -> bytes:
 
 def _utc(unix_s: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix_s))
-
-
-def meta_of(site: str, agent: str) -> dict[str, object]:
-    """A meta payload like an agent's (what the publisher sends on connecting)."""
-    return meta_payload(
-        SiteId(site),
-        AgentId(agent),
-        agent_version="0.1.0",
-        window_s=WINDOW_S,
-        epoch_length="midnight",
-        epoch_timezone="UTC",
-        thresholds=THRESHOLDS,
-        privacy=PRIVACY,
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -36,7 +36,7 @@ from firmware_agent.signing import load_signing_key
 from firmware_agent.spool import Spool, SpoolSettings
 from tests.agent_fleet import START, window
 from tests.agent_harness import counts_of, prepare_agent, unique_id
-from tests.delivery_agents import meta_of
+from tests.aggregator_harness import meta_of
 from tests.mqtt_broker import (
     HOST,
     READER,
@@ -282,7 +282,7 @@ def _counts(seq: int) -> dict[str, object]:
         **dict.fromkeys(("visitors", "passersby", "visits_ended", "devices_epoch"), 0),
         "dwell_minutes": dict.fromkeys(("lt5", "5-15", "15-30", "30-60", "ge60"), 0),
     }
-    return counts_payload(SiteId("s1"), AgentId("a2"), seq, "0" * 16, window)
+    return counts_payload(SiteId("s1"), AgentId("a2"), seq, "0" * 16, window, version=1)
 
 
 def _meta() -> dict[str, object]:

@@ -23,9 +23,10 @@ import pytest
 import uvicorn
 
 from aggregator.accounts import Accounts
-from aggregator.config import StoreSettings
+from aggregator.config import StoreSettings, load_config
 from aggregator.dashboard import create_app
 from aggregator.rollup import zone
+from aggregator.serve import serve
 from aggregator.store import Store
 from aggregator.verify import Accepted, Verifier
 from firmware_agent.messages import AgentId, SiteId, counts_payload, utc_text
@@ -71,13 +72,13 @@ def _messages(store: Store, agent: Agent, tz: str, first: date, last: date) -> l
             "devices": (visitors or 0) + passersby + 5,
             "devices_randomised": 3,
             "visitors": visitors,
-            "passersby": passersby,
+            "passersby": passersby if visitors is None else passersby + 5,
             "visits_ended": 4,
             "dwell_minutes": {"lt5": 1, "5-15": 1, "15-30": None, "30-60": 1, "ge60": 0},
             "devices_epoch": 100 + seq % 288,
         }
         payload = counts_payload(
-            SiteId(agent.site), AgentId(agent.agent), seq, "9f3c1a7e52b04d68", window
+            SiteId(agent.site), AgentId(agent.agent), seq, "9f3c1a7e52b04d68", window, version=1
         )
         result = verifier.check(agent.topic, fast_seal(payload, agent.key), registry, at + 310)
         assert isinstance(result, Accepted), result
@@ -133,6 +134,35 @@ def serve_app(store: Store) -> Iterator[str]:
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(10)
+
+
+@contextlib.contextmanager
+def serve_command(settings: StoreSettings, **overrides: str) -> Iterator[str]:
+    """What ``footfall-aggregator serve`` runs (API and dashboard, ingest off, the settings'
+    defaults but ``overrides``), on the store of ``settings``; its base URL."""
+    port = free_port()
+    config = load_config(
+        environ={},
+        overrides={
+            "store.dsn": settings.dsn,
+            "store.schema": settings.schema,
+            "serve.port": str(port),
+            "serve.ingest": "off",
+        }
+        | overrides,
+    )
+    ready, stop = threading.Event(), threading.Event()
+    with Store.open(config.store) as store:
+        thread = threading.Thread(
+            target=serve, args=(config, store), kwargs={"ready": ready, "stop": stop}
+        )
+        thread.start()
+        try:
+            assert ready.wait(30), "the server did not start"
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            stop.set()
+            thread.join(30)
 
 
 @contextlib.contextmanager
