@@ -363,6 +363,7 @@ class AgentConfig:
     estimate: EstimateSettings = field(default_factory=EstimateSettings)
     calibration: Calibration | None = None
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    file: Path | None = None  # the TOML file read, if any
 
     def show(self) -> list[tuple[str, str, str]]:
         """(name, value, source) rows, secrets masked."""
@@ -446,6 +447,7 @@ def load_config(
         estimate=EstimateSettings.from_settings(values, count.window_s, count.lateness_s),
         calibration=Calibration.from_settings(values),
         privacy=privacy,
+        file=path,
     )
 
 
