@@ -21,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 from aggregator import __version__
-from aggregator.config import AggregatorConfig, load_config
+from aggregator.config import SETTINGS, AggregatorConfig, load_config
 from aggregator.errors import AccountError, AggregatorError, StoreError
 from aggregator.store import AgentHealth, Store, engine_url
 from firmware_agent.checks import exit_status, print_table
@@ -337,8 +337,10 @@ def cmd_receipt_key(args: argparse.Namespace) -> int:
 def cmd_config_show(args: argparse.Namespace) -> int:
     rows = _config(args).show()
     width = max(len(name) for name, _, _ in rows)
-    for name, value, source in rows:
+    for (name, value, source), setting in zip(rows, SETTINGS, strict=True):
         print(f"{name:<{width}}  {value:<12}  ({source})")
+        if args.help_text:
+            print(f"    {setting.help}")
     return 0
 
 
@@ -548,7 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    _command(config_sub, "show", cmd_config_show, "print the effective settings, secrets masked")
+    _command(
+        config_sub, "show", cmd_config_show, "print the effective settings, secrets masked"
+    ).add_argument("--help-text", action="store_true", help="each setting's help under it")
     return parser
 
 
