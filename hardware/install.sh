@@ -2,7 +2,7 @@
 # Install the footfall agent on a Raspberry Pi access point (64-bit Raspberry Pi OS or Debian 12).
 #
 #   sudo hardware/install.sh --radio wlan1 --site my-shop --agent door --timezone Europe/Paris \
-#       --broker mqtt.example.net:8883 [--receipt-key KEY] [--broker-password-stdin]
+#       --broker mqtt.example.net:8883 --tls-ca system --receipt-key KEY --broker-password-stdin
 #
 # What it does, each step only if needed (running it twice changes nothing):
 #   1. apt: python3-venv, python3-dev, gcc, iw        (not with --root or --no-apt)
@@ -43,6 +43,7 @@ Options:
   --agent ID       agent.id: this agent's id in the site (else the host name, with a warning)
   --timezone ZONE  epoch.timezone: the shop's IANA zone (else the system's, with a warning)
   --broker HOST[:PORT]  broker.host and broker.port; the account is '<site>/<agent>'
+  --tls-ca FILE    broker.tls_ca: the CA that signed the broker's certificate, or 'system'
   --broker-password-stdin  broker.password from the first line of standard input
   --receipt-key KEY  broker.receipt_key ('footfall-aggregator receipt-key' prints it)
   --no-apt         do not install Debian packages
@@ -65,6 +66,7 @@ timezone=""
 broker=""
 password=no
 receipt_key=""
+tls_ca=""
 apt=yes
 venv=yes
 upgrade=no
@@ -81,6 +83,7 @@ while [ $# -gt 0 ]; do
 	--timezone) timezone=${2:?--timezone needs a zone such as Europe/Paris}; shift 2 ;;
 	--broker) broker=${2:?--broker needs HOST[:PORT]}; shift 2 ;;
 	--broker-password-stdin) password=yes; shift ;;
+	--tls-ca) tls_ca=${2:?--tls-ca needs a file or 'system'}; shift 2 ;;
 	--receipt-key) receipt_key=${2:?--receipt-key needs a key}; shift 2 ;;
 	--no-apt) apt=no; shift ;;
 	--no-venv) venv=no; shift ;;
@@ -257,6 +260,7 @@ if [ -n "$site" ] && [ -n "$agent_id" ]; then
 	set_setting broker username "$(toml "$site/$agent_id")"
 fi
 [ -z "$secret" ] || set_setting broker password "$(toml "$secret")"
+[ -z "$tls_ca" ] || set_setting broker tls_ca "$(toml "$tls_ca")"
 [ -z "$receipt_key" ] || set_setting broker receipt_key "$(toml "$receipt_key")"
 
 # The radio's name, pinned by its own (permanent) address: a .link file (systemd-udevd) names
