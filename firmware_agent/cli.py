@@ -29,6 +29,7 @@ from firmware_agent.command_line import run_command
 from firmware_agent.doctor import run_checks
 from firmware_agent.errors import AgentError
 from firmware_agent.evaluate import add_commands
+from firmware_agent.live import LiveSettings
 from firmware_agent.messages import public_key_text, verify_key_from_text
 from firmware_agent.mqtt_capture import publishes
 from firmware_agent.pipeline import Pipeline
@@ -36,6 +37,7 @@ from firmware_agent.privacy_report import privacy_report
 from firmware_agent.service import run_agent
 from firmware_agent.settings import SETTINGS, load_config
 from firmware_agent.signing import KEY_FILE, create_signing_key, load_signing_key
+from firmware_agent.survey import run_survey
 
 log = logging.getLogger("footfall.agent")
 
@@ -186,6 +188,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     findings = run_checks(config, sample_s=args.sample_s)
     print_table(findings)
     return exit_status(findings)
+
+
+def cmd_survey(args: argparse.Namespace) -> int:
+    config = load_config(args.config, overrides=dict(args.set or []))
+    channels = None
+    if args.channels:
+        channels = LiveSettings.parse("auto", 8, "on", args.channels, 200).hop_channels
+    run_survey(config, args.minutes * 60, channels)
+    return 0
 
 
 def cmd_build_kernels(args: argparse.Namespace) -> int:
@@ -344,6 +355,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--set", type=_setting, action="append", metavar="NAME=VALUE", help=set_help)
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser(
+        "survey",
+        help="site survey: probe requests a second and their signal, by channel, live",
+        description="Listen on the live interface (source.path) for a few minutes and show, "
+        "per channel, the probe requests a second and the share in each 10 dB signal band, "
+        "refreshed as it goes with the time left: where to put the antenna and which channel "
+        "to listen on. Frames are counted; nothing per device is kept or shown.",
+    )
+    p.add_argument("--config", type=Path, help="agent TOML config file")
+    p.add_argument(
+        "--minutes", type=float, default=3.0, help="how long to listen (default 3 minutes)"
+    )
+    p.add_argument("--channels", help="hop over these channels, e.g. 1,6,11 (needs iw)")
+    p.add_argument("--set", type=_setting, action="append", metavar="NAME=VALUE", help=set_help)
+    p.set_defaults(func=cmd_survey)
 
     add_commands(sub, _setting)  # evaluate, calibrate
 

@@ -6,6 +6,7 @@ ingest signs it."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -166,3 +167,27 @@ def test_enroll_prints_the_public_key_and_the_exact_commands(
     assert "mosquitto_passwd /etc/mosquitto/footfall.passwd shop1/door" in lines[5]
     assert "broker.username = 'shop1/door'" in lines[6]
     assert str(load_config(config).identity.agent) == "door"
+
+
+def test_survey_shows_probe_rate_and_signal_by_channel_and_nothing_per_device(
+    veth: Veth, start_broker: StartBroker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broker = start_broker({})
+    files = prepare_agent(tmp_path, broker, "s1", "a1", {
+        "source.path": f"iface:{veth.agent}", "source.link_type": "radiotap",
+    })  # fmt: skip
+    sender = threading.Thread(
+        target=lambda: (time.sleep(0.3), veth.replay(BUNDLED_SAMPLE, tmp_path, pps=5000))
+    )
+    sender.start()
+    assert cli.main(["survey", "--config", str(files.config), "--minutes", "0.05"]) == 0
+    sender.join()
+    out = capsys.readouterr().out
+    table = out[out.index("survey of 3 s on") :].splitlines()
+    assert table[1].split()[:3] == ["channel", "probes/s", ">=-50"]
+    rows = {line.split()[0]: line.split()[1:] for line in table[2:]}
+    assert sum(float(r[0]) for r in rows.values()) * 3 == pytest.approx(12000, rel=0.1)
+    for shares in rows.values():
+        assert sum(int(s.rstrip("%")) for s in shares[1:]) in range(98, 103)
+    assert "s of 3 s" in out and "left" in out  # progress while it listens
+    assert not re.search(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", out)  # no address, ever
