@@ -264,18 +264,18 @@ def check_stored(config: AgentConfig) -> Finding:
             f"broker.receipt_key in {_file(config)}",
         )
     with BrokerSession(config.broker, f"footfall-{site}-{agent}-doctor") as session:
-        bodies = [body for _, body in session.listen(str(topic), _RECEIPT_WAIT_S) if body]
+        body = next((b for _, b in session.listen(str(topic), _RECEIPT_WAIT_S) if b), None)
     why = (f"on the aggregator, footfall-aggregator agents check {site} {agent} says why (site "
            "missing, key not enrolled, messages refused); if the agent has not run yet: "
            "systemctl start footfall-agent, and run doctor again once a window is over "
            f"(count.window_s = {config.count.window_s} s)")  # fmt: skip
-    if not bodies:
+    if body is None:
         return Finding("stored", FAIL, f"no receipt on {topic}: the aggregator has stored no "
                        "window of this agent", why)  # fmt: skip
-    return _receipt_finding(bodies[-1], topic, key, why)
+    return _receipt_finding(body, topic, key)
 
 
-def _receipt_finding(body: bytes, topic: Topic, key: nacl.signing.VerifyKey, why: str) -> Finding:
+def _receipt_finding(body: bytes, topic: Topic, key: nacl.signing.VerifyKey) -> Finding:
     try:
         envelope = Envelope.parse(body)
         if envelope.topic != topic:
