@@ -25,7 +25,6 @@ sends again what none covers after ``broker.receipt_timeout_s``; the store skips
 from __future__ import annotations
 
 import base64
-import binascii
 import logging
 import os
 import tempfile
@@ -38,7 +37,9 @@ import nacl.signing
 
 from aggregator.errors import ConfigError, StoreError
 from aggregator.store import Store
+from firmware_agent.errors import SigningKeyError
 from firmware_agent.messages import AgentId, SiteId, Topic, receipt_payload, seal
+from firmware_agent.signing import read_signing_key
 
 __all__ = ["Receipts", "load_receipt_key"]
 
@@ -67,18 +68,9 @@ def load_receipt_key(path: Path) -> nacl.signing.SigningKey:
                 f"ingest.receipt_key_file {path}: cannot make it: {exc.strerror}"
             ) from exc
     try:
-        text = path.read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"ingest.receipt_key_file {path}: cannot read: {exc.strerror}") from exc
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except binascii.Error:
-        raw = b""
-    if len(raw) != 32:
-        raise ConfigError(
-            f"ingest.receipt_key_file {path}: not a receipt key (32 bytes of base64 on one line)"
-        )
-    return nacl.signing.SigningKey(raw)
+        return read_signing_key(path)
+    except SigningKeyError as exc:
+        raise ConfigError(f"ingest.receipt_key_file: {exc}") from exc
 
 
 class Receipts:

@@ -15,7 +15,9 @@ paho-mqtt 2 client driven by its ``loop()`` in that thread) and its own handle o
      aggregator keeps (retained) a receipt signed with its receipt key: the seq ranges it has
      settled (:func:`firmware_agent.messages.settled_ranges`). A receipt that does not verify
      is ignored. A window sent ``broker.receipt_timeout_s`` ago that no receipt covers is sent
-     again, oldest first, at most ``broker.resend_per_s`` a second: whatever the broker lost
+     again, oldest first, at most ``broker.resend_per_s`` a second (one above the last seq a
+     receipt named only once receipts have said nothing new for as long; the timeout doubles
+     while receipts come later than it, up to 16 times): whatever the broker lost
      (a crash without persistence, a shared subscription it forgot, an ingest replica gone
      for good, amqtt dropping what a client had not acknowledged) comes back, and the
      aggregator, idempotent on (agent, seq), stores it once. The status is published again
@@ -26,8 +28,10 @@ paho-mqtt 2 client driven by its ``loop()`` in that thread) and its own handle o
 
 4. when the connection drops (keep-alive timeout, broker gone, network cut) everything not
    safe stays spooled; after a capped exponential backoff with jitter a new connection starts
-   again from the oldest spooled message. Each connection is a new paho client with a clean
-   session, so paho never re-sends anything by itself and the order stays ours;
+   again from the oldest spooled message (with receipts: the oldest no broker has
+   acknowledged; those a broker had are left to the re-send timer, or every reconnection to
+   a slow broker would send the whole backlog again). Each connection is a new paho client
+   with a clean session, so paho never re-sends anything by itself and the order stays ours;
 5. at stop: keep sending until the spool is empty or the grace period is over, publish
    ``offline`` (cause ``stopped``) and disconnect cleanly, so the broker drops the will.
 
@@ -39,6 +43,7 @@ whose PUBACK says "not authorised", to find ACL mistakes.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import random
@@ -416,8 +421,14 @@ class Publisher:
             kind: Topic(site, agent, kind) for kind in ("counts", "status", "meta", "receipt")
         }
         self._receipt_key = settings.receipt_verify_key
-        self._sent_at: dict[int, float] = {}  # with receipts: seq -> when last sent (monotonic)
+        # With receipts: seq -> when a broker last acknowledged it (monotonic). A new
+        # connection does not send these again at once (they may be on their way to ingest);
+        # _resend does, if no receipt covers them in time.
+        self._sent_at: dict[int, float] = {}
         self._reported = -1  # the spool_pending of the last status sent
+        self._receipt_last = 0  # the highest last_seq a receipt has named
+        self._progress_at = time.monotonic()  # when receipts last said more
+        self._timeout = float(settings.receipt_timeout_s)  # re-send after (adapts: _adapt)
         self.settled = 0  # windows receipts took out of the spool since the start
         self._backoff = Backoff(settings.backoff_initial_ms / 1000, settings.backoff_max_s)
         self._wake = threading.Event()
@@ -546,12 +557,10 @@ class Publisher:
             if more and room > 0:
                 batch = spool.pending(after, room)
                 more = len(batch) == room
-                now = time.monotonic()
                 for queued in batch:
-                    inflight[connection.publish(self._topics["counts"], queued.body)] = queued
                     after = queued.seq
-                    if receipts:
-                        self._sent_at[queued.seq] = now
+                    if queued.seq not in self._sent_at:  # else a broker had it: see _resend
+                        inflight[connection.publish(self._topics["counts"], queued.body)] = queued
             elif receipts and room > 0:
                 self._resend(connection, spool, inflight, room, resend)
             for mid, reason in connection.loop(0.0 if more and room > 0 else 0.1):
@@ -571,8 +580,9 @@ class Publisher:
                     utc_text(message.window_start)[:16] + "Z",
                     message.seq,
                 )
-                if receipts:
-                    continue  # it leaves the spool when a receipt says so
+                if receipts:  # it leaves the spool when a receipt says so
+                    self._sent_at[message.seq] = time.monotonic()
+                    continue
                 if not acked:
                     acked_since = time.monotonic()
                 acked.append(message.seq)
@@ -611,32 +621,56 @@ class Publisher:
         resend: _Resend,
     ) -> None:
         """Send again, oldest first, the windows sent broker.receipt_timeout_s ago that no
-        receipt has covered since; at most broker.resend_per_s a second."""
+        receipt has covered since; at most broker.resend_per_s a second. That is all for a
+        window below the last seq a receipt named (a gap: later ones arrived, it did not); one
+        above it waits until receipts have also said nothing new for the timeout, so an
+        aggregator that is slowly catching up is not sent its backlog twice."""
         now = time.monotonic()
         budget = min(room, resend.budget(now))
         if budget <= 0 or now < resend.idle_until:
             return
         batch = spool.pending(resend.cursor, budget)
-        if not batch:  # looked at the whole spool: from the oldest again, in a second
-            resend.cursor, resend.idle_until = 0, now + 1.0
+        timeout = self._timeout
+        if not batch:  # looked at the whole spool: from the oldest again, a little later
+            resend.cursor, resend.idle_until = 0, now + min(1.0, timeout / 4)
             return
-        timeout = self.settings.receipt_timeout_s
+        busy = {message.seq for message in inflight.values()}
         for queued in batch:
             resend.cursor = queued.seq
-            if now - self._sent_at.get(queued.seq, -math.inf) < timeout:
+            if queued.seq in busy or now - self._sent_at.get(queued.seq, -math.inf) < timeout:
+                continue
+            if queued.seq > self._receipt_last and now - self._progress_at < timeout:
                 continue
             inflight[connection.publish(self._topics["counts"], queued.body)] = queued
-            self._sent_at[queued.seq] = now
             resend.tokens -= 1
             resend.sent += 1
             if resend.sent == 1 or resend.sent % 1000 == 0:
                 log.warning(
-                    "no receipt for seq=%d after %d s: sent it again (%d windows sent again "
+                    "no receipt for seq=%d after %.0f s: sent it again (%d windows sent again "
                     "on this connection)",
                     queued.seq,
                     timeout,
                     resend.sent,
                 )
+
+    def _adapt(self, waited: float) -> None:
+        """Receipts came ``waited`` s after a broker took the window they cover: a re-send
+        timeout shorter than that only sends duplicates (which slow the path further), so it
+        doubles, up to 16 times ``broker.receipt_timeout_s``; quick receipts bring it back."""
+        least = float(self.settings.receipt_timeout_s)
+        if waited > self._timeout:
+            timeout = min(self._timeout * 2, least * 16)
+        elif waited < self._timeout / 4:
+            timeout = max(least, self._timeout / 2)
+        else:
+            return
+        if timeout != self._timeout:
+            log.info(
+                "receipts come %.1f s after the broker takes a window: re-sending after %.0f s",
+                waited,
+                timeout,
+            )
+            self._timeout = timeout
 
     def _take_receipts(self, connection: Connection, spool: Spool) -> None:
         """Let go of the windows the receipts that came in cover."""
@@ -668,11 +702,19 @@ class Publisher:
                 continue
             left = spool.settle(ranges)
             self.settled += left
-            self._sent_at = {
-                seq: at
-                for seq, at in self._sent_at.items()
-                if not any(lo <= seq <= hi for lo, hi in ranges)
-            }
+            if left or payload["last_seq"] > self._receipt_last:
+                self._progress_at = time.monotonic()
+            self._receipt_last = max(self._receipt_last, payload["last_seq"])
+            starts = [lo for lo, _ in ranges]
+            kept, oldest = {}, math.inf
+            for seq, at in self._sent_at.items():
+                if (i := bisect.bisect_right(starts, seq) - 1) < 0 or seq > ranges[i][1]:
+                    kept[seq] = at
+                else:
+                    oldest = min(oldest, at)
+            self._sent_at = kept
+            if oldest < math.inf:
+                self._adapt(time.monotonic() - oldest)
             if left:
                 log.info(
                     "receipt: the aggregator holds seq %d to %d but %d gaps; %d windows left "

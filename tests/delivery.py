@@ -18,24 +18,78 @@ stored twice (a second row for an (agent, seq), or a roll-up that counted a wind
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import sqlalchemy as sa
 
 from aggregator.config import StoreSettings
+from aggregator.demo import amqtt_command
 from aggregator.receipts import load_receipt_key
 from aggregator.store import Store, agents, site_days, windows
 from firmware_agent.messages import public_key_text
 from tests.agent_fleet import SimAgent, fleet_broker, make_agents
 from tests.delivery_agents import WINDOW_S
-from tests.mqtt_broker import HOST, READER, Link, Mosquitto, TestCertificates, wait_for
+from tests.mqtt_broker import (
+    HOST,
+    READER,
+    Link,
+    Mosquitto,
+    TestCertificates,
+    free_port,
+    wait_for,
+)
+from tests.netns import require
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class Amqtt:
+    """amqtt, the demo's broker, as a rig's broker: the same port over restarts, nothing kept
+    (no persistence), no password checked, MQTT 3.1.1."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.port = free_port()
+        self.command = amqtt_command(root, self.port)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+        def up() -> bool:
+            try:
+                with socket.create_connection((HOST, self.port), timeout=0.2):
+                    return True
+            except OSError:
+                return False
+
+        wait_for(up, 30, f"amqtt on port {self.port}")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        self.kill()  # it keeps nothing either way
+
+
+def database_link(dsn: str) -> Link:
+    """A link to the PostgreSQL server of ``dsn`` (its port), which can play it stopped."""
+    return Link(HOST, int(dsn.rsplit(":", 1)[1].split("/", maxsplit=1)[0]))
 
 
 @dataclass(frozen=True)
@@ -59,7 +113,7 @@ class Rig:
     """The parts of one fault run (module docstring)."""
 
     root: Path
-    broker: Mosquitto
+    broker: Mosquitto | Amqtt
     settings: StoreSettings
     agents: list[SimAgent]
     windows: int
@@ -69,6 +123,7 @@ class Rig:
     rate: float = 0  # windows made a second per agent (0: all at once)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _store: Store | None = None
+    _agents_at: tuple[str, str, int] | None = None
 
     @property
     def store(self) -> Store:
@@ -89,10 +144,13 @@ class Rig:
         windows: int,
         rate: float = 0,
         db_link: Link | None = None,
+        amqtt: bool = False,
     ) -> Rig:
+        """A rig; with ``amqtt``, the demo's broker instead of Mosquitto (MQTT 3.1.1)."""
         seed = root.name
         sim = make_agents(agents, "s1", seed=seed)
-        broker = fleet_broker(mosquitto, root / "broker", certs, sim)
+        where = root / "broker"
+        broker = Amqtt(where) if amqtt else fleet_broker(mosquitto, where, certs, sim)
         broker.start()
         now = int(time.time())
         first = now - now % WINDOW_S - WINDOW_S * windows
@@ -101,6 +159,10 @@ class Rig:
             store.add_site("s1", "Mall", "UTC", int(time.time()))
             store.add_agents("s1", {a.agent: a.public_key for a in sim}, int(time.time()))
         return rig
+
+    @property
+    def protocol(self) -> str:
+        return "3.1.1" if isinstance(self.broker, Amqtt) else "5"
 
     @property
     def total(self) -> int:
@@ -120,6 +182,7 @@ class Rig:
             f'data_dir = "{self.root}"\n'
             f'[broker]\nhost = "{HOST}"\nport = {self.broker.port}\nusername = "{READER[0]}"\n'
             f'password = "{READER[1]}"\nkeepalive_s = 5\nbackoff_max_s = 1\n'
+            f'protocol = "{self.protocol}"\n'
             f'[ingest]\nbatch_wait_ms = 20\nshare_group = "{share_group}"\n'
             "receipt_interval_ms = 200\n"
         )
@@ -137,16 +200,22 @@ class Rig:
         wait_for(lambda: "connected to broker" in self.log(name), 20, f"{name} to connect")
         time.sleep(0.3)  # its SUBACK
 
-    def start_agents(self, port: int | None = None, *, receipts: bool = True) -> None:
-        """The agents' process; without ``receipts``, agents as they were before receipts
-        (a window leaves the spool on the broker's PUBACK)."""
+    def start_agents(
+        self, at: tuple[str, str, int] | None = None, *, receipts: bool = True
+    ) -> None:
+        """The agents' process (``at``: in that network namespace, the broker at that address
+        and port); without ``receipts``, agents as they were before receipts (a window leaves
+        the spool on the broker's PUBACK)."""
+        self._agents_at = at or self._agents_at
+        namespace, host, port = self._agents_at or ("", HOST, self.broker.port)
+        inside = ["ip", "netns", "exec", namespace] if namespace else []
         log = (self.root / "agents.log").open("ab")
         self.processes["agents"] = subprocess.Popen(
-            [sys.executable, "-m", "tests.delivery_agents", "--root", str(self.root),
-             "--port", str(port or self.broker.port), "--agents", str(len(self.agents)),
+            [*inside, sys.executable, "-m", "tests.delivery_agents", "--root", str(self.root),
+             "--host", host, "--port", str(port), "--agents", str(len(self.agents)),
              "--seed", self.seed, "--receipt-key", self.receipt_key if receipts else "",
              "--windows", str(self.windows), "--first", str(self.first),
-             "--rate", str(self.rate)],
+             "--rate", str(self.rate), "--protocol", self.protocol],
             cwd=REPO, stderr=log, stdout=subprocess.DEVNULL,
         )  # fmt: skip
         log.close()
@@ -170,15 +239,15 @@ class Rig:
 
     def agents_done(self, timeout: float) -> None:
         """The agents' process ends once every spool is empty (receipts cover everything)."""
-        process = self.processes.pop("agents")
+        process = self.processes["agents"]
         try:
             code = process.wait(timeout)
         except subprocess.TimeoutExpired:
-            process.kill()
             raise AssertionError(
                 f"agents still sending after {timeout} s ({self.stored()} of {self.total} "
                 f"stored)\n{self.log('agents')[-3000:]}"
             ) from None
+        del self.processes["agents"]
         assert code == 0, self.log("agents")[-3000:]
 
     def outcome(self) -> Outcome:
@@ -231,6 +300,22 @@ def _until_stored(rig: Rig, share: float) -> None:
     wait_for(lambda: rig.stored() >= rig.total * share, 60, f"{share:.0%} of the windows")
 
 
+def _mid_stream(rig: Rig, replicas: int = 1, agents_at: tuple[str, str, int] | None = None) -> None:
+    """Ingest (one process on a plain subscription, or ``replicas`` on a shared one) and the
+    agents started (``agents_at``: in that namespace, to that address and port), and a share of
+    the windows stored: the moment a fault strikes."""
+    for name in ("ingest-a", "ingest-b")[:replicas]:
+        rig.start_ingest(name, "footfall" if replicas > 1 else "")
+    rig.start_agents(agents_at)
+    _until_stored(rig, 0.3)
+
+
+def _outage(rig: Rig, seconds: float) -> bool:
+    """The fault lasts ``seconds``; whether the agents' health was right meanwhile."""
+    time.sleep(seconds)
+    return rig.health_right()
+
+
 def broker_killed_while_ingest_away(rig: Rig, _outage_s: float, receipts: bool = True) -> bool:
     """Finding 3: every window acknowledged by the broker and queued for an ingest that is
     away, then the broker killed before it saved them."""
@@ -246,96 +331,106 @@ def broker_killed_while_ingest_away(rig: Rig, _outage_s: float, receipts: bool =
     return rig.health_right()
 
 
-def broker_killed_while_ingest_runs(rig: Rig, _outage_s: float) -> bool:
-    rig.start_ingest("ingest-a", "")
-    rig.start_agents()
-    _until_stored(rig, 0.3)
-    rig.broker.kill()
-    right = rig.health_right()
-    time.sleep(0.5)
+def _broker_down(rig: Rig, replicas: int, down: Callable[[], None], seconds: float) -> bool:
+    _mid_stream(rig, replicas)
+    down()
+    right = _outage(rig, seconds)
     rig.broker.start()
     return right
+
+
+def broker_killed(rig: Rig, _outage_s: float) -> bool:
+    """Mosquitto killed while ingest runs (or amqtt, the demo's broker, which keeps nothing
+    and forgets what a client had not acknowledged anyway), and started again."""
+    return _broker_down(rig, 1, rig.broker.kill, 0.5)
 
 
 def broker_restarted_with_shared_subscription(rig: Rig, _outage_s: float) -> bool:
-    rig.start_ingest("ingest-a")
-    rig.start_ingest("ingest-b")
-    rig.start_agents()
-    _until_stored(rig, 0.3)
-    rig.broker.stop()
-    right = rig.health_right()
-    rig.broker.start()
-    return right
+    """A clean restart: Mosquitto 2.0 forgets the shared subscription."""
+    return _broker_down(rig, 2, rig.broker.stop, 0)
 
 
 def replica_gone_for_good(rig: Rig, _outage_s: float) -> bool:
-    rig.start_ingest("ingest-a")
-    rig.start_ingest("ingest-b")
-    rig.start_agents()
-    _until_stored(rig, 0.25)
+    _mid_stream(rig, replicas=2)
     rig.kill("ingest-b")  # never comes back: its share waits in its session
-    time.sleep(1)
-    return rig.health_right()
+    return _outage(rig, 1)
 
 
 def ingest_killed(rig: Rig, outage_s: float) -> bool:
-    rig.start_ingest("ingest-a", "")
-    rig.start_agents()
-    _until_stored(rig, 0.3)
+    _mid_stream(rig)
     rig.kill("ingest-a")
-    time.sleep(outage_s)
-    right = rig.health_right()
+    right = _outage(rig, outage_s)
     rig.start_ingest("ingest-a", "")
     return right
 
 
 def database_stopped(rig: Rig, outage_s: float) -> bool:
     assert rig.db_link is not None, "the database fault needs the rig's database link"
-    rig.start_ingest("ingest-a", "")
-    rig.start_agents()
-    _until_stored(rig, 0.3)
+    _mid_stream(rig)
     rig.db_link.refuse()
-    time.sleep(outage_s)
-    right = rig.health_right()  # read past the link: the database itself is there
+    right = _outage(rig, outage_s)  # read past the link: the database itself is there
     rig.db_link.restore()
     return right
 
 
 def agents_killed(rig: Rig, outage_s: float) -> bool:
-    rig.start_ingest("ingest-a", "")
-    rig.start_agents()
-    _until_stored(rig, 0.3)
+    _mid_stream(rig)
     rig.kill("agents")
-    time.sleep(outage_s)
-    right = rig.health_right()
+    right = _outage(rig, outage_s)
     rig.start_agents()
     return right
 
 
-def network_cut(rig: Rig, outage_s: float) -> bool:
-    """The agents' network silently gone for longer than their keep-alive (2 s)."""
-    link = Link(HOST, rig.broker.port)
+@contextlib.contextmanager
+def agents_network() -> Iterator[tuple[str, str, str]]:
+    """A network namespace for the agents, joined to this one by a veth pair: (namespace,
+    this side's device, this side's address). Needs root; removed whatever happens."""
+    suffix = uuid.uuid4().hex[:8]
+    namespace, outside, inside = f"footfall-net-{suffix}", f"ffo{suffix}", f"ffn{suffix}"
+    subnet = f"10.{200 + int(suffix[:2], 16) % 50}.{int(suffix[2:4], 16)}"
+    commands = [
+        ["ip", "netns", "add", namespace],
+        ["ip", "link", "add", outside, "type", "veth", "peer", "name", inside, "netns", namespace],
+        ["ip", "addr", "add", f"{subnet}.1/30", "dev", outside],
+        ["ip", "link", "set", outside, "up"],
+        ["ip", "-n", namespace, "addr", "add", f"{subnet}.2/30", "dev", inside],
+        ["ip", "-n", namespace, "link", "set", inside, "up"],
+        ["ip", "-n", namespace, "link", "set", "lo", "up"],
+    ]
     try:
-        rig.start_ingest("ingest-a", "")
-        rig.start_agents(link.port)
-        _until_stored(rig, 0.3)
-        link.cut()
-        time.sleep(max(outage_s, 3.5))
-        right = rig.health_right()
-        link.restore()
-        rig.agents_done(120)
+        for command in commands:
+            subprocess.run(command, check=True, capture_output=True)
+        yield namespace, outside, f"{subnet}.1"
     finally:
-        link.close()
+        subprocess.run(["ip", "link", "del", outside], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
+
+
+def network_cut(rig: Rig, outage_s: float) -> bool:
+    """The agents in a network namespace of their own, whose link to the broker's goes down
+    (nothing closed, packets dropped) for longer than their keep-alive (2 s)."""
+    require(os.geteuid() == 0, "the network cut needs root (ip netns)")
+    with agents_network() as (namespace, device, address):
+        link = Link(HOST, rig.broker.port, bind=address)  # the broker, seen from the veth
+        try:
+            _mid_stream(rig, agents_at=(namespace, address, link.port))
+            subprocess.run(["ip", "link", "set", device, "down"], check=True)
+            right = _outage(rig, max(outage_s, 3.5))
+            subprocess.run(["ip", "link", "set", device, "up"], check=True)
+            rig.agents_done(120)
+        finally:
+            link.close()
     return right
 
 
 FAULTS = {
     "broker kill -9, ingest away": broker_killed_while_ingest_away,
-    "broker kill -9, ingest running": broker_killed_while_ingest_runs,
+    "broker kill -9, ingest running": broker_killed,
     "broker restart, shared subscription": broker_restarted_with_shared_subscription,
     "one of two ingest replicas gone for good": replica_gone_for_good,
     "ingest kill -9": ingest_killed,
     "PostgreSQL stopped": database_stopped,
     "agents kill -9": agents_killed,
     "network cut": network_cut,
+    "amqtt (the demo's broker) kill -9": broker_killed,
 }

@@ -20,24 +20,14 @@ from pathlib import Path
 
 import nacl.signing
 
-from firmware_agent.messages import AgentId, SiteId, counts_payload, meta_payload
+from firmware_agent.messages import AgentId, SiteId, counts_payload
 from firmware_agent.publish import BrokerSettings, Publisher
 from firmware_agent.spool import Spool, SpoolSettings
 from tests.agent_fleet import SimAgent, fast_seal, make_agents, window
+from tests.aggregator_harness import meta_of
 from tests.mqtt_broker import HOST
 
 WINDOW_S = 300
-THRESHOLDS = {"rssi_threshold_dbm": -75, "min_dwell_s": 120, "visit_gap_s": 600, "lateness_s": 10}
-PRIVACY = {
-    "mode": "standard",
-    "device_hash": "siphash-2-4",
-    "key_bits": 128,
-    "key_lifetime_s": 90000,
-    "id_bits": None,
-    "suppress_below": 5,
-    "dp_epsilon": None,
-    "dp_epsilon_day": None,
-}
 RECEIPT_TIMEOUT_S = 1  # the agents re-send what no receipt covers after this long
 
 
@@ -90,24 +80,12 @@ def _utc(unix_s: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix_s))
 
 
-def _meta(agent: SimAgent) -> dict[str, object]:
-    return meta_payload(
-        SiteId(agent.site),
-        AgentId(agent.agent),
-        agent_version="0.1.0",
-        window_s=WINDOW_S,
-        epoch_length="midnight",
-        epoch_timezone="UTC",
-        thresholds=THRESHOLDS,
-        privacy=PRIVACY,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The agents' process: a publisher per agent over its spool, the windows made at a rate
     into the spools, then sending until every spool is empty."""
     parser = argparse.ArgumentParser(prog="python -m tests.delivery_agents")
     parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--host", default=HOST)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--agents", type=int, required=True)
     parser.add_argument("--seed", required=True)
@@ -115,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, required=True)
     parser.add_argument("--first", type=int, required=True)
     parser.add_argument("--rate", type=float, default=0)
+    parser.add_argument("--protocol", default="5")
     args = parser.parse_args(argv)
     sim = make_agents(args.agents, "s1", seed=args.seed)
 
@@ -122,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     publishers = []
     for agent in sim:
         settings = BrokerSettings(
-            host=HOST,
+            host=args.host,
             port=args.port,
             username=f"{agent.site}/{agent.agent}",
             password=agent.password,
@@ -130,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             backoff_initial_ms=100,
             backoff_max_s=1,
             connect_timeout_s=2,
+            protocol=args.protocol,
             receipt_key=args.receipt_key,
             receipt_timeout_s=RECEIPT_TIMEOUT_S,
             resend_per_s=2000,
@@ -142,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             key,
             spool_path(args.root, agent),
             SpoolSettings(),
-            _meta(agent),
+            meta_of(agent.site, agent.agent),
         )
         publisher.start()
         publishers.append(publisher)

@@ -251,8 +251,10 @@ class Mosquitto:
 class Link:
     """A TCP relay to ``(host, port)`` on a port of its own, which can be cut and restored."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, bind: str = HOST) -> None:
+        """A relay to ``host:port`` listening on ``bind`` (an address of this machine)."""
         self.target = (host, port)
+        self.bind = bind
         self.port = free_port()
         self._selector = selectors.DefaultSelector()
         self._peers: dict[socket.socket, socket.socket] = {}
@@ -267,7 +269,7 @@ class Link:
     def _listen(self) -> None:
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((HOST, self.port))
+        listener.bind((self.bind, self.port))
         listener.listen()
         listener.setblocking(False)
         self._listener = listener

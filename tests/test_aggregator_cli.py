@@ -53,6 +53,7 @@ def test_sites_and_agents_are_enrolled_listed_and_revoked(
     assert "revoked" in out and "MISSING" in out
     assert run(capsys, "agents", "gaps", "shop-12", "entrance", *dsn) == (0, "", "")
     assert run(capsys, "refusals", *dsn) == (0, "", "")
+    assert run(capsys, "quarantine", *dsn) == (0, "", "")
     status, out, _ = run(capsys, "prune", *dsn)
     assert out == "deleted 0 windows older than 90 days\n"
 
@@ -152,6 +153,10 @@ def test_unknown_settings_and_bad_values_are_refused_by_name(tmp_path: Path) -> 
     default = load_config(environ={}, overrides={"store.data_dir": str(tmp_path)})
     assert default.store.dsn == f"sqlite:///{tmp_path / 'aggregator.sqlite3'}"
     assert default.ingest.client_id.startswith("footfall-aggregator-")
+    assert default.ingest.receipt_key_file == str(tmp_path / "receipt.key")
+    # A replica's name, not its host's, makes the client id: the same after a move.
+    named = load_config(environ={"FOOTFALL_AGG_INGEST_REPLICA": "b"})
+    assert named.ingest.client_id == "footfall-aggregator-b"
 
 
 def _commands(parser: argparse.ArgumentParser, prefix: str = "") -> list[str]:
