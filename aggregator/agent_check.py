@@ -6,7 +6,9 @@ One table (:mod:`firmware_agent.checks`), a fix per failure, in the order the pa
 * **site**: the admin made it (``sites add``);
 * **enrolment**: the agent's key is enrolled and not revoked (``enrol``, or the web page);
 * **refusals**: messages from this agent that were not stored, by reason (a key that does not
-  verify, a message from before enrolment); a warning once windows are stored anyway;
+  verify, a revoked agent); a warning once windows are stored anyway. Ingest counts those of an
+  agent that is not enrolled under no agent (made-up topics add no rows), so they are not this
+  agent's: the enrolment line says how many of its site's there were;
 * **stored**: windows of this agent are in the store: the last one, its seq, when seen;
 * **status**: its last status message (online, offline, its spool) — a warning if offline.
 """
@@ -36,10 +38,9 @@ def check_agent(store: Store, site: str, agent: str) -> list[Finding]:
         ]
     found = [Finding("site", OK, f"site {site} exists")]
     health = next((a for a in store.agents(site) if a.agent == agent), None)
-    found.append(_enrolment(site, agent, health))
-    refused = {
-        reason: n for (reason, s, a), n in store.refusal_counts().items() if (s, a) == (site, agent)
-    }
+    counts = store.refusal_counts()
+    found.append(_enrolment(site, agent, health, counts.get(("unknown_agent", site, ""), 0)))
+    refused = {reason: n for (reason, s, a), n in counts.items() if (s, a) == (site, agent)}
     stored = health is not None and health.windows > 0
     found.append(_refusals(refused, stored))
     if health is None or not stored:
@@ -62,12 +63,13 @@ def check_agent(store: Store, site: str, agent: str) -> list[Finding]:
 _AFTER_SITE = ("enrolment", "refusals", "stored", "status")
 
 
-def _enrolment(site: str, agent: str, health: AgentHealth | None) -> Finding:
+def _enrolment(site: str, agent: str, health: AgentHealth | None, unenrolled: int) -> Finding:
     if health is None:
+        refused = f" ({unenrolled} messages of this site's agents not enrolled were refused)"
         return Finding(
             "enrolment",
             FAIL,
-            f"agent {site}/{agent} is not enrolled",
+            f"agent {site}/{agent} is not enrolled" + (refused if unenrolled else ""),
             "on the Pi, footfall-agent enrol prints the command (footfall-aggregator "
             f"enrol ...); or an installer enrols it on the web page /sites/{site}",
         )
