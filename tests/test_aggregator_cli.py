@@ -15,6 +15,7 @@ import pytest
 from aggregator.cli import build_parser, main
 from aggregator.config import load_config
 from aggregator.errors import ConfigError
+from aggregator.store import Store
 from firmware_agent.messages import public_key_text
 from tests.conftest import REPO
 
@@ -109,6 +110,13 @@ def test_agents_check_names_the_first_missing_step_and_its_fix(
     rows = check_rows(out)
     assert status == 1 and rows["site"].startswith("ok")
     assert rows["enrolment"] == "FAIL  agent shop-1/door is not enrolled"
+    with Store.open(load_config(None, overrides=dict([dsn[1].split("=", 1)])).store) as store:
+        store.store_batch([], {("unknown_agent", "shop-1", ""): 3}, 1)  # as ingest counts them
+    rows = check_rows(run(capsys, "agents", "check", "shop-1", "door", *dsn)[1])
+    assert rows["enrolment"] == (
+        "FAIL  agent shop-1/door is not enrolled (3 messages of this site's agents not enrolled "
+        "were refused)"
+    )
     assert "or an installer enrols it on the web page /sites/shop-1" in out
     assert rows["stored"] == "FAIL  no window of shop-1/door is stored"
     assert run(capsys, "enrol", "--site", "shop-1", "--agent", "door", "--public-key", key, *dsn)
