@@ -58,6 +58,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime, time, timedelta, tzinfo
 
 import numpy as np
 from numpy.typing import NDArray
@@ -87,7 +88,7 @@ NS = 1_000_000_000
 AUTO = -1000  # rssi_threshold_dbm: learn it
 AUTO_FALLBACK_DBM = -70
 AUTO_MIN_CHAINS = 30
-AUTO_RANGE_DBM = (-90, -50)
+AUTO_RANGE_DBM = (AUTO_FALLBACK_DBM, -50)
 RING = 16  # recent random addresses remembered per fingerprint
 _HIST_LO = -120  # signal histogram bins: -120 .. 0 dBm
 _HIST_BINS = 121
@@ -108,8 +109,9 @@ _F_RING = 4
 _FCOLS = _F_RING + RING
 
 # Clock and sizes (int64): newest timestamp, oldest open window start, chains, addresses,
-# fingerprints, chains behind the last learnt threshold.
-_K_MAX, _K_OLDEST, _K_CHAINS, _K_ADDRS, _K_FPS, _K_THR_N = range(6)
+# fingerprints, chains behind the last learnt threshold, when the site opens on the epoch's
+# day (a chain first heard before it may be static).
+_K_MAX, _K_OLDEST, _K_CHAINS, _K_ADDRS, _K_FPS, _K_THR_N, _K_OPENS = range(7)
 _NONE = np.iinfo(np.int64).min
 
 # Parameters (int64), in this order.
@@ -149,8 +151,9 @@ class EstimateSettings:
     rssi_link_db: int = 30
     reset_min: int = 10
     reset_share_pct: int = 25
-    static_min_s: int = 4 * 3600  # 0: no static exclusion
+    static_min_s: int = 3600  # 0: no static exclusion
     static_share_pct: int = 80
+    static_closed_h: int = 6  # the site is closed until this local hour; 24: any time
     link: bool = True  # False: every address is a device (the evaluation's stages)
     assume_randomised: bool = False  # True: ignore the locally administered bit (datasets)
 
@@ -170,6 +173,7 @@ class EstimateSettings:
             "reset_share_pct": (0, 100, self.reset_share_pct),
             "static_min_s": (0, 7 * 86400, self.static_min_s),
             "static_share_pct": (1, 100, self.static_share_pct),
+            "static_closed_h": (0, 24, self.static_closed_h),
         }
         for name, (lo, hi, value) in bounds.items():
             if not lo <= value <= hi:
@@ -210,6 +214,7 @@ class EstimateSettings:
             reset_share_pct=number("reset_share_pct"),
             static_min_s=number("static_min_s"),
             static_share_pct=number("static_share_pct"),
+            static_closed_h=number("static_closed_h"),
         )
 
     def params(self) -> NDArray[np.int64]:
@@ -370,7 +375,11 @@ def _close_window(
         best = s[_C_WBEST + p]
         if best != RSSI_MISSING and best < thr:
             continue
-        if params[_P_STATIC_MIN] > 0 and end - s[_C_FIRST] >= params[_P_STATIC_MIN]:
+        if (
+            params[_P_STATIC_MIN] > 0
+            and s[_C_FIRST] < clock[_K_OPENS]
+            and end - s[_C_FIRST] >= params[_P_STATIC_MIN]
+        ):
             windows = (end - s[_C_FIRST] // w * w) // w
             if s[_C_NWIN] * 100 >= params[_P_STATIC_PCT] * windows:
                 static += 1
@@ -589,13 +598,16 @@ class Estimator:
     ``window_s`` and ``lateness_s`` closes, at the same rows.
     """
 
-    def __init__(self, settings: EstimateSettings, capacity: int = 4096) -> None:
+    def __init__(
+        self, settings: EstimateSettings, capacity: int = 4096, zone: tzinfo | None = None
+    ) -> None:
         self.settings = settings
+        self._zone = zone  # the site's, for its closed hours (None: the system's)
         self._params = settings.params()
         self._addrs = KeyedRows(capacity, _ACOLS)
         self._chains = np.zeros((capacity, _CCOLS), np.int64)
         self._fps = KeyedRows(max(capacity // 8, 64), _FCOLS)
-        self._clock = np.array([_NONE, _NONE, 0, 0, 0, 0], np.int64)
+        self._clock = np.array([_NONE, _NONE, 0, 0, 0, 0, _NONE], np.int64)
         self._hist = np.zeros(_HIST_BINS, np.int64)
         self._out = np.zeros((256, _NOUT), np.int64)
         self._threshold_said: int | None = None
@@ -614,6 +626,8 @@ class Estimator:
     def add(self, batch: DeviceBatch) -> list[WindowEstimate]:
         """Estimate a batch; return the windows its rows closed."""
         closed: list[WindowEstimate] = []
+        if self._clock[_K_OPENS] == _NONE and len(batch):
+            self._clock[_K_OPENS] = self._opens(int(batch.ts_ns[0]))
         i = 0
         while i < len(batch):
             i, rows = _estimate(
@@ -660,6 +674,14 @@ class Estimator:
         """Forget every address, fingerprint and chain; windows go on from ``start_ns``."""
         self.wipe()
         self._clock[_K_OLDEST] = start_ns
+        self._clock[_K_OPENS] = self._opens(start_ns)
+
+    def _opens(self, t_ns: int) -> int:
+        """When the site opens (``static_closed_h``, local) on the day of ``t_ns``."""
+        local = datetime.fromtimestamp(t_ns / NS, self._zone).astimezone(self._zone)
+        midnight = datetime.combine(local.date(), time(0), local.tzinfo)
+        opens = midnight + timedelta(hours=self.settings.static_closed_h)
+        return int(opens.timestamp()) * NS
 
     def wipe(self) -> None:
         """Overwrite every table in place (ids, fingerprints, chains, signal)."""
@@ -668,6 +690,7 @@ class Estimator:
         self._chains.fill(0)
         self._hist.fill(0)
         self._clock[_K_CHAINS] = self._clock[_K_ADDRS] = self._clock[_K_FPS] = 0
+        self._clock[_K_OPENS] = _NONE
 
     def _grow(self) -> None:
         if self._clock[_K_ADDRS] >= self._addrs.capacity // 2:
