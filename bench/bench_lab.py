@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.lab_days import (  # noqa: E402
+from firmware_agent.evaluate import Truth
+from tests.lab_days import (
     CACHE,
     lab_config,
     lab_days,
@@ -27,8 +28,7 @@ from tests.lab_days import (  # noqa: E402
     report,
     scored,
 )
-from tests.lab_doc import print_report, write_section  # noqa: E402
-from firmware_agent.evaluate import Truth  # noqa: E402
+from tests.lab_doc import print_report, write_section
 
 DEFAULT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "lab"
 
@@ -42,8 +42,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("lab", nargs="?", type=Path, default=DEFAULT)
     parser.add_argument("--days", type=int, help="only the first N days (a quick look)")
-    parser.add_argument("--set", type=_setting, action="append", default=[],
-                        metavar="NAME=VALUE", help="an estimate setting, e.g. static_min_s=0")
+    parser.add_argument(
+        "--set",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an estimate setting, e.g. static_min_s=0",
+    )
     parser.add_argument("--no-cache", action="store_true", help="replay every day again")
     parser.add_argument("--doc", action="store_true", help="write docs/ACCURACY.md's section")
     args = parser.parse_args()  # fmt: skip
@@ -67,7 +73,8 @@ def main() -> int:
         print("wrote docs/ACCURACY.md (lab days)", file=sys.stderr)
         return 0
     print_report(rep, visit)
-    print(f"\nreplay: {replay_s:.1f} s for the days not cached; total {time.perf_counter() - began:.1f} s")
+    total = time.perf_counter() - began
+    print(f"\nreplay: {replay_s:.1f} s for the days not cached; total {total:.1f} s")
     return 0
 
 

@@ -108,10 +108,8 @@ def replay_day(day: LabDay, config: AgentConfig, cache: Path | None = CACHE) -> 
         where = cache / code_digest(config) / f"{day.date}-{day.path.stat().st_size}.json"
         if where.exists():
             saved = json.loads(where.read_text())
-            return DayWindows(
-                day.date, *(np.array(saved[k], np.int64) for k in ("start", "people_est", "probes")),
-                seconds=0.0,
-            )  # fmt: skip
+            keys = ("start", "people_est", "probes")
+            return DayWindows(day.date, *(np.array(saved[k], np.int64) for k in keys), 0.0)
     began = time.perf_counter()
     result = replay(day.path, config)
     seconds = time.perf_counter() - began
@@ -165,18 +163,17 @@ def folds_of(days: Sequence[str]) -> dict[str, int]:
 
 
 def visit_windows(day: Scored) -> tuple[NDArray[np.int64], NDArray[np.float64]] | None:
-    """One short visit of a class day: the VISIT_WINDOWS windows from the first one with
-    OCCUPIED people or more (an installer arrives with the class and counts for two hours)."""
+    """One short visit (the README's procedure): the hour before a class, the room empty,
+    and the hour from the first window with OCCUPIED people or more (VISIT_WINDOWS in all)."""
     busy = np.flatnonzero(day.truth >= OCCUPIED)
-    if busy.size == 0:
+    half = VISIT_WINDOWS // 2
+    if busy.size == 0 or busy[0] < half or (day.truth[busy[0] - half : busy[0]] > 0).any():
         return None
     at = int(busy[0])
-    return day.people_est[at : at + VISIT_WINDOWS], day.truth[at : at + VISIT_WINDOWS]
+    return day.people_est[at - half : at + half], day.truth[at - half : at + half]
 
 
-def calibrations(
-    days: Sequence[Scored], how: str = "days"
-) -> dict[int, Calibration]:
+def calibrations(days: Sequence[Scored], how: str = "days") -> dict[int, Calibration]:
     """Fold -> the calibration fitted on the other folds (``how``: 'days' or 'visit')."""
     fold = folds_of([d.date for d in days])
     out = {}

@@ -100,10 +100,10 @@ def lines(rep: Report, visit: Report, digest: str) -> list[str]:
         "",
         "### Calibrated from one short visit",
         "",
-        f"Each fold calibrated on {VISIT_WINDOWS} windows (two counted hours from the first "
-        "occupied window) of the first class day of the other fold with 10 people or more, "
-        "instead of every window of the other fold (docs/calibration in README: the "
-        "procedure).",
+        f"Each fold calibrated on {VISIT_WINDOWS} windows of the first class day of the other "
+        "fold with 10 people or more: the empty hour before the class and the class's first "
+        "hour (README, *Calibrating a site in one visit*), instead of every window of the "
+        "other fold.",
         "",
         "| goal | value | met |",
         "|---|---:|---|",

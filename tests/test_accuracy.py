@@ -23,6 +23,7 @@ from tests.accuracy import (
     lab_result,
     one_phone,
     one_phone_names,
+    ours,
     table,
 )
 from tests.conftest import REPO, SHARED
@@ -43,10 +44,6 @@ MISSES = {
     ("fryza_p1_sc6-61_2023-02-21", "mae"): _AFTERNOON,
     ("fryza_p1_sc6-61_2023-02-21", "r"): _AFTERNOON,
     ("fryza_p1_sc6-61_2023-02-21", "mape"): _AFTERNOON,
-    ("fryza_p1_sc6-61_2024-04-04", "mape"): (
-        "15.5 % (14.5 % over the windows with 10 people or more): some windows of 17 people "
-        "estimated at 11-13, and the departure (5 people, 3 estimated)"
-    ),
 }
 
 
@@ -102,4 +99,4 @@ def test_one_phone_is_at_most_two_devices(pcaps: Path) -> None:
 def test_accuracy_table_is_current(pcaps: Path) -> None:
     assert SHARED.is_dir()
     written = (REPO / "docs" / "ACCURACY.md").read_text()
-    assert written == table(pcaps), "regenerate it: .venv/bin/python -m tests.accuracy ..."
+    assert ours(written) == table(pcaps), "regenerate it: .venv/bin/python -m tests.accuracy ..."

@@ -1,0 +1,109 @@
+"""Issue 15 on a sample of the 101 lab days (the full sweep is bench/bench_lab.py).
+
+Six days are replayed through the agent (no cache) and calibrated out of sample among
+themselves (two folds, as the sweep does): a day whose class stays 5 hours, an outage in a
+class, empty days. Goals the sweep does not reach are ``xfail(strict=True)`` with its numbers.
+docs/ACCURACY.md's lab-days section must carry the digest of today's inputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from firmware_agent.evaluate import Truth
+from tests.conftest import shared_path
+from tests.lab_days import (
+    Report,
+    Scored,
+    lab_config,
+    lab_days,
+    replay_day,
+    report,
+    scored,
+)
+from tests.lab_doc import DOC, inputs_digest, section
+
+pytestmark = pytest.mark.shared
+
+SAMPLE = ("2022-11-24", "2023-02-22", "2023-02-23", "2023-03-14", "2023-10-04", "2023-10-11")
+LONG_STAY = "2023-10-04"  # 15-17 people from 13:00 for almost 5 hours
+OUTAGE = "2023-02-22"  # the sensor heard nothing for hours of a class
+SWEEP = "over the 101 days (docs/ACCURACY.md, bench/bench_lab.py)"
+GOALS = ("occupied MAE <= 1.5", "occupied MAPE < 15 %", "r >= 0.9", "empty mean <= 0.2",
+         "empty p95 <= 1", "no day MAE > 3")  # fmt: skip
+MISSES = {
+    "occupied MAE <= 1.5": f"2.44 people {SWEEP}: in the windows of 10 or more people, "
+    "random-address chains per person range 0.48-1.12 from day to day (mean 0.81, sd 0.20) and "
+    "global ones 0.48-2.56; one linear calibration per site cannot follow that",
+    "occupied MAPE < 15 %": f"21.2 % {SWEEP}, the same cause as the MAE",
+    "empty mean <= 0.2": f"0.23 people {SWEEP}: one device that lingers in an empty room "
+    "(a neighbour's, the corridor's) reads 1 person after the calibration's rounding "
+    "(0.67 x 1 - 0.1); a site floor of 2 devices would reach it and cost small groups",
+    "no day MAE > 3": f"worst day 4.74 people {SWEEP} (2023-04-26, 24 people: the biggest "
+    "class, read 32 % low)",
+}
+
+
+@pytest.fixture(scope="module")
+def lab() -> Path:
+    return shared_path("data", "lab")
+
+
+@pytest.fixture(scope="module")
+def sample(lab: Path) -> list[Scored]:
+    truth = Truth.read(lab / "truth.csv")
+    config = lab_config()
+    days = [d for d in lab_days(lab) if d.date in SAMPLE]
+    return [scored(replay_day(d, config, cache=None), truth) for d in days]
+
+
+@pytest.fixture(scope="module")
+def sample_report(sample: list[Scored]) -> Report:
+    return report(sample)
+
+
+def test_doc_section_is_current(lab: Path) -> None:
+    text = section(DOC.read_text())
+    assert text, "docs/ACCURACY.md has no lab-days section: run bench/bench_lab.py --doc"
+    assert f"<!-- inputs {inputs_digest(lab)} -->" in text, (
+        "docs/ACCURACY.md's lab-days section is stale: run .venv/bin/python bench/bench_lab.py "
+        "--doc"
+    )
+
+
+def test_a_class_that_stays_five_hours_is_not_taken_for_pcs(sample_report: Report) -> None:
+    at = [d.date for d in sample_report.days].index(LONG_STAY)
+    day, est = sample_report.days[at], sample_report.estimate[at]
+    late = np.flatnonzero(day.truth >= 10)[-12:]  # the class's last hour, 4 h after it came
+    assert est[late].mean() >= 0.7 * day.truth[late].mean()
+
+
+def test_an_outage_is_missing_not_an_empty_room(sample: list[Scored]) -> None:
+    outage = next(d for d in sample if d.date == OUTAGE)
+    assert outage.missing == 71
+    assert all(d.missing == 0 for d in sample if d.date in ("2022-11-24", "2023-02-23"))
+
+
+def test_an_empty_day_reads_at_most_one_person(sample_report: Report) -> None:
+    for day, est in zip(sample_report.days, sample_report.estimate, strict=True):
+        if day.truth.size and day.truth.max() == 0:
+            assert est.max() <= 1, day.date
+
+
+def _goal(name: str) -> object:
+    reason = MISSES.get(name)
+    marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+    return pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("name", [_goal(n) for n in GOALS])
+def test_goal_over_the_lab_days(name: str) -> None:
+    """The sweep's pooled goals as published (test_doc_section_is_current keeps them current:
+    the doc carries the digest of the code and data they come from)."""
+    text = section(DOC.read_text())
+    rows = [line for line in text.splitlines() if line.startswith(f"| {name} |")]
+    assert rows, f"no row for {name!r} in docs/ACCURACY.md's lab-days section"
+    assert rows[0].endswith("| met |"), rows[0]
