@@ -225,7 +225,7 @@ SETTINGS += (
     ),
     Setting(
         "estimate.reset_min",
-        10,
+        5,
         "Address changes of a phone model seen before it may be judged to reset its sequence "
         "numbers.",
     ),

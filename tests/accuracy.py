@@ -287,7 +287,7 @@ def table(pcaps: Path) -> str:
         "## Goals (the estimator, calibrated leave-one-day-out)",
         "",
         f"Lab days: MAE at most {GOAL_MAE}, r at least {GOAL_R}, MAPE below {GOAL_MAPE:g} %. "
-        f"Empty day: no window above 1 person. One phone: at most {GOAL_ONE_PHONE} devices.",
+        f"Empty day: no window above 1 person. One phone: 1 to {GOAL_ONE_PHONE} devices.",
         "",
         "| capture | devices | MAE | r | MAPE | max people (empty day) |",
         "|---|---|---|---|---|---|",
@@ -316,10 +316,11 @@ def table(pcaps: Path) -> str:
             out.append(f"| {name} | {devices} | " + " | ".join(cells) + " |")
     phones = [one_phone(pcaps, n) for n in one_phone_names(pcaps)]
     worst = max(p.estimated_max for p in phones)
+    fewest = min(p.estimated_max for p in phones)
     out += [
         "",
-        f"One phone per file: at most {worst} devices estimated in a window "
-        f"({_mark(worst <= GOAL_ONE_PHONE)}).",
+        f"One phone per file: {fewest} to {worst} devices estimated in its busiest window "
+        f"({_mark(1 <= fewest and worst <= GOAL_ONE_PHONE)}).",
     ]
     for without in (False, True):
         title = "without the authors' 14 lab PCs" if without else "every device"
@@ -353,6 +354,10 @@ def table(pcaps: Path) -> str:
         "",
         "## Reading it",
         "",
+        "- The numbers in the tries below were measured on the estimator before issue 15 "
+        "(static by duration alone, the learnt threshold down to -90 dBm, reset learning within "
+        "60 s and 10 addresses); the tables above are today's, and the 101 lab days below score "
+        "both.",
         "- r needs the truth to move. On 2023-02-08 it is 14-15 people in every window but the "
         "last, and on 2023-02-21 15-18 but for the class change and the end, so r there "
         "measures noise: it needs a per-window error of at most 0.63 and 1.06 people (sd; "
@@ -401,9 +406,10 @@ def table(pcaps: Path) -> str:
         "- Without the authors' PC list removed, the PCs (about 14 strong devices during "
         "classes) act like an offset the calibration absorbs; with it removed, fewer devices "
         "carry the same people and the per-day level varies more.",
-        "- Two one-phone files estimate 0: their phones probed so seldom (every 1 to 3 "
-        "minutes, a new address and counter each time) that their model never showed it "
-        "resets within a file, so no chain lasted the 60 s a device needs.",
+        "- Two one-phone files estimated 0 before issue 15: their phones probe so seldom (every "
+        "1 to 3 minutes, a new address and counter each time) that their model never showed it "
+        "resets within 60 s and 10 addresses, so no chain lasted the 60 s a device needs. The "
+        "reset is now learnt over the cadence gap (300 s) from 5 addresses: they read 1.",
         "",
         "## One phone per file",
         "",

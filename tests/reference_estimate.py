@@ -117,15 +117,16 @@ def reference_estimates(
 
     def link(t: int, dev: int, fp: int, seq: int, rssi: int) -> int | None:
         f = fingerprints.setdefault(fp, _Fingerprint())
-        recent, best_delta, chain = 0, 4096, None
+        recent, heard, best_delta, chain = 0, False, 4096, None
         for other in reversed(f.recent[-RING:]):
             c, last, other_seq = addresses[other]
+            heard |= abs(t - last) <= max(s.link_gap_s, s.cadence_gap_s) * NS
             if abs(t - last) <= s.link_gap_s * NS:
                 recent += 1
                 delta = (seq - other_seq) % 4096
                 if 1 <= delta <= s.seq_max_delta and delta < best_delta:
                     best_delta, chain = delta, c
-        if recent:
+        if heard:
             f.new += 1
             f.expected += min(4096, recent * s.seq_max_delta)
             f.continued += chain is not None
