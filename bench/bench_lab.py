@@ -22,11 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from firmware_agent.evaluate import Truth
 from tests.lab_days import (
     CACHE,
+    LabDay,
+    Scored,
     lab_config,
     lab_days,
     replay_day,
     report,
     scored,
+    threshold_report,
+    visit_thresholds,
 )
 from tests.lab_doc import print_report, write_section
 
@@ -67,12 +71,21 @@ def main() -> int:
         print(f"[{i}/{len(days)}] {day.date}: {how}, {time.perf_counter() - began:.1f} s",
               file=sys.stderr, flush=True)  # fmt: skip
     rep = report(out)
-    visit = report(out, "visit")
+    cache = None if args.no_cache else CACHE
+
+    def at(day: LabDay, dbm: int) -> Scored:
+        return scored(
+            replay_day(day, lab_config(**dict(args.set), rssi_threshold_dbm=dbm), cache), truth
+        )
+
+    visits = visit_thresholds(days, out, at)
+    site = threshold_report(days, out, at, visits, from_visit=False)
+    visit = threshold_report(days, out, at, visits, from_visit=True)
     if args.doc:
-        write_section(rep, visit, args.lab)
+        write_section((rep, site, visit), args.lab)
         print("wrote docs/ACCURACY.md (lab days)", file=sys.stderr)
         return 0
-    print_report(rep, visit)
+    print_report((rep, site, visit))
     total = time.perf_counter() - began
     print(f"\nreplay: {replay_s:.1f} s for the days not cached; total {total:.1f} s")
     return 0

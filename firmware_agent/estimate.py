@@ -29,7 +29,8 @@ addresses heard within ``link_gap_s`` with probability ``K * seq_max_delta / 409
 on a counter that matches is taken for chance. (Counting the new addresses over the cadence
 gap, and 5 of them, is what lets a phone that probes only every 1-3 minutes, a new address and
 counter each time, learn it within a visit: with ``link_gap_s`` and 10, two of the nine
-one-phone captures never did, and read 0 devices.) Models that keep their counter across addresses never learn it, so two phones of such
+one-phone captures never did, and read 0 devices.)
+Models that keep their counter across addresses never learn it, so two phones of such
 a model side by side stay two chains; two phones of a resetting model at the same spot cannot
 be told apart and may become one. (``link`` off: every address is a device of its own, as the
 evaluation's first stages count; ``assume_randomised``: every address is taken for a random

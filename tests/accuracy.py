@@ -320,7 +320,7 @@ def table(pcaps: Path) -> str:
     out += [
         "",
         f"One phone per file: {fewest} to {worst} devices estimated in its busiest window "
-        f"({_mark(1 <= fewest and worst <= GOAL_ONE_PHONE)}).",
+        f"({_mark(fewest >= 1 and worst <= GOAL_ONE_PHONE)}).",
     ]
     for without in (False, True):
         title = "without the authors' 14 lab PCs" if without else "every device"

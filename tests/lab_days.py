@@ -37,7 +37,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from firmware_agent.estimate import Calibration
-from firmware_agent.evaluate import Truth, fit_calibration, replay
+from firmware_agent.evaluate import Truth, fit_calibration, replay, site_threshold
 from firmware_agent.settings import AgentConfig, load_config
 from tests.truth_fryza import LAB_ZONE
 
@@ -137,6 +137,10 @@ class Scored:
 
 def scored(day: DayWindows, truth: Truth, window_s: int = 300) -> Scored:
     """The day's windows 06-22 local that the truth covers; outages left out and counted."""
+    if day.start.size:  # the rows that can cover the day: window() is linear in the rows
+        lo = max(int(np.searchsorted(truth.times, day.start[0], "right")) - 1, 0)
+        hi = int(np.searchsorted(truth.times, day.start[-1] + window_s, "right")) + 1
+        truth = Truth(truth.times[lo:hi], truth.people[lo:hi])
     heard = day.probes[day.probes > 0]
     normal = heard.size > 0 and float(np.median(heard)) >= NORMAL_FRAMES
     est: list[int] = []
@@ -173,21 +177,17 @@ def visit_windows(day: Scored) -> tuple[NDArray[np.int64], NDArray[np.float64]] 
     return day.people_est[at - half : at + half], day.truth[at - half : at + half]
 
 
-def calibrations(days: Sequence[Scored], how: str = "days") -> dict[int, Calibration]:
-    """Fold -> the calibration fitted on the other folds (``how``: 'days' or 'visit')."""
+def calibrations_on(days: Sequence[Scored]) -> Calibration:
+    """The calibration fitted on every scored window of ``days``."""
+    x = np.concatenate([d.people_est for d in days])
+    y = np.concatenate([d.truth for d in days])
+    return fit_calibration(x.tolist(), y.tolist())
+
+
+def calibrations(days: Sequence[Scored]) -> dict[int, Calibration]:
+    """Fold -> the calibration fitted on every scored window of the other folds."""
     fold = folds_of([d.date for d in days])
-    out = {}
-    for k in range(FOLDS):
-        others = [d for d in days if fold[d.date] != k]
-        if how == "visit":
-            visit = next(v for d in others if d.truth.max(initial=0) >= 10
-                         and (v := visit_windows(d)) is not None)  # fmt: skip
-            x, y = visit
-        else:
-            x = np.concatenate([d.people_est for d in others])
-            y = np.concatenate([d.truth for d in others])
-        out[k] = fit_calibration(x.tolist(), y.tolist())
-    return out
+    return {k: calibrations_on([d for d in days if fold[d.date] != k]) for k in range(FOLDS)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +197,7 @@ class Report:
     days: tuple[Scored, ...]
     estimate: tuple[NDArray[np.int64], ...]  # per day, people per scored window
     calibration: dict[int, Calibration]
+    thresholds: dict[int, int]  # fold -> site threshold (dBm) from a visit; {}: the config's
 
     def pooled(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         return (
@@ -205,13 +206,69 @@ class Report:
         )
 
 
-def report(days: Sequence[Scored], how: str = "days") -> Report:
-    cal = calibrations(days, how)
+def report(days: Sequence[Scored]) -> Report:
+    """Each fold calibrated on every scored window of the other folds."""
+    cal = calibrations(days)
     fold = folds_of([d.date for d in days])
     est = tuple(
         np.array([cal[fold[d.date]].people(int(p)) for p in d.people_est], np.int64) for d in days
     )
-    return Report(tuple(days), est, cal)
+    return Report(tuple(days), est, cal, {})
+
+
+def visit_thresholds(
+    days: Sequence[LabDay], base: Sequence[Scored], at: Callable[[LabDay, int], Scored]
+) -> dict[int, tuple[int, Calibration]]:
+    """Fold -> (site threshold, calibration) from one visit to a day of the other folds, as
+    README's procedure and ``calibrate --site-threshold`` do: the site threshold from the
+    visit's empty hour, then the factor and offset on its two hours at that threshold. The
+    visit day is the first of the other folds with 10 people or more and an empty hour before
+    its class (``base``: the days scored with the defaults; ``at(day, dbm)``: a day scored at a
+    fixed threshold)."""
+    fold = folds_of([d.date for d in base])
+    by_date = {d.date: d for d in days}
+    half = VISIT_WINDOWS // 2
+    out = {}
+    for k in range(FOLDS):
+        visit_day = next(
+            by_date[d.date]
+            for d in base
+            if fold[d.date] != k and d.truth.max(initial=0) >= 10 and visit_windows(d)
+        )
+
+        def empty_reads(dbm: int, day: LabDay = visit_day) -> list[int]:
+            visit = visit_windows(at(day, dbm))
+            return [] if visit is None else visit[0][:half].tolist()
+
+        dbm = site_threshold(empty_reads)
+        visit = visit_windows(at(visit_day, dbm))
+        assert visit is not None
+        out[k] = (dbm, fit_calibration(visit[0].tolist(), visit[1].tolist()))
+    return out
+
+
+def threshold_report(
+    days: Sequence[LabDay],
+    base: Sequence[Scored],
+    at: Callable[[LabDay, int], Scored],
+    visits: dict[int, tuple[int, Calibration]],
+    *,
+    from_visit: bool,
+) -> Report:
+    """Each fold replayed at its visit's site threshold and calibrated by the visit
+    (``from_visit``) or on every scored window of the other folds at that threshold."""
+    fold = folds_of([d.date for d in base])
+    by_date = {d.date: d for d in days}
+    cal = {}
+    for k, (dbm, visit_cal) in visits.items():
+        others = [at(by_date[d.date], dbm) for d in base if fold[d.date] != k]
+        cal[k] = visit_cal if from_visit else calibrations_on(others)
+    scored_days = [at(by_date[d.date], visits[fold[d.date]][0]) for d in base]
+    est = tuple(
+        np.array([cal[fold[d.date]].people(int(p)) for p in d.people_est], np.int64)
+        for d in scored_days
+    )
+    return Report(tuple(scored_days), est, cal, {k: v[0] for k, v in visits.items()})
 
 
 @dataclass(frozen=True, slots=True)
