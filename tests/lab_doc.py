@@ -46,6 +46,15 @@ def inputs_digest(lab: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _head(*columns: str) -> list[str]:
+    """A markdown table's header: the first column left-aligned, the others right."""
+    return [_row(*columns), "|---|" + "---:|" * (len(columns) - 1)]
+
+
+def _row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def _f(v: float | None, digits: int = 2) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
@@ -86,10 +95,10 @@ def lines(reports: Sequence[Report], digest: str) -> list[str]:
         "replayed at it. *Calibration from one visit*: the factor and offset fitted on that "
         "visit's empty hour and the class's first hour only.",
         "",
-        "| goal | " + " | ".join(VARIANTS) + " |",
-        "|---|" + "---:|" * len(VARIANTS),
+        *_head("goal", *VARIANTS),
     ]
     met = [goals(s, w[1]) for s, w in zip(summaries, worst, strict=True)]
+    levels = [by_level(*r.pooled()) for r in reports]
     for name in met[0]:
         cells = [f"{_f(m[name][0])} {'met' if m[name][1] else '**not met**'}" for m in met]
         out.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -97,11 +106,12 @@ def lines(reports: Sequence[Report], digest: str) -> list[str]:
         "",
         "Goals met in the headline variant (the second), as the suite reads them:",
         "",
-        "| goal | value | met |",
-        "|---|---:|---|",
+        *_head("goal", "value", "met"),
+        *(
+            _row(name, _f(v), "met" if ok else "**not met**")
+            for name, (v, ok) in met[HEADLINE].items()
+        ),
     ]
-    for name, (value, ok) in met[HEADLINE].items():
-        out.append(f"| {name} | {_f(value)} | {'met' if ok else '**not met**'} |")
     out += [
         "",
         f"{summaries[HEADLINE].windows} windows scored on {len(head.days)} days "
@@ -122,22 +132,29 @@ def lines(reports: Sequence[Report], digest: str) -> list[str]:
         "",
         "### Error by truth level (pooled; mean error / MAE, people)",
         "",
-        "| truth (people) | windows | " + " | ".join(VARIANTS) + " |",
-        "|---|---:|" + "---:|" * len(VARIANTS),
+        *_head("truth (people)", "windows", *VARIANTS),
+        *(
+            _row(name, str(n), *(f"{_f(lv[i][2])} / {_f(lv[i][3])}" for lv in levels))
+            for i, (name, n, _, _) in enumerate(levels[0])
+        ),
     ]
-    levels = [by_level(*r.pooled()) for r in reports]
-    for i, (name, n, _, _) in enumerate(levels[0]):
-        cells = [f"{_f(lv[i][2])} / {_f(lv[i][3])}" for lv in levels]
-        out.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
     out += [
         "",
         "### Per day (the headline variant)",
         "",
         "![MAE per day, sorted](lab_days.svg)",
         "",
-        "| day | fold | windows | missing | most people | MAE | occupied MAE | MAPE % "
-        "| empty: mean |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *_head(
+            "day",
+            "fold",
+            "windows",
+            "missing",
+            "most people",
+            "MAE",
+            "occupied MAE",
+            "MAPE %",
+            "empty: mean",
+        ),
     ]
     fold = {d.date: i % FOLDS for i, d in enumerate(sorted(head.days, key=lambda d: d.date))}
     for d, e in zip(head.days, head.estimate, strict=True):

@@ -17,16 +17,8 @@ import pytest
 
 from firmware_agent import cli
 from firmware_agent.evaluate import Truth
+from tests import lab_days as ld
 from tests.conftest import shared_path
-from tests.lab_days import (
-    Report,
-    Scored,
-    lab_config,
-    lab_days,
-    replay_day,
-    report,
-    scored,
-)
 from tests.lab_doc import DOC, inputs_digest, section
 
 pytestmark = pytest.mark.shared
@@ -55,16 +47,16 @@ def lab() -> Path:
 
 
 @pytest.fixture(scope="module")
-def sample(lab: Path) -> list[Scored]:
+def sample(lab: Path) -> list[ld.Scored]:
     truth = Truth.read(lab / "truth.csv")
-    config = lab_config()
-    days = [d for d in lab_days(lab) if d.date in SAMPLE]
-    return [scored(replay_day(d, config, cache=None), truth) for d in days]
+    config = ld.lab_config()
+    days = [d for d in ld.lab_days(lab) if d.date in SAMPLE]
+    return [ld.scored(ld.replay_day(d, config, cache=None), truth) for d in days]
 
 
 @pytest.fixture(scope="module")
-def sample_report(sample: list[Scored]) -> Report:
-    return report(sample)
+def sample_report(sample: list[ld.Scored]) -> ld.Report:
+    return ld.report(sample)
 
 
 def test_doc_section_is_current(lab: Path) -> None:
@@ -76,20 +68,20 @@ def test_doc_section_is_current(lab: Path) -> None:
     )
 
 
-def test_a_class_that_stays_five_hours_is_not_taken_for_pcs(sample_report: Report) -> None:
+def test_a_class_that_stays_five_hours_is_not_taken_for_pcs(sample_report: ld.Report) -> None:
     at = [d.date for d in sample_report.days].index(LONG_STAY)
     day, est = sample_report.days[at], sample_report.estimate[at]
     late = np.flatnonzero(day.truth >= 10)[-12:]  # the class's last hour, 4 h after it came
     assert est[late].mean() >= 0.7 * day.truth[late].mean()
 
 
-def test_an_outage_is_missing_not_an_empty_room(sample: list[Scored]) -> None:
+def test_an_outage_is_missing_not_an_empty_room(sample: list[ld.Scored]) -> None:
     outage = next(d for d in sample if d.date == OUTAGE)
     assert outage.missing == 71
     assert all(d.missing == 0 for d in sample if d.date in ("2022-11-24", "2023-02-23"))
 
 
-def test_an_empty_day_reads_at_most_one_person(sample_report: Report) -> None:
+def test_an_empty_day_reads_at_most_one_person(sample_report: ld.Report) -> None:
     for day, est in zip(sample_report.days, sample_report.estimate, strict=True):
         if day.truth.size and day.truth.max() == 0:
             assert est.max() <= 1, day.date
@@ -123,7 +115,7 @@ def test_calibrate_from_one_visit_sets_the_site_threshold(lab: Path, tmp_path: P
     truth.write_text("timestamp,people\n" + "".join(f"{t},{p}\n" for t, p in visit))
     config = tmp_path / "agent.toml"
     config.write_text('[epoch]\ntimezone = "Europe/Prague"\n')
-    capture = next(d.path for d in lab_days(lab) if d.date == VISIT_DAY)
+    capture = next(d.path for d in ld.lab_days(lab) if d.date == VISIT_DAY)
     args = ["calibrate", str(capture), "--truth", str(truth), "--config", str(config)]
     assert cli.main([*args, "--site-threshold"]) == 0
     estimate = tomllib.loads(config.read_text())["estimate"]
