@@ -63,14 +63,18 @@ def main() -> int:
     began = time.perf_counter()
     out = []
     replay_s = 0.0
+    replayed = 0  # probe requests in the days replayed (not cached)
     for i, day in enumerate(days, 1):
         windows = replay_day(day, config, None if args.no_cache else CACHE)
         replay_s += windows.seconds
+        replayed += int(windows.probes.sum()) if windows.seconds else 0
         out.append(scored(windows, truth))
         how = f"replayed in {windows.seconds:.1f} s" if windows.seconds else "cached"
         print(f"[{i}/{len(days)}] {day.date}: {how}, {time.perf_counter() - began:.1f} s",
               file=sys.stderr, flush=True)  # fmt: skip
     rep = report(out)
+    rate = f", {replayed / replay_s:,.0f} probe requests/s" if replay_s else ""
+    cost = f"cost: replay {replay_s:.1f} s for the days not cached{rate}"
     cache = None if args.no_cache else CACHE
 
     def at(day: LabDay, dbm: int) -> Scored:
@@ -78,7 +82,15 @@ def main() -> int:
             replay_day(day, lab_config(**dict(args.set), rssi_threshold_dbm=dbm), cache), truth
         )
 
-    visits = visit_thresholds(days, out, at)
+    try:
+        visits = visit_thresholds(days, out, at)
+    except LookupError as exc:
+        if args.doc:
+            raise
+        print(f"{exc}; the learnt threshold only", file=sys.stderr)
+        print_report((rep,))
+        print(f"\n{cost}")
+        return 0
     site = threshold_report(days, out, at, visits, from_visit=False)
     visit = threshold_report(days, out, at, visits, from_visit=True)
     if args.doc:
@@ -87,7 +99,7 @@ def main() -> int:
         return 0
     print_report((rep, site, visit))
     total = time.perf_counter() - began
-    print(f"\nreplay: {replay_s:.1f} s for the days not cached; total {total:.1f} s")
+    print(f"\n{cost}; total {total:.1f} s")
     return 0
 
 

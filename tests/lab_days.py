@@ -231,10 +231,18 @@ def visit_thresholds(
     out = {}
     for k in range(FOLDS):
         visit_day = next(
-            by_date[d.date]
-            for d in base
-            if fold[d.date] != k and d.truth.max(initial=0) >= 10 and visit_windows(d)
+            (
+                by_date[d.date]
+                for d in base
+                if fold[d.date] != k and d.truth.max(initial=0) >= 10 and visit_windows(d)
+            ),
+            None,
         )
+        if visit_day is None:
+            raise LookupError(
+                f"no day outside fold {k} has a class of 10 or more with an empty hour before "
+                "it: no visit to calibrate from"
+            )
 
         def empty_reads(dbm: int, day: LabDay = visit_day) -> list[int]:
             visit = visit_windows(at(day, dbm))

@@ -71,8 +71,11 @@ HEADLINE = 1  # the variant the goals test reads, the per-day table and the plot
 
 
 def lines(reports: Sequence[Report], digest: str) -> list[str]:
-    """The section; ``reports``: one per VARIANTS, in that order."""
-    head = reports[HEADLINE]
+    """The section; ``reports``: one per VARIANTS, in that order (the first ones only: a quick
+    look with no visit day)."""
+    variants = VARIANTS[: len(reports)]
+    headline = min(HEADLINE, len(reports) - 1)
+    head = reports[headline]
     missing = sum(d.missing for d in head.days)
     summaries = [summarise(*r.pooled()) for r in reports]
     worst = [max(day_mae(r), key=lambda d: d[1]) for r in reports]
@@ -98,7 +101,7 @@ def lines(reports: Sequence[Report], digest: str) -> list[str]:
         "replayed at it. *Calibration from one visit*: the factor and offset fitted on that "
         "visit's empty hour and the class's first hour only.",
         "",
-        *_head("goal", *VARIANTS),
+        *_head("goal", *variants),
     ]
     met = [goals(s, w[1]) for s, w in zip(summaries, worst, strict=True)]
     levels = [by_level(*r.pooled()) for r in reports]
@@ -112,19 +115,19 @@ def lines(reports: Sequence[Report], digest: str) -> list[str]:
         *_head("goal", "value", "met"),
         *(
             _row(name, _f(v), "met" if ok else "**not met**")
-            for name, (v, ok) in met[HEADLINE].items()
+            for name, (v, ok) in met[headline].items()
         ),
     ]
     out += [
         "",
-        f"{summaries[HEADLINE].windows} windows scored on {len(head.days)} days "
-        f"({summaries[HEADLINE].occupied} occupied, {summaries[HEADLINE].empty} empty); worst "
-        f"day {worst[HEADLINE][0]} (MAE {worst[HEADLINE][1]:.2f}).",
+        f"{summaries[headline].windows} windows scored on {len(head.days)} days "
+        f"({summaries[headline].occupied} occupied, {summaries[headline].empty} empty); worst "
+        f"day {worst[headline][0]} (MAE {worst[headline][1]:.2f}).",
         "",
         "Per fold:",
         "",
     ]
-    for variant, r in zip(VARIANTS, reports, strict=True):
+    for variant, r in zip(variants, reports, strict=True):
         for k, c in r.calibration.items():
             dbm = f"{r.thresholds[k]} dBm" if r.thresholds else "learnt threshold"
             out.append(
@@ -135,7 +138,7 @@ def lines(reports: Sequence[Report], digest: str) -> list[str]:
         "",
         "### Error by truth level (pooled; mean error / MAE, people)",
         "",
-        *_head("truth (people)", "windows", *VARIANTS),
+        *_head("truth (people)", "windows", *variants),
         *(
             _row(name, str(n), *(f"{_f(lv[i][2])} / {_f(lv[i][3])}" for lv in levels))
             for i, (name, n, _, _) in enumerate(levels[0])
