@@ -48,8 +48,9 @@ last frame): one burst from the street or the corridor is not a person in the ve
 and counted in ``static_excluded`` (``static_min_s`` 0: no static exclusion;
 ``static_closed_h`` 24: any chain, whenever first heard). What tells a machine from a person
 is that it was there through the night: on the 101 lab days a rule by duration alone (4 h)
-took a class that stayed 5 hours for PCs (2023-10-04 read 4-5 people of 15 from 16:45; MAE
-5.95, now 2.90), and a person's laptop or phone in a class is as steady as a PC. The lab's
+took a class that stayed 5 hours for PCs (2023-10-04, 15-17 people from 13:00 for nearly 5
+hours: day MAE 5.95 then, under 3 now; docs/ACCURACY.md), and a person's laptop or phone in a
+class is as steady as a PC. The lab's
 own PCs are switched on with the class and off after it, so they are never static; they then
 count like a class's devices and the site calibration absorbs them (taking the authors' 14
 PCs out by address makes the 101 days worse: occupied MAE 4.02 against 2.44).
@@ -60,8 +61,10 @@ lasted ``min_dwell_s`` (devices in the venue against those beyond its walls), on
 ``AUTO_MIN_CHAINS`` of them; until then :data:`AUTO_FALLBACK_DBM`. The split is kept within
 ``AUTO_RANGE_DBM``, whose floor is the fallback, -70 dBm: Otsu splits whoever is heard, so on
 a day with nobody inside it split the corridor and the next room, at -80 to -90 dBm, and the
-stronger outsiders counted (the 101 lab days, empty windows: mean 0.43 people, 95th
-percentile 3 with a floor of -90 dBm; 0.23 and 1 with -70).
+stronger outsiders counted (the 101 lab days' empty windows: mean 0.43 people and 95th
+percentile 3 before this floor and the closed-hours static rule, 0.23 and 1 with both). A
+site threshold from an empty hour (``footfall-agent calibrate --site-threshold``) does better
+still (0.15).
 
 Everything here (ids, fingerprints, chains, sequence numbers, per-device signal) stays in
 memory, is wiped with the epoch and is never logged; only the per-window counts leave.
