@@ -2,7 +2,7 @@
 
 Every day is replayed through the agent's own pipeline (:func:`firmware_agent.evaluate.replay`,
 epochs at Prague midnight), and each window's ``people_est`` is kept in a per-day cache
-(``bench/out/lab/<digest>/<date>.json``; the digest covers the agent's code, the estimate
+(``bench/out/lab/<digest>/<date>.json``; the digest covers the replay's code, the estimate
 settings and the capture's size), so re-scoring, re-calibrating or regenerating the doc after a
 change elsewhere takes seconds.
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -81,11 +82,33 @@ def lab_config(**estimate: object) -> AgentConfig:
     return replace(config, estimate=replace(config.estimate, **estimate))  # type: ignore[arg-type]
 
 
+def replay_sources() -> list[Path]:
+    """The agent's modules a replay runs: firmware_agent/evaluate.py and what it imports from
+    the package, transitively (read from the import lines, so it is the same in every
+    process)."""
+    package = REPO / "firmware_agent"
+    found: set[Path] = set()
+    todo = [package / "evaluate.py", package / "__init__.py"]
+    while todo:
+        path = todo.pop()
+        if path in found or not path.exists():
+            continue
+        found.add(path)
+        text = path.read_text()
+        todo += [
+            package / f"{m}.py" for m in re.findall(r"^\s*from firmware_agent\.(\w+)", text, re.M)
+        ]
+        for names in re.findall(r"^\s*from firmware_agent import ([\w, ]+)", text, re.M):
+            todo += [package / f"{m.strip()}.py" for m in names.split(",")]
+    return sorted(found)
+
+
 def code_digest(config: AgentConfig) -> str:
-    """Digest of the agent's code and the estimate settings: what a cached replay depends on."""
+    """Digest of the replay's code and the estimate settings: what a cached replay depends on
+    (a change elsewhere in the agent, the MQTT client say, keeps the cache and the doc)."""
     h = hashlib.sha256(repr(config.estimate).encode())
     h.update(repr(config.epoch).encode())
-    for path in sorted((REPO / "firmware_agent").glob("*.py")):
+    for path in replay_sources():
         h.update(path.name.encode() + path.read_bytes())
     return h.hexdigest()[:16]
 
