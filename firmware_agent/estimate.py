@@ -29,12 +29,12 @@ addresses heard within ``link_gap_s`` with probability ``K * seq_max_delta / 409
 on a counter that matches is taken for chance. (Counting the new addresses over the cadence
 gap, and 5 of them, is what lets a phone that probes only every 1-3 minutes, a new address and
 counter each time, learn it within a visit: with ``link_gap_s`` and 10, two of the nine
-one-phone captures never did, and read 0 devices.)
-Models that keep their counter across addresses never learn it, so two phones of such
-a model side by side stay two chains; two phones of a resetting model at the same spot cannot
-be told apart and may become one. (``link`` off: every address is a device of its own, as the
-evaluation's first stages count; ``assume_randomised``: every address is taken for a random
-one, for datasets whose anonymiser drew random addresses.)
+one-phone captures never did, and read 0 devices.) Models that keep their counter across
+addresses never learn it, so two phones of such a model side by side stay two chains; two
+phones of a resetting model at the same spot cannot be told apart and may become one.
+(``link`` off: every address is a device of its own, as the evaluation's first stages count;
+``assume_randomised``: every address is taken for a random one, for datasets whose anonymiser
+drew random addresses.)
 
 **Counting.** When a window closes, a chain heard in it counts towards ``people_est`` if its
 best signal in the window is at or above the signal threshold (or unknown: bare 802.11
@@ -50,10 +50,10 @@ and counted in ``static_excluded`` (``static_min_s`` 0: no static exclusion;
 is that it was there through the night: on the 101 lab days a rule by duration alone (4 h)
 took a class that stayed 5 hours for PCs (2023-10-04, 15-17 people from 13:00 for nearly 5
 hours: day MAE 5.95 then, under 3 now; docs/ACCURACY.md), and a person's laptop or phone in a
-class is as steady as a PC. The lab's
-own PCs are switched on with the class and off after it, so they are never static; they then
-count like a class's devices and the site calibration absorbs them (taking the authors' 14
-PCs out by address makes the 101 days worse: occupied MAE 4.02 against 2.44).
+class is as steady as a PC. The lab's own PCs are switched on with the class and off after it,
+so they are never static; they then count like a class's devices and the site calibration
+absorbs them (taking the authors' 14 PCs out by address makes the 101 days worse: occupied MAE
+4.02 against 2.44).
 
 **Signal threshold.** Fixed per site (``rssi_threshold_dbm``), or learnt (:data:`AUTO`): at
 each window's close, Otsu's split of the best signal of every chain of the epoch that has
