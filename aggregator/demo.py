@@ -199,8 +199,22 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # SIGTERM stops the demo as Ctrl-C does: everything cleaned up
 
 
+def _check_port(port: int) -> None:
+    """Say at once when the dashboard's port is taken, rather than after the broker and the
+    agent have started and the server has failed to listen."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise AggregatorError(
+                f"port {port} is taken ({exc.strerror}): another demo or server listens on "
+                f"it; choose another with --port, e.g. footfall-aggregator demo --port {port + 1}"
+            ) from exc
+
+
 def run_demo(port: int, timezone: str, broker_choice: str = "auto") -> int:
     """Run the demo until Ctrl-C or SIGTERM (see the module docstring)."""
+    _check_port(port)
     bin_dir = Path(sys.executable).parent
     agent_cli = str(bin_dir / "footfall-agent")
     signal.signal(signal.SIGTERM, _interrupt)

@@ -39,7 +39,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,7 +111,8 @@ class TestCertificates:
     other_ca: Path
 
     @classmethod
-    def make(cls, directory: Path) -> TestCertificates:
+    def make(cls, directory: Path, addresses: Sequence[str] = ()) -> TestCertificates:
+        """``addresses``: more IP addresses the server certificate is for."""
         directory.mkdir(parents=True, exist_ok=True)
 
         def openssl(*args: str) -> None:
@@ -121,7 +122,8 @@ class TestCertificates:
         for ca in ("ca", "other_ca"):
             openssl("req", "-x509", *key, "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
                     "-days", "2", "-subj", f"/CN=footfall test {ca}")  # fmt: skip
-        (directory / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        names = ",".join(f"IP:{a}" for a in ("127.0.0.1", *addresses))
+        (directory / "server.ext").write_text(f"subjectAltName={names},DNS:localhost\n")
         for name, ext in (("server", ["-extfile", "server.ext"]), ("client", [])):
             openssl("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr",
                     "-subj", f"/CN=footfall test {name}")  # fmt: skip
@@ -438,3 +440,80 @@ class Subscriber:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "hardware" / "mosquitto"
+
+
+@dataclass(frozen=True)
+class ShippedBroker:
+    """Mosquitto running hardware/mosquitto's own config and ACL, made local: the files in
+    ``root``, the TLS listener on ``host:port``. ``reload`` is ``systemctl reload mosquitto``."""
+
+    root: Path
+    host: str
+    port: int
+    certs: TestCertificates
+    process: subprocess.Popen[bytes]
+
+    @property
+    def passwords(self) -> Path:
+        return self.root / "footfall.passwd"
+
+    @property
+    def acl(self) -> Path:
+        return self.root / "footfall.acl"
+
+    def add_account(self, user: str, password: str) -> None:
+        subprocess.run(["mosquitto_passwd", "-b", str(self.passwords), user, password],
+                       check=True, capture_output=True)  # fmt: skip
+
+    def reload(self) -> None:
+        """Read the passwords and the ACL again (SIGHUP)."""
+        self.process.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+
+
+@contextlib.contextmanager
+def shipped_broker(
+    mosquitto_bin: str, root: Path, host: str = HOST, certs: TestCertificates | None = None
+) -> Iterator[ShippedBroker]:
+    """Mosquitto with hardware/mosquitto's footfall.conf and footfall.acl (paths, address and
+    port made local), no account yet; stopped after."""
+    root.mkdir(parents=True, exist_ok=True)
+    certs = certs or TestCertificates.make(root / "certs", (host,))
+    (root / "footfall.passwd").touch()
+    shutil.copy(SHIPPED / "footfall.acl", root / "footfall.acl")
+    port = free_port()
+    conf = (SHIPPED / "footfall.conf").read_text()
+    for shipped, local in [
+        ("/etc/mosquitto/footfall.passwd", str(root / "footfall.passwd")),
+        ("/etc/mosquitto/footfall.acl", str(root / "footfall.acl")),
+        ("/etc/mosquitto/certs/footfall.crt", str(certs.server_cert)),
+        ("/etc/mosquitto/certs/footfall.key", str(certs.server_key)),
+        ("listener 8883", f"listener {port} {host}"),
+        ("/var/lib/mosquitto/", f"{root}/"),
+    ]:
+        assert shipped in conf
+        conf = conf.replace(shipped, local)
+    conf = f"user {pwd.getpwuid(os.geteuid()).pw_name}\nlog_dest file {root / 'log'}\n" + conf
+    (root / "mosquitto.conf").write_text(conf)
+    process = subprocess.Popen([mosquitto_bin, "-c", str(root / "mosquitto.conf")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+
+    def up() -> bool:
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    try:
+        wait_for(up, 10, "the footfall broker")
+        yield ShippedBroker(root, host, port, certs, process)
+    finally:
+        process.kill()
+        process.wait()
+        if process.stderr:
+            process.stderr.close()

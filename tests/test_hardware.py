@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -30,7 +28,7 @@ from firmware_agent.messages import AgentId, SiteId
 from firmware_agent.publish import BrokerSettings
 from firmware_agent.settings import load_config
 from tests.conftest import REPO
-from tests.mqtt_broker import HOST, TestCertificates, free_port, wait_for
+from tests.mqtt_broker import HOST, TestCertificates, shipped_broker, wait_for
 from tests.netns import require
 
 HARDWARE = REPO / "hardware"
@@ -173,47 +171,11 @@ def footfall_broker(
     mosquitto_bin: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[int, TestCertificates]]:
     """Mosquitto with hardware/mosquitto's config and ACL (paths and port made local)."""
-    root = tmp_path_factory.mktemp("mosquitto")
-    certs = TestCertificates.make(root / "certs")
-    passwords = root / "footfall.passwd"
-    passwords.touch()
-    for user in ("shop1/door", "shop1/till", "aggregator", "homeassistant"):
-        subprocess.run(["mosquitto_passwd", "-b", str(passwords), user, f"pw-{user}"],
-                       check=True, capture_output=True)  # fmt: skip
-    shutil.copy(HARDWARE / "mosquitto/footfall.acl", root / "footfall.acl")
-    port = free_port()
-    conf = (HARDWARE / "mosquitto/footfall.conf").read_text()
-    for shipped, local in [
-        ("/etc/mosquitto/footfall.passwd", str(passwords)),
-        ("/etc/mosquitto/footfall.acl", str(root / "footfall.acl")),
-        ("/etc/mosquitto/certs/footfall.crt", str(certs.server_cert)),
-        ("/etc/mosquitto/certs/footfall.key", str(certs.server_key)),
-        ("listener 8883", f"listener {port} {HOST}"),
-        ("/var/lib/mosquitto/", f"{root}/"),
-    ]:
-        assert shipped in conf
-        conf = conf.replace(shipped, local)
-    conf = f"user {pwd.getpwuid(os.geteuid()).pw_name}\nlog_dest file {root / 'log'}\n" + conf
-    (root / "mosquitto.conf").write_text(conf)
-    process = subprocess.Popen([mosquitto_bin, "-c", str(root / "mosquitto.conf")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-
-    def up() -> bool:
-        assert process.poll() is None, process.stderr.read() if process.stderr else ""
-        try:
-            with socket.create_connection((HOST, port), timeout=0.2):
-                return True
-        except OSError:
-            return False
-
-    try:
-        wait_for(up, 10, "the footfall broker")
-        yield port, certs
-    finally:
-        process.kill()
-        process.wait()
-        if process.stderr:
-            process.stderr.close()
+    with shipped_broker(mosquitto_bin, tmp_path_factory.mktemp("mosquitto")) as broker:
+        for user in ("shop1/door", "shop1/till", "aggregator", "homeassistant"):
+            broker.add_account(user, f"pw-{user}")
+        broker.reload()
+        yield broker.port, broker.certs
 
 
 def account(port: int, certs: TestCertificates, user: str) -> BrokerSettings:
