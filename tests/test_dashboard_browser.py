@@ -113,6 +113,12 @@ def test_a_merchant_reads_their_day_downloads_it_and_signs_out(
     assert page.inner_text("#dwell").count("suppressed") == 1  # the 15-30 band
     assert page.inner_text("#capture-rate").strip().endswith("%")
     assert "door" in page.inner_text("#agents")
+    heads = page.eval_on_selector_all("#agents th", "cells => cells.map(c => c.innerText)")
+    assert heads[-3:] == ["Missing", "Refused", "In its spool"]
+    door = page.eval_on_selector_all(
+        "#agents tr[data-agent=door] td", "cells => cells.map(c => c.innerText)"
+    )
+    assert door[-2:] == ["0", "-"]  # nothing refused; no status from it yet
     page.screenshot(path=str(artefacts / "dashboard-site.png"), full_page=True)
 
     with page.expect_download() as download:
