@@ -66,6 +66,7 @@ class Pipeline:
     _estimator: Estimator | None = field(init=False, default=None)
     _key: EpochKey | None = field(init=False, default=None)
     _boundary: int = field(init=False, default=0)
+    _epoch_start: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self._counter = WindowCounter(self.config.count)
@@ -78,9 +79,10 @@ class Pipeline:
         return self._estimator.threshold_note if self._estimator else None
 
     @property
-    def epoch_label(self) -> str | None:
-        """Public random label of the current epoch (not derived from the key)."""
-        return None if self._key is None else self._key.label
+    def epoch_start(self) -> int | None:
+        """Start (Unix seconds) of the first window counted under the current key: with the
+        agent's public key, all its public label is made of (:func:`privacy.epoch_label`)."""
+        return None if self._key is None else self._epoch_start // NS
 
     def run(
         self, batches: Iterable[FrameBatch], *, clock: Callable[[], int] | None = None
@@ -126,9 +128,10 @@ class Pipeline:
             self._boundary = self.config.epoch.next_boundary(watermark)
             self.stats.epochs += 1
             w = self.config.count.window_s * NS
-            self._counter.new_epoch(watermark // w * w)
+            self._epoch_start = watermark // w * w
+            self._counter.new_epoch(self._epoch_start)
             if self._estimator:
-                self._estimator.new_epoch(watermark // w * w)
+                self._estimator.new_epoch(self._epoch_start)
             return
         if watermark >= self._boundary:
             yield from self._rotate(watermark)
@@ -170,6 +173,8 @@ class Pipeline:
                 self._key = EpochKey()
                 self._boundary = self.config.epoch.next_boundary(int(probes.ts_ns[start]))
                 self.stats.epochs += 1
+                w = self.config.count.window_s * NS
+                self._epoch_start = int(probes.ts_ns[start]) // w * w
             ts = probes.ts_ns[start:]
             if int(ts.max()) - lateness < self._boundary:  # the common case: no boundary
                 part = _rows(probes, start, len(probes))
@@ -201,6 +206,7 @@ class Pipeline:
             following = self.config.epoch.next_boundary(start)
             self.stats.epochs_skipped += 1
             log.info("no frames for a whole epoch: windows resume at %d", start // NS)
+        self._epoch_start = start
         self._counter.new_epoch(start)
         if self._estimator:
             self._estimator.new_epoch(start)

@@ -5,8 +5,9 @@ WiFi counting (see ``docs/PRIVACY.md``):
 
 * ``standard``: device ids are keyed hashes under a random key that lives at most 24 hours
   (local midnight, or a fixed length up to a day) and is never written anywhere; every
-  sensor draws its own key; all per-device state is wiped with it. Dwell, visits and
-  unique-today are published. The ids are pseudonymous for at most a day, then gone.
+  sensor draws its own key; all per-device state is wiped with it. Dwell and visits are
+  published; unique-today and the estimate are not (no membership oracle, below). The ids
+  are pseudonymous for at most a day, then gone.
 * ``strict``: nothing per device outlives one window of at most 10 minutes: the key, and
   with it the device table, is replaced every window, and device ids are truncated to
   :attr:`PrivacyPolicy.id_bits` bits, chosen from the expected crowd so that most devices
@@ -16,21 +17,40 @@ WiFi counting (see ``docs/PRIVACY.md``):
 In both modes, on the way out (:meth:`PrivacyPolicy.release`):
 
 1. optional differential privacy: discrete Laplace noise (the two-sided geometric
-   mechanism: integers, so no floating-point side channel) on every device count, scaled
-   to the counts one device can move in a window, with fresh operating-system randomness
-   for every value; the estimate (``people_est``, ``static_excluded``, ``people``) is then
-   withheld, since one device can move it by more than any stated sensitivity;
+   mechanism: integers, so no floating-point side channel) on every count that reveals
+   presence, scaled to what one device can move in a window, with fresh operating-system
+   randomness for every value. The frame counts go under noise too, bounded first:
+   ``probe_requests`` counts at most :data:`~firmware_agent.count.FRAMES_PER_DEVICE` frames
+   per device (``probe_requests_clipped``), ``malformed`` and ``late_frames`` say only
+   whether there were any (0 or 1). ``static_excluded`` is then withheld, since one device
+   can move it by more than any stated sensitivity (it rests on the estimator's chains);
 2. small-count suppression: a device count from 1 to *k*-1 is published as ``null``, and
    so is a count that would let a reader subtract back to one (complementary suppression
    over the message's additive relations, including the never-published count of devices
    with global addresses, ``devices - devices_randomised``).
 
-Frame counts (``probe_requests``, ``malformed``, ``late_frames``) describe the radio, not
-how many devices; they are published as they are.
+Without noise, frame counts (``probe_requests``, ``malformed``, ``late_frames``) are
+published as they are: they describe the radio, not how many devices.
+
+**No membership oracle** (issue 17, ``tests/test_injection.py``): no published figure may
+differ between "this address was heard earlier in the epoch" and "this address is new".
+``devices_epoch`` (distinct devices so far in the epoch) did exactly that: three probe
+requests under a candidate address in a quiet window, and it stays put if the phone was
+here earlier today and rises by one if not. So did the estimate: ``people_est`` counts a
+chain that has lasted ``estimate.min_dwell_s`` since it was *first heard in the epoch*, so
+one burst under an address heard this morning adds a person and under a new one does not
+(every shared capture with ground truth), and the learnt signal threshold moves with every
+chain of the epoch. Both are counted but never published (:data:`NEVER_PUBLISHED`), nor
+``people`` (``people_est`` through the calibration); every published figure is a function
+of the window alone, and the epoch label of public values (:func:`epoch_label`).
+
+The field lists below are **the one catalogue** of the counts' privacy rules: the agent
+releases by them and the audit (:mod:`firmware_agent.audit`) checks by them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 from collections.abc import Mapping
@@ -40,16 +60,23 @@ from typing import Literal, cast
 import numpy as np
 
 from firmware_agent.anonymize import DeviceBatch
-from firmware_agent.count import DWELL_BANDS, WindowCounts
+from firmware_agent.count import DWELL_BANDS, FRAMES_PER_DEVICE, WindowCounts
 from firmware_agent.errors import ConfigError
 
 __all__ = [
+    "DEVICE_COUNTS",
     "DP_WITHHELD",
+    "FRAME_COUNTS",
+    "IMPLICIT",
     "MODES",
+    "NEVER_PUBLISHED",
+    "RELATIONS",
     "STANDARD_MAX_KEY_S",
     "STRICT_MAX_WINDOW_S",
+    "STRICT_OMITS",
     "PrivacyPolicy",
     "discrete_laplace",
+    "epoch_label",
     "flatten_counts",
     "linear_count",
     "suppress",
@@ -64,29 +91,33 @@ _MIN_ID_BITS, _MAX_ID_BITS = 4, 16
 
 # The additive relations of a counts message: total = sum of parts. "devices_global"
 # (devices with a global address) is never published but follows from the other two.
-_IMPLICIT = ("devices_global",)
-_RELATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+IMPLICIT = ("devices_global",)
+RELATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("devices", ("visitors", "passersby")),
     ("devices", ("devices_randomised", "devices_global")),
     ("visits_ended", tuple(f"dwell_minutes.{band}" for band in DWELL_BANDS)),
 )
 # Device counts: what suppression and noise apply to. Dwell bands go by "dwell_minutes.<band>".
-_DEVICE_COUNTS = (
+DEVICE_COUNTS = (
     "devices",
     "devices_randomised",
     "visitors",
     "passersby",
     "visits_ended",
     *(f"dwell_minutes.{band}" for band in DWELL_BANDS),
-    "devices_epoch",
-    "people_est",
     "static_excluded",
-    "people",
 )
+# Frame counts: never suppressed; under noise, bounded (clipped) and noised.
+FRAME_COUNTS = ("probe_requests", "malformed", "late_frames")
+# Counted, never published: membership oracles (devices so far in the epoch; the estimate,
+# whose chains and learnt threshold span the epoch), and the noise's bounded frame count.
+NEVER_PUBLISHED = ("devices_epoch", "people_est", "people", "probe_requests_clipped")
 # Withheld under differential privacy: one device id can move them by an unbounded amount
 # (the learnt signal threshold, chain linking: docs/PRIVACY.md), so no noise scale fits them.
-DP_WITHHELD = ("people_est", "static_excluded", "people")
-_STRICT_OMITS = ("visits_ended", "dwell_minutes", "devices_epoch", *DP_WITHHELD)
+DP_WITHHELD = ("static_excluded",)
+STRICT_OMITS = ("visits_ended", "dwell_minutes", *DP_WITHHELD)
+# What one device moves the bounded frame counts by, under noise.
+_FRAME_SENSITIVITY = FRAMES_PER_DEVICE + 2  # probe_requests_clipped; malformed, late: 0 or 1
 
 
 def truncate_ids(batch: DeviceBatch, bits: int) -> None:
@@ -225,15 +256,17 @@ class PrivacyPolicy:
 
     @property
     def sensitivity(self) -> int:
-        """The most one device id can move the sum of the published device counts of a window
-        (as counted, before strict mode's correction): the L1 sensitivity the noise is scaled
-        to. Standard: one each of devices, devices_randomised, visitors or passersby,
-        visits_ended, one dwell band (a device's visit ends at most once per window close),
-        devices_epoch; the estimate is withheld under noise (:data:`DP_WITHHELD`). Strict:
-        devices, devices_randomised, visitors/passersby; on a truncated id shared with another
-        device, the id's randomised flag and its class can change (visitors +1, passersby -1)
-        while devices does not: 3 still."""
-        return 3 if self.strict else 6
+        """The most one device id can move the sum of the noised counts of a window (as
+        counted, before strict mode's correction): the L1 sensitivity the noise is scaled to.
+        Device counts: standard, one each of devices, devices_randomised, visitors or
+        passersby, visits_ended, one dwell band (a device's visit ends at most once per
+        window close): 5; ``static_excluded`` is withheld under noise (:data:`DP_WITHHELD`).
+        Strict: devices, devices_randomised, visitors/passersby; on a truncated id shared with
+        another device, the id's randomised flag and its class can change (visitors +1,
+        passersby -1) while devices does not: 3 still. Frame counts, bounded: at most
+        :data:`~firmware_agent.count.FRAMES_PER_DEVICE` probe requests, and 1 each for whether
+        there were malformed or late frames."""
+        return (3 if self.strict else 5) + _FRAME_SENSITIVITY
 
     @property
     def dp_epsilon_day(self) -> float | None:
@@ -286,15 +319,23 @@ class PrivacyPolicy:
             "passersby": devices - visitors,
         }
 
-    def device_counts(self, window: WindowCounts) -> dict[str, int]:
-        """The device counts of ``window`` this policy publishes, as counted (dwell bands as
-        ``dwell_minutes.<band>``): what the noise goes on. One device id moves their sum by
-        at most :attr:`sensitivity`."""
-        return _device_counts(self._publishable(window))
+    def noised_counts(self, window: WindowCounts) -> dict[str, int]:
+        """The counts of ``window`` the noise goes on, as counted (dwell bands as
+        ``dwell_minutes.<band>``): the device counts this policy publishes and, under noise,
+        the bounded frame counts. One device id moves their sum by at most
+        :attr:`sensitivity`."""
+        counts = _device_counts(self._publishable(window))
+        if self.dp_epsilon is not None:
+            counts |= {
+                "probe_requests": window.probe_requests_clipped,
+                "malformed": min(window.malformed, 1),
+                "late_frames": min(window.late_frames, 1),
+            }
+        return counts
 
     def _publishable(self, window: WindowCounts) -> dict[str, object]:
         """The window's fields this policy may publish, flattened."""
-        omitted: tuple[str, ...] = _STRICT_OMITS if self.strict else ()
+        omitted = NEVER_PUBLISHED + (STRICT_OMITS if self.strict else ())
         if self.dp_epsilon is not None:
             omitted += DP_WITHHELD
         return {
@@ -310,34 +351,39 @@ class PrivacyPolicy:
         device moves each count by at most one), then strict mode's collision correction and
         the suppression follow as post-processing, which spends no privacy budget."""
         flat = self._publishable(window)
-        counts = _device_counts(flat)
+        counts = self.noised_counts(window)
         if self.dp_epsilon is not None:
             noise = self.dp_epsilon / self.sensitivity
             counts = {name: max(0, n + discrete_laplace(noise)) for name, n in counts.items()}
+        frames = {name: counts.pop(name) for name in FRAME_COUNTS if name in counts}
         if self.strict:
             counts = self._corrected(counts)
         hidden = suppress(counts, self.suppress_below)
         flat.update({name: None if name in hidden else n for name, n in counts.items()})
-        return _unflatten(flat)
+        return _unflatten(flat | frames)
+
+
+def epoch_label(public_key: bytes, epoch_start: int) -> str:
+    """The public label of an epoch: the first 8 bytes (hex) of SHA-256 over the agent's
+    public signing key and the epoch's start (Unix seconds, 8 bytes big endian). Anyone with
+    the public key can recompute it (the audit does), so it carries no bit of its own: not a
+    key, not an id, nothing chosen. It only tells epochs, and agents, apart."""
+    digest = hashlib.sha256(b"footfall-epoch\0" + public_key + epoch_start.to_bytes(8, "big"))
+    return digest.hexdigest()[:16]
 
 
 def suppress(counts: Mapping[str, int], k: int) -> set[str]:
     """The device counts to publish as null: those from 1 to k-1, then, until none is
     left, one more count of every relation that would give a hidden small count back by
-    subtraction (the smallest published part, preferring non-zero ones; else the total).
-    ``people`` goes with ``people_est``: it is a linear function of it."""
+    subtraction (the smallest published part, preferring non-zero ones; else the total)."""
     cells = dict(counts)
     cells["devices_global"] = cells.get("devices", 0) - cells.get("devices_randomised", 0)
     small = {name for name, v in cells.items() if 0 < v < k}
-    hidden = small | set(_IMPLICIT)
+    hidden = small | set(IMPLICIT)
     changed = True
     while changed:
         changed = False
-        for a, b in (("people_est", "people"), ("people", "people_est")):
-            if a in hidden and b in cells and b not in hidden:
-                hidden.add(b)
-                small.add(b)  # as sensitive as what it is computed from
-        for total, parts in _RELATIONS:
+        for total, parts in RELATIONS:
             unseen = [c for c in (total, *parts) if c in cells and c in hidden]
             if len(unseen) != 1 or unseen[0] not in small:
                 continue
@@ -346,7 +392,7 @@ def suppress(counts: Mapping[str, int], k: int) -> set[str]:
             hidden.add(choice)
             small.add(choice)  # it now hides a small count: its own relations must hold
             changed = True
-    return hidden - set(_IMPLICIT)
+    return hidden - set(IMPLICIT)
 
 
 def flatten_counts(counts: Mapping[str, object]) -> dict[str, object]:
@@ -361,7 +407,7 @@ def flatten_counts(counts: Mapping[str, object]) -> dict[str, object]:
 
 
 def _device_counts(flat: Mapping[str, object]) -> dict[str, int]:
-    return {name: cast(int, v) for name, v in flat.items() if name in _DEVICE_COUNTS}
+    return {name: cast(int, v) for name, v in flat.items() if name in DEVICE_COUNTS}
 
 
 def _unflatten(flat: Mapping[str, object]) -> dict[str, object]:

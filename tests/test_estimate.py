@@ -49,8 +49,6 @@ def batch(rows: list[Row]) -> DeviceBatch:
         randomised=np.array(col[3], np.uint8),
         seq=np.array(col[6], np.uint16),
         rssi=np.array(col[4], np.int16),
-        freq_mhz=np.zeros(n, np.uint16),
-        ssid=np.zeros(n, np.uint8),
         fp=np.array(col[5], np.uint64),
         frames=n,
     )

@@ -37,7 +37,7 @@ from firmware_agent.count import DWELL_BANDS, NS, WindowCounts
 from firmware_agent.errors import ConfigError
 from firmware_agent.messages import AgentId, SiteId, counts_payload, meta_payload, seal
 from firmware_agent.pipeline import Pipeline
-from firmware_agent.privacy import PrivacyPolicy, discrete_laplace, linear_count
+from firmware_agent.privacy import PrivacyPolicy, discrete_laplace, epoch_label, linear_count
 from firmware_agent.service import agent_meta
 from firmware_agent.settings import AgentConfig, load_config
 from tests.conftest import shared_capture_names, shared_path
@@ -120,6 +120,7 @@ def _window(
         visits_ended=sum(bands),
         dwell_minutes=dict(zip(DWELL_BANDS, bands, strict=True)),
         devices_epoch=epoch,
+        probe_requests_clipped=2 * devices,
         people_est=visitors,
         static_excluded=min(2, devices),
     )
@@ -172,10 +173,9 @@ def test_suppression_is_null_not_zero_and_complements_its_relations() -> None:
     released = PrivacyPolicy().release(_window(20, 18, 3, [0, 9, 1, 0, 0], 80))
     assert released["visitors"] is None and released["passersby"] is None  # 3 + 17 = 20
     assert released["devices_randomised"] is None  # else 20 - 18 = 2 global devices
-    assert released["devices"] == 20 and released["devices_epoch"] == 80
+    assert released["devices"] == 20 and "devices_epoch" not in released
     bands = released["dwell_minutes"]
     assert bands == {"lt5": 0, "5-15": None, "15-30": None, "30-60": 0, "ge60": 0}
-    assert released["people_est"] is None  # 3 visitors, and people follows people_est
 
 
 def test_strict_release_publishes_no_dwell_visits_or_unique_today() -> None:
@@ -234,15 +234,16 @@ def test_strict_replay_counts_close_to_standard_and_publishes_no_per_device_fiel
 def test_two_sensors_in_one_room_publish_nothing_that_links_a_device() -> None:
     config = _config()
     a, b = Pipeline(config), Pipeline(config)
-    labels_a: set[str | None] = set()
-    labels_b: set[str | None] = set()
+    labels_a: set[str] = set()
+    labels_b: set[str] = set()
+    signing = [nacl.signing.SigningKey.generate().verify_key.encode() for _ in range(2)]
     released = []
-    for pipeline, labels in ((a, labels_a), (b, labels_b)):
+    for pipeline, labels, public in ((a, labels_a, signing[0]), (b, labels_b, signing[1])):
         out = []
         with CaptureReader(BUNDLED_SAMPLE) as reader:  # parsing zeroes each batch: read twice
             for batch in reader:
                 out += [config.privacy.release(w) for w in pipeline.feed(batch)]
-                labels.add(pipeline.epoch_label)
+                labels.add(epoch_label(public, pipeline.epoch_start or 0))
         out += [config.privacy.release(w) for w in pipeline.finish()]
         released.append(out)
     # Different keys, the same published counts: what leaves depends on what happened in
