@@ -362,7 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", metavar="HOST[:PORT]", help="broker to listen to (broker.host)")
     p.add_argument("--pcap", type=Path, metavar="FILE", help="capture of agents' MQTT traffic")
     p.add_argument(
-        "--topic", default="footfall/v1/+/+/+", help="topic filter (default footfall/v1/+/+/+)"
+        "--topic",
+        default="#",
+        help="topic filter (default '#': everything, so that an agent publishing off its "
+        "topics is caught; Home Assistant's discovery configs are recognised)",
     )
     p.add_argument("--seconds", type=float, default=60.0, help="how long to listen (default 60)")
     p.add_argument(

@@ -72,8 +72,10 @@ __all__ = [
     "NEVER_PUBLISHED",
     "RELATIONS",
     "STANDARD_MAX_KEY_S",
+    "STRICT_MAX_ID_BITS",
     "STRICT_MAX_WINDOW_S",
     "STRICT_OMITS",
+    "SUPPRESS_FLOOR",
     "PrivacyPolicy",
     "discrete_laplace",
     "epoch_label",
@@ -87,7 +89,10 @@ Mode = Literal["standard", "strict"]
 MODES: tuple[Mode, ...] = ("standard", "strict")
 STRICT_MAX_WINDOW_S = 600  # CNIL: anonymised "within minutes"
 STANDARD_MAX_KEY_S = 86400  # CNIL: pseudonymised, then anonymised or deleted within 24 hours
-_MIN_ID_BITS, _MAX_ID_BITS = 4, 16
+SUPPRESS_FLOOR = 2  # the lowest k of every mode: a count of one device is that device
+# Strict: the widest truncated id (4,096 values); wider, and most devices keep their own.
+STRICT_MAX_ID_BITS = 12
+_MIN_ID_BITS = 4
 
 # The additive relations of a counts message: total = sum of parts. "devices_global"
 # (devices with a global address) is never published but follows from the other two.
@@ -167,22 +172,27 @@ class PrivacyPolicy:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"privacy.mode must be 'standard' or 'strict', got {self.mode!r}")
-        if not 2 <= self.suppress_below <= 1000:
+        if not SUPPRESS_FLOOR <= self.suppress_below <= 1000:
             raise ConfigError(
-                "privacy.suppress_below must be from 2 to 1000 (a count of one device is that "
-                f"device; every mode suppresses it), got {self.suppress_below}"
+                f"privacy.suppress_below must be from {SUPPRESS_FLOOR} to 1000 (a count of one "
+                f"device is that device; every mode suppresses it), got {self.suppress_below}"
             )
         if self.dp_epsilon is not None and not 0 < self.dp_epsilon <= 10:
             raise ConfigError(
                 f"privacy.dp_epsilon must be 'off' or a number above 0 and at most 10, "
                 f"got {self.dp_epsilon}"
             )
-        if not 1 <= self.expected_devices <= 1 << _MAX_ID_BITS:
+        if not 1 <= self.expected_devices <= 1 << 16:
             raise ConfigError(
-                f"privacy.expected_devices must be from 1 to {1 << _MAX_ID_BITS}, "
-                f"got {self.expected_devices}"
+                f"privacy.expected_devices must be from 1 to {1 << 16}, got {self.expected_devices}"
             )
         if self.mode == "strict":
+            if self.expected_devices >= 2 << STRICT_MAX_ID_BITS:
+                raise ConfigError(
+                    f"privacy.mode 'strict' keeps ids of at most {STRICT_MAX_ID_BITS} bits, so "
+                    f"that most devices share theirs: privacy.expected_devices must be below "
+                    f"{2 << STRICT_MAX_ID_BITS}, got {self.expected_devices}"
+                )
             if self.window_s > STRICT_MAX_WINDOW_S:
                 raise ConfigError(
                     f"privacy.mode 'strict' keeps nothing per device beyond one window of at most "
@@ -244,7 +254,7 @@ class PrivacyPolicy:
         if not self.strict:
             return None
         bits = int(math.log2(max(self.expected_devices, 2)))
-        return min(max(bits, _MIN_ID_BITS), _MAX_ID_BITS)
+        return min(max(bits, _MIN_ID_BITS), STRICT_MAX_ID_BITS)
 
     def shared_share(self) -> float | None:
         """Strict: the expected share of the expected crowd whose truncated id another
