@@ -247,14 +247,17 @@ class Pipeline:
 
 
 def parse_frames(batch: FrameBatch) -> ProbeBatch:
-    """Parse a batch, then zero its frame buffer: it holds addresses and SSIDs.
+    """Parse a batch, then zero its frames: they hold addresses and SSIDs.
 
-    A transient batch lies in the reader's buffer, which the next read overwrites and
-    closing the reader zeroes.
+    A transient batch lies in the reader's buffer, its frames one after the other (with the
+    record headers between them): that stretch is zeroed, the rest of the buffer is the
+    reader's (it zeroes what it moves or no longer needs).
     """
     probes = parse_batch(batch)
     if not batch.transient:
         batch.data.fill(0)
+    elif len(batch):
+        batch.data[int(batch.offsets[0]) : int(batch.offsets[-1] + batch.lengths[-1])] = 0
     return probes
 
 
