@@ -41,7 +41,13 @@ import orjson
 
 from aggregator.registry import AgentEntry, Registry
 from firmware_agent.errors import MessageError
-from firmware_agent.messages import KINDS, VERSION, Topic, canonical_json
+from firmware_agent.messages import (
+    VERSIONS,
+    Topic,
+    canonical_json,
+    counts_v2_errors,
+    known_schemas,
+)
 
 __all__ = ["REASONS", "Accepted", "Refusal", "SchemaCheck", "Verifier"]
 
@@ -476,7 +482,9 @@ class Verifier:
         self.max_message_bytes = max_message_bytes
         self.envelope = SchemaCheck(_schema("envelope.v1"))
         self.payloads: dict[tuple[str, int | float], SchemaCheck] = {
-            (kind, VERSION): SchemaCheck(_schema(f"{kind}.v{VERSION}")) for kind in KINDS
+            (kind, v): SchemaCheck(_schema(f"{kind}.v{v}"))
+            for kind, versions in VERSIONS.items()
+            for v in versions
         }
         self.parse_s = 0.0  # decoding, JSON, schemas, topic
         self.verify_s = 0.0  # canonical JSON and Ed25519
@@ -535,9 +543,11 @@ class Verifier:
         if check is None:
             return refuse(
                 "schema",
-                f"$.kind and $.v must name a known schema ({', '.join(KINDS)}; v {VERSION})",
+                f"$.kind and $.v must name a known schema ({known_schemas()})",
             )
         error = check.errors(payload)
+        if error is None and (kind, version) == ("counts", 2):
+            error = counts_v2_errors(payload)
         if error is None and "\\" in text:  # only an escape can make a control character
             control = _control_characters(payload)
             error = None if control is None else "$" + control

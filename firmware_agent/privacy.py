@@ -123,6 +123,20 @@ DP_WITHHELD = ("static_excluded",)
 STRICT_OMITS = ("visits_ended", "dwell_minutes", *DP_WITHHELD)
 # What one device moves the bounded frame counts by, under noise.
 _FRAME_SENSITIVITY = FRAMES_PER_DEVICE + 2  # probe_requests_clipped; malformed, late: 0 or 1
+STANDARD_PUBLISHES = (
+    "arrivals",
+    "passersby",
+    "visits_ended",
+    "dwell_minutes",
+    "occupancy_mean",
+    "occupancy_peak",
+    "calibrated",
+    "devices",
+    "devices_randomised",
+    "static_excluded",
+)
+"""The optional counts v2 figures each mode publishes (meta.privacy.published)."""
+STRICT_PUBLISHES = ("devices", "devices_randomised")
 
 
 def truncate_ids(batch: DeviceBatch, bits: int) -> None:
@@ -296,6 +310,10 @@ class PrivacyPolicy:
             "suppress_below": self.suppress_below,
             "dp_epsilon": self.dp_epsilon,
             "dp_epsilon_day": self.dp_epsilon_day,
+            "published": {
+                name: name in (STRICT_PUBLISHES if self.strict else STANDARD_PUBLISHES)
+                for name in STANDARD_PUBLISHES
+            },
         }
 
     def correct(self, window: WindowCounts) -> WindowCounts:

@@ -27,7 +27,7 @@ from firmware_agent.messages import (
     public_key_text,
     seal,
 )
-from firmware_agent.privacy import epoch_label
+from firmware_agent.privacy import STANDARD_PUBLISHES, STRICT_PUBLISHES, epoch_label
 from tests.agent_harness import prepare_agent, unique_id
 from tests.mqtt_broker import HOST, READER, Mosquitto
 
@@ -51,6 +51,7 @@ def _meta(mode: str = "standard", **privacy: object) -> dict[str, Any]:
             "min_dwell_s": 120,
             "visit_gap_s": 600,
             "lateness_s": 10,
+            "presence_hold_s": 120,
         },
         privacy={
             "mode": mode,
@@ -61,6 +62,9 @@ def _meta(mode: str = "standard", **privacy: object) -> dict[str, Any]:
             "suppress_below": 5,
             "dp_epsilon": None,
             "dp_epsilon_day": None,
+            "published": {
+                name: not strict or name in STRICT_PUBLISHES for name in STANDARD_PUBLISHES
+            },
         }
         | privacy,
     )
@@ -85,7 +89,7 @@ def _counts(seq: int = 1, epoch: str = LABEL, **fields: Any) -> dict[str, Any]:
         "dwell_minutes": {"lt5": 0, "5-15": 9, "15-30": 0, "30-60": 0, "ge60": 0},
     }
     window = {k: v for k, v in (window | fields).items() if v is not _ABSENT}
-    return counts_payload(SiteId(SITE), AgentId(AGENT), seq, epoch, window)
+    return counts_payload(SiteId(SITE), AgentId(AGENT), seq, epoch, window, version=1)
 
 
 _ABSENT = object()
