@@ -58,7 +58,8 @@ FRAMES_PER_DEVICE = 4  # a device's most probe requests in probe_requests_clippe
 # Device table columns (int64).
 _FIRST, _LAST, _VISIT_START, _VISIT_BEST, _BEST, _FRAMES, _RANDOM = range(7)
 _WIN, _WRSSI, _WFRAMES, _VISITOR = 7, 9, 11, 13  # _WIN, _WRSSI, _WFRAMES: two slots each
-_NCOLS = 14
+_WVISITOR = 14  # two slots: a visitor in that window (set when the window closes)
+_NCOLS = 16
 
 # Window accumulator columns (int64), one row per open-window slot (two: by parity).
 _A_PROBES, _A_MALFORMED, _A_LATE, _A_ENDED = range(4)
@@ -130,6 +131,10 @@ class WindowCounts:
     people_est: int | None = None  # devices present, random addresses linked
     static_excluded: int | None = None  # static devices left out of people_est
     people: int | None = None  # people_est through the site's calibration, if it has one
+    # Strict mode, filled in by the pipeline (PrivacyPolicy.anonymise): the width the window's
+    # ids were counted at, and the share of its ids that share their value with another.
+    id_bits: int | None = None
+    shared: float | None = None
 
     def as_dict(self) -> dict[str, object]:
         start = datetime.fromtimestamp(self.window_start, UTC)
@@ -188,9 +193,11 @@ def _close_window(
                 randomised += s[_RANDOM]
                 clipped += min(s[_WFRAMES + p], FRAMES_PER_DEVICE)
                 r = s[_WRSSI + p]
+                s[_WVISITOR + p] = 0
                 if (r >= thr or r == RSSI_MISSING) and s[_LAST] - s[_VISIT_START] >= min_dwell:
                     visitors += 1
                     s[_VISITOR] = 1
+                    s[_WVISITOR + p] = 1
             if s[_VISIT_START] != _NONE and (end_all_visits or s[_LAST] + gap <= end):
                 if s[_VISITOR]:
                     dwell_min = (s[_LAST] - s[_VISIT_START]) // (60 * NS)
@@ -423,6 +430,19 @@ class WindowCounter:
         w = int(self._params[0])
         last_end = int(self._clock[_C_MAX]) // w * w + w
         yield from self.close_until(last_end, end_visits=True)
+
+    def closed_rows(
+        self, window_start: int
+    ) -> tuple[NDArray[np.uint64], NDArray[np.bool_], NDArray[np.bool_]]:
+        """The device ids heard in the closed window starting at ``window_start`` (Unix s),
+        which had a locally administered address and which were visitors, read from the
+        table before it is wiped: what strict mode re-counts its truncated ids from
+        (:meth:`~firmware_agent.privacy.PrivacyPolicy.anonymise`)."""
+        widx = window_start * NS // int(self._params[0])
+        rows = self.table.rows
+        present = (self.table.keys != 0) & (rows[:, _WIN + (widx & 1)] == widx)
+        mine = rows[present]
+        return self.table.keys[present], mine[:, _RANDOM] == 1, mine[:, _WVISITOR + (widx & 1)] == 1
 
     def new_epoch(self, start_ns: int) -> None:
         """Wipe the table: the next frames are counted under a new key from ``start_ns``."""

@@ -67,9 +67,11 @@ class Pipeline:
     _key: EpochKey | None = field(init=False, default=None)
     _boundary: int = field(init=False, default=0)
     _epoch_start: int = field(init=False, default=0)
+    _bits: int | None = field(init=False, default=None)  # strict: this window's id width
 
     def __post_init__(self) -> None:
         self._counter = WindowCounter(self.config.count)
+        self._bits = self.config.privacy.id_bits
         if self.estimate and not self.config.privacy.strict:
             self._estimator = Estimator(self.config.estimate)
 
@@ -214,9 +216,8 @@ class Pipeline:
 
     def _add(self, batch: DeviceBatch) -> list[WindowCounts]:
         """Count and estimate one batch; the windows it closed, joined with their estimates."""
-        bits = self.config.privacy.id_bits
-        if bits is not None:
-            truncate_ids(batch, bits)
+        if self._bits is not None:
+            truncate_ids(batch, self._bits)
         windows = list(self._counter.add(batch))
         estimates = self._estimator.add(batch) if self._estimator else None
         return self._joined(windows, estimates)
@@ -224,6 +225,10 @@ class Pipeline:
     def _joined(
         self, windows: list[WindowCounts], estimates: list[WindowEstimate] | None
     ) -> list[WindowCounts]:
+        if self._bits is not None and self.config.privacy.dp_epsilon is None:
+            # Strict (no estimator): each window at its crowd's width. Not under noise: a
+            # width that follows the crowd follows one device too (an unbounded sensitivity).
+            return [self._anonymised(window) for window in windows]
         if estimates is None:
             return windows
         calibration = self.config.calibration
@@ -239,6 +244,16 @@ class Pipeline:
                 )
             )
         return joined
+
+    def _anonymised(self, window: WindowCounts) -> WindowCounts:
+        """Strict: the window re-counted at the width its own crowd allows (the table still
+        holds it), and the next window's width from it."""
+        assert self._bits is not None
+        policy = self.config.privacy
+        ids, randomised, visitors = self._counter.closed_rows(window.window_start)
+        counted = policy.anonymise(window, ids, randomised, visitors, self._bits)
+        self._bits = policy.next_bits(len(ids), self._bits)
+        return counted
 
     def _counted(self, windows: Iterable[WindowCounts]) -> Iterator[WindowCounts]:
         for window in windows:

@@ -58,12 +58,14 @@ from dataclasses import dataclass, replace
 from typing import Literal, cast
 
 import numpy as np
+from numpy.typing import NDArray
 
 from firmware_agent.anonymize import DeviceBatch
 from firmware_agent.count import DWELL_BANDS, FRAMES_PER_DEVICE, WindowCounts
 from firmware_agent.errors import ConfigError
 
 __all__ = [
+    "COLLISION_FLOOR",
     "DEVICE_COUNTS",
     "DP_WITHHELD",
     "FRAME_COUNTS",
@@ -81,6 +83,7 @@ __all__ = [
     "epoch_label",
     "flatten_counts",
     "linear_count",
+    "shared_share",
     "suppress",
     "truncate_ids",
 ]
@@ -92,6 +95,9 @@ STANDARD_MAX_KEY_S = 86400  # CNIL: pseudonymised, then anonymised or deleted wi
 SUPPRESS_FLOOR = 2  # the lowest k of every mode: a count of one device is that device
 # Strict: the widest truncated id (4,096 values); wider, and most devices keep their own.
 STRICT_MAX_ID_BITS = 12
+# Strict: at least this share of a window's ids share their value with another, at the width
+# its counts are taken at; a window that cannot get there publishes no device count.
+COLLISION_FLOOR = 0.5
 _MIN_ID_BITS = 4
 
 # The additive relations of a counts message: total = sum of parts. "devices_global"
@@ -149,6 +155,12 @@ def truncate_ids(batch: DeviceBatch, bits: int) -> None:
 
 
 _RANDOM = secrets.SystemRandom()  # every draw reads the operating system's randomness
+
+
+def shared_share(bits: int, crowd: float) -> float:
+    """The expected share of ``crowd`` devices whose ``bits``-bit id another of them has too:
+    ``1 - (1 - 2^-bits)^(crowd - 1)`` (0 for a crowd of one or none)."""
+    return max(0.0, 1.0 - (1.0 - 2.0**-bits) ** (crowd - 1)) if crowd > 1 else 0.0
 
 
 def linear_count(occupied: int, buckets: int) -> float:
@@ -262,9 +274,9 @@ class PrivacyPolicy:
 
     @property
     def id_bits(self) -> int | None:
-        """Strict: bits kept of a device id: the most that leave at least as many devices of
-        the expected crowd as values (one to two per value: most devices share theirs, see
-        :meth:`shared_share`); None in standard."""
+        """Strict: the widest id kept (the declared ``id_bits``): the most bits that leave at
+        least as many devices of the expected crowd as values; each window's width follows
+        its own crowd below it (:meth:`anonymise`, :meth:`next_bits`). None in standard."""
         if not self.strict:
             return None
         bits = int(math.log2(max(self.expected_devices, 2)))
@@ -272,11 +284,9 @@ class PrivacyPolicy:
 
     def shared_share(self) -> float | None:
         """Strict: the expected share of the expected crowd whose truncated id another
-        device of the crowd has too; None in standard."""
+        device of the crowd has too, at the declared width; None in standard."""
         bits = self.id_bits
-        if bits is None:
-            return None
-        return 1.0 - (1.0 - 1.0 / (1 << bits)) ** (self.expected_devices - 1)
+        return None if bits is None else shared_share(bits, self.expected_devices)
 
     @property
     def sensitivity(self) -> int:
@@ -316,13 +326,68 @@ class PrivacyPolicy:
             },
         }
 
+    def anonymise(
+        self,
+        window: WindowCounts,
+        ids: NDArray[np.uint64],
+        randomised: NDArray[np.bool_],
+        visitors: NDArray[np.bool_],
+        bits: int,
+    ) -> WindowCounts:
+        """Strict: the window counted from its truncated ids (``bits`` wide, as heard) at the
+        widest width at most ``bits`` at which at least :data:`COLLISION_FLOOR` of its crowd
+        shares its value with another device. The share at a width is measured from the
+        window's own counts at that width, as an auditor could: the crowd ``n`` by linear
+        counting over the ``m`` values its ids occupy, then ``1 - (1 - 1/m)^(n - 1)``. A
+        window that reaches the floor at no width (a crowd of one or two) keeps its best and
+        publishes no device count (:meth:`release`). The counts are the occupied values (all,
+        with a randomised address, with a visitor), corrected on release by linear counting
+        at that width."""
+        values = (ids - np.uint64(1)).astype(np.uint64)  # truncate_ids adds 1 (0: no address)
+        shares = {}
+        for width in range(bits, 0, -1):
+            occupied = len(np.unique(values & np.uint64((1 << width) - 1)))
+            shares[width] = shared_share(width, linear_count(occupied, 1 << width))
+            if shares[width] >= COLLISION_FLOOR:
+                break
+        width = max(shares, key=lambda b: (shares[b] >= COLLISION_FLOOR, b, shares[b]))
+        if shares[width] < COLLISION_FLOOR:
+            width = max(shares, key=shares.__getitem__)
+        coarse = values & np.uint64((1 << width) - 1)
+        devices = len(np.unique(coarse))
+        seen = len(np.unique(coarse[visitors]))
+        return replace(
+            window,
+            devices=devices,
+            devices_randomised=len(np.unique(coarse[randomised])),
+            visitors=seen,
+            passersby=devices - seen,
+            id_bits=width,
+            shared=shares[width] if len(values) else None,
+        )
+
+    def next_bits(self, ids: int, bits: int) -> int:
+        """Strict: the width for the next window's ids, from this window's ``ids`` distinct
+        ids heard ``bits`` wide: the widest, up to :attr:`id_bits`, at which at least
+        :data:`COLLISION_FLOOR` of a crowd that size (linear counting) would share their
+        value; the widest at once when the crowd filled three quarters of the values (it
+        outgrew them, and linear counting can no longer tell by how much)."""
+        ceiling = self.id_bits or 0
+        if ids >= (3 << bits) // 4:
+            return ceiling
+        crowd = linear_count(ids, 1 << bits)
+        width = 1
+        while width < ceiling and shared_share(width + 1, crowd) >= COLLISION_FLOOR:
+            width += 1
+        return width
+
     def correct(self, window: WindowCounts) -> WindowCounts:
         """Strict: a window counted on truncated ids, corrected for their collisions (see
         :meth:`_corrected`); unchanged in standard."""
         if not self.strict:
             return window
         fields = ("devices", "devices_randomised", "visitors", "passersby")
-        c = self._corrected({name: getattr(window, name) for name in fields})
+        c = self._corrected({name: getattr(window, name) for name in fields}, window.id_bits)
         return replace(
             window,
             devices=c["devices"],
@@ -331,11 +396,12 @@ class PrivacyPolicy:
             passersby=c["passersby"],
         )
 
-    def _corrected(self, counts: Mapping[str, int]) -> dict[str, int]:
-        """Linear counting on the truncated ids: the occupied values give the devices, the
-        values with a randomised address give those, the values with a visitor the visitors
-        (a value shared by a visitor and a passer-by counts once for each)."""
-        m = 1 << (self.id_bits or 0)
+    def _corrected(self, counts: Mapping[str, int], bits: int | None) -> dict[str, int]:
+        """Linear counting on the truncated ids (``bits`` wide; the declared width if None):
+        the occupied values give the devices, the values with a randomised address give
+        those, the values with a visitor the visitors (a value shared by a visitor and a
+        passer-by counts once for each)."""
+        m = 1 << (bits if bits is not None else self.id_bits or 0)
         devices = round(linear_count(counts["devices"], m))
         visitors = min(round(linear_count(counts["visitors"], m)), devices)
         return dict(counts) | {
@@ -385,8 +451,10 @@ class PrivacyPolicy:
             counts = {name: max(0, n + discrete_laplace(noise)) for name, n in counts.items()}
         frames = {name: counts.pop(name) for name in FRAME_COUNTS if name in counts}
         if self.strict:
-            counts = self._corrected(counts)
+            counts = self._corrected(counts, window.id_bits)
         hidden = suppress(counts, self.suppress_below)
+        if window.shared is not None and window.shared < COLLISION_FLOOR:
+            hidden = set(counts)  # strict could not make this window's devices share ids
         flat.update({name: None if name in hidden else n for name, n in counts.items()})
         return _unflatten(flat | frames)
 

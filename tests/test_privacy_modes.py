@@ -37,7 +37,14 @@ from firmware_agent.count import DWELL_BANDS, NS, WindowCounts
 from firmware_agent.errors import ConfigError
 from firmware_agent.messages import AgentId, SiteId, counts_payload, meta_payload, seal
 from firmware_agent.pipeline import Pipeline
-from firmware_agent.privacy import PrivacyPolicy, discrete_laplace, epoch_label, linear_count
+from firmware_agent.privacy import (
+    COLLISION_FLOOR,
+    PrivacyPolicy,
+    discrete_laplace,
+    epoch_label,
+    linear_count,
+    shared_share,
+)
 from firmware_agent.service import agent_meta
 from firmware_agent.settings import AgentConfig, load_config
 from tests.conftest import shared_capture_names, shared_path
@@ -403,3 +410,31 @@ def test_a_key_whose_page_cannot_be_locked_is_used_with_one_warning() -> None:
     assert len(warnings) == 1, result.stderr
     assert "could not lock the epoch key's memory page" in warnings[0]
     assert "RLIMIT_MEMLOCK" in warnings[0]
+
+
+_LAB_DAYS = ("2022-10-19", "2022-11-24", "2023-02-16")  # a class day, an empty day, a short one
+
+
+@pytest.mark.shared
+def test_strict_ids_are_shared_by_most_devices_in_every_window_of_the_lab_days() -> None:
+    """The id width follows each window's own crowd: at the width its counts are taken at,
+    at least COLLISION_FLOOR of its devices share their id (measured from the window's own
+    counts), in every window with two devices or more; a window with fewer publishes no
+    device count. On main the width was fixed by privacy.expected_devices (6 bits): in quiet
+    windows most devices kept an id of their own."""
+    config = _config(privacy_mode="strict")
+    policy = config.privacy
+    shares = []
+    for day in _LAB_DAYS:
+        lab = shared_path("data", "lab", f"fryza_p1_sc6-61_{day}_anonymized.pcap.gz")
+        for window in _windows(config, lab):
+            bits = window.id_bits or policy.id_bits or 0
+            crowd = linear_count(window.devices, 1 << bits)
+            released = policy.release(window)
+            if crowd < 2:
+                assert released["devices"] in (0, None)
+                continue
+            shares.append(shared_share(bits, crowd))
+            assert window.shared == pytest.approx(shares[-1])
+    assert len(shares) > 50
+    assert min(shares) >= COLLISION_FLOOR, f"{sum(s < COLLISION_FLOOR for s in shares)} windows"
