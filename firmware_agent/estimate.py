@@ -589,8 +589,11 @@ class Estimator:
     ``window_s`` and ``lateness_s`` closes, at the same rows.
     """
 
-    def __init__(self, settings: EstimateSettings, capacity: int = 4096) -> None:
+    def __init__(
+        self, settings: EstimateSettings, capacity: int = 4096, *, suppress_below: int = 5
+    ) -> None:
         self.settings = settings
+        self._k = suppress_below  # the log obeys the privacy stage's small-count rule
         self._params = settings.params()
         self._addrs = KeyedRows(capacity, _ACOLS)
         self._chains = np.zeros((capacity, _CCOLS), np.int64)
@@ -699,24 +702,29 @@ class Estimator:
         return closed
 
     def _why(self, threshold: int) -> str:
-        """What the learnt threshold is and why, in aggregates only."""
+        """What the learnt threshold is and why, in aggregates only (a count of devices from
+        1 to k-1 is not printed: logs obey the same small-count rule as the counts)."""
         lingering = int(self._clock[_K_THR_N])
         dwell = self.settings.min_dwell_s
         if lingering < AUTO_MIN_CHAINS:
             return (
                 f"{threshold} dBm (auto: the fallback until {AUTO_MIN_CHAINS} devices have been "
-                f"heard for {dwell} s or more; {lingering} so far)"
+                f"heard for {dwell} s or more; {self._count(lingering)} so far)"
             )
         values = np.arange(_HIST_LO, _HIST_LO + _HIST_BINS)
         inside = self._hist[values >= threshold]
         outside = self._hist[values < threshold]
         return (
             f"{threshold} dBm (auto: Otsu's split of the best signal of the {lingering} devices "
-            f"heard for {dwell} s or more: {int(inside.sum())} at or above it, median "
-            f"{_median(values[values >= threshold], inside)} dBm; {int(outside.sum())} below, "
+            f"heard for {dwell} s or more: {self._count(int(inside.sum()))} at or above it, "
+            f"median {_median(values[values >= threshold], inside)} dBm; "
+            f"{self._count(int(outside.sum()))} below, "
             f"median {_median(values[values < threshold], outside)} dBm; kept within "
             f"{AUTO_RANGE_DBM[0]}..{AUTO_RANGE_DBM[1]} dBm)"
         )
+
+    def _count(self, n: int) -> str:
+        return str(n) if n == 0 or n >= self._k else f"fewer than {self._k}"
 
 
 def _median(values: NDArray[np.int64], weights: NDArray[np.int64]) -> int:

@@ -73,7 +73,9 @@ class Pipeline:
         self._counter = WindowCounter(self.config.count)
         self._bits = self.config.privacy.id_bits
         if self.estimate and not self.config.privacy.strict:
-            self._estimator = Estimator(self.config.estimate)
+            self._estimator = Estimator(
+                self.config.estimate, suppress_below=self.config.privacy.suppress_below
+            )
 
     @property
     def threshold_note(self) -> str | None:

@@ -45,6 +45,7 @@ from firmware_agent.privacy import (
     linear_count,
     shared_share,
 )
+from firmware_agent.privacy_report import privacy_report
 from firmware_agent.service import agent_meta
 from firmware_agent.settings import AgentConfig, load_config
 from tests.conftest import shared_capture_names, shared_path
@@ -438,3 +439,16 @@ def test_strict_ids_are_shared_by_most_devices_in_every_window_of_the_lab_days()
                 shares.append(share)
     assert len(shares) > 50
     assert min(shares) >= COLLISION_FLOOR
+
+
+def test_privacy_report_words_small_counts_and_states_strict_collisions() -> None:
+    """k = 2 is 'a count of one device', not 'from 1 to 1'; with a capture, strict states the
+    share of devices sharing their id that it achieved there, per window."""
+    report = privacy_report(_config(privacy_suppress_below="2"))
+    assert "from 1 to 1" not in report and "A count of one device is sent as" in report
+    assert "from 1 to 4" in privacy_report(_config())
+    config = _config(privacy_mode="strict")
+    measured = privacy_report(config, ("sample.pcap", _windows(config)))
+    line = measured.split("Measured on sample.pcap: in the ")[1]
+    low = int(line.split("device counts, ")[1].split("%")[0])
+    assert low >= COLLISION_FLOOR * 100
