@@ -69,6 +69,7 @@ _STRINGS: Mapping[str, re.Pattern[str]] = {
     "$.epoch_length": re.compile(r"midnight"),
     "$.epoch_timezone": re.compile(r"[A-Za-z0-9_+/-]{0,64}"),
     "$.privacy.mode": re.compile(r"standard|strict"),
+    "$.thresholds.rssi_threshold_dbm": re.compile(r"auto"),
     "$.privacy.device_hash": re.compile(r"siphash-2-4"),
 }
 _BANDS = tuple(f"dwell_minutes.{b}" for b in ("lt5", "5-15", "15-30", "30-60", "ge60"))
@@ -370,9 +371,7 @@ def _counts_findings(
     published = privacy.get("published", {})
     if unannounced := sorted(n for n, on in published.items() if not on and n in p):
         out.append(
-            Finding(
-                "fail", where, f"publishes {', '.join(unannounced)}, which meta says it does not"
-            )
+            Finding("fail", where, f"publishes {', '.join(unannounced)}: meta says it does not")
         )
     flat = {
         name: cast(int | None, value)

@@ -311,9 +311,9 @@ class PrivacyPolicy:
 
     def device_counts(self, window: WindowCounts) -> dict[str, int]:
         """The counts of ``window`` this policy publishes, as counted (dwell bands as
-        ``dwell_minutes.<band>``): what the noise goes on. Under noise one device id moves
-        their sum by at most :attr:`sensitivity`."""
-        return _counts(self._publishable(window))
+        ``dwell_minutes.<band>``): what the noise goes on (nothing in a window without data).
+        Under noise one device id moves their sum by at most :attr:`sensitivity`."""
+        return {} if window.no_data else _counts(self._publishable(window))
 
     def _publishable(self, window: WindowCounts) -> dict[str, object]:
         """The window's fields this policy may publish, flattened: the header, the frame
