@@ -48,12 +48,11 @@ from numpy.typing import NDArray
 
 from firmware_agent.count import DWELL_BANDS, DWELL_EDGES_MIN, NS, CountSettings
 from firmware_agent.errors import ConfigError
-from firmware_agent.estimate import Calibration
+from firmware_agent.estimate import Calibration, EstimateSettings
 from firmware_agent.kernels import kernel
 from firmware_agent.parse import KIND_PROBE, RSSI_MISSING
 
 __all__ = [
-    "PRESENCE_HOLD_S",
     "SAMPLE_S",
     "PeopleCounter",
     "PeopleSettings",
@@ -61,9 +60,6 @@ __all__ = [
     "calibrated",
 ]
 
-PRESENCE_HOLD_S = 120
-"""Default hold: an idle phone probes every one to two minutes (shorter holds leave a person
-who is there out of the occupancy between bursts; longer ones keep them after they left)."""
 SAMPLE_S = 10
 """Occupancy samples: every 10 s, on multiples of 10 s since the Unix epoch (divides every
 ``window_s``, a divisor of 3600 of at least 60)."""
@@ -104,7 +100,7 @@ class PeopleSettings:
     lateness_s: int = 10
     min_dwell_s: int = 60
     visit_gap_s: int = 600
-    hold_s: int = PRESENCE_HOLD_S
+    hold_s: int = 60
 
     def __post_init__(self) -> None:
         if not 1 <= self.hold_s <= self.visit_gap_s:
@@ -116,15 +112,17 @@ class PeopleSettings:
             raise ConfigError(f"window_s must be a multiple of {SAMPLE_S} s, got {self.window_s}")
 
     @classmethod
-    def from_config(cls, count: CountSettings, min_dwell_s: int) -> PeopleSettings:
-        """The counter's windows and visit gap, the estimator's minimum dwell; the hold is
-        :data:`PRESENCE_HOLD_S`, or the visit gap if that is shorter."""
+    def from_config(cls, count: CountSettings, estimate: EstimateSettings) -> PeopleSettings:
+        """The counter's windows and visit gap, the estimator's minimum dwell; the hold is the
+        estimator's ``link_gap_s`` (or the visit gap, if shorter): a phone that probes more
+        often than that keeps one address chain and is present without a break; one silent
+        for longer has likely gone (or will be a new chain anyway)."""
         return cls(
             window_s=count.window_s,
             lateness_s=count.lateness_s,
-            min_dwell_s=min_dwell_s,
+            min_dwell_s=estimate.min_dwell_s,
             visit_gap_s=count.visit_gap_s,
-            hold_s=min(PRESENCE_HOLD_S, count.visit_gap_s),
+            hold_s=min(estimate.link_gap_s, count.visit_gap_s),
         )
 
     def params(self) -> NDArray[np.int64]:

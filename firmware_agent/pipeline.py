@@ -78,7 +78,7 @@ class Pipeline:
         if self.estimate and not self.config.privacy.strict:
             self._estimator = Estimator(self.config.estimate)
             self._people = PeopleCounter(
-                PeopleSettings.from_config(self.config.count, self.config.estimate.min_dwell_s)
+                PeopleSettings.from_config(self.config.count, self.config.estimate)
             )
 
     @property

@@ -101,7 +101,7 @@ def _paced(
 def agent_meta(config: AgentConfig) -> dict[str, object]:
     """The meta payload: how this agent counts and what it does for privacy."""
     count = config.count
-    people = PeopleSettings.from_config(count, config.estimate.min_dwell_s)
+    people = PeopleSettings.from_config(count, config.estimate)
     threshold = config.estimate.rssi_threshold_dbm
     return meta_payload(
         config.identity.site,
