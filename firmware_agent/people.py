@@ -76,8 +76,9 @@ _R_DIFF, _R_ARR, _R_PASS, _R_END = range(4)
 _R_BAND = 4
 _RCOLS = 9
 
-# Clock (int64): newest timestamp, oldest open window start, occupancy level, visit rows used.
-_K_MAX, _K_OLDEST, _K_LEVEL, _K_USED = range(4)
+# Clock (int64): newest timestamp, oldest open window start, occupancy level, visit rows used,
+# windows closed in this batch (the next threshold to take).
+_K_MAX, _K_OLDEST, _K_LEVEL, _K_USED, _K_CLOSED = range(5)
 _NONE = np.iinfo(np.int64).min
 
 # Parameters (int64): window, lateness, hold, visit gap, minimum dwell (ns), signal threshold
@@ -236,8 +237,8 @@ def _close_window(
 
 @kernel(
     export=(
-        "UniTuple(i8, 2)(u1[:], i8[:], i8[:], i2[:], i8, i8[:, :], i8[:, :], i8[:], i8[:], "
-        "i8[:, :], i8)"
+        "UniTuple(i8, 2)(u1[:], i8[:], i8[:], i2[:], i8[:], i8, i8[:, :], i8[:, :], i8[:], "
+        "i8[:], i8[:, :], i8)"
     )
 )
 def _people(
@@ -245,6 +246,7 @@ def _people(
     ts: NDArray[np.int64],
     chain: NDArray[np.int64],
     rssi: NDArray[np.int16],
+    thresholds: NDArray[np.int64],
     begin: int,
     visits: NDArray[np.int64],
     ring: NDArray[np.int64],
@@ -256,10 +258,12 @@ def _people(
     """Place rows begin.. until done, a chain outgrows ``visits``, or out is full.
 
     The clock and windows follow the counter's rule exactly: every row moves the watermark.
-    Returns (next row, rows of out filled).
+    The signal threshold is the estimator's at each row: after the k-th window this batch
+    closes, ``thresholds[k]`` (the one learnt at that close). Returns (next row, rows of out
+    filled).
     """
     w, lateness, hold, gap = params[_P_W], params[_P_LATE], params[_P_HOLD], params[_P_GAP]
-    dwell, thr, s, n = params[_P_DWELL], params[_P_THR], params[_P_SAMPLE], params[_P_RING]
+    dwell, s, n = params[_P_DWELL], params[_P_SAMPLE], params[_P_RING]
     i = begin
     while i < kind.shape[0]:
         t = ts[i]
@@ -275,6 +279,9 @@ def _people(
                 return i, rows
             _close_window(visits, ring, clock, params, False, out, rows)
             rows += 1
+            if clock[_K_CLOSED] < thresholds.shape[0]:
+                params[_P_THR] = thresholds[clock[_K_CLOSED]]
+            clock[_K_CLOSED] += 1
         if kind[i] != KIND_PROBE or c < 0:
             i += 1
             continue
@@ -306,7 +313,7 @@ def _people(
         if (
             v[_V_STATE] == _PENDING
             and v[_V_LAST] - v[_V_FIRST] >= dwell
-            and (v[_V_BEST] == RSSI_MISSING or v[_V_BEST] >= thr)
+            and (v[_V_BEST] == RSSI_MISSING or v[_V_BEST] >= params[_P_THR])
         ):
             v[_V_STATE] = _ARRIVED
             at = max(v[_V_LAST], oldest)
@@ -353,7 +360,7 @@ class PeopleCounter:
         self._params = settings.params()
         self._visits = np.zeros((capacity, _VCOLS), np.int64)
         self._ring = np.zeros((int(self._params[_P_RING]), _RCOLS), np.int64)
-        self._clock = np.array([_NONE, _NONE, 0, 0], np.int64)
+        self._clock = np.array([_NONE, _NONE, 0, 0, 0], np.int64)
         self._out = np.zeros((256, _NOUT), np.int64)
 
     def add(
@@ -363,10 +370,15 @@ class PeopleCounter:
         chains: NDArray[np.int64],
         rssi: NDArray[np.int16],
         threshold_dbm: int,
+        learnt: list[int],
     ) -> list[WindowPeople]:
-        """Place a batch's rows (``chains``: each row's chain, -1 for none) judged against
-        ``threshold_dbm``; return the windows they closed."""
+        """Place a batch's rows (``chains``: each row's chain, -1 for none); return the windows
+        they closed. Rows are judged against ``threshold_dbm`` (the estimator's before the
+        batch), then, after each window the batch closes, the threshold the estimator had
+        after closing it (``learnt``, one per window): so batching changes nothing."""
         self._params[_P_THR] = threshold_dbm
+        self._clock[_K_CLOSED] = 0
+        thresholds = np.array(learnt, np.int64)
         if len(chains) and int(chains.max()) >= len(self._visits):
             self._grow(int(chains.max()) + 1)
         closed: list[WindowPeople] = []
@@ -377,6 +389,7 @@ class PeopleCounter:
                 ts_ns,
                 chains,
                 rssi,
+                thresholds,
                 i,
                 self._visits,
                 self._ring,

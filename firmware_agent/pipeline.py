@@ -230,13 +230,15 @@ class Pipeline:
         windows = list(self._counter.add(batch))
         if self._estimator is None or self._people is None:
             return windows
+        threshold = self._estimator.threshold_dbm
         estimates = self._estimator.add(batch)
         figures = self._people.add(
             batch.kind,
             batch.ts_ns,
             self._estimator.row_chains,
             batch.rssi,
-            self._estimator.threshold_dbm,
+            threshold,
+            [e.rssi_threshold_dbm for e in estimates],
         )
         return self._joined(windows, estimates, figures)
 

@@ -706,9 +706,8 @@ def _people(spec: PeopleSpec) -> tuple[_Frames, PeopleTruth]:
     inside = offsets < span[:, None]
     inside[:, 0] = True  # every phone is heard at least once
     person, step = np.nonzero(inside)
-    burst_t = arrive_ns[person] + (np.minimum(offsets[person, step], span[person]) * 1e9).astype(
-        np.int64
-    )
+    last = span[person] - 0.2  # a burst lasts at most 150 ms: all of it before leaving
+    burst_t = arrive_ns[person] + (np.minimum(offsets[person, step], last) * 1e9).astype(np.int64)
     bursts = len(person)
     size = rng.choice(np.arange(1, 5), bursts, p=[0.3, 0.35, 0.2, 0.15])
     burst = np.repeat(np.arange(bursts), size)

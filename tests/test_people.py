@@ -45,7 +45,7 @@ def test_the_kernel_equals_its_plain_python_twin(seed: int, window_s: int, batch
     got: list[WindowPeople] = []
     for lo in range(0, len(ts), batch):
         part = slice(lo, lo + batch)
-        got += counter.add(kind[part], ts[part], chain[part], rssi[part], -75)
+        got += counter.add(kind[part], ts[part], chain[part], rssi[part], -75, [])
     until = int(ts[-1]) // (window_s * NS) * (window_s * NS) + window_s * NS
     got += counter.close_until(until, end_visits=True)
     rows = zip(ts.tolist(), chain.tolist(), rssi.tolist(), strict=True)
