@@ -11,14 +11,16 @@ Each message, from a broker subscription or from a capture of the agents' MQTT t
   of 12 or more hex digits (other than the epoch label), a base64-like blob, an integer of
   more than 40 bits, a string in a place that holds no free text (an SSID would be one);
 * **the declared privacy mode** (the agent's retained ``meta``, which must be there: an agent
-  that declares none fails): *k* at least the floor; no device count from 1 to *k*-1; no
-  relation of a message (``devices = visitors + passersby``, ``devices = devices_randomised
-  + global``, ``visits_ended =`` the dwell bands) that gives a small count back by
-  subtraction; no figure that is never published (``devices_epoch``, the estimate: membership
-  oracles); strict mode's missing fields (``static_excluded`` included), window limit and id
-  width (at most :data:`~firmware_agent.privacy.STRICT_MAX_ID_BITS` bits); one epoch label
-  never covering more time than the declared key lifetime (one window in strict mode); no two
-  agents sharing an epoch label (which would suggest a shared key);
+  that declares none fails): *k* at least the floor; no count of people, visits or devices
+  from 1 to *k*-1; no relation of a message (``devices = devices_randomised + global``,
+  ``visits_ended =`` the dwell bands; in counts v1 also ``devices = visitors + passersby``)
+  that gives a small count back by subtraction; no ``occupancy_mean`` beside a suppressed
+  ``occupancy_peak``; no figure the mode does not publish (strict mode's missing fields,
+  meta v2's ``privacy.published``, what noise withholds) and no figure that is never
+  published (``devices_epoch`` and counts v1's estimate: membership oracles); strict mode's
+  window limit and id width (at most :data:`~firmware_agent.privacy.STRICT_MAX_ID_BITS`
+  bits); one epoch label never covering more time than the declared key lifetime (one window
+  in strict mode); no two agents sharing an epoch label (which would suggest a shared key);
 * **the epoch label carries nothing**: with the agent's public key, the audit recomputes it
   from the key and an epoch start (:func:`~firmware_agent.privacy.epoch_label`); a label that
   is not one of those could carry an identifier (64 free bits per epoch) and fails;
@@ -28,9 +30,10 @@ Each message, from a broker subscription or from a capture of the agents' MQTT t
   :func:`~firmware_agent.homeassistant.discovery_message`) fails, so listening on ``#``
   catches anything an agent publishes elsewhere.
 
-Every rule about fields comes from the agent's own catalogue (:mod:`firmware_agent.privacy`:
-``DEVICE_COUNTS``, ``RELATIONS``, ``STRICT_OMITS``, ``DP_WITHHELD``, ``NEVER_PUBLISHED``), so
-the agent and its audit cannot drift apart.
+The rules about counts v2's fields come from the agent's own catalogue
+(:mod:`firmware_agent.privacy`: ``COUNTS``, ``RELATIONS``, ``STRICT_OMITS``, ``DP_WITHHELD``,
+``NEVER_PUBLISHED``), so the agent and its audit cannot drift apart; counts v1's, which no
+agent of this version publishes, are that contract's, frozen here.
 
 The verdict is PASS when every message was audited without a failure (warnings, such as a
 signature left unchecked for want of a key, do not fail it) and FAIL otherwise.
@@ -48,11 +51,12 @@ from typing import Any, cast
 
 import nacl.signing
 
+from firmware_agent.count import DWELL_BANDS
 from firmware_agent.errors import MessageError
 from firmware_agent.homeassistant import discovery_message
 from firmware_agent.messages import AgentId, Envelope, SiteId, Topic
 from firmware_agent.privacy import (
-    DEVICE_COUNTS,
+    COUNTS,
     DP_WITHHELD,
     IMPLICIT,
     NEVER_PUBLISHED,
@@ -88,11 +92,40 @@ _STRINGS: Mapping[str, re.Pattern[str]] = {
     "$.epoch_length": re.compile(r"midnight"),
     "$.epoch_timezone": re.compile(r"[A-Za-z0-9_+/-]{0,64}"),
     "$.privacy.mode": re.compile(r"standard|strict"),
+    "$.thresholds.rssi_threshold_dbm": re.compile(r"auto"),
     "$.privacy.device_hash": re.compile(r"siphash-2-4"),
 }
 _HA_DISCOVERY = re.compile(
     r"(?P<prefix>.+)/device/footfall-(?P<site>[^/]+)/(?P<agent>[^/]+)/config"
 )
+_BANDS = tuple(f"dwell_minutes.{b}" for b in DWELL_BANDS)
+# Per counts version: the relations, what strict mode and noise leave out, the counts k
+# applies to. Version 2 is the agent's catalogue; version 1 is that contract, frozen.
+_RELATIONS = {
+    1: (
+        ("devices", ("visitors", "passersby")),
+        ("devices", ("devices_randomised", *IMPLICIT)),
+        ("visits_ended", _BANDS),
+    ),
+    2: RELATIONS,
+}
+_STRICT_ABSENT = {1: ("visits_ended", "dwell_minutes", "static_excluded"), 2: STRICT_OMITS}
+_DP_ABSENT = {1: ("static_excluded",), 2: DP_WITHHELD}
+_COUNT_FIELDS = {
+    1: frozenset(
+        (
+            "devices",
+            "devices_randomised",
+            "visitors",
+            "passersby",
+            "visits_ended",
+            "static_excluded",
+            *_BANDS,
+            *NEVER_PUBLISHED,
+        )
+    ),
+    2: frozenset(COUNTS),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,23 +437,31 @@ def _counts_findings(
         out.append(
             Finding("fail", where, f"window_s {p['window_s']}, meta says {meta['window_s']}")
         )
+    v = int(p["v"])
     if never := [name for name in NEVER_PUBLISHED if name in p]:
         out.append(Finding("fail", where, f"publishes {', '.join(never)}: a membership oracle"))
     if privacy["mode"] == "strict":
-        present = [name for name in STRICT_OMITS if name in p]
+        present = [name for name in _STRICT_ABSENT[v] if name in p]
         if present:
             out.append(Finding("fail", where, f"strict mode publishes {', '.join(present)}"))
-    if privacy.get("dp_epsilon") is not None and (withheld := set(DP_WITHHELD) & set(p)):
+    if privacy.get("dp_epsilon") is not None and (withheld := set(_DP_ABSENT[v]) & set(p)):
         out.append(Finding("fail", where, f"noised counts publish {', '.join(sorted(withheld))}"))
+    published = privacy.get("published", {})
+    if unannounced := sorted(n for n, on in published.items() if not on and n in p):
+        out.append(
+            Finding("fail", where, f"publishes {', '.join(unannounced)}: meta says it does not")
+        )
     flat = {
         name: cast(int | None, value)
         for name, value in flatten_counts(p).items()
-        if name in DEVICE_COUNTS or name in NEVER_PUBLISHED
+        if name in _COUNT_FIELDS[v]
     }
     for name, value in flat.items():
         if value is not None and 0 < value < k:
             out.append(Finding("fail", where, f"$.{name} is a small count below k={k}"))
-    for total, all_parts in RELATIONS:
+    if p.get("occupancy_peak", 0) is None and p.get("occupancy_mean") is not None:
+        out.append(Finding("fail", where, "$.occupancy_mean is published with a suppressed peak"))
+    for total, all_parts in _RELATIONS[v]:
         parts = tuple(m for m in all_parts if m not in IMPLICIT)
         if total not in flat or any(m not in flat for m in parts):
             continue

@@ -349,7 +349,7 @@ def meta_payload(
     window_s: int,
     epoch_length: str | int,
     epoch_timezone: str,
-    thresholds: Mapping[str, int],
+    thresholds: Mapping[str, int | str],
     privacy: Mapping[str, object],
 ) -> dict[str, object]:
     """A meta payload (v2): how the agent counts and what it does for privacy.

@@ -5,14 +5,16 @@ WiFi counting (see ``docs/PRIVACY.md``):
 
 * ``standard``: device ids are keyed hashes under a random key that lives at most 24 hours
   (local midnight, or a fixed length up to a day) and is never written anywhere; every
-  sensor draws its own key; all per-device state is wiped with it. Dwell and visits are
-  published; unique-today and the estimate are not (no membership oracle, below). The ids
-  are pseudonymous for at most a day, then gone.
+  sensor draws its own key; all per-device state (with the estimator's chains) is wiped
+  with it. Arrivals, passers-by, visits, dwell and occupancy are published. The ids are
+  pseudonymous for at most a day, then gone.
 * ``strict``: nothing per device outlives one window of at most 10 minutes: the key, and
   with it the device table, is replaced every window, and device ids are truncated to
-  :attr:`PrivacyPolicy.id_bits` bits, chosen from the expected crowd so that most devices
-  share their value with another. The counts are corrected for those collisions by linear
-  counting (:func:`linear_count`); dwell, visits and unique-today are not published.
+  at most :attr:`PrivacyPolicy.id_bits` bits, fewer when fewer devices are around, so that
+  most devices share their value with another in every window
+  (:meth:`PrivacyPolicy.anonymise`). The counts are corrected for those collisions by linear
+  counting (:func:`linear_count`). No chain outlives a window either, so only the device
+  diagnostics (``devices``, ``devices_randomised``) are published: no people figures.
 
 In both modes, on the way out (:meth:`PrivacyPolicy.release`):
 
@@ -22,12 +24,16 @@ In both modes, on the way out (:meth:`PrivacyPolicy.release`):
    randomness for every value. The frame counts go under noise too, bounded first:
    ``probe_requests`` counts at most :data:`~firmware_agent.count.FRAMES_PER_DEVICE` frames
    per device (``probe_requests_clipped``), ``malformed`` and ``late_frames`` say only
-   whether there were any (0 or 1). ``static_excluded`` is then withheld, since one device
-   can move it by more than any stated sensitivity (it rests on the estimator's chains);
-2. small-count suppression: a device count from 1 to *k*-1 is published as ``null``, and
+   whether there were any (0 or 1). The people figures and ``static_excluded`` are then
+   withheld (:data:`DP_WITHHELD`), since one device can move them by more than any stated
+   sensitivity;
+2. small-count suppression: a count from 1 to *k*-1 is published as ``null``, and
    so is a count that would let a reader subtract back to one (complementary suppression
    over the message's additive relations, including the never-published count of devices
-   with global addresses, ``devices - devices_randomised``).
+   with global addresses, ``devices - devices_randomised``); ``occupancy_mean`` goes with
+   ``occupancy_peak`` (it is at most the peak).
+
+A window without data (``no_data``) is published with every figure null.
 
 Without noise, frame counts (``probe_requests``, ``malformed``, ``late_frames``) are
 published as they are: they describe the radio, not how many devices.
@@ -36,13 +42,10 @@ published as they are: they describe the radio, not how many devices.
 differ between "this address was heard earlier in the epoch" and "this address is new".
 ``devices_epoch`` (distinct devices so far in the epoch) did exactly that: three probe
 requests under a candidate address in a quiet window, and it stays put if the phone was
-here earlier today and rises by one if not. So did the estimate: ``people_est`` counts a
-chain that has lasted ``estimate.min_dwell_s`` since it was *first heard in the epoch*, so
-one burst under an address heard this morning adds a person and under a new one does not
-(every shared capture with ground truth), and the learnt signal threshold moves with every
-chain of the epoch. Both are counted but never published (:data:`NEVER_PUBLISHED`), nor
-``people`` (``people_est`` through the calibration); every published figure is a function
-of the window alone, and the epoch label of public values (:func:`epoch_label`).
+here earlier today and rises by one if not. So did counts v1's estimate, ``people_est``: a
+chain counted once it had lasted ``estimate.min_dwell_s`` since it was *first heard in the
+epoch*. They are never published (:data:`NEVER_PUBLISHED`); every published figure must be
+a function of the window alone, and the epoch label of public values (:func:`epoch_label`).
 
 The field lists below are **the one catalogue** of the counts' privacy rules: the agent
 releases by them and the audit (:mod:`firmware_agent.audit`) checks by them.
@@ -66,7 +69,7 @@ from firmware_agent.errors import ConfigError
 
 __all__ = [
     "COLLISION_FLOOR",
-    "DEVICE_COUNTS",
+    "COUNTS",
     "DP_WITHHELD",
     "FRAME_COUNTS",
     "IMPLICIT",
@@ -74,9 +77,11 @@ __all__ = [
     "NEVER_PUBLISHED",
     "RELATIONS",
     "STANDARD_MAX_KEY_S",
+    "STANDARD_PUBLISHES",
     "STRICT_MAX_ID_BITS",
     "STRICT_MAX_WINDOW_S",
     "STRICT_OMITS",
+    "STRICT_PUBLISHES",
     "SUPPRESS_FLOOR",
     "PrivacyPolicy",
     "discrete_laplace",
@@ -95,8 +100,8 @@ STANDARD_MAX_KEY_S = 86400  # CNIL: pseudonymised, then anonymised or deleted wi
 SUPPRESS_FLOOR = 2  # the lowest k of every mode: a count of one device is that device
 # Strict: the widest truncated id (4,096 values); wider, and most devices keep their own.
 STRICT_MAX_ID_BITS = 12
-# Strict: at least this share of a window's ids share their value with another, at the width
-# its counts are taken at; a window that cannot get there publishes no device count.
+# Strict: at least this share of a window's devices share their id with another, at the
+# width its counts are taken at; a window that cannot get there publishes no device count.
 COLLISION_FLOOR = 0.5
 _MIN_ID_BITS = 4
 
@@ -104,31 +109,22 @@ _MIN_ID_BITS = 4
 # (devices with a global address) is never published but follows from the other two.
 IMPLICIT = ("devices_global",)
 RELATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("devices", ("visitors", "passersby")),
     ("devices", ("devices_randomised", "devices_global")),
     ("visits_ended", tuple(f"dwell_minutes.{band}" for band in DWELL_BANDS)),
 )
-# Device counts: what suppression and noise apply to. Dwell bands go by "dwell_minutes.<band>".
-DEVICE_COUNTS = (
-    "devices",
-    "devices_randomised",
-    "visitors",
+# Counts of people, visits and devices: what suppression and noise apply to. Dwell bands go
+# by "dwell_minutes.<band>". occupancy_mean (a level, at most occupancy_peak) goes with
+# occupancy_peak.
+COUNTS = (
+    "arrivals",
     "passersby",
     "visits_ended",
     *(f"dwell_minutes.{band}" for band in DWELL_BANDS),
+    "occupancy_peak",
+    "devices",
+    "devices_randomised",
     "static_excluded",
 )
-# Frame counts: never suppressed; under noise, bounded (clipped) and noised.
-FRAME_COUNTS = ("probe_requests", "malformed", "late_frames")
-# Counted, never published: membership oracles (devices so far in the epoch; the estimate,
-# whose chains and learnt threshold span the epoch), and the noise's bounded frame count.
-NEVER_PUBLISHED = ("devices_epoch", "people_est", "people", "probe_requests_clipped")
-# Withheld under differential privacy: one device id can move them by an unbounded amount
-# (the learnt signal threshold, chain linking: docs/PRIVACY.md), so no noise scale fits them.
-DP_WITHHELD = ("static_excluded",)
-STRICT_OMITS = ("visits_ended", "dwell_minutes", *DP_WITHHELD)
-# What one device moves the bounded frame counts by, under noise.
-_FRAME_SENSITIVITY = FRAMES_PER_DEVICE + 2  # probe_requests_clipped; malformed, late: 0 or 1
 STANDARD_PUBLISHES = (
     "arrivals",
     "passersby",
@@ -141,8 +137,21 @@ STANDARD_PUBLISHES = (
     "devices_randomised",
     "static_excluded",
 )
-"""The optional counts v2 figures each mode publishes (meta.privacy.published)."""
+"""The optional counts v2 figures of the standard mode (meta.privacy.published)."""
 STRICT_PUBLISHES = ("devices", "devices_randomised")
+"""Strict: no chain outlives a window (the key, the device table and the fingerprints go
+every window), so there are no people figures: the device diagnostics only."""
+STRICT_OMITS = tuple(name for name in STANDARD_PUBLISHES if name not in STRICT_PUBLISHES)
+# Frame counts: never suppressed; under noise, bounded (clipped) and noised.
+FRAME_COUNTS = ("probe_requests", "malformed", "late_frames")
+# Never published (membership oracles; the noise's bounded frame count): counts v1's names.
+NEVER_PUBLISHED = ("devices_epoch", "people_est", "people", "probe_requests_clipped")
+# What one device moves the bounded frame counts by, under noise.
+_FRAME_SENSITIVITY = FRAMES_PER_DEVICE + 2  # probe_requests_clipped; malformed, late: 0 or 1
+# Withheld under differential privacy: one device can split into several chains (its random
+# addresses not linked), and the signal threshold can be learnt, so one device id can move a
+# people figure by more than any stated sensitivity (docs/PRIVACY.md).
+DP_WITHHELD = tuple(name for name in STANDARD_PUBLISHES if name not in STRICT_PUBLISHES)
 
 
 def truncate_ids(batch: DeviceBatch, bits: int) -> None:
@@ -290,17 +299,15 @@ class PrivacyPolicy:
 
     @property
     def sensitivity(self) -> int:
-        """The most one device id can move the sum of the noised counts of a window (as
-        counted, before strict mode's correction): the L1 sensitivity the noise is scaled to.
-        Device counts: standard, one each of devices, devices_randomised, visitors or
-        passersby, visits_ended, one dwell band (a device's visit ends at most once per
-        window close): 5; ``static_excluded`` is withheld under noise (:data:`DP_WITHHELD`).
-        Strict: devices, devices_randomised, visitors/passersby; on a truncated id shared with
-        another device, the id's randomised flag and its class can change (visitors +1,
-        passersby -1) while devices does not: 3 still. Frame counts, bounded: at most
-        :data:`~firmware_agent.count.FRAMES_PER_DEVICE` probe requests, and 1 each for whether
-        there were malformed or late frames."""
-        return (3 if self.strict else 5) + _FRAME_SENSITIVITY
+        """The most one device id can move the sum of the counts published under noise (as
+        counted, before strict mode's correction): the L1 sensitivity the noise is scaled
+        to. Under noise both modes publish ``devices`` and ``devices_randomised`` only (the
+        people figures are withheld, :data:`DP_WITHHELD`): one each. In strict mode a
+        truncated id shared with another device can gain the randomised flag while devices
+        does not move: 2 still. Plus the frame counts, bounded: at most
+        :data:`~firmware_agent.count.FRAMES_PER_DEVICE` probe requests, and 1 each for
+        whether there were malformed or late frames."""
+        return 2 + _FRAME_SENSITIVITY
 
     @property
     def dp_epsilon_day(self) -> float | None:
@@ -308,6 +315,16 @@ class PrivacyPolicy:
         if self.dp_epsilon is None:
             return None
         return round(self.dp_epsilon * 86400 / self.window_s, 6)
+
+    @property
+    def publishes(self) -> tuple[str, ...]:
+        """The optional counts v2 figures this policy publishes (strict, or under noise: the
+        device diagnostics only)."""
+        if self.strict:
+            return STRICT_PUBLISHES
+        if self.dp_epsilon is not None:
+            return tuple(name for name in STANDARD_PUBLISHES if name not in DP_WITHHELD)
+        return STANDARD_PUBLISHES
 
     def meta(self) -> dict[str, object]:
         """The ``privacy`` object of the meta message."""
@@ -320,10 +337,7 @@ class PrivacyPolicy:
             "suppress_below": self.suppress_below,
             "dp_epsilon": self.dp_epsilon,
             "dp_epsilon_day": self.dp_epsilon_day,
-            "published": {
-                name: name in (STRICT_PUBLISHES if self.strict else STANDARD_PUBLISHES)
-                for name in STANDARD_PUBLISHES
-            },
+            "published": {name: name in self.publishes for name in STANDARD_PUBLISHES},
         }
 
     def anonymise(
@@ -331,7 +345,6 @@ class PrivacyPolicy:
         window: WindowCounts,
         ids: NDArray[np.uint64],
         randomised: NDArray[np.bool_],
-        visitors: NDArray[np.bool_],
         bits: int,
     ) -> WindowCounts:
         """Strict: the window counted from its truncated ids (``bits`` wide, as heard) at the
@@ -341,8 +354,7 @@ class PrivacyPolicy:
         counting over the ``m`` values its ids occupy, then ``1 - (1 - 1/m)^(n - 1)``. A
         window that reaches the floor at no width (a crowd of one or two) keeps its best and
         publishes no device count (:meth:`release`). The counts are the occupied values (all,
-        with a randomised address, with a visitor), corrected on release by linear counting
-        at that width."""
+        with a randomised address), corrected on release by linear counting at that width."""
         values = (ids - np.uint64(1)).astype(np.uint64)  # truncate_ids adds 1 (0: no address)
         shares = {}
         for width in range(bits, 0, -1):
@@ -354,14 +366,10 @@ class PrivacyPolicy:
         if shares[width] < COLLISION_FLOOR:
             width = max(shares, key=shares.__getitem__)
         coarse = values & np.uint64((1 << width) - 1)
-        devices = len(np.unique(coarse))
-        seen = len(np.unique(coarse[visitors]))
         return replace(
             window,
-            devices=devices,
+            devices=len(np.unique(coarse)),
             devices_randomised=len(np.unique(coarse[randomised])),
-            visitors=seen,
-            passersby=devices - seen,
             id_bits=width,
             shared=shares[width] if len(values) else None,
         )
@@ -386,39 +394,33 @@ class PrivacyPolicy:
         :meth:`_corrected`); unchanged in standard."""
         if not self.strict:
             return window
-        fields = ("devices", "devices_randomised", "visitors", "passersby")
-        c = self._corrected({name: getattr(window, name) for name in fields}, window.id_bits)
-        return replace(
-            window,
-            devices=c["devices"],
-            devices_randomised=c["devices_randomised"],
-            visitors=c["visitors"],
-            passersby=c["passersby"],
+        c = self._corrected(
+            {"devices": window.devices, "devices_randomised": window.devices_randomised},
+            window.id_bits,
         )
+        return replace(window, devices=c["devices"], devices_randomised=c["devices_randomised"])
 
     def _corrected(self, counts: Mapping[str, int], bits: int | None) -> dict[str, int]:
         """Linear counting on the truncated ids (``bits`` wide; the declared width if None):
         the occupied values give the devices, the values with a randomised address give
-        those, the values with a visitor the visitors (a value shared by a visitor and a
-        passer-by counts once for each)."""
+        those."""
         m = 1 << (bits if bits is not None else self.id_bits or 0)
         devices = round(linear_count(counts["devices"], m))
-        visitors = min(round(linear_count(counts["visitors"], m)), devices)
         return dict(counts) | {
             "devices": devices,
             "devices_randomised": min(
                 round(linear_count(counts["devices_randomised"], m)), devices
             ),
-            "visitors": visitors,
-            "passersby": devices - visitors,
         }
 
     def noised_counts(self, window: WindowCounts) -> dict[str, int]:
         """The counts of ``window`` the noise goes on, as counted (dwell bands as
-        ``dwell_minutes.<band>``): the device counts this policy publishes and, under noise,
-        the bounded frame counts. One device id moves their sum by at most
-        :attr:`sensitivity`."""
-        counts = _device_counts(self._publishable(window))
+        ``dwell_minutes.<band>``): the counts this policy publishes and, under noise, the
+        bounded frame counts (nothing in a window without data). Under noise one device id
+        moves their sum by at most :attr:`sensitivity`."""
+        if window.no_data:
+            return {}
+        counts = _counts(self._publishable(window))
         if self.dp_epsilon is not None:
             counts |= {
                 "probe_requests": window.probe_requests_clipped,
@@ -428,14 +430,13 @@ class PrivacyPolicy:
         return counts
 
     def _publishable(self, window: WindowCounts) -> dict[str, object]:
-        """The window's fields this policy may publish, flattened."""
-        omitted = NEVER_PUBLISHED + (STRICT_OMITS if self.strict else ())
-        if self.dp_epsilon is not None:
-            omitted += DP_WITHHELD
+        """The window's fields this policy may publish, flattened: the header, the frame
+        counts, ``no_data`` and the optional figures of :attr:`publishes`."""
+        optional = set(STANDARD_PUBLISHES) - set(self.publishes)
         return {
             name: value
             for name, value in flatten_counts(window.as_dict()).items()
-            if name.partition(".")[0] not in omitted
+            if name.partition(".")[0] not in optional
         }
 
     def release(self, window: WindowCounts) -> dict[str, object]:
@@ -443,8 +444,11 @@ class PrivacyPolicy:
 
         Noise goes on the counts as counted (in strict mode, on the truncated ids, where one
         device moves each count by at most one), then strict mode's collision correction and
-        the suppression follow as post-processing, which spends no privacy budget."""
+        the suppression follow as post-processing, which spends no privacy budget. A window
+        without data is published as it is: every figure null (a gap), nothing to hide."""
         flat = self._publishable(window)
+        if window.no_data:
+            return _unflatten(flat)
         counts = self.noised_counts(window)
         if self.dp_epsilon is not None:
             noise = self.dp_epsilon / self.sensitivity
@@ -456,6 +460,8 @@ class PrivacyPolicy:
         if window.shared is not None and window.shared < COLLISION_FLOOR:
             hidden = set(counts)  # strict could not make this window's devices share ids
         flat.update({name: None if name in hidden else n for name, n in counts.items()})
+        if "occupancy_peak" in hidden:
+            flat["occupancy_mean"] = None  # at most the peak: as small
         return _unflatten(flat | frames)
 
 
@@ -469,9 +475,9 @@ def epoch_label(public_key: bytes, epoch_start: int) -> str:
 
 
 def suppress(counts: Mapping[str, int], k: int) -> set[str]:
-    """The device counts to publish as null: those from 1 to k-1, then, until none is
-    left, one more count of every relation that would give a hidden small count back by
-    subtraction (the smallest published part, preferring non-zero ones; else the total)."""
+    """The counts to publish as null: those from 1 to k-1, then, until none is left, one
+    more count of every relation that would give a hidden small count back by subtraction
+    (the smallest published part, preferring non-zero ones; else the total)."""
     cells = dict(counts)
     cells["devices_global"] = cells.get("devices", 0) - cells.get("devices_randomised", 0)
     small = {name for name, v in cells.items() if 0 < v < k}
@@ -502,8 +508,8 @@ def flatten_counts(counts: Mapping[str, object]) -> dict[str, object]:
     return flat
 
 
-def _device_counts(flat: Mapping[str, object]) -> dict[str, int]:
-    return {name: cast(int, v) for name, v in flat.items() if name in DEVICE_COUNTS}
+def _counts(flat: Mapping[str, object]) -> dict[str, int]:
+    return {name: cast(int, v) for name, v in flat.items() if name in COUNTS}
 
 
 def _unflatten(flat: Mapping[str, object]) -> dict[str, object]:

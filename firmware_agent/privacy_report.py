@@ -73,9 +73,10 @@ def privacy_report(
     else:
         lines += [
             "  - The device table (first and last time heard, best signal, frames and current",
-            "    visit) and the estimator's links between the random addresses of one phone",
-            "    (by a keyed fingerprint of the phone model and sequence numbers): wiped with",
-            "    the key.",
+            "    visit), the estimator's links between the random addresses of one phone (by a",
+            "    keyed fingerprint of the phone model and sequence numbers), and each linked",
+            "    phone's current visit (first and last time heard, best signal): wiped with the",
+            "    key.",
         ]
     lines += [
         "",
@@ -91,23 +92,26 @@ def privacy_report(
         "  - frames heard (probe requests, malformed frames, late frames);",
     ]
     if p.strict:
+        lines.append("  - devices heard, of which randomised (collision-corrected).")
         lines.append(
-            "  - devices, of which randomised, visitors and passers-by (collision-corrected)."
+            "  - Not published in strict mode: people (arrivals, passers-by, occupancy), visits"
         )
-        lines.append("  - Not published in strict mode: dwell times, visits, unique devices today.")
-    else:
+        lines.append("    and their length: linking a phone's addresses outlives a window.")
+    elif p.dp_epsilon is None:
         lines += [
-            "  - devices, of which randomised, visitors and passers-by; visits ended and their",
-            "    length in five bands; static devices left out.",
-            "  - Never: devices so far today, or any figure that would differ between a phone",
-            "    heard earlier today and a new one (see docs/PRIVACY.md, the attacker).",
+            "  - people: arrivals, passers-by, people present (mean and peak); visits ended and",
+            "    their length in five bands; devices heard, of which randomised (diagnostics).",
         ]
+    else:
+        lines.append("  - devices heard, of which randomised (diagnostics).")
     small = (
-        "A count of one device is"
+        "A count of one person, visit or device is"
         if p.suppress_below == 2
-        else f"Any count of devices from 1 to {p.suppress_below - 1} is"
+        else f"Any count of people, visits or devices from 1 to {p.suppress_below - 1} is"
     )
     lines += [
+        "  - Never: devices so far today, or any figure that would differ between a phone",
+        "    heard earlier today and a new one (docs/PRIVACY.md, the membership attacker).",
         f"  - {small} sent as 'suppressed', never as its value,",
         "    and so is any count from which a reader could subtract back to such a value.",
     ]
@@ -124,8 +128,8 @@ def privacy_report(
         ]
         if not p.strict:
             lines.append(
-                "  - Static devices left out are not sent under noise: one device can move that "
-                "count by more than noise scaled to one device can hide."
+                "  - The people figures are not sent under noise: one device can "
+                "move them by more than noise scaled to one device can hide."
             )
     lines += [
         "  Also, retained: the agent's settings (this mode, window, thresholds) and whether it is",

@@ -165,7 +165,7 @@ def test_a_message_off_the_agent_topics_fails_and_home_assistant_discovery_passe
     elsewhere.add(f"shop/{SITE}/{AGENT}/counts", seal(_counts(2), KEY))
     assert any("published off the agent topics" in r for r in _reasons(elsewhere))
     tampered = _audit(_meta())
-    tampered.add(topic, config.replace(b"Visitors", b"a45e60010203"))
+    tampered.add(topic, config.replace(b"{", b'{"ssid": "MyHome", ', 1))
     assert "not the Home Assistant discovery config a footfall agent publishes" in _reasons(
         tampered
     )
