@@ -39,6 +39,7 @@ import nacl.signing
 from firmware_agent.errors import MessageError
 from firmware_agent.messages import Envelope, Topic
 from firmware_agent.privacy import (
+    COUNTS,
     DP_WITHHELD,
     STANDARD_MAX_KEY_S,
     STANDARD_PUBLISHES,
@@ -105,18 +106,7 @@ _COUNT_FIELDS = {
             *_BANDS,
         )
     ),
-    2: frozenset(
-        (
-            "arrivals",
-            "passersby",
-            "visits_ended",
-            "occupancy_peak",
-            "devices",
-            "devices_randomised",
-            "static_excluded",
-            *_BANDS,
-        )
-    ),
+    2: frozenset(COUNTS),
 }
 
 

@@ -48,8 +48,10 @@ import numpy as np
 from firmware_agent.anonymize import DeviceBatch
 from firmware_agent.count import DWELL_BANDS, WindowCounts
 from firmware_agent.errors import ConfigError
+from firmware_agent.messages import DIAGNOSTICS, PEOPLE_FIGURES
 
 __all__ = [
+    "COUNTS",
     "DP_WITHHELD",
     "MODES",
     "STANDARD_MAX_KEY_S",
@@ -77,10 +79,11 @@ _RELATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("devices", ("devices_randomised", "devices_global")),
     ("visits_ended", tuple(f"dwell_minutes.{band}" for band in DWELL_BANDS)),
 )
-# Counts of people, visits and devices: what suppression and noise apply to. Dwell bands go
+# Counts of people, visits and devices: what suppression and noise apply to (and what the
+# audit holds to k). Dwell bands go
 # by "dwell_minutes.<band>". occupancy_mean (a level, at most occupancy_peak) goes with
 # occupancy_peak.
-_COUNTS = (
+COUNTS = (
     "arrivals",
     "passersby",
     "visits_ended",
@@ -90,18 +93,7 @@ _COUNTS = (
     "devices_randomised",
     "static_excluded",
 )
-STANDARD_PUBLISHES = (
-    "arrivals",
-    "passersby",
-    "visits_ended",
-    "dwell_minutes",
-    "occupancy_mean",
-    "occupancy_peak",
-    "calibrated",
-    "devices",
-    "devices_randomised",
-    "static_excluded",
-)
+STANDARD_PUBLISHES = (*PEOPLE_FIGURES, "calibrated", *DIAGNOSTICS)
 """The optional counts v2 figures of the standard mode (meta.privacy.published)."""
 STRICT_PUBLISHES = ("devices", "devices_randomised")
 """Strict: no chain outlives a window (the key, the device table and the fingerprints go
@@ -383,7 +375,7 @@ def flatten_counts(counts: Mapping[str, object]) -> dict[str, object]:
 
 
 def _counts(flat: Mapping[str, object]) -> dict[str, int]:
-    return {name: cast(int, v) for name, v in flat.items() if name in _COUNTS}
+    return {name: cast(int, v) for name, v in flat.items() if name in COUNTS}
 
 
 def _unflatten(flat: Mapping[str, object]) -> dict[str, object]:
