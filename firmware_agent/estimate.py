@@ -683,6 +683,7 @@ class Estimator:
         self._fps.wipe()
         self._chains.fill(0)
         self._hist.fill(0)
+        self.row_chains.fill(-1)  # people stage hook
         self._clock[_K_CHAINS] = self._clock[_K_ADDRS] = self._clock[_K_FPS] = 0
 
     def _grow(self) -> None:

@@ -26,6 +26,10 @@ occupancy means; the max of the peaks), and a test checks it on a replay.
 * A visit *ends* at its last frame + ``visit_gap_s`` (or at the epoch's end, or the end of the
   input): if it arrived, in ``visits_ended`` and one dwell band (its length: last frame +
   ``hold_s`` - first frame); if not, in ``passersby``.
+* A visit that has lasted ``static_min_s`` (the estimator's, 4 hours by default) without a
+  break is a *static device* (a PC, a printer, a TV) from its frame that reaches it: it leaves
+  the occupancy there, and its end counts as nothing. Its arrival, hours before, stays counted:
+  it was not known then. (The estimator's ``static_excluded`` diagnostic uses its own rule.)
 
 Events are kept per sample slot in a ring (``ring``) that spans the open windows and as far
 ahead as a hold reaches; a window's close sums the slots it covers. Occupancy is a
@@ -68,7 +72,7 @@ SAMPLE_S = 10
 # end of the current presence run.
 _V_STATE, _V_FIRST, _V_LAST, _V_BEST, _V_RUN = range(5)
 _VCOLS = 5
-_NOVISIT, _PENDING, _ARRIVED = 0, 1, 2
+_NOVISIT, _PENDING, _ARRIVED, _STATIC = 0, 1, 2, 3
 
 # Ring columns (int64), one row per sample slot: occupancy difference, arrivals, passers-by,
 # visits ended, five dwell bands.
@@ -82,8 +86,8 @@ _K_MAX, _K_OLDEST, _K_LEVEL, _K_USED, _K_CLOSED = range(5)
 _NONE = np.iinfo(np.int64).min
 
 # Parameters (int64): window, lateness, hold, visit gap, minimum dwell (ns), signal threshold
-# (dBm), sample (ns), ring rows.
-_P_W, _P_LATE, _P_HOLD, _P_GAP, _P_DWELL, _P_THR, _P_SAMPLE, _P_RING = range(8)
+# (dBm), sample (ns), ring rows, static visit length (ns, 0: none).
+_P_W, _P_LATE, _P_HOLD, _P_GAP, _P_DWELL, _P_THR, _P_SAMPLE, _P_RING, _P_STATIC = range(9)
 
 # Output row columns (int64): window start, arrivals, passers-by, visits ended, five dwell
 # bands, sum of occupancy samples, samples, peak.
@@ -102,6 +106,7 @@ class PeopleSettings:
     min_dwell_s: int = 60
     visit_gap_s: int = 600
     hold_s: int = 60
+    static_min_s: int = 4 * 3600  # 0: no static devices
 
     def __post_init__(self) -> None:
         if not 1 <= self.hold_s <= self.visit_gap_s:
@@ -124,6 +129,7 @@ class PeopleSettings:
             min_dwell_s=estimate.min_dwell_s,
             visit_gap_s=count.visit_gap_s,
             hold_s=min(estimate.link_gap_s, count.visit_gap_s),
+            static_min_s=estimate.static_min_s,
         )
 
     def params(self) -> NDArray[np.int64]:
@@ -138,6 +144,7 @@ class PeopleSettings:
                 RSSI_MISSING,  # the threshold: set for every batch (it can be learnt)
                 SAMPLE_S * NS,
                 reach // SAMPLE_S + 4,
+                self.static_min_s * NS,
             ],
             np.int64,
         )
@@ -176,7 +183,8 @@ def _up(x: int, s: int) -> int:
 
 @kernel()
 def _end_visit(v: NDArray[np.int64], acc: NDArray[np.int64], params: NDArray[np.int64]) -> None:
-    """Count a visit that ended into ``acc`` (a ring row or a window's totals) and forget it."""
+    """Count a visit that ended into ``acc`` (a ring row or a window's totals) and forget it
+    (a static device's visit counts as nothing)."""
     if v[_V_STATE] == _ARRIVED:
         minutes = (v[_V_LAST] + params[_P_HOLD] - v[_V_FIRST]) // (60 * NS)
         band = 0
@@ -184,7 +192,7 @@ def _end_visit(v: NDArray[np.int64], acc: NDArray[np.int64], params: NDArray[np.
             band += 1
         acc[_R_END] += 1
         acc[_R_BAND + band] += 1
-    else:
+    elif v[_V_STATE] == _PENDING:
         acc[_R_PASS] += 1
     v[_V_STATE] = _NOVISIT
 
@@ -321,6 +329,11 @@ def _people(
             ring[_up(at, s) % n, _R_DIFF] += 1
             ring[_up(at + hold, s) % n, _R_DIFF] -= 1
             v[_V_RUN] = at + hold
+        static = params[_P_STATIC]
+        if v[_V_STATE] == _ARRIVED and static > 0 and v[_V_LAST] - v[_V_FIRST] >= static:
+            v[_V_STATE] = _STATIC  # present for hours without a break: not a person
+            ring[_up(v[_V_RUN], s) % n, _R_DIFF] += 1
+            ring[_up(here, s) % n, _R_DIFF] -= 1
         i += 1
     return i, rows
 

@@ -20,7 +20,8 @@ next and owns the epoch key's life:
   stage's visits are overwritten, and a new key starts.
 
 Windows close on the frames' own clock. A live source also gives the wall clock
-(:meth:`Pipeline.tick`): a quiet room still closes its windows on time, with zeros.
+(:meth:`Pipeline.tick`): a quiet room still closes its windows on time; a window in which
+nothing at all was heard says ``no_data`` (a gap, not an empty room).
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ class Pipeline:
         epoch ends the same way), exactly as the frames' watermark closes it; a frame that
         comes later still with an older timestamp counts as late in the oldest open window.
         Before any frame, the first tick starts the epoch and opens the current window, so a
-        quiet room publishes zeros from the start. Replays never call this.
+        quiet room publishes its windows (as no data while nothing is heard) from the start.
+        Replays never call this.
         """
         watermark = now_ns - self.config.count.lateness_s * NS
         if self._key is None:

@@ -66,6 +66,7 @@ from numpy.typing import NDArray
 from firmware_agent.anonymize import DeviceBatch
 from firmware_agent.count import DWELL_BANDS, FRAMES_PER_DEVICE, WindowCounts
 from firmware_agent.errors import ConfigError
+from firmware_agent.messages import DIAGNOSTICS, PEOPLE_FIGURES
 
 __all__ = [
     "COLLISION_FLOOR",
@@ -112,7 +113,8 @@ RELATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("devices", ("devices_randomised", "devices_global")),
     ("visits_ended", tuple(f"dwell_minutes.{band}" for band in DWELL_BANDS)),
 )
-# Counts of people, visits and devices: what suppression and noise apply to. Dwell bands go
+# Counts of people, visits and devices: what suppression and noise apply to (and what the
+# audit holds to k). Dwell bands go
 # by "dwell_minutes.<band>". occupancy_mean (a level, at most occupancy_peak) goes with
 # occupancy_peak.
 COUNTS = (
@@ -125,18 +127,7 @@ COUNTS = (
     "devices_randomised",
     "static_excluded",
 )
-STANDARD_PUBLISHES = (
-    "arrivals",
-    "passersby",
-    "visits_ended",
-    "dwell_minutes",
-    "occupancy_mean",
-    "occupancy_peak",
-    "calibrated",
-    "devices",
-    "devices_randomised",
-    "static_excluded",
-)
+STANDARD_PUBLISHES = (*PEOPLE_FIGURES, "calibrated", *DIAGNOSTICS)
 """The optional counts v2 figures of the standard mode (meta.privacy.published)."""
 STRICT_PUBLISHES = ("devices", "devices_randomised")
 """Strict: no chain outlives a window (the key, the device table and the fingerprints go

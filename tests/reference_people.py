@@ -35,6 +35,7 @@ def reference_people(
     end in the last window)."""
     w, gap = settings.window_s * NS, settings.visit_gap_s * NS
     hold, dwell, s = settings.hold_s * NS, settings.min_dwell_s * NS, SAMPLE_S * NS
+    static = settings.static_min_s * NS
     by_chain: dict[int, list[tuple[int, int]]] = defaultdict(list)
     first = None
     for t, chain, rssi in rows:
@@ -44,7 +45,8 @@ def reference_people(
         return []
     starts = range(first // w * w, until_ns, w)
     events: dict[int, dict[str, int]] = {start: defaultdict(int) for start in starts}
-    present: list[list[int]] = []  # per arrived visit, its frames from its arrival on
+    present: list[tuple[list[int], int]] = []  # per arrived visit: frames from its arrival on,
+    # and when it became a static device (presence ends there)
     for frames in by_chain.values():
         for visit in _visits(frames, gap):
             best = RSSI_MISSING
@@ -61,15 +63,21 @@ def reference_people(
                 events[end // w * w]["passersby"] += 1
                 continue
             events[visit[arrived][0] // w * w]["arrivals"] += 1
+            times = [t for t, _ in visit[arrived:]]
+            became = next((t for t in times if static and t - visit[0][0] >= static), None)
+            if became is not None:  # a static device: out of occupancy, its end counts nothing
+                present.append(([t for t in times if t < became], became))
+                continue
             events[end // w * w]["visits_ended"] += 1
             minutes = (last + hold - visit[0][0]) // (60 * NS)
             band = sum(minutes >= edge for edge in DWELL_EDGES_MIN)
             events[end // w * w][DWELL_BANDS[band]] += 1
-            present.append([t for t, _ in visit[arrived:]])
+            present.append((times, until_ns))
     out = []
     for start in starts:
         samples = [
-            sum(1 for times in present if _held(times, u, hold)) for u in range(start, start + w, s)
+            sum(1 for times, stop in present if u < stop and _held(times, u, hold))
+            for u in range(start, start + w, s)
         ]
         e = events[start]
         out.append(

@@ -38,7 +38,9 @@ def _rows(seed: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize(("seed", "window_s", "batch"), [(1, 300, 97), (2, 60, 1000), (3, 900, 31)])
 def test_the_kernel_equals_its_plain_python_twin(seed: int, window_s: int, batch: int) -> None:
-    settings = PeopleSettings(window_s=window_s, lateness_s=0, min_dwell_s=60, visit_gap_s=600)
+    settings = PeopleSettings(
+        window_s=window_s, lateness_s=0, min_dwell_s=60, visit_gap_s=600, static_min_s=3600
+    )
     ts, chain, rssi = _rows(seed, 3000)
     kind = np.full(len(ts), KIND_PROBE, np.uint8)
     counter = PeopleCounter(settings, capacity=8)  # grows as the chains come
@@ -51,8 +53,10 @@ def test_the_kernel_equals_its_plain_python_twin(seed: int, window_s: int, batch
     rows = zip(ts.tolist(), chain.tolist(), rssi.tolist(), strict=True)
     want = reference_people(rows, settings, -75, until)
     assert got == want
-    assert sum(w.arrivals for w in got) == sum(w.visits_ended for w in got) > 20
-    assert sum(w.passersby for w in got) > 0 and max(w.occupancy_peak for w in got) > 2
+    arrivals = sum(w.arrivals for w in got)
+    assert 0 < arrivals - sum(w.visits_ended for w in got) < arrivals  # some became static
+    assert arrivals > 20 and sum(w.passersby for w in got) > 0
+    assert max(w.occupancy_peak for w in got) > 2
 
 
 def test_a_hold_longer_than_the_visit_gap_is_refused() -> None:

@@ -51,7 +51,7 @@ def test_noise_withholds_the_people_figures_whose_sensitivity_is_unbounded() -> 
     }
     noised = PrivacyPolicy(dp_epsilon=1.0).release(window)
     assert not set(DP_WITHHELD) & set(noised)
-    assert isinstance(noised["devices"], int) and isinstance(noised["devices_randomised"], int)
+    assert {"devices", "devices_randomised"} <= set(noised)  # noised (small ones suppressed)
     # An agent with a calibration and the learnt threshold: the figures are computed, not sent.
     config = _config("standard", FOOTFALL_PRIVACY_DP_EPSILON="0.5", **_CALIBRATED)
     assert config.privacy.sensitivity == 2 + FRAMES_PER_DEVICE + 2
