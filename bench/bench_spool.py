@@ -37,6 +37,8 @@ from firmware_agent.settings import AgentConfig, load_config
 from firmware_agent.spool import Spool, SpoolSettings
 from firmware_agent.synthetic import SAMPLE_PATH
 
+OUT = Path(__file__).resolve().parent / "out"
+
 
 def windows(config: AgentConfig, n: int) -> list[WindowCounts]:
     """The sample's windows, repeated with advancing starts, ``n`` of them."""
@@ -79,7 +81,8 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(environ={})
     ws = windows(config, args.windows)
-    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent) as tmp:
+    OUT.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=OUT) as tmp:  # on the disk, not a tmpfs
         grouped = timed(config, ws, args.group, Path(tmp), "grouped.sqlite3")
         single = timed(config, ws[: args.baseline], 1, Path(tmp), "single.sqlite3")
     per_single = single / args.baseline

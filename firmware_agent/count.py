@@ -1,10 +1,11 @@
 """Count stage: device ids in, per-window counts out (numba).
 
 A device table (:class:`~firmware_agent.table.KeyedRows`, numpy arrays the numba kernel
-updates in place) holds, for the current epoch only, one row per device id: first and last
-seen, best signal, frames, randomised flag, the current visit, and per-window presence, best
-signal and frames. Nothing else: the keyed fingerprint and sequence number that the estimate
-stage reads are not kept here (least necessary state).
+updates in place) holds, for the current epoch only, one row per device id: last seen,
+randomised flag, the current visit, and per-window presence, best signal and frames. Nothing
+else: the keyed fingerprint and sequence number that the estimate stage reads are not kept
+here (least necessary state), nor first seen, best signal or frames over the epoch, which no
+figure reads.
 
 Windows are aligned to the clock (multiples of ``window_s`` since the Unix epoch) and
 close on the frames' own clock: a watermark trails the newest timestamp seen by
@@ -73,9 +74,11 @@ NS = 1_000_000_000
 FRAMES_PER_DEVICE = 4  # a device's most probe requests in probe_requests_clipped per window
 
 # Device table columns (int64).
-_FIRST, _LAST, _VISIT_START, _VISIT_BEST, _BEST, _FRAMES, _RANDOM = range(7)
-_WIN, _WRSSI, _WFRAMES, _VISITOR = 7, 9, 11, 13  # _WIN, _WRSSI, _WFRAMES: two slots each
-_NCOLS = 14
+# A row is 10 x 8 bytes and its key 8; with the slot lists (12 bytes a slot) and the table
+# between a quarter and a half full, a device costs 200-400 bytes here.
+_LAST, _VISIT_START, _RANDOM = range(3)
+_WIN, _WRSSI, _WFRAMES, _VISITOR = 3, 5, 7, 9  # _WIN, _WRSSI, _WFRAMES: two slots each
+_NCOLS = 10
 
 # Window accumulator columns (int64), one row per open-window slot (two: by parity).
 _A_PROBES, _A_MALFORMED, _A_LATE, _A_ENDED = range(4)
@@ -344,28 +347,20 @@ def _count(
         if keys[j] == 0:
             keys[j] = dev
             clock[_C_USED] += 1
-            s[_FIRST] = t
             s[_LAST] = t
-            s[_BEST] = r
             s[_VISIT_START] = _NONE
             s[_WIN] = -1
             s[_WIN + 1] = -1
         if s[_VISIT_START] == _NONE:
             s[_VISIT_START] = t
-            s[_VISIT_BEST] = r
             lists[_L_OPEN, clock[_C_OPEN_VISITS]] = j
             clock[_C_OPEN_VISITS] += 1
         elif t - s[_LAST] > gap:  # silent too long: the old visit ends, a new one begins
             s[_VISIT_START] = t
-            s[_VISIT_BEST] = r
             s[_VISITOR] = 0
         elif t < s[_VISIT_START]:
             s[_VISIT_START] = t
-        s[_FIRST] = min(s[_FIRST], t)
         s[_LAST] = max(s[_LAST], t)
-        s[_BEST] = max(s[_BEST], r)
-        s[_VISIT_BEST] = max(s[_VISIT_BEST], r)
-        s[_FRAMES] += 1
         s[_RANDOM] = randomised[i]
         if s[_WIN + p] != widx:
             s[_WIN + p] = widx
