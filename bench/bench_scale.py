@@ -45,7 +45,7 @@ from firmware_agent.capture import CaptureReader
 from firmware_agent.parse import KIND_PROBE, parse_batch
 from firmware_agent.pipeline import Pipeline
 from firmware_agent.settings import load_config
-from firmware_agent.synthetic import SyntheticSpec, write_synthetic_capture
+from firmware_agent.synthetic import SAMPLE_PATH, SyntheticSpec, write_synthetic_capture
 
 OUT = Path(__file__).resolve().parent / "out"
 SHARED = Path(__file__).resolve().parents[2] / "shared/data/pcaps"
@@ -215,6 +215,7 @@ def main() -> None:
     subprocess.run(
         [*AGENT, "build-kernels"], env=_env(kernels), check=True, stdout=subprocess.DEVNULL
     )
+    _in_process(SAMPLE_PATH, 1)  # the JIT compiles (or loads its cache) outside the timings
     print(f"load average at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
 
     print("| input | frames | probe requests | in process, probes/s (JIT) | whole process, "

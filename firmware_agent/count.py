@@ -487,13 +487,12 @@ class WindowCounter:
         self._clock[_C_USED] -= len(drop)
         self._clock[_C_EVICTED] += len(drop)
         self.evicted_total += len(drop)
-        log.warning(
-            "device table at its ceiling (count.max_devices = %d): evicted the %d longest "
-            "silent rows, %d this epoch",
-            self.settings.max_devices,
-            len(drop),
-            self.evicted,
-        )
+        if self._clock[_C_EVICTED] == len(drop):  # the epoch's first eviction
+            log.warning(
+                "device table at its ceiling (count.max_devices = %d): the longest silent rows "
+                "are evicted from now on in this epoch (footfall_devices_evicted_total)",
+                self.settings.max_devices,
+            )
         moved = KeyedRows(self.table.capacity, _NCOLS)
         rehash(keys, rows, moved.keys, moved.rows)
         self.table.wipe()
