@@ -54,14 +54,15 @@ DAY = 86_400
 
 # Replays its arguments in one process and prints peak RSS (MB) after each, then the RSS.
 _MEMORY = """
-import resource, sys
+import contextlib, os, sys
 from firmware_agent import cli
 def rss(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
             return int(line.split()[1]) // 1024
 for path in sys.argv[1:]:
-    cli.main(["replay", path])
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        cli.main(["replay", path])
     print(rss("VmHWM:"), rss("VmRSS:"), flush=True)
 """
 
@@ -189,11 +190,34 @@ def _memory(paths: list[Path], env: dict[str, str]) -> Iterator[tuple[int, int]]
         yield int(out[i]), int(out[i + 1])
 
 
+def throughput(real: Path, synthetic: Path, source: Path, repeat: int, kernels: Path) -> None:
+    print("| input | frames | probe requests | in process, probes/s (JIT) | whole process, "
+          "frames/s (JIT) | whole process, frames/s (AOT) |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, path in (("real-shaped", real), ("synthetic", synthetic)):
+        frames, probes = _counted(path)
+        inproc = _in_process(path, repeat)
+        argv = [*AGENT, "replay", str(path)]
+        jit, aot = _wall(argv, _env(None)), _wall(argv, _env(kernels))
+        print(
+            f"| {name} | {frames:,} | {probes:,} | {probes / inproc:,.0f} | "
+            f"{frames / jit:,.0f} | {frames / aot:,.0f} |"
+        )
+
+    source_frames, _ = _counted(source)
+    ours = _wall([*AGENT, "replay", str(source)], _env(kernels))
+    theirs = _wall([sys.executable, "-c", _SCAPY, str(source)], _env(None))
+    print(f"\nscapy, whole process on {source.name} ({source_frames:,} frames): "
+          f"scapy {theirs:.1f} s, footfall-agent replay (AOT) {ours:.2f} s: "
+          f"{theirs / ours:.0f}x")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=2_000_000)
     parser.add_argument("--addresses", type=int, default=2_000_000)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--memory-only", action="store_true", help="only the memory table")
     parser.add_argument(
         "--source", type=Path, default=SHARED / "fryza_p1_sc6-61_2023-02-21_anonymized.pcap"
     )
@@ -218,26 +242,8 @@ def main() -> None:
     _in_process(SAMPLE_PATH, 1)  # the JIT compiles (or loads its cache) outside the timings
     print(f"load average at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
 
-    print("| input | frames | probe requests | in process, probes/s (JIT) | whole process, "
-          "frames/s (JIT) | whole process, frames/s (AOT) |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, path in (("real-shaped", real), ("synthetic", synthetic)):
-        frames, probes = _counted(path)
-        inproc = _in_process(path, args.repeat)
-        argv = [*AGENT, "replay", str(path)]
-        jit, aot = _wall(argv, _env(None)), _wall(argv, _env(kernels))
-        print(
-            f"| {name} | {frames:,} | {probes:,} | {probes / inproc:,.0f} | "
-            f"{frames / jit:,.0f} | {frames / aot:,.0f} |"
-        )
-
-    source_frames, _ = _counted(args.source)
-    ours = _wall([*AGENT, "replay", str(args.source)], _env(kernels))
-    theirs = _wall([sys.executable, "-c", _SCAPY, str(args.source)], _env(None))
-    print(f"\nscapy, whole process on {args.source.name} ({source_frames:,} frames): "
-          f"scapy {theirs:.1f} s, footfall-agent replay (AOT) {ours:.2f} s: "
-          f"{theirs / ours:.0f}x")  # fmt: skip
-
+    if not args.memory_only:
+        throughput(real, synthetic, args.source, args.repeat, kernels)
     print(f"\nload average before memory: {os.getloadavg()[0]:.1f}\n")
     print("| kernels | peak RSS, busy day (MB) | RSS at the end of the quiet day (MB) |")
     print("|---|---:|---:|")
