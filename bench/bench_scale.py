@@ -66,22 +66,7 @@ for path in sys.argv[1:]:
     print(rss("VmHWM:"), rss("VmRSS:"), flush=True)
 """
 
-_SCAPY = """
-import sys
-from scapy.all import PcapReader
-from scapy.layers.dot11 import Dot11, Dot11Elt
-n = 0
-for pkt in PcapReader(sys.argv[1]):
-    dot11 = pkt.getlayer(Dot11)
-    if dot11 is not None and dot11.type == 0 and dot11.subtype == 4:
-        _ = (dot11.addr2, dot11.SC, getattr(pkt, "dBm_AntSignal", None))
-        elt = pkt.getlayer(Dot11Elt)
-        while elt is not None:
-            _ = (elt.ID, elt.info)
-            elt = elt.payload.getlayer(Dot11Elt)
-    n += 1
-print(n)
-"""
+SCAPY = Path(__file__).resolve().with_name("scapy_dissect.py")
 
 
 def records(path: Path) -> tuple[bytes, list[tuple[int, int, bytes]]]:
@@ -206,7 +191,7 @@ def throughput(real: Path, synthetic: Path, source: Path, repeat: int, kernels: 
 
     source_frames, _ = _counted(source)
     ours = _wall([*AGENT, "replay", str(source)], _env(kernels))
-    theirs = _wall([sys.executable, "-c", _SCAPY, str(source)], _env(None))
+    theirs = _wall([sys.executable, str(SCAPY), str(source)], _env(None))
     print(f"\nscapy, whole process on {source.name} ({source_frames:,} frames): "
           f"scapy {theirs:.1f} s, footfall-agent replay (AOT) {ours:.2f} s: "
           f"{theirs / ours:.0f}x")  # fmt: skip
