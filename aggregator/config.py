@@ -93,11 +93,19 @@ SETTINGS: tuple[_Setting, ...] = (
     Setting("broker.connect_timeout_s", 10, "How long (s) a connection attempt may take."),
     Setting("broker.backoff_max_s", 30, "Longest wait (s) between reconnection attempts."),
     Setting(
+        "ingest.replica",
+        "",
+        "Name of this ingest process among its replicas ('a', 'b', or a systemd instance's %i): "
+        "the default ingest.client_id is 'footfall-aggregator-<replica>', the same whatever "
+        "the host is called. Empty: the host name (set it where the host name changes at each "
+        "start, as in a container).",
+    ),
+    Setting(
         "ingest.client_id",
         "",
         "MQTT client id of this ingest process; its persistent session (and the messages the "
         "broker holds for it) is found again by this id, so it must be stable across restarts "
-        "and unique per process (empty: 'footfall-aggregator-<host name>').",
+        "and unique per process (empty: 'footfall-aggregator-<ingest.replica>').",
     ),
     Setting(
         "ingest.share_group",
@@ -139,13 +147,47 @@ SETTINGS: tuple[_Setting, ...] = (
     Setting(
         "ingest.max_message_bytes",
         65536,
-        "Messages larger than this (bytes) are refused unread (a counts message is ~600).",
+        "Messages larger than this (bytes) are refused unread (a counts message is ~600); "
+        "announced to the broker, with 1024 bytes for the topic, as the MQTT 5 Maximum Packet "
+        "Size, so it drops larger ones.",
+    ),
+    Setting(
+        "ingest.max_window_age_days",
+        3650,
+        "Counts windows that start more than this many days before they arrive are refused "
+        "(window_range): an agent's spool and a replayed capture are younger.",
+    ),
+    Setting(
+        "ingest.max_window_lead_s",
+        3600,
+        "Counts windows that start more than this many seconds after they arrive are refused "
+        "(window_range): a closed window never starts in the future; this allows clock skew.",
+    ),
+    Setting(
+        "ingest.database_retry_s",
+        600,
+        "How long (s) ingest retries a database that cannot be reached before it exits non-zero "
+        "for its supervisor to start it again (the broker keeps what it has not stored); 0: "
+        "retry for ever.",
     ),
     Setting(
         "ingest.log_interval_s",
         60,
         "A refusal is logged once per reason and agent per this many seconds (then counted "
         "only); a summary line is logged as often.",
+    ),
+    Setting(
+        "ingest.receipt_key_file",
+        "",
+        "The aggregator's receipt signing key (Ed25519; made, mode 0600, if missing): every "
+        "ingest replica needs the same file, and agents its public key "
+        "('footfall-aggregator receipt-key'). Empty: receipt.key in store.data_dir.",
+    ),
+    Setting(
+        "ingest.receipt_interval_ms",
+        1000,
+        "Least time (ms) between two receipts to one agent; a receipt that changes in between "
+        "goes out when it is over.",
     ),
     Setting(
         "ingest.prune_interval_s",
@@ -329,11 +371,22 @@ class IngestSettings:
     batch_wait_ms: int = 50
     verify_threads: int = 2
     max_message_bytes: int = 65536
+    max_window_age_days: int = 3650
+    max_window_lead_s: int = 3600
+    database_retry_s: int = 600
     log_interval_s: int = 60
     prune_interval_s: int = 3600
+    receipt_key_file: str = "receipt.key"
+    receipt_interval_ms: int = 1000
 
     def __post_init__(self) -> None:
         problems: list[str] = []
+        _check(
+            problems,
+            0 <= self.receipt_interval_ms <= 600_000,
+            "ingest.receipt_interval_ms must be between 0 and 600000, got "
+            f"{self.receipt_interval_ms}",
+        )
         _check(
             problems,
             re.fullmatch(r"[A-Za-z0-9_.:-]{1,128}", self.client_id) is not None,
@@ -376,6 +429,23 @@ class IngestSettings:
             1024 <= self.max_message_bytes <= 16 << 20,
             "ingest.max_message_bytes must be between 1024 and 16777216, got "
             f"{self.max_message_bytes}",
+        )
+        _check(
+            problems,
+            1 <= self.max_window_age_days <= 36500,
+            "ingest.max_window_age_days must be between 1 and 36500, got "
+            f"{self.max_window_age_days}",
+        )
+        _check(
+            problems,
+            0 <= self.max_window_lead_s <= 86400 * 366,
+            "ingest.max_window_lead_s must be between 0 and 31622400, got "
+            f"{self.max_window_lead_s}",
+        )
+        _check(
+            problems,
+            0 <= self.database_retry_s <= 86400 * 7,
+            f"ingest.database_retry_s must be between 0 and 604800, got {self.database_retry_s}",
         )
         _check(
             problems,
@@ -466,7 +536,11 @@ class AggregatorConfig:
     def show(self) -> list[tuple[str, str, str]]:
         """(name, value, source) rows, secrets masked."""
         rows = []
-        derived = {"store.dsn": self.store.dsn, "ingest.client_id": self.ingest.client_id}
+        derived = {
+            "store.dsn": self.store.dsn,
+            "ingest.client_id": self.ingest.client_id,
+            "ingest.receipt_key_file": self.ingest.receipt_key_file,
+        }
         for s in SETTINGS:
             value = self.values[s.name]
             if s.name in derived and not value:
@@ -503,7 +577,7 @@ def load_config(
 
     data_dir = Path(text("store.data_dir"))
     dsn = text("store.dsn") or f"sqlite:///{data_dir / SQLITE_FILE}"
-    client_id = text("ingest.client_id") or _default_client_id()
+    client_id = text("ingest.client_id") or _default_client_id(text("ingest.replica"))
     return AggregatorConfig(
         values,
         sources,
@@ -531,8 +605,13 @@ def load_config(
             batch_wait_ms=number("ingest.batch_wait_ms"),
             verify_threads=number("ingest.verify_threads"),
             max_message_bytes=number("ingest.max_message_bytes"),
+            max_window_age_days=number("ingest.max_window_age_days"),
+            max_window_lead_s=number("ingest.max_window_lead_s"),
+            database_retry_s=number("ingest.database_retry_s"),
             log_interval_s=number("ingest.log_interval_s"),
             prune_interval_s=number("ingest.prune_interval_s"),
+            receipt_key_file=text("ingest.receipt_key_file") or str(data_dir / "receipt.key"),
+            receipt_interval_ms=number("ingest.receipt_interval_ms"),
         ),
         ServeSettings(
             host=text("serve.host"),
@@ -545,6 +624,6 @@ def load_config(
     )
 
 
-def _default_client_id() -> str:
-    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname().split(".")[0]) or "host"
-    return f"footfall-aggregator-{host}"[:128]
+def _default_client_id(replica: str) -> str:
+    name = replica or socket.gethostname().split(".")[0]
+    return f"footfall-aggregator-{re.sub(r'[^A-Za-z0-9_.-]', '-', name) or 'host'}"[:128]

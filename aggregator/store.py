@@ -10,7 +10,7 @@ Tables::
 
     sites           id, name, timezone
     agents          agent_key, site_id, agent_id, public_key, enrolled/revoked, health
-                    (last seen, status, spool), last meta, retention watermark
+                    (last seen, status, spool), last meta, retention cutoff
     registry_state  a version bumped by every enrolment, revocation and prune
     windows         one row per stored counts message: (agent_key, seq) and
                     (agent_key, window_start) unique; every count the schema defines as a
@@ -22,6 +22,12 @@ Tables::
     site_hours      deletes the windows
     site_days
     refusals        messages not stored, by reason, site and agent: count, first, last
+                    (an agent that is not enrolled is counted as agent '', and a site
+                    without an enrolled agent as site '': rows do not grow with made-up ids)
+    quarantine      messages whose verification or storage failed on them alone: reason,
+                    error, digest, size (the text only of verified ones), newest kept
+    receipts        per agent, the seq ranges settled (stored, or skipped for good), as JSON
+                    ``[[lo, hi], ...]``: what ingest's signed receipts tell the agent
     users, grants,  accounts (aggregator.accounts): users with a role, the sites granted to
     sessions,       them, browser sessions and API tokens (SHA-256 of the secret at rest,
     api_tokens,     tokens with an expiry), login attempts by name and address and by
@@ -35,12 +41,20 @@ moved with one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING``, so a 
 stored (a redelivery, a replay) is skipped and only the windows really inserted are added to
 the roll-ups, which are upserted the same way, in key order (two processes on PostgreSQL take
 row locks in the same order, so they do not deadlock each other).
+
+The same transaction adds the batch's seqs to each agent's settled ranges (``receipts``): a
+window stored, or skipped for good (a duplicate, a conflicting seq, another window for the
+same start), is settled, and the agent may let it go once a receipt says so. An agent's ranges
+stay few (one per run of windows; a gap is a window never received), and at most
+:data:`MAX_SETTLED_RANGES` are kept: beyond, the lowest are forgotten, and a window the agent
+still holds there is sent again, skipped as a duplicate, and settled again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,7 +69,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from aggregator.config import StoreSettings, mask_dsn
 from aggregator.errors import RegistryError, StoreError
-from aggregator.registry import AgentEntry, Registry
+from aggregator.registry import AgentEntry, Registry, noisy
 from aggregator.rollup import (
     MAX_MEASURES,
     MEASURES,
@@ -75,6 +89,7 @@ __all__ = [
     "Gap",
     "SiteRow",
     "Store",
+    "merge_ranges",
     "metadata",
 ]
 
@@ -104,7 +119,7 @@ agents = sa.Table(
     sa.Column("public_key", sa.String(44), nullable=False),
     sa.Column("enrolled_at", sa.BigInteger, nullable=False),
     sa.Column("revoked_at", sa.BigInteger),
-    sa.Column("pruned_through_seq", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("pruned_before", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("last_seen_at", sa.BigInteger),
     sa.Column("status_state", sa.String(8)),
     sa.Column("status_cause", sa.String(16)),
@@ -215,6 +230,22 @@ refusals = sa.Table(
     sa.PrimaryKeyConstraint("reason", "site_id", "agent_id", name="pk_refusals"),
 )
 
+quarantine = sa.Table(
+    "quarantine",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("received_at", sa.BigInteger, nullable=False),
+    sa.Column("reason", sa.String(32), nullable=False),
+    sa.Column("site_id", sa.String(63), nullable=False),
+    sa.Column("agent_id", sa.String(63), nullable=False),
+    sa.Column("topic", sa.String(200), nullable=False),
+    sa.Column("error", sa.String(500), nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("digest", sa.String(64), nullable=False),
+    sa.Column("message", sa.Text),
+)
+QUARANTINE_KEEP = 10_000  # rows: each quarantining deletes those before the newest 10,000
+
 # Accounts (aggregator.accounts): users and their roles, grants of sites, browser sessions and
 # API tokens (both hashed at rest; tokens expire), login attempts by name and address.
 users = sa.Table(
@@ -260,6 +291,17 @@ api_tokens = sa.Table(
     sa.UniqueConstraint("token_hash", name="uq_api_tokens_hash"),
     sa.ForeignKeyConstraint(["user_id"], ["users.id"], name="fk_api_tokens_user"),
 )
+receipts = sa.Table(
+    "receipts",
+    metadata,
+    sa.Column("agent_key", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("settled", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.ForeignKeyConstraint(["agent_key"], ["agents.agent_key"], name="fk_receipts_agent"),
+)
+SPOOL_FILLING = 12  # windows waiting in an agent's spool: an hour of 5-minute windows
+MAX_SETTLED_RANGES = 256  # per agent; beyond, the lowest are forgotten (module docstring)
+
 login_attempts = sa.Table(
     "login_attempts",
     metadata,
@@ -314,7 +356,8 @@ class AgentHealth:
     first_window: int | None
     last_window: int | None
     last_seq: int | None
-    missing: int  # windows the agent made that never arrived (gaps in seq)
+    missing: int  # windows the agent made that have not arrived (gaps in seq, and after)
+    spool_filling: bool  # its last status said more than SPOOL_FILLING windows wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,6 +377,7 @@ class BatchOutcome:
 
     stored: list[Accepted] = field(default_factory=list)
     skipped: list[tuple[Accepted, str]] = field(default_factory=list)
+    settled: set[int] = field(default_factory=set)  # agent keys whose receipt moved
 
 
 def engine_url(settings: StoreSettings) -> sa.URL:
@@ -465,7 +509,10 @@ class Store:
             with (self._read_engine if read_only else self.engine).begin() as conn:
                 yield conn
         except sa.exc.DBAPIError as exc:
-            raise StoreError(f"database {self.where}: {_db_error(exc)}") from exc
+            transient = isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError)
+            raise StoreError(
+                f"database {self.where}: {_db_error(exc)}", transient=transient
+            ) from exc
 
     # --- migrations ------------------------------------------------------------------------
 
@@ -642,7 +689,8 @@ class Store:
                     agents.c.agent_id,
                     agents.c.public_key,
                     agents.c.revoked_at,
-                    agents.c.pruned_through_seq,
+                    agents.c.pruned_before,
+                    agents.c.meta,
                     sites.c.timezone,
                 ).join_from(agents, sites, agents.c.site_id == sites.c.id)
             ).all()
@@ -654,7 +702,8 @@ class Store:
                 verify_key=verify_key_from_text(row.public_key),
                 revoked=row.revoked_at is not None,
                 zone=row.timezone,
-                pruned_through_seq=row.pruned_through_seq,
+                pruned_before=row.pruned_before,
+                noisy=noisy(json.loads(row.meta) if row.meta else None),
             )
             for row in rows
         }
@@ -685,6 +734,7 @@ class Store:
                 counts.append(message)
         tally: dict[tuple[str, str, str], int] = dict(refused or {})
         with self.begin() as conn:
+            counts = self._not_pruned(conn, counts, outcome)
             inserted = self._insert_windows(conn, counts)
             for message in counts:
                 if (message.agent.key, int(message.payload["seq"])) in inserted:
@@ -698,12 +748,40 @@ class Store:
             if deltas:
                 self._upsert_rollups(conn, deltas)
             self._update_agents(conn, accepted, now)
+            outcome.settled = self._settle(conn, counts, now)
             for message, reason in outcome.skipped:
                 who = (reason, message.agent.site, message.agent.agent)
                 tally[who] = tally.get(who, 0) + 1
             if tally:
                 self._count_refusals(conn, tally, now)
         return outcome
+
+    def _not_pruned(
+        self, conn: Connection, counts: list[Accepted], outcome: BatchOutcome
+    ) -> list[Accepted]:
+        """The windows that start at or after their agent's retention cutoff, as the database
+        has it now (the verifier's registry may be older than the last prune: a replay it let
+        through would be counted again); the others are skipped as ``expired``."""
+        keys = sorted({m.agent.key for m in counts})
+        if not keys:
+            return counts
+        cutoffs = {
+            int(key): int(cutoff)
+            for key, cutoff in conn.execute(
+                sa.select(agents.c.agent_key, agents.c.pruned_before).where(
+                    agents.c.agent_key.in_(keys), agents.c.pruned_before > 0
+                )
+            )
+        }
+        if not cutoffs:
+            return counts
+        kept = []
+        for message in counts:
+            if message.window_start < cutoffs.get(message.agent.key, 0):
+                outcome.skipped.append((message, "expired"))
+            else:
+                kept.append(message)
+        return kept
 
     def _insert_windows(self, conn: Connection, counts: Sequence[Accepted]) -> set[tuple[int, int]]:
         """Insert the windows not stored yet; the (agent_key, seq) of those inserted."""
@@ -749,6 +827,55 @@ class Store:
             else:
                 yield message, "seq_conflict"
 
+    def _settle(self, conn: Connection, counts: Sequence[Accepted], now: int) -> set[int]:
+        """Add the counts' seqs (stored now, or skipped: settled either way) to their agents'
+        settled ranges; the agent keys. Rows are locked in key order (PostgreSQL: two
+        processes merge one after the other, in the same order)."""
+        seqs: dict[int, list[int]] = {}
+        for message in counts:
+            seqs.setdefault(message.agent.key, []).append(int(message.payload["seq"]))
+        if not seqs:
+            return set()
+        r = receipts.c
+        query = sa.select(r.agent_key, r.settled).where(r.agent_key.in_(sorted(seqs)))
+        if self.dialect == "postgresql":
+            query = query.order_by(r.agent_key).with_for_update()
+        held = {key: json.loads(text) for key, text in conn.execute(query).all()}
+        rows = [
+            {
+                "agent_key": key,
+                "settled": json.dumps(
+                    merge_ranges(held.get(key, []), seqs[key])[-MAX_SETTLED_RANGES:],
+                    separators=(",", ":"),
+                ),
+                "updated_at": now,
+            }
+            for key in sorted(seqs)
+        ]
+        insert = (postgresql if self.dialect == "postgresql" else sqlite).insert(receipts)
+        conn.execute(
+            insert.on_conflict_do_update(
+                index_elements=[r.agent_key],
+                set_={"settled": insert.excluded.settled, "updated_at": insert.excluded.updated_at},
+            ),
+            rows,
+        )
+        return set(seqs)
+
+    def settled(self, keys: Iterable[int]) -> dict[int, tuple[str, str, list[tuple[int, int]]]]:
+        """Agent key -> (site, agent, settled ranges), for the keys that have any."""
+        a, r = agents.c, receipts.c
+        with self.begin(read_only=True) as conn:
+            rows = conn.execute(
+                sa.select(r.agent_key, a.site_id, a.agent_id, r.settled)
+                .join(agents, a.agent_key == r.agent_key)
+                .where(r.agent_key.in_(sorted(keys)))
+            ).all()
+        return {
+            key: (site, agent, [(int(lo), int(hi)) for lo, hi in json.loads(text)])
+            for key, site, agent, text in rows
+        }
+
     def _upsert_rollups(self, conn: Connection, deltas: RollupDeltas) -> None:
         for table, rows in (
             (agent_hours, totals(deltas.agent_hours)),
@@ -770,6 +897,7 @@ class Store:
         statuses: list[dict[str, Any]] = []
         metas: list[dict[str, Any]] = []
         seen: dict[int, int] = {}
+        changed = False
         for message in accepted:
             key = message.agent.key
             seen[key] = max(seen.get(key, 0), message.received_at)
@@ -788,10 +916,13 @@ class Store:
                 )
             elif message.kind == "meta":
                 metas.append({"k": key, "meta": message.canonical, "at": message.received_at})
+                changed |= noisy(message.payload) != message.agent.noisy
         if statuses:
             conn.execute(self._statements.update_status, statuses)
         if metas:
             conn.execute(self._statements.update_meta, metas)
+        if changed:  # the verifier holds the agent to other rules now: reload the registry
+            self._bump(conn)
         due = [
             {"k": key, "at": at}
             for key, at in seen.items()
@@ -836,27 +967,55 @@ class Store:
 
     def prune(self, now: int, retention_days: int) -> int:
         """Delete windows that started more than ``retention_days`` ago (roll-ups stay); the
-        number deleted. Their seqs are remembered per agent, so a replay of one is refused."""
+        number deleted. The cutoff is remembered per agent whose windows it deleted, so a
+        replay of one is refused (verify: ``expired``), and by window time only: a current
+        window is never older than it."""
         if retention_days <= 0:
             return 0
         cutoff = now - retention_days * 86400
-        deleted = 0
+        old = windows.c.window_start < cutoff
         with self.begin() as conn:
-            keys = conn.execute(sa.select(agents.c.agent_key)).scalars().all()
-            for key in keys:
-                in_agent = (windows.c.agent_key == key) & (windows.c.window_start < cutoff)
-                top = conn.execute(sa.select(sa.func.max(windows.c.seq)).where(in_agent)).scalar()
-                if top is None:
-                    continue
-                conn.execute(
-                    agents.update()
-                    .where(agents.c.agent_key == key, agents.c.pruned_through_seq < top)
-                    .values(pruned_through_seq=top)
-                )
-                deleted += conn.execute(sa.delete(windows).where(in_agent)).rowcount
+            touched = sa.select(windows.c.agent_key).where(old).distinct()
+            conn.execute(
+                agents.update()
+                .where(agents.c.agent_key.in_(touched), agents.c.pruned_before < cutoff)
+                .values(pruned_before=cutoff)
+            )
+            deleted = conn.execute(sa.delete(windows).where(old)).rowcount
             if deleted:
                 self._bump(conn)
         return deleted
+
+    # --- quarantine ------------------------------------------------------------------------
+
+    def quarantine(
+        self, rows: Sequence[Mapping[str, Any]], now: int, keep: int = QUARANTINE_KEEP
+    ) -> None:
+        """Quarantine messages (rows of the ``quarantine`` table but ``id``) and count each
+        as a refusal of its reason, site and agent, in one transaction; the newest ``keep``
+        rows stay."""
+        tally: dict[tuple[str, str, str], int] = {}
+        for row in rows:
+            who = (row["reason"], row["site_id"], row["agent_id"])
+            tally[who] = tally.get(who, 0) + 1
+        newest = sa.select(sa.func.max(quarantine.c.id)).scalar_subquery()
+        with self.begin() as conn:
+            conn.execute(quarantine.insert(), list(rows))
+            conn.execute(sa.delete(quarantine).where(quarantine.c.id <= newest - keep))
+            self._count_refusals(conn, tally, now)
+
+    def quarantined(self) -> list[dict[str, Any]]:
+        """Every quarantined message, oldest first."""
+        with self.begin(read_only=True) as conn:
+            rows = conn.execute(sa.select(quarantine).order_by(quarantine.c.id)).mappings().all()
+        return [dict(row) for row in rows]
+
+    def probe(self) -> None:
+        """Read every table ingest writes (no rows): raises :class:`StoreError` when the
+        database, not a message, is at fault."""
+        with self.begin(read_only=True) as conn:
+            for table in (windows, agents, registry_state, refusals, quarantine, *ROLLUPS):
+                conn.execute(sa.select(sa.literal(1)).select_from(table).where(sa.false()))
 
     # --- health ----------------------------------------------------------------------------
 
@@ -901,7 +1060,14 @@ class Store:
     ) -> list[AgentHealth]:
         """Every agent (of one site), with its health; with ``since`` (and ``until``, Unix s),
         the windows stored and missing count only those from then on (and before then): a
-        quick look at a big store."""
+        quick look at a big store.
+
+        Missing windows are the gaps in an agent's stored seqs, and (but with ``until``) those
+        after its last stored one up to the ``last_seq`` of its last status: windows it made
+        that have not arrived, lost or still on the way (an agent with receipts sends them
+        again). ``spool_filling``: its last status said more than :data:`SPOOL_FILLING`
+        windows wait in its spool (the aggregator does not store them, or the agent cannot
+        reach the broker)."""
         a = agents.c
         scope: ColumnElement[bool] = sa.true()
         listed = sa.select(
@@ -917,6 +1083,7 @@ class Store:
             a.status_at,
             a.spool_pending,
             a.spool_dropped,
+            a.status_last_seq,
         ).order_by(a.site_id, a.agent_id)
         if site is not None:
             listed = listed.where(a.site_id == site)
@@ -946,6 +1113,9 @@ class Store:
             count, first, last, last_seq, missing = figures.get(
                 row.agent_key, (0, None, None, None, 0)
             )
+            made = row.status_last_seq  # the newest window the agent says it made
+            if last_seq is not None and made is not None and until is None:
+                missing = int(missing or 0) + max(0, made - last_seq)
             out.append(
                 AgentHealth(
                     site=row.site_id,
@@ -964,6 +1134,7 @@ class Store:
                     last_window=last,
                     last_seq=last_seq,
                     missing=int(missing or 0),
+                    spool_filling=(row.spool_pending or 0) > SPOOL_FILLING,
                 )
             )
         return out
@@ -1003,6 +1174,18 @@ class Store:
                 )
             ).all()
         return {(r, s, a): int(n) for r, s, a, n in rows}
+
+
+def merge_ranges(ranges: Sequence[Sequence[int]], seqs: Iterable[int]) -> list[list[int]]:
+    """Sorted, apart, inclusive ranges ``[[lo, hi], ...]`` with ``seqs`` added (touching
+    ranges joined)."""
+    merged: list[list[int]] = []
+    for lo, hi in sorted([*([int(x) for x in r] for r in ranges), *([s, s] for s in seqs)]):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return merged
 
 
 def _period(hourly: bool, b: Buckets) -> tuple[Any, ...]:

@@ -1,19 +1,24 @@
 """Every message is accepted with its agent or refused with its own reason, never stored blind.
 
-The fast schema check must agree with jsonschema (the contract's own validator) on every
-message, valid or not; the fast canonical encoding must give the contract's bytes.
+The fast schema check must agree with jsonschema (the contract's own validator), made strict as
+the verifier is (patterns match whole strings, integers are JSON integers), on every message,
+valid or not; the fast canonical encoding must give the contract's bytes.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
+import dataclasses
 import json
 import random
+import re
+from collections.abc import Iterator
 from typing import Any
 
 import nacl.signing
 import pytest
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, ValidationError, validators
 
 from aggregator.registry import AgentEntry, Registry
 from aggregator.verify import REASONS, Accepted, Refusal, SchemaCheck, Verifier, canonical
@@ -32,6 +37,8 @@ from tests.aggregator_harness import Agent
 from tests.test_messages import _window
 
 TOPIC = "footfall/v1/s1/a1/counts"
+NOW = 1_730_000_000  # 2024-10-27: the messages' windows are from 2024-03-05
+PRUNED_BEFORE = 1_709_596_800  # 2024-03-05T00:00:00Z: retention deleted what came before
 
 
 @pytest.fixture
@@ -44,7 +51,7 @@ def registry_of(*entries: tuple[Agent, bool]) -> Registry:
         1,
         {
             (a.site, a.agent): AgentEntry(
-                i + 1, a.site, a.agent, a.key.verify_key, revoked, "UTC", 5
+                i + 1, a.site, a.agent, a.key.verify_key, revoked, "UTC", PRUNED_BEFORE
             )
             for i, (a, revoked) in enumerate(entries)
         },
@@ -52,7 +59,7 @@ def registry_of(*entries: tuple[Agent, bool]) -> Registry:
 
 
 def check(data: bytes, registry: Registry, topic: str = TOPIC) -> Accepted | Refusal:
-    return Verifier(65536).check(topic, data, registry, 0)
+    return Verifier(65536).check(topic, data, registry, NOW)
 
 
 def refused(result: Accepted | Refusal) -> str:
@@ -79,7 +86,13 @@ def test_hostile_messages_are_each_refused_with_their_own_reason(agent: Agent) -
     good = agent.counts(7, "2024-03-05T10:55:00Z")
 
     def forge(e: dict[str, Any]) -> None:
-        e["payload"]["devices"] = 500  # the signature no longer covers it
+        e["payload"]["probe_requests"] = 500  # the signature no longer covers it
+
+    def respell(e: dict[str, Any]) -> None:
+        sig = e["sig"]
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+        e["sig"] = sig[:85] + alphabet[alphabet.index(sig[85]) | 1] + "=="  # bits base64 drops
+        assert base64.b64decode(e["sig"]) == base64.b64decode(sig)
 
     def extra_field(e: dict[str, Any]) -> None:
         e["payload"]["mac"] = "aa:bb:cc:dd:ee:ff"
@@ -87,6 +100,11 @@ def test_hostile_messages_are_each_refused_with_their_own_reason(agent: Agent) -
     deep = b'{"alg":"ed25519","payload":' + b'{"a":' * 5000 + b"1" + b"}" * 5001
     cases = {
         "forged signature": (_tampered(agent, forge), TOPIC, "bad_signature"),
+        "signature spelled with other trailing bits (same bytes)": (
+            _tampered(agent, respell),
+            TOPIC,
+            "sig_encoding",
+        ),
         "signed by another key": (
             other.counts(7, "2024-03-05T10:55:00Z").replace(b'"a2"', b'"a1"'),
             TOPIC,
@@ -113,7 +131,7 @@ def test_hostile_messages_are_each_refused_with_their_own_reason(agent: Agent) -
             "schema",
         ),
         "replay of a window retention deleted": (
-            agent.counts(5, "2024-03-05T10:55:00Z"),
+            agent.counts(5, "2024-03-04T10:55:00Z"),
             TOPIC,
             "expired",
         ),
@@ -259,11 +277,35 @@ def test_the_fast_schema_check_agrees_with_jsonschema(name: str) -> None:
         ).read_text()
     )
     kind = name.partition(".")[0]
-    fast, slow = SchemaCheck(schema), Draft202012Validator(schema)
+    fast, slow = SchemaCheck(schema), STRICT(schema)
     cases = _mutations(samples[name], random.Random(kind))
     disagreements = [case for case in cases if (fast.errors(case) is None) != slow.is_valid(case)]
     assert disagreements == []
     assert sum(fast.errors(c) is None for c in cases) >= 3  # the valid side is exercised too
+
+
+def _whole_pattern(
+    validator: Any, pattern: str, instance: object, _schema: Any
+) -> Iterator[ValidationError]:
+    if isinstance(instance, str) and re.fullmatch(pattern[1:-1], instance) is None:
+        yield ValidationError(f"{instance!r} does not match {pattern!r} as a whole")
+
+
+STRICT = validators.extend(
+    Draft202012Validator,
+    validators={"pattern": _whole_pattern},
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, x: type(x) is int
+    ),
+)
+
+
+def test_the_strict_checks_refuse_what_plain_jsonschema_lets_through() -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "s": {"pattern": "^a$"}}}
+    for instance in ({"n": 11.0}, {"s": "a\n"}):
+        assert Draft202012Validator(schema).is_valid(instance)
+        assert SchemaCheck(schema).errors(instance) is not None
+        assert not STRICT(schema).is_valid(instance)
 
 
 def test_an_unknown_schema_keyword_is_an_error_not_a_silent_pass() -> None:
@@ -290,8 +332,6 @@ def test_the_fast_canonical_encoding_is_the_contracts(agent: Agent) -> None:
         last_seq=3,
     )
     assert canonical("status", status) == canonical_json(status)
-    floats = {"devices": 11.0}  # an integral float passes the schema: encoded as the contract does
-    assert canonical("counts", floats) == canonical_json(floats)
 
 
 def test_the_verifier_accepts_what_the_agent_seals(agent: Agent) -> None:
@@ -312,3 +352,30 @@ def test_the_verifier_accepts_what_the_agent_seals(agent: Agent) -> None:
     result = check(signed, registry_of((shop, False)), shop.topic)
     assert isinstance(result, Accepted)
     assert fast_seal(result.payload, key) == signed
+
+
+@pytest.mark.parametrize(
+    ("fields", "broken"),
+    [
+        ({"visits_ended": 2, "dwell_minutes": {"lt5": 1, "5-15": 0, "15-30": 0, "30-60": 0,
+          "ge60": 0}}, "visits_ended is 2 but dwell_minutes.lt5"),
+        ({"occupancy_mean": 15.5}, "occupancy_mean (15.5) is more than occupancy_peak (15)"),
+        ({"devices_randomised": 32}, "devices_randomised (32) is more than devices (31)"),
+    ],
+    ids=["dwell", "occupancy", "randomised"],
+)  # fmt: skip
+def test_counts_v2_are_held_to_their_own_rules_unless_the_agent_adds_noise(
+    agent: Agent, fields: dict[str, Any], broken: str
+) -> None:
+    def sealed(window: dict[str, Any]) -> bytes:
+        payload = counts_payload(SiteId("s1"), AgentId("a1"), 9, "9f3c1a7e52b04d68", window)
+        return fast_seal(payload, agent.key)
+
+    exact = registry_of((agent, False))
+    assert isinstance(check(sealed(V2_WINDOW), exact), Accepted)
+    result = check(sealed(V2_WINDOW | fields), exact)
+    assert isinstance(result, Refusal) and result.reason == "inconsistent"
+    assert broken in result.detail
+    entry = exact.agents[("s1", "a1")]
+    noisy = Registry(2, {("s1", "a1"): dataclasses.replace(entry, noisy=True)})
+    assert isinstance(check(sealed(V2_WINDOW | fields), noisy), Accepted)

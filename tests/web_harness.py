@@ -72,7 +72,7 @@ def _messages(store: Store, agent: Agent, tz: str, first: date, last: date) -> l
             "devices": (visitors or 0) + passersby + 5,
             "devices_randomised": 3,
             "visitors": visitors,
-            "passersby": passersby,
+            "passersby": passersby if visitors is None else passersby + 5,
             "visits_ended": 4,
             "dwell_minutes": {"lt5": 1, "5-15": 1, "15-30": None, "30-60": 1, "ge60": 0},
             "devices_epoch": 100 + seq % 288,
