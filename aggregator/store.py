@@ -59,10 +59,12 @@ from aggregator.registry import AgentEntry, Registry
 from aggregator.rollup import (
     MAX_MEASURES,
     MEASURES,
+    PEOPLE_COLUMNS,
     SUPPRESSIBLE,
     Buckets,
     RollupDeltas,
     device_counts,
+    people_counts,
     totals,
 )
 from aggregator.verify import Accepted
@@ -114,6 +116,7 @@ agents = sa.Table(
     sa.Column("status_last_seq", sa.BigInteger),
     sa.Column("meta", sa.Text),
     sa.Column("meta_at", sa.BigInteger),
+    sa.Column("counts_v", sa.SmallInteger),  # the schema version of its latest counts (0005)
     sa.UniqueConstraint("site_id", "agent_id", name="uq_agents_site_agent"),
 )
 
@@ -143,6 +146,14 @@ def _window_columns() -> list[sa.Column[Any]]:
         sa.Column("payload", sa.Text, nullable=False),
         sa.Column("sig", sa.String(88), nullable=False),
         sa.Column("received_at", sa.BigInteger, nullable=False),
+        # Counts v2 (0005): the schema version, no data, calibration, the people-level figures
+        # (NULL when suppressed, absent or no data; ``people_suppressed`` has a bit per
+        # suppressed one, :data:`PEOPLE_COLUMNS` order). A v1 window has them NULL.
+        sa.Column("v", sa.SmallInteger, nullable=False, server_default="1"),
+        sa.Column("no_data", sa.SmallInteger, nullable=False, server_default="0"),
+        sa.Column("calibrated", sa.SmallInteger),
+        *(sa.Column(name, sa.BigInteger) for name in PEOPLE_COLUMNS),
+        sa.Column("people_suppressed", sa.Integer, nullable=False, server_default="0"),
     ]
 
 
@@ -312,6 +323,7 @@ class AgentHealth:
     last_window: int | None
     last_seq: int | None
     missing: int  # windows the agent made that never arrived (gaps in seq)
+    counts_v: int | None  # the counts schema of its latest window: 1 (devices only) or 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -694,6 +706,7 @@ class Store:
             )
             if deltas:
                 self._upsert_rollups(conn, deltas)
+                self._note_versions(conn, outcome.stored)
             self._update_agents(conn, accepted, now)
             for message, reason in outcome.skipped:
                 who = (reason, message.agent.site, message.agent.agent)
@@ -762,6 +775,16 @@ class Store:
             else:
                 self._stage(conn, STAGING[table.name], staged)
                 conn.execute(self._statements.upsert_rollup[table.name])
+
+    def _note_versions(self, conn: Connection, stored: Sequence[Accepted]) -> None:
+        """Each agent's counts schema version, from its latest window in the batch."""
+        latest: dict[int, tuple[int, int]] = {}  # agent_key -> (seq, v)
+        for message in stored:
+            seq = int(message.payload["seq"])
+            if seq > latest.get(message.agent.key, (0, 0))[0]:
+                latest[message.agent.key] = (seq, int(message.payload["v"]))
+        rows = [{"k": key, "v": v} for key, (_, v) in sorted(latest.items())]
+        conn.execute(self._statements.update_counts_v, rows)
 
     def _update_agents(self, conn: Connection, accepted: Sequence[Accepted], now: int) -> None:
         statuses: list[dict[str, Any]] = []
@@ -914,6 +937,7 @@ class Store:
             a.status_at,
             a.spool_pending,
             a.spool_dropped,
+            a.counts_v,
         ).order_by(a.site_id, a.agent_id)
         if site is not None:
             listed = listed.where(a.site_id == site)
@@ -961,6 +985,7 @@ class Store:
                     last_window=last,
                     last_seq=last_seq,
                     missing=int(missing or 0),
+                    counts_v=row.counts_v,
                 )
             )
         return out
@@ -1016,6 +1041,7 @@ def _window_row(message: Accepted) -> tuple[Any, ...]:
     values, there = device_counts(p)
     values.append(p.get("static_excluded"))
     there.append("static_excluded" in p)
+    people, heard = people_counts(p)
     suppressed = 0
     for bit, (value, present) in enumerate(zip(values, there, strict=True)):
         if value is None and present:
@@ -1034,6 +1060,11 @@ def _window_row(message: Accepted) -> tuple[Any, ...]:
         message.canonical,
         message.signature,
         message.received_at,
+        int(p["v"]),
+        int(bool(p.get("no_data"))),
+        None if "calibrated" not in p else int(p["calibrated"]),
+        *people,
+        sum(1 << bit for bit, (v, t) in enumerate(zip(people, heard, strict=True)) if v is None and t),
     )
 
 
@@ -1126,6 +1157,11 @@ class _Statements:
                 spool_dropped=sa.bindparam("dropped"),
                 status_last_seq=sa.bindparam("last_seq"),
             )
+        )
+        self.update_counts_v = (
+            agents.update()
+            .where(a.agent_key == sa.bindparam("k"))
+            .values(counts_v=sa.bindparam("v"))
         )
         self.update_meta = (
             agents.update()
