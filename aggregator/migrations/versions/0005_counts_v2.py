@@ -48,21 +48,19 @@ MEASURES = (
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("agents") as batch:
-        batch.add_column(sa.Column("counts_v", sa.SmallInteger))
-    with op.batch_alter_table("windows") as batch:
-        batch.add_column(sa.Column("v", sa.SmallInteger, nullable=False, server_default="1"))
-        batch.add_column(sa.Column("no_data", sa.SmallInteger, nullable=False, server_default="0"))
-        batch.add_column(sa.Column("calibrated", sa.SmallInteger))
-        for name in PEOPLE_COLUMNS:
-            batch.add_column(sa.Column(name, sa.BigInteger))
-        batch.add_column(
-            sa.Column("people_suppressed", sa.Integer, nullable=False, server_default="0")
-        )
+    # Plain ADD COLUMN (SQLite too): a batch copy of agents would break its foreign keys.
+    op.add_column("agents", sa.Column("counts_v", sa.SmallInteger))
+    for column in (
+        sa.Column("v", sa.SmallInteger, nullable=False, server_default="1"),
+        sa.Column("no_data", sa.SmallInteger, nullable=False, server_default="0"),
+        sa.Column("calibrated", sa.SmallInteger),
+        *(sa.Column(name, sa.BigInteger) for name in PEOPLE_COLUMNS),
+        sa.Column("people_suppressed", sa.Integer, nullable=False, server_default="0"),
+    ):
+        op.add_column("windows", column)
     for table in ROLLUPS:
-        with op.batch_alter_table(table) as batch:
-            for name in MEASURES:
-                batch.add_column(sa.Column(name, sa.BigInteger, nullable=False, server_default="0"))
+        for name in MEASURES:
+            op.add_column(table, sa.Column(name, sa.BigInteger, nullable=False, server_default="0"))
         op.execute(f"UPDATE {table} SET v1_windows = windows")
 
 
@@ -74,5 +72,4 @@ def downgrade() -> None:
     with op.batch_alter_table("windows") as batch:
         for name in ("v", "no_data", "calibrated", *PEOPLE_COLUMNS, "people_suppressed"):
             batch.drop_column(name)
-    with op.batch_alter_table("agents") as batch:
-        batch.drop_column("counts_v")
+    op.drop_column("agents", "counts_v")
