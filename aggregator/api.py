@@ -32,13 +32,14 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from aggregator.accounts import Accounts, User
 from aggregator.errors import RegistryError
+from aggregator.people import FIGURES, PEOPLE_UNITS, figures, overview_row, summary
 from aggregator.query import MAX_WINDOW_DAYS, MEASURES, UNITS, Counts, Site
-from aggregator.rollup import DWELL_BANDS, zone
+from aggregator.rollup import zone
 from aggregator.store import Store
 
 __all__ = [
@@ -60,7 +61,7 @@ AGENT_PATTERN = SITE_PATTERN
 KEY_PATTERN = "^[A-Za-z0-9+/]*={0,2}$"  # base64
 # Local days the API answers for (the roll-ups' keys; a day's bounds must be instants).
 FIRST_DAY, LAST_DAY = date(2000, 1, 1), date(9998, 12, 31)
-MAX_RANGE_DAYS = {"window": MAX_WINDOW_DAYS, "hour": 31, "day": 366}
+MAX_RANGE_DAYS = {"window": MAX_WINDOW_DAYS, "hour": 31, "day": 366, "week": 371, "month": 731}
 _CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -233,30 +234,111 @@ def _rows(
     return read[resolution](site, first, last)
 
 
-def dashboard_data(found: Services, site: Site, day: date) -> dict[str, Any]:
-    """Everything the site page shows for one local day (the page embeds exactly this)."""
-    day_start, day_end = found.counts.day_bounds(site, day, day)
-    with found.counts.reading() as counts:
-        days = counts.days(site, day - timedelta(days=27), day)
-        today = days[-1] if days and days[-1]["local"] == day.isoformat() else None
-        data = {
-            "site": asdict(site),
-            "date": day.isoformat(),
-            "today": counts.hours(site, day, day),
-            "last_week": counts.hours(site, day - timedelta(days=7), day - timedelta(days=7)),
-            "days": days,
-            "heatmap": counts.heatmap(site, day),
-            "dwell": {
-                band: {
-                    "visits": None if today is None else today[column],
-                    "suppressed": 0 if today is None else today[f"{column}_suppressed"],
-                }
-                for band, column in DWELL_BANDS
-            },
-            "capture": counts.capture(site, day, day),
-        }
+RANGES = ("day", "week", "month", "custom")
+
+
+def range_bounds(
+    range_: str, day: date, first: date | None, last: date | None
+) -> tuple[date, date, date, date]:
+    """A range's first and last local day and its previous period's: a day against the same
+    weekday a week before, a week (Monday to Sunday) against the week before, a month against
+    the month before, a custom range against as many days just before it."""
+    if range_ == "day":
+        return day, day, day - timedelta(days=7), day - timedelta(days=7)
+    if range_ == "week":
+        monday = day - timedelta(days=day.weekday())
+        return (
+            monday,
+            monday + timedelta(days=6),
+            monday - timedelta(days=7),
+            monday - timedelta(days=1),
+        )
+    if range_ == "month":
+        start = day.replace(day=1)
+        following = (start + timedelta(days=32)).replace(day=1)
+        before = (start - timedelta(days=1)).replace(day=1)
+        return start, following - timedelta(days=1), before, start - timedelta(days=1)
+    first, last = first or day, last or day
+    if first > last:
+        raise ApiError(422, f"from ({first}) is after to ({last})", "from")
+    if (last - first).days >= MAX_RANGE_DAYS["day"]:
+        raise ApiError(422, f"a custom range is at most {MAX_RANGE_DAYS['day']} days", "from")
+    length = last - first + timedelta(days=1)
+    return first, last, first - length, first - timedelta(days=1)
+
+
+def busy_times(rows: list[dict[str, Any]]) -> list[list[float | None]]:
+    """Mean arrivals per weekday (0 = Monday) and local hour over hourly rows."""
+    sums = [[0] * 24 for _ in range(7)]
+    seen = [[0] * 24 for _ in range(7)]
+    for row in rows:
+        if row["arrivals"] is None:
+            continue
+        day, hour = date.fromisoformat(row["local"][:10]).weekday(), int(row["local"][11:13])
+        sums[day][hour] += row["arrivals"]
+        seen[day][hour] += 1
+    return [
+        [round(t / n, 1) if n else None for t, n in zip(tr, nr, strict=True)]
+        for tr, nr in zip(sums, seen, strict=True)
+    ]
+
+
+def dashboard_data(
+    found: Services,
+    site: Site,
+    day: date,
+    range_: str = "day",
+    first: date | None = None,
+    last: date | None = None,
+) -> dict[str, Any]:
+    """Everything the site page shows for a range ending or containing ``day``."""
+    first, last, before_first, before_last = range_bounds(range_, day, first, last)
+    resolution = "hour" if first == last else "day"
+    now = int(time.time())
+    with found.store.begin(read_only=True) as conn:
+        rows = figures(conn, site, first, last, resolution)
+        previous = figures(conn, site, before_first, before_last, resolution)
+        total = next(iter(figures(conn, site, first, last, "range")), None)
+        previous_total = next(iter(figures(conn, site, before_first, before_last, "range")), None)
+        tiles = summary(conn, site, last if range_ != "day" else day, now)
+        busy = figures(conn, site, last - timedelta(days=27), last, "hour")
+        devices = Counts(found.store, conn)
+        device_rows = (devices.hours if resolution == "hour" else devices.days)(site, first, last)
+    day_start, day_end = found.counts.day_bounds(site, first, last)
     agents = found.store.agents(site.id, since=day_start, until=day_end)
-    return data | {"agents": [asdict(a) for a in agents]}
+    return {
+        "site": asdict(site),
+        "date": day.isoformat(),
+        "range": range_,
+        "resolution": resolution,
+        "first": first.isoformat(),
+        "last": last.isoformat(),
+        "previous_first": before_first.isoformat(),
+        "previous_last": before_last.isoformat(),
+        "summary": tiles,
+        "rows": rows,
+        "previous": previous,
+        "total": total,
+        "previous_total": previous_total,
+        "busy": busy_times(busy),
+        "devices": device_rows,
+        "agents": [asdict(a) for a in agents],
+    }
+
+
+def people_csv(site: Site, resolution: str, rows: list[dict[str, Any]]) -> str:
+    """People rows as CSV; the header names each column's unit and the site's time zone."""
+    names = ["windows", "v1_windows", "no_data_windows"] + [
+        n for m in FIGURES for n in (m, f"{m}_suppressed")
+    ]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(
+        [f"{resolution} ({site.timezone})"] + [f"{name} ({PEOPLE_UNITS[name]})" for name in names]
+    )
+    for row in rows:
+        writer.writerow([row["local"]] + ["" if row[n] is None else row[n] for n in names])
+    return out.getvalue()
 
 
 def csv_text(site: Site, resolution: str, rows: list[dict[str, Any]]) -> str:
@@ -283,6 +365,155 @@ class ErrorOut(BaseModel):
     """The one shape of every error."""
 
     error: ErrorDetail
+
+
+class AgentOut(BaseModel):
+    """An agent's enrolment and health; ``counts_v`` 1 means it still sends device counts only
+    (no people figures), 2 people-level figures."""
+
+    site: str
+    agent: str
+    public_key: str
+    enrolled_at: int
+    revoked_at: int | None
+    last_seen_at: int | None
+    state: str | None
+    cause: str | None
+    status_at: int | None
+    spool_pending: int | None
+    spool_dropped: int | None
+    windows: int
+    first_window: int | None
+    last_window: int | None
+    last_seq: int | None
+    missing: int
+    counts_v: int | None
+
+
+class EnrolledOut(BaseModel):
+    site: str
+    agent: str
+
+
+class CountsOut(BaseModel):
+    """Device-level counts (v1 agents' figures and v2's diagnostics): devices, not people."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    site: str
+    timezone: str
+    resolution: str
+    from_: str = Field(alias="from")
+    to: str
+    units: dict[str, str]
+    rows: list[dict[str, str | int | None]]
+
+
+class PeopleRow(BaseModel):
+    """One hour, day, week (keyed by its Monday) or month ('YYYY-MM') of people figures.
+    A figure is null when no window published it; ``<figure>_suppressed`` counts the windows
+    that suppressed it (the value is then a lower bound); ``no_data`` marks a gap."""
+
+    local: str
+    windows: int
+    v1_windows: int
+    no_data_windows: int
+    no_data: bool
+    arrivals: int | None
+    arrivals_suppressed: int
+    passersby: int | None
+    passersby_suppressed: int
+    visits_ended: int | None
+    visits_ended_suppressed: int
+    dwell_lt5: int | None
+    dwell_lt5_suppressed: int
+    dwell_5_15: int | None
+    dwell_5_15_suppressed: int
+    dwell_15_30: int | None
+    dwell_15_30_suppressed: int
+    dwell_30_60: int | None
+    dwell_30_60_suppressed: int
+    dwell_ge60: int | None
+    dwell_ge60_suppressed: int
+    occupancy_mean: float | None
+    occupancy_mean_suppressed: int
+    occupancy_peak: int | None
+    occupancy_peak_suppressed: int
+
+
+class PeopleOut(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    site: str
+    timezone: str
+    resolution: str
+    from_: str = Field(alias="from")
+    to: str
+    units: dict[str, str]
+    rows: list[PeopleRow]
+
+
+class SummaryOut(BaseModel):
+    """A day's headline tiles (people figures; null when not known)."""
+
+    date: str
+    arrivals: int | None = Field(description="visitors so far (people whose visit began)")
+    arrivals_suppressed: int
+    arrivals_week_before: int | None
+    change_pct: float | None
+    compared_until: str | None
+    occupancy_now: float | None = Field(description="people in the shop: latest hour's mean")
+    occupancy_at: str | None
+    peak_hour: str | None
+    peak_hour_arrivals: int | None
+    median_dwell_minutes: float | None
+    visits_ended: int | None
+    capture_rate: float | None = Field(description="arrivals / (arrivals + passers-by)")
+    passersby: int | None
+    hours: int
+    v1_windows: int
+
+
+class OverviewRow(BaseModel):
+    site: str
+    name: str
+    timezone: str
+    arrivals: int | None
+    change_pct: float | None
+    occupancy_now: float | None
+    capture_rate: float | None
+    median_dwell_minutes: float | None
+    arrivals_7d: int | None
+    arrivals_7d_before: int | None
+    change_7d_pct: float | None
+
+
+class HeatmapOut(BaseModel):
+    first: str
+    last: str
+    visitors: list[list[float | None]]
+    visitors_suppressed: list[list[int]]
+
+
+class DashboardOut(BaseModel):
+    """Everything the site page shows for a range (the page embeds exactly this)."""
+
+    site: SiteOut
+    date: str
+    range: str
+    resolution: str
+    first: str
+    last: str
+    previous_first: str
+    previous_last: str
+    summary: SummaryOut
+    rows: list[PeopleRow]
+    previous: list[PeopleRow]
+    total: PeopleRow | None
+    previous_total: PeopleRow | None
+    busy: list[list[float | None]]
+    devices: list[dict[str, str | int | None]]
+    agents: list[AgentOut]
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -315,7 +546,11 @@ def get_site(site: VisibleSite) -> SiteOut:
     return SiteOut(**asdict(site))
 
 
-@api_router.get("/sites/{site_id}/agents", summary="the site's agents and their health")
+@api_router.get(
+    "/sites/{site_id}/agents",
+    response_model=list[AgentOut],
+    summary="the site's agents, their health and counts version",
+)
 def get_agents(
     request: Request,
     site: VisibleSite,
@@ -325,7 +560,9 @@ def get_agents(
     return [asdict(a) for a in services(request).store.agents(site.id, since=since)]
 
 
-@api_router.post("/sites/{site_id}/agents", status_code=201, summary="enrol an agent")
+@api_router.post(
+    "/sites/{site_id}/agents", status_code=201, response_model=EnrolledOut, summary="enrol an agent"
+)
 def post_agent(
     request: Request, site: VisibleSite, user: CurrentUser, body: AgentIn
 ) -> dict[str, str]:
@@ -339,7 +576,11 @@ def post_agent(
     return {"site": site.id, "agent": body.agent}
 
 
-@api_router.get("/sites/{site_id}/counts", summary="counts by window, hour or day")
+@api_router.get(
+    "/sites/{site_id}/counts",
+    response_model=CountsOut,
+    summary="device-level counts (diagnostics) by window, hour or day",
+)
 def get_counts(
     request: Request,
     site: CountsSite,
@@ -382,14 +623,132 @@ def get_counts_csv(
     )
 
 
-@api_router.get("/sites/{site_id}/heatmap", summary="busy times: weekday by hour, 4 weeks")
+@api_router.get(
+    "/sites/{site_id}/heatmap",
+    response_model=HeatmapOut,
+    summary="device-level busy times (v1 visitors, devices): weekday by hour, 4 weeks",
+)
 def get_heatmap(request: Request, site: CountsSite, day: OnDay = None) -> dict[str, Any]:
     return services(request).counts.heatmap(site, asked_day(site, day, "day"))
 
 
-@api_router.get("/sites/{site_id}/dashboard", summary="everything the site page shows")
-def get_dashboard(request: Request, site: CountsSite, day: OnDay = None) -> dict[str, Any]:
-    return dashboard_data(services(request), site, asked_day(site, day, "day"))
+Range = Annotated[
+    str,
+    Query(
+        alias="range", pattern="^(day|week|month|custom)$", description="day, week, month or custom"
+    ),
+]
+PeopleResolution = Annotated[
+    str, Query(pattern="^(hour|day|week|month)$", description="hour, day, week or month")
+]
+
+
+@api_router.get(
+    "/sites/{site_id}/dashboard",
+    response_model=DashboardOut,
+    summary="everything the site page shows for a day, week, month or custom range",
+)
+def get_dashboard(
+    request: Request,
+    site: CountsSite,
+    day: OnDay = None,
+    range_: Range = "day",
+    first: FromDay = None,
+    last: ToDay = None,
+) -> dict[str, Any]:
+    return dashboard_data(
+        services(request),
+        site,
+        asked_day(site, day, "day"),
+        range_,
+        first and asked_day(site, first, "from"),
+        last and asked_day(site, last, "to"),
+    )
+
+
+def _people(
+    request: Request, site: Site, first: date | None, last: date | None, resolution: str
+) -> tuple[date, date, list[dict[str, Any]]]:
+    first, last = _day_range(site, first, last, resolution)
+    with services(request).store.begin(read_only=True) as conn:
+        return first, last, figures(conn, site, first, last, resolution)
+
+
+@api_router.get(
+    "/sites/{site_id}/people",
+    response_model=PeopleOut,
+    summary="people figures (arrivals, passers-by, visits, dwell, occupancy) by hour, day, "
+    "week or month",
+)
+def get_people(
+    request: Request,
+    site: CountsSite,
+    first: FromDay = None,
+    last: ToDay = None,
+    resolution: PeopleResolution = "hour",
+) -> dict[str, Any]:
+    first, last, rows = _people(request, site, first, last, resolution)
+    return {
+        "site": site.id,
+        "timezone": site.timezone,
+        "resolution": resolution,
+        "from": first.isoformat(),
+        "to": last.isoformat(),
+        "units": PEOPLE_UNITS,
+        "rows": rows,
+    }
+
+
+@api_router.get(
+    "/sites/{site_id}/people.csv",
+    summary="people figures as CSV (the header names units)",
+    response_class=Response,
+    responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}}}},
+)
+def get_people_csv(
+    request: Request,
+    site: CountsSite,
+    first: FromDay = None,
+    last: ToDay = None,
+    resolution: PeopleResolution = "hour",
+) -> Response:
+    first, last, rows = _people(request, site, first, last, resolution)
+    name = f"footfall-{site.id}-people-{resolution}-{first}-{last}.csv"
+    return Response(
+        people_csv(site, resolution, rows),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )
+
+
+@api_router.get(
+    "/sites/{site_id}/summary", response_model=SummaryOut, summary="a day's headline tiles"
+)
+def get_summary(request: Request, site: CountsSite, day: OnDay = None) -> dict[str, Any]:
+    with services(request).store.begin(read_only=True) as conn:
+        return summary(conn, site, asked_day(site, day, "day"), int(time.time()))
+
+
+@api_router.get(
+    "/overview",
+    response_model=list[OverviewRow],
+    summary="one row per site the user reads: the day and the last 7 days against the 7 before",
+)
+def get_overview(request: Request, user: CurrentUser, day: OnDay = None) -> list[dict[str, Any]]:
+    return overview(services(request), user, day)
+
+
+def overview(found: Services, user: User, day: date | None) -> list[dict[str, Any]]:
+    """The overview's rows (each site's own local day when ``day`` is not given)."""
+    if not user.reads_counts:
+        raise ApiError(403, f"a {user.role} does not read counts")
+    only = None if user.role == "admin" else user.sites
+    now = int(time.time())
+    with found.store.begin(read_only=True) as conn:
+        return [
+            overview_row(conn, site, asked_day(site, day, "day"), now)
+            for site in found.counts.sites(only)
+        ]
 
 
 def install_error_handlers(app: FastAPI, page: Callable[[Request, int, str], Response]) -> None:

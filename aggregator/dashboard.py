@@ -39,11 +39,11 @@ from aggregator.api import (
     asked_day,
     dashboard_data,
     install_error_handlers,
+    overview,
     services,
 )
 from aggregator.errors import AccountError, LoginRefusedError, RegistryError
 from aggregator.query import Site
-from aggregator.rollup import DWELL_BANDS
 from aggregator.store import Store
 
 __all__ = ["UPLOT", "create_app", "shown_value"]
@@ -65,11 +65,23 @@ def _shown(row: dict[str, Any], measure: str) -> str:
     return shown_value(row[measure], row[f"{measure}_suppressed"])
 
 
+def people_value(value: int | None, suppressed: int) -> str:
+    """A people figure as a person reads it: ``12``; ``≥ 12`` when some windows were
+    suppressed; ``suppressed`` when every window was; ``—`` when there is none."""
+    return shown_value(value, suppressed) if value is not None or suppressed else "—"
+
+
+def _change(pct: float | None) -> str:
+    return "—" if pct is None else f"{pct:+.0f} %"
+
+
 def _utc(unix_s: int | None) -> str:
     return "—" if unix_s is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(unix_s))
 
 
-templates.env.globals.update(shown=_shown, shown_value=shown_value)
+templates.env.globals.update(
+    shown=_shown, shown_value=shown_value, people=people_value, change=_change
+)
 templates.env.filters["utc"] = _utc
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -173,9 +185,42 @@ def logout(request: Request, csrf: Annotated[str, Form(max_length=100)] = "") ->
 def home(request: Request) -> HTMLResponse:
     user = _page_user(request)
     only = None if user.role == "admin" else user.sites
+    found = services(request)
+    rows = overview(found, user, None) if user.reads_counts else []
     return _render(
-        request, "sites.html", title="Sites", user=user, sites=services(request).counts.sites(only)
+        request,
+        "sites.html",
+        title="Sites",
+        user=user,
+        sites=found.counts.sites(only),
+        overview=rows,
     )
+
+
+_BANDS = {"lt5": "under 5 min", "5_15": "5-15 min", "15_30": "15-30 min"}
+_BANDS |= {"30_60": "30-60 min", "ge60": "an hour or more"}
+
+
+def _period_text(data: dict[str, Any]) -> tuple[str, str]:
+    """The range and its previous period, in words."""
+    first, last = date.fromisoformat(data["first"]), date.fromisoformat(data["last"])
+    before = date.fromisoformat(data["previous_first"])
+    if data["range"] == "day":
+        return first.strftime("%A %d %B %Y"), f"the same weekday a week before ({before})"
+    if data["range"] == "month":
+        return first.strftime("%B %Y"), before.strftime("%B %Y")
+    words = "the week" if data["range"] == "week" else "the range"
+    return f"{words} {first} to {last}", f"the {(last - first).days + 1} days before"
+
+
+def _empty_text(data: dict[str, Any], first_day: str | None) -> str:
+    if first_day is None:
+        return "No people figures yet: no agent of this site has sent a window."
+    if data["last"] < first_day:
+        return f"No data: this site's first window is on {first_day}, after this range."
+    if data["first"] > date.today().isoformat():
+        return "No data yet: this range is in the future."
+    return "No people figures for this range (agents were off, or send device counts only)."
 
 
 @pages.get("/sites/{site_id}")
@@ -183,6 +228,9 @@ def site_page(
     request: Request,
     site_id: str,
     day: Annotated[date | None, Query(alias="date")] = None,
+    range_: Annotated[str, Query(alias="range", pattern="^(day|week|month|custom)$")] = "day",
+    first: Annotated[date | None, Query(alias="from")] = None,
+    last: Annotated[date | None, Query(alias="to")] = None,
 ) -> HTMLResponse:
     user = _page_user(request)
     site = _user_site(request, user, site_id)
@@ -193,17 +241,36 @@ def site_page(
         day_start, day_end = found.counts.day_bounds(site, day, day)
         agents = found.store.agents(site.id, since=day_start, until=day_end)
         return _render(request, "agents.html", agents=agents, **context)
-    data = dashboard_data(found, site, day)
+    if range_ == "custom":
+        first = asked_day(site, first, "from") if first else day
+        last = asked_day(site, last, "to") if last else day
+    data = dashboard_data(found, site, day, range_, first, last)
+    period_text, previous_text = _period_text(data)
+    step = {"day": 1, "week": 7}.get(range_, 0)
+    previous = day - timedelta(days=step) if step else date.fromisoformat(data["previous_last"])
+    following = (
+        day + timedelta(days=step) if step else date.fromisoformat(data["last"]) + timedelta(days=1)
+    )
+    suppressed = (data["total"] or {}).get("arrivals_suppressed", 0)
     return _render(
         request,
         "site.html",
         data=data,
         agents=data["agents"],
-        bands=[band for band, _ in DWELL_BANDS],
-        previous=day - timedelta(days=1),
+        bands=list(_BANDS.items()),
+        previous=previous,
+        following=following,
         week_before=day - timedelta(days=7),
-        following=day + timedelta(days=1),
-        heat_max=max((v for row in data["heatmap"]["visitors"] for v in row if v), default=0),
+        period_text=period_text,
+        previous_text=previous_text,
+        empty_text=_empty_text(data, found.counts.first_day(site)),
+        suppressed_text=(
+            f"≥ marks a lower bound: {suppressed} windows had too few people to publish "
+            "(privacy threshold)."
+            if suppressed
+            else ""
+        ),
+        heat_max=max((v for row in data["busy"] for v in row if v), default=0),
         **context,
     )
 

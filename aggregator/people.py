@@ -3,7 +3,7 @@ the site's time zone, a day's headline tiles, and one row per site for the overv
 
 **Kinds.** Arrivals, passers-by, visits ended and the dwell bands are additive: a period's
 value is the sum of its windows'. Occupancy is a level: a period's mean is the time-weighted
-mean of its windows' means (Σ mean × window_s / Σ window_s), its peak the greatest window peak;
+mean of its windows' means (Σ mean * window_s / Σ window_s), its peak the greatest window peak;
 neither is ever summed.
 
 **Several agents at one site.** Two agents may hear the same person, so their figures are not
@@ -106,7 +106,9 @@ def _hour_query(site: Site, start: int, end: int) -> sa.Select[Any]:
 
 
 def _period_key(resolution: str) -> Callable[[str], str]:
-    """A local hour ('YYYY-MM-DDTHH:MM') -> the key of its period."""
+    """A local hour ('YYYY-MM-DDTHH:MM') -> the key of its period ("range": all in one)."""
+    if resolution == "range":
+        return lambda local: "range"
     if resolution == "hour":
         return lambda local: local
     if resolution == "day":
@@ -151,12 +153,21 @@ def _row(local: str, hours: Sequence[sa.RowMapping]) -> dict[str, Any]:
 
 
 def figures(
-    conn: Connection, site: Site, first: date, last: date, resolution: str
+    conn: Connection,
+    site: Site,
+    first: date,
+    last: date,
+    resolution: str,
+    until: str | None = None,
 ) -> list[dict[str, Any]]:
     """One row per period with stored windows (hour, day, week or month, local), from the
-    local day ``first`` to ``last``; a week is keyed by its Monday, a month by 'YYYY-MM'."""
+    local day ``first`` to ``last``; a week is keyed by its Monday, a month by 'YYYY-MM';
+    ``range``: one row for the whole range (keyed 'range'), none without windows. With
+    ``until`` ('HH:MM'), only the hours of each day that start before that local time."""
     start, end = Counts.day_bounds(site, first, last)
     hours = conn.execute(_hour_query(site, start, end)).mappings().all()
+    if until is not None:
+        hours = [h for h in hours if h["local_hour"][11:] < until]
     key = _period_key(resolution)
     periods: dict[str, list[sa.RowMapping]] = {}
     for hour in hours:
@@ -189,19 +200,7 @@ def capture_rate(row: dict[str, Any] | None) -> float | None:
 
 def _day_total(conn: Connection, site: Site, day: date, until: str | None) -> dict[str, Any] | None:
     """The day's figures, of its hours before ``until`` ('HH:MM', local) when given."""
-    hours = figures(conn, site, day, day, "hour")
-    if until is not None:
-        hours = [h for h in hours if h["local"][11:] < until]
-    if not hours:
-        return None
-    keep = [h for h in hours if not h["no_data"]]
-    row = {"local": day.isoformat(), **{n: None for n in FIGURES}}
-    for name in _NAMES.values():
-        values = [h[name] for h in keep if h[name] is not None]
-        row[name] = sum(values) if values else None
-    peaks = [h["occupancy_peak"] for h in keep if h["occupancy_peak"] is not None]
-    row["occupancy_peak"] = max(peaks) if peaks else None
-    return row
+    return next(iter(figures(conn, site, day, day, "range", until)), None)
 
 
 def summary(conn: Connection, site: Site, day: date, now: int) -> dict[str, Any]:

@@ -1064,7 +1064,11 @@ def _window_row(message: Accepted) -> tuple[Any, ...]:
         int(bool(p.get("no_data"))),
         None if "calibrated" not in p else int(p["calibrated"]),
         *people,
-        sum(1 << bit for bit, (v, t) in enumerate(zip(people, heard, strict=True)) if v is None and t),
+        sum(
+            1 << bit
+            for bit, (v, t) in enumerate(zip(people, heard, strict=True))
+            if v is None and t
+        ),
     )
 
 

@@ -127,9 +127,7 @@ def shop_windows(
                 "arrivals": int(n_arrive[i]),
                 "passersby": int(n_pass[i]),
                 "visits_ended": int(n_ended[i]),
-                "dwell_minutes": {
-                    band: int(bands[k][i]) for k, (band, _) in enumerate(_BANDS)
-                },
+                "dwell_minutes": {band: int(bands[k][i]) for k, (band, _) in enumerate(_BANDS)},
                 "occupancy_mean": round(max(mean, 0.0), 2),
                 "occupancy_peak": int(max(inside_l.max(), 0)),
                 "calibrated": False,

@@ -25,19 +25,23 @@ PARIS = ZoneInfo("Europe/Paris")
 
 
 def v2_message(agent: Agent, seq: int, body: dict[str, Any]) -> bytes:
-    payload = {
-        "kind": "counts",
-        "v": 2,
-        "site": SiteId(agent.site).value,
-        "agent": AgentId(agent.agent).value,
-        "seq": seq,
-        "epoch": "9f3c1a7e52b04d68",
-        "probe_requests": 10,
-        "malformed": 0,
-        "late_frames": 0,
-        "devices": None if body.get("no_data") else 4,
-        "devices_randomised": None if body.get("no_data") else 2,
-    } | body | {"window_start": utc_text(body["window_start"])}
+    payload = (
+        {
+            "kind": "counts",
+            "v": 2,
+            "site": SiteId(agent.site).value,
+            "agent": AgentId(agent.agent).value,
+            "seq": seq,
+            "epoch": "9f3c1a7e52b04d68",
+            "probe_requests": 10,
+            "malformed": 0,
+            "late_frames": 0,
+            "devices": None if body.get("no_data") else 4,
+            "devices_randomised": None if body.get("no_data") else 2,
+        }
+        | body
+        | {"window_start": utc_text(body["window_start"])}
+    )
     if payload["no_data"]:
         payload.pop("calibrated", None)
     return fast_seal(payload, agent.key)
