@@ -41,9 +41,15 @@ import orjson
 
 from aggregator.registry import AgentEntry, Registry
 from firmware_agent.errors import MessageError
-from firmware_agent.messages import KINDS, VERSION, Topic, canonical_json
+from firmware_agent.messages import (
+    VERSIONS,
+    Topic,
+    canonical_json,
+    counts_v2_errors,
+    known_schemas,
+)
 
-__all__ = ["PAYLOAD_SCHEMAS", "REASONS", "Accepted", "Refusal", "SchemaCheck", "Verifier"]
+__all__ = ["REASONS", "Accepted", "Refusal", "SchemaCheck", "Verifier"]
 
 # Why a message was not stored. The first group is decided here, before the store; the
 # second by the store (a message it already holds).
@@ -64,9 +70,6 @@ REASONS: dict[str, str] = {
     "duplicate_window": "a window already stored for this agent under another seq",
 }
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
-# The payloads ingest accepts: every v1 kind, and counts v2 (people-level figures; agents not
-# yet upgraded keep sending v1, stored as before).
-PAYLOAD_SCHEMAS: tuple[tuple[str, int], ...] = (*((kind, VERSION) for kind in KINDS), ("counts", 2))
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,7 +482,9 @@ class Verifier:
         self.max_message_bytes = max_message_bytes
         self.envelope = SchemaCheck(_schema("envelope.v1"))
         self.payloads: dict[tuple[str, int | float], SchemaCheck] = {
-            (kind, v): SchemaCheck(_schema(f"{kind}.v{v}")) for kind, v in PAYLOAD_SCHEMAS
+            (kind, v): SchemaCheck(_schema(f"{kind}.v{v}"))
+            for kind, versions in VERSIONS.items()
+            for v in versions
         }
         self.parse_s = 0.0  # decoding, JSON, schemas, topic
         self.verify_s = 0.0  # canonical JSON and Ed25519
@@ -538,11 +543,11 @@ class Verifier:
         if check is None:
             return refuse(
                 "schema",
-                "$.kind and $.v must name a known schema ("
-                + ", ".join(f"{kind} v{v}" for kind, v in PAYLOAD_SCHEMAS)
-                + ")",
+                f"$.kind and $.v must name a known schema ({known_schemas()})",
             )
         error = check.errors(payload)
+        if error is None and (kind, version) == ("counts", 2):
+            error = counts_v2_errors(payload)
         if error is None and "\\" in text:  # only an escape can make a control character
             control = _control_characters(payload)
             error = None if control is None else "$" + control

@@ -103,6 +103,6 @@ class Agent:
             "devices_epoch": 289,
         } | fields
         payload = counts_payload(
-            SiteId(self.site), AgentId(self.agent), seq, "9f3c1a7e52b04d68", window
+            SiteId(self.site), AgentId(self.agent), seq, "9f3c1a7e52b04d68", window, version=1
         )
         return seal(payload, self.key)

@@ -30,6 +30,7 @@ from aggregator.config import AggregatorConfig, StoreSettings, load_config
 from aggregator.ingest import Ingest
 from aggregator.store import Store, site_days, windows
 from firmware_agent.messages import AgentId, SiteId, meta_payload, seal, status_payload
+from firmware_agent.privacy import STANDARD_PUBLISHES
 from tests.agent_fleet import Fleet, fleet_broker, fleet_messages, make_agents
 from tests.aggregator_harness import Agent, drop_schema, pg_dsn
 from tests.conftest import REPO
@@ -157,6 +158,7 @@ def test_ingest_stores_verified_messages_and_refuses_hostile_ones_with_their_rea
                     "min_dwell_s": 120,
                     "visit_gap_s": 600,
                     "lateness_s": 10,
+                    "presence_hold_s": 120,
                 },
                 privacy={
                     "mode": "standard",
@@ -167,6 +169,7 @@ def test_ingest_stores_verified_messages_and_refuses_hostile_ones_with_their_rea
                     "suppress_below": 5,
                     "dp_epsilon": None,
                     "dp_epsilon_day": None,
+                    "published": dict.fromkeys(STANDARD_PUBLISHES, True),
                 },
             )
             accounts["a1"].publish("meta", seal(meta, a1.key), retain=True)

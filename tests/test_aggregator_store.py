@@ -156,7 +156,7 @@ def _payloads(agent: Agent, starts: list[int], first_seq: int = 1) -> list[dict[
                 window["people"] = rng.randrange(20)
         out.append(
             counts_payload(
-                SiteId(agent.site), AgentId(agent.agent), first_seq + i, "0" * 16, window
+                SiteId(agent.site), AgentId(agent.agent), first_seq + i, "0" * 16, window, version=1
             )
         )
     return out
@@ -411,7 +411,8 @@ def test_suppressed_counts_are_null_and_known_as_suppressed_absent_ones_as_absen
         store,
         agent.topic,
         fast_seal(
-            counts_payload(SiteId("s1"), AgentId("a1"), 2, "0" * 16, strict_window), agent.key
+            counts_payload(SiteId("s1"), AgentId("a1"), 2, "0" * 16, strict_window, version=1),
+            agent.key,
         ),
     )
     store.store_batch([standard, strict], now=NOW)

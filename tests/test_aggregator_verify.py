@@ -26,6 +26,7 @@ from firmware_agent.messages import (
     seal,
     status_payload,
 )
+from firmware_agent.privacy import STANDARD_PUBLISHES
 from tests.agent_fleet import fast_seal, window
 from tests.aggregator_harness import Agent
 
@@ -204,48 +205,75 @@ def _mutations(payload: dict[str, Any], rng: random.Random) -> list[Any]:
     return out
 
 
-@pytest.mark.parametrize("kind", ["counts", "status", "meta", "envelope"])
-def test_the_fast_schema_check_agrees_with_jsonschema(kind: str) -> None:
+V2_WINDOW = {
+    "window_start": "2024-03-05T10:55:00Z",
+    "window_s": 300,
+    "no_data": False,
+    "probe_requests": 96,
+    "malformed": 0,
+    "late_frames": 0,
+    "arrivals": 6,
+    "passersby": None,
+    "visits_ended": 7,
+    "dwell_minutes": {"lt5": 0, "5-15": None, "15-30": None, "30-60": 0, "ge60": 0},
+    "occupancy_mean": 12.37,
+    "occupancy_peak": 15,
+    "calibrated": False,
+    "devices": 31,
+    "devices_randomised": 24,
+    "static_excluded": 0,
+}
+
+
+@pytest.mark.parametrize(
+    "name", ["counts.v1", "counts.v2", "status.v1", "meta.v1", "meta.v2", "envelope.v1"]
+)
+def test_the_fast_schema_check_agrees_with_jsonschema(name: str) -> None:
     site, agent = SiteId("s1"), AgentId("a1")
+    privacy = {
+        "mode": "standard",
+        "device_hash": "siphash-2-4",
+        "key_bits": 128,
+        "key_lifetime_s": 90000,
+        "id_bits": None,
+        "suppress_below": 5,
+        "dp_epsilon": 0.5,
+        "dp_epsilon_day": 144.0,
+    }
+    thresholds = {"rssi_threshold_dbm": -75, "min_dwell_s": 120, "visit_gap_s": 600}
+    meta = meta_payload(
+        site,
+        agent,
+        agent_version="0.1.0",
+        window_s=300,
+        epoch_length="midnight",
+        epoch_timezone="Europe/Paris",
+        thresholds=thresholds | {"lateness_s": 10, "presence_hold_s": 120},
+        privacy=privacy | {"published": dict.fromkeys(STANDARD_PUBLISHES, True)},
+    )
+    v1_meta = {k: v for k, v in meta.items() if k != "counts_v"} | {"v": 1}
+    v1_meta["thresholds"] = thresholds | {"lateness_s": 10}
+    v1_meta["privacy"] = privacy
     samples = {
-        "counts": counts_payload(site, agent, 3, "9f3c1a7e52b04d68", window(0) | {"people_est": 4}),
-        "status": status_payload(
+        "counts.v1": counts_payload(
+            site, agent, 3, "9f3c1a7e52b04d68", window(0) | {"people_est": 4}, version=1
+        ),
+        "counts.v2": counts_payload(site, agent, 3, "9f3c1a7e52b04d68", V2_WINDOW),
+        "status.v1": status_payload(
             site, agent, cause="connected", at=0, spool_pending=1, spool_dropped=0, last_seq=3
         ),
-        "meta": meta_payload(
-            site,
-            agent,
-            agent_version="0.1.0",
-            window_s=300,
-            epoch_length="midnight",
-            epoch_timezone="Europe/Paris",
-            thresholds={
-                "rssi_threshold_dbm": -75,
-                "min_dwell_s": 120,
-                "visit_gap_s": 600,
-                "lateness_s": 10,
-            },
-            privacy={
-                "mode": "standard",
-                "device_hash": "siphash-2-4",
-                "key_bits": 128,
-                "key_lifetime_s": 90000,
-                "id_bits": None,
-                "suppress_below": 5,
-                "dp_epsilon": 0.5,
-                "dp_epsilon_day": 144.0,
-            },
-        ),
-        "envelope": {"alg": "ed25519", "payload": {}, "sig": "A" * 86 + "=="},
+        "meta.v1": v1_meta,
+        "meta.v2": meta,
+        "envelope.v1": {"alg": "ed25519", "payload": {}, "sig": "A" * 86 + "=="},
     }
-    name = "envelope.v1" if kind == "envelope" else f"{kind}.v1"
     schema = json.loads(
         (
             __import__("importlib").resources.files("firmware_agent") / f"schemas/{name}.json"
         ).read_text()
     )
+    kind = name.partition(".")[0]
     fast, slow = SchemaCheck(schema), Draft202012Validator(schema)
-    cases = _mutations(samples[kind], random.Random(kind))
+    cases = _mutations(samples[name], random.Random(kind))
     disagreements = [case for case in cases if (fast.errors(case) is None) != slow.is_valid(case)]
     assert disagreements == []
     assert sum(fast.errors(c) is None for c in cases) >= 3  # the valid side is exercised too
@@ -262,7 +290,7 @@ def test_the_fast_canonical_encoding_is_the_contracts(agent: Agent) -> None:
         extra = {"people_est": rng.randrange(99), "people": rng.randrange(99)} if i % 2 else {}
         w = window(i, rng.randrange(1000)) | extra | {"devices": rng.randrange(2**53)}
         payload = counts_payload(
-            SiteId("s1"), AgentId("a-1_x"), rng.randrange(1, 2**53), "0" * 16, w
+            SiteId("s1"), AgentId("a-1_x"), rng.randrange(1, 2**53), "0" * 16, w, version=1
         )
         assert canonical("counts", payload) == canonical_json(payload)
     status = status_payload(
@@ -283,7 +311,12 @@ def test_the_verifier_accepts_what_the_agent_seals(agent: Agent) -> None:
     key = nacl.signing.SigningKey(bytes(32))
     signed = seal(
         counts_payload(
-            SiteId("shop-12"), AgentId("entrance"), 1709631000, "9f3c1a7e52b04d68", window(0)
+            SiteId("shop-12"),
+            AgentId("entrance"),
+            1709631000,
+            "9f3c1a7e52b04d68",
+            window(0),
+            version=1,
         ),
         key,
     )

@@ -362,7 +362,9 @@ def test_windows_carry_the_estimate_and_people_only_when_calibrated() -> None:
     assert sum(w.people_est or 0 for w in plain) < sum(w.devices for w in plain)
     calibrated = _windows(load_config(None, environ={"FOOTFALL_ESTIMATE_CALIBRATION_FACTOR": "2"}))
     assert all(w.people == 2 * (w.people_est or 0) for w in calibrated)
-    payload = counts_payload(SiteId("s1"), AgentId("a1"), 1, "0" * 16, calibrated[3].as_dict())
+    payload = counts_payload(
+        SiteId("s1"), AgentId("a1"), 1, "0" * 16, calibrated[3].as_dict(), version=1
+    )
     validate(payload)  # the counts schema knows the new fields
 
 

@@ -77,7 +77,7 @@ def _messages(store: Store, agent: Agent, tz: str, first: date, last: date) -> l
             "devices_epoch": 100 + seq % 288,
         }
         payload = counts_payload(
-            SiteId(agent.site), AgentId(agent.agent), seq, "9f3c1a7e52b04d68", window
+            SiteId(agent.site), AgentId(agent.agent), seq, "9f3c1a7e52b04d68", window, version=1
         )
         result = verifier.check(agent.topic, fast_seal(payload, agent.key), registry, at + 310)
         assert isinstance(result, Accepted), result
