@@ -25,6 +25,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
 
 from aggregator import __version__
 from aggregator.accounts import User
@@ -68,7 +69,9 @@ def _shown(row: dict[str, Any], measure: str) -> str:
 def people_value(value: int | None, suppressed: int) -> str:
     """A people figure as a person reads it: ``12``; ``≥ 12`` when some windows were
     suppressed; ``suppressed`` when every window was; ``—`` when there is none."""
-    return shown_value(value, suppressed) if value is not None or suppressed else "—"
+    if not value:  # nothing published, or only zeros beside suppressed windows: no "≥ 0"
+        return "suppressed" if suppressed else ("—" if value is None else "0")
+    return shown_value(value, suppressed)
 
 
 def _change(pct: float | None) -> str:
@@ -83,6 +86,13 @@ templates.env.globals.update(
     shown=_shown, shown_value=shown_value, people=people_value, change=_change
 )
 templates.env.filters["utc"] = _utc
+# The API docs page: Swagger UI's own script and styles from this server; it sets style
+# attributes as it draws, which style-src 'self' refuses (the page stays usable: layout is in
+# its stylesheet), so nothing inline is allowed here either.
+DOCS_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
+)
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -332,6 +342,15 @@ def revoke_token(
     return RedirectResponse("/account", status_code=303)
 
 
+@pages.get("/api/v1/docs")
+def api_docs(request: Request) -> HTMLResponse:
+    """The API's documentation (Swagger UI 5, from the swagger-ui-bundle-v2 package): open to
+    anyone, as the OpenAPI document is; trying a call needs a session or a token."""
+    response = templates.TemplateResponse(request, "api_docs.html", {"version": __version__})
+    response.headers["Content-Security-Policy"] = DOCS_CSP
+    return response
+
+
 class _Headers(BaseHTTPMiddleware):
     """Security headers on every answer; the CSRF cookie for a browser that has none."""
 
@@ -366,13 +385,14 @@ def create_app(
         description="Foot traffic counts of the sites you may see. Errors: "
         '{"error": {"status", "code", "message", "field"}}.',
         openapi_url="/api/v1/openapi.json",
-        docs_url="/api/v1/docs",
+        docs_url=None,  # api_docs: Swagger UI from this server, under its own CSP
         redoc_url=None,
     )
     app.state.services = Services(store, session_s, secure_cookies)
     app.include_router(api_router)
     app.include_router(pages)
     app.mount("/static", StaticFiles(directory=WEB / "static"), name="static")
+    app.mount("/api/v1/docs/assets", StaticFiles(directory=str(swagger_ui_path)), name="docs")
     app.add_middleware(_Headers)
 
     def error_page(request: Request, status: int, message: str) -> Response:

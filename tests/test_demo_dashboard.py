@@ -174,3 +174,31 @@ def test_the_overview_sorts_and_a_phone_reads_every_page(
         assert overflow <= 0, path
     page.screenshot(path=str(artefacts / "demo-phone.png"), full_page=True)
     page.context.close()
+
+
+def test_a_day_before_the_first_window_and_the_api_docs_page(
+    browser: Browser,  # noqa: F811
+    demo: Demo,
+    artefacts: Path,
+) -> None:
+    page = signed_in(browser, demo, 1280)
+    base = demo.url.split("/sites/")[0]
+    page.goto(f"{base}/sites/high-street?date=2026-01-05")
+    page.wait_for_selector("body[data-charts-ready='1']")
+    assert "first window is on" in text(page, "#empty")
+    assert text(page, "#tile-visitors") == "—" and text(page, "#tile-dwell") == "—"
+    assert "retention" not in page.inner_text("main") and "≥ 0" not in page.inner_text("main")
+
+    outside: list[str] = []
+    page.on("request", lambda r: None if r.url.startswith(base) else outside.append(r.url))
+    answer = page.goto(f"{base}/api/v1/docs")
+    assert answer is not None and "script-src 'self';" in answer.headers["content-security-policy"]
+    assert "unsafe" not in answer.headers["content-security-policy"]
+    page.wait_for_selector(".opblock", timeout=20_000)
+    operations = page.eval_on_selector_all(
+        ".opblock-summary-path", "els => els.map(e => e.innerText.trim())"
+    )
+    assert "/api/v1/sites/{site_id}/people" in operations and len(operations) >= 12
+    assert outside == []  # nothing from a CDN
+    page.screenshot(path=str(artefacts / "api-docs.png"), full_page=False)
+    page.context.close()
