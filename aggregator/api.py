@@ -40,7 +40,7 @@ from aggregator.errors import RegistryError
 from aggregator.people import FIGURES, PEOPLE_UNITS, figures, overview_row, summary
 from aggregator.query import MAX_WINDOW_DAYS, MEASURES, UNITS, Counts, Site
 from aggregator.rollup import zone
-from aggregator.store import Store
+from aggregator.store import AgentHealth, Store
 
 __all__ = [
     "CSRF_COOKIE",
@@ -49,6 +49,7 @@ __all__ = [
     "Services",
     "api_router",
     "asked_day",
+    "csv_response",
     "error_body",
 ]
 
@@ -326,32 +327,47 @@ def dashboard_data(
     }
 
 
-def people_csv(site: Site, resolution: str, rows: list[dict[str, Any]]) -> str:
-    """People rows as CSV; the header names each column's unit and the site's time zone."""
-    names = ["windows", "v1_windows", "no_data_windows"] + [
-        n for m in FIGURES for n in (m, f"{m}_suppressed")
-    ]
+# The CSV columns: device-level counts (diagnostics) and people figures, after the period.
+DEVICE_COLUMNS = ["windows", "probe_requests"] + [
+    n for m in MEASURES for n in (m, f"{m}_suppressed")
+]
+PEOPLE_COLUMNS = ["windows", "v1_windows", "no_data_windows"] + [
+    n for m in FIGURES for n in (m, f"{m}_suppressed")
+]
+
+
+def csv_response(
+    site: Site, resolution: str, rows: list[dict[str, Any]], people: bool, name: str
+) -> Response:
+    """Rows as a CSV download; the header names each column's unit and the site's zone."""
+    names, units = (PEOPLE_COLUMNS, PEOPLE_UNITS) if people else (DEVICE_COLUMNS, UNITS)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(
-        [f"{resolution} ({site.timezone})"] + [f"{name} ({PEOPLE_UNITS[name]})" for name in names]
+        [f"{resolution} ({site.timezone})"] + [f"{column} ({units[column]})" for column in names]
     )
     for row in rows:
         writer.writerow([row["local"]] + ["" if row[n] is None else row[n] for n in names])
-    return out.getvalue()
-
-
-def csv_text(site: Site, resolution: str, rows: list[dict[str, Any]]) -> str:
-    """Rows as CSV; the header names each column's unit and the site's time zone."""
-    names = ["windows", "probe_requests"] + [n for m in MEASURES for n in (m, f"{m}_suppressed")]
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(
-        [f"{resolution} ({site.timezone})"] + [f"{name} ({UNITS[name]})" for name in names]
+    return Response(
+        out.getvalue(),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )
-    for row in rows:
-        writer.writerow([row["local"]] + ["" if row[n] is None else row[n] for n in names])
-    return out.getvalue()
+
+
+def range_body(
+    site: Site, resolution: str, first: date, last: date, units: dict[str, str], rows: Any
+) -> dict[str, Any]:
+    """The JSON of a range's rows (counts or people)."""
+    return {
+        "site": site.id,
+        "timezone": site.timezone,
+        "resolution": resolution,
+        "from": first.isoformat(),
+        "to": last.isoformat(),
+        "units": units,
+        "rows": rows,
+    }
 
 
 class ErrorDetail(BaseModel):
@@ -365,29 +381,6 @@ class ErrorOut(BaseModel):
     """The one shape of every error."""
 
     error: ErrorDetail
-
-
-class AgentOut(BaseModel):
-    """An agent's enrolment and health; ``counts_v`` 1 means it still sends device counts only
-    (no people figures), 2 people-level figures."""
-
-    site: str
-    agent: str
-    public_key: str
-    enrolled_at: int
-    revoked_at: int | None
-    last_seen_at: int | None
-    state: str | None
-    cause: str | None
-    status_at: int | None
-    spool_pending: int | None
-    spool_dropped: int | None
-    windows: int
-    first_window: int | None
-    last_window: int | None
-    last_seq: int | None
-    missing: int
-    counts_v: int | None
 
 
 class EnrolledOut(BaseModel):
@@ -513,7 +506,7 @@ class DashboardOut(BaseModel):
     previous_total: PeopleRow | None
     busy: list[list[float | None]]
     devices: list[dict[str, str | int | None]]
-    agents: list[AgentOut]
+    agents: list[AgentHealth]
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -548,7 +541,7 @@ def get_site(site: VisibleSite) -> SiteOut:
 
 @api_router.get(
     "/sites/{site_id}/agents",
-    response_model=list[AgentOut],
+    response_model=list[AgentHealth],
     summary="the site's agents, their health and counts version",
 )
 def get_agents(
@@ -589,15 +582,8 @@ def get_counts(
     resolution: Resolution = "hour",
 ) -> dict[str, Any]:
     first, last = _day_range(site, first, last, resolution)
-    return {
-        "site": site.id,
-        "timezone": site.timezone,
-        "resolution": resolution,
-        "from": first.isoformat(),
-        "to": last.isoformat(),
-        "units": UNITS,
-        "rows": _rows(services(request).counts, site, resolution, first, last),
-    }
+    rows = _rows(services(request).counts, site, resolution, first, last)
+    return range_body(site, resolution, first, last, UNITS, rows)
 
 
 @api_router.get(
@@ -616,11 +602,7 @@ def get_counts_csv(
     first, last = _day_range(site, first, last, resolution)
     rows = _rows(services(request).counts, site, resolution, first, last)
     name = f"footfall-{site.id}-{resolution}-{first}-{last}.csv"
-    return Response(
-        csv_text(site, resolution, rows),
-        media_type="text/csv; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="{name}"'},
-    )
+    return csv_response(site, resolution, rows, False, name)
 
 
 @api_router.get(
@@ -688,15 +670,7 @@ def get_people(
     resolution: PeopleResolution = "hour",
 ) -> dict[str, Any]:
     first, last, rows = _people(request, site, first, last, resolution)
-    return {
-        "site": site.id,
-        "timezone": site.timezone,
-        "resolution": resolution,
-        "from": first.isoformat(),
-        "to": last.isoformat(),
-        "units": PEOPLE_UNITS,
-        "rows": rows,
-    }
+    return range_body(site, resolution, first, last, PEOPLE_UNITS, rows)
 
 
 @api_router.get(
@@ -714,11 +688,7 @@ def get_people_csv(
 ) -> Response:
     first, last, rows = _people(request, site, first, last, resolution)
     name = f"footfall-{site.id}-people-{resolution}-{first}-{last}.csv"
-    return Response(
-        people_csv(site, resolution, rows),
-        media_type="text/csv; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="{name}"'},
-    )
+    return csv_response(site, resolution, rows, True, name)
 
 
 @api_router.get(
