@@ -15,8 +15,10 @@ import re
 import shutil
 import subprocess
 import sys
+from calendar import monthrange
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
@@ -33,7 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 class Demo:
     url: str
     password: str
-    day: str
+    day: str  # the latest local day of the first shop (today, so far)
+
+    def days_back(self, days: int) -> str:
+        return (date.fromisoformat(self.day) - timedelta(days=days)).isoformat()
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +101,7 @@ def test_tiles_and_an_hours_visitors_equal_the_api_and_the_csv(
 ) -> None:
     page = signed_in(browser, demo, 1280)
     base = demo.url.split("/sites/")[0]
-    day = "2026-12-04" if demo.day > "2026-12-04" else demo.day
+    day = demo.days_back(1)  # the last whole day
     page.goto(f"{base}/sites/high-street?date={day}")
     page.wait_for_selector("body[data-charts-ready='1']")
     if os.environ.get("FOOTFALL_README_IMAGE"):
@@ -135,7 +140,7 @@ def test_week_and_month_views_total_the_apis_periods(
 ) -> None:
     page = signed_in(browser, demo, 1280)
     base = demo.url.split("/sites/")[0]
-    day = "2026-11-18"
+    day = demo.days_back(17)
     page.goto(f"{base}/sites/station?range={view}&date={day}")
     page.wait_for_selector("body[data-charts-ready='1']")
     data = page.request.get(f"{base}/api/v1/sites/station/dashboard?range={view}&day={day}").json()
@@ -146,7 +151,8 @@ def test_week_and_month_views_total_the_apis_periods(
     (period,) = periods
     assert text(page, "#total-arrivals") == str(period["arrivals"])
     drawn = page.evaluate("() => footfallCharts.people.data[1]")
-    assert len(drawn) == (7 if view == "week" else 30)
+    first = date.fromisoformat(data["first"])
+    assert len(drawn) == (7 if view == "week" else monthrange(first.year, first.month)[1])
     assert sum(v for v in drawn if v is not None) == period["arrivals"]
     page.screenshot(path=str(artefacts / f"demo-{view}.png"), full_page=True)
     page.context.close()
@@ -166,7 +172,8 @@ def test_the_overview_sorts_and_a_phone_reads_every_page(
         "#overview tbody tr", "rows => rows.map(r => r.dataset.site)"
     )
     assert ordered[:2] == ["high-street", "station"]  # the bigger shop first
-    for path in ("/", "/sites/high-street", "/sites/station?range=month&date=2026-11-18"):
+    month = f"/sites/station?range=month&date={demo.days_back(17)}"
+    for path in ("/", "/sites/high-street", month):
         page.goto(base + path)
         overflow = page.evaluate(
             "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
@@ -183,7 +190,7 @@ def test_a_day_before_the_first_window_and_the_api_docs_page(
 ) -> None:
     page = signed_in(browser, demo, 1280)
     base = demo.url.split("/sites/")[0]
-    page.goto(f"{base}/sites/high-street?date=2026-01-05")
+    page.goto(f"{base}/sites/high-street?date={demo.days_back(60)}")
     page.wait_for_selector("body[data-charts-ready='1']")
     assert "first window is on" in text(page, "#empty")
     assert text(page, "#tile-visitors") == "—" and text(page, "#tile-dwell") == "—"
