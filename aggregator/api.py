@@ -37,7 +37,15 @@ from starlette.exceptions import HTTPException
 
 from aggregator.accounts import Accounts, User
 from aggregator.errors import RegistryError
-from aggregator.people import FIGURES, PEOPLE_UNITS, figures, overview_row, summary
+from aggregator.people import (
+    FIGURES,
+    PEOPLE_UNITS,
+    figures,
+    group,
+    hours_of,
+    overview_row,
+    summary,
+)
 from aggregator.query import MAX_WINDOW_DAYS, MEASURES, UNITS, Counts, Site
 from aggregator.rollup import zone
 from aggregator.store import AgentHealth, Store
@@ -297,16 +305,17 @@ def dashboard_data(
     resolution = "hour" if first == last else "day"
     now = int(time.time())
     with found.store.begin(read_only=True) as conn:
-        rows = figures(conn, site, first, last, resolution)
-        previous = figures(conn, site, before_first, before_last, resolution)
-        total = next(iter(figures(conn, site, first, last, "range")), None)
-        previous_total = next(iter(figures(conn, site, before_first, before_last, "range")), None)
+        # Busy times' 4 weeks hold a day's or a week's hours: read once.
+        busy = hours_of(conn, site, min(first, last - timedelta(days=27)), last)
+        hours = [h for h in busy if h["local_hour"][:10] >= first.isoformat()]
+        before = hours_of(conn, site, before_first, before_last)
         tiles = summary(conn, site, last if range_ != "day" else day, now)
-        busy = figures(conn, site, last - timedelta(days=27), last, "hour")
         devices = Counts(found.store, conn)
         device_rows = (devices.hours if resolution == "hour" else devices.days)(site, first, last)
-    day_start, day_end = found.counts.day_bounds(site, first, last)
+    # Agents' health over the range's last day (a month of windows is too many to read).
+    day_start, day_end = found.counts.day_bounds(site, last, last)
     agents = found.store.agents(site.id, since=day_start, until=day_end)
+    four_weeks = (last - timedelta(days=27)).isoformat()
     return {
         "site": asdict(site),
         "date": day.isoformat(),
@@ -317,11 +326,11 @@ def dashboard_data(
         "previous_first": before_first.isoformat(),
         "previous_last": before_last.isoformat(),
         "summary": tiles,
-        "rows": rows,
-        "previous": previous,
-        "total": total,
-        "previous_total": previous_total,
-        "busy": busy_times(busy),
+        "rows": group(hours, resolution),
+        "previous": group(before, resolution),
+        "total": next(iter(group(hours, "range")), None),
+        "previous_total": next(iter(group(before, "range")), None),
+        "busy": busy_times(group([h for h in busy if h["local_hour"] >= four_weeks], "hour")),
         "devices": device_rows,
         "agents": [asdict(a) for a in agents],
     }

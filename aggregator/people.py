@@ -40,6 +40,8 @@ __all__ = [
     "PEOPLE_UNITS",
     "RESOLUTIONS",
     "figures",
+    "group",
+    "hours_of",
     "overview_row",
     "summary",
 ]
@@ -152,20 +154,18 @@ def _row(local: str, hours: Sequence[sa.RowMapping]) -> dict[str, Any]:
     return out
 
 
-def figures(
-    conn: Connection,
-    site: Site,
-    first: date,
-    last: date,
-    resolution: str,
-    until: str | None = None,
-) -> list[dict[str, Any]]:
-    """One row per period with stored windows (hour, day, week or month, local), from the
-    local day ``first`` to ``last``; a week is keyed by its Monday, a month by 'YYYY-MM';
-    ``range``: one row for the whole range (keyed 'range'), none without windows. With
-    ``until`` ('HH:MM'), only the hours of each day that start before that local time."""
+def hours_of(conn: Connection, site: Site, first: date, last: date) -> list[sa.RowMapping]:
+    """The site's hours from the local day ``first`` to ``last`` (the input of :func:`group`)."""
     start, end = Counts.day_bounds(site, first, last)
-    hours = conn.execute(_hour_query(site, start, end)).mappings().all()
+    return list(conn.execute(_hour_query(site, start, end)).mappings().all())
+
+
+def group(
+    hours: Sequence[sa.RowMapping], resolution: str, until: str | None = None
+) -> list[dict[str, Any]]:
+    """One row per period of ``hours`` (hour, day, week or month, local); a week is keyed by
+    its Monday, a month by 'YYYY-MM'; ``range``: one row for them all (keyed 'range'), none
+    without hours. With ``until`` ('HH:MM'), only the hours of each day before that time."""
     if until is not None:
         hours = [h for h in hours if h["local_hour"][11:] < until]
     key = _period_key(resolution)
@@ -173,6 +173,13 @@ def figures(
     for hour in hours:
         periods.setdefault(key(hour["local_hour"]), []).append(hour)
     return [_row(local, rows) for local, rows in periods.items()]
+
+
+def figures(
+    conn: Connection, site: Site, first: date, last: date, resolution: str
+) -> list[dict[str, Any]]:
+    """The site's periods (:func:`group`) from the local day ``first`` to ``last``."""
+    return group(hours_of(conn, site, first, last), resolution)
 
 
 def median_dwell(row: dict[str, Any]) -> float | None:
@@ -198,23 +205,18 @@ def capture_rate(row: dict[str, Any] | None) -> float | None:
     return round(row["arrivals"] / heard, 3) if heard else None
 
 
-def _day_total(conn: Connection, site: Site, day: date, until: str | None) -> dict[str, Any] | None:
-    """The day's figures, of its hours before ``until`` ('HH:MM', local) when given."""
-    return next(iter(figures(conn, site, day, day, "range", until)), None)
-
-
 def summary(conn: Connection, site: Site, day: date, now: int) -> dict[str, Any]:
     """A day's headline tiles: visitors (arrivals) so far, against the same weekday a week
     before up to the same local time, people in the shop now (the latest hour's occupancy),
     the peak hour by arrivals, the median dwell and the capture rate."""
-    tz = zone(site.timezone)
-    local_now = datetime.fromtimestamp(now, tz)
-    today = local_now.date()
+    local_now = datetime.fromtimestamp(now, zone(site.timezone))
     # "So far" only for today; a past day is compared whole.
-    until = f"{local_now.hour + 1:02d}:00" if day == today else None
-    hours = figures(conn, site, day, day, "hour")
-    total = _day_total(conn, site, day, None)
-    before = _day_total(conn, site, day - timedelta(days=7), until)
+    until = f"{local_now.hour + 1:02d}:00" if day == local_now.date() else None
+    raw = hours_of(conn, site, day, day)
+    hours = group(raw, "hour")
+    total = next(iter(group(raw, "range")), None)
+    week_before = day - timedelta(days=7)
+    before = next(iter(group(hours_of(conn, site, week_before, week_before), "range", until)), None)
     arrivals = None if total is None else total["arrivals"]
     previous = None if before is None else before["arrivals"]
     change = (
@@ -226,11 +228,10 @@ def summary(conn: Connection, site: Site, day: date, now: int) -> dict[str, Any]
         (h for h in hours if h["arrivals"] is not None), key=lambda h: h["arrivals"], default=None
     )
     latest = next((h for h in reversed(hours) if h["occupancy_mean"] is not None), None)
-    suppressed = sum(h["arrivals_suppressed"] for h in hours)
     return {
         "date": day.isoformat(),
         "arrivals": arrivals,
-        "arrivals_suppressed": suppressed,
+        "arrivals_suppressed": sum(h["arrivals_suppressed"] for h in hours),
         "arrivals_week_before": previous,
         "change_pct": change,
         "compared_until": until,
