@@ -304,18 +304,19 @@ def dashboard_data(
     first, last, before_first, before_last = range_bounds(range_, day, first, last)
     resolution = "hour" if first == last else "day"
     now = int(time.time())
+    by = "hour" if resolution == "hour" else "day"
     with found.store.begin(read_only=True) as conn:
-        # Busy times' 4 weeks hold a day's or a week's hours: read once.
-        busy = hours_of(conn, site, min(first, last - timedelta(days=27)), last)
-        hours = [h for h in busy if h["local_hour"][:10] >= first.isoformat()]
-        before = hours_of(conn, site, before_first, before_last)
+        busy = hours_of(conn, site, last - timedelta(days=27), last)
+        # A day's hours are within busy times' 4 weeks; a longer range is read by day.
+        hours = busy if by == "hour" else hours_of(conn, site, first, last, by)
+        hours = [h for h in hours if h["local_hour"][:10] >= first.isoformat()]
+        before = hours_of(conn, site, before_first, before_last, by)
         tiles = summary(conn, site, last if range_ != "day" else day, now)
         devices = Counts(found.store, conn)
         device_rows = (devices.hours if resolution == "hour" else devices.days)(site, first, last)
     # Agents' health over the range's last day (a month of windows is too many to read).
     day_start, day_end = found.counts.day_bounds(site, last, last)
     agents = found.store.agents(site.id, since=day_start, until=day_end)
-    four_weeks = (last - timedelta(days=27)).isoformat()
     return {
         "site": asdict(site),
         "date": day.isoformat(),
@@ -330,7 +331,7 @@ def dashboard_data(
         "previous": group(before, resolution),
         "total": next(iter(group(hours, "range")), None),
         "previous_total": next(iter(group(before, "range")), None),
-        "busy": busy_times(group([h for h in busy if h["local_hour"] >= four_weeks], "hour")),
+        "busy": busy_times(group(busy, "hour")),
         "devices": device_rows,
         "agents": [asdict(a) for a in agents],
     }

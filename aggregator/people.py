@@ -9,8 +9,10 @@ neither is ever summed.
 **Several agents at one site.** Two agents may hear the same person, so their figures are not
 added: in each local hour, each figure of the site is the greatest of its agents' (the busiest
 agent's arrivals, occupancy mean and peak). A day, week or month is then the sum (or mean, or
-peak) of those hours. With one agent per site, as most shops have, this is that agent's figure;
-with agents that cover separate areas it undercounts (``docs/aggregator.md``).
+peak) of those hours. The store keeps these in the site roll-ups as it ingests (it sets them
+again from the agents' hours for each hour a batch touches), so a read is one row per hour or
+day, whatever the number of agents. With one agent per site, as most shops have, this is that
+agent's figure; with agents that cover separate areas it undercounts (``docs/aggregator.md``).
 
 **Gaps and suppression.** A figure is ``null`` when no window of the period published it, and
 ``<figure>_suppressed`` counts the windows that suppressed it (the value is then a lower bound).
@@ -18,8 +20,8 @@ A period whose v2 windows all had no data (the sensor heard nothing) is a gap: `
 true and every figure is ``null``, never 0. v1 windows carry no people: they count in
 ``v1_windows`` only (their device-level figures are diagnostics, :mod:`aggregator.query`).
 
-Everything here reads the hourly roll-ups of the site's agents (``agent_hours``): a month is
-at most 744 hours per agent, whatever the window length.
+Everything here reads the site roll-ups (``site_hours``, ``site_days``): a month is at most
+744 hours or 31 days, whatever the window length and the number of agents.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from sqlalchemy.engine import Connection
 
 from aggregator.query import Counts, Site
 from aggregator.rollup import DWELL_BANDS, PEOPLE_COUNTS, zone
-from aggregator.store import agent_hours, agents
+from aggregator.store import site_days, site_hours
 
 __all__ = [
     "FIGURES",
@@ -72,39 +74,43 @@ _BAND_MINUTES = {"dwell_lt5": (0, 5), "dwell_5_15": (5, 15), "dwell_15_30": (15,
 _BAND_MINUTES |= {"dwell_30_60": (30, 60), "dwell_ge60": (60, 120)}
 
 
-def _hour_query(site: Site, start: int, end: int) -> sa.Select[Any]:
-    """The site's hours from ``start`` to ``end`` (Unix s): each figure the greatest of its
-    agents' (see the module docstring), window counts summed."""
-    h = agent_hours.c
+def _query(site: Site, first: date, last: date, by: str) -> sa.Select[Any]:
+    """The site's hours (``by`` 'hour') or days ('day') from the local day ``first`` to
+    ``last``, labelled as :func:`_row` reads them (a day's label: its midnight)."""
+    t = site_hours if by == "hour" else site_days
+    c = t.c
+    label: sa.ColumnElement[Any]
+    if by == "hour":
+        start, end = Counts.day_bounds(site, first, last)
+        label, scope = c.local_hour, (c.hour_start >= start) & (c.hour_start < end)
+        order = c.hour_start
+    else:
+        label = c.local_day + "T00:00"
+        scope = (c.local_day >= first.isoformat()) & (c.local_day <= last.isoformat())
+        order = c.local_day
     columns: list[Any] = [
-        h.hour_start,
-        sa.func.max(h.local_hour).label("local_hour"),
-        sa.func.sum(h.windows).label("windows"),
-        sa.func.sum(h.v1_windows).label("v1_windows"),
-        sa.func.sum(h.no_data_windows).label("no_data_windows"),
+        label.label("local_hour"),
+        c.windows,
+        c.v1_windows,
+        c.no_data_windows,
     ]
     for column in PEOPLE_COUNTS:
         columns += [
-            sa.func.max(h[f"{column}_sum"]).label(column),
-            sa.func.sum(h[f"{column}_windows"]).label(f"{column}_published"),
-            sa.func.sum(h[f"{column}_suppressed"]).label(f"{column}_suppressed"),
+            c[f"{column}_sum"].label(column),
+            c[f"{column}_windows"].label(f"{column}_published"),
+            c[f"{column}_suppressed"],
         ]
-    mean = sa.case((h.occupancy_s > 0, h.occupancy_cs * 1.0 / h.occupancy_s))
     columns += [
-        sa.func.max(mean).label("occupancy_mean_c"),
-        sa.func.max(h.occupancy_s).label("occupancy_s"),
-        sa.func.sum(h.occupancy_suppressed).label("occupancy_mean_suppressed"),
-        sa.func.max(h.occupancy_peak_max).label("occupancy_peak"),
-        sa.func.sum(h.occupancy_peak_windows).label("occupancy_peak_published"),
-        sa.func.sum(h.occupancy_peak_suppressed).label("occupancy_peak_suppressed"),
+        sa.case((c.occupancy_s > 0, c.occupancy_cs * 1.0 / c.occupancy_s)).label(
+            "occupancy_mean_c"
+        ),
+        c.occupancy_s,
+        c.occupancy_suppressed.label("occupancy_mean_suppressed"),
+        c.occupancy_peak_max.label("occupancy_peak"),
+        c.occupancy_peak_windows.label("occupancy_peak_published"),
+        c.occupancy_peak_suppressed,
     ]
-    site_agents = sa.select(agents.c.agent_key).where(agents.c.site_id == site.id)
-    return (
-        sa.select(*columns)
-        .where(h.agent_key.in_(site_agents), h.hour_start >= start, h.hour_start < end)
-        .group_by(h.hour_start)
-        .order_by(h.hour_start)
-    )
+    return sa.select(*columns).where(c.site_id == site.id, scope).order_by(order)
 
 
 def _period_key(resolution: str) -> Callable[[str], str]:
@@ -154,10 +160,12 @@ def _row(local: str, hours: Sequence[sa.RowMapping]) -> dict[str, Any]:
     return out
 
 
-def hours_of(conn: Connection, site: Site, first: date, last: date) -> list[sa.RowMapping]:
-    """The site's hours from the local day ``first`` to ``last`` (the input of :func:`group`)."""
-    start, end = Counts.day_bounds(site, first, last)
-    return list(conn.execute(_hour_query(site, start, end)).mappings().all())
+def hours_of(
+    conn: Connection, site: Site, first: date, last: date, by: str = "hour"
+) -> list[sa.RowMapping]:
+    """The site's hours (or days: ``by`` 'day') from the local day ``first`` to ``last``: the
+    input of :func:`group`."""
+    return list(conn.execute(_query(site, first, last, by)).mappings().all())
 
 
 def group(
@@ -178,8 +186,10 @@ def group(
 def figures(
     conn: Connection, site: Site, first: date, last: date, resolution: str
 ) -> list[dict[str, Any]]:
-    """The site's periods (:func:`group`) from the local day ``first`` to ``last``."""
-    return group(hours_of(conn, site, first, last), resolution)
+    """The site's periods (:func:`group`) from the local day ``first`` to ``last``: read from
+    its hours for hours, from its days otherwise."""
+    by = "hour" if resolution == "hour" else "day"
+    return group(hours_of(conn, site, first, last, by), resolution)
 
 
 def median_dwell(row: dict[str, Any]) -> float | None:

@@ -60,6 +60,7 @@ from aggregator.rollup import (
     MAX_MEASURES,
     MEASURES,
     PEOPLE_COLUMNS,
+    PEOPLE_COUNTS,
     SUPPRESSIBLE,
     Buckets,
     RollupDeltas,
@@ -775,6 +776,13 @@ class Store:
             else:
                 self._stage(conn, STAGING[table.name], staged)
                 conn.execute(self._statements.upsert_rollup[table.name])
+        # The site's people figures are its busiest agent's, not the agents' sum: set again
+        # for the hours the batch touched, then their days from those hours.
+        st = self._statements
+        hours = [{"s": site, "h": hour} for site, hour in sorted(deltas.site_hours)]
+        conn.execute(st.busiest_hours, hours)
+        days = [{"s": site, "d": day} for site, day in sorted(deltas.site_days)]
+        conn.execute(st.busiest_days, days)
 
     def _note_versions(self, conn: Connection, stored: Sequence[Accepted]) -> None:
         """Each agent's counts schema version, from its latest window in the batch."""
@@ -1085,6 +1093,57 @@ def _positional_insert(table: sa.Table, conflict: str) -> str:
     return f"INSERT INTO {table.name} ({names}) VALUES ({marks}) {conflict}"
 
 
+# The site roll-ups' people figures that are the busiest agent's (aggregator/people.py): each
+# additive figure's sum, and the occupancy's time-weighted sum and seconds. The rest of a site
+# row sums its agents' (windows, published and suppressed windows) or takes their greatest
+# (occupancy peak), as every roll-up does.
+BUSIEST = (*(f"{name}_sum" for name in PEOPLE_COUNTS), "occupancy_cs", "occupancy_s")
+
+
+def _busiest_statements() -> tuple[sa.Update, sa.Update]:
+    """UPDATEs that set :data:`BUSIEST` of a site hour (bind ``s``, ``h``) from its agents'
+    hours, and of a site day (``s``, ``d``) from its site hours."""
+    a, h, d = agent_hours.c, site_hours.c, site_days.c
+    of_site = a.agent_key.in_(sa.select(agents.c.agent_key).where(agents.c.site_id == h.site_id))
+    mean = sa.case((a.occupancy_s > 0, a.occupancy_cs * 1.0 / a.occupancy_s), else_=0)
+    longest = sa.func.max(a.occupancy_s)
+    busiest: list[Any] = [sa.func.coalesce(sa.func.max(a[n]), 0) for n in BUSIEST[:-2]]
+    busiest += [
+        sa.func.coalesce(sa.cast(sa.func.round(sa.func.max(mean) * longest), sa.BigInteger), 0),
+        sa.func.coalesce(longest, 0),
+    ]
+    hours = (
+        site_hours.update()
+        .where(h.site_id == sa.bindparam("s"), h.hour_start == sa.bindparam("h"))
+        .values(
+            {
+                h[n]: sa.select(value)
+                .where(of_site, a.hour_start == h.hour_start)
+                .scalar_subquery()
+                for n, value in zip(BUSIEST, busiest, strict=True)
+            }
+        )
+    )
+    in_day = (
+        (site_hours.c.site_id == d.site_id)
+        & (site_hours.c.hour_start >= d.day_start)
+        & (site_hours.c.hour_start < d.day_start + d.day_hours * 3600)
+    )
+    days = (
+        site_days.update()
+        .where(d.site_id == sa.bindparam("s"), d.local_day == sa.bindparam("d"))
+        .values(
+            {
+                d[n]: sa.select(sa.func.coalesce(sa.func.sum(site_hours.c[n]), 0))
+                .where(in_day)
+                .scalar_subquery()
+                for n in BUSIEST
+            }
+        )
+    )
+    return hours, days
+
+
 class _Statements:
     """The store's write statements, built once per dialect."""
 
@@ -1130,6 +1189,7 @@ class _Statements:
                     for m in MEASURES
                 },
             )
+        self.busiest_hours, self.busiest_days = _busiest_statements()
         self.sqlite_max_rowid = "SELECT coalesce(max(rowid), 0) FROM windows"
         self.sqlite_insert_windows = _positional_insert(windows, "ON CONFLICT DO NOTHING")
         self.sqlite_inserted = "SELECT agent_key, seq FROM windows WHERE rowid > ?"
