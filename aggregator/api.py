@@ -40,6 +40,7 @@ from aggregator.errors import RegistryError
 from aggregator.people import (
     FIGURES,
     PEOPLE_UNITS,
+    busy_times,
     figures,
     group,
     hours_of,
@@ -276,22 +277,6 @@ def range_bounds(
     return first, last, first - length, first - timedelta(days=1)
 
 
-def busy_times(rows: list[dict[str, Any]]) -> list[list[float | None]]:
-    """Mean arrivals per weekday (0 = Monday) and local hour over hourly rows."""
-    sums = [[0] * 24 for _ in range(7)]
-    seen = [[0] * 24 for _ in range(7)]
-    for row in rows:
-        if row["arrivals"] is None:
-            continue
-        day, hour = date.fromisoformat(row["local"][:10]).weekday(), int(row["local"][11:13])
-        sums[day][hour] += row["arrivals"]
-        seen[day][hour] += 1
-    return [
-        [round(t / n, 1) if n else None for t, n in zip(tr, nr, strict=True)]
-        for tr, nr in zip(sums, seen, strict=True)
-    ]
-
-
 def dashboard_data(
     found: Services,
     site: Site,
@@ -306,14 +291,10 @@ def dashboard_data(
     now = int(time.time())
     by = "hour" if resolution == "hour" else "day"
     with found.store.begin(read_only=True) as conn:
-        busy = hours_of(conn, site, last - timedelta(days=27), last)
-        # A day's hours are within busy times' 4 weeks; a longer range is read by day.
-        hours = busy if by == "hour" else hours_of(conn, site, first, last, by)
-        hours = [h for h in hours if h["local_hour"][:10] >= first.isoformat()]
+        busy = busy_times(conn, site, last)
+        hours = hours_of(conn, site, first, last, by)
         before = hours_of(conn, site, before_first, before_last, by)
         tiles = summary(conn, site, last if range_ != "day" else day, now)
-        devices = Counts(found.store, conn)
-        device_rows = (devices.hours if resolution == "hour" else devices.days)(site, first, last)
     # Agents' health over the range's last day (a month of windows is too many to read).
     day_start, day_end = found.counts.day_bounds(site, last, last)
     agents = found.store.agents(site.id, since=day_start, until=day_end)
@@ -331,8 +312,7 @@ def dashboard_data(
         "previous": group(before, resolution),
         "total": next(iter(group(hours, "range")), None),
         "previous_total": next(iter(group(before, "range")), None),
-        "busy": busy_times(group(busy, "hour")),
-        "devices": device_rows,
+        "busy": busy,
         "agents": [asdict(a) for a in agents],
     }
 
@@ -515,7 +495,6 @@ class DashboardOut(BaseModel):
     total: PeopleRow | None
     previous_total: PeopleRow | None
     busy: list[list[float | None]]
-    devices: list[dict[str, str | int | None]]
     agents: list[AgentHealth]
 
 

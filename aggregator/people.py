@@ -41,6 +41,7 @@ __all__ = [
     "FIGURES",
     "PEOPLE_UNITS",
     "RESOLUTIONS",
+    "busy_times",
     "figures",
     "group",
     "hours_of",
@@ -190,6 +191,26 @@ def figures(
     its hours for hours, from its days otherwise."""
     by = "hour" if resolution == "hour" else "day"
     return group(hours_of(conn, site, first, last, by), resolution)
+
+
+def busy_times(conn: Connection, site: Site, last: date) -> list[list[float | None]]:
+    """Mean arrivals per weekday (0 = Monday) and local hour over the 4 weeks to ``last``;
+    ``None`` where no hour published them."""
+    h = site_hours.c
+    start, end = Counts.day_bounds(site, last - timedelta(days=27), last)
+    query = sa.select(h.local_hour, h.arrivals_sum).where(
+        h.site_id == site.id, h.hour_start >= start, h.hour_start < end, h.arrivals_windows > 0
+    )
+    sums = [[0] * 24 for _ in range(7)]
+    seen = [[0] * 24 for _ in range(7)]
+    for local, arrivals in conn.execute(query):
+        day, hour = date.fromisoformat(local[:10]).weekday(), int(local[11:13])
+        sums[day][hour] += arrivals
+        seen[day][hour] += 1
+    return [
+        [round(t / n, 1) if n else None for t, n in zip(tr, nr, strict=True)]
+        for tr, nr in zip(sums, seen, strict=True)
+    ]
 
 
 def median_dwell(row: dict[str, Any]) -> float | None:

@@ -19,6 +19,13 @@ optional). A roll-up sums only the published values, and counts per measure the 
 value was suppressed (``*_suppressed``) and, for the fields that may be absent, the windows
 that carried the field at all (``*_windows``, suppressed ones included). So a reader can tell
 "0" (published zeros) from "at least N, some windows suppressed" and from "not published".
+
+**Counts v2.** A v2 window adds its people figures (arrivals, passers-by, visits ended, dwell
+bands: sums, with the windows that published and suppressed each) and its occupancy (mean *
+window_s in hundredths of a person-second, and the seconds: a period's mean is their quotient,
+time-weighted whatever the window length; the peak as a maximum). A no-data window adds only to
+``windows`` and ``no_data_windows``. A v1 window adds 1 to ``v1_windows`` and no people. The
+site rows' people sums are the busiest agent's, set by the store (``aggregator.store.BUSIEST``).
 """
 
 from __future__ import annotations

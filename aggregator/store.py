@@ -20,7 +20,7 @@ Tables::
     agent_hours     roll-ups by agent and local hour, agent and local day, site and local
     agent_days      hour, site and local day (aggregator.rollup); they stay when retention
     site_hours      deletes the windows
-    site_days
+    site_days       (a site row's people figures are its busiest agent's: BUSIEST)
     refusals        messages not stored, by reason, site and agent: count, first, last
     users, grants,  accounts (aggregator.accounts): users with a role, the sites granted to
     sessions,       them, browser sessions and API tokens (SHA-256 of the secret at rest),
