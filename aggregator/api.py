@@ -129,7 +129,7 @@ def current_user(
     if bearer is not None:
         user = found.accounts.token_user(bearer.credentials, now)
         if user is None:
-            raise ApiError(401, "the API token is unknown or revoked", "Authorization")
+            raise ApiError(401, "the API token is unknown, expired or revoked", "Authorization")
         return user
     if request.headers.get("authorization"):
         raise ApiError(401, "Authorization must be 'Bearer <API token>'", "Authorization")

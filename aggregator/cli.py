@@ -21,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 from aggregator import __version__
+from aggregator.accounts import MAX_TOKEN_DAYS, TOKEN_DAYS, Accounts, UserRow
 from aggregator.config import AggregatorConfig, load_config
 from aggregator.errors import AccountError, AggregatorError
 from aggregator.store import Store
@@ -115,8 +116,6 @@ def _password(args: argparse.Namespace) -> str:
 
 
 def cmd_users_add(args: argparse.Namespace) -> int:
-    from aggregator.accounts import Accounts  # noqa: PLC0415
-
     with _store(args) as store:
         accounts = Accounts(store)
         accounts.add_user(args.name, args.role, _password(args), int(time.time()))
@@ -126,50 +125,110 @@ def cmd_users_add(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_users_grant(args: argparse.Namespace) -> int:
-    from aggregator.accounts import Accounts  # noqa: PLC0415
+def _print_user(row: UserRow, what: str) -> None:
+    sites = ",".join(row.sites) or "-"
+    print(f"user {row.name} ({row.role}, sites {sites}): {what}")
 
+
+def cmd_users_grant(args: argparse.Namespace) -> int:
     with _store(args) as store:
-        Accounts(store).grant(args.name, args.site)
-    print(f"user {args.name} sees site {args.site}")
+        _print_user(Accounts(store).grant(args.name, args.site), f"sees site {args.site}")
+    return 0
+
+
+def cmd_users_revoke_grant(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        row = Accounts(store).revoke_grant(args.name, args.site)
+    _print_user(row, f"no longer sees site {args.site}, from their next request on")
+    return 0
+
+
+def cmd_users_disable(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        row = Accounts(store).disable(args.name, int(time.time()))
+    _print_user(row, "disabled; their sessions have ended and their API tokens are revoked")
+    return 0
+
+
+def cmd_users_enable(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        row = Accounts(store).enable(args.name)
+    _print_user(row, "enabled (their old API tokens stay revoked)")
     return 0
 
 
 def cmd_users_password(args: argparse.Namespace) -> int:
-    from aggregator.accounts import Accounts  # noqa: PLC0415
-
     with _store(args) as store:
-        Accounts(store).set_password(args.name, _password(args))
-    print(f"user {args.name}: new password set; their sessions have ended")
+        Accounts(store).set_password(args.name, _password(args), int(time.time()))
+    print(f"user {args.name}: new password set; their sessions have ended and API tokens revoked")
     return 0
 
 
 def cmd_users_list(args: argparse.Namespace) -> int:
-    from aggregator.accounts import Accounts  # noqa: PLC0415
-
     with _store(args) as store:
-        users = Accounts(store).users()
+        rows = Accounts(store).user_rows()
     if args.json:
-        for u in users:
-            print(json.dumps({"name": u.name, "role": u.role, "sites": sorted(u.sites)}))
-    elif users:
+        for row in rows:
+            print(json.dumps(asdict(row)))
+    elif rows:
         _table(
-            [("USER", "ROLE", "SITES")]
-            + [(u.name, u.role, ",".join(sorted(u.sites)) or "-") for u in users]
+            [("USER", "ROLE", "STATE", "SITES")]
+            + [
+                (
+                    u.name,
+                    u.role,
+                    "enabled" if u.disabled_at is None else f"disabled {_when(u.disabled_at)}",
+                    ",".join(u.sites) or "-",
+                )
+                for u in rows
+            ]
         )
     return 0
 
 
 def cmd_users_token(args: argparse.Namespace) -> int:
-    from aggregator.accounts import Accounts  # noqa: PLC0415
-
     with _store(args) as store:
         accounts = Accounts(store)
-        user = next((u for u in accounts.users() if u.name == args.name), None)
-        if user is None:
-            raise AccountError(f"user {args.name} does not exist")
-        secret = accounts.add_token(user, args.token_name, int(time.time()))
+        user = accounts.user(args.name)
+        secret = accounts.add_token(user, args.token_name, int(time.time()), args.expires)
     print(secret)
+    return 0
+
+
+def cmd_users_tokens(args: argparse.Namespace) -> int:
+    now = int(time.time())
+    with _store(args) as store:
+        tokens = Accounts(store).tokens(args.name)
+    if args.json:
+        for t in tokens:
+            print(json.dumps(asdict(t) | {"state": t.state(now)}))
+    elif tokens:
+        _table(
+            [("ID", "USER", "NAME", "STATE", "MADE", "EXPIRES", "LAST USED")]
+            + [
+                (
+                    t.id,
+                    t.user,
+                    t.name,
+                    t.state(now),
+                    _when(t.created_at),
+                    _when(t.expires_at),
+                    _when(t.last_used_at),
+                )
+                for t in tokens
+            ]
+        )
+    return 0
+
+
+def cmd_users_revoke_token(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        row = Accounts(store).revoke_token(None, args.token_id, int(time.time()))
+    if row is None:
+        raise AccountError(
+            f"no live API token {args.token_id} (footfall-aggregator users tokens lists them)"
+        )
+    print(f"token {row.id} ({row.name}) of user {row.user} revoked")
     return 0
 
 
@@ -331,6 +390,18 @@ def _command(
     return parser
 
 
+def _user_command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    help_text: str,
+) -> argparse.ArgumentParser:
+    """A ``users`` action on one user, named first."""
+    parser = _command(sub, name, func, help_text)
+    parser.add_argument("name", metavar="NAME")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="footfall-aggregator",
@@ -453,37 +524,81 @@ def build_parser() -> argparse.ArgumentParser:
         "embedded amqtt; 'mosquitto'; 'embedded' (amqtt, MQTT 3.1.1)",
     )
 
-    users = sub.add_parser("users", help="accounts: add, grant, password, list, token")
+    users = sub.add_parser(
+        "users",
+        help="accounts: add, grant, revoke-grant, disable, enable, password, list, token, "
+        "tokens, revoke-token",
+    )
     users_sub = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
-    p = _command(
+    p = _user_command(
         users_sub,
         "add",
         cmd_users_add,
         "add a user (the first admin too); the password is asked for, never defaulted",
     )
-    p.add_argument("name", metavar="NAME")
     p.add_argument("--role", required=True, choices=("merchant", "installer", "admin"))
     p.add_argument("--site", action="append", help="grant this site (repeatable)")
     p.add_argument(
         "--password-stdin", action="store_true", help="read the password from stdin's first line"
     )
-    p = _command(users_sub, "grant", cmd_users_grant, "let a user see a site")
-    p.add_argument("name", metavar="NAME")
+    p = _user_command(users_sub, "grant", cmd_users_grant, "let a user see a site")
     p.add_argument("site", metavar="SITE")
-    p = _command(
-        users_sub, "password", cmd_users_password, "set a user's password (ends their sessions)"
+    p = _user_command(
+        users_sub,
+        "revoke-grant",
+        cmd_users_revoke_grant,
+        "stop a user seeing a site (from their next request on)",
     )
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("site", metavar="SITE")
+    _user_command(
+        users_sub,
+        "disable",
+        cmd_users_disable,
+        "disable a user: no login; their sessions end and their API tokens are revoked",
+    )
+    _user_command(
+        users_sub,
+        "enable",
+        cmd_users_enable,
+        "let a disabled user log in again (their old API tokens stay revoked)",
+    )
+    p = _user_command(
+        users_sub,
+        "password",
+        cmd_users_password,
+        "set a user's password (ends their sessions and revokes their API tokens)",
+    )
     p.add_argument(
         "--password-stdin", action="store_true", help="read the password from stdin's first line"
     )
-    p = _command(users_sub, "list", cmd_users_list, "list the users, their roles and sites")
+    p = _command(users_sub, "list", cmd_users_list, "list the users, their roles, state and sites")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p = _command(
+    p = _user_command(
         users_sub, "token", cmd_users_token, "make an API token for a user (printed this once)"
     )
-    p.add_argument("name", metavar="NAME")
     p.add_argument("token_name", metavar="TOKEN_NAME", help="what the token is for")
+    p.add_argument(
+        "--expires",
+        type=int,
+        default=TOKEN_DAYS,
+        metavar="DAYS",
+        help=f"days until the token expires (default {TOKEN_DAYS}, at most {MAX_TOKEN_DAYS})",
+    )
+    p = _command(
+        users_sub,
+        "tokens",
+        cmd_users_tokens,
+        "list API tokens (every user's, or one's): id, state, made, expires, last used",
+    )
+    p.add_argument("name", metavar="NAME", nargs="?", help="only this user's tokens")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p = _command(
+        users_sub,
+        "revoke-token",
+        cmd_users_revoke_token,
+        "revoke any user's API token, by its id (users tokens lists them)",
+    )
+    p.add_argument("token_id", metavar="ID", type=int)
 
     config = sub.add_parser("config", help="configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")

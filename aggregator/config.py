@@ -10,6 +10,7 @@ the setting, the bad value and where it came from.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -168,8 +169,11 @@ SETTINGS: tuple[_Setting, ...] = (
     ),
     Setting(
         "serve.forwarded_allow_ips",
-        "127.0.0.1",
-        "Proxies whose X-Forwarded-For/-Proto headers are believed (comma-separated, '*': any).",
+        "",
+        "Reverse proxies whose X-Forwarded-For/-Proto headers are believed: comma-separated "
+        "addresses or networks (e.g. '127.0.0.1,10.0.0.0/8'). Empty (the default): none, the "
+        "client is the TCP peer. The login limiter counts by this client address, so a proxy "
+        "listed here must set X-Forwarded-For itself.",
     ),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -396,7 +400,12 @@ class ServeSettings:
     ingest: str = "on"
     session_hours: int = 12
     secure_cookies: str = "auto"
-    forwarded_allow_ips: str = "127.0.0.1"
+    forwarded_allow_ips: str = ""
+
+    @property
+    def trusted_proxies(self) -> list[str]:
+        """The proxies whose forwarded headers are believed (none by default)."""
+        return [p.strip() for p in self.forwarded_allow_ips.split(",") if p.strip()]
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -417,6 +426,14 @@ class ServeSettings:
             self.secure_cookies in ("auto", "on", "off"),
             f"serve.secure_cookies must be 'auto', 'on' or 'off', got {self.secure_cookies!r}",
         )
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy)
+            except ValueError:
+                problems.append(
+                    "serve.forwarded_allow_ips must be comma-separated addresses or networks "
+                    f"(e.g. 127.0.0.1,10.0.0.0/8), got {proxy!r}"
+                )
         if problems:
             raise ConfigError("; ".join(problems))
 

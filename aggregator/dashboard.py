@@ -28,7 +28,8 @@ from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoin
 from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
 
 from aggregator import __version__
-from aggregator.accounts import User
+from aggregator.accounts import TOKEN_DAYS, User
+from aggregator.admin import admin_router
 from aggregator.api import (
     CSRF_COOKIE,
     KEY_PATTERN,
@@ -166,7 +167,10 @@ def login(
         user = found.accounts.login(name, password, address, int(time.time()))
     except LoginRefusedError as exc:
         status = 429 if exc.limited else 401
-        return _render(request, "login.html", status, title="Sign in", error=str(exc), name=name)
+        page = _render(request, "login.html", status, title="Sign in", error=str(exc), name=name)
+        if exc.limited:
+            page.headers["Retry-After"] = str(exc.retry_after_s)
+        return page
     secret = found.accounts.open_session(user, int(time.time()), found.session_s)
     response = RedirectResponse("/", status_code=303)
     response.set_cookie(
@@ -305,11 +309,24 @@ def enrol_agent(
     return RedirectResponse(f"/sites/{site.id}", status_code=303)
 
 
+def _account_page(request: Request, user: User, **extra: Any) -> HTMLResponse:
+    """The account page: the user's API tokens, each with its state, and the form for one."""
+    tokens = services(request).accounts.tokens(user.name)
+    return _render(
+        request,
+        "account.html",
+        title="Account",
+        user=user,
+        tokens=tokens,
+        now=int(time.time()),
+        token_days=TOKEN_DAYS,
+        **extra,
+    )
+
+
 @pages.get("/account")
 def account(request: Request) -> HTMLResponse:
-    user = _page_user(request)
-    tokens = services(request).accounts.tokens(user)
-    return _render(request, "account.html", title="Account", user=user, tokens=tokens)
+    return _account_page(request, _page_user(request))
 
 
 @pages.post("/account/tokens")
@@ -320,15 +337,11 @@ def add_token(
 ) -> HTMLResponse:
     _check_csrf(request, csrf)
     user = _page_user(request)
-    found = services(request)
     try:
-        secret = found.accounts.add_token(user, name, int(time.time()))
+        secret = services(request).accounts.add_token(user, name, int(time.time()))
     except AccountError as exc:
         raise ApiError(422, str(exc), "name") from exc
-    tokens = found.accounts.tokens(user)
-    return _render(
-        request, "account.html", title="Account", user=user, tokens=tokens, new_token=secret
-    )
+    return _account_page(request, user, new_token=secret)
 
 
 @pages.post("/account/tokens/{token_id}/revoke")
@@ -390,6 +403,7 @@ def create_app(
     )
     app.state.services = Services(store, session_s, secure_cookies)
     app.include_router(api_router)
+    app.include_router(admin_router)
     app.include_router(pages)
     app.mount("/static", StaticFiles(directory=WEB / "static"), name="static")
     app.mount("/api/v1/docs/assets", StaticFiles(directory=str(swagger_ui_path)), name="docs")

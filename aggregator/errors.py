@@ -54,8 +54,13 @@ class AccountError(AggregatorError):
 
 
 class LoginRefusedError(AccountError):
-    """A login is refused: wrong name or password, or rate-limited (``limited``)."""
+    """A login is refused: wrong name or password, or by the limiter (``retry_after_s`` > 0:
+    the password was not checked; try again after that many seconds)."""
 
-    def __init__(self, message: str, *, limited: bool = False) -> None:
+    def __init__(self, message: str, *, retry_after_s: int = 0) -> None:
         super().__init__(message)
-        self.limited = limited
+        self.retry_after_s = retry_after_s
+
+    @property
+    def limited(self) -> bool:
+        return self.retry_after_s > 0

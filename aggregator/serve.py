@@ -41,8 +41,8 @@ def serve(
             host=settings.host,
             port=settings.port,
             log_level="warning",
-            proxy_headers=True,
-            forwarded_allow_ips=settings.forwarded_allow_ips,
+            proxy_headers=bool(settings.trusted_proxies),  # none believed by default
+            forwarded_allow_ips=settings.trusted_proxies,
             server_header=False,
         )
     )

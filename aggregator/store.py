@@ -23,9 +23,9 @@ Tables::
     site_days       (a site row's people figures are its busiest agent's: BUSIEST)
     refusals        messages not stored, by reason, site and agent: count, first, last
     users, grants,  accounts (aggregator.accounts): users with a role, the sites granted to
-    sessions,       them, browser sessions and API tokens (SHA-256 of the secret at rest),
-    api_tokens,     failed logins by account and address (the rate limit)
-    login_failures
+    sessions,       them, browser sessions and API tokens (SHA-256 of the secret at rest,
+    api_tokens,     tokens with an expiry), login attempts by name and address and by
+    login_attempts  address (the limiter's backoff)
 
 Times are Unix seconds (integers) throughout.
 
@@ -228,7 +228,7 @@ refusals = sa.Table(
 )
 
 # Accounts (aggregator.accounts): users and their roles, grants of sites, browser sessions and
-# API tokens (both hashed at rest), failed logins counted by account and by address.
+# API tokens (both hashed at rest; tokens expire), login attempts by name and address.
 users = sa.Table(
     "users",
     metadata,
@@ -268,15 +268,18 @@ api_tokens = sa.Table(
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("last_used_at", sa.BigInteger),
     sa.Column("revoked_at", sa.BigInteger),
+    sa.Column("expires_at", sa.BigInteger, nullable=False),
     sa.UniqueConstraint("token_hash", name="uq_api_tokens_hash"),
     sa.ForeignKeyConstraint(["user_id"], ["users.id"], name="fk_api_tokens_user"),
 )
-login_failures = sa.Table(
-    "login_failures",
+login_attempts = sa.Table(
+    "login_attempts",
     metadata,
     sa.Column("key", sa.String(200), primary_key=True),
-    sa.Column("failures", sa.Integer, nullable=False),
-    sa.Column("first_at", sa.BigInteger, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("next_at", sa.BigInteger, nullable=False),
+    sa.Column("last_at", sa.BigInteger, nullable=False),
+    sa.Index("ix_login_attempts_last_at", "last_at"),
 )
 
 # Per-connection temporary staging tables: the same columns, no constraints.

@@ -51,20 +51,25 @@ INFLIGHT = 64
 
 
 def _window(i: int) -> dict[str, object]:
+    """A counts v2 window, as the agent publishes it."""
     start = 1_709_625_600 + 300 * i
     return {
         "window_start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)),
         "window_s": 300,
+        "no_data": False,
         "probe_requests": 96 + i % 50,
         "malformed": 0,
         "late_frames": 0,
-        "devices": 11,
-        "devices_randomised": 3,
-        "visitors": 8,
-        "passersby": 3,
+        "arrivals": 6,
+        "passersby": 14,
         "visits_ended": 18,
         "dwell_minutes": {"lt5": 5, "5-15": 5, "15-30": 1, "30-60": 1, "ge60": 6},
-        "devices_epoch": 289 + i,
+        "occupancy_mean": 12.37,
+        "occupancy_peak": 15,
+        "calibrated": False,
+        "devices": 31,
+        "devices_randomised": 24,
+        "static_excluded": 0,
     }
 
 

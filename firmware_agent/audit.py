@@ -10,10 +10,13 @@ Each message, from a broker subscription or from a capture of the agents' MQTT t
 * **identifier-like values** anywhere in the message: a MAC address in any spelling, a run
   of 12 or more hex digits (other than the epoch label), a base64-like blob, an integer of
   more than 40 bits, a string in a place that holds no free text (an SSID would be one);
-* **the declared privacy mode** (the agent's retained ``meta``): no device count from 1 to
-  *k*-1; no relation of a message (``devices = visitors + passersby``, ``devices =
-  devices_randomised + global``, ``visits_ended =`` the dwell bands) that gives a small
-  count back by subtraction; strict mode's missing fields and window limit; one epoch label
+* **the declared privacy mode** (the agent's retained ``meta``): no count of people, visits
+  or devices from 1 to *k*-1; no relation of a message (``devices = devices_randomised +
+  global``, ``visits_ended =`` the dwell bands; in counts v1 also ``devices = visitors +
+  passersby``) that gives a small count back by subtraction; no ``occupancy_mean`` beside a
+  suppressed ``occupancy_peak``; no figure the mode does not publish (strict mode's missing
+  fields, meta v2's ``privacy.published``, what noise withholds) and strict mode's window
+  limit; one epoch label
   never covering more time than the declared key lifetime (one window in strict mode);
   no two agents sharing an epoch label (which would suggest a shared key).
 
@@ -36,9 +39,12 @@ import nacl.signing
 from firmware_agent.errors import MessageError
 from firmware_agent.messages import Envelope, Topic
 from firmware_agent.privacy import (
+    COUNTS,
     DP_WITHHELD,
     STANDARD_MAX_KEY_S,
+    STANDARD_PUBLISHES,
     STRICT_MAX_WINDOW_S,
+    STRICT_PUBLISHES,
     flatten_counts,
 )
 
@@ -64,17 +70,44 @@ _STRINGS: Mapping[str, re.Pattern[str]] = {
     "$.epoch_length": re.compile(r"midnight"),
     "$.epoch_timezone": re.compile(r"[A-Za-z0-9_+/-]{0,64}"),
     "$.privacy.mode": re.compile(r"standard|strict"),
+    "$.thresholds.rssi_threshold_dbm": re.compile(r"auto"),
     "$.privacy.device_hash": re.compile(r"siphash-2-4"),
 }
-_RELATIONS = (
-    ("devices", ("visitors", "passersby")),
-    ("devices", ("devices_randomised",)),  # the rest are devices with global addresses
-    (
-        "visits_ended",
-        tuple(f"dwell_minutes.{b}" for b in ("lt5", "5-15", "15-30", "30-60", "ge60")),
+_BANDS = tuple(f"dwell_minutes.{b}" for b in ("lt5", "5-15", "15-30", "30-60", "ge60"))
+_RELATIONS = {
+    1: (
+        ("devices", ("visitors", "passersby")),
+        ("devices", ("devices_randomised",)),  # the rest are devices with global addresses
+        ("visits_ended", _BANDS),
     ),
-)
-_STRICT_ABSENT = ("visits_ended", "dwell_minutes", "devices_epoch", "people_est", "people")
+    2: (
+        ("devices", ("devices_randomised",)),
+        ("visits_ended", _BANDS),
+    ),
+}
+# Per counts version: what strict mode and noise leave out, and the counts k applies to.
+_STRICT_ABSENT = {
+    1: ("visits_ended", "dwell_minutes", "devices_epoch", "people_est", "people"),
+    2: tuple(name for name in STANDARD_PUBLISHES if name not in STRICT_PUBLISHES),
+}
+_DP_ABSENT = {1: ("people_est", "static_excluded", "people"), 2: DP_WITHHELD}
+_COUNT_FIELDS = {
+    1: frozenset(
+        (
+            "devices",
+            "devices_randomised",
+            "visitors",
+            "passersby",
+            "visits_ended",
+            "devices_epoch",
+            "people_est",
+            "static_excluded",
+            "people",
+            *_BANDS,
+        )
+    ),
+    2: frozenset(COUNTS),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,21 +351,29 @@ def _counts_findings(
         out.append(
             Finding("fail", where, f"window_s {p['window_s']}, meta says {meta['window_s']}")
         )
+    v = int(p["v"])
     if privacy["mode"] == "strict":
-        present = [name for name in _STRICT_ABSENT if name in p]
+        present = [name for name in _STRICT_ABSENT[v] if name in p]
         if present:
             out.append(Finding("fail", where, f"strict mode publishes {', '.join(present)}"))
-    if privacy.get("dp_epsilon") is not None and (withheld := set(DP_WITHHELD) & set(p)):
+    if privacy.get("dp_epsilon") is not None and (withheld := set(_DP_ABSENT[v]) & set(p)):
         out.append(Finding("fail", where, f"noised counts publish {', '.join(sorted(withheld))}"))
+    published = privacy.get("published", {})
+    if unannounced := sorted(n for n, on in published.items() if not on and n in p):
+        out.append(
+            Finding("fail", where, f"publishes {', '.join(unannounced)}: meta says it does not")
+        )
     flat = {
         name: cast(int | None, value)
         for name, value in flatten_counts(p).items()
-        if name in _DEVICE_FIELDS or name.startswith("dwell_minutes.")
+        if name in _COUNT_FIELDS[v]
     }
     for name, value in flat.items():
         if value is not None and 0 < value < k:
             out.append(Finding("fail", where, f"$.{name} is a small count below k={k}"))
-    for total, parts in _RELATIONS:
+    if p.get("occupancy_peak", 0) is None and p.get("occupancy_mean") is not None:
+        out.append(Finding("fail", where, "$.occupancy_mean is published with a suppressed peak"))
+    for total, parts in _RELATIONS[v]:
         if total not in flat or any(m not in flat for m in parts):
             continue
         nulls = [m for m in (total, *parts) if flat[m] is None]
@@ -352,21 +393,6 @@ def _counts_findings(
                 Finding("fail", where, f"{hidden} follows by subtraction and is below k={k}")
             )
     return out
-
-
-_DEVICE_FIELDS = frozenset(
-    (
-        "devices",
-        "devices_randomised",
-        "visitors",
-        "passersby",
-        "visits_ended",
-        "devices_epoch",
-        "people_est",
-        "static_excluded",
-        "people",
-    )
-)
 
 
 def _base64_like(text: str) -> bool:

@@ -24,9 +24,12 @@ When a window closes, one pass over the table yields:
   min); at the end of an epoch (the table is wiped) every open visit ends;
 * ``devices_epoch``: distinct devices since the epoch began.
 
-The pipeline adds what the estimate stage says of the same window (``people_est``,
-``static_excluded``, and ``people`` when the site is calibrated; see
-:mod:`firmware_agent.estimate`); a counter alone leaves them None.
+Only ``devices`` and ``devices_randomised`` leave the agent (counts v2's diagnostics): the
+rest is per address, and one phone under rotating addresses makes several "visitors" and
+"visits". What a merchant reads, people, comes from the estimate and people stages, which the
+pipeline joins to the same window (``people_est``, ``static_excluded``, ``figures``; see
+:mod:`firmware_agent.estimate` and :mod:`firmware_agent.people`); a counter alone leaves them
+None.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
@@ -44,10 +48,13 @@ from firmware_agent.kernels import kernel
 from firmware_agent.parse import KIND_PROBE, RSSI_MISSING
 from firmware_agent.table import KeyedRows, slot
 
-__all__ = ["DWELL_BANDS", "CountSettings", "WindowCounter", "WindowCounts"]
+if TYPE_CHECKING:
+    from firmware_agent.people import WindowPeople
+
+__all__ = ["DWELL_BANDS", "DWELL_EDGES_MIN", "CountSettings", "WindowCounter", "WindowCounts"]
 
 DWELL_BANDS = ("lt5", "5-15", "15-30", "30-60", "ge60")
-_DWELL_EDGES_MIN = (5, 15, 30, 60)
+DWELL_EDGES_MIN = (5, 15, 30, 60)
 NS = 1_000_000_000
 
 # Device table columns (int64).
@@ -105,7 +112,14 @@ class CountSettings:
 
 @dataclass(frozen=True, slots=True)
 class WindowCounts:
-    """What one closed window says about footfall; nothing in it identifies a device."""
+    """What one closed window says about footfall; nothing in it identifies a device.
+
+    The counter's own figures are per device id (address): ``devices`` and
+    ``devices_randomised`` leave the agent as diagnostics; ``visitors``, ``passersby``,
+    ``visits_ended``, ``dwell_minutes`` and ``devices_epoch`` are per address and stay on the
+    agent (the evaluation compares them with the people figures). The people figures come
+    from the people stage (``figures``, see firmware_agent/people.py).
+    """
 
     window_start: int  # Unix seconds, UTC, a multiple of window_s
     window_s: int
@@ -119,35 +133,46 @@ class WindowCounts:
     visits_ended: int
     dwell_minutes: dict[str, int]  # DWELL_BANDS -> visits ended in the window
     devices_epoch: int
-    # Filled in by the pipeline from the estimate stage (None: not estimated).
+    # Filled in by the pipeline from the estimate and people stages (None: not estimated).
     people_est: int | None = None  # devices present, random addresses linked
     static_excluded: int | None = None  # static devices left out of people_est
-    people: int | None = None  # people_est through the site's calibration, if it has one
+    figures: WindowPeople | None = None  # people figures (occupancy calibrated if `calibrated`)
+    calibrated: bool = False  # occupancy went through the site's calibration
+
+    @property
+    def no_data(self) -> bool:
+        """The agent heard no frame at all in the window: a gap, not an empty venue."""
+        return self.probe_requests + self.malformed + self.late_frames == 0
 
     def as_dict(self) -> dict[str, object]:
+        """The window as counts v2 fields, before privacy (which picks what leaves): under
+        ``no_data`` every people and device figure is None."""
         start = datetime.fromtimestamp(self.window_start, UTC)
-        return {
+        gap = self.no_data
+        out: dict[str, object] = {
             "window_start": start.isoformat().replace("+00:00", "Z"),
             "window_s": self.window_s,
+            "no_data": gap,
             "probe_requests": self.probe_requests,
             "malformed": self.malformed,
             "late_frames": self.late_frames,
-            "devices": self.devices,
-            "devices_randomised": self.devices_randomised,
-            "visitors": self.visitors,
-            "passersby": self.passersby,
-            "visits_ended": self.visits_ended,
-            "dwell_minutes": dict(self.dwell_minutes),
-            "devices_epoch": self.devices_epoch,
-        } | {
-            name: value
-            for name, value in (
-                ("people_est", self.people_est),
-                ("static_excluded", self.static_excluded),
-                ("people", self.people),
-            )
-            if value is not None
+            "devices": None if gap else self.devices,
+            "devices_randomised": None if gap else self.devices_randomised,
         }
+        f = self.figures
+        if f is not None:
+            out |= {
+                "arrivals": None if gap else f.arrivals,
+                "passersby": None if gap else f.passersby,
+                "visits_ended": None if gap else f.visits_ended,
+                "dwell_minutes": {band: None if gap else n for band, n in f.dwell_minutes.items()},
+                "occupancy_mean": None if gap else f.occupancy_mean,
+                "occupancy_peak": None if gap else f.occupancy_peak,
+                "calibrated": self.calibrated,
+            }
+        if self.static_excluded is not None:
+            out["static_excluded"] = None if gap else self.static_excluded
+        return out
 
 
 @kernel()
@@ -187,7 +212,7 @@ def _close_window(
                 if s[_VISITOR]:
                     dwell_min = (s[_LAST] - s[_VISIT_START]) // (60 * NS)
                     band = 0
-                    while band < 4 and dwell_min >= _DWELL_EDGES_MIN[band]:
+                    while band < 4 and dwell_min >= DWELL_EDGES_MIN[band]:
                         band += 1
                     acc[p, _A_ENDED] += 1
                     acc[p, _A_DWELL + band] += 1

@@ -454,7 +454,7 @@ def _link(
 @kernel(
     export=(
         "UniTuple(i8, 2)(u1[:], i8[:], u8[:], u1[:], i2[:], u8[:], u2[:], i8, u8[:], "
-        "i8[:, :], i8[:, :], u8[:], i8[:, :], i8[:], i8[:], i8[:], i8[:, :], i8)"
+        "i8[:, :], i8[:, :], u8[:], i8[:, :], i8[:], i8[:], i8[:], i8[:, :], i8, i8[:])"
     )
 )
 def _estimate(
@@ -476,11 +476,13 @@ def _estimate(
     hist: NDArray[np.int64],
     out: NDArray[np.int64],
     rows: int,
+    row_chain: NDArray[np.int64],
 ) -> tuple[int, int]:
     """Link and place rows begin.. until done, a table needs room, or out is full.
 
     The clock and windows follow the counter's rule exactly: every row (malformed or not)
     moves the watermark, and a row older than the oldest open window counts in that window.
+    ``row_chain[i]`` gets the chain of probe row ``i`` (the people stage's input).
     Returns (next row, rows of out filled).
     """
     w, lateness = params[_P_W], params[_P_LATE]
@@ -558,6 +560,7 @@ def _estimate(
         if widx > cs[_C_LASTWIN]:  # windows heard in, as they come (not a late one again)
             cs[_C_LASTWIN] = widx
             cs[_C_NWIN] += 1
+        row_chain[i] = addrs[j, _A_CHAIN]  # people stage hook
         i += 1
     return i, rows
 
@@ -599,6 +602,14 @@ class Estimator:
         self._hist = np.zeros(_HIST_BINS, np.int64)
         self._out = np.zeros((256, _NOUT), np.int64)
         self._threshold_said: int | None = None
+        self.row_chains = np.zeros(0, np.int64)
+        """People stage hook: the chain of each row of the last batch added (-1: none)."""
+        self.threshold_dbm = (
+            settings.rssi_threshold_dbm
+            if settings.rssi_threshold_dbm != AUTO
+            else AUTO_FALLBACK_DBM
+        )
+        """People stage hook: the signal threshold in force (the last one learnt)."""
         self.threshold_note = (
             f"{settings.rssi_threshold_dbm} dBm (set: estimate.rssi_threshold_dbm)"
             if settings.rssi_threshold_dbm != AUTO
@@ -614,6 +625,7 @@ class Estimator:
     def add(self, batch: DeviceBatch) -> list[WindowEstimate]:
         """Estimate a batch; return the windows its rows closed."""
         closed: list[WindowEstimate] = []
+        self.row_chains = np.full(len(batch), -1, np.int64)
         i = 0
         while i < len(batch):
             i, rows = _estimate(
@@ -635,6 +647,7 @@ class Estimator:
                 self._hist,
                 self._out,
                 0,
+                self.row_chains,
             )
             closed += self._emit(rows)
             self._grow()
@@ -667,6 +680,7 @@ class Estimator:
         self._fps.wipe()
         self._chains.fill(0)
         self._hist.fill(0)
+        self.row_chains.fill(-1)  # people stage hook
         self._clock[_K_CHAINS] = self._clock[_K_ADDRS] = self._clock[_K_FPS] = 0
 
     def _grow(self) -> None:
@@ -691,7 +705,7 @@ class Estimator:
             for o in self._out[:rows]
         ]
         if closed and self.settings.rssi_threshold_dbm == AUTO:
-            threshold = closed[-1].rssi_threshold_dbm
+            threshold = self.threshold_dbm = closed[-1].rssi_threshold_dbm
             if threshold != self._threshold_said:
                 self._threshold_said = threshold
                 self.threshold_note = self._why(threshold)

@@ -5,25 +5,31 @@ WiFi counting (see ``docs/PRIVACY.md``):
 
 * ``standard``: device ids are keyed hashes under a random key that lives at most 24 hours
   (local midnight, or a fixed length up to a day) and is never written anywhere; every
-  sensor draws its own key; all per-device state is wiped with it. Dwell, visits and
-  unique-today are published. The ids are pseudonymous for at most a day, then gone.
+  sensor draws its own key; all per-device state (with the estimator's chains) is wiped
+  with it. Arrivals, passers-by, visits, dwell and occupancy are published. The ids are
+  pseudonymous for at most a day, then gone.
 * ``strict``: nothing per device outlives one window of at most 10 minutes: the key, and
   with it the device table, is replaced every window, and device ids are truncated to
   :attr:`PrivacyPolicy.id_bits` bits, chosen from the expected crowd so that most devices
   share their value with another. The counts are corrected for those collisions by linear
-  counting (:func:`linear_count`); dwell, visits and unique-today are not published.
+  counting (:func:`linear_count`). No chain outlives a window either, so only the device
+  diagnostics (``devices``, ``devices_randomised``) are published: no people figures.
 
 In both modes, on the way out (:meth:`PrivacyPolicy.release`):
 
 1. optional differential privacy: discrete Laplace noise (the two-sided geometric
    mechanism: integers, so no floating-point side channel) on every device count, scaled
    to the counts one device can move in a window, with fresh operating-system randomness
-   for every value; the estimate (``people_est``, ``static_excluded``, ``people``) is then
-   withheld, since one device can move it by more than any stated sensitivity;
-2. small-count suppression: a device count from 1 to *k*-1 is published as ``null``, and
+   for every value; the people figures and ``static_excluded`` are then withheld
+   (:data:`DP_WITHHELD`), since one device can move them by more than any stated
+   sensitivity;
+2. small-count suppression: a count from 1 to *k*-1 is published as ``null``, and
    so is a count that would let a reader subtract back to one (complementary suppression
    over the message's additive relations, including the never-published count of devices
-   with global addresses, ``devices - devices_randomised``).
+   with global addresses, ``devices - devices_randomised``); ``occupancy_mean`` goes with
+   ``occupancy_peak`` (it is at most the peak).
+
+A window without data (``no_data``) is published with every figure null.
 
 Frame counts (``probe_requests``, ``malformed``, ``late_frames``) describe the radio, not
 how many devices; they are published as they are.
@@ -42,12 +48,16 @@ import numpy as np
 from firmware_agent.anonymize import DeviceBatch
 from firmware_agent.count import DWELL_BANDS, WindowCounts
 from firmware_agent.errors import ConfigError
+from firmware_agent.messages import DIAGNOSTICS, PEOPLE_FIGURES
 
 __all__ = [
+    "COUNTS",
     "DP_WITHHELD",
     "MODES",
     "STANDARD_MAX_KEY_S",
+    "STANDARD_PUBLISHES",
     "STRICT_MAX_WINDOW_S",
+    "STRICT_PUBLISHES",
     "PrivacyPolicy",
     "discrete_laplace",
     "flatten_counts",
@@ -66,41 +76,32 @@ _MIN_ID_BITS, _MAX_ID_BITS = 4, 16
 # (devices with a global address) is never published but follows from the other two.
 _IMPLICIT = ("devices_global",)
 _RELATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("devices", ("visitors", "passersby")),
     ("devices", ("devices_randomised", "devices_global")),
     ("visits_ended", tuple(f"dwell_minutes.{band}" for band in DWELL_BANDS)),
 )
-# Device counts: what suppression and noise apply to. Dwell bands go by "dwell_minutes.<band>".
-_DEVICE_COUNTS = (
-    "devices",
-    "devices_randomised",
-    "visitors",
-    "passersby",
-    "visits_ended",
-    *(f"dwell_minutes.{band}" for band in DWELL_BANDS),
-    "devices_epoch",
-    "people_est",
-    "static_excluded",
-    "people",
-)
-# Withheld under differential privacy: one device id can move them by an unbounded amount
-# (the learnt signal threshold, chain linking: docs/PRIVACY.md), so no noise scale fits them.
-STANDARD_PUBLISHES = (
+# Counts of people, visits and devices: what suppression and noise apply to (and what the
+# audit holds to k). Dwell bands go
+# by "dwell_minutes.<band>". occupancy_mean (a level, at most occupancy_peak) goes with
+# occupancy_peak.
+COUNTS = (
     "arrivals",
     "passersby",
     "visits_ended",
-    "dwell_minutes",
-    "occupancy_mean",
+    *(f"dwell_minutes.{band}" for band in DWELL_BANDS),
     "occupancy_peak",
-    "calibrated",
     "devices",
     "devices_randomised",
     "static_excluded",
 )
-"""The optional counts v2 figures each mode publishes (meta.privacy.published)."""
+STANDARD_PUBLISHES = (*PEOPLE_FIGURES, "calibrated", *DIAGNOSTICS)
+"""The optional counts v2 figures of the standard mode (meta.privacy.published)."""
 STRICT_PUBLISHES = ("devices", "devices_randomised")
-DP_WITHHELD = ("people_est", "static_excluded", "people")
-_STRICT_OMITS = ("visits_ended", "dwell_minutes", "devices_epoch", *DP_WITHHELD)
+"""Strict: no chain outlives a window (the key, the device table and the fingerprints go
+every window), so there are no people figures: the device diagnostics only."""
+# Withheld under differential privacy: one device can split into several chains (its random
+# addresses not linked), and the signal threshold can be learnt, so one device id can move a
+# people figure by more than any stated sensitivity (docs/PRIVACY.md).
+DP_WITHHELD = tuple(name for name in STANDARD_PUBLISHES if name not in STRICT_PUBLISHES)
 
 
 def truncate_ids(batch: DeviceBatch, bits: int) -> None:
@@ -239,15 +240,13 @@ class PrivacyPolicy:
 
     @property
     def sensitivity(self) -> int:
-        """The most one device id can move the sum of the published device counts of a window
-        (as counted, before strict mode's correction): the L1 sensitivity the noise is scaled
-        to. Standard: one each of devices, devices_randomised, visitors or passersby,
-        visits_ended, one dwell band (a device's visit ends at most once per window close),
-        devices_epoch; the estimate is withheld under noise (:data:`DP_WITHHELD`). Strict:
-        devices, devices_randomised, visitors/passersby; on a truncated id shared with another
-        device, the id's randomised flag and its class can change (visitors +1, passersby -1)
-        while devices does not: 3 still."""
-        return 3 if self.strict else 6
+        """The most one device id can move the sum of the counts published under noise (as
+        counted, before strict mode's correction): the L1 sensitivity the noise is scaled
+        to. Under noise both modes publish ``devices`` and ``devices_randomised`` only (the
+        people figures are withheld, :data:`DP_WITHHELD`): one each. In strict mode a
+        truncated id shared with another device can gain the randomised flag while devices
+        does not move: 2 still."""
+        return 2
 
     @property
     def dp_epsilon_day(self) -> float | None:
@@ -255,6 +254,16 @@ class PrivacyPolicy:
         if self.dp_epsilon is None:
             return None
         return round(self.dp_epsilon * 86400 / self.window_s, 6)
+
+    @property
+    def publishes(self) -> tuple[str, ...]:
+        """The optional counts v2 figures this policy publishes (strict, or under noise: the
+        device diagnostics only)."""
+        if self.strict:
+            return STRICT_PUBLISHES
+        if self.dp_epsilon is not None:
+            return tuple(name for name in STANDARD_PUBLISHES if name not in DP_WITHHELD)
+        return STANDARD_PUBLISHES
 
     def meta(self) -> dict[str, object]:
         """The ``privacy`` object of the meta message."""
@@ -267,10 +276,7 @@ class PrivacyPolicy:
             "suppress_below": self.suppress_below,
             "dp_epsilon": self.dp_epsilon,
             "dp_epsilon_day": self.dp_epsilon_day,
-            "published": {
-                name: name in (STRICT_PUBLISHES if self.strict else STANDARD_PUBLISHES)
-                for name in STANDARD_PUBLISHES
-            },
+            "published": {name: name in self.publishes for name in STANDARD_PUBLISHES},
         }
 
     def correct(self, window: WindowCounts) -> WindowCounts:
@@ -278,47 +284,37 @@ class PrivacyPolicy:
         :meth:`_corrected`); unchanged in standard."""
         if not self.strict:
             return window
-        fields = ("devices", "devices_randomised", "visitors", "passersby")
-        c = self._corrected({name: getattr(window, name) for name in fields})
-        return replace(
-            window,
-            devices=c["devices"],
-            devices_randomised=c["devices_randomised"],
-            visitors=c["visitors"],
-            passersby=c["passersby"],
+        c = self._corrected(
+            {"devices": window.devices, "devices_randomised": window.devices_randomised}
         )
+        return replace(window, devices=c["devices"], devices_randomised=c["devices_randomised"])
 
     def _corrected(self, counts: Mapping[str, int]) -> dict[str, int]:
         """Linear counting on the truncated ids: the occupied values give the devices, the
-        values with a randomised address give those, the values with a visitor the visitors
-        (a value shared by a visitor and a passer-by counts once for each)."""
+        values with a randomised address give those."""
         m = 1 << (self.id_bits or 0)
         devices = round(linear_count(counts["devices"], m))
-        visitors = min(round(linear_count(counts["visitors"], m)), devices)
         return dict(counts) | {
             "devices": devices,
             "devices_randomised": min(
                 round(linear_count(counts["devices_randomised"], m)), devices
             ),
-            "visitors": visitors,
-            "passersby": devices - visitors,
         }
 
     def device_counts(self, window: WindowCounts) -> dict[str, int]:
-        """The device counts of ``window`` this policy publishes, as counted (dwell bands as
-        ``dwell_minutes.<band>``): what the noise goes on. One device id moves their sum by
-        at most :attr:`sensitivity`."""
-        return _device_counts(self._publishable(window))
+        """The counts of ``window`` this policy publishes, as counted (dwell bands as
+        ``dwell_minutes.<band>``): what the noise goes on (nothing in a window without data).
+        Under noise one device id moves their sum by at most :attr:`sensitivity`."""
+        return {} if window.no_data else _counts(self._publishable(window))
 
     def _publishable(self, window: WindowCounts) -> dict[str, object]:
-        """The window's fields this policy may publish, flattened."""
-        omitted: tuple[str, ...] = _STRICT_OMITS if self.strict else ()
-        if self.dp_epsilon is not None:
-            omitted += DP_WITHHELD
+        """The window's fields this policy may publish, flattened: the header, the frame
+        counts, ``no_data`` and the optional figures of :attr:`publishes`."""
+        optional = set(STANDARD_PUBLISHES) - set(self.publishes)
         return {
             name: value
             for name, value in flatten_counts(window.as_dict()).items()
-            if name.partition(".")[0] not in omitted
+            if name.partition(".")[0] not in optional
         }
 
     def release(self, window: WindowCounts) -> dict[str, object]:
@@ -326,9 +322,12 @@ class PrivacyPolicy:
 
         Noise goes on the counts as counted (in strict mode, on the truncated ids, where one
         device moves each count by at most one), then strict mode's collision correction and
-        the suppression follow as post-processing, which spends no privacy budget."""
+        the suppression follow as post-processing, which spends no privacy budget. A window
+        without data is published as it is: every figure null (a gap), nothing to hide."""
         flat = self._publishable(window)
-        counts = _device_counts(flat)
+        if window.no_data:
+            return _unflatten(flat)
+        counts = _counts(flat)
         if self.dp_epsilon is not None:
             noise = self.dp_epsilon / self.sensitivity
             counts = {name: max(0, n + discrete_laplace(noise)) for name, n in counts.items()}
@@ -336,14 +335,15 @@ class PrivacyPolicy:
             counts = self._corrected(counts)
         hidden = suppress(counts, self.suppress_below)
         flat.update({name: None if name in hidden else n for name, n in counts.items()})
+        if "occupancy_peak" in hidden:
+            flat["occupancy_mean"] = None  # at most the peak: as small
         return _unflatten(flat)
 
 
 def suppress(counts: Mapping[str, int], k: int) -> set[str]:
-    """The device counts to publish as null: those from 1 to k-1, then, until none is
-    left, one more count of every relation that would give a hidden small count back by
-    subtraction (the smallest published part, preferring non-zero ones; else the total).
-    ``people`` goes with ``people_est``: it is a linear function of it."""
+    """The counts to publish as null: those from 1 to k-1, then, until none is left, one
+    more count of every relation that would give a hidden small count back by subtraction
+    (the smallest published part, preferring non-zero ones; else the total)."""
     cells = dict(counts)
     cells["devices_global"] = cells.get("devices", 0) - cells.get("devices_randomised", 0)
     small = {name for name, v in cells.items() if 0 < v < k}
@@ -351,10 +351,6 @@ def suppress(counts: Mapping[str, int], k: int) -> set[str]:
     changed = True
     while changed:
         changed = False
-        for a, b in (("people_est", "people"), ("people", "people_est")):
-            if a in hidden and b in cells and b not in hidden:
-                hidden.add(b)
-                small.add(b)  # as sensitive as what it is computed from
         for total, parts in _RELATIONS:
             unseen = [c for c in (total, *parts) if c in cells and c in hidden]
             if len(unseen) != 1 or unseen[0] not in small:
@@ -378,8 +374,8 @@ def flatten_counts(counts: Mapping[str, object]) -> dict[str, object]:
     return flat
 
 
-def _device_counts(flat: Mapping[str, object]) -> dict[str, int]:
-    return {name: cast(int, v) for name, v in flat.items() if name in _DEVICE_COUNTS}
+def _counts(flat: Mapping[str, object]) -> dict[str, int]:
+    return {name: cast(int, v) for name, v in flat.items() if name in COUNTS}
 
 
 def _unflatten(flat: Mapping[str, object]) -> dict[str, object]:

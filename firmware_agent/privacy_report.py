@@ -61,8 +61,9 @@ def privacy_report(config: AgentConfig) -> str:
     else:
         lines += [
             "  - The device table (first and last time heard, best signal, current visit, last",
-            "    sequence number, a keyed fingerprint of the phone model) and the estimator's",
-            "    links between the random addresses of one phone: wiped with the key.",
+            "    sequence number, a keyed fingerprint of the phone model), the estimator's links",
+            "    between the random addresses of one phone, and each linked phone's current",
+            "    visit (first and last time heard, best signal): wiped with the key.",
         ]
     lines += [
         "",
@@ -78,18 +79,21 @@ def privacy_report(config: AgentConfig) -> str:
         "  - frames heard (probe requests, malformed frames, late frames);",
     ]
     if p.strict:
+        lines.append("  - devices heard, of which randomised (collision-corrected).")
         lines.append(
-            "  - devices, of which randomised, visitors and passers-by (collision-corrected)."
+            "  - Not published in strict mode: people (arrivals, passers-by, occupancy), visits"
         )
-        lines.append("  - Not published in strict mode: dwell times, visits, unique devices today.")
-    else:
+        lines.append("    and their length: linking a phone's addresses outlives a window.")
+    elif p.dp_epsilon is None:
         lines += [
-            "  - devices, of which randomised, visitors and passers-by; visits ended and their",
-            "    length in five bands; devices so far today; the estimate of people present.",
+            "  - people: arrivals, passers-by, people present (mean and peak); visits ended and",
+            "    their length in five bands; devices heard, of which randomised (diagnostics).",
         ]
+    else:
+        lines.append("  - devices heard, of which randomised (diagnostics).")
     lines += [
-        f"  - Any count of devices from 1 to {p.suppress_below - 1} is sent as 'suppressed', "
-        "never as its value,",
+        f"  - Any count of people, visits or devices from 1 to {p.suppress_below - 1} is sent as "
+        "'suppressed', never as its value,",
         "    and so is any count from which a reader could subtract back to such a value.",
     ]
     if p.dp_epsilon is None:
@@ -103,8 +107,8 @@ def privacy_report(config: AgentConfig) -> str:
         ]
         if not p.strict:
             lines.append(
-                "  - The estimate of people present is not sent under noise: one device can "
-                "move it by more than noise scaled to one device can hide."
+                "  - The people figures are not sent under noise: one device can "
+                "move them by more than noise scaled to one device can hide."
             )
     lines += [
         "  Also, retained: the agent's settings (this mode, window, thresholds) and whether it is",

@@ -33,6 +33,7 @@ from firmware_agent.capture_stats import inspect_capture
 from firmware_agent.estimate import Calibration, EstimateSettings
 from firmware_agent.evaluate import Replay, Scores, Truth, fit_calibration, replay, score
 from firmware_agent.settings import AgentConfig, load_config
+from tests import accuracy_people
 from tests.truth_fryza import LAB_ZONE, write_truth
 
 COMMAND = ".venv/bin/python -m tests.accuracy ../shared/data/pcaps > docs/ACCURACY.md"
@@ -421,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) != 1:
         print(f"usage: {COMMAND}", file=sys.stderr)
         return 2
-    sys.stdout.write(table(Path(args[0]).resolve()))
+    sys.stdout.write(table(Path(args[0]).resolve()) + "\n" + accuracy_people.section())
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -23,8 +24,7 @@ def token(served: Served, name: str) -> str:
     from aggregator.accounts import Accounts  # noqa: PLC0415
 
     accounts = Accounts(served.store)
-    (user,) = [u for u in accounts.users() if u.name == name]
-    return accounts.add_token(user, f"test {name}", 0)
+    return accounts.add_token(accounts.user(name), f"test {name}", int(time.time()))
 
 
 _OPEN: list[httpx.Client] = []
@@ -94,7 +94,7 @@ def test_every_error_has_one_shape_naming_the_field(served: Served) -> None:
     assert bad.json()["error"] == {
         "status": 401,
         "code": "unauthorized",
-        "message": "the API token is unknown or revoked",
+        "message": "the API token is unknown, expired or revoked",
         "field": "Authorization",
     }
 
@@ -225,8 +225,7 @@ def test_tokens_and_sessions_are_hashed_at_rest_and_a_revoked_token_is_refused(
     # Revoke through the account page's form (CSRF checked), as a person would.
     from aggregator.accounts import Accounts  # noqa: PLC0415
 
-    (user,) = [u for u in Accounts(served.store).users() if u.name == "alice"]
-    token_id = Accounts(served.store).tokens(user)[-1].id
+    token_id = Accounts(served.store).tokens("alice")[-1].id
     forged = page.post(f"/account/tokens/{token_id}/revoke", data={"csrf": "forged"})
     assert forged.status_code == 403
     assert api.get("/api/v1/me").status_code == 200

@@ -147,10 +147,10 @@ def test_the_demo_prints_a_login_that_shows_the_replayed_counts(
                 f"/api/v1/sites/demo-shop/counts?resolution=hour&from={day}&to={day}"
             ).json()["rows"]
             # Every window the agent made came through the broker and was stored once (the
-            # bundled capture lies within one day); it sends device counts only (v1).
+            # bundled capture lies within one day), as counts v2 (people).
             assert sum(row["windows"] for row in devices) == windows > 0
-            assert [(a["agent"], a["counts_v"]) for a in data["agents"]] == [("entrance", 1)]
-            assert {row["arrivals"] for row in data["rows"]} == {None}  # no people from v1
+            assert [(a["agent"], a["counts_v"]) for a in data["agents"]] == [("entrance", 2)]
+            assert sum(row["windows"] for row in data["rows"]) == windows
             # The two shops' five weeks of people (v2), all stored; the link opens the latest day.
             shop = browser.get(url.group(1))
             assert shop.status_code == 200 and "Visitors" in shop.text

@@ -355,22 +355,27 @@ def _windows(config: AgentConfig, *, estimate: bool = True) -> list[WindowCounts
         return list(pipeline.run(reader))
 
 
-def test_windows_carry_the_estimate_and_people_only_when_calibrated() -> None:
+def test_windows_carry_the_estimate_and_calibrated_occupancy_only_when_calibrated() -> None:
     plain = _windows(load_config(None, environ={"FOOTFALL_EPOCH_LENGTH": "3600"}))
-    assert all("people_est" in w.as_dict() and "people" not in w.as_dict() for w in plain)
+    assert all(w.as_dict()["calibrated"] is False and not w.calibrated for w in plain)
     assert all(w.people_est is not None and w.people_est <= w.devices for w in plain)
     assert sum(w.people_est or 0 for w in plain) < sum(w.devices for w in plain)
     calibrated = _windows(load_config(None, environ={"FOOTFALL_ESTIMATE_CALIBRATION_FACTOR": "2"}))
-    assert all(w.people == 2 * (w.people_est or 0) for w in calibrated)
-    payload = counts_payload(
-        SiteId("s1"), AgentId("a1"), 1, "0" * 16, calibrated[3].as_dict(), version=1
-    )
+    raw = _windows(load_config(None, environ={}))
+    for c, w in zip(calibrated, raw, strict=True):
+        assert c.calibrated and c.figures is not None and w.figures is not None
+        assert c.figures.occupancy_peak == 2 * w.figures.occupancy_peak
+        assert c.figures.occupancy_mean == round(2 * w.figures.occupancy_mean, 2)
+        assert c.figures.arrivals == w.figures.arrivals  # counts of chains: not calibrated
+    payload = counts_payload(SiteId("s1"), AgentId("a1"), 1, "0" * 16, calibrated[3].as_dict())
     validate(payload)  # the counts schema knows the new fields
 
 
 def test_without_the_estimate_stage_windows_are_the_counters() -> None:
     config = load_config(None, environ={})
     counted = _windows(config, estimate=False)
-    assert all(w.people_est is None and "people_est" not in w.as_dict() for w in counted)
+    assert all(w.people_est is None and "arrivals" not in w.as_dict() for w in counted)
     estimated = _windows(config)
-    assert [replace(w, people_est=None, static_excluded=None) for w in estimated] == counted
+    assert [
+        replace(w, people_est=None, static_excluded=None, figures=None) for w in estimated
+    ] == counted

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -36,8 +37,15 @@ from firmware_agent.cli import BUNDLED_SAMPLE
 from firmware_agent.count import DWELL_BANDS, NS, WindowCounts
 from firmware_agent.errors import ConfigError
 from firmware_agent.messages import AgentId, SiteId, counts_payload, meta_payload, seal
+from firmware_agent.people import WindowPeople
 from firmware_agent.pipeline import Pipeline
-from firmware_agent.privacy import PrivacyPolicy, discrete_laplace, linear_count
+from firmware_agent.privacy import (
+    STANDARD_PUBLISHES,
+    PrivacyPolicy,
+    discrete_laplace,
+    flatten_counts,
+    linear_count,
+)
 from firmware_agent.service import agent_meta
 from firmware_agent.settings import AgentConfig, load_config
 from tests.conftest import shared_capture_names, shared_path
@@ -122,6 +130,15 @@ def _window(
         devices_epoch=epoch,
         people_est=visitors,
         static_excluded=min(2, devices),
+        figures=WindowPeople(
+            window_start=1_709_631_000,
+            arrivals=visitors,
+            passersby=devices - visitors,
+            visits_ended=sum(bands),
+            dwell_minutes=dict(zip(DWELL_BANDS, bands, strict=True)),
+            occupancy_mean=round(visitors * 0.75, 2),
+            occupancy_peak=visitors,
+        ),
     )
 
 
@@ -147,7 +164,7 @@ def _audited(policy: PrivacyPolicy, released: dict[str, object]) -> list[str]:
     )  # fmt: skip
     audit = Audit()
     key = nacl.signing.SigningKey.generate()
-    for payload in (meta, counts_payload(site, agent, 1, "0" * 16, released, version=1)):
+    for payload in (meta, counts_payload(site, agent, 1, "0" * 16, released)):
         audit.add(f"footfall/v1/s1/a1/{payload['kind']}", seal(payload, key))
     return [f.reason for f in audit.findings() if f.level == "fail"]
 
@@ -170,21 +187,32 @@ def test_released_counts_give_no_small_count_back_by_subtraction(
 
 def test_suppression_is_null_not_zero_and_complements_its_relations() -> None:
     released = PrivacyPolicy().release(_window(20, 18, 3, [0, 9, 1, 0, 0], 80))
-    assert released["visitors"] is None and released["passersby"] is None  # 3 + 17 = 20
+    assert released["arrivals"] is None and released["passersby"] == 17
     assert released["devices_randomised"] is None  # else 20 - 18 = 2 global devices
-    assert released["devices"] == 20 and released["devices_epoch"] == 80
+    assert released["devices"] == 20 and "devices_epoch" not in released
     bands = released["dwell_minutes"]
     assert bands == {"lt5": 0, "5-15": None, "15-30": None, "30-60": 0, "ge60": 0}
-    assert released["people_est"] is None  # 3 visitors, and people follows people_est
+    assert released["occupancy_peak"] is None  # 3 people at most
+    assert released["occupancy_mean"] is None  # at most the peak: as small
 
 
-def test_strict_release_publishes_no_dwell_visits_or_unique_today() -> None:
+def test_a_window_without_data_is_a_gap_of_nulls_not_zeros() -> None:
+    quiet = replace(_window(0, 0, 0, [0, 0, 0, 0, 0], 80), probe_requests=0, static_excluded=0)
+    released = PrivacyPolicy(dp_epsilon=1.0).release(quiet) | PrivacyPolicy().release(quiet)
+    assert released["no_data"] is True and released["probe_requests"] == 0
+    figures = {k: v for k, v in flatten_counts(released).items() if k.split(".")[0] in
+               STANDARD_PUBLISHES and k != "calibrated"}  # fmt: skip
+    assert figures and set(figures.values()) == {None}
+    assert not PrivacyPolicy().release(_window(0, 0, 0, [0] * 5, 80))["no_data"]
+
+
+def test_strict_release_publishes_the_device_diagnostics_only() -> None:
     released = PrivacyPolicy(mode="strict", key_lifetime_s=300).release(
         _window(40, 20, 30, [5, 5, 5, 5, 5], 90)
     )
     assert set(released) == {
-        "window_start", "window_s", "probe_requests", "malformed", "late_frames",
-        "devices", "devices_randomised", "visitors", "passersby",
+        "window_start", "window_s", "no_data", "probe_requests", "malformed", "late_frames",
+        "devices", "devices_randomised",
     }  # fmt: skip
 
 

@@ -23,9 +23,10 @@ import pytest
 import uvicorn
 
 from aggregator.accounts import Accounts
-from aggregator.config import StoreSettings
+from aggregator.config import StoreSettings, load_config
 from aggregator.dashboard import create_app
 from aggregator.rollup import zone
+from aggregator.serve import serve
 from aggregator.store import Store
 from aggregator.verify import Accepted, Verifier
 from firmware_agent.messages import AgentId, SiteId, counts_payload, utc_text
@@ -133,6 +134,35 @@ def serve_app(store: Store) -> Iterator[str]:
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(10)
+
+
+@contextlib.contextmanager
+def serve_command(settings: StoreSettings, **overrides: str) -> Iterator[str]:
+    """What ``footfall-aggregator serve`` runs (API and dashboard, ingest off, the settings'
+    defaults but ``overrides``), on the store of ``settings``; its base URL."""
+    port = free_port()
+    config = load_config(
+        environ={},
+        overrides={
+            "store.dsn": settings.dsn,
+            "store.schema": settings.schema,
+            "serve.port": str(port),
+            "serve.ingest": "off",
+        }
+        | overrides,
+    )
+    ready, stop = threading.Event(), threading.Event()
+    with Store.open(config.store) as store:
+        thread = threading.Thread(
+            target=serve, args=(config, store), kwargs={"ready": ready, "stop": stop}
+        )
+        thread.start()
+        try:
+            assert ready.wait(30), "the server did not start"
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            stop.set()
+            thread.join(30)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ its roll-ups count it in ``v1_windows``. Agents note the counts version of their
 window (``counts_v``: the aggregator says which still send v1).
 
 Revision ID: 0005
-Revises: 0004
+Revises: 0008
 Create Date: 2026-12-05
 """
 
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005"
-down_revision = "0004"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
