@@ -447,6 +447,7 @@ class SummaryOut(BaseModel):
     compared_until: str | None
     occupancy_now: float | None = Field(description="people in the shop: latest hour's mean")
     occupancy_at: str | None
+    occupancy_peak: int | None = Field(description="most people in the shop at once that day")
     peak_hour: str | None
     peak_hour_arrivals: int | None
     median_dwell_minutes: float | None

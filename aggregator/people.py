@@ -268,6 +268,7 @@ def summary(conn: Connection, site: Site, day: date, now: int) -> dict[str, Any]
         "compared_until": until,
         "occupancy_now": None if latest is None else latest["occupancy_mean"],
         "occupancy_at": None if latest is None else latest["local"],
+        "occupancy_peak": None if total is None else total["occupancy_peak"],
         "peak_hour": None if busiest is None else busiest["local"][11:],
         "peak_hour_arrivals": None if busiest is None else busiest["arrivals"],
         "median_dwell_minutes": None if total is None else median_dwell(total),
