@@ -32,6 +32,12 @@ be told apart and may become one. (``link`` off: every address is a device of it
 evaluation's first stages count; ``assume_randomised``: every address is taken for a random
 one, for datasets whose anonymiser drew random addresses.)
 
+**Forgetting** (for the people stage, which judges visits: docs/messages.md). An address heard
+again after a silence longer than ``visit_gap_s`` (``count.visit_gap_s``) is linked afresh, as a
+new address would be: where it goes never depends on whether it was heard before, outside the
+current visit, so no published figure does (the membership check of tests/test_people.py and
+priv17's injection harness). Its old chain keeps what it had.
+
 **Counting.** When a window closes, a chain heard in it counts towards ``people_est`` if its
 best signal in the window is at or above the signal threshold (or unknown: bare 802.11
 captures carry none), it is not static, and it has lasted at least ``min_dwell_s`` (first to
@@ -128,7 +134,8 @@ _NONE = np.iinfo(np.int64).min
     _P_STATIC_PCT,
     _P_ALL_RANDOM,
     _P_LINK,
-) = range(14)
+    _P_FORGET,
+) = range(15)
 
 # Output row columns (int64).
 _O_START, _O_PEOPLE, _O_STATIC, _O_THR = range(4)
@@ -153,6 +160,7 @@ class EstimateSettings:
     static_share_pct: int = 80
     link: bool = True  # False: every address is a device (the evaluation's stages)
     assume_randomised: bool = False  # True: ignore the locally administered bit (datasets)
+    visit_gap_s: int = 600  # count.visit_gap_s: an address silent longer is linked afresh
 
     def __post_init__(self) -> None:
         if self.rssi_threshold_dbm != AUTO and not -120 <= self.rssi_threshold_dbm <= 0:
@@ -210,6 +218,7 @@ class EstimateSettings:
             reset_share_pct=number("reset_share_pct"),
             static_min_s=number("static_min_s"),
             static_share_pct=number("static_share_pct"),
+            visit_gap_s=int(str(values["count.visit_gap_s"])),
         )
 
     def params(self) -> NDArray[np.int64]:
@@ -229,6 +238,7 @@ class EstimateSettings:
                 self.static_share_pct,
                 int(self.assume_randomised),
                 int(self.link),
+                self.visit_gap_s * NS,
             ],
             np.int64,
         )
@@ -520,7 +530,8 @@ def _estimate(
         r = np.int64(rssi[i])
         s = np.int64(seq[i])
         j = slot(addr_keys, dev)
-        if addr_keys[j] == 0:
+        known = addr_keys[j] != 0
+        if not known or t - addrs[j, _A_LAST] > params[_P_FORGET]:  # new, or linked afresh
             chain = -1
             if params[_P_LINK] and (randomised[i] or params[_P_ALL_RANDOM]) and fp[i] != 0:
                 chain = _link(
@@ -538,10 +549,11 @@ def _estimate(
                 cs[_C_LASTWIN] = -1
                 cs[_C_WIN] = -1
                 cs[_C_WIN + 1] = -1
-            addr_keys[j] = dev
+            if not known:
+                addr_keys[j] = dev
+                clock[_K_ADDRS] += 1
             addrs[j, _A_CHAIN] = chain
             addrs[j, _A_LAST] = t
-            clock[_K_ADDRS] += 1
         else:
             addrs[j, _A_LAST] = max(addrs[j, _A_LAST], t)
         addrs[j, _A_SEQ] = s
