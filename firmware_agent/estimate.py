@@ -36,6 +36,12 @@ phones of a resetting model at the same spot cannot be told apart and may become
 ``assume_randomised``: every address is taken for a random one, for datasets whose anonymiser
 drew random addresses.)
 
+**Forgetting** (for the people stage, which judges visits: docs/messages.md). An address heard
+again after a silence longer than ``visit_gap_s`` (``count.visit_gap_s``) is linked afresh, as a
+new address would be: where it goes never depends on whether it was heard before, outside the
+current visit, so no published figure does (the membership check of tests/test_people.py and
+priv17's injection harness). Its old chain keeps what it had.
+
 **Counting.** When a window closes, a chain heard in it counts towards ``people_est`` if its
 best signal in the window is at or above the signal threshold (or unknown: bare 802.11
 captures carry none), it is not static, and it has lasted at least ``min_dwell_s`` (first to
@@ -148,7 +154,8 @@ _NONE = np.iinfo(np.int64).min
     _P_STATIC_PCT,
     _P_ALL_RANDOM,
     _P_LINK,
-) = range(14)
+    _P_FORGET,
+) = range(15)
 
 # Output row columns (int64).
 _O_START, _O_PEOPLE, _O_STATIC, _O_THR = range(4)
@@ -174,6 +181,7 @@ class EstimateSettings:
     static_closed_h: int = 6  # the site is closed until this local hour; 24: any time
     link: bool = True  # False: every address is a device (the evaluation's stages)
     assume_randomised: bool = False  # True: ignore the locally administered bit (datasets)
+    visit_gap_s: int = 600  # count.visit_gap_s: an address silent longer is linked afresh
 
     def __post_init__(self) -> None:
         if self.rssi_threshold_dbm != AUTO and not -120 <= self.rssi_threshold_dbm <= 0:
@@ -233,6 +241,7 @@ class EstimateSettings:
             static_min_s=number("static_min_s"),
             static_share_pct=number("static_share_pct"),
             static_closed_h=number("static_closed_h"),
+            visit_gap_s=int(str(values["count.visit_gap_s"])),
         )
 
     def params(self) -> NDArray[np.int64]:
@@ -252,6 +261,7 @@ class EstimateSettings:
                 self.static_share_pct,
                 int(self.assume_randomised),
                 int(self.link),
+                self.visit_gap_s * NS,
             ],
             np.int64,
         )
@@ -550,7 +560,8 @@ def _estimate(
         r = np.int64(rssi[i])
         s = np.int64(seq[i])
         j = slot(addr_keys, dev)
-        if addr_keys[j] == 0:
+        known = addr_keys[j] != 0
+        if not known or t - addrs[j, _A_LAST] > params[_P_FORGET]:  # new, or linked afresh
             chain = -1
             if params[_P_LINK] and (randomised[i] or params[_P_ALL_RANDOM]) and fp[i] != 0:
                 chain = _link(
@@ -568,10 +579,11 @@ def _estimate(
                 cs[_C_LASTWIN] = -1
                 cs[_C_WIN] = -1
                 cs[_C_WIN + 1] = -1
-            addr_keys[j] = dev
+            if not known:
+                addr_keys[j] = dev
+                clock[_K_ADDRS] += 1
             addrs[j, _A_CHAIN] = chain
             addrs[j, _A_LAST] = t
-            clock[_K_ADDRS] += 1
         else:
             addrs[j, _A_LAST] = max(addrs[j, _A_LAST], t)
         addrs[j, _A_SEQ] = s
@@ -623,10 +635,16 @@ class Estimator:
     """
 
     def __init__(
-        self, settings: EstimateSettings, capacity: int = 4096, zone: tzinfo | None = None
+        self,
+        settings: EstimateSettings,
+        capacity: int = 4096,
+        zone: tzinfo | None = None,
+        *,
+        suppress_below: int = 5,
     ) -> None:
         self.settings = settings
         self._zone = zone  # the site's, for its closed hours (None: the system's)
+        self._k = suppress_below  # the log obeys the privacy stage's small-count rule
         self._params = settings.params()
         self._addrs = KeyedRows(capacity, _ACOLS)
         self._chains = np.zeros((capacity, _CCOLS), np.int64)
@@ -757,24 +775,29 @@ class Estimator:
         return closed
 
     def _why(self, threshold: int) -> str:
-        """What the learnt threshold is and why, in aggregates only."""
+        """What the learnt threshold is and why, in aggregates only (a count of devices from
+        1 to k-1 is not printed: logs obey the same small-count rule as the counts)."""
         lingering = int(self._clock[_K_THR_N])
         dwell = self.settings.min_dwell_s
         if lingering < AUTO_MIN_CHAINS:
             return (
                 f"{threshold} dBm (auto: the fallback until {AUTO_MIN_CHAINS} devices have been "
-                f"heard for {dwell} s or more; {lingering} so far)"
+                f"heard for {dwell} s or more; {self._count(lingering)} so far)"
             )
         values = np.arange(_HIST_LO, _HIST_LO + _HIST_BINS)
         inside = self._hist[values >= threshold]
         outside = self._hist[values < threshold]
         return (
             f"{threshold} dBm (auto: Otsu's split of the best signal of the {lingering} devices "
-            f"heard for {dwell} s or more: {int(inside.sum())} at or above it, median "
-            f"{_median(values[values >= threshold], inside)} dBm; {int(outside.sum())} below, "
+            f"heard for {dwell} s or more: {self._count(int(inside.sum()))} at or above it, "
+            f"median {_median(values[values >= threshold], inside)} dBm; "
+            f"{self._count(int(outside.sum()))} below, "
             f"median {_median(values[values < threshold], outside)} dBm; kept within "
             f"{AUTO_RANGE_DBM[0]}..{AUTO_RANGE_DBM[1]} dBm)"
         )
+
+    def _count(self, n: int) -> str:
+        return str(n) if n == 0 or n >= self._k else f"fewer than {self._k}"
 
 
 def _median(values: NDArray[np.int64], weights: NDArray[np.int64]) -> int:

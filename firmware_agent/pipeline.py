@@ -73,11 +73,18 @@ class Pipeline:
     _people: PeopleCounter | None = field(init=False, default=None)
     _key: EpochKey | None = field(init=False, default=None)
     _boundary: int = field(init=False, default=0)
+    _epoch_start: int = field(init=False, default=0)
+    _bits: int | None = field(init=False, default=None)  # strict: this window's id width
 
     def __post_init__(self) -> None:
         self._counter = WindowCounter(self.config.count)
+        self._bits = self.config.privacy.id_bits
         if self.estimate and not self.config.privacy.strict:
-            self._estimator = Estimator(self.config.estimate, zone=self.config.epoch.zone)
+            self._estimator = Estimator(
+                self.config.estimate,
+                zone=self.config.epoch.zone,
+                suppress_below=self.config.privacy.suppress_below,
+            )
             self._people = PeopleCounter(
                 PeopleSettings.from_config(self.config.count, self.config.estimate)
             )
@@ -88,9 +95,10 @@ class Pipeline:
         return self._estimator.threshold_note if self._estimator else None
 
     @property
-    def epoch_label(self) -> str | None:
-        """Public random label of the current epoch (not derived from the key)."""
-        return None if self._key is None else self._key.label
+    def epoch_start(self) -> int | None:
+        """Start (Unix seconds) of the first window counted under the current key: with the
+        agent's public key, all its public label is made of (:func:`privacy.epoch_label`)."""
+        return None if self._key is None else self._epoch_start // NS
 
     def run(
         self, batches: Iterable[FrameBatch], *, clock: Callable[[], int] | None = None
@@ -177,6 +185,8 @@ class Pipeline:
                 self._key = EpochKey()
                 self._boundary = self.config.epoch.next_boundary(int(probes.ts_ns[start]))
                 self.stats.epochs += 1
+                w = self.config.count.window_s * NS
+                self._epoch_start = int(probes.ts_ns[start]) // w * w
             ts = probes.ts_ns[start:]
             if int(ts.max()) - lateness < self._boundary:  # the common case: no boundary
                 part = _rows(probes, start, len(probes))
@@ -210,6 +220,7 @@ class Pipeline:
         self._boundary = following
 
     def _new_epoch(self, start: int) -> None:
+        self._epoch_start = start
         self._counter.new_epoch(start)
         if self._estimator:
             self._estimator.new_epoch(start)
@@ -219,19 +230,18 @@ class Pipeline:
     def _close_until(self, until: int, *, end_visits: bool) -> list[WindowCounts]:
         windows = list(self._counter.close_until(until, end_visits=end_visits))
         if self._estimator is None or self._people is None:
-            return windows
+            return self._strict(windows)
         estimates = self._estimator.close_until(until)
         figures = self._people.close_until(until, end_visits=end_visits)
         return self._joined(windows, estimates, figures)
 
     def _add(self, batch: DeviceBatch) -> list[WindowCounts]:
         """Count and estimate one batch; the windows it closed, joined with their estimates."""
-        bits = self.config.privacy.id_bits
-        if bits is not None:
-            truncate_ids(batch, bits)
+        if self._bits is not None:
+            truncate_ids(batch, self._bits)
         windows = list(self._counter.add(batch))
         if self._estimator is None or self._people is None:
-            return windows
+            return self._strict(windows)
         threshold = self._estimator.threshold_dbm
         estimates = self._estimator.add(batch)
         figures = self._people.add(
@@ -267,6 +277,20 @@ class Pipeline:
             )
         return joined
 
+    def _strict(self, windows: list[WindowCounts]) -> list[WindowCounts]:
+        """Strict (no estimator): each window counted at the width its own crowd allows (the
+        table still holds it), and the next window's width from it. Not under noise: a width
+        that follows the crowd follows one device too (an unbounded sensitivity)."""
+        policy = self.config.privacy
+        if self._bits is None or policy.dp_epsilon is not None:
+            return windows
+        out = []
+        for window in windows:
+            ids, randomised = self._counter.closed_rows(window.window_start)
+            out.append(policy.anonymise(window, ids, randomised, self._bits))
+            self._bits = policy.next_bits(len(ids), self._bits)
+        return out
+
     def _counted(self, windows: Iterable[WindowCounts]) -> Iterator[WindowCounts]:
         for window in windows:
             self.stats.windows += 1
@@ -274,14 +298,17 @@ class Pipeline:
 
 
 def parse_frames(batch: FrameBatch) -> ProbeBatch:
-    """Parse a batch, then zero its frame buffer: it holds addresses and SSIDs.
+    """Parse a batch, then zero its frames: they hold addresses and SSIDs.
 
-    A transient batch lies in the reader's buffer, which the next read overwrites and
-    closing the reader zeroes.
+    A transient batch lies in the reader's buffer, its frames one after the other (with the
+    record headers between them): that stretch is zeroed, the rest of the buffer is the
+    reader's (it zeroes what it moves or no longer needs).
     """
     probes = parse_batch(batch)
     if not batch.transient:
         batch.data.fill(0)
+    elif len(batch):
+        batch.data[int(batch.offsets[0]) : int(batch.offsets[-1] + batch.lengths[-1])] = 0
     return probes
 
 

@@ -46,6 +46,7 @@ from firmware_agent.messages import counts_payload, meta_payload, seal
 from firmware_agent.metrics import MetricsServer, SpoolWatch, agent_metrics
 from firmware_agent.people import PeopleSettings
 from firmware_agent.pipeline import Pipeline
+from firmware_agent.privacy import epoch_label
 from firmware_agent.publish import Publisher
 from firmware_agent.settings import AgentConfig
 from firmware_agent.signing import load_signing_key
@@ -241,8 +242,9 @@ def _spool_windows(
         if newest is not None and window.window_start <= newest:
             skipped += 1
             continue
-        label = pipeline.epoch_label
-        assert label is not None  # a window exists only under a key
+        start = pipeline.epoch_start
+        assert start is not None  # a window exists only under a key
+        label = epoch_label(key.verify_key.encode(), start)
         spool.append(
             window.window_start, functools.partial(_counts_message, config, key, label, window)
         )

@@ -50,8 +50,6 @@ def batch(rows: list[Row]) -> DeviceBatch:
         randomised=np.array(col[3], np.uint8),
         seq=np.array(col[6], np.uint16),
         rssi=np.array(col[4], np.int16),
-        freq_mhz=np.zeros(n, np.uint16),
-        ssid=np.zeros(n, np.uint8),
         fp=np.array(col[5], np.uint64),
         frames=n,
     )
@@ -390,3 +388,14 @@ def test_without_the_estimate_stage_windows_are_the_counters() -> None:
     assert [
         replace(w, people_est=None, static_excluded=None, figures=None) for w in estimated
     ] == counted
+
+
+def test_the_threshold_note_prints_no_count_of_devices_from_1_to_k_minus_1() -> None:
+    """The log obeys suppression: one lingering device is not '1 so far' (issue 17)."""
+    rng, ids = np.random.default_rng(4), Ids()
+    rows = phone(ids, rng, fp=7, start_s=0, end_s=900, every_s=30, rssi=-50, new_address="never")
+    est = Estimator(EstimateSettings(), suppress_below=5)
+    est.add(batch(rows))
+    est.close_all()
+    assert "fewer than 5 so far" in est.threshold_note, est.threshold_note
+    assert " 1 so far" not in est.threshold_note
