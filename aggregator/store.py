@@ -20,12 +20,14 @@ Tables::
     agent_hours     roll-ups by agent and local hour, agent and local day, site and local
     agent_days      hour, site and local day (aggregator.rollup); they stay when retention
     site_hours      deletes the windows
-    site_days
+    site_days       (a site row's people figures are its busiest agent's: BUSIEST)
     refusals        messages not stored, by reason, site and agent: count, first, last
                     (an agent that is not enrolled is counted as agent '', and a site
                     without an enrolled agent as site '': rows do not grow with made-up ids)
     quarantine      messages whose verification or storage failed on them alone: reason,
                     error, digest, size (the text only of verified ones), newest kept
+    receipts        per agent, the seq ranges settled (stored, or skipped for good), as JSON
+                    ``[[lo, hi], ...]``: what ingest's signed receipts tell the agent
     users, grants,  accounts (aggregator.accounts): users with a role, the sites granted to
     sessions,       them, browser sessions and API tokens (SHA-256 of the secret at rest,
     api_tokens,     tokens with an expiry), login attempts by name and address and by
@@ -39,6 +41,13 @@ moved with one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING``, so a 
 stored (a redelivery, a replay) is skipped and only the windows really inserted are added to
 the roll-ups, which are upserted the same way, in key order (two processes on PostgreSQL take
 row locks in the same order, so they do not deadlock each other).
+
+The same transaction adds the batch's seqs to each agent's settled ranges (``receipts``): a
+window stored, or skipped for good (a duplicate, a conflicting seq, another window for the
+same start), is settled, and the agent may let it go once a receipt says so. An agent's ranges
+stay few (one per run of windows; a gap is a window never received), and at most
+:data:`MAX_SETTLED_RANGES` are kept: beyond, the lowest are forgotten, and a window the agent
+still holds there is sent again, skipped as a duplicate, and settled again.
 """
 
 from __future__ import annotations
@@ -64,10 +73,13 @@ from aggregator.registry import AgentEntry, Registry, noisy
 from aggregator.rollup import (
     MAX_MEASURES,
     MEASURES,
+    PEOPLE_COLUMNS,
+    PEOPLE_COUNTS,
     SUPPRESSIBLE,
     Buckets,
     RollupDeltas,
     device_counts,
+    people_counts,
     totals,
 )
 from aggregator.verify import Accepted
@@ -80,6 +92,7 @@ __all__ = [
     "Gap",
     "SiteRow",
     "Store",
+    "merge_ranges",
     "metadata",
 ]
 
@@ -119,6 +132,7 @@ agents = sa.Table(
     sa.Column("status_last_seq", sa.BigInteger),
     sa.Column("meta", sa.Text),
     sa.Column("meta_at", sa.BigInteger),
+    sa.Column("counts_v", sa.SmallInteger),  # the schema version of its latest counts (0005)
     sa.UniqueConstraint("site_id", "agent_id", name="uq_agents_site_agent"),
 )
 
@@ -148,6 +162,14 @@ def _window_columns() -> list[sa.Column[Any]]:
         sa.Column("payload", sa.Text, nullable=False),
         sa.Column("sig", sa.String(88), nullable=False),
         sa.Column("received_at", sa.BigInteger, nullable=False),
+        # Counts v2 (0005): the schema version, no data, calibration, the people-level figures
+        # (NULL when suppressed, absent or no data; ``people_suppressed`` has a bit per
+        # suppressed one, :data:`PEOPLE_COLUMNS` order). A v1 window has them NULL.
+        sa.Column("v", sa.SmallInteger, nullable=False, server_default="1"),
+        sa.Column("no_data", sa.SmallInteger, nullable=False, server_default="0"),
+        sa.Column("calibrated", sa.SmallInteger),
+        *(sa.Column(name, sa.BigInteger) for name in PEOPLE_COLUMNS),
+        sa.Column("people_suppressed", sa.Integer, nullable=False, server_default="0"),
     ]
 
 
@@ -281,6 +303,17 @@ api_tokens = sa.Table(
     sa.UniqueConstraint("token_hash", name="uq_api_tokens_hash"),
     sa.ForeignKeyConstraint(["user_id"], ["users.id"], name="fk_api_tokens_user"),
 )
+receipts = sa.Table(
+    "receipts",
+    metadata,
+    sa.Column("agent_key", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("settled", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.ForeignKeyConstraint(["agent_key"], ["agents.agent_key"], name="fk_receipts_agent"),
+)
+SPOOL_FILLING = 12  # windows waiting in an agent's spool: an hour of 5-minute windows
+MAX_SETTLED_RANGES = 256  # per agent; beyond, the lowest are forgotten (module docstring)
+
 login_attempts = sa.Table(
     "login_attempts",
     metadata,
@@ -335,7 +368,9 @@ class AgentHealth:
     first_window: int | None
     last_window: int | None
     last_seq: int | None
-    missing: int  # windows the agent made that never arrived (gaps in seq)
+    missing: int  # windows the agent made that have not arrived (gaps in seq, and after)
+    spool_filling: bool  # its last status said more than SPOOL_FILLING windows wait
+    counts_v: int | None  # the counts schema of its latest window: 1 (devices only) or 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,6 +390,7 @@ class BatchOutcome:
 
     stored: list[Accepted] = field(default_factory=list)
     skipped: list[tuple[Accepted, str]] = field(default_factory=list)
+    settled: set[int] = field(default_factory=set)  # agent keys whose receipt moved
 
 
 def engine_url(settings: StoreSettings) -> sa.URL:
@@ -724,7 +760,9 @@ class Store:
             )
             if deltas:
                 self._upsert_rollups(conn, deltas)
+                self._note_versions(conn, outcome.stored)
             self._update_agents(conn, accepted, now)
+            outcome.settled = self._settle(conn, counts, now)
             for message, reason in outcome.skipped:
                 who = (reason, message.agent.site, message.agent.agent)
                 tally[who] = tally.get(who, 0) + 1
@@ -803,6 +841,55 @@ class Store:
             else:
                 yield message, "seq_conflict"
 
+    def _settle(self, conn: Connection, counts: Sequence[Accepted], now: int) -> set[int]:
+        """Add the counts' seqs (stored now, or skipped: settled either way) to their agents'
+        settled ranges; the agent keys. Rows are locked in key order (PostgreSQL: two
+        processes merge one after the other, in the same order)."""
+        seqs: dict[int, list[int]] = {}
+        for message in counts:
+            seqs.setdefault(message.agent.key, []).append(int(message.payload["seq"]))
+        if not seqs:
+            return set()
+        r = receipts.c
+        query = sa.select(r.agent_key, r.settled).where(r.agent_key.in_(sorted(seqs)))
+        if self.dialect == "postgresql":
+            query = query.order_by(r.agent_key).with_for_update()
+        held = {key: json.loads(text) for key, text in conn.execute(query).all()}
+        rows = [
+            {
+                "agent_key": key,
+                "settled": json.dumps(
+                    merge_ranges(held.get(key, []), seqs[key])[-MAX_SETTLED_RANGES:],
+                    separators=(",", ":"),
+                ),
+                "updated_at": now,
+            }
+            for key in sorted(seqs)
+        ]
+        insert = (postgresql if self.dialect == "postgresql" else sqlite).insert(receipts)
+        conn.execute(
+            insert.on_conflict_do_update(
+                index_elements=[r.agent_key],
+                set_={"settled": insert.excluded.settled, "updated_at": insert.excluded.updated_at},
+            ),
+            rows,
+        )
+        return set(seqs)
+
+    def settled(self, keys: Iterable[int]) -> dict[int, tuple[str, str, list[tuple[int, int]]]]:
+        """Agent key -> (site, agent, settled ranges), for the keys that have any."""
+        a, r = agents.c, receipts.c
+        with self.begin(read_only=True) as conn:
+            rows = conn.execute(
+                sa.select(r.agent_key, a.site_id, a.agent_id, r.settled)
+                .join(agents, a.agent_key == r.agent_key)
+                .where(r.agent_key.in_(sorted(keys)))
+            ).all()
+        return {
+            key: (site, agent, [(int(lo), int(hi)) for lo, hi in json.loads(text)])
+            for key, site, agent, text in rows
+        }
+
     def _upsert_rollups(self, conn: Connection, deltas: RollupDeltas) -> None:
         for table, rows in (
             (agent_hours, totals(deltas.agent_hours)),
@@ -819,6 +906,23 @@ class Store:
             else:
                 self._stage(conn, STAGING[table.name], staged)
                 conn.execute(self._statements.upsert_rollup[table.name])
+        # The site's people figures are its busiest agent's, not the agents' sum: set again
+        # for the hours the batch touched, then their days from those hours.
+        st = self._statements
+        hours = [{"s": site, "h": hour} for site, hour in sorted(deltas.site_hours)]
+        conn.execute(st.busiest_hours, hours)
+        days = [{"s": site, "d": day} for site, day in sorted(deltas.site_days)]
+        conn.execute(st.busiest_days, days)
+
+    def _note_versions(self, conn: Connection, stored: Sequence[Accepted]) -> None:
+        """Each agent's counts schema version, from its latest window in the batch."""
+        latest: dict[int, tuple[int, int]] = {}  # agent_key -> (seq, v)
+        for message in stored:
+            seq = int(message.payload["seq"])
+            if seq > latest.get(message.agent.key, (0, 0))[0]:
+                latest[message.agent.key] = (seq, int(message.payload["v"]))
+        rows = [{"k": key, "v": v} for key, (_, v) in sorted(latest.items())]
+        conn.execute(self._statements.update_counts_v, rows)
 
     def _update_agents(self, conn: Connection, accepted: Sequence[Accepted], now: int) -> None:
         statuses: list[dict[str, Any]] = []
@@ -987,7 +1091,14 @@ class Store:
     ) -> list[AgentHealth]:
         """Every agent (of one site), with its health; with ``since`` (and ``until``, Unix s),
         the windows stored and missing count only those from then on (and before then): a
-        quick look at a big store."""
+        quick look at a big store.
+
+        Missing windows are the gaps in an agent's stored seqs, and (but with ``until``) those
+        after its last stored one up to the ``last_seq`` of its last status: windows it made
+        that have not arrived, lost or still on the way (an agent with receipts sends them
+        again). ``spool_filling``: its last status said more than :data:`SPOOL_FILLING`
+        windows wait in its spool (the aggregator does not store them, or the agent cannot
+        reach the broker)."""
         a = agents.c
         scope: ColumnElement[bool] = sa.true()
         listed = sa.select(
@@ -1003,6 +1114,8 @@ class Store:
             a.status_at,
             a.spool_pending,
             a.spool_dropped,
+            a.status_last_seq,
+            a.counts_v,
         ).order_by(a.site_id, a.agent_id)
         if site is not None:
             listed = listed.where(a.site_id == site)
@@ -1032,6 +1145,9 @@ class Store:
             count, first, last, last_seq, missing = figures.get(
                 row.agent_key, (0, None, None, None, 0)
             )
+            made = row.status_last_seq  # the newest window the agent says it made
+            if last_seq is not None and made is not None and until is None:
+                missing = int(missing or 0) + max(0, made - last_seq)
             out.append(
                 AgentHealth(
                     site=row.site_id,
@@ -1050,6 +1166,8 @@ class Store:
                     last_window=last,
                     last_seq=last_seq,
                     missing=int(missing or 0),
+                    spool_filling=(row.spool_pending or 0) > SPOOL_FILLING,
+                    counts_v=row.counts_v,
                 )
             )
         return out
@@ -1091,6 +1209,18 @@ class Store:
         return {(r, s, a): int(n) for r, s, a, n in rows}
 
 
+def merge_ranges(ranges: Sequence[Sequence[int]], seqs: Iterable[int]) -> list[list[int]]:
+    """Sorted, apart, inclusive ranges ``[[lo, hi], ...]`` with ``seqs`` added (touching
+    ranges joined)."""
+    merged: list[list[int]] = []
+    for lo, hi in sorted([*([int(x) for x in r] for r in ranges), *([s, s] for s in seqs)]):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return merged
+
+
 def _period(hourly: bool, b: Buckets) -> tuple[Any, ...]:
     if hourly:
         return (b.hour_start, b.local_hour, b.utc_offset_s)
@@ -1105,6 +1235,7 @@ def _window_row(message: Accepted) -> tuple[Any, ...]:
     values, there = device_counts(p)
     values.append(p.get("static_excluded"))
     there.append("static_excluded" in p)
+    people, heard = people_counts(p)
     suppressed = 0
     for bit, (value, present) in enumerate(zip(values, there, strict=True)):
         if value is None and present:
@@ -1123,6 +1254,15 @@ def _window_row(message: Accepted) -> tuple[Any, ...]:
         message.canonical,
         message.signature,
         message.received_at,
+        int(p["v"]),
+        int(bool(p.get("no_data"))),
+        None if "calibrated" not in p else int(p["calibrated"]),
+        *people,
+        sum(
+            1 << bit
+            for bit, (v, t) in enumerate(zip(people, heard, strict=True))
+            if v is None and t
+        ),
     )
 
 
@@ -1137,6 +1277,57 @@ def _positional_insert(table: sa.Table, conflict: str) -> str:
     names = ", ".join(c.name for c in table.columns)
     marks = ", ".join("?" for _ in table.columns)
     return f"INSERT INTO {table.name} ({names}) VALUES ({marks}) {conflict}"
+
+
+# The site roll-ups' people figures that are the busiest agent's (aggregator/people.py): each
+# additive figure's sum, and the occupancy's time-weighted sum and seconds. The rest of a site
+# row sums its agents' (windows, published and suppressed windows) or takes their greatest
+# (occupancy peak), as every roll-up does.
+BUSIEST = (*(f"{name}_sum" for name in PEOPLE_COUNTS), "occupancy_cs", "occupancy_s")
+
+
+def _busiest_statements() -> tuple[sa.Update, sa.Update]:
+    """UPDATEs that set :data:`BUSIEST` of a site hour (bind ``s``, ``h``) from its agents'
+    hours, and of a site day (``s``, ``d``) from its site hours."""
+    a, h, d = agent_hours.c, site_hours.c, site_days.c
+    of_site = a.agent_key.in_(sa.select(agents.c.agent_key).where(agents.c.site_id == h.site_id))
+    mean = sa.case((a.occupancy_s > 0, a.occupancy_cs * 1.0 / a.occupancy_s), else_=0)
+    longest = sa.func.max(a.occupancy_s)
+    busiest: list[Any] = [sa.func.coalesce(sa.func.max(a[n]), 0) for n in BUSIEST[:-2]]
+    busiest += [
+        sa.func.coalesce(sa.cast(sa.func.round(sa.func.max(mean) * longest), sa.BigInteger), 0),
+        sa.func.coalesce(longest, 0),
+    ]
+    hours = (
+        site_hours.update()
+        .where(h.site_id == sa.bindparam("s"), h.hour_start == sa.bindparam("h"))
+        .values(
+            {
+                h[n]: sa.select(value)
+                .where(of_site, a.hour_start == h.hour_start)
+                .scalar_subquery()
+                for n, value in zip(BUSIEST, busiest, strict=True)
+            }
+        )
+    )
+    in_day = (
+        (site_hours.c.site_id == d.site_id)
+        & (site_hours.c.hour_start >= d.day_start)
+        & (site_hours.c.hour_start < d.day_start + d.day_hours * 3600)
+    )
+    days = (
+        site_days.update()
+        .where(d.site_id == sa.bindparam("s"), d.local_day == sa.bindparam("d"))
+        .values(
+            {
+                d[n]: sa.select(sa.func.coalesce(sa.func.sum(site_hours.c[n]), 0))
+                .where(in_day)
+                .scalar_subquery()
+                for n in BUSIEST
+            }
+        )
+    )
+    return hours, days
 
 
 class _Statements:
@@ -1184,6 +1375,7 @@ class _Statements:
                     for m in MEASURES
                 },
             )
+        self.busiest_hours, self.busiest_days = _busiest_statements()
         self.sqlite_max_rowid = "SELECT coalesce(max(rowid), 0) FROM windows"
         self.sqlite_insert_windows = _positional_insert(windows, "ON CONFLICT DO NOTHING")
         self.sqlite_inserted = "SELECT agent_key, seq FROM windows WHERE rowid > ?"
@@ -1215,6 +1407,11 @@ class _Statements:
                 spool_dropped=sa.bindparam("dropped"),
                 status_last_seq=sa.bindparam("last_seq"),
             )
+        )
+        self.update_counts_v = (
+            agents.update()
+            .where(a.agent_key == sa.bindparam("k"))
+            .values(counts_v=sa.bindparam("v"))
         )
         self.update_meta = (
             agents.update()

@@ -45,32 +45,19 @@ from firmware_agent.service import agent_meta  # noqa: E402
 from firmware_agent.settings import load_config  # noqa: E402
 from firmware_agent.spool import Spool, SpoolSettings  # noqa: E402
 from tests.mqtt_broker import HOST, Mosquitto, TestCertificates, find_mosquitto  # noqa: E402
+from tests.test_messages import _window as counts_window  # noqa: E402
 
 SITE, AGENT, PASSWORD = "bench", "a1", "bench-secret"
 INFLIGHT = 64
 
 
 def _window(i: int) -> dict[str, object]:
-    """A counts v2 window, as the agent publishes it."""
+    """A counts v2 window (tests/test_messages.py's), as the agent publishes it."""
     start = 1_709_625_600 + 300 * i
-    return {
-        "window_start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)),
-        "window_s": 300,
-        "no_data": False,
-        "probe_requests": 96 + i % 50,
-        "malformed": 0,
-        "late_frames": 0,
-        "arrivals": 6,
-        "passersby": 14,
-        "visits_ended": 18,
-        "dwell_minutes": {"lt5": 5, "5-15": 5, "15-30": 1, "30-60": 1, "ge60": 6},
-        "occupancy_mean": 12.37,
-        "occupancy_peak": 15,
-        "calibrated": False,
-        "devices": 31,
-        "devices_randomised": 24,
-        "static_excluded": 0,
-    }
+    window = counts_window()
+    window["window_start"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start))
+    window["probe_requests"] = 96 + i % 50
+    return window
 
 
 def _fill(path: Path, n: int, key: nacl.signing.SigningKey) -> float:

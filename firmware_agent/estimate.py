@@ -677,9 +677,9 @@ class Estimator:
     def add(self, batch: DeviceBatch) -> list[WindowEstimate]:
         """Estimate a batch; return the windows its rows closed."""
         closed: list[WindowEstimate] = []
+        self.row_chains = np.full(len(batch), -1, np.int64)
         if self._clock[_K_OPENS] == _NONE and len(batch):
             self._clock[_K_OPENS] = self._opens(int(batch.ts_ns[0]))
-        self.row_chains = np.full(len(batch), -1, np.int64)
         i = 0
         while i < len(batch):
             i, rows = _estimate(

@@ -26,10 +26,11 @@ occupancy means; the max of the peaks), and a test checks it on a replay.
 * A visit *ends* at its last frame + ``visit_gap_s`` (or at the epoch's end, or the end of the
   input): if it arrived, in ``visits_ended`` and one dwell band (its length: last frame +
   ``hold_s`` - first frame); if not, in ``passersby``.
-* A visit that has lasted ``static_min_s`` (the estimator's, 4 hours by default) without a
-  break is a *static device* (a PC, a printer, a TV) from its frame that reaches it: it leaves
-  the occupancy there, and its end counts as nothing. Its arrival, hours before, stays counted:
-  it was not known then. (The estimator's ``static_excluded`` diagnostic uses its own rule.)
+* A visit that has lasted ``static_min_s`` (4 hours) without a break is a *static device*
+  (a PC, a printer, a TV) from its frame that reaches it: it leaves the occupancy there, and
+  its end counts as nothing. Its arrival, hours before, stays counted: it was not known then.
+  (The estimator's ``static_excluded`` diagnostic uses its own rule, first heard while the
+  site is closed: a rule of local hours, which the people stage leaves to a later change.)
 
 Events are kept per sample slot in a ring (``ring``) that spans the open windows and as far
 ahead as a hold reaches; a window's close sums the slots it covers. Occupancy is a
@@ -129,7 +130,6 @@ class PeopleSettings:
             min_dwell_s=estimate.min_dwell_s,
             visit_gap_s=count.visit_gap_s,
             hold_s=min(estimate.link_gap_s, count.visit_gap_s),
-            static_min_s=estimate.static_min_s,
         )
 
     def params(self) -> NDArray[np.int64]:

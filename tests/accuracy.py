@@ -37,7 +37,6 @@ from firmware_agent.capture_stats import inspect_capture
 from firmware_agent.estimate import Calibration, EstimateSettings
 from firmware_agent.evaluate import Replay, Scores, Truth, fit_calibration, replay, score
 from firmware_agent.settings import AgentConfig, load_config
-from tests import accuracy_people
 from tests.truth_fryza import LAB_ZONE, write_truth
 
 COMMAND = ".venv/bin/python -m tests.accuracy ../shared/data/pcaps"
@@ -434,9 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) != 1:
         print(f"usage: {COMMAND}", file=sys.stderr)
         return 2
-    text = DOC.read_text().partition(accuracy_people.MARKER)[0]
-    lab = table(Path(args[0]).resolve()) + others(text).rstrip("\n")
-    DOC.write_text(lab + "\n\n" + accuracy_people.section())
+    DOC.write_text(table(Path(args[0]).resolve()) + others(DOC.read_text()))
     return 0
 
 

@@ -272,31 +272,10 @@ def _path(name: str) -> Path:
     return BUNDLED_SAMPLE if name == "<bundled sample>" else SHARED / "data" / "pcaps" / name
 
 
-# Found by this harness in counts v2's people figures (people14's people stage, merged here):
-# on the 2023-02-08 and 2023-02-21 lab captures, occupancy_mean, occupancy_peak, passersby
-# and a dwell band differ between a known and a new address in the windows around the
-# injection, with a fixed signal threshold too (a chain's history in the epoch reaches the
-# window's people figures). Strict xfails: they turn into failures once the stage is fixed.
-_PEOPLE_STAGE_ORACLES = {
-    ("fryza_p1_sc6-61_2023-02-08_anonymized.pcap", "standard", "burst"),
-    ("fryza_p1_sc6-61_2023-02-08_anonymized.pcap", "standard", "linger"),
-    ("fryza_p1_sc6-61_2023-02-21_anonymized.pcap", "standard", "burst"),
-}
-_ORACLE = pytest.mark.xfail(
-    strict=True, reason="issue 17: counts v2 people figures still tell a known address apart"
-)
-INJECTIONS = [
-    pytest.param(
-        name, mode, kind, marks=[_ORACLE] if (name, mode, kind) in _PEOPLE_STAGE_ORACLES else []
-    )
-    for name in CAPTURES
-    for mode in MODES
-    for kind in SPACINGS_S
-]
-
-
 @pytest.mark.shared
-@pytest.mark.parametrize(("name", "mode", "attack_kind"), INJECTIONS)
+@pytest.mark.parametrize("attack_kind", SPACINGS_S)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", CAPTURES)
 def test_no_published_figure_tells_a_known_address_from_a_new_one(
     name: str, mode: str, attack_kind: str, keys: Keys
 ) -> None:
