@@ -3,7 +3,7 @@ whose content ingest refuses: settled, so the agent lets it go; never stored), s
 tell a refused window from a missing one.
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0005
 Create Date: 2026-12-05
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0009"
-down_revision = "0007"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
