@@ -33,6 +33,11 @@ connected or not, and does not pass the messages of a member that is away to ano
 wait in that member's session until it comes back under its client id (or until the session
 expires). Run every ingest process under a supervisor that restarts it (systemd
 ``Restart=always``) with its own fixed ``ingest.client_id``.
+
+With ``broker.kind = "jetstream"`` the session is :class:`aggregator.jetstream.JetStreamSession`
+instead: durable pull consumers shared by every ingest process on a replicated NATS cluster,
+where a dead process's messages go to another after ``broker.ack_wait_s``. Verification,
+storage, refusals and acknowledgement after the commit are this module's, the same for both.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aggregator.config import AggregatorConfig
 from aggregator.errors import StoreError
@@ -52,6 +58,9 @@ from aggregator.mqtt import Delivery, Session
 from aggregator.registry import Registry
 from aggregator.store import BatchOutcome, Store
 from aggregator.verify import REASONS, Accepted, Refusal, Verifier
+
+if TYPE_CHECKING:
+    from aggregator.jetstream import JetStreamSession
 
 __all__ = ["Ingest", "IngestStats", "topics"]
 
@@ -150,15 +159,30 @@ class Ingest:
             if self.settings.verify_threads > 1
             else None
         )
-        self.session = Session(
-            config.broker,
+        self.session = self._session()
+        self.connected = self.session.connected
+
+    def _session(self) -> Session | JetStreamSession:
+        """The transport: an MQTT session, or JetStream consumers (broker.kind); the rest of
+        ingest is the same for both."""
+        if self.config.broker.kind == "jetstream":
+            from aggregator.jetstream import JetStreamSession  # noqa: PLC0415 (nats-py: [nats])
+
+            return JetStreamSession(
+                self.config.broker,
+                durable=self.settings.share_group or "footfall",
+                max_age_s=self.settings.session_expiry_s,
+                receive_maximum=self.settings.receive_maximum,
+                on_message=self._on_message,
+            )
+        return Session(
+            self.config.broker,
             client_id=self.settings.client_id,
             session_expiry_s=self.settings.session_expiry_s,
             receive_maximum=self.settings.receive_maximum,
             filters=[topic for topic, _ in topics(self.settings.share_group)],
             on_message=self._on_message,
         )
-        self.connected = self.session.connected
 
     def _on_message(self, delivery: Delivery) -> None:
         self._queue.put((delivery, time.time()))

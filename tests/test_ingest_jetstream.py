@@ -1,0 +1,155 @@
+"""Ingest from a replicated stream: a 3-node NATS JetStream cluster on loopback
+(tests/nats_cluster.py), 100 simulated agents publishing 3,000 signed windows over MQTT 3.1.1
+to the cluster's MQTT listener, two ``footfall-aggregator ingest`` processes
+(``broker.kind = "jetstream"``, streams with 3 replicas) and PostgreSQL. Every window is
+stored exactly once (every agent's seqs 1..30 once, the roll-ups counting each once) while:
+
+* a: one node is killed with ``kill -9`` and restarted;
+* b: one ingest process is killed for good (the other gets what it held after
+  ``broker.ack_wait_s``);
+* c: the node every agent is connected to is killed (they connect to the next one);
+* d: the whole cluster is killed and restarted.
+
+Without ``FOOTFALL_TEST_PG_DSN`` or nats-server the tests skip, saying why (with
+``FOOTFALL_REQUIRE_BROKER`` a missing nats-server fails).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from aggregator.config import StoreSettings, load_config
+from aggregator.jetstream import COUNTS_STREAM, STATE_STREAM, stream_configs, topic_of
+from aggregator.store import Store
+from tests.agent_fleet import Fleet, fleet_messages, make_agents
+from tests.conftest import REPO
+from tests.mqtt_broker import wait_for
+from tests.nats_cluster import AGGREGATOR, NatsCluster, Ports, nats_server
+from tests.test_aggregator_ingest import _every_window_once, stored
+
+NOW = int(time.time())
+AGENTS, WINDOWS = 100, 30
+
+pytestmark = pytest.mark.skipif(
+    nats_server() is None and not os.environ.get("FOOTFALL_REQUIRE_BROKER"),
+    reason="nats-server is not installed (.ci/run installs it)",
+)
+
+
+def _config_file(path: Path, cluster: NatsCluster, settings: StoreSettings) -> Path:
+    path.write_text(
+        f'[store]\ndsn = "{settings.dsn}"\nschema = "{settings.schema}"\nretention_days = 0\n'
+        f'[broker]\nkind = "jetstream"\nservers = "{cluster.servers}"\n'
+        f'username = "{AGGREGATOR[0]}"\npassword = "{AGGREGATOR[1]}"\nstream_replicas = 3\n'
+        "ack_wait_s = 3\nkeepalive_s = 5\nbackoff_max_s = 1\nconnect_timeout_s = 3\n"
+        "[ingest]\nbatch_wait_ms = 20\n"
+    )
+    return path
+
+
+def _spawn(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "aggregator.cli", "ingest", "--config", str(config_file)],
+            cwd=REPO,
+            stderr=err,
+        )
+
+
+def test_subjects_map_to_the_agents_topics_and_the_streams_keep_their_meaning() -> None:
+    assert topic_of("footfall.v1.s1.a-7.counts") == "footfall/v1/s1/a-7/counts"
+    counts, state = stream_configs(3, 86400)
+    assert (counts.name, counts.num_replicas, counts.max_age) == (COUNTS_STREAM, 3, 86400.0)
+    assert counts.subjects == ["footfall.v1.*.*.counts"]
+    assert state.name == STATE_STREAM
+    assert state.max_msgs_per_subject == 1  # status and meta: the latest per agent
+
+
+def test_jetstream_settings_are_checked() -> None:
+    config = load_config(environ={}, overrides={"broker.kind": "jetstream"})
+    assert config.broker.server_urls == ["nats://localhost:4222"]
+    with pytest.raises(Exception, match=r"broker.kind must be 'mqtt' or 'jetstream'"):
+        load_config(environ={}, overrides={"broker.kind": "kafka"})
+    with pytest.raises(Exception, match=r"broker.servers must be nats://host:port"):
+        load_config(environ={}, overrides={"broker.servers": "n1:4222"})
+    with pytest.raises(Exception, match=r"broker.stream_replicas must be between 1 and 5"):
+        load_config(environ={}, overrides={"broker.stream_replicas": 7})
+
+
+def _fault_a(cluster: NatsCluster, procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    node = cluster.nodes[1]
+    cluster.kill(node)
+    time.sleep(1)
+    cluster.restart(node)
+
+
+def _fault_b(cluster: NatsCluster, procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    procs["ingest-a"].send_signal(signal.SIGKILL)  # for good: its messages go to ingest-b
+    procs["ingest-a"].wait(10)
+
+
+def _fault_c(cluster: NatsCluster, procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    cluster.kill(cluster.nodes[0])  # every agent's node; it stays down until the end
+
+
+def _fault_d(cluster: NatsCluster, procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    for node in cluster.nodes:
+        cluster.kill(node)
+    time.sleep(1)
+    cluster.start()
+
+
+FAULTS: dict[str, Callable[[NatsCluster, dict[str, subprocess.Popen[bytes]]], None]] = {
+    "a-node-killed-and-restarted": _fault_a,
+    "b-ingest-killed-for-good": _fault_b,
+    "c-agents-node-killed": _fault_c,
+    "d-whole-cluster-restarted": _fault_d,
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_every_window_stored_once_through_a_fault(
+    fault: str, pg_schema: tuple[str, str], tmp_path: Path
+) -> None:
+    settings = StoreSettings(*pg_schema)
+    agents = make_agents(AGENTS, "s1")
+    total = fleet_messages(agents, WINDOWS)
+    cluster = NatsCluster(tmp_path / "nats", agents, Ports())
+    cluster.start()
+    with Store.open(settings) as store:
+        store.add_site("s1", "Mall", "Europe/Paris", NOW)
+        store.add_agents("s1", {a.agent: a.public_key for a in agents}, NOW)
+    config_file = _config_file(tmp_path / "aggregator.toml", cluster, settings)
+    logs = {name: tmp_path / f"{name}.log" for name in ("ingest-a", "ingest-b")}
+    procs = {name: _spawn(config_file, log) for name, log in logs.items()}
+    fleet: Fleet | None = None
+    try:
+        for log in logs.values():
+            wait_for(lambda log=log: f"consuming {COUNTS_STREAM}" in log.read_text(), 30, log.name)
+        fleet = Fleet(cluster.mqtt_ports, agents, rate=400).start()
+        wait_for(lambda: stored(settings) >= total // 4, 30, "a quarter of the windows")
+        FAULTS[fault](cluster, procs)
+        fleet.join(60)
+        wait_for(lambda: stored(settings) >= total, 60, f"all {total} windows")
+    except AssertionError as exc:
+        logs_text = "\n".join(f"--- {n}\n{p.read_text()[-3000:]}" for n, p in logs.items())
+        raise AssertionError(f"{exc}\n{logs_text}\n{cluster.logs()}") from exc
+    finally:
+        if fleet is not None:
+            fleet.stop()
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        exits = {name: proc.wait(20) for name, proc in procs.items()}
+        cluster.stop()
+    killed = {"ingest-a"} if fault.startswith("b-") else set()
+    assert all(code == 0 for name, code in exits.items() if name not in killed), exits
+    _every_window_once(settings, AGENTS, WINDOWS)
