@@ -32,7 +32,7 @@ import ssl
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class BrokerSettings:
 
     host: str = "localhost"
     port: int = 1883
+    hosts: str = ""  # more host:port pairs, tried in turn
     username: str = ""
     password: str = field(default="", repr=False)
     tls_ca: str = ""  # "": no TLS; "system": the system's CAs; else a PEM file
@@ -79,6 +80,10 @@ class BrokerSettings:
             problems.append("broker.host must not be empty")
         if not 1 <= self.port <= 65535:
             problems.append(f"broker.port must be between 1 and 65535, got {self.port}")
+        for pair in self.hosts.split(","):
+            host, _, port = pair.strip().rpartition(":")
+            if pair.strip() and not (host and port.isdigit() and 1 <= int(port) <= 65535):
+                problems.append(f"broker.hosts must be host:port pairs, got {pair.strip()!r}")
         if self.protocol not in PROTOCOLS:
             problems.append(f"broker.protocol must be '5' or '3.1.1', got {self.protocol!r}")
         if not 1 <= self.keepalive_s <= 65535:
@@ -114,6 +119,11 @@ class BrokerSettings:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def brokers(self) -> list[BrokerSettings]:
+        """These settings for broker.host, then for each of broker.hosts."""
+        more = [p.strip().rpartition(":") for p in self.hosts.split(",") if p.strip()]
+        return [self] + [replace(self, host=h, port=int(p), hosts="") for h, _, p in more]
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The TLS context (None without TLS); files that cannot be used are named."""
@@ -346,6 +356,8 @@ class Publisher:
         self._meta = seal(meta, key)
         self._topics = {kind: Topic(site, agent, kind) for kind in ("counts", "status", "meta")}
         self._backoff = Backoff(settings.backoff_initial_ms / 1000, settings.backoff_max_s)
+        self._brokers = settings.brokers()
+        self._broker = 0  # the one to connect to next: the next listed after a failure
         self._wake = threading.Event()
         self._pause = threading.Event()  # interrupts a backoff wait when a stop is due
         self._stopping = False
@@ -389,6 +401,7 @@ class Publisher:
                         return
                     except BrokerError as exc:
                         self.connected.clear()
+                        self._broker = (self._broker + 1) % len(self._brokers)
                         delay = self._backoff.next()
                         log.warning("%s; next attempt in %.2f s", exc, delay)
                         if self._deadline is not None:
@@ -418,16 +431,15 @@ class Publisher:
         """One connection: returns once stopped cleanly, raises BrokerError when lost."""
         state = spool.state()
         will = (self._topics["status"], self._status("lost", state))
-        connection = Connection(
-            self.settings, self._context, f"footfall-{self.site}-{self.agent}", will
-        )
+        broker = self._brokers[self._broker]
+        connection = Connection(broker, self._context, f"footfall-{self.site}-{self.agent}", will)
         try:
             connection.open()
             self._backoff.reset()
             self.connected.set()
             log.info(
                 "connected to broker %s as site=%s agent=%s (%d windows spooled)",
-                self.settings.address,
+                broker.address,
                 self.site,
                 self.agent,
                 state.pending,

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import subprocess
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ class Node:
     client: int
     route: int
     mqtt: int
+    monitor: int
     config: Path
     log: Path
     proc: subprocess.Popen[bytes] | None = None
@@ -100,6 +102,7 @@ class NatsCluster:
                 ports.take(),
                 ports.take(),
                 ports.take(),
+                ports.take(),
                 root / f"n{i + 1}.conf",
                 root / f"n{i + 1}.log",
             )
@@ -112,10 +115,12 @@ class NatsCluster:
             )
             node.config.write_text(
                 f"server_name: {node.name}\nlisten: {HOST}:{node.client}\n"
+                f"http: {HOST}:{node.monitor}\n"
                 f"jetstream {{ store_dir: {_quoted(str(root / node.name))}, "
                 "max_memory_store: 64MB, max_file_store: 2GB }\n"
                 f"cluster {{ name: footfall, listen: {HOST}:{node.route}, routes: [{routes}] }}\n"
-                f'mqtt {{ listen: {HOST}:{node.mqtt}, ack_wait: "10s", stream_replicas: 3 }}\n' + accounts
+                f'mqtt {{ listen: {HOST}:{node.mqtt}, ack_wait: "10s", stream_replicas: 3 }}\n'
+                + accounts
             )
 
     @property
@@ -142,14 +147,14 @@ class NatsCluster:
             assert node.proc is not None
             if node.proc.poll() is not None:
                 raise AssertionError(f"{node.name} exited: {node.log.read_text()[-2000:]}")
-            for port in (node.client, node.mqtt):
-                try:
-                    socket.create_connection((HOST, port), timeout=0.2).close()
-                except OSError:
-                    return False
-            return True
+            try:
+                url = f"http://{HOST}:{node.monitor}/healthz"
+                with urllib.request.urlopen(url, timeout=1) as answer:
+                    return bool(answer.status == 200)
+            except OSError:
+                return False
 
-        wait_for(up, timeout, f"nats-server {node.name} listening")
+        wait_for(up, timeout, f"nats-server {node.name} healthy (JetStream current)")
 
     def kill(self, node: Node) -> None:
         """kill -9."""

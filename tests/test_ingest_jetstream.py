@@ -16,6 +16,7 @@ Without ``FOOTFALL_TEST_PG_DSN`` or nats-server the tests skip, saying why (with
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -29,9 +30,14 @@ import pytest
 from aggregator.config import StoreSettings, load_config
 from aggregator.jetstream import COUNTS_STREAM, STATE_STREAM, stream_configs, topic_of
 from aggregator.store import Store
-from tests.agent_fleet import Fleet, fleet_messages, make_agents
+from firmware_agent.messages import AgentId, SiteId, Topic, counts_payload
+from firmware_agent.publish import BrokerSettings, Connection, Publisher
+from firmware_agent.service import agent_meta
+from firmware_agent.settings import load_config as load_agent_config
+from firmware_agent.spool import Spool, SpoolSettings
+from tests.agent_fleet import Fleet, fast_seal, fleet_messages, make_agents, window
 from tests.conftest import REPO
-from tests.mqtt_broker import wait_for
+from tests.mqtt_broker import HOST, wait_for
 from tests.nats_cluster import AGGREGATOR, NatsCluster, Ports, nats_server
 from tests.test_aggregator_ingest import _every_window_once, stored
 
@@ -113,6 +119,59 @@ FAULTS: dict[str, Callable[[NatsCluster, dict[str, subprocess.Popen[bytes]]], No
     "c-agents-node-killed": _fault_c,
     "d-whole-cluster-restarted": _fault_d,
 }
+
+
+def test_an_unchanged_agent_fails_over_to_the_next_node(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The agent's own publisher, MQTT 3.1.1, its first node down: broker.hosts takes it to
+    the next one, and the window leaves its spool (the node acknowledged it)."""
+    (agent,) = make_agents(1, "s1")
+    cluster = NatsCluster(tmp_path / "nats", [agent], Ports())
+    cluster.start()
+    try:
+        first, *others = cluster.nodes
+        settings = BrokerSettings(
+            host=HOST,
+            port=first.mqtt,
+            hosts=",".join(f"{HOST}:{n.mqtt}" for n in others),
+            username="s1/a0",
+            password=agent.password,
+            protocol="3.1.1",
+            backoff_initial_ms=50,
+            backoff_max_s=1,
+        )
+        # A first connection while every node is up: the MQTT listener makes its session
+        # streams (3 replicas) then; a stream with 3 replicas cannot be made on 2 nodes.
+        status = (Topic(SiteId("s1"), AgentId("a0"), "status"), b"x")
+        warm = Connection(settings, None, "footfall-s1-a0", status)
+        warm.open()
+        warm.close()
+        cluster.kill(first)
+        environ = {"FOOTFALL_AGENT_SITE": "s1", "FOOTFALL_AGENT_ID": "a0"}
+        spool_path = tmp_path / "spool.sqlite3"
+        with Spool(spool_path) as spool:
+            spool.append(0, lambda seq: fast_seal(counts_payload(
+                SiteId("s1"), AgentId("a0"), seq, "0" * 16, window(0)), agent.key))  # fmt: skip
+        publisher = Publisher(
+            settings,
+            SiteId("s1"),
+            AgentId("a0"),
+            agent.key,
+            spool_path,
+            SpoolSettings(),
+            agent_meta(load_agent_config(None, environ=environ)),
+        )
+        with caplog.at_level(logging.INFO, logger="footfall.agent"):
+            publisher.start()
+            wait_for(lambda: "connected to broker" in caplog.text, 20, "a connection")
+            publisher.stop(5)
+            assert publisher.join(10)
+        assert f"connected to broker {HOST}:{others[0].mqtt} as site=s1 agent=a0" in caplog.text
+        with Spool(spool_path) as spool:
+            assert spool.state().pending == 0
+    finally:
+        cluster.stop()
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
