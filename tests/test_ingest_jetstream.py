@@ -16,6 +16,7 @@ Without ``FOOTFALL_TEST_PG_DSN`` or nats-server the tests skip, saying why (with
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -30,8 +31,9 @@ import pytest
 from aggregator.config import StoreSettings, load_config
 from aggregator.jetstream import COUNTS_STREAM, STATE_STREAM, stream_configs, topic_of
 from aggregator.store import Store
-from firmware_agent.messages import AgentId, SiteId, Topic, counts_payload
-from firmware_agent.publish import BrokerSettings, Connection, Publisher
+from firmware_agent.doctor import FAIL, OK, check_broker
+from firmware_agent.messages import AgentId, SiteId, counts_payload
+from firmware_agent.publish import Publisher
 from firmware_agent.service import agent_meta
 from firmware_agent.settings import load_config as load_agent_config
 from firmware_agent.spool import Spool, SpoolSettings
@@ -121,46 +123,58 @@ FAULTS: dict[str, Callable[[NatsCluster, dict[str, subprocess.Popen[bytes]]], No
 }
 
 
-def test_an_unchanged_agent_fails_over_to_the_next_node(
+def test_doctor_checks_a_node_and_the_agent_fails_over_to_the_next(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The agent's own publisher, MQTT 3.1.1, its first node down: broker.hosts takes it to
-    the next one, and the window leaves its spool (the node acknowledged it)."""
+    """``footfall-agent doctor``'s broker check accepts a node's MQTT listener with the
+    agent's account and refuses a wrong password; then the agent's own publisher (MQTT 3.1.1),
+    its first node down, is taken to the next by broker.hosts, and its window leaves the spool
+    (the node acknowledged it)."""
     (agent,) = make_agents(1, "s1")
     cluster = NatsCluster(tmp_path / "nats", [agent], Ports())
     cluster.start()
     try:
         first, *others = cluster.nodes
-        settings = BrokerSettings(
-            host=HOST,
-            port=first.mqtt,
-            hosts=",".join(f"{HOST}:{n.mqtt}" for n in others),
-            username="s1/a0",
-            password=agent.password,
-            protocol="3.1.1",
-            backoff_initial_ms=50,
-            backoff_max_s=1,
+        config = load_agent_config(
+            None,
+            environ={},
+            overrides={
+                "agent.site": "s1",
+                "agent.id": "a0",
+                "broker.host": HOST,
+                "broker.port": first.mqtt,
+                "broker.hosts": ",".join(f"{HOST}:{n.mqtt}" for n in others),
+                "broker.username": "s1/a0",
+                "broker.password": agent.password,
+                "broker.protocol": "3.1.1",
+                "broker.backoff_initial_ms": 50,
+                "broker.backoff_max_s": 1,
+            },
         )
-        # A first connection while every node is up: the MQTT listener makes its session
-        # streams (3 replicas) then; a stream with 3 replicas cannot be made on 2 nodes.
-        status = (Topic(SiteId("s1"), AgentId("a0"), "status"), b"x")
-        warm = Connection(settings, None, "footfall-s1-a0", status)
-        warm.open()
-        warm.close()
+        # doctor's broker check, while every node is up (the MQTT listener then makes its
+        # session streams, with 3 replicas: a stream with 3 replicas cannot be made on 2 nodes)
+        finding = check_broker(config)
+        assert (finding.status, finding.detail) == (
+            OK,
+            f"{HOST}:{first.mqtt} (no TLS) accepted s1/a0 as 's1/a0'",
+        )
+        wrong = dataclasses.replace(
+            config, broker=dataclasses.replace(config.broker, password="wrong")
+        )
+        assert check_broker(wrong).status == FAIL
         cluster.kill(first)
-        environ = {"FOOTFALL_AGENT_SITE": "s1", "FOOTFALL_AGENT_ID": "a0"}
         spool_path = tmp_path / "spool.sqlite3"
         with Spool(spool_path) as spool:
             spool.append(0, lambda seq: fast_seal(counts_payload(
                 SiteId("s1"), AgentId("a0"), seq, "0" * 16, window(0)), agent.key))  # fmt: skip
         publisher = Publisher(
-            settings,
+            config.broker,
             SiteId("s1"),
             AgentId("a0"),
             agent.key,
             spool_path,
             SpoolSettings(),
-            agent_meta(load_agent_config(None, environ=environ)),
+            agent_meta(config),
         )
         with caplog.at_level(logging.INFO, logger="footfall.agent"):
             publisher.start()
