@@ -39,7 +39,7 @@ from firmware_agent.settings import load_config as load_agent_config
 from firmware_agent.spool import Spool, SpoolSettings
 from tests.agent_fleet import Fleet, fast_seal, fleet_messages, make_agents, window
 from tests.conftest import REPO
-from tests.mqtt_broker import HOST, wait_for
+from tests.mqtt_broker import HOST, TestCertificates, wait_for
 from tests.nats_cluster import AGGREGATOR, NatsCluster, Ports, nats_server
 from tests.test_aggregator_ingest import _every_window_once, stored
 
@@ -90,6 +90,36 @@ def test_jetstream_settings_are_checked() -> None:
         load_config(environ={}, overrides={"broker.servers": "n1:4222"})
     with pytest.raises(Exception, match=r"broker.stream_replicas must be between 1 and 5"):
         load_config(environ={}, overrides={"broker.stream_replicas": 7})
+
+
+def test_the_reference_deployment_is_a_valid_nats_configuration(
+    test_certificates: TestCertificates, tmp_path: Path
+) -> None:
+    """hardware/nats/, with the test certificates and a store directory in place of /etc and
+    /var: nats-server -t accepts each node's file (includes, TLS, accounts, mqtt block)."""
+    certs = test_certificates
+    places = {
+        "/etc/nats/certs/node.crt": str(certs.server_cert),
+        "/etc/nats/certs/node.key": str(certs.server_key),
+        "/etc/nats/certs/ca.crt": str(certs.ca),
+        "/var/lib/nats": str(tmp_path),
+    }
+    for source in (REPO / "hardware" / "nats").glob("*.conf"):
+        text = source.read_text()
+        for old, new in places.items():
+            text = text.replace(old, new)
+        (tmp_path / source.name).write_text(text)
+    for node in ("nats-1.conf", "nats-2.conf", "nats-3.conf"):
+        checked = subprocess.run(
+            [str(nats_server()), "-c", str(tmp_path / node), "-t"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert checked.returncode == 0, checked.stderr
+        assert "is valid" in checked.stdout + checked.stderr
+    accounts = (REPO / "hardware" / "nats" / "footfall-accounts.conf").read_text()
+    assert 'publish: ["footfall.v1.my-shop.door.>"]' in accounts  # an agent: its own topics
 
 
 def _fault_a(cluster: NatsCluster, procs: dict[str, subprocess.Popen[bytes]]) -> None:
