@@ -348,6 +348,31 @@ def cmd_refusals(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        rows = store.quarantined()
+    if args.json:
+        for row in rows:
+            print(json.dumps({k: v for k, v in row.items() if k != "id"}))
+    elif rows:
+        _table(
+            [("RECEIVED", "REASON", "SITE", "AGENT", "BYTES", "SHA-256", "ERROR")]
+            + [
+                (
+                    _when(row["received_at"]),
+                    row["reason"],
+                    row["site_id"] or "-",
+                    row["agent_id"] or "-",
+                    row["size"],
+                    row["digest"][:16],
+                    row["error"][:80],
+                )
+                for row in rows
+            ]
+        )
+    return 0
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     config = _config(args)
     with Store.open(config.store) as store:
@@ -433,6 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_refusals,
         "messages not stored, counted by reason, site and agent",
     ).add_argument("--json", action="store_true", help="one JSON object per line")
+    _command(
+        sub,
+        "quarantine",
+        cmd_quarantine,
+        "messages that failed verifying or storing on their own (the newest 10,000)",
+    ).add_argument(
+        "--json", action="store_true", help="one JSON object per line, the message's text too"
+    )
 
     sites = sub.add_parser("sites", help="sites: add, list")
     sites_sub = sites.add_subparsers(dest="sites_command", required=True, metavar="ACTION")

@@ -165,7 +165,28 @@ SETTINGS: tuple[_Setting, ...] = (
     Setting(
         "ingest.max_message_bytes",
         65536,
-        "Messages larger than this (bytes) are refused unread (a counts message is ~600).",
+        "Messages larger than this (bytes) are refused unread (a counts message is ~600); "
+        "announced to the broker, with 1024 bytes for the topic, as the MQTT 5 Maximum Packet "
+        "Size, so it drops larger ones.",
+    ),
+    Setting(
+        "ingest.max_window_age_days",
+        3650,
+        "Counts windows that start more than this many days before they arrive are refused "
+        "(window_range): an agent's spool and a replayed capture are younger.",
+    ),
+    Setting(
+        "ingest.max_window_lead_s",
+        3600,
+        "Counts windows that start more than this many seconds after they arrive are refused "
+        "(window_range): a closed window never starts in the future; this allows clock skew.",
+    ),
+    Setting(
+        "ingest.database_retry_s",
+        600,
+        "How long (s) ingest retries a database that cannot be reached before it exits non-zero "
+        "for its supervisor to start it again (the broker keeps what it has not stored); 0: "
+        "retry for ever.",
     ),
     Setting(
         "ingest.log_interval_s",
@@ -389,6 +410,9 @@ class IngestSettings:
     batch_wait_ms: int = 50
     verify_threads: int = 2
     max_message_bytes: int = 65536
+    max_window_age_days: int = 3650
+    max_window_lead_s: int = 3600
+    database_retry_s: int = 600
     log_interval_s: int = 60
     prune_interval_s: int = 3600
 
@@ -436,6 +460,23 @@ class IngestSettings:
             1024 <= self.max_message_bytes <= 16 << 20,
             "ingest.max_message_bytes must be between 1024 and 16777216, got "
             f"{self.max_message_bytes}",
+        )
+        _check(
+            problems,
+            1 <= self.max_window_age_days <= 36500,
+            "ingest.max_window_age_days must be between 1 and 36500, got "
+            f"{self.max_window_age_days}",
+        )
+        _check(
+            problems,
+            0 <= self.max_window_lead_s <= 86400 * 366,
+            "ingest.max_window_lead_s must be between 0 and 31622400, got "
+            f"{self.max_window_lead_s}",
+        )
+        _check(
+            problems,
+            0 <= self.database_retry_s <= 86400 * 7,
+            f"ingest.database_retry_s must be between 0 and 604800, got {self.database_retry_s}",
         )
         _check(
             problems,
@@ -595,6 +636,9 @@ def load_config(
             batch_wait_ms=number("ingest.batch_wait_ms"),
             verify_threads=number("ingest.verify_threads"),
             max_message_bytes=number("ingest.max_message_bytes"),
+            max_window_age_days=number("ingest.max_window_age_days"),
+            max_window_lead_s=number("ingest.max_window_lead_s"),
+            database_retry_s=number("ingest.database_retry_s"),
             log_interval_s=number("ingest.log_interval_s"),
             prune_interval_s=number("ingest.prune_interval_s"),
         ),

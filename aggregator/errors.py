@@ -9,11 +9,14 @@ command line can turn any of them into one readable line and an exit code::
     │   └── RegistryError      a site or agent is unknown, already enrolled, or malformed
     ├── AccountError           a user, role, grant, password or token is refused (names it)
     │   └── LoginRefusedError       wrong name or password, or too many failed logins lately
-    └── BrokerError            the broker cannot be reached or refuses the aggregator
+    ├── BrokerError            the broker cannot be reached or refuses the aggregator
+    └── IngestFatalError       ingest cannot go on (the database unusable for longer than
+                               ingest.database_retry_s, a stage failed): the process exits
+                               non-zero and its supervisor starts it again
 
 A message that an agent sends and the aggregator refuses is *not* an error: it is a
 :class:`aggregator.verify.Refusal`, counted by reason and logged (rate-limited), and ingest
-goes on.
+goes on; so is a message on which verifying or storing fails (it is quarantined).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ __all__ = [
     "AggregatorError",
     "BrokerError",
     "ConfigError",
+    "IngestFatalError",
     "LoginRefusedError",
     "RegistryError",
     "StoreError",
@@ -38,7 +42,12 @@ class ConfigError(AggregatorError):
 
 
 class StoreError(AggregatorError):
-    """The database cannot be opened, migrated or written."""
+    """The database cannot be opened, migrated or written; ``transient`` when it may work
+    again as it is (the connection, a lock: retried), not when it refused what it was given."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class RegistryError(StoreError):
@@ -47,6 +56,10 @@ class RegistryError(StoreError):
 
 class BrokerError(AggregatorError):
     """The broker cannot be reached, refuses the aggregator, or the connection is lost."""
+
+
+class IngestFatalError(AggregatorError):
+    """Ingest cannot go on: the process exits non-zero, for its supervisor to restart it."""
 
 
 class AccountError(AggregatorError):

@@ -25,8 +25,28 @@ Maximum), which bounds the memory a backlog takes.
 An acknowledgement belongs to its connection: after a reconnection the broker sends again what
 was not acknowledged, so acknowledgements of messages from an older connection are dropped.
 
-If the database fails, the batch is retried with a capped backoff, unacknowledged, for as long
-as it takes; the broker holds everything behind it.
+**No message can stop ingest** (issue 16: one signed window dated 9999-12-31 did, for every
+site, across restarts). Each message is verified on its own: an exception while verifying it
+refuses it (``verify_failed``). If the database fails in a way that may pass (a connection, a
+lock: :attr:`StoreError.transient`), the batch is retried with a capped backoff,
+unacknowledged; the broker holds everything behind it. If the batch fails on what it holds (a
+value the database refuses, an error computing its roll-ups), its messages are stored one by
+one: one that fails alone, while the database answers a probe of its tables, is quarantined
+(``store_failed``, the ``quarantine`` table), counted as a refusal of its agent and
+acknowledged with the rest. A stage that fails unexpectedly, a database that refuses every
+message (the probe fails too) or that stays unusable for ``ingest.database_retry_s`` is fatal:
+:meth:`Ingest.run` stops both stages and raises :class:`IngestFatalError`, and the process
+exits non-zero for its supervisor to start it again; the broker keeps what was not
+acknowledged. A stop (SIGTERM) waits at most 10 s for the batch being stored.
+
+Refusals are counted per reason, site and agent (``refusals``), but an agent that is not
+enrolled is counted as agent ``''`` of its site (of site ``''`` if the site has no enrolled
+agent): made-up topics add no rows.
+
+The session announces ``ingest.max_message_bytes`` plus room for the topic as its MQTT 5
+Maximum Packet Size: the broker drops a larger message for this session instead of sending
+it. Under MQTT 3.1.1, or from a broker that sends one anyway, the session reads past it
+without keeping it, and ingest refuses it as ``too_large`` (:mod:`aggregator.mqtt`).
 
 Mosquitto 2 hands a shared subscription's messages round-robin to every member's session,
 connected or not, and does not pass the messages of a member that is away to another: they
@@ -42,22 +62,25 @@ storage, refusals and acknowledgement after the commit are this module's, the sa
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import logging
 import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aggregator.config import AggregatorConfig
-from aggregator.errors import StoreError
-from aggregator.mqtt import Delivery, Session
-from aggregator.registry import Registry
+from aggregator.errors import IngestFatalError, StoreError
+from aggregator.mqtt import PACKET_OVERHEAD, Delivery, Session
+from aggregator.registry import Registry, noisy
 from aggregator.store import BatchOutcome, Store
-from aggregator.verify import REASONS, Accepted, Refusal, Verifier
+from aggregator.verify import REASONS, Accepted, Refusal, Verifier, WindowLimits
 
 if TYPE_CHECKING:
     from aggregator.jetstream import JetStreamSession
@@ -67,6 +90,8 @@ __all__ = ["Ingest", "IngestStats", "topics"]
 log = logging.getLogger("footfall.aggregator")
 
 _QUIET_REASONS = frozenset({"duplicate"})  # normal after a redelivery: logged at INFO
+_STOP_WAIT_S = 10  # how long a stop waits for the store stage's batch in hand
+T = TypeVar("T")
 
 
 def topics(share_group: str) -> list[tuple[str, bool]]:
@@ -87,6 +112,7 @@ class _Verified:
     batch: list[tuple[Delivery, float]]
     accepted: list[Accepted] = field(default_factory=list)
     tally: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    quarantine: list[dict[str, Any]] = field(default_factory=list)  # verify_failed
 
 
 @dataclass(slots=True)
@@ -97,6 +123,7 @@ class IngestStats:
     stored: int = 0  # counts windows inserted
     accepted: int = 0  # messages verified (counts, status, meta)
     refused: Counter[str] = field(default_factory=Counter)  # by reason, store's skips too
+    quarantined: int = 0
     batches: int = 0
     db_s: float = 0.0  # in store transactions
     started: float = field(default_factory=time.monotonic)
@@ -132,6 +159,55 @@ class _RefusalLog:
             self._last.clear()
 
 
+def _ascii(text: str, limit: int) -> str:
+    """Text for a quarantine column: ASCII (anything else escaped), at most ``limit``."""
+    return text.encode("ascii", "backslashreplace").decode()[:limit]
+
+
+def _quarantine_row(
+    reason: str, refusal_site: str, refusal_agent: str, topic: str, data: bytes, error: str, at: int
+) -> dict[str, Any]:
+    return {
+        "received_at": at,
+        "reason": reason,
+        "site_id": refusal_site,
+        "agent_id": refusal_agent,
+        "topic": _ascii(topic, 200),
+        "error": _ascii(error, 500),
+        "size": len(data),
+        "digest": hashlib.sha256(data).hexdigest(),
+        "message": None,
+    }
+
+
+class _StoppedError(Exception):
+    """Ingest was stopped while retrying the database."""
+
+
+def _failure(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _topic_ids(topic: str) -> tuple[str, str]:
+    """(site, agent) a topic names, or ("", "")."""
+    parts = topic.split("/")
+    if len(parts) == 5 and parts[:2] == ["footfall", "v1"]:
+        return parts[2][:63], parts[3][:63]
+    return "", ""
+
+
+def _with_metas(registry: Registry, results: Iterable[Accepted | Refusal]) -> Registry:
+    """The registry with what the accepted meta messages say about their agents' noise."""
+    changed = {
+        (m.agent.site, m.agent.agent): dataclasses.replace(m.agent, noisy=noisy(m.payload))
+        for m in results
+        if isinstance(m, Accepted) and noisy(m.payload) != m.agent.noisy
+    }
+    if not changed:
+        return registry
+    return Registry(registry.version, {**registry.agents, **changed})
+
+
 class Ingest:
     """One ingest process's MQTT session and worker (see the module docstring)."""
 
@@ -145,15 +221,22 @@ class Ingest:
         self.config = config
         self.settings = config.ingest
         self.store = store
-        self.verifier = Verifier(config.ingest.max_message_bytes)
+        self.verifier = Verifier(
+            config.ingest.max_message_bytes,
+            WindowLimits(
+                past_s=config.ingest.max_window_age_days * 86400,
+                future_s=config.ingest.max_window_lead_s,
+            ),
+        )
         self.stats = IngestStats()
         self._on_batch = on_batch
         self._queue: queue.SimpleQueue[tuple[Delivery, float]] = queue.SimpleQueue()
-        self._verified: queue.Queue[_Verified | None] = queue.Queue(maxsize=1)
+        self._verified: queue.Queue[_Verified] = queue.Queue(maxsize=1)
         self._refusals = _RefusalLog(config.ingest.log_interval_s)
         self._stats_lock = threading.Lock()
         self._registry: Registry | None = None
         self._stop = threading.Event()
+        self._fatal: BaseException | None = None
         self._pool = (
             ThreadPoolExecutor(self.settings.verify_threads, thread_name_prefix="footfall-verify")
             if self.settings.verify_threads > 1
@@ -180,6 +263,7 @@ class Ingest:
             client_id=self.settings.client_id,
             session_expiry_s=self.settings.session_expiry_s,
             receive_maximum=self.settings.receive_maximum,
+            maximum_packet_size=self.settings.max_message_bytes + PACKET_OVERHEAD,
             filters=[topic for topic, _ in topics(self.settings.share_group)],
             on_message=self._on_message,
         )
@@ -194,13 +278,16 @@ class Ingest:
         self._stop.set()
 
     def run(self) -> None:
-        """Connect, then verify and store batches until :meth:`stop`.
+        """Connect, then verify and store batches until :meth:`stop`; raise
+        :class:`IngestFatalError` when ingest cannot go on (see the module docstring).
 
         Two stages overlap: this thread takes and verifies batch n+1 while the store thread
         commits batch n (both stages spend much of their time outside the GIL: Ed25519, the
         database); the store thread acknowledges each batch after its commit, in order."""
         self.session.start()
-        store_thread = threading.Thread(target=self._store_stage, name="footfall-store")
+        store_thread = threading.Thread(
+            target=self._store_stage, name="footfall-store", daemon=True
+        )
         store_thread.start()
         next_prune = time.monotonic()
         next_summary = time.monotonic() + self.settings.log_interval_s
@@ -209,9 +296,8 @@ class Ingest:
                 batch = self._take()
                 if batch:
                     verified = self._verify_stage(batch)
-                    if verified is None:
+                    if verified is None or not self._hand_over(verified):
                         break
-                    self._verified.put(verified)
                 now = time.monotonic()
                 if now >= next_prune:
                     next_prune = now + self.settings.prune_interval_s
@@ -219,14 +305,43 @@ class Ingest:
                 if now >= next_summary:
                     next_summary = now + self.settings.log_interval_s
                     self._summary()
+        except BaseException as exc:
+            self._die("the verify stage", exc)
         finally:
-            self._stop.set()  # the store stage stops retrying a batch the database refuses
-            self._verified.put(None)
-            store_thread.join()
+            self._stop.set()  # the store stage finishes the batch in hand, then returns
+            store_thread.join(_STOP_WAIT_S)
+            if store_thread.is_alive():
+                log.error(
+                    "the store did not finish its batch within %d s; stopping without it "
+                    "(unacknowledged: the broker sends it again)",
+                    _STOP_WAIT_S,
+                )
             self.session.stop()
             if self._pool is not None:
-                self._pool.shutdown()
+                self._pool.shutdown(wait=False, cancel_futures=True)
             self._summary()
+        if self._fatal is not None:
+            raise IngestFatalError(f"ingest stopped: {_failure(self._fatal)}") from self._fatal
+
+    def _die(self, where: str, exc: BaseException) -> None:
+        """A stage cannot go on: say why, and stop the other (run raises at its end)."""
+        if self._fatal is None:
+            self._fatal = exc
+            if isinstance(exc, IngestFatalError):
+                log.critical("%s", exc)
+            else:
+                log.critical("%s failed: %s", where, _failure(exc), exc_info=exc)
+        self._stop.set()
+
+    def _hand_over(self, verified: _Verified) -> bool:
+        """Queue a verified batch for the store stage; False if stopped meanwhile."""
+        while not self._stop.is_set():
+            try:
+                self._verified.put(verified, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def _take(self) -> list[tuple[Delivery, float]]:
         """Up to batch_max messages: wait for a first, then for more until batch_wait_ms."""
@@ -252,25 +367,25 @@ class Ingest:
     def _verify_stage(self, batch: list[tuple[Delivery, float]]) -> _Verified | None:
         """Verify a batch against the current registry (read again, with retries, if the
         database fails); None if stopped meanwhile."""
-        delay = 0.2
-        while True:
-            try:
-                registry = self._current_registry()
-                break
-            except StoreError as exc:
-                if self._stop.is_set():
-                    return None
-                log.error("cannot read the registry: %s; retrying", exc)
-                self._stop.wait(delay)
-                delay = min(delay * 2, self.config.broker.backoff_max_s)
+        try:
+            registry = self._retrying("read the registry", self._current_registry)
+        except _StoppedError:
+            return None
         verified = _Verified(batch)
         now = time.monotonic()
         refused: list[Refusal] = []
-        for result in self._check(batch, registry):
+        for (delivery, at), result in zip(batch, self._check(batch, registry), strict=True):
             if isinstance(result, Refusal):
-                verified.tally[(result.reason, result.site, result.agent)] += 1
                 refused.append(result)
                 self._refusals.note(result, now)
+                reason, site, agent = self._counted_as(result, registry)
+                if reason != "verify_failed":
+                    verified.tally[(reason, site, agent)] += 1
+                    continue
+                row = _quarantine_row(
+                    reason, site, agent, delivery.topic, delivery.payload, result.detail, int(at)
+                )
+                verified.quarantine.append(row)  # counted as a refusal by store.quarantine
             else:
                 verified.accepted.append(result)
         with self._stats_lock:
@@ -278,61 +393,178 @@ class Ingest:
             self.stats.refused.update(r.reason for r in refused)
         return verified
 
-    def _store_stage(self) -> None:
-        """Store verified batches in order, acknowledging each after its commit."""
-        while True:
-            verified = self._verified.get()
-            if verified is None:
-                return
-            outcome = self._store(verified)
-            if outcome is None:
-                continue  # stopping with the database down: the broker keeps the batch
-            self.session.ack([delivery for delivery, _ in verified.batch])
-            with self._stats_lock:
-                self.stats.batches += 1
-                self.stats.received += len(verified.batch)
-                self.stats.stored += len(outcome.stored)
-                self.stats.refused.update(reason for _, reason in outcome.skipped)
-            now = time.monotonic()
-            for message, reason in outcome.skipped:
-                self._refusals.note(
-                    Refusal(reason, REASONS[reason], message.agent.site, message.agent.agent),
-                    now,
-                )
-            if self._on_batch is not None:
-                self._on_batch(outcome)
+    @staticmethod
+    def _counted_as(refusal: Refusal, registry: Registry) -> tuple[str, str, str]:
+        """(reason, site, agent) a refusal is counted under: an agent that is not enrolled as
+        '' and a site without an enrolled agent as '', so made-up topics add no rows."""
+        site, agent = refusal.site, refusal.agent
+        if registry.get(site, agent) is None:
+            agent = ""
+            if site not in registry.sites:
+                site = ""
+        return refusal.reason, site, agent
 
-    def _store(self, verified: _Verified) -> BatchOutcome | None:
-        delay = 0.2
+    def _store_stage(self) -> None:
+        """Store verified batches in order, acknowledging each after its commit; returns
+        when stopped (after the batch in hand)."""
+        try:
+            while True:
+                try:
+                    verified = self._verified.get(timeout=0.2)
+                except queue.Empty:
+                    if self._stop.is_set():
+                        return
+                    continue
+                outcome = self._store(verified)
+                if outcome is None:
+                    return  # stopping with the database down: the broker keeps the batch
+                self.session.ack([delivery for delivery, _ in verified.batch])
+                with self._stats_lock:
+                    self.stats.batches += 1
+                    self.stats.received += len(verified.batch)
+                    self.stats.stored += len(outcome.stored)
+                    self.stats.refused.update(reason for _, reason in outcome.skipped)
+                now = time.monotonic()
+                for message, reason in outcome.skipped:
+                    self._refusals.note(
+                        Refusal(reason, REASONS[reason], message.agent.site, message.agent.agent),
+                        now,
+                    )
+                if self._on_batch is not None:
+                    self._on_batch(outcome)
+        except BaseException as exc:
+            self._die("the store stage", exc)
+
+    def _retrying(self, what: str, attempt: Callable[[], T]) -> T:
+        """``attempt()``, again with a capped backoff while the database fails in a way that
+        may pass (a connection, a lock); :class:`_StoppedError` if stopped meanwhile. A failure
+        that lasts ingest.database_retry_s is fatal; any other error is raised at once."""
+        delay, first_failure = 0.2, None
         while True:
             started = time.perf_counter()
             try:
-                return self.store.store_batch(verified.accepted, verified.tally, int(time.time()))
+                return attempt()
             except StoreError as exc:
+                if not exc.transient:
+                    raise
                 if self._stop.is_set():
-                    log.warning("stopping with a batch unstored (%s); the broker keeps it", exc)
-                    return None
-                log.error(
-                    "cannot store a batch of %d messages: %s; retrying", len(verified.batch), exc
-                )
+                    log.warning("stopping: cannot %s (%s); the broker keeps the batch", what, exc)
+                    raise _StoppedError from exc
+                now = time.monotonic()
+                first_failure = first_failure or now
+                limit = self.settings.database_retry_s
+                if limit and now - first_failure >= limit:
+                    raise IngestFatalError(
+                        f"cannot {what} for {limit} s (ingest.database_retry_s): {exc}; exiting "
+                        "for the supervisor to start ingest again"
+                    ) from exc
+                log.error("cannot %s: %s; retrying", what, exc)
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.config.broker.backoff_max_s)
             finally:
                 self.stats.db_s += time.perf_counter() - started
 
+    def _store(self, verified: _Verified) -> BatchOutcome | None:
+        """Store a batch; if the batch fails on what it holds, its messages one by one, and
+        quarantine each that fails alone. None if stopped meanwhile."""
+        try:
+            return self._store_or_quarantine(verified)
+        except _StoppedError:
+            return None
+
+    def _store_or_quarantine(self, verified: _Verified) -> BatchOutcome:
+        now = int(time.time())
+        tally = dict(verified.tally)
+        if verified.quarantine:
+            rows = verified.quarantine
+            self._retrying("quarantine", lambda: self.store.quarantine(rows, now))
+            with self._stats_lock:
+                self.stats.quarantined += len(rows)
+        try:
+            return self._retrying(
+                f"store a batch of {len(verified.batch)} messages",
+                lambda: self.store.store_batch(verified.accepted, tally, now),
+            )
+        except (IngestFatalError, _StoppedError):
+            raise
+        except Exception as exc:
+            log.warning(
+                "a batch of %d messages failed (%s); storing them one by one",
+                len(verified.batch),
+                _failure(exc),
+            )
+        outcome = BatchOutcome()
+        self._retrying("count refusals", lambda: self.store.store_batch([], tally, now))
+        for message in verified.accepted:
+            try:
+                part = self._retrying(
+                    "store a message",
+                    functools.partial(self.store.store_batch, [message], None, now),
+                )
+            except (IngestFatalError, _StoppedError):
+                raise
+            except Exception as exc:
+                self._quarantine_stored(message, exc, now)
+                continue
+            outcome.stored += part.stored
+            outcome.skipped += part.skipped
+        return outcome
+
+    def _quarantine_stored(self, message: Accepted, exc: Exception, now: int) -> None:
+        """Quarantine a verified message the store failed on alone, after making sure the
+        database itself answers (else that is fatal)."""
+        try:
+            self._retrying("read the database", self.store.probe)
+        except StoreError as broken:
+            raise IngestFatalError(
+                f"the database fails on every message, not this one: {broken}"
+            ) from broken
+        who = (message.agent.site, message.agent.agent)
+        text = f'{{"alg":"ed25519","payload":{message.canonical},"sig":"{message.signature}"}}'
+        row = _quarantine_row(
+            "store_failed",
+            *who,
+            f"footfall/v1/{who[0]}/{who[1]}/{message.kind}",
+            text.encode(),
+            _failure(exc),
+            message.received_at,
+        )
+        row["message"] = text
+        self._retrying("quarantine", lambda: self.store.quarantine([row], now))
+        refusal = Refusal("store_failed", _failure(exc), *who)
+        self._refusals.note(refusal, time.monotonic())
+        with self._stats_lock:
+            self.stats.quarantined += 1
+            self.stats.refused["store_failed"] += 1
+            self.stats.accepted -= 1
+
     def _check(
         self, batch: list[tuple[Delivery, float]], registry: Registry
     ) -> list[Accepted | Refusal]:
-        """Verify a batch, in order; big batches in parallel (Ed25519 lets go of the GIL)."""
+        """Verify a batch, in order; big batches in parallel (Ed25519 lets go of the GIL).
+        An agent's meta goes first, so its counts in the same batch meet the rules it says
+        it follows; an error while verifying one message refuses that message."""
         check = self.verifier.check
 
-        def chunk(items: list[tuple[Delivery, float]]) -> list[Accepted | Refusal]:
-            return [check(d.topic, d.payload, registry, int(at)) for d, at in items]
+        def one(delivery: Delivery, at: float, registry: Registry) -> Accepted | Refusal:
+            try:
+                return check(delivery.topic, delivery.payload, registry, int(at), delivery.size)
+            except Exception as exc:
+                where = _topic_ids(delivery.topic)
+                return Refusal("verify_failed", _failure(exc), *where)
 
+        metas = [i for i, (d, _) in enumerate(batch) if d.topic.endswith("/meta")]
+        first = {i: one(*batch[i], registry) for i in metas}
+        registry = _with_metas(registry, first.values())
+
+        def chunk(items: list[tuple[int, tuple[Delivery, float]]]) -> list[Accepted | Refusal]:
+            return [first[i] if i in first else one(d, at, registry) for i, (d, at) in items]
+
+        numbered = list(enumerate(batch))
         if self._pool is None or len(batch) < 32:
-            return chunk(batch)
+            return chunk(numbered)
         size = -(-len(batch) // self.settings.verify_threads)
-        parts = self._pool.map(chunk, [batch[i : i + size] for i in range(0, len(batch), size)])
+        parts = self._pool.map(chunk, [numbered[i : i + size] for i in range(0, len(batch), size)])
         return [result for part in parts for result in part]
 
     def _current_registry(self) -> Registry:
@@ -364,12 +596,13 @@ class Ingest:
         refused = ", ".join(f"{reason}={n}" for reason, n in sorted(s.refused.items()))
         v = self.verifier
         log.info(
-            "ingest: %d messages received, %d windows stored, %d refused%s; time: parse %.2f s, "
-            "signatures %.2f s, database %.2f s",
+            "ingest: %d messages received, %d windows stored, %d refused%s, %d quarantined; "
+            "time: parse %.2f s, signatures %.2f s, database %.2f s",
             s.received,
             s.stored,
             sum(s.refused.values()),
             f" ({refused})" if refused else "",
+            s.quarantined,
             v.parse_s,
             v.verify_s,
             s.db_s,

@@ -269,7 +269,9 @@ class JetStreamSession:
                     mid = next(self._ids)
                     with self._lock:
                         self._pending[mid] = msg
-                    self.on_message(Delivery(0, mid, 1, False, topic_of(msg.subject), msg.data))
+                    self.on_message(
+                        Delivery(0, mid, 1, False, topic_of(msg.subject), msg.data, len(msg.data))
+                    )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

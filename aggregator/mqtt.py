@@ -10,15 +10,20 @@ part of MQTT, so this module does that part and nothing else, in about 20 µs pe
 
 * one connection at a time, TCP or TLS (``ssl.SSLContext``), user name and password;
 * MQTT 5 (``broker.protocol = "5"``): ``clean_start`` off with a Session Expiry Interval (the
-  broker keeps the session and what is queued for it while we are away) and a Receive Maximum
-  (how many unacknowledged QoS 1 messages the broker may send ahead);
+  broker keeps the session and what is queued for it while we are away), a Receive Maximum
+  (how many unacknowledged QoS 1 messages the broker may send ahead) and a Maximum Packet
+  Size (the broker drops a larger message for us rather than send it);
 * MQTT 3.1.1 (``"3.1.1"``, protocol level 4, for brokers without 5 such as amqtt):
   ``clean session`` off (the broker keeps the session for as long as it decides) and no
   properties in any packet; the broker's own limit bounds what it sends ahead. The two
   versions differ only in the packets' layout (:func:`connect_packet`,
   :func:`subscribe_packet`, :func:`_skip_properties`) and the CONNACK's codes;
 * SUBSCRIBE at QoS 1 on connecting (shared subscriptions are plain topic filters here);
-* PUBLISH received (QoS 0 and 1), reads buffered 256 KiB at a time;
+* PUBLISH received (QoS 0 and 1), reads buffered 256 KiB at a time; one larger than the
+  maximum packet size (3.1.1, which cannot announce it, or a broker that ignores it) is read
+  past, never held: its topic and packet id are kept and it is delivered with an empty
+  payload and its size, for ingest to refuse and acknowledge (a 100 MB message took ingest
+  to 468 MB before: issue 16);
 * PUBACK only when :meth:`Session.ack` is called (after the database commit), several per
   ``send``; acknowledgements of deliveries from an earlier connection are dropped, since the
   broker sends those again (their packet ids may now name other messages);
@@ -46,7 +51,7 @@ from typing import NamedTuple
 
 from aggregator.config import BrokerSettings
 
-__all__ = ["Delivery", "ProtocolError", "Session", "reason_in_words"]
+__all__ = ["PACKET_OVERHEAD", "Delivery", "ProtocolError", "Session", "reason_in_words"]
 
 log = logging.getLogger("footfall.aggregator")
 
@@ -88,6 +93,9 @@ _RETURN_CODES_311 = {  # CONNACK return codes of MQTT 3.1.1, and SUBACK's failur
 _PINGREQ = b"\xc0\x00"
 _DISCONNECT = b"\xe0\x00"  # normal disconnection: the session stays (its expiry runs)
 _READ_SIZE = 256 * 1024
+# What a PUBLISH holds besides its payload: fixed header, topic (footfall/v1/<site>/<agent>/
+# <kind> is at most 146 bytes), packet id, properties (a publisher's user properties count).
+PACKET_OVERHEAD = 1024
 
 
 def reason_in_words(code: int, v5: bool = True) -> str:
@@ -107,7 +115,8 @@ class Delivery(NamedTuple):
     qos: int
     retain: bool
     topic: str
-    payload: bytes
+    payload: bytes  # empty when it was too large to keep
+    size: int  # the payload's size as sent
 
 
 def _varint(n: int) -> bytes:
@@ -160,14 +169,18 @@ def connect_packet(
     session_expiry_s: int,
     receive_maximum: int,
     v5: bool = True,
+    maximum_packet_size: int = 0,
 ) -> bytes:
-    """CONNECT, clean start (3.1.1: clean session) off; MQTT 5 with the session expiry and
-    receive maximum, 3.1.1 (protocol level 4) without properties."""
+    """CONNECT, clean start (3.1.1: clean session) off; MQTT 5 with the session expiry,
+    receive maximum and maximum packet size (0: none), 3.1.1 (protocol level 4) without
+    properties."""
     flags = (0x80 if username else 0) | (0x40 if password else 0)
     body = _string("MQTT") + bytes([5 if v5 else 4, flags]) + struct.pack("!H", keepalive_s)
     if v5:
         properties = b"\x11" + struct.pack("!I", session_expiry_s)
         properties += b"\x21" + struct.pack("!H", receive_maximum)
+        if maximum_packet_size:
+            properties += b"\x27" + struct.pack("!I", maximum_packet_size)
         body += _varint(len(properties)) + properties
     body += _string(client_id)
     if username:
@@ -195,7 +208,8 @@ class Session:
     the module docstring).
 
     ``on_message`` runs in the session's thread for every PUBLISH; it must be quick (ingest
-    puts the delivery on a queue)."""
+    puts the delivery on a queue). ``maximum_packet_size`` (bytes, 0: none) is announced
+    (MQTT 5) and enforced (a larger PUBLISH is delivered without its payload)."""
 
     def __init__(
         self,
@@ -206,12 +220,14 @@ class Session:
         receive_maximum: int,
         filters: Sequence[str],
         on_message: Callable[[Delivery], None],
+        maximum_packet_size: int = 0,
     ) -> None:
         self.settings = settings
         self.v5 = settings.protocol == "5"
         self.client_id = client_id
         self.session_expiry_s = session_expiry_s
         self.receive_maximum = receive_maximum
+        self.maximum_packet_size = maximum_packet_size
         self.filters = list(filters)
         self.on_message = on_message
         self.context = settings.ssl_context()
@@ -221,6 +237,7 @@ class Session:
         self._generation = 0
         self._lock = threading.Lock()
         self._acks: list[int] = []
+        self._skip = 0  # bytes of a packet too large to keep still to come, and to drop
         self._stop = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -308,6 +325,7 @@ class Session:
                     self.session_expiry_s,
                     self.receive_maximum,
                     self.v5,
+                    self.maximum_packet_size,
                 )
             )
             try:
@@ -359,6 +377,7 @@ class Session:
         with self._lock:
             self._generation += 1
             generation = self._generation
+        self._skip = 0
         selector = selectors.DefaultSelector()
         selector.register(sock, selectors.EVENT_READ)
         selector.register(self._wake_r, selectors.EVENT_READ)
@@ -384,9 +403,9 @@ class Session:
                     chunk = sock.recv(_READ_SIZE)
                     if not chunk:
                         raise ProtocolError("the broker closed the connection")
-                    buffer += chunk
+                    self._keep(buffer, chunk)
                     while isinstance(sock, ssl.SSLSocket) and sock.pending():
-                        buffer += sock.recv(_READ_SIZE)
+                        self._keep(buffer, sock.recv(_READ_SIZE))
                     last_in = time.monotonic()
                     used = self._packets(buffer, generation, sock)
                     del buffer[:used]
@@ -399,6 +418,14 @@ class Session:
             sock.sendall(puback_packets(self._take_acks()) + _DISCONNECT)
         finally:
             selector.close()
+
+    def _keep(self, buffer: bytearray, chunk: bytes) -> None:
+        """Add what was read to the buffer, less the rest of a packet being read past."""
+        if self._skip:
+            dropped = min(self._skip, len(chunk))
+            self._skip -= dropped
+            chunk = chunk[dropped:]
+        buffer += chunk
 
     def _take_acks(self) -> list[int]:
         with self._lock:
@@ -418,10 +445,18 @@ class Session:
                     break
                 size, used = length
             start = at + 1 + used
-            if start + size > end:
-                break
             header = data[at]
             kind = header >> 4
+            if kind == 3 and size > self.maximum_packet_size > 0:
+                if not self._oversize(header, data, start, size, generation):
+                    break  # its topic and packet id are not all here yet
+                if start + size > end:
+                    self._skip = start + size - end
+                    return end
+                at = start + size
+                continue
+            if start + size > end:
+                break
             if kind == 3:
                 self._publish(header, data[start : start + size], generation)
             elif kind == 9:
@@ -448,7 +483,37 @@ class Session:
             at += 2
         if self.v5:
             at = _skip_properties(body, at, "PUBLISH")
-        self.on_message(Delivery(generation, mid, qos, bool(header & 1), topic, bytes(body[at:])))
+        payload = bytes(body[at:])
+        retain = bool(header & 1)
+        self.on_message(Delivery(generation, mid, qos, retain, topic, payload, len(payload)))
+
+    def _oversize(
+        self, header: int, data: bytearray, start: int, size: int, generation: int
+    ) -> bool:
+        """Deliver a PUBLISH too large to keep, payload left out, once its topic and packet
+        id are in ``data``; False until they are."""
+        head = bytes(data[start : start + 2 + 0xFFFF + 2 + 4])
+        if len(head) < 2:
+            return False
+        at = 2 + ((head[0] << 8) | head[1])
+        qos = (header >> 1) & 3
+        need = at + (2 if qos else 0) + (1 if self.v5 else 0)
+        if len(head) < need:
+            return False
+        mid = (head[at] << 8) | head[at + 1] if qos else 0
+        at += 2 if qos else 0
+        if self.v5:
+            length = _read_varint(head, at)
+            if length is None:
+                return False
+            at += length[1] + length[0]
+        try:
+            topic = head[2 : 2 + ((head[0] << 8) | head[1])].decode()
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("malformed PUBLISH: its topic is not UTF-8") from exc
+        payload_size = max(size - at, 0)
+        self.on_message(Delivery(generation, mid, qos, bool(header & 1), topic, b"", payload_size))
+        return True
 
     def _suback(self, body: bytes) -> None:
         codes = body[_skip_properties(body, 2, "SUBACK") if self.v5 else 2 :]

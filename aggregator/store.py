@@ -10,7 +10,7 @@ Tables::
 
     sites           id, name, timezone
     agents          agent_key, site_id, agent_id, public_key, enrolled/revoked, health
-                    (last seen, status, spool), last meta, retention watermark
+                    (last seen, status, spool), last meta, retention cutoff
     registry_state  a version bumped by every enrolment, revocation and prune
     windows         one row per stored counts message: (agent_key, seq) and
                     (agent_key, window_start) unique; every count the schema defines as a
@@ -22,6 +22,10 @@ Tables::
     site_hours      deletes the windows
     site_days
     refusals        messages not stored, by reason, site and agent: count, first, last
+                    (an agent that is not enrolled is counted as agent '', and a site
+                    without an enrolled agent as site '': rows do not grow with made-up ids)
+    quarantine      messages whose verification or storage failed on them alone: reason,
+                    error, digest, size (the text only of verified ones), newest kept
     users, grants,  accounts (aggregator.accounts): users with a role, the sites granted to
     sessions,       them, browser sessions and API tokens (SHA-256 of the secret at rest,
     api_tokens,     tokens with an expiry), login attempts by name and address and by
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,7 +60,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from aggregator.config import StoreSettings, mask_dsn
 from aggregator.errors import RegistryError, StoreError
-from aggregator.registry import AgentEntry, Registry
+from aggregator.registry import AgentEntry, Registry, noisy
 from aggregator.rollup import (
     MAX_MEASURES,
     MEASURES,
@@ -104,7 +109,7 @@ agents = sa.Table(
     sa.Column("public_key", sa.String(44), nullable=False),
     sa.Column("enrolled_at", sa.BigInteger, nullable=False),
     sa.Column("revoked_at", sa.BigInteger),
-    sa.Column("pruned_through_seq", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("pruned_before", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("last_seen_at", sa.BigInteger),
     sa.Column("status_state", sa.String(8)),
     sa.Column("status_cause", sa.String(16)),
@@ -214,6 +219,22 @@ refusals = sa.Table(
     sa.Column("last_at", sa.BigInteger, nullable=False),
     sa.PrimaryKeyConstraint("reason", "site_id", "agent_id", name="pk_refusals"),
 )
+
+quarantine = sa.Table(
+    "quarantine",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("received_at", sa.BigInteger, nullable=False),
+    sa.Column("reason", sa.String(32), nullable=False),
+    sa.Column("site_id", sa.String(63), nullable=False),
+    sa.Column("agent_id", sa.String(63), nullable=False),
+    sa.Column("topic", sa.String(200), nullable=False),
+    sa.Column("error", sa.String(500), nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("digest", sa.String(64), nullable=False),
+    sa.Column("message", sa.Text),
+)
+QUARANTINE_KEEP = 10_000  # rows: each quarantining deletes those before the newest 10,000
 
 # Accounts (aggregator.accounts): users and their roles, grants of sites, browser sessions and
 # API tokens (both hashed at rest; tokens expire), login attempts by name and address.
@@ -465,7 +486,10 @@ class Store:
             with (self._read_engine if read_only else self.engine).begin() as conn:
                 yield conn
         except sa.exc.DBAPIError as exc:
-            raise StoreError(f"database {self.where}: {_db_error(exc)}") from exc
+            transient = isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError)
+            raise StoreError(
+                f"database {self.where}: {_db_error(exc)}", transient=transient
+            ) from exc
 
     # --- migrations ------------------------------------------------------------------------
 
@@ -642,7 +666,8 @@ class Store:
                     agents.c.agent_id,
                     agents.c.public_key,
                     agents.c.revoked_at,
-                    agents.c.pruned_through_seq,
+                    agents.c.pruned_before,
+                    agents.c.meta,
                     sites.c.timezone,
                 ).join_from(agents, sites, agents.c.site_id == sites.c.id)
             ).all()
@@ -654,7 +679,8 @@ class Store:
                 verify_key=verify_key_from_text(row.public_key),
                 revoked=row.revoked_at is not None,
                 zone=row.timezone,
-                pruned_through_seq=row.pruned_through_seq,
+                pruned_before=row.pruned_before,
+                noisy=noisy(json.loads(row.meta) if row.meta else None),
             )
             for row in rows
         }
@@ -685,6 +711,7 @@ class Store:
                 counts.append(message)
         tally: dict[tuple[str, str, str], int] = dict(refused or {})
         with self.begin() as conn:
+            counts = self._not_pruned(conn, counts, outcome)
             inserted = self._insert_windows(conn, counts)
             for message in counts:
                 if (message.agent.key, int(message.payload["seq"])) in inserted:
@@ -704,6 +731,33 @@ class Store:
             if tally:
                 self._count_refusals(conn, tally, now)
         return outcome
+
+    def _not_pruned(
+        self, conn: Connection, counts: list[Accepted], outcome: BatchOutcome
+    ) -> list[Accepted]:
+        """The windows that start at or after their agent's retention cutoff, as the database
+        has it now (the verifier's registry may be older than the last prune: a replay it let
+        through would be counted again); the others are skipped as ``expired``."""
+        keys = sorted({m.agent.key for m in counts})
+        if not keys:
+            return counts
+        cutoffs = {
+            int(key): int(cutoff)
+            for key, cutoff in conn.execute(
+                sa.select(agents.c.agent_key, agents.c.pruned_before).where(
+                    agents.c.agent_key.in_(keys), agents.c.pruned_before > 0
+                )
+            )
+        }
+        if not cutoffs:
+            return counts
+        kept = []
+        for message in counts:
+            if message.window_start < cutoffs.get(message.agent.key, 0):
+                outcome.skipped.append((message, "expired"))
+            else:
+                kept.append(message)
+        return kept
 
     def _insert_windows(self, conn: Connection, counts: Sequence[Accepted]) -> set[tuple[int, int]]:
         """Insert the windows not stored yet; the (agent_key, seq) of those inserted."""
@@ -770,6 +824,7 @@ class Store:
         statuses: list[dict[str, Any]] = []
         metas: list[dict[str, Any]] = []
         seen: dict[int, int] = {}
+        changed = False
         for message in accepted:
             key = message.agent.key
             seen[key] = max(seen.get(key, 0), message.received_at)
@@ -788,10 +843,13 @@ class Store:
                 )
             elif message.kind == "meta":
                 metas.append({"k": key, "meta": message.canonical, "at": message.received_at})
+                changed |= noisy(message.payload) != message.agent.noisy
         if statuses:
             conn.execute(self._statements.update_status, statuses)
         if metas:
             conn.execute(self._statements.update_meta, metas)
+        if changed:  # the verifier holds the agent to other rules now: reload the registry
+            self._bump(conn)
         due = [
             {"k": key, "at": at}
             for key, at in seen.items()
@@ -836,27 +894,55 @@ class Store:
 
     def prune(self, now: int, retention_days: int) -> int:
         """Delete windows that started more than ``retention_days`` ago (roll-ups stay); the
-        number deleted. Their seqs are remembered per agent, so a replay of one is refused."""
+        number deleted. The cutoff is remembered per agent whose windows it deleted, so a
+        replay of one is refused (verify: ``expired``), and by window time only: a current
+        window is never older than it."""
         if retention_days <= 0:
             return 0
         cutoff = now - retention_days * 86400
-        deleted = 0
+        old = windows.c.window_start < cutoff
         with self.begin() as conn:
-            keys = conn.execute(sa.select(agents.c.agent_key)).scalars().all()
-            for key in keys:
-                in_agent = (windows.c.agent_key == key) & (windows.c.window_start < cutoff)
-                top = conn.execute(sa.select(sa.func.max(windows.c.seq)).where(in_agent)).scalar()
-                if top is None:
-                    continue
-                conn.execute(
-                    agents.update()
-                    .where(agents.c.agent_key == key, agents.c.pruned_through_seq < top)
-                    .values(pruned_through_seq=top)
-                )
-                deleted += conn.execute(sa.delete(windows).where(in_agent)).rowcount
+            touched = sa.select(windows.c.agent_key).where(old).distinct()
+            conn.execute(
+                agents.update()
+                .where(agents.c.agent_key.in_(touched), agents.c.pruned_before < cutoff)
+                .values(pruned_before=cutoff)
+            )
+            deleted = conn.execute(sa.delete(windows).where(old)).rowcount
             if deleted:
                 self._bump(conn)
         return deleted
+
+    # --- quarantine ------------------------------------------------------------------------
+
+    def quarantine(
+        self, rows: Sequence[Mapping[str, Any]], now: int, keep: int = QUARANTINE_KEEP
+    ) -> None:
+        """Quarantine messages (rows of the ``quarantine`` table but ``id``) and count each
+        as a refusal of its reason, site and agent, in one transaction; the newest ``keep``
+        rows stay."""
+        tally: dict[tuple[str, str, str], int] = {}
+        for row in rows:
+            who = (row["reason"], row["site_id"], row["agent_id"])
+            tally[who] = tally.get(who, 0) + 1
+        newest = sa.select(sa.func.max(quarantine.c.id)).scalar_subquery()
+        with self.begin() as conn:
+            conn.execute(quarantine.insert(), list(rows))
+            conn.execute(sa.delete(quarantine).where(quarantine.c.id <= newest - keep))
+            self._count_refusals(conn, tally, now)
+
+    def quarantined(self) -> list[dict[str, Any]]:
+        """Every quarantined message, oldest first."""
+        with self.begin(read_only=True) as conn:
+            rows = conn.execute(sa.select(quarantine).order_by(quarantine.c.id)).mappings().all()
+        return [dict(row) for row in rows]
+
+    def probe(self) -> None:
+        """Read every table ingest writes (no rows): raises :class:`StoreError` when the
+        database, not a message, is at fault."""
+        with self.begin(read_only=True) as conn:
+            for table in (windows, agents, registry_state, refusals, quarantine, *ROLLUPS):
+                conn.execute(sa.select(sa.literal(1)).select_from(table).where(sa.false()))
 
     # --- health ----------------------------------------------------------------------------
 

@@ -20,6 +20,10 @@ obsolete Packet (2) blocks and stops at any other block, which Python handles: a
 Description Block (1) adds an interface (link type, ``if_tsresol``, ``if_tsoffset``), a new
 Section Header Block resets the interfaces and may switch endianness, anything else is
 skipped. Timestamps are converted with integers only, exactly (binary resolutions up to 2^-33).
+A pcapng time is 64 bits of ticks, nanoseconds since 1970 are 63: a frame dated after
+2262-04-11T23:47:16Z cannot be held and is skipped, counted in
+:attr:`CaptureReader.frames_out_of_range` and logged (it used to wrap silently: 2300-01-01
+became 1715-06-13, issue 16). A pcap time (32-bit seconds) always fits.
 
 Memory is bounded by one chunk plus a batch or two whatever the file size: ``chunk_bytes`` is
 both the read size and a batch's byte capacity (a batch ends at ``batch_frames`` frames or when
@@ -120,6 +124,9 @@ _OTHER: Final = 2  # pcapng: a block for Python
 _CORRUPT: Final = 3  # a record header that cannot be right: stop as at a cut
 _GO_ON: Final = 4  # pcapng: Python has handled the block, split on
 
+_MAX_NS: Final = (1 << 63) - 1  # the latest time ts_ns holds: 2262-04-11T23:47:16.854775807Z
+_MAX_S: Final = _MAX_NS // 1_000_000_000 - 1  # whole seconds that leave room for a fraction
+
 # Columns of the pcapng interface table handed to the splitter.
 _IF_LINK, _IF_SNAPLEN, _IF_SHIFT, _IF_MUL, _IF_DIV, _IF_OFFSET = range(6)
 
@@ -217,7 +224,7 @@ def _split_pcap(
 @kernel(
     export=(
         "UniTuple(i8, 4)(u1[:], i8, i8, b1, i8[:, :], u1[:], i8[:], i4[:], i8[:], u2[:], "
-        "i8, i8, b1)"
+        "i8, i8, b1, i8[:])"
     )
 )
 def _split_pcapng(
@@ -234,8 +241,11 @@ def _split_pcapng(
     n: int,
     used: int,
     copy: bool,
+    out_of_range: NDArray[np.int64],
 ) -> tuple[int, int, int, int]:
-    """Split the pcapng packet blocks in buf[pos:end]; stop at any other block (_OTHER)."""
+    """Split the pcapng packet blocks in buf[pos:end]; stop at any other block (_OTHER).
+    A packet whose time nanoseconds since 1970 cannot hold is skipped, and counted in
+    ``out_of_range[0]``."""
     while n < offsets.size:
         if end - pos < 8:
             return pos, n, used, _NEED_MORE
@@ -272,14 +282,31 @@ def _split_pcapng(
             caplen = min(caplen, ifaces[0, _IF_SNAPLEN])
         if caplen > MAX_CAPLEN:
             return pos, n, used, _CORRUPT
+        ns = 0
+        if btype != 3:
+            shift = ifaces[iface, _IF_SHIFT]
+            mul = ifaces[iface, _IF_MUL]
+            offset = ifaces[iface, _IF_OFFSET]
+            if (  # 2^63 ticks or more (negative here), or more ns than int64 holds
+                ticks < 0
+                or (shift > 0 and ticks >> shift > _MAX_S)
+                or (shift <= 0 and ticks > _MAX_NS // mul)
+            ):
+                out_of_range[0] += 1
+                pos += blen
+                continue
+            if shift > 0:  # resolution 2^-shift s
+                sec = ticks >> shift
+                ns = sec * 1_000_000_000 + (((ticks - (sec << shift)) * 1_000_000_000) >> shift)
+            else:  # resolution 10^-k s: ns = ticks * 10^(9-k) or ticks // 10^(k-9)
+                ns = ticks * mul // ifaces[iface, _IF_DIV]
+            if offset > _MAX_NS - ns:
+                out_of_range[0] += 1
+                pos += blen
+                continue
+            ns += offset
         if copy and used + caplen > data.size:
             break
-        shift = ifaces[iface, _IF_SHIFT]
-        if shift > 0:  # resolution 2^-shift s
-            sec = ticks >> shift
-            ns = sec * 1_000_000_000 + (((ticks - (sec << shift)) * 1_000_000_000) >> shift)
-        else:  # resolution 10^-k s: ns = ticks * 10^(9-k) or ticks // 10^(k-9)
-            ns = ticks * ifaces[iface, _IF_MUL] // ifaces[iface, _IF_DIV]
         if copy:
             _copy(data, used, buf, start, caplen)
             offsets[n] = used
@@ -287,7 +314,7 @@ def _split_pcapng(
         else:
             offsets[n] = start
         lengths[n] = caplen
-        ts_ns[n] = ns + ifaces[iface, _IF_OFFSET] if btype != 3 else 0
+        ts_ns[n] = ns
         links[n] = ifaces[iface, _IF_LINK]
         n += 1
         pos += blen
@@ -352,6 +379,8 @@ class CaptureReader:
         self._in_place = in_place
         self.records_read = 0
         self.truncated = False
+        self.frames_out_of_range = 0  # pcapng frames skipped: a time ts_ns cannot hold
+        self._out_of_range = np.zeros(1, np.int64)
         self.link_types_seen: set[int] = set()
         self._done = False
         self._damaged = False
@@ -465,8 +494,18 @@ class CaptureReader:
                 )
             else:
                 pos, n, used, status = _split_pcapng(
-                    self._buf, self._pos, self._end, self._big, self._ifaces, *batch, n, used, copy
+                    self._buf,
+                    self._pos,
+                    self._end,
+                    self._big,
+                    self._ifaces,
+                    *batch,
+                    n,
+                    used,
+                    copy,
+                    self._out_of_range,
                 )
+                self._note_out_of_range()
             self._pos = pos
             self.records_read += n - before
             if status == _OTHER:
@@ -490,8 +529,24 @@ class CaptureReader:
             return FrameBatch(self._buf, offsets[:n], lengths[:n], ts_ns[:n], links[:n], True)
         return FrameBatch(data[:used], offsets[:n], lengths[:n], ts_ns[:n], links[:n])
 
+    def _note_out_of_range(self) -> None:
+        skipped = int(self._out_of_range[0])
+        if skipped and not self.frames_out_of_range:
+            log.warning(
+                "%s: a frame dated after 2262-04-11, which nanoseconds since 1970 cannot hold: "
+                "skipped; any more are counted",
+                self.name,
+            )
+        self.frames_out_of_range = skipped
+
     def _finish(self, *, cut: bool) -> None:
         self._done = True
+        if self.frames_out_of_range > 1:
+            log.warning(
+                "%s: %d frames skipped, dated after 2262-04-11",
+                self.name,
+                self.frames_out_of_range,
+            )
         if cut:
             self.truncated = True
             log.warning(

@@ -18,6 +18,13 @@ constant) and the number of windows.
 of the calibration captures; its error is the mean absolute error of the calibrated (rounded,
 never negative) counts on those same windows. ``footfall-agent calibrate`` writes it into the
 agent's TOML file (:func:`write_calibration`), keeping everything else in the file as it was.
+
+**Site threshold** (``calibrate --site-threshold``): what the sensor hears while the room is
+empty is, by definition, outside it. Among the windows the truth says are empty (at least
+:data:`EMPTY_MIN_WINDOWS`: the installer's empty hour), the site threshold is the weakest one in
+:data:`SITE_THRESHOLDS` at which at least half of them read no device; the factor and offset
+are then fitted at that threshold. On the 101 lab days an empty hour before a class picks -66
+dBm (docs/ACCURACY.md), where the learnt threshold's Otsu split follows whoever is heard.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from firmware_agent.settings import DEFAULT_CONFIG, AgentConfig, load_config
 
 __all__ = [
     "MAPE_MIN_PEOPLE",
+    "SITE_THRESHOLDS",
     "Replay",
     "Scores",
     "Truth",
@@ -57,12 +65,15 @@ __all__ = [
     "pooled",
     "replay",
     "score",
+    "site_threshold",
     "write_calibration",
 ]
 
 log = logging.getLogger("footfall.agent")
 
 MAPE_MIN_PEOPLE = 3
+SITE_THRESHOLDS = tuple(range(-90, -49, 2))  # dBm tried by --site-threshold, weakest first
+EMPTY_MIN_WINDOWS = 6  # windows with no one in that --site-threshold needs (half an hour)
 _LAST_ROW_S = 60  # how long the last row of a truth file holds
 
 
@@ -190,6 +201,21 @@ def fit_calibration(people_est: Sequence[int], truths: Sequence[float]) -> Calib
     return replace(fitted, mae=mae)
 
 
+def site_threshold(empty_reads: Callable[[int], Sequence[int]]) -> int:
+    """The weakest threshold of SITE_THRESHOLDS at which at least half of the empty windows
+    read no device; ``empty_reads(dbm)``: people_est of those windows at that threshold."""
+    for dbm in SITE_THRESHOLDS:
+        reads = list(empty_reads(dbm))
+        if len(reads) < EMPTY_MIN_WINDOWS:
+            raise TruthError(
+                f"a site threshold needs {EMPTY_MIN_WINDOWS} windows or more with no one in "
+                f"(the empty hour of the visit); the truth file gives {len(reads)}"
+            )
+        if 2 * sum(1 for r in reads if r == 0) >= len(reads):
+            return dbm
+    return SITE_THRESHOLDS[-1]
+
+
 @dataclass(frozen=True, slots=True)
 class Replay:
     """The windows of one capture replayed through the pipeline, and the threshold used."""
@@ -258,11 +284,15 @@ def _toml_value(value: float | int) -> str:
     return str(value) if isinstance(value, int) else repr(float(value))
 
 
-def write_calibration(path: Path, calibration: Calibration) -> list[str]:
-    """Write ``calibration`` into the ``[estimate]`` table of a TOML file; what changed.
+def write_calibration(
+    path: Path, calibration: Calibration, threshold_dbm: int | None = None
+) -> list[str]:
+    """Write ``calibration`` (and a site threshold) into the ``[estimate]`` table of a TOML
+    file; what changed.
 
-    Only the four calibration lines are replaced or added; every other line (comments,
-    order, other tables) stays as it was. The file is replaced atomically, keeping its mode.
+    Only the calibration lines (and ``rssi_threshold_dbm``) are replaced or added; every other
+    line (comments, order, other tables) stays as it was. The file is replaced atomically,
+    keeping its mode.
     """
     values = {
         "calibration_factor": _toml_value(round(calibration.factor, 4)),
@@ -270,6 +300,8 @@ def write_calibration(path: Path, calibration: Calibration) -> list[str]:
         "calibration_mae": _toml_value(round(calibration.mae, 3)),
         "calibration_windows": _toml_value(calibration.windows),
     }
+    if threshold_dbm is not None:
+        values["rssi_threshold_dbm"] = _toml_value(threshold_dbm)
     try:
         text = path.read_text() if path.exists() else ""
     except OSError as exc:
@@ -419,6 +451,20 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """Fit the site's calibration on captures with truth; write it into the config file."""
     config = _config(args)
     truth = Truth.read(args.truth)
+    threshold = None
+    if args.site_threshold:
+
+        def empty_reads(dbm: int) -> list[int]:
+            at = replace(config, estimate=replace(config.estimate, rssi_threshold_dbm=dbm))
+            pairs = pooled((replay(c, at) for c in args.captures), truth)
+            return [int(w.people_est or 0) for w, t in pairs if t == 0]
+
+        threshold = site_threshold(empty_reads)
+        config = replace(config, estimate=replace(config.estimate, rssi_threshold_dbm=threshold))
+        print(
+            f"site threshold: {threshold} dBm, the weakest at which half of the windows with "
+            "no one in read no device"
+        )
     replays = _replays(args.captures, config)
     fitted = pooled(replays, truth)
     calibration = fit_calibration(
@@ -434,7 +480,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"not written (--dry-run); {path} would get it in [estimate]")
         return 0
-    changes = write_calibration(path, calibration)
+    changes = write_calibration(path, calibration, threshold)
     print(f"wrote {path}:" if changes else f"{path} already holds this calibration")
     for change in changes:
         print(f"  {change}")
@@ -485,6 +531,13 @@ def add_commands(
         "--config", type=Path, help=f"agent TOML config file to update (default {DEFAULT_CONFIG})"
     )
     p.add_argument("--dry-run", action="store_true", help="print the fit, write nothing")
+    p.add_argument(
+        "--site-threshold",
+        action="store_true",
+        help="also set estimate.rssi_threshold_dbm: the weakest signal threshold (-90 to -50 "
+        "dBm) at which half of the windows the truth says are empty read no device (the "
+        "visit's empty hour; see README, Calibrating a site in one visit)",
+    )
     p.add_argument("--ignore-local-bit", action="store_true", help=_LOCAL_BIT_HELP)
     p.add_argument("--set", type=setting, action="append", metavar="NAME=VALUE", help=set_help)
     p.set_defaults(func=cmd_calibrate)

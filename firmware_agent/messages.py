@@ -16,12 +16,18 @@ A message on the wire is an envelope, itself canonical JSON::
     {"alg":"ed25519","payload":{...},"sig":"<base64 of 64 bytes>"}
 
 ``sig`` is the agent's Ed25519 signature over :func:`canonical_json` of ``payload``: keys
-sorted, no whitespace, UTF-8, integers only (no floats in counts). A verifier decodes the
+sorted, no whitespace, UTF-8, no NaN; counts hold integers except v2's ``occupancy_mean`` (at
+most 2 decimals, so Python's shortest float repr is the one text). A verifier decodes the
 envelope, re-encodes the payload canonically, checks the signature with the agent's enrolled
 public key, then validates the payload against the schema its ``kind`` and ``v`` name
 (``schemas/<kind>.v<v>.json``, JSON Schema draft 2020-12, ``additionalProperties: false``
-everywhere: unknown fields are errors). It must also check that the topic's site and agent
-are the payload's. ``docs/messages.md`` documents every field.
+everywhere: unknown fields are errors) and, for counts v2, the rules a schema cannot say
+(:func:`counts_v2_errors`). It must also check that the topic's site and agent are the
+payload's. ``docs/messages.md`` documents every field.
+
+**Versions** (:data:`VERSIONS`): an agent publishes counts v2 and meta v2 (:data:`CURRENT`);
+readers keep accepting counts v1 and meta v1 from agents not yet upgraded. Status is v1 only.
+The topic's ``v1`` names the topic layout, not a payload version.
 """
 
 from __future__ import annotations
@@ -46,8 +52,10 @@ if TYPE_CHECKING:
     from jsonschema.protocols import Validator
 
 __all__ = [
+    "CURRENT",
     "ID_PATTERN",
     "KINDS",
+    "PEOPLE_FIGURES",
     "TOPIC_ROOT",
     "AgentId",
     "Envelope",
@@ -55,6 +63,8 @@ __all__ = [
     "Topic",
     "canonical_json",
     "counts_payload",
+    "counts_v2_errors",
+    "known_schemas",
     "meta_payload",
     "public_key_text",
     "seal",
@@ -68,7 +78,20 @@ ID_PATTERN = "[a-z0-9][a-z0-9_-]{0,62}"
 _ID = re.compile(ID_PATTERN)
 TOPIC_ROOT = "footfall/v1"
 KINDS = ("counts", "status", "meta")
-VERSION = 1
+VERSIONS: Mapping[str, tuple[int, ...]] = {"counts": (1, 2), "status": (1,), "meta": (1, 2)}
+"""Every (kind, v) a reader accepts: ``schemas/<kind>.v<v>.json``."""
+CURRENT: Mapping[str, int] = {"counts": 2, "status": 1, "meta": 2}
+"""The version of each kind an agent of this release publishes."""
+PEOPLE_FIGURES = (
+    "arrivals",
+    "passersby",
+    "visits_ended",
+    "dwell_minutes",
+    "occupancy_mean",
+    "occupancy_peak",
+)
+"""Counts v2's people-level figures (null when suppressed or ``no_data``)."""
+_DIAGNOSTICS = ("devices", "devices_randomised", "static_excluded")
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
@@ -169,20 +192,49 @@ def _control_characters(value: object, path: str, what: str) -> None:
             _control_characters(item, f"{path}.{key}", what)
 
 
+def known_schemas() -> str:
+    """Every (kind, v) a reader accepts, for error messages: ``counts v1/2, status v1, ...``."""
+    return ", ".join(f"{kind} v{'/'.join(map(str, v))}" for kind, v in VERSIONS.items())
+
+
+def counts_v2_errors(payload: Mapping[str, Any]) -> str | None:
+    """What a schema-valid counts v2 payload breaks of the rules JSON Schema cannot say, or None.
+
+    ``occupancy_mean`` has at most 2 decimals (``round(x, 2) == x``: one canonical text);
+    under ``no_data`` every people and device figure is null (a gap, never a zero), and a
+    dwell band is null too.
+    """
+    mean = payload.get("occupancy_mean")
+    if isinstance(mean, float) and round(mean, 2) != mean:
+        return f"$.occupancy_mean: {mean!r} has more than 2 decimals"
+    if payload.get("no_data"):
+        for name in (*PEOPLE_FIGURES, *_DIAGNOSTICS):
+            value = payload.get(name)
+            if isinstance(value, Mapping):
+                value = next((v for v in value.values() if v is not None), None)
+            if value is not None:
+                return f"$.{name}: must be null when $.no_data is true, got {value!r}"
+    return None
+
+
 def validate(payload: Mapping[str, object]) -> None:
-    """Check a payload against the schema of its ``kind`` and ``v``.
+    """Check a payload against the schema of its ``kind`` and ``v`` (and counts v2's rules).
 
     :class:`SchemaError` names the field at fault: ``counts message: $.devices: -1 is less
     than the minimum of 0``.
     """
     kind, version = payload.get("kind"), payload.get("v")
-    if kind not in KINDS or version != VERSION:
+    if not isinstance(kind, str) or version not in VERSIONS.get(kind, ()):
         raise SchemaError(
-            f"payload: $.kind and $.v must name a known schema ({', '.join(KINDS)}; "
-            f"v {VERSION}), got kind={kind!r} v={version!r}"
+            f"payload: $.kind and $.v must name a known schema ({known_schemas()}), "
+            f"got kind={kind!r} v={version!r}"
         )
     what = f"{kind} message"
     _schema_errors(f"{kind}.v{version}", payload, what)
+    if (kind, version) == ("counts", 2):
+        error = counts_v2_errors(payload)
+        if error is not None:
+            raise SchemaError(f"{what}: {error}")
     _control_characters(payload, "$", what)
 
 
@@ -250,10 +302,17 @@ class Envelope:
 
 
 def counts_payload(
-    site: SiteId, agent: AgentId, seq: int, epoch: str, window: Mapping[str, object]
+    site: SiteId,
+    agent: AgentId,
+    seq: int,
+    epoch: str,
+    window: Mapping[str, object],
+    *,
+    version: int = CURRENT["counts"],
 ) -> dict[str, object]:
-    """A counts payload: one window's counts (``WindowCounts.as_dict()``) and its header."""
-    header = {"kind": "counts", "v": VERSION, "site": site.value, "agent": agent.value}
+    """A counts payload: one window's published counts and its header (``version`` 1 only
+    for readers' tests: the agent publishes v2)."""
+    header = {"kind": "counts", "v": version, "site": site.value, "agent": agent.value}
     return header | {"seq": seq, "epoch": epoch} | dict(window)
 
 
@@ -270,7 +329,7 @@ def status_payload(
     """A status payload; ``cause`` is ``connected`` (online), ``stopped`` or ``lost`` (offline)."""
     return {
         "kind": "status",
-        "v": VERSION,
+        "v": CURRENT["status"],
         "site": site.value,
         "agent": agent.value,
         "state": "online" if cause == "connected" else "offline",
@@ -293,10 +352,13 @@ def meta_payload(
     thresholds: Mapping[str, int],
     privacy: Mapping[str, object],
 ) -> dict[str, object]:
-    """A meta payload: how the agent counts and what it does for privacy."""
+    """A meta payload (v2): how the agent counts and what it does for privacy.
+
+    ``thresholds`` carries ``presence_hold_s`` and ``privacy`` its ``published`` list."""
     return {
         "kind": "meta",
-        "v": VERSION,
+        "v": CURRENT["meta"],
+        "counts_v": CURRENT["counts"],
         "site": site.value,
         "agent": agent.value,
         "agent_version": agent_version,

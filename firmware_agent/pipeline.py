@@ -70,7 +70,7 @@ class Pipeline:
     def __post_init__(self) -> None:
         self._counter = WindowCounter(self.config.count)
         if self.estimate and not self.config.privacy.strict:
-            self._estimator = Estimator(self.config.estimate)
+            self._estimator = Estimator(self.config.estimate, zone=self.config.epoch.zone)
 
     @property
     def threshold_note(self) -> str | None:

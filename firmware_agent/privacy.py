@@ -85,6 +85,20 @@ _DEVICE_COUNTS = (
 )
 # Withheld under differential privacy: one device id can move them by an unbounded amount
 # (the learnt signal threshold, chain linking: docs/PRIVACY.md), so no noise scale fits them.
+STANDARD_PUBLISHES = (
+    "arrivals",
+    "passersby",
+    "visits_ended",
+    "dwell_minutes",
+    "occupancy_mean",
+    "occupancy_peak",
+    "calibrated",
+    "devices",
+    "devices_randomised",
+    "static_excluded",
+)
+"""The optional counts v2 figures each mode publishes (meta.privacy.published)."""
+STRICT_PUBLISHES = ("devices", "devices_randomised")
 DP_WITHHELD = ("people_est", "static_excluded", "people")
 _STRICT_OMITS = ("visits_ended", "dwell_minutes", "devices_epoch", *DP_WITHHELD)
 
@@ -253,6 +267,10 @@ class PrivacyPolicy:
             "suppress_below": self.suppress_below,
             "dp_epsilon": self.dp_epsilon,
             "dp_epsilon_day": self.dp_epsilon_day,
+            "published": {
+                name: name in (STRICT_PUBLISHES if self.strict else STANDARD_PUBLISHES)
+                for name in STANDARD_PUBLISHES
+            },
         }
 
     def correct(self, window: WindowCounts) -> WindowCounts:

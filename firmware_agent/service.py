@@ -43,6 +43,7 @@ from firmware_agent.homeassistant import announce_in_background
 from firmware_agent.live import IFACE_PREFIX, LiveCapture
 from firmware_agent.messages import counts_payload, meta_payload, seal
 from firmware_agent.metrics import MetricsServer, SpoolWatch, agent_metrics
+from firmware_agent.people import PRESENCE_HOLD_S
 from firmware_agent.pipeline import Pipeline
 from firmware_agent.publish import Publisher
 from firmware_agent.settings import AgentConfig
@@ -111,6 +112,7 @@ def agent_meta(config: AgentConfig) -> dict[str, object]:
             "min_dwell_s": count.min_dwell_s,
             "visit_gap_s": count.visit_gap_s,
             "lateness_s": count.lateness_s,
+            "presence_hold_s": PRESENCE_HOLD_S,
         },
         privacy=config.privacy.meta(),
     )
@@ -127,6 +129,7 @@ def _counts_message(
             seq,
             label,
             config.privacy.release(window),
+            version=1,
         ),
         key,
     )

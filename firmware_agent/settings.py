@@ -231,7 +231,7 @@ SETTINGS += (
     ),
     Setting(
         "estimate.reset_min",
-        10,
+        5,
         "Address changes of a phone model seen before it may be judged to reset its sequence "
         "numbers.",
     ),
@@ -243,14 +243,22 @@ SETTINGS += (
     ),
     Setting(
         "estimate.static_min_s",
-        4 * 3600,
-        "A device heard over at least this long (s) and in most windows is static (a PC, a "
-        "printer) and left out; 0 turns static exclusion off.",
+        3600,
+        "A device first heard while the site is closed (estimate.static_closed_h), then heard "
+        "over at least this long (s) and in most windows, is static (a PC, a printer) and left "
+        "out; 0 turns static exclusion off.",
     ),
     Setting(
         "estimate.static_share_pct",
         80,
         "Share (%) of the windows since it appeared a static device must have been heard in.",
+    ),
+    Setting(
+        "estimate.static_closed_h",
+        6,
+        "The site is closed from local midnight until this hour: only a device first heard "
+        "then can be static, so a person who stays all day is never taken for a PC (24: any "
+        "device, whenever first heard).",
     ),
     Setting(
         "estimate.calibration_factor",

@@ -108,13 +108,17 @@ def make_agents(n: int, site: str = "s1", prefix: str = "a", seed: str = "") -> 
 def fleet_messages(agents: Sequence[SimAgent], windows: int, *, first_seq: int = 1) -> int:
     """Give each agent ``windows`` sealed counts messages (seq first_seq...); the total."""
     sample = agents[0]
-    check = counts_payload(SiteId(sample.site), AgentId(sample.agent), 1, "0" * 16, window(0))
+    check = counts_payload(
+        SiteId(sample.site), AgentId(sample.agent), 1, "0" * 16, window(0), version=1
+    )
     assert fast_seal(check, sample.key) == seal(check, sample.key)  # same bytes as the agent's
     for a, agent in enumerate(agents):
         site, name = SiteId(agent.site), AgentId(agent.agent)
         agent.messages = [
             fast_seal(
-                counts_payload(site, name, first_seq + i, "9f3c1a7e52b04d68", window(i, a)),
+                counts_payload(
+                    site, name, first_seq + i, "9f3c1a7e52b04d68", window(i, a), version=1
+                ),
                 agent.key,
             )
             for i in range(windows)

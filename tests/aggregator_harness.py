@@ -20,7 +20,15 @@ import sqlalchemy as sa
 
 from aggregator.config import StoreSettings
 from aggregator.store import Store
-from firmware_agent.messages import AgentId, SiteId, counts_payload, public_key_text, seal
+from firmware_agent.messages import (
+    AgentId,
+    SiteId,
+    counts_payload,
+    meta_payload,
+    public_key_text,
+    seal,
+)
+from firmware_agent.privacy import STANDARD_PUBLISHES
 
 PG_DSN = os.environ.get("FOOTFALL_TEST_PG_DSN", "")
 NO_PG = (
@@ -103,6 +111,52 @@ class Agent:
             "devices_epoch": 289,
         } | fields
         payload = counts_payload(
-            SiteId(self.site), AgentId(self.agent), seq, "9f3c1a7e52b04d68", window
+            SiteId(self.site), AgentId(self.agent), seq, "9f3c1a7e52b04d68", window, version=1
         )
         return seal(payload, self.key)
+
+
+def meta_of(site: str, agent: str, **privacy: object) -> dict[str, object]:
+    """A meta payload (v2) as an agent in standard mode sends it, ``privacy`` fields
+    replaced."""
+    return meta_payload(
+        SiteId(site),
+        AgentId(agent),
+        agent_version="0.1.0",
+        window_s=300,
+        epoch_length="midnight",
+        epoch_timezone="Europe/Paris",
+        thresholds={
+            "rssi_threshold_dbm": -75,
+            "min_dwell_s": 120,
+            "visit_gap_s": 600,
+            "lateness_s": 10,
+            "presence_hold_s": 120,
+        },
+        privacy={
+            "mode": "standard",
+            "device_hash": "siphash-2-4",
+            "key_bits": 128,
+            "key_lifetime_s": 90000,
+            "id_bits": None,
+            "suppress_below": 5,
+            "dp_epsilon": None,
+            "dp_epsilon_day": None,
+            "published": dict.fromkeys(STANDARD_PUBLISHES, True),
+        }
+        | privacy,
+    )
+
+
+def stored_seqs(store: Store, site: str, agent: str) -> list[int]:
+    """The seqs of an agent's stored windows, in order."""
+    with store.begin(read_only=True) as conn:
+        return list(
+            conn.execute(
+                sa.text(
+                    "SELECT w.seq FROM windows w JOIN agents a ON a.agent_key = w.agent_key "
+                    "WHERE a.site_id = :site AND a.agent_id = :agent ORDER BY w.seq"
+                ),
+                {"site": site, "agent": agent},
+            ).scalars()
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, time, tzinfo
 
 from firmware_agent.estimate import (
     AUTO,
@@ -70,8 +71,11 @@ def otsu_reference(values: list[int]) -> int | None:
     return first + (last - first) // 2
 
 
-def reference_estimates(rows: Iterable[Row], s: EstimateSettings) -> list[WindowEstimate]:
-    """Every window the rows close, then the rest (as Estimator.add + close_all)."""
+def reference_estimates(
+    rows: Iterable[Row], s: EstimateSettings, zone: tzinfo = UTC
+) -> list[WindowEstimate]:
+    """Every window the rows close, then the rest (as Estimator.add + close_all, the
+    estimator in ``zone``)."""
     w, lateness = s.window_s * NS, s.lateness_s * NS
     dwell = s.min_dwell_s * NS
     addresses: dict[int, list[int]] = {}  # device -> [chain, last, seq]
@@ -80,6 +84,7 @@ def reference_estimates(rows: Iterable[Row], s: EstimateSettings) -> list[Window
     out: list[WindowEstimate] = []
     oldest: int | None = None
     newest = 0
+    opens = 0  # the site opens (static_closed_h) on the day of the first row
 
     def threshold() -> int:
         if s.rssi_threshold_dbm != AUTO:
@@ -101,7 +106,7 @@ def reference_estimates(rows: Iterable[Row], s: EstimateSettings) -> list[Window
             best = c.windows[widx]
             if best != RSSI_MISSING and best < thr:
                 continue
-            if s.static_min_s and end - c.first >= s.static_min_s * NS:
+            if s.static_min_s and c.first < opens and end - c.first >= s.static_min_s * NS:
                 since = (end - c.first // w * w) // w
                 if c.heard * 100 >= s.static_share_pct * since:
                     static += 1
@@ -112,15 +117,16 @@ def reference_estimates(rows: Iterable[Row], s: EstimateSettings) -> list[Window
 
     def link(t: int, dev: int, fp: int, seq: int, rssi: int) -> int | None:
         f = fingerprints.setdefault(fp, _Fingerprint())
-        recent, best_delta, chain = 0, 4096, None
+        recent, heard, best_delta, chain = 0, False, 4096, None
         for other in reversed(f.recent[-RING:]):
             c, last, other_seq = addresses[other]
+            heard |= abs(t - last) <= max(s.link_gap_s, s.cadence_gap_s) * NS
             if abs(t - last) <= s.link_gap_s * NS:
                 recent += 1
                 delta = (seq - other_seq) % 4096
                 if 1 <= delta <= s.seq_max_delta and delta < best_delta:
                     best_delta, chain = delta, c
-        if recent:
+        if heard:
             f.new += 1
             f.expected += min(4096, recent * s.seq_max_delta)
             f.continued += chain is not None
@@ -147,6 +153,9 @@ def reference_estimates(rows: Iterable[Row], s: EstimateSettings) -> list[Window
     for kind, t, device, randomised, rssi, fp, seq in rows:
         if oldest is None:
             oldest, newest = t // w * w, t
+            day = datetime.fromtimestamp(t / NS, zone).date()
+            opens = int(datetime.combine(day, time(s.static_closed_h % 24), zone).timestamp())
+            opens = (opens + 86400 * (s.static_closed_h // 24)) * NS
         newest = max(newest, t)
         while newest - lateness >= oldest + w:
             close(oldest)

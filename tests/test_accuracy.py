@@ -23,6 +23,7 @@ from tests.accuracy import (
     lab_result,
     one_phone,
     one_phone_names,
+    ours,
     table,
 )
 from tests.conftest import REPO, SHARED
@@ -38,15 +39,19 @@ _AFTERNOON = (
     "2023-02-21: the class changes at 11:45 and the afternoon's brings more devices per person "
     "(people_est 1.11 x the truth before, 1.57 x after); see docs/ACCURACY.md"
 )
+_THREE_DAYS = (
+    "16.0 % (p1) and 15.6 % (p2), calibrated on the three other shared days: with "
+    "estimate.reset_min from 5 to 10 it moves between 14.7 and 16.6 % (p1) and 12.2 and 15.6 % "
+    "(p2), the noise of a three-day calibration (over the 101 lab days the same change moves the "
+    "occupied MAE by 0.01); reset_min 5 is what keeps the one-phone captures at 1 or 2"
+)
 MISSES = {
     ("fryza_p1_sc6-61_2023-02-08", "r"): _LOW_VARIANCE,
     ("fryza_p1_sc6-61_2023-02-21", "mae"): _AFTERNOON,
     ("fryza_p1_sc6-61_2023-02-21", "r"): _AFTERNOON,
     ("fryza_p1_sc6-61_2023-02-21", "mape"): _AFTERNOON,
-    ("fryza_p1_sc6-61_2024-04-04", "mape"): (
-        "15.5 % (14.5 % over the windows with 10 people or more): some windows of 17 people "
-        "estimated at 11-13, and the departure (5 people, 3 estimated)"
-    ),
+    ("fryza_p1_sc6-61_2024-04-04", "mape"): _THREE_DAYS,
+    ("fryza_p2_sc6-61_2024-04-04", "mape"): _THREE_DAYS,
 }
 
 
@@ -90,16 +95,16 @@ def test_estimator_beats_calibrated_distinct_addresses(pcaps: Path, name: str) -
     assert ours.mape is not None and naive.mape is not None and ours.mape < naive.mape
 
 
-def test_one_phone_is_at_most_two_devices(pcaps: Path) -> None:
+def test_one_phone_is_one_or_two_devices(pcaps: Path) -> None:
     names = one_phone_names(pcaps)
     assert len(names) == 9
     for name in names:
         result = one_phone(pcaps, name)
-        assert result.estimated_max <= GOAL_ONE_PHONE, name
+        assert 1 <= result.estimated_max <= GOAL_ONE_PHONE, name
     assert max(one_phone(pcaps, n).addresses for n in names) == 465
 
 
 def test_accuracy_table_is_current(pcaps: Path) -> None:
     assert SHARED.is_dir()
     written = (REPO / "docs" / "ACCURACY.md").read_text()
-    assert written == table(pcaps), "regenerate it: .venv/bin/python -m tests.accuracy ..."
+    assert ours(written) == table(pcaps), "regenerate it: .venv/bin/python -m tests.accuracy ..."

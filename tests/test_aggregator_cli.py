@@ -53,6 +53,7 @@ def test_sites_and_agents_are_enrolled_listed_and_revoked(
     assert "revoked" in out and "MISSING" in out
     assert run(capsys, "agents", "gaps", "shop-12", "entrance", *dsn) == (0, "", "")
     assert run(capsys, "refusals", *dsn) == (0, "", "")
+    assert run(capsys, "quarantine", *dsn) == (0, "", "")
     status, out, _ = run(capsys, "prune", *dsn)
     assert out == "deleted 0 windows older than 90 days\n"
 

@@ -61,10 +61,11 @@ def test_capture_rate_past_retention_leaves_out_hours_with_a_suppressed_window(
     messages = [
         agent.counts(1, f"{day}T09:00:00Z", visitors=8, devices=11),
         agent.counts(2, f"{day}T09:05:00Z", visitors=None, devices=12),
-        agent.counts(3, f"{day}T10:00:00Z", visitors=6, devices=10),
-        agent.counts(4, f"{day}T10:05:00Z", visitors=7, devices=9),
+        agent.counts(3, f"{day}T10:00:00Z", visitors=6, passersby=4, devices=10),
+        agent.counts(4, f"{day}T10:05:00Z", visitors=7, passersby=2, devices=9),
     ]
-    store.store_batch([accept(store, agent.topic, m) for m in messages], now=NOW)
+    received = NOW + 86400  # the day after: every window has closed
+    store.store_batch([accept(store, agent.topic, m, received) for m in messages], now=NOW)
     counts = Counts(store)
     site = counts.site("s1")
     assert counts.capture(site, day, day) == {

@@ -25,6 +25,7 @@ from firmware_agent.messages import (
     public_key_text,
     seal,
 )
+from firmware_agent.privacy import STANDARD_PUBLISHES, STRICT_PUBLISHES
 from tests.agent_harness import prepare_agent, unique_id
 from tests.mqtt_broker import HOST, READER, Mosquitto
 
@@ -48,6 +49,7 @@ def _meta(mode: str = "standard", **privacy: object) -> dict[str, Any]:
             "min_dwell_s": 120,
             "visit_gap_s": 600,
             "lateness_s": 10,
+            "presence_hold_s": 120,
         },
         privacy={
             "mode": mode,
@@ -58,6 +60,9 @@ def _meta(mode: str = "standard", **privacy: object) -> dict[str, Any]:
             "suppress_below": 5,
             "dp_epsilon": None,
             "dp_epsilon_day": None,
+            "published": {
+                name: not strict or name in STRICT_PUBLISHES for name in STANDARD_PUBLISHES
+            },
         }
         | privacy,
     )
@@ -78,7 +83,7 @@ def _counts(seq: int = 1, epoch: str = "9f3c1a7e52b04d68", **fields: Any) -> dic
         "dwell_minutes": {"lt5": 0, "5-15": 9, "15-30": 0, "30-60": 0, "ge60": 0},
         "devices_epoch": 80,
     }
-    return counts_payload(SiteId(SITE), AgentId(AGENT), seq, epoch, window | fields)
+    return counts_payload(SiteId(SITE), AgentId(AGENT), seq, epoch, window | fields, version=1)
 
 
 def _audit(*payloads: dict[str, Any], key: nacl.signing.SigningKey = KEY) -> Audit:

@@ -514,3 +514,33 @@ def test_closing_a_reader_zeroes_its_read_buffer() -> None:
     assert batch.transient and batch.data.any()
     reader.close()
     assert not batch.data.any()
+
+
+def test_pcapng_frames_dated_after_2262_are_skipped_and_counted_not_wrapped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """64-bit pcapng ticks hold times that 63-bit nanoseconds cannot: 2300-01-01 became
+    1715-06-13 (issue 16). Such a frame is skipped, counted and logged; the others are read."""
+    now, y2300 = 1_700_000_000, 10_413_792_000  # 2300-01-01T00:00:00Z
+    path = tmp_path / "future.pcapng"
+    path.write_bytes(
+        b"".join(
+            [
+                ng_shb("<"),
+                ng_idb(127, "<"),  # microseconds: 2300 is 1.04e16 ticks, 1.04e19 ns
+                ng_idb(105, "<", (9, b"\x09")),  # nanoseconds: 2^64 - 1 ticks is 2554
+                ng_idb(105, "<", (9, bytes([0x80 | 20]))),  # 2^-20 s
+                ng_epb(0, now * 10**6, b"A", "<"),
+                ng_epb(0, y2300 * 10**6, b"B", "<"),
+                ng_epb(1, (1 << 64) - 1, b"C", "<"),
+                ng_epb(2, y2300 << 20, b"D", "<"),
+                ng_epb(1, now * 10**9, b"E", "<"),
+            ]
+        )
+    )
+    with caplog.at_level(logging.WARNING, "footfall.agent"), CaptureReader(path) as reader:
+        got = collect(reader)
+        assert (got.frames, got.ts_ns) == ([b"A", b"E"], [now * 10**9, now * 10**9])
+        assert reader.frames_out_of_range == 3
+    assert "a frame dated after 2262-04-11" in caplog.text
+    assert "3 frames skipped, dated after 2262-04-11" in caplog.text

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import replace
+from datetime import UTC
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,7 @@ def estimate(
     rows: list[Row], s: EstimateSettings, cuts: tuple[int, ...] = ()
 ) -> list[WindowEstimate]:
     """The kernel's windows for rows fed in batches split at ``cuts``."""
-    est = Estimator(s, capacity=16)  # tiny: the tables must grow
+    est = Estimator(s, capacity=16, zone=UTC)  # tiny: the tables must grow
     out: list[WindowEstimate] = []
     bounds = [0, *sorted(c for c in cuts if 0 < c < len(rows)), len(rows)]
     for lo, hi in itertools.pairwise(bounds):
@@ -153,6 +154,7 @@ rows_strategy = st.lists(
     st.booleans(),
     st.booleans(),
     st.sampled_from([1, 10]),
+    st.sampled_from([0, 23, 24]),
 )
 def test_kernel_equals_twin_on_random_rows(
     raw: list[tuple[int, int, int, int, int, int, int, int]],
@@ -162,6 +164,7 @@ def test_kernel_equals_twin_on_random_rows(
     link: bool,
     assume_randomised: bool,
     reset_min: int,
+    closed_h: int,
 ) -> None:
     raw.sort(key=lambda r: (r[1], r[2]))  # mostly in time order, as captures are
     rows: list[Row] = []
@@ -177,6 +180,7 @@ def test_kernel_equals_twin_on_random_rows(
         assume_randomised=assume_randomised,
         reset_min=reset_min,
         cadence_gap_s=120,
+        static_closed_h=closed_h,
     )
     assert estimate(rows, s, tuple(cuts)) == reference_estimates(rows, s)
 
@@ -187,7 +191,7 @@ def test_kernel_equals_twin_on_a_synthetic_capture(tmp_path: Path) -> None:
                                                    static_devices=4))  # fmt: skip
     key = EpochKey()
     rows: list[Row] = []
-    est = Estimator(EstimateSettings())
+    est = Estimator(EstimateSettings(), zone=UTC)
     kernel: list[WindowEstimate] = []
     with CaptureReader(capture, batch_frames=1000) as reader:
         for frames in reader:
@@ -257,16 +261,23 @@ def test_global_addresses_count_as_themselves_and_must_dwell() -> None:
 
 
 def test_static_devices_are_left_out_and_reported() -> None:
+    """A machine is what was heard while the site is closed (before 06:00) and ever since; a
+    person who arrives at opening and stays all day is never taken for one."""
     rng, ids = np.random.default_rng(5), Ids()
-    printer = phone(ids, rng, fp=3, start_s=0, end_s=6 * 3600, every_s=60, rssi=-50,
-                    new_address="never", randomised=0)  # fmt: skip
-    visitor = phone(ids, rng, fp=4, start_s=5 * 3600, end_s=5.5 * 3600, every_s=30, rssi=-60)
-    windows = estimate(merged(printer, visitor), FIXED)
+    night = 7 * 3600  # T0 + 7 h is 05:00 UTC, an hour before the site opens
+    printer = phone(ids, rng, fp=3, start_s=night, end_s=night + 8 * 3600, every_s=60,
+                    rssi=-50, new_address="never", randomised=0)  # fmt: skip
+    stayer = phone(ids, rng, fp=4, start_s=night + 3600, end_s=night + 8 * 3600, every_s=60,
+                   rssi=-50, new_address="never", randomised=0)  # fmt: skip
+    windows = estimate(merged(printer, stayer), FIXED)
     by_start = {w.window_start - T0 // NS: w for w in windows}
-    assert by_start[3600].people_est == 1 and by_start[3600].static_excluded == 0
-    assert by_start[5 * 3600 + 600].people_est == 1  # the visitor
-    assert by_start[5 * 3600 + 600].static_excluded == 1  # the printer, after 4 hours
-    off = estimate(merged(printer, visitor), replace(FIXED, static_min_s=0))
+    first_hour = by_start[night + 1800]
+    assert first_hour.people_est == 1 and first_hour.static_excluded == 0  # not yet an hour
+    for later in range(night + 2 * 3600, night + 8 * 3600 - 300, 300):
+        assert (by_start[later].people_est, by_start[later].static_excluded) == (1, 1)
+    anytime = estimate(merged(printer, stayer), replace(FIXED, static_closed_h=24))
+    assert {w.people_est for w in anytime if w.window_start - T0 // NS > night + 3 * 3600} == {0}
+    off = estimate(merged(printer, stayer), replace(FIXED, static_min_s=0))
     assert {w.static_excluded for w in off} == {0}
 
 
@@ -362,7 +373,9 @@ def test_windows_carry_the_estimate_and_people_only_when_calibrated() -> None:
     assert sum(w.people_est or 0 for w in plain) < sum(w.devices for w in plain)
     calibrated = _windows(load_config(None, environ={"FOOTFALL_ESTIMATE_CALIBRATION_FACTOR": "2"}))
     assert all(w.people == 2 * (w.people_est or 0) for w in calibrated)
-    payload = counts_payload(SiteId("s1"), AgentId("a1"), 1, "0" * 16, calibrated[3].as_dict())
+    payload = counts_payload(
+        SiteId("s1"), AgentId("a1"), 1, "0" * 16, calibrated[3].as_dict(), version=1
+    )
     validate(payload)  # the counts schema knows the new fields
 
 

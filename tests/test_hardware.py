@@ -277,3 +277,19 @@ def retained(settings: BrokerSettings, topic_filter: str) -> dict[str, bytes]:
         client.disconnect()
         client.loop_stop()
     return got
+
+
+def test_the_shipped_broker_refuses_a_message_larger_than_ingest_takes(
+    footfall_broker: tuple[int, TestCertificates],
+) -> None:
+    port, certs = footfall_broker
+    door = account(port, certs, "shop1/door")
+    topic = "footfall/v1/shop1/door/meta"
+    with BrokerSession(door, "footfall-shop1-door-big") as session:
+        session.publish(topic, b"{}", retain=True)
+    with (
+        BrokerSession(door, "footfall-shop1-door-big") as session,
+        pytest.raises(BrokerError),
+    ):
+        session.publish(topic, b"{" + b" " * 70_000 + b"}", retain=True)
+    assert retained(account(port, certs, "aggregator"), topic) == {topic: b"{}"}

@@ -17,7 +17,9 @@ against amqtt (the demo's embedded broker, in a process of its own):
 from __future__ import annotations
 
 import logging
+import subprocess
 import time
+import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ import pytest
 import sqlalchemy as sa
 from paho.mqtt.enums import CallbackAPIVersion
 
-from aggregator.config import BrokerSettings, StoreSettings, load_config
+from aggregator.config import AggregatorConfig, BrokerSettings, StoreSettings, load_config
 from aggregator.demo import embedded_broker
 from aggregator.errors import ConfigError
 from aggregator.mqtt import Delivery, Session
@@ -144,15 +146,9 @@ def test_the_311_session_receives_acknowledges_and_resumes_its_session(
         publisher.close()
 
 
-def test_ingest_over_311_stores_acknowledges_and_loses_nothing_over_a_restart(
-    broker: Broker311, tmp_path: Path
-) -> None:
-    settings = StoreSettings(f"sqlite:///{tmp_path / 'aggregator.sqlite3'}")
-    agent = Agent(SITE, AGENT)
-    with Store.open(settings) as store:
-        store.add_site(SITE, "Shop", "Europe/Paris", NOW)
-        store.add_agent(SITE, AGENT, agent.public_key, NOW)
-    config = load_config(
+def _config(broker: Broker311, settings: StoreSettings, client_id: str) -> AggregatorConfig:
+    """Ingest over 3.1.1 (no share group) into ``settings``."""
+    return load_config(
         environ={},
         overrides={
             "store.dsn": settings.dsn,
@@ -165,10 +161,21 @@ def test_ingest_over_311_stores_acknowledges_and_loses_nothing_over_a_restart(
             "broker.backoff_max_s": 1,
             "broker.protocol": "3.1.1",
             "ingest.share_group": "",
-            "ingest.client_id": "ingest-311",
+            "ingest.client_id": client_id,
             "ingest.batch_wait_ms": 20,
         },
     )
+
+
+def test_ingest_over_311_stores_acknowledges_and_loses_nothing_over_a_restart(
+    broker: Broker311, tmp_path: Path
+) -> None:
+    settings = StoreSettings(f"sqlite:///{tmp_path / 'aggregator.sqlite3'}")
+    agent = Agent(SITE, AGENT)
+    with Store.open(settings) as store:
+        store.add_site(SITE, "Shop", "Europe/Paris", NOW)
+        store.add_agent(SITE, AGENT, agent.public_key, NOW)
+    config = _config(broker, settings, "ingest-311")
     bodies = [
         agent.counts(seq, f"2024-03-05T{8 + seq // 12:02d}:{seq % 12 * 5:02d}:00Z")
         for seq in range(1, 31)
@@ -191,6 +198,42 @@ def test_ingest_over_311_stores_acknowledges_and_loses_nothing_over_a_restart(
     with Store(settings) as store, store.engine.connect() as conn:
         seqs = conn.execute(sa.select(windows.c.seq).order_by(windows.c.seq)).scalars().all()
     assert seqs == list(range(1, 31))
+
+
+def test_a_message_larger_than_ingest_takes_is_read_past_refused_and_acknowledged(
+    broker: Broker311, tmp_path: Path
+) -> None:
+    """3.1.1 cannot announce a Maximum Packet Size: an 8 MB message arrives. The session reads
+    past it without keeping it (issue 16: 100 MB took ingest to 468 MB), ingest refuses it as
+    too_large and acknowledges it (not sent again), and the next window is stored."""
+    settings = StoreSettings(f"sqlite:///{tmp_path / 'aggregator.sqlite3'}")
+    agent = Agent(SITE, AGENT)
+    with Store.open(settings) as store:
+        store.add_site(SITE, "Shop", "UTC", NOW)
+        store.add_agent(SITE, AGENT, agent.public_key, NOW)
+    config = _config(broker, settings, "ingest-311-big")
+    big = tmp_path / "big"
+    big.write_bytes(b"{" + b" " * (8 << 20) + b"}")
+    user = ["-u", broker.agent[0]] + (["-P", broker.agent[1]] if broker.agent[1] else [])
+    publisher = Publisher(broker)
+    try:
+        with running(config) as ingest:
+            tracemalloc.start()
+            subprocess.run(
+                ["mosquitto_pub", "-h", HOST, "-p", str(broker.port), "-q", "1", *user,
+                 "-t", TOPIC, "-f", str(big)],
+                check=True, timeout=60,
+            )  # fmt: skip
+            publisher.publish([agent.counts(1, "2024-03-05T08:00:00Z")])
+            wait_for(lambda: ingest.stats.stored == 1, 20, "the window after it")
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            time.sleep(0.5)  # a message not acknowledged would come again
+            refused = dict(ingest.stats.refused)
+    finally:
+        publisher.close()
+    assert refused == {"too_large": 1}
+    assert peak < 2 << 20  # bytes: the 8 MB were never held
 
 
 def test_a_share_group_needs_mqtt_5_and_the_protocol_is_checked() -> None:

@@ -44,6 +44,27 @@ def _window() -> dict[str, Any]:
     return {
         "window_start": "2024-03-05T10:55:00Z",
         "window_s": 300,
+        "no_data": False,
+        "probe_requests": 96,
+        "malformed": 0,
+        "late_frames": 0,
+        "arrivals": 6,
+        "passersby": 14,
+        "visits_ended": 18,
+        "dwell_minutes": {"lt5": 5, "5-15": 5, "15-30": 1, "30-60": 1, "ge60": 6},
+        "occupancy_mean": 12.37,
+        "occupancy_peak": 15,
+        "calibrated": False,
+        "devices": 31,
+        "devices_randomised": 24,
+        "static_excluded": 0,
+    }
+
+
+def _v1_window() -> dict[str, Any]:
+    return {
+        "window_start": "2024-03-05T10:55:00Z",
+        "window_s": 300,
         "probe_requests": 96,
         "malformed": 0,
         "late_frames": 0,
@@ -92,7 +113,7 @@ def test_sealed_message_verifies_and_tampering_does_not() -> None:
     envelope = Envelope.parse(data)
     assert envelope.verify(KEY.verify_key) == _counts()
     assert str(envelope.topic) == "footfall/v1/shop-12/entrance/counts"
-    forged = data.replace(b'"devices":11', b'"devices":12')
+    forged = data.replace(b'"arrivals":6', b'"arrivals":7')
     with pytest.raises(SignatureError, match="does not verify with the enrolled key"):
         Envelope.parse(forged).verify(KEY.verify_key)
     other = nacl.signing.SigningKey.generate()
@@ -110,7 +131,14 @@ def test_sealed_message_verifies_and_tampering_does_not() -> None:
         ({"window_start": "2024-03-05 10:55"}, r"counts message: \$.window_start"),
         ({"dwell_minutes": {"lt5": 1}}, r"\$.dwell_minutes: '5-15' is a required property"),
         ({"site": "s1\n"}, r"counts message: \$.site: control characters are not allowed"),
-        ({"v": 2}, r"payload: \$.kind and \$.v must name a known schema"),
+        ({"v": 3}, r"payload: \$.kind and \$.v must name a known schema \(counts v1/2, "),
+        ({"v": 1}, r"counts message: \$: Additional properties .*'arrivals'"),
+        ({"devices_epoch": 289}, r"counts message: \$: Additional properties .*'devices_epoch'"),
+        ({"visitors": 8}, r"counts message: \$: Additional properties .*'visitors'"),
+        ({"occupancy_mean": 1.234}, r"\$.occupancy_mean: 1.234 has more than 2 decimals"),
+        ({"occupancy_mean": -1}, r"\$.occupancy_mean"),
+        ({"no_data": True}, r"\$.arrivals: must be null when \$.no_data is true, got 6"),
+        ({"no_data": None}, r"counts message: \$.no_data: None is not of type 'boolean'"),
     ],
 )
 def test_schema_errors_name_the_field(change: dict[str, object], message: str) -> None:
@@ -118,6 +146,22 @@ def test_schema_errors_name_the_field(change: dict[str, object], message: str) -
         validate(_counts() | change)
     with pytest.raises(SchemaError):
         seal(_counts() | change, KEY)  # the agent cannot send what does not validate
+
+
+def test_counts_v1_still_validates_and_verifies() -> None:
+    v1 = counts_payload(SITE, AGENT, 812, "9f3c1a7e52b04d68", _v1_window(), version=1)
+    assert Envelope.parse(seal(v1, KEY)).verify(KEY.verify_key) == v1
+    with pytest.raises(SchemaError, match=r"Additional properties .*'no_data'"):
+        validate(v1 | {"no_data": False})
+
+
+def test_no_data_window_is_all_null_figures() -> None:
+    gap = _counts() | {"no_data": True, "probe_requests": 0, "occupancy_mean": None}
+    gap |= {name: None for name in ("arrivals", "passersby", "visits_ended", "occupancy_peak")}
+    gap |= {"devices": None, "devices_randomised": None, "static_excluded": None}
+    with pytest.raises(SchemaError, match=r"\$.dwell_minutes: must be null"):
+        validate(gap)
+    validate(gap | {"dwell_minutes": dict.fromkeys(("lt5", "5-15", "15-30", "30-60", "ge60"))})
 
 
 def test_envelope_refuses_unknown_fields_and_bad_signatures() -> None:
@@ -152,7 +196,9 @@ def test_every_replayed_window_fits_the_counts_schema() -> None:
     pipeline = Pipeline(load_config(None, environ={}))
     with CaptureReader(BUNDLED_SAMPLE) as reader:
         for seq, window in enumerate(pipeline.run(reader), 1):
-            validate(counts_payload(SITE, AGENT, seq, "0123456789abcdef", window.as_dict()))
+            validate(
+                counts_payload(SITE, AGENT, seq, "0123456789abcdef", window.as_dict(), version=1)
+            )
 
 
 def test_schemas_are_valid_2020_12_and_closed() -> None:
@@ -214,4 +260,4 @@ def test_docs_examples_validate_and_the_signed_one_verifies() -> None:
         else:
             validate(data)
         kinds.append(data.get("kind", "envelope"))
-    assert sorted(kinds) == ["counts", "envelope", "meta", "status"]
+    assert sorted(kinds) == ["counts", "counts", "envelope", "meta", "meta", "status"]

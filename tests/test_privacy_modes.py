@@ -143,11 +143,11 @@ def _audited(policy: PrivacyPolicy, released: dict[str, object]) -> list[str]:
         site, agent, agent_version="0", window_s=300, epoch_length="midnight",
         epoch_timezone="UTC", privacy=policy.meta(),
         thresholds={"rssi_threshold_dbm": -75, "min_dwell_s": 120, "visit_gap_s": 600,
-                    "lateness_s": 10},
+                    "lateness_s": 10, "presence_hold_s": 120},
     )  # fmt: skip
     audit = Audit()
     key = nacl.signing.SigningKey.generate()
-    for payload in (meta, counts_payload(site, agent, 1, "0" * 16, released)):
+    for payload in (meta, counts_payload(site, agent, 1, "0" * 16, released, version=1)):
         audit.add(f"footfall/v1/s1/a1/{payload['kind']}", seal(payload, key))
     return [f.reason for f in audit.findings() if f.level == "fail"]
 

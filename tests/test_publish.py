@@ -259,7 +259,7 @@ def _counts(seq: int) -> dict[str, object]:
         **dict.fromkeys(("visitors", "passersby", "visits_ended", "devices_epoch"), 0),
         "dwell_minutes": dict.fromkeys(("lt5", "5-15", "15-30", "30-60", "ge60"), 0),
     }
-    return counts_payload(SiteId("s1"), AgentId("a2"), seq, "0" * 16, window)
+    return counts_payload(SiteId("s1"), AgentId("a2"), seq, "0" * 16, window, version=1)
 
 
 def _meta() -> dict[str, object]:

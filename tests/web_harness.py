@@ -72,13 +72,13 @@ def _messages(store: Store, agent: Agent, tz: str, first: date, last: date) -> l
             "devices": (visitors or 0) + passersby + 5,
             "devices_randomised": 3,
             "visitors": visitors,
-            "passersby": passersby,
+            "passersby": passersby if visitors is None else passersby + 5,
             "visits_ended": 4,
             "dwell_minutes": {"lt5": 1, "5-15": 1, "15-30": None, "30-60": 1, "ge60": 0},
             "devices_epoch": 100 + seq % 288,
         }
         payload = counts_payload(
-            SiteId(agent.site), AgentId(agent.agent), seq, "9f3c1a7e52b04d68", window
+            SiteId(agent.site), AgentId(agent.agent), seq, "9f3c1a7e52b04d68", window, version=1
         )
         result = verifier.check(agent.topic, fast_seal(payload, agent.key), registry, at + 310)
         assert isinstance(result, Accepted), result
