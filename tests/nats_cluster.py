@@ -142,19 +142,22 @@ class NatsCluster:
         with node.log.open("ab") as log:
             node.proc = subprocess.Popen([self.binary, "-c", str(node.config)], stderr=log)
 
-    def _wait_up(self, node: Node, timeout: float) -> None:
+    def _wait_up(self, node: Node, timeout: float, page: str = "healthz") -> None:
+        """Wait until the node's monitoring ``page`` answers 200: /healthz once its JetStream
+        is current, /varz once it runs."""
+
         def up() -> bool:
             assert node.proc is not None
             if node.proc.poll() is not None:
                 raise AssertionError(f"{node.name} exited: {node.log.read_text()[-2000:]}")
             try:
-                url = f"http://{HOST}:{node.monitor}/healthz"
+                url = f"http://{HOST}:{node.monitor}/{page}"
                 with urllib.request.urlopen(url, timeout=1) as answer:
                     return bool(answer.status == 200)
             except OSError:
                 return False
 
-        wait_for(up, timeout, f"nats-server {node.name} healthy (JetStream current)")
+        wait_for(up, timeout, f"nats-server {node.name}: /{page} answering 200")
 
     def kill(self, node: Node) -> None:
         """kill -9."""
@@ -163,8 +166,9 @@ class NatsCluster:
         node.proc.wait(10)
 
     def restart(self, node: Node, timeout: float = 30) -> None:
+        """Start a killed node again; it catches up with the others after this returns."""
         self._spawn(node)
-        self._wait_up(node, timeout)
+        self._wait_up(node, timeout, "varz")
 
     def stop(self) -> None:
         for node in self.nodes:

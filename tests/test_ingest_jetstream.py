@@ -1,5 +1,5 @@
 """Ingest from a replicated stream: a 3-node NATS JetStream cluster on loopback
-(tests/nats_cluster.py), 100 simulated agents publishing 3,000 signed windows over MQTT 3.1.1
+(tests/nats_cluster.py), 50 simulated agents publishing 3,000 signed windows over MQTT 3.1.1
 to the cluster's MQTT listener, two ``footfall-aggregator ingest`` processes
 (``broker.kind = "jetstream"``, streams with 3 replicas) and PostgreSQL. Every window is
 stored exactly once (every agent's seqs 1..30 once, the roll-ups counting each once) while:
@@ -44,7 +44,7 @@ from tests.nats_cluster import AGGREGATOR, NatsCluster, Ports, nats_server
 from tests.test_aggregator_ingest import _every_window_once, stored
 
 NOW = int(time.time())
-AGENTS, WINDOWS = 100, 30
+AGENTS, WINDOWS = 50, 60
 
 pytestmark = pytest.mark.skipif(
     nats_server() is None and not os.environ.get("FOOTFALL_REQUIRE_BROKER"),
