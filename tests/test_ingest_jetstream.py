@@ -2,7 +2,7 @@
 (tests/nats_cluster.py), 50 simulated agents publishing 3,000 signed windows over MQTT 3.1.1
 to the cluster's MQTT listener, two ``footfall-aggregator ingest`` processes
 (``broker.kind = "jetstream"``, streams with 3 replicas) and PostgreSQL. Every window is
-stored exactly once (every agent's seqs 1..30 once, the roll-ups counting each once) while:
+stored exactly once (every agent's seqs 1..60 once, the roll-ups counting each once) while:
 
 * a: one node is killed with ``kill -9`` and restarted;
 * b: one ingest process is killed for good (the other gets what it held after
