@@ -22,10 +22,12 @@ from types import FrameType
 
 from aggregator import __version__
 from aggregator.accounts import MAX_TOKEN_DAYS, TOKEN_DAYS, Accounts, UserRow
-from aggregator.config import AggregatorConfig, load_config
-from aggregator.errors import AccountError, AggregatorError
-from aggregator.store import Store
+from aggregator.config import SETTINGS, AggregatorConfig, load_config
+from aggregator.errors import AccountError, AggregatorError, StoreError
+from aggregator.store import AgentHealth, Store, engine_url
+from firmware_agent.checks import exit_status, print_table
 from firmware_agent.command_line import run_command
+from firmware_agent.messages import public_key_text
 
 log = logging.getLogger("footfall.aggregator")
 
@@ -41,8 +43,18 @@ def _config(args: argparse.Namespace) -> AggregatorConfig:
     return load_config(args.config, overrides=dict(args.set or []))
 
 
-def _store(args: argparse.Namespace) -> Store:
-    return Store.open(_config(args).store)
+def _store(args: argparse.Namespace, *, creates: bool = False) -> Store:
+    """The store; unless the command ``creates`` one, a SQLite file that is not there is an
+    error rather than a new, empty database (a failed command leaves nothing behind)."""
+    settings = _config(args).store
+    if settings.is_sqlite and not creates:
+        database = engine_url(settings).database
+        if database and database != ":memory:" and not Path(database).exists():
+            raise StoreError(
+                f"no database at {database}: 'footfall-aggregator sites add' (or migrate) "
+                "makes it; is --config the aggregator's?"
+            )
+    return Store.open(settings)
 
 
 def _when(unix_s: int | None) -> str:
@@ -116,7 +128,7 @@ def _password(args: argparse.Namespace) -> str:
 
 
 def cmd_users_add(args: argparse.Namespace) -> int:
-    with _store(args) as store:
+    with _store(args, creates=True) as store:
         accounts = Accounts(store)
         accounts.add_user(args.name, args.role, _password(args), int(time.time()))
         for site in args.site or ():
@@ -233,7 +245,7 @@ def cmd_users_revoke_token(args: argparse.Namespace) -> int:
 
 
 def cmd_sites_add(args: argparse.Namespace) -> int:
-    with _store(args) as store:
+    with _store(args, creates=True) as store:
         store.add_site(args.site, args.name or args.site, args.timezone, int(time.time()))
     print(f"site {args.site} added (time zone {args.timezone})")
     return 0
@@ -288,6 +300,7 @@ def cmd_agents_list(args: argparse.Namespace) -> int:
             "WINDOWS",
             "LAST WINDOW",
             "MISSING",
+            "SPOOL",
             "SPOOL DROPPED",
         )
     ]
@@ -303,11 +316,27 @@ def cmd_agents_list(args: argparse.Namespace) -> int:
                 a.windows,
                 _when(a.last_window),
                 a.missing,
+                _spool(a),
                 "-" if a.spool_dropped is None else a.spool_dropped,
             )
         )
     _table(rows)
     return 0
+
+
+def _spool(a: AgentHealth) -> str:
+    if a.spool_pending is None:
+        return "-"
+    return f"{a.spool_pending} filling" if a.spool_filling else str(a.spool_pending)
+
+
+def cmd_agents_check(args: argparse.Namespace) -> int:
+    from aggregator.agent_check import check_agent  # noqa: PLC0415
+
+    with _store(args) as store:
+        findings = check_agent(store, args.site, args.agent)
+    print_table(findings)
+    return exit_status(findings)
 
 
 def cmd_agents_gaps(args: argparse.Namespace) -> int:
@@ -381,11 +410,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_receipt_key(args: argparse.Namespace) -> int:
+    from aggregator.receipts import load_receipt_key  # noqa: PLC0415 (only for this command)
+
+    path = Path(_config(args).ingest.receipt_key_file)
+    print(public_key_text(load_receipt_key(path)))
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     rows = _config(args).show()
     width = max(len(name) for name, _, _ in rows)
-    for name, value, source in rows:
+    for (name, value, source), setting in zip(rows, SETTINGS, strict=True):
         print(f"{name:<{width}}  {value:<12}  ({source})")
+        if args.help_text:
+            print(f"    {setting.help}")
     return 0
 
 
@@ -448,6 +487,15 @@ def build_parser() -> argparse.ArgumentParser:
     _command(sub, "migrate", cmd_migrate, "create or upgrade the database schema")
     _command(
         sub,
+        "receipt-key",
+        cmd_receipt_key,
+        "print the public key of the receipt key (made if missing), for agents' broker.receipt_key",
+        "Print the public half of ingest.receipt_key_file, the key ingest signs agents' "
+        "receipts with (made if the file is missing): give it to every agent as "
+        "broker.receipt_key, and the file to every ingest replica.",
+    )
+    _command(
+        sub,
         "prune",
         cmd_prune,
         "delete windows older than store.retention_days now (roll-ups stay)",
@@ -478,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sites_sub, "list", cmd_sites_list, "list the sites")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
-    agents = sub.add_parser("agents", help="agents: add, list, revoke, gaps")
+    agents = sub.add_parser("agents", help="agents: add, list, check, revoke, gaps")
     agents_sub = agents.add_subparsers(dest="agents_command", required=True, metavar="ACTION")
     p = _command(
         agents_sub,
@@ -507,6 +555,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p = _command(
         agents_sub,
+        "check",
+        cmd_agents_check,
+        "check one agent's path to the store (exit status 1 if a check failed)",
+        "One table, a fix under each failing line: the site exists, the agent is enrolled "
+        "and not revoked, none of its messages were refused, its windows are stored, its last "
+        "status. The aggregator's side of 'footfall-agent doctor'.",
+    )
+    p.add_argument("site", metavar="SITE")
+    p.add_argument("agent", metavar="AGENT")
+    p = _command(
+        agents_sub,
         "revoke",
         cmd_agents_revoke,
         "refuse an agent's messages from now on (its stored windows stay)",
@@ -521,12 +580,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50, help="at most this many gaps (default 50)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
-    p = _command(
-        sub,
+    p = sub.add_parser(
         "enrol",
-        cmd_agents_add,
-        "enrol an agent (the form 'footfall-agent enroll' prints; same as 'agents add')",
+        aliases=["enroll"],
+        help="enrol an agent (the form 'footfall-agent enrol' prints; same as 'agents add'; "
+        "'enroll' too)",
+        description="Enrol an agent of a site with its public key, as 'footfall-agent enrol' "
+        "prints the command; the site must exist (sites add). Nothing is written if it fails.",
     )
+    _common(p)
+    p.set_defaults(func=cmd_agents_add)
     p.add_argument("--site", required=True)
     p.add_argument("--agent", required=True)
     p.add_argument("--public-key", dest="public_key", required=True)
@@ -635,7 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    _command(config_sub, "show", cmd_config_show, "print the effective settings, secrets masked")
+    _command(
+        config_sub, "show", cmd_config_show, "print the effective settings, secrets masked"
+    ).add_argument("--help-text", action="store_true", help="each setting's help under it")
     return parser
 
 

@@ -119,11 +119,19 @@ SETTINGS: tuple[_Setting, ...] = (
         "seconds (it died, or its database hangs) goes to another ingest process.",
     ),
     Setting(
+        "ingest.replica",
+        "",
+        "Name of this ingest process among its replicas ('a', 'b', or a systemd instance's %i): "
+        "the default ingest.client_id is 'footfall-aggregator-<replica>', the same whatever "
+        "the host is called. Empty: the host name (set it where the host name changes at each "
+        "start, as in a container).",
+    ),
+    Setting(
         "ingest.client_id",
         "",
         "MQTT client id of this ingest process; its persistent session (and the messages the "
         "broker holds for it) is found again by this id, so it must be stable across restarts "
-        "and unique per process (empty: 'footfall-aggregator-<host name>').",
+        "and unique per process (empty: 'footfall-aggregator-<ingest.replica>').",
     ),
     Setting(
         "ingest.share_group",
@@ -193,6 +201,19 @@ SETTINGS: tuple[_Setting, ...] = (
         60,
         "A refusal is logged once per reason and agent per this many seconds (then counted "
         "only); a summary line is logged as often.",
+    ),
+    Setting(
+        "ingest.receipt_key_file",
+        "",
+        "The aggregator's receipt signing key (Ed25519; made, mode 0600, if missing): every "
+        "ingest replica needs the same file, and agents its public key "
+        "('footfall-aggregator receipt-key'). Empty: receipt.key in store.data_dir.",
+    ),
+    Setting(
+        "ingest.receipt_interval_ms",
+        1000,
+        "Least time (ms) between two receipts to one agent; a receipt that changes in between "
+        "goes out when it is over.",
     ),
     Setting(
         "ingest.prune_interval_s",
@@ -415,9 +436,17 @@ class IngestSettings:
     database_retry_s: int = 600
     log_interval_s: int = 60
     prune_interval_s: int = 3600
+    receipt_key_file: str = "receipt.key"
+    receipt_interval_ms: int = 1000
 
     def __post_init__(self) -> None:
         problems: list[str] = []
+        _check(
+            problems,
+            0 <= self.receipt_interval_ms <= 600_000,
+            "ingest.receipt_interval_ms must be between 0 and 600000, got "
+            f"{self.receipt_interval_ms}",
+        )
         _check(
             problems,
             re.fullmatch(r"[A-Za-z0-9_.:-]{1,128}", self.client_id) is not None,
@@ -567,7 +596,11 @@ class AggregatorConfig:
     def show(self) -> list[tuple[str, str, str]]:
         """(name, value, source) rows, secrets masked."""
         rows = []
-        derived = {"store.dsn": self.store.dsn, "ingest.client_id": self.ingest.client_id}
+        derived = {
+            "store.dsn": self.store.dsn,
+            "ingest.client_id": self.ingest.client_id,
+            "ingest.receipt_key_file": self.ingest.receipt_key_file,
+        }
         for s in SETTINGS:
             value = self.values[s.name]
             if s.name in derived and not value:
@@ -604,7 +637,7 @@ def load_config(
 
     data_dir = Path(text("store.data_dir"))
     dsn = text("store.dsn") or f"sqlite:///{data_dir / SQLITE_FILE}"
-    client_id = text("ingest.client_id") or _default_client_id()
+    client_id = text("ingest.client_id") or _default_client_id(text("ingest.replica"))
     return AggregatorConfig(
         values,
         sources,
@@ -641,6 +674,8 @@ def load_config(
             database_retry_s=number("ingest.database_retry_s"),
             log_interval_s=number("ingest.log_interval_s"),
             prune_interval_s=number("ingest.prune_interval_s"),
+            receipt_key_file=text("ingest.receipt_key_file") or str(data_dir / "receipt.key"),
+            receipt_interval_ms=number("ingest.receipt_interval_ms"),
         ),
         ServeSettings(
             host=text("serve.host"),
@@ -653,6 +688,6 @@ def load_config(
     )
 
 
-def _default_client_id() -> str:
-    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname().split(".")[0]) or "host"
-    return f"footfall-aggregator-{host}"[:128]
+def _default_client_id(replica: str) -> str:
+    name = replica or socket.gethostname().split(".")[0]
+    return f"footfall-aggregator-{re.sub(r'[^A-Za-z0-9_.-]', '-', name) or 'host'}"[:128]

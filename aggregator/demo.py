@@ -6,17 +6,18 @@ config, no persistence; MQTT 5), otherwise amqtt, a broker in Python installed w
 it); ``--broker`` (or ``FOOTFALL_DEMO_BROKER``) chooses. Either takes no password: it listens on
 127.0.0.1 only. Then it starts the aggregator (SQLite in a temporary directory; API, dashboard
 and ingest in this process), and an agent that replays the capture bundled with footfall at
-full speed through the broker, signed, as a real one would; it enrols the agent, makes a demo
+full speed through the broker, signed, as a real one would, with the aggregator's receipt key
+(a window leaves its spool only once stored); it enrols the agent, makes a demo
 merchant with a fresh random password, and prints the broker it used, the dashboard's address
 and the login. Ctrl-C (or SIGTERM) stops it all.
 
 amqtt keeps a session's queued messages only for a client that gave a user name (with
 anonymous access on it keeps none), so the embedded broker is configured to want a user name and
 check nothing else, and both clients give one. Its limits, which the demo does not meet (ingest
-runs for the whole demo and acknowledges each batch within milliseconds): it never sends again
-a QoS 1 message that is not acknowledged within 5 s or before its subscriber disconnects, loses
-one that comes while its subscriber is disconnecting, and keeps nothing over its own restart
-(docs/aggregator.md).
+runs for the whole demo and acknowledges each batch within milliseconds), and which the agent's
+receipts would make good anyway: it never sends again a QoS 1 message that is not acknowledged
+within 5 s or before its subscriber disconnects, loses one that comes while its subscriber is
+disconnecting, and keeps nothing over its own restart (docs/aggregator.md).
 """
 
 from __future__ import annotations
@@ -45,10 +46,12 @@ import sqlalchemy as sa
 from aggregator.accounts import Accounts
 from aggregator.config import load_config
 from aggregator.errors import AggregatorError
+from aggregator.receipts import load_receipt_key
 from aggregator.serve import serve
 from aggregator.store import Store, site_days
+from firmware_agent.messages import public_key_text
 
-__all__ = ["BROKERS", "Broker", "embedded_broker", "run_demo"]
+__all__ = ["BROKERS", "Broker", "amqtt_command", "embedded_broker", "run_demo"]
 
 SITE, AGENT, MERCHANT = "demo-shop", "entrance", "demo"
 BROKERS = ("auto", "mosquitto", "embedded")
@@ -101,11 +104,9 @@ def _process(command: list[str], name: str, port: int) -> Iterator[None]:
             process.wait()
 
 
-@contextlib.contextmanager
-def embedded_broker(workdir: Path) -> Iterator[Broker]:
-    """amqtt (MQTT 3.1.1) in a process of its own on a free loopback port: it wants a user name
+def amqtt_command(workdir: Path, port: int) -> list[str]:
+    """The command that runs amqtt on ``port`` (config in ``workdir``): it wants a user name
     (so that sessions keep their messages) and checks no password."""
-    port = _free_port()
     conf = workdir / "amqtt.yaml"  # JSON is YAML
     conf.write_text(
         json.dumps(
@@ -117,9 +118,16 @@ def embedded_broker(workdir: Path) -> Iterator[Broker]:
             }
         )
     )
-    command = [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(conf)]
+    return [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(conf)]
+
+
+@contextlib.contextmanager
+def embedded_broker(workdir: Path) -> Iterator[Broker]:
+    """amqtt (MQTT 3.1.1) in a process of its own on a free loopback port
+    (:func:`amqtt_command`)."""
+    port = _free_port()
     name = f"amqtt {metadata.version('amqtt')} (embedded)"
-    with _process(command, name, port):
+    with _process(amqtt_command(workdir, port), name, port):
         yield Broker(name, port, "3.1.1")
 
 
@@ -157,13 +165,15 @@ def _broker(workdir: Path, choice: str) -> contextlib.AbstractContextManager[Bro
     return embedded_broker(workdir)
 
 
-def _agent_config(workdir: Path, broker: Broker) -> Path:
+def _agent_config(workdir: Path, broker: Broker, receipt_key: str) -> Path:
+    """The agent's config: with the aggregator's receipt key, so a window leaves its spool only
+    once stored, whatever the broker (amqtt too) forgets."""
     path = workdir / "agent.toml"
     path.write_text(
         f'[agent]\nsite = "{SITE}"\nid = "{AGENT}"\nconfig_dir = "{workdir}/agent"\n'
         f'state_dir = "{workdir}/agent"\n'
         f'[broker]\nhost = "127.0.0.1"\nport = {broker.port}\nusername = "{SITE}/{AGENT}"\n'
-        f'protocol = "{broker.protocol}"\n'
+        f'protocol = "{broker.protocol}"\nreceipt_key = "{receipt_key}"\nreceipt_timeout_s = 5\n'
     )
     return path
 
@@ -189,8 +199,22 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # SIGTERM stops the demo as Ctrl-C does: everything cleaned up
 
 
+def _check_port(port: int) -> None:
+    """Say at once when the dashboard's port is taken, rather than after the broker and the
+    agent have started and the server has failed to listen."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise AggregatorError(
+                f"port {port} is taken ({exc.strerror}): another demo or server listens on "
+                f"it; choose another with --port, e.g. footfall-aggregator demo --port {port + 1}"
+            ) from exc
+
+
 def run_demo(port: int, timezone: str, broker_choice: str = "auto") -> int:
     """Run the demo until Ctrl-C or SIGTERM (see the module docstring)."""
+    _check_port(port)
     bin_dir = Path(sys.executable).parent
     agent_cli = str(bin_dir / "footfall-agent")
     signal.signal(signal.SIGTERM, _interrupt)
@@ -216,7 +240,8 @@ def run_demo(port: int, timezone: str, broker_choice: str = "auto") -> int:
                     "serve.port": port,
                 }
             )
-            agent_toml = _agent_config(workdir, broker)
+            receipt_key = load_receipt_key(Path(config.ingest.receipt_key_file))
+            agent_toml = _agent_config(workdir, broker, public_key_text(receipt_key))
             public_key = subprocess.run(
                 [agent_cli, "keygen", "--config", str(agent_toml)],
                 capture_output=True,

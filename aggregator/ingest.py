@@ -25,6 +25,11 @@ Maximum), which bounds the memory a backlog takes.
 An acknowledgement belongs to its connection: after a reconnection the broker sends again what
 was not acknowledged, so acknowledgements of messages from an older connection are dropped.
 
+After each commit the agents whose windows the batch settled get a new signed receipt
+(:mod:`aggregator.receipts`), published by the worker at most every
+``ingest.receipt_interval_ms`` per agent: agents that have the receipt key keep a window
+until a receipt covers it, so nothing the broker loses is lost.
+
 **No message can stop ingest** (issue 16: one signed window dated 9999-12-31 did, for every
 site, across restarts). Each message is verified on its own: an exception while verifying it
 refuses it (``verify_failed``). If the database fails in a way that may pass (a connection, a
@@ -73,11 +78,13 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aggregator.config import AggregatorConfig
 from aggregator.errors import IngestFatalError, StoreError
 from aggregator.mqtt import PACKET_OVERHEAD, Delivery, Session
+from aggregator.receipts import Receipts, load_receipt_key
 from aggregator.registry import Registry, noisy
 from aggregator.store import BatchOutcome, Store
 from aggregator.verify import REASONS, Accepted, Refusal, Verifier, WindowLimits
@@ -244,6 +251,12 @@ class Ingest:
         )
         self.session = self._session()
         self.connected = self.session.connected
+        self.receipts = Receipts(
+            load_receipt_key(Path(self.settings.receipt_key_file)),
+            store,
+            self.session.publish,
+            self.settings.receipt_interval_ms / 1000,
+        )
 
     def _session(self) -> Session | JetStreamSession:
         """The transport: an MQTT session, or JetStream consumers (broker.kind); the rest of
@@ -298,6 +311,8 @@ class Ingest:
                     verified = self._verify_stage(batch)
                     if verified is None or not self._hand_over(verified):
                         break
+                if self.session.connected.is_set():
+                    self.receipts.flush()
                 now = time.monotonic()
                 if now >= next_prune:
                     next_prune = now + self.settings.prune_interval_s
@@ -419,6 +434,7 @@ class Ingest:
                 if outcome is None:
                     return  # stopping with the database down: the broker keeps the batch
                 self.session.ack([delivery for delivery, _ in verified.batch])
+                self.receipts.changed(outcome.settled)
                 with self._stats_lock:
                     self.stats.batches += 1
                     self.stats.received += len(verified.batch)
@@ -508,6 +524,7 @@ class Ingest:
                 continue
             outcome.stored += part.stored
             outcome.skipped += part.skipped
+            outcome.settled |= part.settled
         return outcome
 
     def _quarantine_stored(self, message: Accepted, exc: Exception, now: int) -> None:

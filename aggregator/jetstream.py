@@ -19,8 +19,9 @@ goes to another process (one that died holds nothing for good), at most
 while it holds fewer than ``ingest.receive_maximum`` unacknowledged messages.
 
 :class:`JetStreamSession` offers what :class:`aggregator.mqtt.Session` offers ingest
-(``start``, ``stop``, ``connected``, ``ack``), so :class:`aggregator.ingest.Ingest` verifies,
-stores and refuses exactly as it does for MQTT; only the transport differs. Each message
+(``start``, ``stop``, ``connected``, ``ack``, ``publish`` for receipts), so
+:class:`aggregator.ingest.Ingest` verifies, stores and refuses exactly as it does for MQTT;
+only the transport differs. Each message
 becomes a :class:`Delivery` with the MQTT topic its subject stands for. ``ack`` acknowledges
 after the commit; an acknowledgement lost with a connection only means the message comes again
 (the store skips it as a duplicate).
@@ -28,8 +29,11 @@ after the commit; an acknowledgement lost with a connection only means the messa
 What JetStream cannot give: NATS's MQTT listener acknowledges an agent's QoS 1 PUBLISH when it
 has passed the message on inside NATS, not when a stream has stored it. A message that arrives
 while the stream has no leader (seconds, during an election after its leader's node died) is
-dropped after the agent was told it was delivered. Receipts (the aggregator's signed word of
-what it stored, issue 16) close that gap: an agent keeps a window until a receipt covers it.
+dropped after the agent was told it was delivered. Receipts (:mod:`aggregator.receipts`, the
+aggregator's signed word of what it stored) close that gap: an agent given the receipt key
+keeps a window until a receipt covers it. They go out as plain NATS messages on
+``footfall.v1.<site>.<agent>.receipt``, which the agent's MQTT subscription to its
+``…/receipt`` topic receives unchanged (QoS 0, not retained).
 """
 
 from __future__ import annotations
@@ -117,6 +121,7 @@ class JetStreamSession:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
+        self._nc: Any = None  # the connection, once made
         self._stopping: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, name="footfall-jetstream", daemon=True)
 
@@ -141,6 +146,19 @@ class JetStreamSession:
             with contextlib.suppress(RuntimeError):  # the loop has ended: they come again
                 asyncio.run_coroutine_threadsafe(self._ack(msgs), self._loop)
 
+    def publish(self, topic: str, payload: bytes) -> bool:
+        """Send a message (a receipt) on the subject for ``topic``; False (nothing sent) while
+        not connected. Agents subscribed over MQTT get it as QoS 0, not retained: one that
+        connects waits for the next receipt (or re-sends after broker.receipt_timeout_s, and
+        the skip makes one)."""
+        if self._nc is None or not self.connected.is_set():
+            return False
+        subject = topic.replace("/", ".")
+        with contextlib.suppress(RuntimeError):
+            asyncio.run_coroutine_threadsafe(self._nc.publish(subject, payload), self._loop)
+            return True
+        return False
+
     async def _ack(self, msgs: list[Msg]) -> None:
         for msg in msgs:
             try:
@@ -160,7 +178,7 @@ class JetStreamSession:
     async def _main(self) -> None:
         self._stopping = asyncio.Event()
         s = self.settings
-        nc = await self._connect()
+        nc = self._nc = await self._connect()
         if nc is None:
             return
         try:

@@ -30,9 +30,12 @@ part of MQTT, so this module does that part and nothing else, in about 20 µs pe
 * keep-alive (PINGREQ when quiet; a connection silent for 1.5 keep-alives is lost), the
   server's DISCONNECT reason in words, reconnection with capped exponential backoff.
 
-One thread (started by :meth:`Session.start`) owns the socket; :meth:`Session.ack` may be
-called from any thread and wakes it through a socket pair. It never publishes, and never
-receives QoS 2 (it subscribes at QoS 1, so the broker downgrades).
+* PUBLISH sent, QoS 0 and retained (:meth:`Session.publish`: the agents' receipts, which are
+  published again whenever they change, so one lost on the way costs nothing).
+
+One thread (started by :meth:`Session.start`) owns the socket; :meth:`Session.ack` and
+:meth:`Session.publish` may be called from any thread and wake it through a socket pair. It
+never receives QoS 2 (it subscribes at QoS 1, so the broker downgrades).
 """
 
 from __future__ import annotations
@@ -198,6 +201,12 @@ def subscribe_packet(mid: int, filters: Sequence[str], v5: bool = True) -> bytes
     return b"\x82" + _varint(len(body)) + body
 
 
+def publish_packet(topic: str, payload: bytes, v5: bool = True) -> bytes:
+    """PUBLISH at QoS 0, retained (MQTT 5: with no properties)."""
+    body = _string(topic) + (b"\x00" if v5 else b"") + payload
+    return b"\x31" + _varint(len(body)) + body
+
+
 def puback_packets(mids: Sequence[int]) -> bytes:
     """PUBACKs (success, no properties: the two-byte form, the same in 3.1.1)."""
     return b"".join(b"\x40\x02" + struct.pack("!H", mid) for mid in mids)
@@ -237,6 +246,7 @@ class Session:
         self._generation = 0
         self._lock = threading.Lock()
         self._acks: list[int] = []
+        self._out: list[bytes] = []  # PUBLISH packets to send
         self._skip = 0  # bytes of a packet too large to keep still to come, and to drop
         self._stop = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -267,6 +277,15 @@ class Session:
                 return
             self._acks.extend(mids)
         self._wake()
+
+    def publish(self, topic: str, payload: bytes) -> bool:
+        """Send a retained QoS 0 message; False (nothing sent) while not connected."""
+        if not self.connected.is_set():
+            return False
+        with self._lock:
+            self._out.append(publish_packet(topic, payload, self.v5))
+        self._wake()
+        return True
 
     def _wake(self) -> None:
         # BlockingIOError: already awake (the pair's buffer is full); OSError: closed.
@@ -302,6 +321,7 @@ class Session:
                 with self._lock:
                     self._generation += 1  # acks of this connection are void now
                     self._acks.clear()
+                    self._out.clear()
                 self.connected.clear()
                 if sock is not None:
                     sock.close()
@@ -413,11 +433,20 @@ class Session:
                 if acks:
                     sock.sendall(puback_packets(acks))
                     last_out = time.monotonic()
+                out = self._take_out()
+                if out:
+                    sock.sendall(out)
+                    last_out = time.monotonic()
             # The last batch's acknowledgements go before the DISCONNECT, or the broker sends
             # that batch again to the next connection (stored already: skipped as duplicates).
             sock.sendall(puback_packets(self._take_acks()) + _DISCONNECT)
         finally:
             selector.close()
+
+    def _take_out(self) -> bytes:
+        with self._lock:
+            out, self._out = self._out, []
+        return b"".join(out)
 
     def _keep(self, buffer: bytearray, chunk: bytes) -> None:
         """Add what was read to the buffer, less the rest of a packet being read past."""

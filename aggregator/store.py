@@ -26,6 +26,8 @@ Tables::
                     without an enrolled agent as site '': rows do not grow with made-up ids)
     quarantine      messages whose verification or storage failed on them alone: reason,
                     error, digest, size (the text only of verified ones), newest kept
+    receipts        per agent, the seq ranges settled (stored, or skipped for good), as JSON
+                    ``[[lo, hi], ...]``: what ingest's signed receipts tell the agent
     users, grants,  accounts (aggregator.accounts): users with a role, the sites granted to
     sessions,       them, browser sessions and API tokens (SHA-256 of the secret at rest,
     api_tokens,     tokens with an expiry), login attempts by name and address and by
@@ -39,6 +41,13 @@ moved with one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING``, so a 
 stored (a redelivery, a replay) is skipped and only the windows really inserted are added to
 the roll-ups, which are upserted the same way, in key order (two processes on PostgreSQL take
 row locks in the same order, so they do not deadlock each other).
+
+The same transaction adds the batch's seqs to each agent's settled ranges (``receipts``): a
+window stored, or skipped for good (a duplicate, a conflicting seq, another window for the
+same start), is settled, and the agent may let it go once a receipt says so. An agent's ranges
+stay few (one per run of windows; a gap is a window never received), and at most
+:data:`MAX_SETTLED_RANGES` are kept: beyond, the lowest are forgotten, and a window the agent
+still holds there is sent again, skipped as a duplicate, and settled again.
 """
 
 from __future__ import annotations
@@ -80,6 +89,7 @@ __all__ = [
     "Gap",
     "SiteRow",
     "Store",
+    "merge_ranges",
     "metadata",
 ]
 
@@ -281,6 +291,17 @@ api_tokens = sa.Table(
     sa.UniqueConstraint("token_hash", name="uq_api_tokens_hash"),
     sa.ForeignKeyConstraint(["user_id"], ["users.id"], name="fk_api_tokens_user"),
 )
+receipts = sa.Table(
+    "receipts",
+    metadata,
+    sa.Column("agent_key", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("settled", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.ForeignKeyConstraint(["agent_key"], ["agents.agent_key"], name="fk_receipts_agent"),
+)
+SPOOL_FILLING = 12  # windows waiting in an agent's spool: an hour of 5-minute windows
+MAX_SETTLED_RANGES = 256  # per agent; beyond, the lowest are forgotten (module docstring)
+
 login_attempts = sa.Table(
     "login_attempts",
     metadata,
@@ -335,7 +356,8 @@ class AgentHealth:
     first_window: int | None
     last_window: int | None
     last_seq: int | None
-    missing: int  # windows the agent made that never arrived (gaps in seq)
+    missing: int  # windows the agent made that have not arrived (gaps in seq, and after)
+    spool_filling: bool  # its last status said more than SPOOL_FILLING windows wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,6 +377,7 @@ class BatchOutcome:
 
     stored: list[Accepted] = field(default_factory=list)
     skipped: list[tuple[Accepted, str]] = field(default_factory=list)
+    settled: set[int] = field(default_factory=set)  # agent keys whose receipt moved
 
 
 def engine_url(settings: StoreSettings) -> sa.URL:
@@ -725,6 +748,7 @@ class Store:
             if deltas:
                 self._upsert_rollups(conn, deltas)
             self._update_agents(conn, accepted, now)
+            outcome.settled = self._settle(conn, counts, now)
             for message, reason in outcome.skipped:
                 who = (reason, message.agent.site, message.agent.agent)
                 tally[who] = tally.get(who, 0) + 1
@@ -802,6 +826,55 @@ class Store:
                 yield message, "duplicate"
             else:
                 yield message, "seq_conflict"
+
+    def _settle(self, conn: Connection, counts: Sequence[Accepted], now: int) -> set[int]:
+        """Add the counts' seqs (stored now, or skipped: settled either way) to their agents'
+        settled ranges; the agent keys. Rows are locked in key order (PostgreSQL: two
+        processes merge one after the other, in the same order)."""
+        seqs: dict[int, list[int]] = {}
+        for message in counts:
+            seqs.setdefault(message.agent.key, []).append(int(message.payload["seq"]))
+        if not seqs:
+            return set()
+        r = receipts.c
+        query = sa.select(r.agent_key, r.settled).where(r.agent_key.in_(sorted(seqs)))
+        if self.dialect == "postgresql":
+            query = query.order_by(r.agent_key).with_for_update()
+        held = {key: json.loads(text) for key, text in conn.execute(query).all()}
+        rows = [
+            {
+                "agent_key": key,
+                "settled": json.dumps(
+                    merge_ranges(held.get(key, []), seqs[key])[-MAX_SETTLED_RANGES:],
+                    separators=(",", ":"),
+                ),
+                "updated_at": now,
+            }
+            for key in sorted(seqs)
+        ]
+        insert = (postgresql if self.dialect == "postgresql" else sqlite).insert(receipts)
+        conn.execute(
+            insert.on_conflict_do_update(
+                index_elements=[r.agent_key],
+                set_={"settled": insert.excluded.settled, "updated_at": insert.excluded.updated_at},
+            ),
+            rows,
+        )
+        return set(seqs)
+
+    def settled(self, keys: Iterable[int]) -> dict[int, tuple[str, str, list[tuple[int, int]]]]:
+        """Agent key -> (site, agent, settled ranges), for the keys that have any."""
+        a, r = agents.c, receipts.c
+        with self.begin(read_only=True) as conn:
+            rows = conn.execute(
+                sa.select(r.agent_key, a.site_id, a.agent_id, r.settled)
+                .join(agents, a.agent_key == r.agent_key)
+                .where(r.agent_key.in_(sorted(keys)))
+            ).all()
+        return {
+            key: (site, agent, [(int(lo), int(hi)) for lo, hi in json.loads(text)])
+            for key, site, agent, text in rows
+        }
 
     def _upsert_rollups(self, conn: Connection, deltas: RollupDeltas) -> None:
         for table, rows in (
@@ -987,7 +1060,14 @@ class Store:
     ) -> list[AgentHealth]:
         """Every agent (of one site), with its health; with ``since`` (and ``until``, Unix s),
         the windows stored and missing count only those from then on (and before then): a
-        quick look at a big store."""
+        quick look at a big store.
+
+        Missing windows are the gaps in an agent's stored seqs, and (but with ``until``) those
+        after its last stored one up to the ``last_seq`` of its last status: windows it made
+        that have not arrived, lost or still on the way (an agent with receipts sends them
+        again). ``spool_filling``: its last status said more than :data:`SPOOL_FILLING`
+        windows wait in its spool (the aggregator does not store them, or the agent cannot
+        reach the broker)."""
         a = agents.c
         scope: ColumnElement[bool] = sa.true()
         listed = sa.select(
@@ -1003,6 +1083,7 @@ class Store:
             a.status_at,
             a.spool_pending,
             a.spool_dropped,
+            a.status_last_seq,
         ).order_by(a.site_id, a.agent_id)
         if site is not None:
             listed = listed.where(a.site_id == site)
@@ -1032,6 +1113,9 @@ class Store:
             count, first, last, last_seq, missing = figures.get(
                 row.agent_key, (0, None, None, None, 0)
             )
+            made = row.status_last_seq  # the newest window the agent says it made
+            if last_seq is not None and made is not None and until is None:
+                missing = int(missing or 0) + max(0, made - last_seq)
             out.append(
                 AgentHealth(
                     site=row.site_id,
@@ -1050,6 +1134,7 @@ class Store:
                     last_window=last,
                     last_seq=last_seq,
                     missing=int(missing or 0),
+                    spool_filling=(row.spool_pending or 0) > SPOOL_FILLING,
                 )
             )
         return out
@@ -1089,6 +1174,18 @@ class Store:
                 )
             ).all()
         return {(r, s, a): int(n) for r, s, a, n in rows}
+
+
+def merge_ranges(ranges: Sequence[Sequence[int]], seqs: Iterable[int]) -> list[list[int]]:
+    """Sorted, apart, inclusive ranges ``[[lo, hi], ...]`` with ``seqs`` added (touching
+    ranges joined)."""
+    merged: list[list[int]] = []
+    for lo, hi in sorted([*([int(x) for x in r] for r in ranges), *([s, s] for s in seqs)]):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return merged
 
 
 def _period(hourly: bool, b: Buckets) -> tuple[Any, ...]:

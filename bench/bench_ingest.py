@@ -215,6 +215,7 @@ def ingest(
     config = root / f"aggregator-{uuid.uuid4().hex[:6]}.toml"
     config.write_text(
         f'[store]\ndsn = "{dsn}"\nschema = "{schema}"\nretention_days = 0\n'
+        f'data_dir = "{root}"\n'
         + broker_toml
         + '[ingest]\nshare_group = "bench"\nlog_interval_s = 3600\n'
     )

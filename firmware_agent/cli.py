@@ -24,17 +24,20 @@ from firmware_agent.audit import audit_all
 from firmware_agent.broker_session import BrokerSession
 from firmware_agent.capture import CaptureReader, FrameBatch
 from firmware_agent.capture_stats import inspect_capture
+from firmware_agent.checks import exit_status, print_table
 from firmware_agent.command_line import run_command
-from firmware_agent.doctor import print_table, run_checks
+from firmware_agent.doctor import run_checks
 from firmware_agent.errors import AgentError
 from firmware_agent.evaluate import add_commands
+from firmware_agent.live import LiveSettings
 from firmware_agent.messages import public_key_text, verify_key_from_text
 from firmware_agent.mqtt_capture import publishes
 from firmware_agent.pipeline import Pipeline
 from firmware_agent.privacy_report import privacy_report
 from firmware_agent.service import run_agent
-from firmware_agent.settings import load_config
+from firmware_agent.settings import SETTINGS, load_config
 from firmware_agent.signing import KEY_FILE, create_signing_key, load_signing_key
+from firmware_agent.survey import run_survey
 
 log = logging.getLogger("footfall.agent")
 
@@ -161,17 +164,18 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_enroll(args: argparse.Namespace) -> int:
+def cmd_enrol(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides=dict(args.set or []))
     identity = config.identity
     public = public_key_text(load_signing_key(identity.config_dir))
     account = f"{identity.site}/{identity.agent}"
     print(f"public key: {public}")
-    print("enrol it on the aggregator:")
+    print("enrol it on the aggregator (an installer's or admin's account):")
     print(
         f"  footfall-aggregator enrol --site {identity.site} --agent {identity.agent} "
         f"--public-key {public}"
     )
+    print(f"  or on the web page /sites/{identity.site}: 'Enrol an agent', id {identity.agent}")
     print(f"broker account (hardware/mosquitto): user name {account!r}, made with")
     print(f"  mosquitto_passwd /etc/mosquitto/footfall.passwd {account}")
     if config.broker.username != account:
@@ -183,7 +187,16 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides=dict(args.set or []))
     findings = run_checks(config, sample_s=args.sample_s)
     print_table(findings)
-    return 1 if any(f.status == "FAIL" for f in findings) else 0
+    return exit_status(findings)
+
+
+def cmd_survey(args: argparse.Namespace) -> int:
+    config = load_config(args.config, overrides=dict(args.set or []))
+    channels = None
+    if args.channels:
+        channels = LiveSettings.parse("auto", 8, "on", args.channels, 200).hop_channels
+    run_survey(config, args.minutes * 60, channels)
+    return 0
 
 
 def cmd_build_kernels(args: argparse.Namespace) -> int:
@@ -198,8 +211,10 @@ def cmd_build_kernels(args: argparse.Namespace) -> int:
 def cmd_config_show(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides=dict(args.set or []))
     width = max(len(name) for name, _, _ in config.show())
-    for name, value, source in config.show():
+    for (name, value, source), setting in zip(config.show(), SETTINGS, strict=True):
         print(f"{name:<{width}}  {value:<12}  ({source})")
+        if args.help_text:
+            print(f"    {setting.help}")
     return 0
 
 
@@ -315,21 +330,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser(
-        "enroll",
-        help="print the public key and the commands that enrol this agent",
-        description="Print this agent's public signing key, the aggregator command that "
-        "enrols it, and the broker account it needs (user name '<site>/<agent>').",
+        "enrol",
+        aliases=["enroll"],
+        help="print the public key and the commands that enrol this agent ('enroll' too)",
+        description="Print this agent's public signing key, the aggregator command (or web "
+        "page) that enrols it, and the broker account it needs (user name '<site>/<agent>').",
     )
     p.add_argument("--config", type=Path, help="agent TOML config file")
     p.add_argument("--set", type=_setting, action="append", metavar="NAME=VALUE", help=set_help)
-    p.set_defaults(func=cmd_enroll)
+    p.set_defaults(func=cmd_enrol)
 
     p = sub.add_parser(
         "doctor",
         help="check that this access point is ready to count (exit status 1 if not)",
-        description="One table of checks, with a fix for each failing one: interface in "
-        "monitor mode, capabilities, probe requests arriving, clock synchronised, broker "
-        "reachable with these credentials, signing key, spool, numba cache.",
+        description="One table of checks, with a fix for each failing one: site, id and time "
+        "zone set (a warning if not), interface in monitor mode, capabilities, probe requests "
+        "arriving, clock synchronised, signing key, broker reachable with these credentials, "
+        "its ACL (own topic accepted, another refused), the aggregator storing this agent's "
+        "windows (its signed receipt), spool, numba cache. Exit status 1 if a check failed.",
     )
     p.add_argument("--config", type=Path, help="agent TOML config file")
     p.add_argument(
@@ -337,6 +355,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--set", type=_setting, action="append", metavar="NAME=VALUE", help=set_help)
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser(
+        "survey",
+        help="site survey: probe requests a second and their signal, by channel, live",
+        description="Listen on the live interface (source.path) for a few minutes and show, "
+        "per channel, the probe requests a second and the share in each 10 dB signal band, "
+        "refreshed as it goes with the time left: where to put the antenna and which channel "
+        "to listen on. Frames are counted; nothing per device is kept or shown.",
+    )
+    p.add_argument("--config", type=Path, help="agent TOML config file")
+    p.add_argument(
+        "--minutes", type=float, default=3.0, help="how long to listen (default 3 minutes)"
+    )
+    p.add_argument("--channels", help="hop over these channels, e.g. 1,6,11 (needs iw)")
+    p.add_argument("--set", type=_setting, action="append", metavar="NAME=VALUE", help=set_help)
+    p.set_defaults(func=cmd_survey)
 
     add_commands(sub, _setting)  # evaluate, calibrate
 
@@ -392,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = config_sub.add_parser("show", help="print the effective settings, secrets masked")
     show.add_argument("--config", type=Path, help="agent TOML config file")
+    show.add_argument("--help-text", action="store_true", help="each setting's help under it")
     show.add_argument("--set", type=_setting, action="append", metavar="NAME=VALUE", help=set_help)
     show.set_defaults(func=cmd_config_show)
     return parser

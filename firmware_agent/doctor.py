@@ -9,8 +9,17 @@ exit status is 0 when nothing failed. The checks, in the order an installer fixe
 * **capabilities**: ``CAP_NET_RAW`` to capture, ``CAP_NET_ADMIN`` too when hopping channels;
 * **frames**: probe requests actually arrive within a few seconds, and the kernel drops none;
 * **clock**: the kernel says the clock is synchronised (windows are stamped with it);
-* **broker**: reachable, TLS verified, credentials accepted (a session of its own, no will);
+* **identity**: site, agent id and time zone set in the file, not left to defaults (the host
+  name, the system's zone): a warning, since the agent runs with them, but they bite later;
 * **signing key**: present, private (0600), readable as a key; its public key for enrolment;
+* **broker**: reachable, TLS verified, credentials accepted (a session of its own, no will);
+* **acl**: the broker takes a publish on the agent's own topic (its signed meta message, as the
+  agent sends at start) and refuses one outside it (``footfall/v1/<site>/<agent>~/meta``, which
+  no agent owns): MQTT 5 says so in the acknowledgement, MQTT 3.1.1 cannot;
+* **stored**: the aggregator stores this agent's windows: its retained receipt
+  (``aggregator/receipts.py``) is there and verifies with ``broker.receipt_key``. The agent
+  cannot see why there is none; ``footfall-aggregator agents check SITE AGENT`` on the
+  aggregator can (site missing, key not enrolled, messages refused);
 * **spool**: the state directory is writable, the spool opens, some free space is left;
 * **numba cache**: the compiled kernels load from the cache (a cold cache costs a long start).
 
@@ -23,40 +32,41 @@ import ctypes
 import os
 import shutil
 import struct
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
+
+import nacl.signing
 
 from firmware_agent import anonymize, capture, count, estimate, kernels, live, parse
 from firmware_agent.broker_session import BrokerSession
 from firmware_agent.capture import CaptureReader
-from firmware_agent.errors import AgentError
+from firmware_agent.checks import FAIL, OK, SKIP, WARN, Finding
+from firmware_agent.errors import AgentError, BrokerError, MessageError
 from firmware_agent.live import IFACE_PREFIX, LiveCapture, interface_facts
-from firmware_agent.messages import public_key_text
+from firmware_agent.messages import (
+    TOPIC_ROOT,
+    Envelope,
+    Topic,
+    public_key_text,
+    seal,
+    settled_ranges,
+)
 from firmware_agent.pipeline import Pipeline
 from firmware_agent.settings import AgentConfig
 from firmware_agent.signing import KEY_FILE, load_signing_key
 from firmware_agent.spool import SPOOL_FILE, Spool
 
-__all__ = ["Finding", "print_table", "run_checks"]
+__all__ = ["run_checks"]
 
-OK, FAIL, SKIP = "ok", "FAIL", "skip"
 _CAP_NET_ADMIN, _CAP_NET_RAW = 12, 13
 _MIN_FREE_BYTES = 50 << 20
 _TIME_ERROR = 5  # adjtimex(2): the clock is not synchronised
 _SAMPLE = Path(__file__).with_name("data") / "sample.pcap"
-
-
-@dataclass(frozen=True, slots=True)
-class Finding:
-    check: str
-    status: str  # OK, FAIL or SKIP
-    detail: str
-    fix: str = ""
+_RECEIPT_WAIT_S = 2.0  # a retained receipt arrives right after the subscription
 
 
 def _capabilities() -> int:
@@ -170,10 +180,115 @@ def check_broker(config: AgentConfig) -> Finding:
             pass
     except AgentError as exc:
         return Finding("broker", FAIL, str(exc), "check broker.host, broker.port, broker.tls_ca "
-                       "and the account: footfall-agent enroll prints what to set up")  # fmt: skip
+                       "and the account: footfall-agent enrol prints what to set up")  # fmt: skip
     tls = "TLS" if broker.tls_ca else "no TLS"
     user = f"as {broker.username!r}" if broker.username else "anonymously"
     return Finding("broker", OK, f"{broker.address} ({tls}) accepted {site}/{agent} {user}")
+
+
+def _config_flag(config: AgentConfig) -> str:
+    """`` --config FILE`` for a fix's command, when the settings came from a file."""
+    return f" --config {config.file}" if config.file is not None else ""
+
+
+def _file(config: AgentConfig) -> str:
+    return str(config.file) if config.file is not None else "/etc/footfall/agent.toml"
+
+
+def check_identity(config: AgentConfig) -> Finding:
+    """Site, agent id and time zone: set on purpose, not the defaults (a warning)."""
+    sources = config.sources
+    site, agent = config.identity.site, config.identity.agent
+    zone = str(config.values["epoch.timezone"])
+    unset = []
+    if sources["agent.site"] == "default":
+        unset.append(f"agent.site is the default {site.value!r}")
+    if sources["agent.id"] == "default":
+        unset.append(f"agent.id is this host's name {agent.value!r}")
+    if not zone:
+        unset.append(f"epoch.timezone is empty: midnight follows this system's zone ({_zone()})")
+    if unset:
+        return Finding("identity", WARN, "; ".join(unset), f"set them in {_file(config)}: "
+                       "agent.site (the site the aggregator's admin made), agent.id, "
+                       "epoch.timezone (the shop's IANA zone, e.g. Europe/Paris)")  # fmt: skip
+    return Finding("identity", OK, f"site {site}, agent {agent}, time zone {zone}")
+
+
+def _zone() -> str:
+    try:
+        return os.readlink("/etc/localtime").split("zoneinfo/", 1)[-1]
+    except OSError:
+        return time.strftime("%Z")
+
+
+def check_acl(config: AgentConfig) -> Finding:
+    """The broker takes the agent's own meta message and refuses one on a topic no agent owns."""
+    from firmware_agent.service import agent_meta  # noqa: PLC0415 (the publisher's stack)
+
+    site, agent = config.identity.site, config.identity.agent
+    own = Topic(site, agent, "meta")
+    outside = f"{TOPIC_ROOT}/{site}/{agent}~/meta"  # no agent's: '~' is in no id
+    fix = (f"the broker's ACL (hardware/mosquitto/footfall.acl, in /etc/mosquitto/) and the "
+           f"account's name: broker.username must be '{site}/{agent}'")  # fmt: skip
+    try:
+        key = load_signing_key(config.identity.config_dir)
+    except AgentError:
+        return Finding("acl", SKIP, "needs the signing key (its meta message is signed)")
+    with BrokerSession(config.broker, f"footfall-{site}-{agent}-doctor") as session:
+        try:
+            session.publish(str(own), seal(agent_meta(config), key), retain=True)
+        except BrokerError as exc:
+            return Finding("acl", FAIL, str(exc), fix)
+        if config.broker.protocol != "5":
+            return Finding("acl", OK, f"{own} accepted; MQTT 3.1.1 does not say whether "
+                           f"{outside} is refused (broker.protocol = '5' does)")  # fmt: skip
+        try:
+            session.publish(outside, b"", retain=False)
+        except BrokerError:
+            return Finding("acl", OK, f"{own} accepted, {outside} refused")
+    return Finding("acl", FAIL, f"{outside} accepted: this account may write other agents' "
+                   "topics", fix)  # fmt: skip
+
+
+def check_stored(config: AgentConfig) -> Finding:
+    """The aggregator's retained receipt for this agent: there, and signed with its key."""
+    site, agent = config.identity.site, config.identity.agent
+    topic = Topic(site, agent, "receipt")
+    key = config.broker.receipt_verify_key  # checked where the settings were loaded
+    if key is None:
+        return Finding(
+            "stored",
+            FAIL,
+            "broker.receipt_key is empty: nothing tells this agent what the aggregator stores",
+            "on the aggregator, footfall-aggregator receipt-key prints it: set "
+            f"broker.receipt_key in {_file(config)}",
+        )
+    with BrokerSession(config.broker, f"footfall-{site}-{agent}-doctor") as session:
+        body = next((b for _, b in session.listen(str(topic), _RECEIPT_WAIT_S) if b), None)
+    why = (f"on the aggregator, footfall-aggregator agents check {site} {agent} says why (site "
+           "missing, key not enrolled, messages refused); if the agent has not run yet: "
+           "systemctl start footfall-agent, and run doctor again once a window is over "
+           f"(count.window_s = {config.count.window_s} s)")  # fmt: skip
+    if body is None:
+        return Finding("stored", FAIL, f"no receipt on {topic}: the aggregator has stored no "
+                       "window of this agent", why)  # fmt: skip
+    return _receipt_finding(body, topic, key)
+
+
+def _receipt_finding(body: bytes, topic: Topic, key: nacl.signing.VerifyKey) -> Finding:
+    try:
+        envelope = Envelope.parse(body)
+        if envelope.topic != topic:
+            raise MessageError(f"it names {envelope.topic}")
+        payload = envelope.verify(key)
+        settled_ranges(payload)
+    except MessageError as exc:
+        return Finding("stored", FAIL, f"the receipt on {topic} is not one: {exc}",
+                       "broker.receipt_key must be what footfall-aggregator receipt-key "
+                       "prints")  # fmt: skip
+    return Finding("stored", OK, f"the aggregator holds windows {payload['first_seq']} to "
+                   f"{payload['through_seq']} (last {payload['last_seq']}, "
+                   f"{len(payload['gaps'])} gaps), receipt of {payload['at']}")  # fmt: skip
 
 
 def check_signing_key(config: AgentConfig) -> Finding:
@@ -181,11 +296,11 @@ def check_signing_key(config: AgentConfig) -> Finding:
     try:
         key = load_signing_key(config_dir)
     except AgentError as exc:
-        return Finding("signing key", FAIL, str(exc), "footfall-agent keygen, then enrol the key "
-                       "(footfall-agent enroll)")  # fmt: skip
+        return Finding("signing key", FAIL, str(exc), f"footfall-agent keygen{_config_flag(config)}"
+                       f", then enrol it (footfall-agent enrol{_config_flag(config)})")  # fmt: skip
     public = public_key_text(key)
     return Finding("signing key", OK, f"{config_dir / KEY_FILE} (0600), public key "
-                   f"{public[:12]}...; footfall-agent enroll prints the rest")  # fmt: skip
+                   f"{public[:12]}...; footfall-agent enrol prints the rest")  # fmt: skip
 
 
 def check_spool(config: AgentConfig) -> Finding:
@@ -247,30 +362,26 @@ def check_numba_cache(config: AgentConfig) -> Finding:
 
 
 def run_checks(config: AgentConfig, sample_s: float = 5.0) -> list[Finding]:
+    """Every check, in the order an installer fixes things."""
+    identity = check_identity(config)
     interface = check_interface(config)
     capabilities = check_capabilities(config)
     if capabilities.status != OK and interface.status == OK:
         frames = Finding("frames", SKIP, "needs CAP_NET_RAW")
     else:
         frames = check_frames(config, sample_s, interface)
+    clock = check_clock()
+    key = check_signing_key(config)
+    broker = check_broker(config)
+    if broker.status != OK:
+        acl = Finding("acl", SKIP, "needs a broker login")
+        stored = Finding("stored", SKIP, "needs a broker login")
+    else:
+        acl = check_acl(config)
+        stored = check_stored(config)
     steps: list[Callable[[], Finding]] = [
-        check_clock,
-        lambda: check_broker(config),
-        lambda: check_signing_key(config),
         lambda: check_spool(config),
         lambda: check_numba_cache(config),
     ]
-    return [interface, capabilities, frames, *(step() for step in steps)]
-
-
-def print_table(findings: list[Finding], out: TextIO | None = None) -> None:
-    out = out or sys.stdout
-    width = max(len(f.check) for f in findings)
-    out.write(f"{'check':<{width}}  {'':<4}  result\n")
-    for f in findings:
-        out.write(f"{f.check:<{width}}  {f.status:<4}  {f.detail}\n")
-        if f.fix:
-            out.write(f"{'':<{width}}        fix: {f.fix}\n")
-    failed = sum(f.status == FAIL for f in findings)
-    out.write(f"{failed} of {len(findings)} checks failed\n" if failed else "all checks passed\n")
-    out.flush()
+    found = [identity, interface, capabilities, frames, clock, key, broker, acl, stored]
+    return found + [step() for step in steps]

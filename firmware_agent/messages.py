@@ -8,6 +8,11 @@ Topics (:class:`Topic`)::
     footfall/v1/<site>/<agent>/counts   QoS 1, not retained: one message per closed window
     footfall/v1/<site>/<agent>/status   QoS 1, retained: online / offline (also the last will)
     footfall/v1/<site>/<agent>/meta     QoS 1, retained: how the agent counts, its privacy settings
+    footfall/v1/<site>/<agent>/receipt  retained, from the aggregator: the windows it holds
+
+A receipt (:func:`receipt_payload`, :func:`settled_ranges`) is the one message the aggregator
+sends: signed with its own receipt key, it tells an agent which of its windows are settled, so
+the agent's spool can let them go (``docs/messages.md``).
 
 Site and agent ids match ``[a-z0-9][a-z0-9_-]{0,62}`` (:class:`SiteId`, :class:`AgentId`).
 
@@ -35,9 +40,10 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import itertools
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -67,7 +73,9 @@ __all__ = [
     "known_schemas",
     "meta_payload",
     "public_key_text",
+    "receipt_payload",
     "seal",
+    "settled_ranges",
     "status_payload",
     "utc_text",
     "validate",
@@ -77,7 +85,9 @@ __all__ = [
 ID_PATTERN = "[a-z0-9][a-z0-9_-]{0,62}"
 _ID = re.compile(ID_PATTERN)
 TOPIC_ROOT = "footfall/v1"
-KINDS = ("counts", "status", "meta")
+KINDS = ("counts", "status", "meta")  # what agents send
+RECEIPT = "receipt"  # what the aggregator sends back (v1)
+_ALL_KINDS = (*KINDS, RECEIPT)
 VERSIONS: Mapping[str, tuple[int, ...]] = {"counts": (1, 2), "status": (1,), "meta": (1, 2)}
 """Every (kind, v) a reader accepts: ``schemas/<kind>.v<v>.json``."""
 CURRENT: Mapping[str, int] = {"counts": 2, "status": 1, "meta": 2}
@@ -135,8 +145,10 @@ class Topic:
     kind: str
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise MessageError(f"topic kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind not in _ALL_KINDS:
+            raise MessageError(
+                f"topic kind must be one of {', '.join(_ALL_KINDS)}, got {self.kind!r}"
+            )
 
     def __str__(self) -> str:
         return f"{TOPIC_ROOT}/{self.site}/{self.agent}/{self.kind}"
@@ -224,7 +236,8 @@ def validate(payload: Mapping[str, object]) -> None:
     than the minimum of 0``.
     """
     kind, version = payload.get("kind"), payload.get("v")
-    if not isinstance(kind, str) or version not in VERSIONS.get(kind, ()):
+    known = {**VERSIONS, RECEIPT: (1,)}.get(kind, ()) if isinstance(kind, str) else ()
+    if version not in known:
         raise SchemaError(
             f"payload: $.kind and $.v must name a known schema ({known_schemas()}), "
             f"got kind={kind!r} v={version!r}"
@@ -368,3 +381,49 @@ def meta_payload(
         "thresholds": dict(thresholds),
         "privacy": dict(privacy),
     }
+
+
+def receipt_payload(
+    site: SiteId, agent: AgentId, settled: Sequence[tuple[int, int]], at: int
+) -> dict[str, object]:
+    """A receipt payload from an agent's settled ranges ``[(lo, hi), ...]`` (inclusive,
+    sorted, apart, not empty): the first and last settled seq, the contiguous run from the
+    first, and the gaps between the ranges."""
+    gaps = [[hi + 1, lo - 1] for (_, hi), (lo, _) in itertools.pairwise(settled)]
+    return {
+        "kind": RECEIPT,
+        "v": 1,
+        "site": site.value,
+        "agent": agent.value,
+        "at": utc_text(at),
+        "first_seq": settled[0][0],
+        "through_seq": settled[0][1],
+        "last_seq": settled[-1][1],
+        "gaps": gaps,
+    }
+
+
+def settled_ranges(payload: Mapping[str, Any]) -> list[tuple[int, int]]:
+    """The ranges ``[(lo, hi), ...]`` a (schema-valid) receipt payload settles;
+    :class:`SchemaError` if its figures contradict each other."""
+    first, through, last = payload["first_seq"], payload["through_seq"], payload["last_seq"]
+    if not first <= through <= last:
+        raise SchemaError(
+            f"receipt message: needs first_seq <= through_seq <= last_seq, got {first}, "
+            f"{through}, {last}"
+        )
+    ranges, lo = [], first
+    for gap_lo, gap_hi in payload["gaps"]:
+        if not lo <= gap_lo - 1 < gap_lo <= gap_hi < last or gap_lo <= through:
+            raise SchemaError(
+                f"receipt message: $.gaps: [{gap_lo}, {gap_hi}] is not a gap between settled "
+                f"seqs above through_seq {through} and below last_seq {last}, in order"
+            )
+        ranges.append((lo, gap_lo - 1))
+        lo = gap_hi + 1
+    if ranges and ranges[0][1] != through:
+        raise SchemaError(
+            f"receipt message: through_seq {through} is not where the first gap starts"
+        )
+    ranges.append((lo, last))
+    return ranges

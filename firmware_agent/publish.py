@@ -1,4 +1,4 @@
-"""Publish stage: spooled counts go to the broker in order, acknowledged, whatever the network does.
+"""Publish stage: spooled counts go to the broker in order, and stay spooled until they are safe.
 
 One thread (:class:`Publisher`) owns one MQTT connection at a time (:class:`Connection`: a
 paho-mqtt 2 client driven by its ``loop()`` in that thread) and its own handle on the spool:
@@ -8,12 +8,30 @@ paho-mqtt 2 client driven by its ``loop()`` in that thread) and its own handle o
    is ``offline`` (cause ``lost``), retained, on the status topic;
 2. publish ``online`` and ``meta`` (retained), then every spooled counts message in sequence
    order, QoS 1, with at most ``broker.max_inflight`` awaiting their PUBACK;
-3. each PUBACK (paho's ``on_publish``, matched to the message by its mid) takes the message
-   out of the spool (deletions are committed in batches) and logs one INFO line;
+3. a window leaves the spool when it is safe (deletions are committed in batches):
+
+   * **with the aggregator's receipt key** (``broker.receipt_key``): when a receipt says the
+     aggregator holds it. The agent subscribes to its own ``.../receipt`` topic, where the
+     aggregator keeps (retained) a receipt signed with its receipt key: the seq ranges it has
+     settled (:func:`firmware_agent.messages.settled_ranges`). A receipt that does not verify
+     is ignored. A window sent ``broker.receipt_timeout_s`` ago that no receipt covers is sent
+     again, oldest first, at most ``broker.resend_per_s`` a second (one above the last seq a
+     receipt named only once receipts have said nothing new for as long; the timeout doubles
+     while receipts come later than it, up to 16 times): whatever the broker lost
+     (a crash without persistence, a shared subscription it forgot, an ingest replica gone
+     for good, amqtt dropping what a client had not acknowledged) comes back, and the
+     aggregator, idempotent on (agent, seq), stores it once. The status is published again
+     every ``broker.receipt_timeout_s`` while the spool's size changes, so the aggregator's
+     health sees a spool filling;
+   * **without it** (an aggregator that sends no receipts): on the broker's PUBACK, which is
+     only as safe as the broker's memory (docs/aggregator.md);
+
 4. when the connection drops (keep-alive timeout, broker gone, network cut) everything not
-   acknowledged stays spooled; after a capped exponential backoff with jitter a new connection
-   starts again from the oldest spooled message. Each connection is a new paho client with a
-   clean session, so paho never re-sends anything by itself and the order stays ours;
+   safe stays spooled; after a capped exponential backoff with jitter a new connection starts
+   again from the oldest spooled message (with receipts: the oldest no broker has
+   acknowledged; those a broker had are left to the re-send timer, or every reconnection to
+   a slow broker would send the whole backlog again). Each connection is a new paho client
+   with a clean session, so paho never re-sends anything by itself and the order stays ours;
 5. at stop: keep sending until the spool is empty or the grace period is over, publish
    ``offline`` (cause ``stopped``) and disconnect cleanly, so the broker drops the will.
 
@@ -25,7 +43,9 @@ whose PUBACK says "not authorised", to find ACL mistakes.
 
 from __future__ import annotations
 
+import bisect
 import logging
+import math
 import random
 import socket
 import ssl
@@ -41,8 +61,18 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
-from firmware_agent.errors import BrokerError, ConfigError
-from firmware_agent.messages import AgentId, SiteId, Topic, seal, status_payload, utc_text
+from firmware_agent.errors import BrokerError, ConfigError, MessageError, SignatureError
+from firmware_agent.messages import (
+    AgentId,
+    Envelope,
+    SiteId,
+    Topic,
+    seal,
+    settled_ranges,
+    status_payload,
+    utc_text,
+    verify_key_from_text,
+)
 from firmware_agent.spool import Spool, SpooledMessage, SpoolSettings, SpoolState
 
 __all__ = ["Backoff", "BrokerSettings", "Connection", "Publisher", "reason_in_words"]
@@ -73,6 +103,9 @@ class BrokerSettings:
     backoff_initial_ms: int = 500
     backoff_max_s: int = 60
     stop_grace_s: int = 10
+    receipt_key: str = ""  # the aggregator's receipt public key, base64; "": PUBACK is enough
+    receipt_timeout_s: int = 60
+    resend_per_s: int = 100
 
     def __post_init__(self) -> None:
         problems = []
@@ -107,6 +140,20 @@ class BrokerSettings:
             problems.append(
                 f"broker.stop_grace_s must be between 0 and 3600, got {self.stop_grace_s}"
             )
+        if not 1 <= self.receipt_timeout_s <= 86400:
+            problems.append(
+                f"broker.receipt_timeout_s must be between 1 and 86400, got "
+                f"{self.receipt_timeout_s}"
+            )
+        if not 1 <= self.resend_per_s <= 100_000:
+            problems.append(
+                f"broker.resend_per_s must be between 1 and 100000, got {self.resend_per_s}"
+            )
+        if self.receipt_key:
+            try:
+                verify_key_from_text(self.receipt_key)
+            except SignatureError as exc:
+                problems.append(f"broker.receipt_key: {exc}")
         if self.password and not self.username:
             problems.append("broker.password is set but broker.username is empty")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -124,6 +171,11 @@ class BrokerSettings:
         """These settings for broker.host, then for each of broker.hosts."""
         more = [p.strip().rpartition(":") for p in self.hosts.split(",") if p.strip()]
         return [self] + [replace(self, host=h, port=int(p), hosts="") for h, _, p in more]
+
+    @property
+    def receipt_verify_key(self) -> nacl.signing.VerifyKey | None:
+        """The key receipts must be signed with; None: no receipts, PUBACK is enough."""
+        return verify_key_from_text(self.receipt_key) if self.receipt_key else None
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The TLS context (None without TLS); files that cannot be used are named."""
@@ -205,6 +257,14 @@ class _Events:
         self.connack: ReasonCode | None = None
         self.lost: str | None = None
         self.acks: list[tuple[int, ReasonCode]] = []
+        self.received: list[bytes] = []  # receipts (the only subscription)
+        self.suback: list[ReasonCode] | None = None
+
+    def on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
+        self.received.append(bytes(message.payload))
+
+    def on_subscribe(self, _c: Any, _u: Any, _mid: int, reasons: list[ReasonCode], _p: Any) -> None:
+        self.suback = reasons
 
     def on_connect(self, _c: Any, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
         self.connack = reason
@@ -266,6 +326,8 @@ class Connection:
         client.on_connect = self.events.on_connect
         client.on_publish = self.events.on_publish
         client.on_disconnect = self.events.on_disconnect
+        client.on_message = self.events.on_message
+        client.on_subscribe = self.events.on_subscribe
         self.client = client
 
     def open(self) -> None:
@@ -315,6 +377,17 @@ class Connection:
             self._lost(f"cannot publish ({mqtt.error_string(info.rc)})")
         return info.mid
 
+    def subscribe(self, topic: Topic) -> None:
+        """Subscribe at QoS 1 (the SUBACK's verdict comes later, in ``events.suback``)."""
+        rc, _ = self.client.subscribe(str(topic), qos=1)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._lost(f"cannot subscribe ({mqtt.error_string(rc)})")
+
+    def received(self) -> list[bytes]:
+        """The messages that came in since the last call."""
+        received, self.events.received = self.events.received, []
+        return received
+
     def loop(self, timeout: float) -> list[tuple[int, ReasonCode]]:
         """Run the network for up to ``timeout`` s; the acknowledgements that came in."""
         rc = self.client.loop(timeout)
@@ -354,7 +427,19 @@ class Publisher:
         self._key = key
         self._spool_path, self._spool_settings = spool_path, spool_settings
         self._meta = seal(meta, key)
-        self._topics = {kind: Topic(site, agent, kind) for kind in ("counts", "status", "meta")}
+        self._topics = {
+            kind: Topic(site, agent, kind) for kind in ("counts", "status", "meta", "receipt")
+        }
+        self._receipt_key = settings.receipt_verify_key
+        # With receipts: seq -> when a broker last acknowledged it (monotonic). A new
+        # connection does not send these again at once (they may be on their way to ingest);
+        # _resend does, if no receipt covers them in time.
+        self._sent_at: dict[int, float] = {}
+        self._reported = -1  # the spool_pending of the last status sent
+        self._receipt_last = 0  # the highest last_seq a receipt has named
+        self._progress_at = time.monotonic()  # when receipts last said more
+        self._timeout = float(settings.receipt_timeout_s)  # re-send after (adapts: _adapt)
+        self.settled = 0  # windows receipts took out of the spool since the start
         self._backoff = Backoff(settings.backoff_initial_ms / 1000, settings.backoff_max_s)
         self._brokers = settings.brokers()
         self._broker = 0  # the one to connect to next: the next listed after a failure
@@ -448,6 +533,9 @@ class Publisher:
                 self._topics["status"], self._status("connected", state), retain=True
             )
             connection.publish(self._topics["meta"], self._meta, retain=True)
+            self._reported = state.pending
+            if self._receipt_key is not None:
+                connection.subscribe(self._topics["receipt"])
             self._send(connection, spool, state.dropped)
             offline = self._status("stopped", spool.state())
             mid = connection.publish(self._topics["status"], offline, retain=True)
@@ -461,6 +549,9 @@ class Publisher:
 
     def _send(self, connection: Connection, spool: Spool, dropped: int) -> None:
         """Send the spool in order until stopped (and drained, or overdue)."""
+        receipts = self._receipt_key is not None
+        resend = _Resend(self.settings.resend_per_s)
+        next_status = time.monotonic() + self.settings.receipt_timeout_s
         inflight: dict[int, SpooledMessage] = {}
         acked: list[int] = []
         acked_since = 0.0
@@ -473,16 +564,17 @@ class Publisher:
                 state = spool.state()
                 if state.dropped != dropped:
                     dropped = state.dropped
-                    connection.publish(
-                        self._topics["status"], self._status("connected", state), retain=True
-                    )
+                    self._publish_status(connection, state)
             room = self.settings.max_inflight - len(inflight)
             if more and room > 0:
                 batch = spool.pending(after, room)
                 more = len(batch) == room
                 for queued in batch:
-                    inflight[connection.publish(self._topics["counts"], queued.body)] = queued
                     after = queued.seq
+                    if queued.seq not in self._sent_at:  # else a broker had it: see _resend
+                        inflight[connection.publish(self._topics["counts"], queued.body)] = queued
+            elif receipts and room > 0:
+                self._resend(connection, spool, inflight, room, resend)
             for mid, reason in connection.loop(0.0 if more and room > 0 else 0.1):
                 message = inflight.pop(mid, None)
                 if reason.is_failure:
@@ -493,9 +585,6 @@ class Publisher:
                     )
                 if message is None:
                     continue  # the status or meta message
-                if not acked:
-                    acked_since = time.monotonic()
-                acked.append(message.seq)
                 log.info(
                     "published counts site=%s agent=%s window=%s seq=%d",
                     self.site,
@@ -503,6 +592,19 @@ class Publisher:
                     utc_text(message.window_start)[:16] + "Z",
                     message.seq,
                 )
+                if receipts:  # it leaves the spool when a receipt says so
+                    self._sent_at[message.seq] = time.monotonic()
+                    continue
+                if not acked:
+                    acked_since = time.monotonic()
+                acked.append(message.seq)
+            if receipts:
+                self._take_receipts(connection, spool)
+                if time.monotonic() >= next_status:
+                    next_status = time.monotonic() + self.settings.receipt_timeout_s
+                    state = spool.state()
+                    if state.pending != self._reported:
+                        self._publish_status(connection, state)
             if acked and (
                 len(acked) >= _ACK_BATCH
                 or not inflight
@@ -511,7 +613,143 @@ class Publisher:
                 spool.ack(acked)
                 acked.clear()
             idle = not (inflight or more or acked or self._wake.is_set())
+            if idle and receipts and self._stopping:
+                idle = not spool.state().pending
             if self._stopping and (idle or self._overdue()):
                 if acked:
                     spool.ack(acked)
                 return
+
+    def _publish_status(self, connection: Connection, state: SpoolState) -> None:
+        self._reported = state.pending
+        connection.publish(self._topics["status"], self._status("connected", state), retain=True)
+
+    def _resend(
+        self,
+        connection: Connection,
+        spool: Spool,
+        inflight: dict[int, SpooledMessage],
+        room: int,
+        resend: _Resend,
+    ) -> None:
+        """Send again, oldest first, the windows sent broker.receipt_timeout_s ago that no
+        receipt has covered since; at most broker.resend_per_s a second. That is all for a
+        window below the last seq a receipt named (a gap: later ones arrived, it did not); one
+        above it waits until receipts have also said nothing new for the timeout, so an
+        aggregator that is slowly catching up is not sent its backlog twice."""
+        now = time.monotonic()
+        budget = min(room, resend.budget(now))
+        if budget <= 0 or now < resend.idle_until:
+            return
+        batch = spool.pending(resend.cursor, budget)
+        timeout = self._timeout
+        if not batch:  # looked at the whole spool: from the oldest again, a little later
+            resend.cursor, resend.idle_until = 0, now + min(1.0, timeout / 4)
+            return
+        busy = {message.seq for message in inflight.values()}
+        for queued in batch:
+            resend.cursor = queued.seq
+            if queued.seq in busy or now - self._sent_at.get(queued.seq, -math.inf) < timeout:
+                continue
+            if queued.seq > self._receipt_last and now - self._progress_at < timeout:
+                continue
+            inflight[connection.publish(self._topics["counts"], queued.body)] = queued
+            resend.tokens -= 1
+            resend.sent += 1
+            if resend.sent == 1 or resend.sent % 1000 == 0:
+                log.warning(
+                    "no receipt for seq=%d after %.0f s: sent it again (%d windows sent again "
+                    "on this connection)",
+                    queued.seq,
+                    timeout,
+                    resend.sent,
+                )
+
+    def _adapt(self, waited: float) -> None:
+        """Receipts came ``waited`` s after a broker took the window they cover: a re-send
+        timeout shorter than that only sends duplicates (which slow the path further), so it
+        doubles, up to 16 times ``broker.receipt_timeout_s``; quick receipts bring it back."""
+        least = float(self.settings.receipt_timeout_s)
+        if waited > self._timeout:
+            timeout = min(self._timeout * 2, least * 16)
+        elif waited < self._timeout / 4:
+            timeout = max(least, self._timeout / 2)
+        else:
+            return
+        if timeout != self._timeout:
+            log.info(
+                "receipts come %.1f s after the broker takes a window: re-sending after %.0f s",
+                waited,
+                timeout,
+            )
+            self._timeout = timeout
+
+    def _take_receipts(self, connection: Connection, spool: Spool) -> None:
+        """Let go of the windows the receipts that came in cover."""
+        key = self._receipt_key
+        assert key is not None
+        suback, connection.events.suback = connection.events.suback, None
+        if suback is not None and any(reason.is_failure for reason in suback):
+            log.error(
+                "broker %s refused the subscription to %s (%s): windows stay spooled until the "
+                "broker's ACL lets this account read its receipt topic",
+                self.settings.address,
+                self._topics["receipt"],
+                reason_in_words(suback[0]),
+            )
+        for body in connection.received():
+            try:
+                envelope = Envelope.parse(body)
+                if envelope.topic != self._topics["receipt"]:
+                    raise MessageError(f"it is a {envelope.topic.kind} message for another agent")
+                try:
+                    payload = envelope.verify(key)
+                except SignatureError:
+                    raise SignatureError(
+                        "its signature does not verify with broker.receipt_key"
+                    ) from None
+                ranges = settled_ranges(payload)
+            except MessageError as exc:
+                log.warning("ignored a message on %s: %s", self._topics["receipt"], exc)
+                continue
+            left = spool.settle(ranges)
+            self.settled += left
+            if left or payload["last_seq"] > self._receipt_last:
+                self._progress_at = time.monotonic()
+            self._receipt_last = max(self._receipt_last, payload["last_seq"])
+            starts = [lo for lo, _ in ranges]
+            kept, oldest = {}, math.inf
+            for seq, at in self._sent_at.items():
+                if (i := bisect.bisect_right(starts, seq) - 1) < 0 or seq > ranges[i][1]:
+                    kept[seq] = at
+                else:
+                    oldest = min(oldest, at)
+            self._sent_at = kept
+            if oldest < math.inf:
+                self._adapt(time.monotonic() - oldest)
+            if left:
+                log.info(
+                    "receipt: the aggregator holds seq %d to %d but %d gaps; %d windows left "
+                    "the spool",
+                    payload["first_seq"],
+                    payload["last_seq"],
+                    len(payload["gaps"]),
+                    left,
+                )
+
+
+@dataclass(slots=True)
+class _Resend:
+    """What re-sending did on one connection: where it looked last, its token bucket."""
+
+    per_s: float
+    cursor: int = 0  # the spool is looked through from above this seq
+    tokens: float = 0.0
+    at: float = field(default_factory=time.monotonic)
+    idle_until: float = 0.0
+    sent: int = 0
+
+    def budget(self, now: float) -> int:
+        self.tokens = min(self.per_s, self.tokens + (now - self.at) * self.per_s)
+        self.at = now
+        return int(self.tokens)

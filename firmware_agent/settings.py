@@ -29,7 +29,7 @@ from firmware_agent.messages import ID_PATTERN, AgentId, SiteId
 from firmware_agent.metrics import MetricsSettings
 from firmware_agent.privacy import STANDARD_MAX_KEY_S, PrivacyPolicy
 from firmware_agent.publish import BrokerSettings
-from firmware_agent.registry import Setting, resolve
+from firmware_agent.registry import Setting, report, resolve
 from firmware_agent.spool import SpoolSettings
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
 
 DEFAULT_CONFIG = Path("/etc/footfall/agent.toml")
 IdT = TypeVar("IdT", SiteId, AgentId)
+T = TypeVar("T")
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -149,6 +150,25 @@ SETTINGS: tuple[Setting, ...] = (
         "broker.stop_grace_s",
         10,
         "On SIGTERM, how long (s) to keep sending spooled windows before going offline.",
+    ),
+    Setting(
+        "broker.receipt_key",
+        "",
+        "The aggregator's receipt public key (base64, 'footfall-aggregator receipt-key' prints "
+        "it): a window then leaves the spool only when a receipt signed with it says the "
+        "aggregator stored it, and is sent again when none does. Empty: a window leaves the "
+        "spool on the broker's acknowledgement (an aggregator without receipts).",
+    ),
+    Setting(
+        "broker.receipt_timeout_s",
+        60,
+        "With broker.receipt_key: a window sent this long (s) ago and still not in a receipt "
+        "is sent again, oldest first.",
+    ),
+    Setting(
+        "broker.resend_per_s",
+        100,
+        "With broker.receipt_key: windows sent again per second, at most.",
     ),
     Setting(
         "spool.max_windows",
@@ -358,6 +378,7 @@ class AgentConfig:
     estimate: EstimateSettings = field(default_factory=EstimateSettings)
     calibration: Calibration | None = None
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    file: Path | None = None  # the TOML file read, if any
 
     def show(self) -> list[tuple[str, str, str]]:
         """(name, value, source) rows, secrets masked."""
@@ -368,6 +389,35 @@ class AgentConfig:
         return rows
 
 
+class _Problems:
+    """Every mistake in the settings, each with where its setting was set; the settings
+    built from defaults where one is wrong, so that the checks after it still run."""
+
+    def __init__(self, found: list[str], places: Mapping[str, str]) -> None:
+        self.found = found
+        self.places = places
+
+    def check(self, section: str, make: Callable[[], T], fallback: Callable[[], T]) -> T:
+        try:
+            return make()
+        except ConfigError as exc:
+            self.found.append(self._placed(str(exc), section))
+            return fallback()
+
+    def _placed(self, message: str, section: str) -> str:
+        """The message, with where each setting of ``section`` it names was set."""
+        named = [
+            s.name
+            for s in SETTINGS
+            if s.name.startswith(section)
+            and re.search(rf"\b{re.escape(s.name.removeprefix(section))}\b", message)
+        ]
+        where = [
+            self.places[n] for n in named if n in self.places and self.places[n] not in message
+        ]
+        return f"{message} ({'; '.join(where)})" if where else message
+
+
 def load_config(
     path: Path | None = None,
     *,
@@ -375,38 +425,66 @@ def load_config(
     overrides: Mapping[str, object] | None = None,
 ) -> AgentConfig:
     """Defaults, then ``path`` (or /etc/footfall/agent.toml if present), then environment,
-    then ``overrides`` (command-line flags, by dotted name)."""
+    then ``overrides`` (command-line flags, by dotted name). Every mistake is reported at
+    once, in one :class:`ConfigError`, each with its file, line, table and key."""
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
+    found: list[str] = []
+    places: dict[str, str] = {}
     values, sources = resolve(
-        SETTINGS, path, os.environ if environ is None else environ, overrides or {}, ConfigError
+        SETTINGS,
+        path,
+        os.environ if environ is None else environ,
+        overrides or {},
+        ConfigError,
+        problems=found,
+        places=places,
     )
-    count = CountSettings(
-        window_s=int(values["count.window_s"]),
-        lateness_s=int(values["count.lateness_s"]),
-        rssi_threshold_dbm=int(values["count.rssi_threshold_dbm"]),
-        min_dwell_s=int(values["count.min_dwell_s"]),
-        visit_gap_s=int(values["count.visit_gap_s"]),
+    problems = _Problems(found, places)
+    count = problems.check(
+        "count.",
+        lambda: CountSettings(
+            window_s=int(values["count.window_s"]),
+            lateness_s=int(values["count.lateness_s"]),
+            rssi_threshold_dbm=int(values["count.rssi_threshold_dbm"]),
+            min_dwell_s=int(values["count.min_dwell_s"]),
+            visit_gap_s=int(values["count.visit_gap_s"]),
+        ),
+        CountSettings,
     )
     if not values["agent.id"]:
         values["agent.id"] = _host_agent_id()
     strict = str(values["privacy.mode"]).strip().lower() == "strict"
     if strict and sources["epoch.length"] == "default":
         values["epoch.length"] = str(count.window_s)
-    epoch = _epoch_clock(values, count.window_s)
-    privacy = PrivacyPolicy.from_settings(
-        values,
-        count.window_s,
-        STANDARD_MAX_KEY_S if epoch.length_s is None else epoch.length_s,
-        count.lateness_s,
+    epoch = problems.check(
+        "epoch.",
+        lambda: _epoch_clock(values, count.window_s),
+        lambda: EpochClock(None, None, count.window_s),
     )
-    return AgentConfig(
-        values,
-        sources,
-        count,
-        epoch,
-        _identity(values, sources),
-        BrokerSettings(
+    privacy = problems.check(
+        "privacy.",
+        lambda: PrivacyPolicy.from_settings(
+            values,
+            count.window_s,
+            STANDARD_MAX_KEY_S if epoch.length_s is None else epoch.length_s,
+            count.lateness_s,
+        ),
+        PrivacyPolicy,
+    )
+    identity = AgentIdentity(
+        problems.check(
+            "agent.", lambda: _checked_id(SiteId, "agent.site", values), lambda: SiteId("default")
+        ),
+        problems.check(
+            "agent.", lambda: _checked_id(AgentId, "agent.id", values), lambda: AgentId("agent")
+        ),
+        Path(str(values["agent.config_dir"])),
+        Path(str(values["agent.state_dir"])),
+    )
+    broker = problems.check(
+        "broker.",
+        lambda: BrokerSettings(
             host=str(values["broker.host"]),
             port=int(values["broker.port"]),
             hosts=str(values["broker.hosts"]),
@@ -422,23 +500,69 @@ def load_config(
             backoff_initial_ms=int(values["broker.backoff_initial_ms"]),
             backoff_max_s=int(values["broker.backoff_max_s"]),
             stop_grace_s=int(values["broker.stop_grace_s"]),
+            receipt_key=str(values["broker.receipt_key"]),
+            receipt_timeout_s=int(values["broker.receipt_timeout_s"]),
+            resend_per_s=int(values["broker.resend_per_s"]),
         ),
-        SpoolSettings(max_windows=int(values["spool.max_windows"])),
-        SourceSettings.parse(str(values["source.path"]), str(values["source.speed"])),
-        LiveSettings.parse(
+        BrokerSettings,
+    )
+    spool = problems.check(
+        "spool.", lambda: SpoolSettings(max_windows=int(values["spool.max_windows"])), SpoolSettings
+    )
+    source = problems.check(
+        "source.",
+        lambda: SourceSettings.parse(str(values["source.path"]), str(values["source.speed"])),
+        lambda: SourceSettings("", 1.0),
+    )
+    live = problems.check(
+        "source.",
+        lambda: LiveSettings.parse(
             str(values["source.link_type"]),
             int(values["source.ring_mb"]),
             str(values["source.hop"]),
             str(values["source.hop_channels"]),
             int(values["source.hop_dwell_ms"]),
         ),
-        MetricsSettings(str(values["metrics.host"]), int(values["metrics.port"])),
-        HomeAssistantSettings.parse(
+        LiveSettings,
+    )
+    metrics = problems.check(
+        "metrics.",
+        lambda: MetricsSettings(str(values["metrics.host"]), int(values["metrics.port"])),
+        MetricsSettings,
+    )
+    homeassistant = problems.check(
+        "homeassistant.",
+        lambda: HomeAssistantSettings.parse(
             str(values["homeassistant.discovery"]), str(values["homeassistant.prefix"])
         ),
-        estimate=EstimateSettings.from_settings(values, count.window_s, count.lateness_s),
-        calibration=Calibration.from_settings(values),
+        HomeAssistantSettings,
+    )
+    estimate = problems.check(
+        "estimate.",
+        lambda: EstimateSettings.from_settings(values, count.window_s, count.lateness_s),
+        EstimateSettings,
+    )
+    calibration = problems.check(
+        "estimate.", lambda: Calibration.from_settings(values), lambda: None
+    )
+    if found:
+        raise ConfigError(report(found, str(path) if path is not None else "the settings"))
+    return AgentConfig(
+        values,
+        sources,
+        count,
+        epoch,
+        identity,
+        broker,
+        spool,
+        source,
+        live,
+        metrics,
+        homeassistant,
+        estimate=estimate,
+        calibration=calibration,
         privacy=privacy,
+        file=path,
     )
 
 
@@ -448,27 +572,11 @@ def _host_agent_id() -> str:
     return name.strip("-_")[:63] or "agent"
 
 
-def _identity(values: Mapping[str, int | str], sources: Mapping[str, str]) -> AgentIdentity:
-    return AgentIdentity(
-        _checked_id(SiteId, "agent.site", values, sources),
-        _checked_id(AgentId, "agent.id", values, sources),
-        Path(str(values["agent.config_dir"])),
-        Path(str(values["agent.state_dir"])),
-    )
-
-
-def _checked_id(
-    make: Callable[[str], IdT],
-    name: str,
-    values: Mapping[str, int | str],
-    sources: Mapping[str, str],
-) -> IdT:
+def _checked_id(make: Callable[[str], IdT], name: str, values: Mapping[str, int | str]) -> IdT:
     try:
         return make(str(values[name]))
     except MessageError as exc:
-        raise ConfigError(
-            f"{name} must match {ID_PATTERN}, got {values[name]!r} (from {sources[name]})"
-        ) from exc
+        raise ConfigError(f"{name} must match {ID_PATTERN}, got {values[name]!r}") from exc
 
 
 def _epoch_clock(values: Mapping[str, int | str], window_s: int) -> EpochClock:

@@ -18,7 +18,7 @@ import nacl.signing
 
 from firmware_agent.errors import SigningKeyError
 
-__all__ = ["KEY_FILE", "create_signing_key", "load_signing_key"]
+__all__ = ["KEY_FILE", "create_signing_key", "load_signing_key", "read_signing_key"]
 
 KEY_FILE = "signing.key"
 
@@ -46,7 +46,12 @@ def create_signing_key(config_dir: Path, *, replace: bool = False) -> nacl.signi
 
 def load_signing_key(config_dir: Path) -> nacl.signing.SigningKey:
     """The key in ``config_dir/signing.key``, after checking that only its owner can read it."""
-    path = config_dir / KEY_FILE
+    return read_signing_key(config_dir / KEY_FILE)
+
+
+def read_signing_key(path: Path) -> nacl.signing.SigningKey:
+    """The key in ``path`` (one line, the seed in base64), after checking that only its owner
+    can read it (the aggregator's receipt key is kept the same way)."""
     try:
         mode = path.stat().st_mode
         text = path.read_text()

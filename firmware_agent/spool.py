@@ -1,4 +1,9 @@
-"""Spool stage: each counts message waits here, durably, until the broker acknowledges it.
+"""Spool stage: each counts message waits here, durably, until it is safe elsewhere.
+
+Safe means stored by the aggregator when the agent has the aggregator's receipt key
+(``broker.receipt_key``): a signed receipt names the windows it holds (:meth:`Spool.settle`).
+Without that key (an aggregator without receipts) it means acknowledged by the broker
+(:meth:`Spool.ack`), which is only as safe as the broker's memory: see docs/aggregator.md.
 
 One SQLite database in the agent's state directory (``<agent.state_dir>/spool.sqlite3``)::
 
@@ -35,7 +40,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +194,15 @@ class Spool:
         """The broker has these messages: they leave the spool (one commit)."""
         with self._write():
             self._db.executemany("DELETE FROM counts WHERE seq = ?", [(s,) for s in seqs])
+
+    def settle(self, ranges: Sequence[tuple[int, int]]) -> int:
+        """The aggregator holds the windows of these seq ranges (inclusive): they leave the
+        spool (one commit); how many did."""
+        with self._write():
+            return sum(
+                self._db.execute("DELETE FROM counts WHERE seq BETWEEN ? AND ?", r).rowcount
+                for r in ranges
+            )
 
     def state(self) -> SpoolState:
         try:

@@ -10,11 +10,14 @@ file written with ``mosquitto_passwd -b``, ACL, persistence, log) on free loopba
 It can be stopped (SIGTERM), killed (SIGKILL), made to save its persistence (SIGUSR1) and
 started again on the same ports. The ACL gives each agent account (user name
 ``<site>/<agent>``) write access to its own topics only (``pattern write footfall/v1/%u/#``)
-and the ``reader`` account read access to all.
+and read access to its receipt, and the ``reader`` account read access to all and write
+access to the receipts (it is what ingest logs in as). Its two ports are bound together when
+chosen, so they differ (two separate "free" ports could be the same one).
 
-:class:`Link` stands between a client and the broker: :meth:`Link.cut` silences every open
-connection (bytes are swallowed, nothing is closed, so only keep-alive can tell) and closes the
-listening port; :meth:`Link.restore` drops the silenced connections and listens again.
+:class:`Link` stands between a client and the broker (or a database): :meth:`Link.cut`
+silences every open connection (bytes are swallowed, nothing is closed, so only keep-alive
+can tell) and closes the listening port; :meth:`Link.refuse` closes every connection too (a
+server that stopped); :meth:`Link.restore` drops the silenced connections and listens again.
 
 :class:`Subscriber` reads everything under ``footfall/`` with the reader account.
 
@@ -36,7 +39,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,9 +67,16 @@ def find_mosquitto() -> str | None:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: all bound at once, so none is handed out twice."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in socks:
+            sock.bind((HOST, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -101,7 +111,8 @@ class TestCertificates:
     other_ca: Path
 
     @classmethod
-    def make(cls, directory: Path) -> TestCertificates:
+    def make(cls, directory: Path, addresses: Sequence[str] = ()) -> TestCertificates:
+        """``addresses``: more IP addresses the server certificate is for."""
         directory.mkdir(parents=True, exist_ok=True)
 
         def openssl(*args: str) -> None:
@@ -111,7 +122,8 @@ class TestCertificates:
         for ca in ("ca", "other_ca"):
             openssl("req", "-x509", *key, "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
                     "-days", "2", "-subj", f"/CN=footfall test {ca}")  # fmt: skip
-        (directory / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        names = ",".join(f"IP:{a}" for a in ("127.0.0.1", *addresses))
+        (directory / "server.ext").write_text(f"subjectAltName={names},DNS:localhost\n")
         for name, ext in (("server", ["-extfile", "server.ext"]), ("client", [])):
             openssl("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr",
                     "-subj", f"/CN=footfall test {name}")  # fmt: skip
@@ -140,14 +152,20 @@ class Mosquitto:
         """``agents`` maps (site, agent) to the password of the account ``<site>/<agent>``."""
         self.binary = binary
         self.root = root
-        self.port = free_port()
-        self.tls_port = free_port()
+        self.port, self.tls_port = free_ports(2)
         self.process: subprocess.Popen[bytes] | None = None
         root.mkdir(parents=True, exist_ok=True)
         passwords = root / "passwords"
         passwords.touch()
         # Agents' user names are '<site>/<agent>': one pattern gives each its own topics.
-        acl = ["pattern write footfall/v1/%u/#", f"user {READER[0]}", "topic read #", ""]
+        acl = [
+            "pattern write footfall/v1/%u/#",
+            "pattern read footfall/v1/%u/receipt",
+            f"user {READER[0]}",
+            "topic read #",
+            "topic write footfall/v1/+/+/receipt",
+            "",
+        ]
         accounts = {READER[0]: READER[1]}
         for (site, agent), password in agents.items():
             accounts[f"{site}/{agent}"] = password
@@ -233,8 +251,10 @@ class Mosquitto:
 class Link:
     """A TCP relay to ``(host, port)`` on a port of its own, which can be cut and restored."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, bind: str = HOST) -> None:
+        """A relay to ``host:port`` listening on ``bind`` (an address of this machine)."""
         self.target = (host, port)
+        self.bind = bind
         self.port = free_port()
         self._selector = selectors.DefaultSelector()
         self._peers: dict[socket.socket, socket.socket] = {}
@@ -249,7 +269,7 @@ class Link:
     def _listen(self) -> None:
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((HOST, self.port))
+        listener.bind((self.bind, self.port))
         listener.listen()
         listener.setblocking(False)
         self._listener = listener
@@ -263,6 +283,13 @@ class Link:
                 self._selector.unregister(self._listener)
                 self._listener.close()
                 self._listener = None
+
+    def refuse(self) -> None:
+        """Close every open connection and refuse new ones: the server stopped."""
+        self.cut()
+        with self._lock:
+            for sock in list(self._peers):
+                self._drop(sock)
 
     def restore(self) -> None:
         """Drop the silenced connections and accept new ones again."""
@@ -357,11 +384,19 @@ def start_broker(
 
 
 class Subscriber:
-    """A reader-account client on the broker, recording every message it gets, reconnecting
-    by itself. ``persistent`` keeps its session (and what is queued for it) across its own
-    disconnections and a broker restart that kept the broker's persistence."""
+    """A reader-account client (or ``account``) on the broker (or a port), recording every
+    message it gets, reconnecting by itself. ``persistent`` keeps its session (and what is
+    queued for it) across its own disconnections and a broker restart that kept the broker's
+    persistence."""
 
-    def __init__(self, broker: Mosquitto, topic: str = "footfall/#", *, persistent: bool = False):
+    def __init__(
+        self,
+        broker: Mosquitto | int,
+        topic: str = "footfall/#",
+        *,
+        persistent: bool = False,
+        account: tuple[str, str] = READER,
+    ):
         self.topic = topic
         self.messages: list[tuple[str, bytes, bool]] = []  # topic, payload, retained
         self._lock = threading.Lock()
@@ -373,12 +408,12 @@ class Subscriber:
             protocol=mqtt.MQTTv311,
             clean_session=not persistent,
         )
-        self.client.username_pw_set(*READER)
+        self.client.username_pw_set(*account)
         self.client.reconnect_delay_set(0.05, 0.5)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *_: self._subscribed.set()
         self.client.on_message = self._on_message
-        self.client.connect(HOST, broker.port, keepalive=5)
+        self.client.connect(HOST, broker if isinstance(broker, int) else broker.port, keepalive=5)
         self.client.loop_start()
         if not self._subscribed.wait(5):
             raise AssertionError(f"no SUBACK for {topic}")
@@ -413,3 +448,80 @@ class Subscriber:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "hardware" / "mosquitto"
+
+
+@dataclass(frozen=True)
+class ShippedBroker:
+    """Mosquitto running hardware/mosquitto's own config and ACL, made local: the files in
+    ``root``, the TLS listener on ``host:port``. ``reload`` is ``systemctl reload mosquitto``."""
+
+    root: Path
+    host: str
+    port: int
+    certs: TestCertificates
+    process: subprocess.Popen[bytes]
+
+    @property
+    def passwords(self) -> Path:
+        return self.root / "footfall.passwd"
+
+    @property
+    def acl(self) -> Path:
+        return self.root / "footfall.acl"
+
+    def add_account(self, user: str, password: str) -> None:
+        subprocess.run(["mosquitto_passwd", "-b", str(self.passwords), user, password],
+                       check=True, capture_output=True)  # fmt: skip
+
+    def reload(self) -> None:
+        """Read the passwords and the ACL again (SIGHUP)."""
+        self.process.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+
+
+@contextlib.contextmanager
+def shipped_broker(
+    mosquitto_bin: str, root: Path, host: str = HOST, certs: TestCertificates | None = None
+) -> Iterator[ShippedBroker]:
+    """Mosquitto with hardware/mosquitto's footfall.conf and footfall.acl (paths, address and
+    port made local), no account yet; stopped after."""
+    root.mkdir(parents=True, exist_ok=True)
+    certs = certs or TestCertificates.make(root / "certs", (host,))
+    (root / "footfall.passwd").touch()
+    shutil.copy(SHIPPED / "footfall.acl", root / "footfall.acl")
+    port = free_port()
+    conf = (SHIPPED / "footfall.conf").read_text()
+    for shipped, local in [
+        ("/etc/mosquitto/footfall.passwd", str(root / "footfall.passwd")),
+        ("/etc/mosquitto/footfall.acl", str(root / "footfall.acl")),
+        ("/etc/mosquitto/certs/footfall.crt", str(certs.server_cert)),
+        ("/etc/mosquitto/certs/footfall.key", str(certs.server_key)),
+        ("listener 8883", f"listener {port} {host}"),
+        ("/var/lib/mosquitto/", f"{root}/"),
+    ]:
+        assert shipped in conf
+        conf = conf.replace(shipped, local)
+    conf = f"user {pwd.getpwuid(os.geteuid()).pw_name}\nlog_dest file {root / 'log'}\n" + conf
+    (root / "mosquitto.conf").write_text(conf)
+    process = subprocess.Popen([mosquitto_bin, "-c", str(root / "mosquitto.conf")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+
+    def up() -> bool:
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    try:
+        wait_for(up, 10, "the footfall broker")
+        yield ShippedBroker(root, host, port, certs, process)
+    finally:
+        process.kill()
+        process.wait()
+        if process.stderr:
+            process.stderr.close()

@@ -81,6 +81,8 @@ def test_config_show_masks_the_password(
         ('[broker]\npassword = "x"\n', r"broker\.password is set but broker\.username is empty"),
         ('[source]\nspeed = "slow"\n', r"source\.speed must be 'realtime', 'fast' or a factor"),
         ("[spool]\nmax_windows = 0\n", r"spool\.max_windows must be between 1 and"),
+        ('[broker]\nreceipt_key = "abc"\n', r"broker\.receipt_key: public key must be base64"),
+        ("[broker]\nresend_per_s = 0\n", r"broker\.resend_per_s must be between 1 and 100000"),
     ],
 )
 def test_bad_settings_are_refused_with_the_rule(tmp_path: Path, text: str, message: str) -> None:

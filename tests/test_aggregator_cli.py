@@ -15,6 +15,7 @@ import pytest
 from aggregator.cli import build_parser, main
 from aggregator.config import load_config
 from aggregator.errors import ConfigError
+from aggregator.store import Store
 from firmware_agent.messages import public_key_text
 from tests.conftest import REPO
 
@@ -62,6 +63,7 @@ def test_errors_are_one_line_naming_what_is_wrong(
     capsys: pytest.CaptureFixture[str], dsn: list[str]
 ) -> None:
     key = public_key_text(nacl.signing.SigningKey.generate())
+    assert run(capsys, "sites", "add", "shop-1", "--timezone", "UTC", *dsn)[0] == 0
     status, out, err = run(capsys, "agents", "add", "nowhere", "a1", key, *dsn)
     assert status == 1 and out == ""
     assert err == (
@@ -72,6 +74,61 @@ def test_errors_are_one_line_naming_what_is_wrong(
     assert status == 1
     assert "store.retention_days must be between 0 (keep all) and 100000, got -1" in err
     assert len(err.splitlines()) == 1
+
+
+def test_a_failed_enrol_leaves_no_store_behind(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, dsn: list[str]
+) -> None:
+    key = public_key_text(nacl.signing.SigningKey.generate())
+    enrol = ["--site", "shop-1", "--agent", "door", "--public-key", key, *dsn]
+    for spelling in ("enrol", "enroll"):
+        status, out, err = run(capsys, spelling, *enrol)
+        assert (status, out) == (1, "")
+        assert f"no database at {tmp_path / 'agg.sqlite3'}: 'footfall-aggregator sites add'" in err
+    assert list(tmp_path.iterdir()) == []
+    assert run(capsys, "sites", "add", "shop-1", "--timezone", "UTC", *dsn)[0] == 0
+    assert run(capsys, "enroll", *enrol) == (0, "agent shop-1/door enrolled\n", "")
+
+
+def check_rows(out: str) -> dict[str, str]:
+    return {
+        line[:10].strip(): line[10:].strip() for line in out.splitlines()[1:-1] if line[0] != " "
+    }
+
+
+def test_agents_check_names_the_first_missing_step_and_its_fix(
+    capsys: pytest.CaptureFixture[str], dsn: list[str]
+) -> None:
+    key = public_key_text(nacl.signing.SigningKey.generate())
+    assert run(capsys, "sites", "add", "shop-1", "--timezone", "UTC", *dsn)[0] == 0
+    status, out, _ = run(capsys, "agents", "check", "shop-2", "door", *dsn)
+    rows = check_rows(out)
+    assert status == 1 and rows["site"] == "FAIL  site shop-2 does not exist"
+    assert "fix: an admin: footfall-aggregator sites add shop-2 --timezone ZONE" in out
+    assert {rows[c][:4] for c in ("enrolment", "refusals", "stored", "status")} == {"skip"}
+    status, out, _ = run(capsys, "agents", "check", "shop-1", "door", *dsn)
+    rows = check_rows(out)
+    assert status == 1 and rows["site"].startswith("ok")
+    assert rows["enrolment"] == "FAIL  agent shop-1/door is not enrolled"
+    with Store.open(load_config(None, overrides=dict([dsn[1].split("=", 1)])).store) as store:
+        store.store_batch([], {("unknown_agent", "shop-1", ""): 3}, 1)  # as ingest counts them
+    rows = check_rows(run(capsys, "agents", "check", "shop-1", "door", *dsn)[1])
+    assert rows["enrolment"] == (
+        "FAIL  agent shop-1/door is not enrolled (3 messages of this site's agents not enrolled "
+        "were refused)"
+    )
+    assert "or an installer enrols it on the web page /sites/shop-1" in out
+    assert rows["stored"] == "FAIL  no window of shop-1/door is stored"
+    assert run(capsys, "enrol", "--site", "shop-1", "--agent", "door", "--public-key", key, *dsn)
+    status, out, _ = run(capsys, "agents", "check", "shop-1", "door", *dsn)
+    rows = check_rows(out)
+    assert rows["enrolment"].startswith("ok    enrolled at") and key[:12] in rows["enrolment"]
+    assert (status, rows["stored"][:4]) == (1, "FAIL")
+    assert run(capsys, "agents", "revoke", "shop-1", "door", *dsn)[0] == 0
+    assert (
+        "FAIL  agent shop-1/door was revoked at"
+        in run(capsys, "agents", "check", "shop-1", "door", *dsn)[1]
+    )
 
 
 def test_config_show_masks_secrets_and_says_where_each_value_came_from(
@@ -104,6 +161,10 @@ def test_unknown_settings_and_bad_values_are_refused_by_name(tmp_path: Path) -> 
     default = load_config(environ={}, overrides={"store.data_dir": str(tmp_path)})
     assert default.store.dsn == f"sqlite:///{tmp_path / 'aggregator.sqlite3'}"
     assert default.ingest.client_id.startswith("footfall-aggregator-")
+    assert default.ingest.receipt_key_file == str(tmp_path / "receipt.key")
+    # A replica's name, not its host's, makes the client id: the same after a move.
+    named = load_config(environ={"FOOTFALL_AGG_INGEST_REPLICA": "b"})
+    assert named.ingest.client_id == "footfall-aggregator-b"
 
 
 def _commands(parser: argparse.ArgumentParser, prefix: str = "") -> list[str]:

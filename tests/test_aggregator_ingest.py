@@ -44,6 +44,7 @@ def config_for(
     overrides: dict[str, object] = {
         "store.dsn": store.dsn,
         "store.schema": store.schema,
+        "store.data_dir": str(broker.root),
         "store.retention_days": 0,
         "broker.host": HOST,
         "broker.port": broker.port,
@@ -199,6 +200,7 @@ def _spawn(config_file: Path, client_id: str, log: Path) -> subprocess.Popen[byt
 def _config_file(path: Path, broker: Mosquitto, settings: StoreSettings) -> Path:
     path.write_text(
         f'[store]\ndsn = "{settings.dsn}"\nschema = "{settings.schema}"\nretention_days = 0\n'
+        f'data_dir = "{broker.root}"\n'
         f'[broker]\nhost = "{HOST}"\nport = {broker.port}\nusername = "{READER[0]}"\n'
         f'password = "{READER[1]}"\nkeepalive_s = 5\nbackoff_max_s = 1\n'
         "[ingest]\nbatch_wait_ms = 20\n"

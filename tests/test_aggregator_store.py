@@ -15,11 +15,14 @@ from alembic.runtime.migration import MigrationContext
 from aggregator.errors import RegistryError
 from aggregator.rollup import MAX_MEASURES, MEASURES, buckets, window_measures
 from aggregator.store import (
+    MAX_SETTLED_RANGES,
     NULLABLE_COLUMNS,
+    SPOOL_FILLING,
     Store,
     agent_days,
     agent_hours,
     agents,
+    merge_ranges,
     metadata,
     site_days,
     site_hours,
@@ -50,7 +53,7 @@ def test_migrations_make_exactly_the_tables_the_store_defines(store: Store) -> N
     with store.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     assert diff == []
-    assert store.migrate() == "0006"  # again: nothing to do
+    assert store.migrate() == "0007"  # again: nothing to do
 
 
 def test_sites_and_agents_are_enrolled_revoked_and_refused_with_reasons(store: Store) -> None:
@@ -447,3 +450,60 @@ def test_suppressed_counts_are_null_and_known_as_suppressed_absent_ones_as_absen
     assert (day["dwell_5_15"], day["dwell_15_30_suppressed"], day["dwell_ge60"]) == (5, 1, 6)
     assert (day["devices_epoch_windows"], day["devices_epoch_max"]) == (1, 289)
     assert day["people_est_windows"] == 0
+
+
+def _key(store: Store, agent: str = "a1") -> int:
+    with store.engine.connect() as conn:
+        return int(
+            conn.execute(sa.select(agents.c.agent_key).where(agents.c.agent_id == agent)).scalar()
+        )
+
+
+def test_settled_ranges_hold_what_is_stored_or_skipped_for_good(store: Store) -> None:
+    agent = Agent()
+    enrolled(store, agent)
+    t0 = NOW - NOW % 300
+
+    def batch(*seqs: int, shift: int = 0) -> list[Accepted]:
+        return [
+            accept(store, agent.topic, agent.counts(s, utc_text(t0 + 300 * (s + shift))))
+            for s in seqs
+        ]
+
+    key = _key(store)
+    assert store.store_batch(batch(1, 2, 3, 7), now=NOW).settled == {key}
+    assert store.settled([key]) == {key: ("s1", "a1", [(1, 3), (7, 7)])}
+    store.store_batch(batch(2, 5), now=NOW)  # 2 again: a duplicate, settled already
+    store.store_batch(batch(6, shift=-5), now=NOW)  # the window of seq 1 under seq 6: skipped
+    assert store.settled([key])[key][2] == [(1, 3), (5, 7)]
+    store.store_batch(batch(4), now=NOW)
+    assert store.settled([key])[key][2] == [(1, 7)]
+    assert store.settled([key + 1]) == {}
+
+
+def test_settled_ranges_merge_and_keep_the_highest_when_there_are_too_many() -> None:
+    assert merge_ranges([[1, 3], [7, 9]], [4, 5, 11, 6, 2]) == [[1, 9], [11, 11]]
+    assert merge_ranges([], []) == []
+    many = merge_ranges([], range(1, 2 * MAX_SETTLED_RANGES + 100, 2))
+    assert len(many) == MAX_SETTLED_RANGES + 50
+
+
+def test_health_counts_the_windows_after_the_last_stored_and_says_a_spool_is_filling(
+    store: Store,
+) -> None:
+    agent = Agent()
+    enrolled(store, agent)
+    t0 = NOW - NOW % 300
+    messages = [
+        accept(store, agent.topic, agent.counts(s, utc_text(t0 + 300 * s))) for s in (1, 2, 4)
+    ]
+    status = status_payload(
+        SiteId("s1"), AgentId("a1"), cause="connected", at=NOW, spool_pending=SPOOL_FILLING + 1,
+        spool_dropped=0, last_seq=10,
+    )  # fmt: skip
+    messages.append(accept(store, "footfall/v1/s1/a1/status", fast_seal(status, agent.key)))
+    store.store_batch(messages, now=NOW)
+    (health,) = store.agents()
+    assert (health.windows, health.missing, health.spool_filling) == (3, 1 + 6, True)
+    (bounded,) = store.agents(since=0, until=NOW + 86400)  # a past day: gaps only
+    assert bounded.missing == 1

@@ -169,3 +169,19 @@ def test_the_demo_refuses_a_broker_it_does_not_know() -> None:
         "(--broker or FOOTFALL_DEMO_BROKER) must be one of auto, mosquitto, embedded, got "
         "'nats'" in done.stderr
     )
+
+
+def test_the_demo_says_at_once_that_its_port_is_taken() -> None:
+    cli = Path(sys.executable).with_name("footfall-aggregator")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        done = subprocess.run([str(cli), "demo", "--port", str(port)], check=False,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 1 and time.monotonic() - started < 10
+    assert f"port {port} is taken" in done.stderr
+    assert f"choose another with --port, e.g. footfall-aggregator demo --port {port + 1}" in (
+        done.stderr
+    )

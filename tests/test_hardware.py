@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import shutil
-import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from firmware_agent.messages import AgentId, SiteId
 from firmware_agent.publish import BrokerSettings
 from firmware_agent.settings import load_config
 from tests.conftest import REPO
-from tests.mqtt_broker import HOST, TestCertificates, free_port, wait_for
+from tests.mqtt_broker import HOST, TestCertificates, shipped_broker, wait_for
 from tests.netns import require
 
 HARDWARE = REPO / "hardware"
@@ -172,46 +171,11 @@ def footfall_broker(
     mosquitto_bin: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[int, TestCertificates]]:
     """Mosquitto with hardware/mosquitto's config and ACL (paths and port made local)."""
-    root = tmp_path_factory.mktemp("mosquitto")
-    certs = TestCertificates.make(root / "certs")
-    passwords = root / "footfall.passwd"
-    passwords.touch()
-    for user in ("shop1/door", "shop1/till", "aggregator", "homeassistant"):
-        subprocess.run(["mosquitto_passwd", "-b", str(passwords), user, f"pw-{user}"],
-                       check=True, capture_output=True)  # fmt: skip
-    shutil.copy(HARDWARE / "mosquitto/footfall.acl", root / "footfall.acl")
-    port = free_port()
-    conf = (HARDWARE / "mosquitto/footfall.conf").read_text()
-    for shipped, local in [
-        ("/etc/mosquitto/footfall.passwd", str(passwords)),
-        ("/etc/mosquitto/footfall.acl", str(root / "footfall.acl")),
-        ("/etc/mosquitto/certs/footfall.crt", str(certs.server_cert)),
-        ("/etc/mosquitto/certs/footfall.key", str(certs.server_key)),
-        ("listener 8883", f"listener {port} {HOST}"),
-    ]:
-        assert shipped in conf
-        conf = conf.replace(shipped, local)
-    conf = f"user {pwd.getpwuid(os.geteuid()).pw_name}\nlog_dest file {root / 'log'}\n" + conf
-    (root / "mosquitto.conf").write_text(conf)
-    process = subprocess.Popen([mosquitto_bin, "-c", str(root / "mosquitto.conf")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-
-    def up() -> bool:
-        assert process.poll() is None, process.stderr.read() if process.stderr else ""
-        try:
-            with socket.create_connection((HOST, port), timeout=0.2):
-                return True
-        except OSError:
-            return False
-
-    try:
-        wait_for(up, 10, "the footfall broker")
-        yield port, certs
-    finally:
-        process.kill()
-        process.wait()
-        if process.stderr:
-            process.stderr.close()
+    with shipped_broker(mosquitto_bin, tmp_path_factory.mktemp("mosquitto")) as broker:
+        for user in ("shop1/door", "shop1/till", "aggregator", "homeassistant"):
+            broker.add_account(user, f"pw-{user}")
+        broker.reload()
+        yield broker.port, broker.certs
 
 
 def account(port: int, certs: TestCertificates, user: str) -> BrokerSettings:
@@ -234,12 +198,27 @@ def test_broker_acl_lets_each_agent_write_only_its_own_topics(
         ):
             with pytest.raises(BrokerError, match="not authorised"):
                 session.publish(other, b"{}", retain=False)
+        with pytest.raises(BrokerError, match="not authorised"):  # receipts: the aggregator's
+            session.publish("footfall/v1/shop1/door/receipt", b"{}", retain=True)
     for reader in ("aggregator", "homeassistant"):
         with (
             BrokerSession(account(port, certs, reader), f"{reader}-test") as session,
             pytest.raises(BrokerError, match="not authorised"),
         ):
             session.publish(f"footfall/v1/{reader}/x/counts", b"{}", retain=False)
+
+
+def test_broker_acl_lets_the_aggregator_write_receipts_that_only_their_agent_reads(
+    footfall_broker: tuple[int, TestCertificates],
+) -> None:
+    port, certs = footfall_broker
+    with BrokerSession(account(port, certs, "aggregator"), "aggregator-receipts") as session:
+        for agent in ("door", "till"):
+            session.publish(f"footfall/v1/shop1/{agent}/receipt", agent.encode(), retain=True)
+    door = retained(account(port, certs, "shop1/door"), "footfall/v1/+/+/receipt")
+    assert door == {"footfall/v1/shop1/door/receipt": b"door"}
+    home = account(port, certs, "homeassistant")
+    assert retained(home, "footfall/v1/shop1/door/receipt", wait_s=1) == {}
 
 
 def test_home_assistant_discovery_is_accepted_for_the_agents_own_config_and_reads_its_counts(
@@ -259,8 +238,9 @@ def test_home_assistant_discovery_is_accepted_for_the_agents_own_config_and_read
     assert retained(account(port, certs, "homeassistant"), "homeassistant/#") == {topic: body}
 
 
-def retained(settings: BrokerSettings, topic_filter: str) -> dict[str, bytes]:
-    """The retained messages a subscriber with these settings gets under a filter."""
+def retained(settings: BrokerSettings, topic_filter: str, wait_s: float = 0) -> dict[str, bytes]:
+    """The retained messages a subscriber with these settings gets under a filter (within
+    ``wait_s``, or the first within 5 s)."""
     got: dict[str, bytes] = {}
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     client.username_pw_set(settings.username, settings.password)
@@ -272,7 +252,10 @@ def retained(settings: BrokerSettings, topic_filter: str) -> dict[str, bytes]:
     client.connect(HOST, settings.port)
     client.loop_start()
     try:
-        wait_for(lambda: bool(got), 5, f"a retained message under {topic_filter}")
+        if wait_s:
+            time.sleep(wait_s)
+        else:
+            wait_for(lambda: bool(got), 5, f"a retained message under {topic_filter}")
     finally:
         client.disconnect()
         client.loop_stop()

@@ -10,6 +10,9 @@ stored exactly once (every agent's seqs 1..60 once, the roll-ups counting each o
 * c: the node every agent is connected to is killed (they connect to the next one);
 * d: the whole cluster is killed and restarted.
 
+and agent a0, subscribed over MQTT to its receipt topic on another node, gets the signed
+receipt of all its windows, published by ingest as a NATS message.
+
 Without ``FOOTFALL_TEST_PG_DSN`` or nats-server the tests skip, saying why (with
 ``FOOTFALL_REQUIRE_BROKER`` a missing nats-server fails).
 """
@@ -39,7 +42,7 @@ from firmware_agent.settings import load_config as load_agent_config
 from firmware_agent.spool import Spool, SpoolSettings
 from tests.agent_fleet import Fleet, fast_seal, fleet_messages, make_agents, window
 from tests.conftest import REPO
-from tests.mqtt_broker import HOST, TestCertificates, wait_for
+from tests.mqtt_broker import HOST, Subscriber, TestCertificates, wait_for
 from tests.nats_cluster import AGGREGATOR, NatsCluster, Ports, nats_server
 from tests.test_aggregator_ingest import _every_window_once, stored
 
@@ -55,12 +58,19 @@ pytestmark = pytest.mark.skipif(
 def _config_file(path: Path, cluster: NatsCluster, settings: StoreSettings) -> Path:
     path.write_text(
         f'[store]\ndsn = "{settings.dsn}"\nschema = "{settings.schema}"\nretention_days = 0\n'
+        f'data_dir = "{path.parent}"\n'
         f'[broker]\nkind = "jetstream"\nservers = "{cluster.servers}"\n'
         f'username = "{AGGREGATOR[0]}"\npassword = "{AGGREGATOR[1]}"\nstream_replicas = 3\n'
         "ack_wait_s = 3\nkeepalive_s = 5\nbackoff_max_s = 1\nconnect_timeout_s = 3\n"
         "[ingest]\nbatch_wait_ms = 20\n"
     )
     return path
+
+
+def _through(receipts: Subscriber) -> int:
+    """The through_seq of the last signed receipt received (0: none)."""
+    got = receipts.envelopes("receipt")
+    return int(got[-1].payload["through_seq"]) if got else 0
 
 
 def _spawn(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -237,17 +247,25 @@ def test_every_window_stored_once_through_a_fault(
     try:
         for log in logs.values():
             wait_for(lambda log=log: f"consuming {COUNTS_STREAM}" in log.read_text(), 30, log.name)
+        # agent a0 listening for its receipts on node 3 (not killed in a to c)
+        receipts = Subscriber(
+            cluster.nodes[2].mqtt, "footfall/v1/s1/a0/receipt", account=("s1/a0", "pw-0")
+        )
         fleet = Fleet(cluster.mqtt_ports, agents, rate=400).start()
         wait_for(lambda: stored(settings) >= total // 4, 30, "a quarter of the windows")
         FAULTS[fault](cluster, procs)
         fleet.join(60)
         wait_for(lambda: stored(settings) >= total, 60, f"all {total} windows")
+        if not fault.startswith("d-"):  # the receipt, unchanged, through the MQTT listener
+            wait_for(lambda: _through(receipts) == WINDOWS, 15, "a0's receipt of every window")
     except AssertionError as exc:
         logs_text = "\n".join(f"--- {n}\n{p.read_text()[-3000:]}" for n, p in logs.items())
         raise AssertionError(f"{exc}\n{logs_text}\n{cluster.logs()}") from exc
     finally:
         if fleet is not None:
             fleet.stop()
+        if receipts is not None:
+            receipts.close()
         for proc in procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

@@ -152,6 +152,7 @@ def _config(broker: Broker311, settings: StoreSettings, client_id: str) -> Aggre
         environ={},
         overrides={
             "store.dsn": settings.dsn,
+            "store.data_dir": str(Path(settings.dsn.removeprefix("sqlite:///")).parent),
             "store.retention_days": 0,
             "broker.host": HOST,
             "broker.port": broker.port,

@@ -25,7 +25,9 @@ from firmware_agent.messages import (
     canonical_json,
     counts_payload,
     public_key_text,
+    receipt_payload,
     seal,
+    settled_ranges,
     status_payload,
     validate,
     verify_key_from_text,
@@ -260,4 +262,23 @@ def test_docs_examples_validate_and_the_signed_one_verifies() -> None:
         else:
             validate(data)
         kinds.append(data.get("kind", "envelope"))
-    assert sorted(kinds) == ["counts", "counts", "envelope", "meta", "meta", "status"]
+    assert sorted(kinds) == ["counts", "counts", "envelope", "meta", "meta", "receipt", "status"]
+
+
+def test_a_receipt_names_the_settled_ranges_and_one_that_contradicts_itself_is_refused() -> None:
+    ranges = [(5, 9), (12, 12), (20, 30)]
+    payload = receipt_payload(SITE, AGENT, ranges, 1_709_625_600)
+    validate(payload)
+    assert (payload["first_seq"], payload["through_seq"], payload["last_seq"]) == (5, 9, 30)
+    assert payload["gaps"] == [[10, 11], [13, 19]]
+    assert settled_ranges(payload) == ranges
+    assert settled_ranges(receipt_payload(SITE, AGENT, [(7, 7)], 0)) == [(7, 7)]
+    for change in (
+        {"through_seq": 10},  # inside the first gap
+        {"through_seq": 8},  # not where the first gap starts
+        {"gaps": [[13, 19], [10, 11]]},  # out of order
+        {"gaps": [[10, 30]]},  # reaches last_seq
+        {"first_seq": 31},
+    ):
+        with pytest.raises(SchemaError, match="receipt message"):
+            settled_ranges(payload | change)

@@ -1,5 +1,6 @@
 """Publishing against a real Mosquitto: every window arrives signed, once and in order; the
-status and meta messages are retained; stops are clean; the broker's refusals are sentences."""
+status and meta messages are retained; stops are clean; the broker's refusals are sentences;
+with the aggregator's receipt key, a window stays spooled until a signed receipt covers it."""
 
 from __future__ import annotations
 
@@ -7,22 +8,44 @@ import logging
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import nacl.signing
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from firmware_agent.cli import BUNDLED_SAMPLE
 from firmware_agent.errors import BrokerError, ConfigError
-from firmware_agent.messages import AgentId, SiteId, Topic, counts_payload, seal
+from firmware_agent.messages import (
+    AgentId,
+    SiteId,
+    Topic,
+    counts_payload,
+    public_key_text,
+    receipt_payload,
+    seal,
+)
 from firmware_agent.publish import Backoff, BrokerSettings, Connection, Publisher
 from firmware_agent.service import agent_meta
 from firmware_agent.settings import load_config
 from firmware_agent.signing import load_signing_key
 from firmware_agent.spool import Spool, SpoolSettings
+from tests.agent_fleet import START, window
 from tests.agent_harness import counts_of, prepare_agent, unique_id
-from tests.mqtt_broker import HOST, Mosquitto, Subscriber, TestCertificates, free_port, wait_for
+from tests.aggregator_harness import meta_of
+from tests.mqtt_broker import (
+    HOST,
+    READER,
+    Mosquitto,
+    Subscriber,
+    TestCertificates,
+    free_port,
+    wait_for,
+)
 
 StartBroker = Callable[[Mapping[tuple[str, str], str]], Mosquitto]
 
@@ -275,3 +298,72 @@ def test_backoff_doubles_with_jitter_up_to_its_cap() -> None:
         assert ceiling / 2 <= delay <= ceiling
     backoff.reset()
     assert backoff.next() <= 0.5
+
+
+def _send_receipt(
+    broker: Mosquitto, ids: tuple[SiteId, AgentId], ranges: list[tuple[int, int]], signer: Any
+) -> None:
+    """A retained receipt, as ingest publishes it (the test ACL lets the reader write it)."""
+    body = seal(receipt_payload(*ids, ranges, int(time.time())), signer)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    client.username_pw_set(*READER)
+    client.connect(HOST, broker.port)
+    client.loop_start()
+    try:
+        topic = str(Topic(*ids, "receipt"))
+        client.publish(topic, body, qos=1, retain=True).wait_for_publish(5)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_with_receipts_a_window_stays_spooled_until_a_signed_receipt_covers_it(
+    start_broker: StartBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    site, agent = unique_id("s"), "a1"
+    broker = start_broker({(site, agent): "pw"})
+    ids = (SiteId(site), AgentId(agent))
+    aggregator, forger, key = (nacl.signing.SigningKey.generate() for _ in range(3))
+    path = tmp_path / "spool.sqlite3"
+    with Spool(path) as spool:
+        seqs = [
+            spool.append(
+                START + 300 * i,
+                lambda seq, i=i: seal(counts_payload(*ids, seq, "0" * 16, window(i)), key),
+            )
+            for i in range(6)
+        ]
+    settings = BrokerSettings(
+        host=HOST, port=broker.port, username=f"{site}/{agent}", password="pw",
+        backoff_initial_ms=100, backoff_max_s=1, receipt_key=public_key_text(aggregator),
+        receipt_timeout_s=1,
+    )  # fmt: skip
+    sub = Subscriber(broker, f"footfall/v1/{site}/{agent}/+")
+    publisher = Publisher(settings, *ids, key, path, SpoolSettings(), meta_of(site, agent))
+    caplog.set_level(logging.INFO, "footfall.agent")
+    pending = lambda: Spool(path).state().pending  # noqa: E731
+    try:
+        publisher.start()
+        # Sent, acknowledged by the broker, and still spooled; sent again with no receipt.
+        wait_for(lambda: len(sub.snapshot()) >= 12, 10, "every window sent twice")
+        assert pending() == 6
+        _send_receipt(broker, ids, [(seqs[0], seqs[-1])], forger)
+        wait_for(lambda: "ignored a message on" in caplog.text, 5, "the forged receipt ignored")
+        assert "does not verify with broker.receipt_key" in caplog.text and pending() == 6
+        _send_receipt(broker, ids, [(seqs[0], seqs[2]), (seqs[4], seqs[4])], aggregator)
+        wait_for(lambda: pending() == 2, 5, "the covered windows to leave the spool")
+        assert [m.seq for m in Spool(path).pending()] == [seqs[3], seqs[5]]
+        # The status follows the spool (the aggregator's health sees it fill and empty).
+        wait_for(
+            lambda: sub.envelopes("/status")[-1].payload["spool_pending"] == 2,
+            5,
+            "a status saying 2 windows wait",
+        )
+        _send_receipt(broker, ids, [(seqs[0], seqs[-1])], aggregator)
+        publisher.stop(None)  # ends once the spool is empty
+        assert publisher.join(10) and publisher.error is None
+    finally:
+        publisher.stop(0)
+        sub.close()
+    assert pending() == 0 and publisher.settled == 6
+    assert [w["seq"] for w in sub.windows()] == seqs

@@ -103,3 +103,30 @@ def test_every_setting_has_help_and_an_environment_name() -> None:
     for setting in SETTINGS:
         assert setting.help.endswith(".")
         assert setting.env.startswith("FOOTFALL_")
+
+
+def test_every_mistake_in_a_file_is_reported_at_once_with_line_table_and_key(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        '[count]\nwindow_s = 7\nmin_dwell_s = "x"\n\n[agent]\nsite = "Bad Site"\n'
+        '[epoch]\ntimezone = "Mars/Olympus"\n[sorce]\npath = "x"\n'
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, environ={"FOOTFALL_BROKER_PORT": "70000"})
+    lines = str(raised.value).splitlines()
+    assert lines[0] == f"6 problems in {path}:"
+    assert sorted(lines[1:]) == sorted([
+        "  - count.min_dwell_s must be an integer, got 'x' "
+        f"(from {path} line 3, [count] min_dwell_s)",
+        f"  - {path} line 10, [sorce] path: unknown setting 'sorce.path'; "
+        "did you mean 'source.path'?",
+        "  - window_s must be a divisor of 3600 between 60 and 3600, got 7 "
+        f"({path} line 2, [count] window_s)",
+        "  - epoch.timezone must be an IANA zone such as 'Europe/Paris', got 'Mars/Olympus' "
+        f"({path} line 8, [epoch] timezone)",
+        f"  - agent.site must match [a-z0-9][a-z0-9_-]{{0,62}}, got 'Bad Site' ({path} line 6, "
+        "[agent] site)",
+        "  - broker.port must be between 1 and 65535, got 70000 (FOOTFALL_BROKER_PORT)",
+    ])  # fmt: skip

@@ -94,3 +94,13 @@ def test_appends_survive_a_process_that_dies(tmp_path: Path) -> None:
 def test_the_cap_is_checked() -> None:
     with pytest.raises(ConfigError, match=r"spool\.max_windows must be between 1 and"):
         SpoolSettings(max_windows=0)
+
+
+def test_a_receipt_takes_out_exactly_the_windows_its_ranges_cover(tmp_path: Path) -> None:
+    with Spool(tmp_path / "spool.sqlite3") as spool:
+        seqs = [spool.append(1000 + 300 * i, lambda seq: b"m%d" % seq) for i in range(10)]
+        covered = [(seqs[0], seqs[2]), (seqs[5], seqs[5]), (seqs[9] + 1, seqs[9] + 100)]
+        assert spool.settle(covered) == 4
+        assert [m.seq for m in spool.pending()] == [seqs[i] for i in (3, 4, 6, 7, 8, 9)]
+        assert spool.settle(covered) == 0  # an old receipt again: nothing more
+        assert spool.state().pending == 6
