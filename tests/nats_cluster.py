@@ -1,8 +1,8 @@
 """A 3-node NATS cluster on loopback for the JetStream tests and bench: three ``nats-server``
 processes, each with JetStream (its own store directory), a cluster route to the other two and
 the MQTT listener the agents publish to. One account holds the aggregator's user (JetStream,
-every subject) and one user per agent, ``<site>/<agent>``, that may publish only under its own
-topic (hardware/nats/ documents the same permissions).
+every subject) and one user per agent, ``<site>/<agent>``, MQTT only, that may publish only
+under its own topic (hardware/nats/footfall-accounts.conf, the same permissions).
 
 Ports come from :class:`Ports`, which holds every port it handed out until the test ends, so
 two nodes (or a node and a test broker) never get the same one even though a killed node's
@@ -78,7 +78,8 @@ def accounts_block(agents: Sequence[SimAgent]) -> str:
         own = _quoted(f"footfall.v1.{a.site}.{a.agent}.>")
         users.append(
             f"      {{user: {_quoted(f'{a.site}/{a.agent}')}, password: {_quoted(a.password)}, "
-            f"permissions: {{publish: [{own}], subscribe: [{own}]}}}}"
+            f"allowed_connection_types: [MQTT], permissions: {{publish: [{own}], "
+            f'subscribe: [{own}, "$MQTT.sub.>"]}}}}'
         )
     return (
         "accounts {\n  FOOTFALL {\n    jetstream: enabled\n    users: [\n"
