@@ -73,7 +73,8 @@ def produce(
 
 def _sealed(agent: SimAgent, body: dict[str, object], seq: int) -> bytes:
     site, name = SiteId(agent.site), AgentId(agent.agent)
-    return fast_seal(counts_payload(site, name, seq, "9f3c1a7e52b04d68", body), agent.key)
+    payload = counts_payload(site, name, seq, "9f3c1a7e52b04d68", body, version=1)
+    return fast_seal(payload, agent.key)
 
 
 def _utc(unix_s: int) -> str:

@@ -329,7 +329,9 @@ def test_with_receipts_a_window_stays_spooled_until_a_signed_receipt_covers_it(
         seqs = [
             spool.append(
                 START + 300 * i,
-                lambda seq, i=i: seal(counts_payload(*ids, seq, "0" * 16, window(i)), key),
+                lambda seq, i=i: seal(
+                    counts_payload(*ids, seq, "0" * 16, window(i), version=1), key
+                ),
             )
             for i in range(6)
         ]
