@@ -32,14 +32,24 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from aggregator.accounts import Accounts, User
 from aggregator.errors import RegistryError
+from aggregator.people import (
+    FIGURES,
+    PEOPLE_UNITS,
+    busy_times,
+    figures,
+    group,
+    hours_of,
+    overview_row,
+    summary,
+)
 from aggregator.query import MAX_WINDOW_DAYS, MEASURES, UNITS, Counts, Site
-from aggregator.rollup import DWELL_BANDS, zone
-from aggregator.store import Store
+from aggregator.rollup import zone
+from aggregator.store import AgentHealth, Store
 
 __all__ = [
     "CSRF_COOKIE",
@@ -48,6 +58,7 @@ __all__ = [
     "Services",
     "api_router",
     "asked_day",
+    "csv_response",
     "error_body",
 ]
 
@@ -60,7 +71,7 @@ AGENT_PATTERN = SITE_PATTERN
 KEY_PATTERN = "^[A-Za-z0-9+/]*={0,2}$"  # base64
 # Local days the API answers for (the roll-ups' keys; a day's bounds must be instants).
 FIRST_DAY, LAST_DAY = date(2000, 1, 1), date(9998, 12, 31)
-MAX_RANGE_DAYS = {"window": MAX_WINDOW_DAYS, "hour": 31, "day": 366}
+MAX_RANGE_DAYS = {"window": MAX_WINDOW_DAYS, "hour": 31, "day": 366, "week": 371, "month": 731}
 _CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -233,43 +244,120 @@ def _rows(
     return read[resolution](site, first, last)
 
 
-def dashboard_data(found: Services, site: Site, day: date) -> dict[str, Any]:
-    """Everything the site page shows for one local day (the page embeds exactly this)."""
-    day_start, day_end = found.counts.day_bounds(site, day, day)
-    with found.counts.reading() as counts:
-        days = counts.days(site, day - timedelta(days=27), day)
-        today = days[-1] if days and days[-1]["local"] == day.isoformat() else None
-        data = {
-            "site": asdict(site),
-            "date": day.isoformat(),
-            "today": counts.hours(site, day, day),
-            "last_week": counts.hours(site, day - timedelta(days=7), day - timedelta(days=7)),
-            "days": days,
-            "heatmap": counts.heatmap(site, day),
-            "dwell": {
-                band: {
-                    "visits": None if today is None else today[column],
-                    "suppressed": 0 if today is None else today[f"{column}_suppressed"],
-                }
-                for band, column in DWELL_BANDS
-            },
-            "capture": counts.capture(site, day, day),
-        }
+RANGES = ("day", "week", "month", "custom")
+
+
+def range_bounds(
+    range_: str, day: date, first: date | None, last: date | None
+) -> tuple[date, date, date, date]:
+    """A range's first and last local day and its previous period's: a day against the same
+    weekday a week before, a week (Monday to Sunday) against the week before, a month against
+    the month before, a custom range against as many days just before it."""
+    if range_ == "day":
+        return day, day, day - timedelta(days=7), day - timedelta(days=7)
+    if range_ == "week":
+        monday = day - timedelta(days=day.weekday())
+        return (
+            monday,
+            monday + timedelta(days=6),
+            monday - timedelta(days=7),
+            monday - timedelta(days=1),
+        )
+    if range_ == "month":
+        start = day.replace(day=1)
+        following = (start + timedelta(days=32)).replace(day=1)
+        before = (start - timedelta(days=1)).replace(day=1)
+        return start, following - timedelta(days=1), before, start - timedelta(days=1)
+    first, last = first or day, last or day
+    if first > last:
+        raise ApiError(422, f"from ({first}) is after to ({last})", "from")
+    if (last - first).days >= MAX_RANGE_DAYS["day"]:
+        raise ApiError(422, f"a custom range is at most {MAX_RANGE_DAYS['day']} days", "from")
+    length = last - first + timedelta(days=1)
+    return first, last, first - length, first - timedelta(days=1)
+
+
+def dashboard_data(
+    found: Services,
+    site: Site,
+    day: date,
+    range_: str = "day",
+    first: date | None = None,
+    last: date | None = None,
+) -> dict[str, Any]:
+    """Everything the site page shows for a range ending or containing ``day``."""
+    first, last, before_first, before_last = range_bounds(range_, day, first, last)
+    resolution = "hour" if first == last else "day"
+    now = int(time.time())
+    by = "hour" if resolution == "hour" else "day"
+    with found.store.begin(read_only=True) as conn:
+        busy = busy_times(conn, site, last)
+        hours = hours_of(conn, site, first, last, by)
+        before = hours_of(conn, site, before_first, before_last, by)
+        tiles = summary(conn, site, last if range_ != "day" else day, now)
+    # Agents' health over the range's last day (a month of windows is too many to read).
+    day_start, day_end = found.counts.day_bounds(site, last, last)
     agents = found.store.agents(site.id, since=day_start, until=day_end)
-    return data | {"agents": [asdict(a) for a in agents]}
+    return {
+        "site": asdict(site),
+        "date": day.isoformat(),
+        "range": range_,
+        "resolution": resolution,
+        "first": first.isoformat(),
+        "last": last.isoformat(),
+        "previous_first": before_first.isoformat(),
+        "previous_last": before_last.isoformat(),
+        "summary": tiles,
+        "rows": group(hours, resolution),
+        "previous": group(before, resolution),
+        "total": next(iter(group(hours, "range")), None),
+        "previous_total": next(iter(group(before, "range")), None),
+        "busy": busy,
+        "agents": [asdict(a) for a in agents],
+    }
 
 
-def csv_text(site: Site, resolution: str, rows: list[dict[str, Any]]) -> str:
-    """Rows as CSV; the header names each column's unit and the site's time zone."""
-    names = ["windows", "probe_requests"] + [n for m in MEASURES for n in (m, f"{m}_suppressed")]
+# The CSV columns: device-level counts (diagnostics) and people figures, after the period.
+DEVICE_COLUMNS = ["windows", "probe_requests"] + [
+    n for m in MEASURES for n in (m, f"{m}_suppressed")
+]
+PEOPLE_COLUMNS = ["windows", "v1_windows", "no_data_windows"] + [
+    n for m in FIGURES for n in (m, f"{m}_suppressed")
+]
+
+
+def csv_response(
+    site: Site, resolution: str, rows: list[dict[str, Any]], people: bool, name: str
+) -> Response:
+    """Rows as a CSV download; the header names each column's unit and the site's zone."""
+    names, units = (PEOPLE_COLUMNS, PEOPLE_UNITS) if people else (DEVICE_COLUMNS, UNITS)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(
-        [f"{resolution} ({site.timezone})"] + [f"{name} ({UNITS[name]})" for name in names]
+        [f"{resolution} ({site.timezone})"] + [f"{column} ({units[column]})" for column in names]
     )
     for row in rows:
         writer.writerow([row["local"]] + ["" if row[n] is None else row[n] for n in names])
-    return out.getvalue()
+    return Response(
+        out.getvalue(),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )
+
+
+def range_body(
+    site: Site, resolution: str, first: date, last: date, units: dict[str, str], rows: Any
+) -> dict[str, Any]:
+    """The JSON of a range's rows (counts or people)."""
+    return {
+        "site": site.id,
+        "timezone": site.timezone,
+        "resolution": resolution,
+        "from": first.isoformat(),
+        "to": last.isoformat(),
+        "units": units,
+        "rows": rows,
+    }
 
 
 class ErrorDetail(BaseModel):
@@ -283,6 +371,132 @@ class ErrorOut(BaseModel):
     """The one shape of every error."""
 
     error: ErrorDetail
+
+
+class EnrolledOut(BaseModel):
+    site: str
+    agent: str
+
+
+class CountsOut(BaseModel):
+    """Device-level counts (v1 agents' figures and v2's diagnostics): devices, not people."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    site: str
+    timezone: str
+    resolution: str
+    from_: str = Field(alias="from")
+    to: str
+    units: dict[str, str]
+    rows: list[dict[str, str | int | None]]
+
+
+class PeopleRow(BaseModel):
+    """One hour, day, week (keyed by its Monday) or month ('YYYY-MM') of people figures.
+    A figure is null when no window published it; ``<figure>_suppressed`` counts the windows
+    that suppressed it (the value is then a lower bound); ``no_data`` marks a gap."""
+
+    local: str
+    windows: int
+    v1_windows: int
+    no_data_windows: int
+    no_data: bool
+    arrivals: int | None
+    arrivals_suppressed: int
+    passersby: int | None
+    passersby_suppressed: int
+    visits_ended: int | None
+    visits_ended_suppressed: int
+    dwell_lt5: int | None
+    dwell_lt5_suppressed: int
+    dwell_5_15: int | None
+    dwell_5_15_suppressed: int
+    dwell_15_30: int | None
+    dwell_15_30_suppressed: int
+    dwell_30_60: int | None
+    dwell_30_60_suppressed: int
+    dwell_ge60: int | None
+    dwell_ge60_suppressed: int
+    occupancy_mean: float | None
+    occupancy_mean_suppressed: int
+    occupancy_peak: int | None
+    occupancy_peak_suppressed: int
+
+
+class PeopleOut(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    site: str
+    timezone: str
+    resolution: str
+    from_: str = Field(alias="from")
+    to: str
+    units: dict[str, str]
+    rows: list[PeopleRow]
+
+
+class SummaryOut(BaseModel):
+    """A day's headline tiles (people figures; null when not known)."""
+
+    date: str
+    arrivals: int | None = Field(description="visitors so far (people whose visit began)")
+    arrivals_suppressed: int
+    arrivals_week_before: int | None
+    change_pct: float | None
+    compared_until: str | None
+    occupancy_now: float | None = Field(description="people in the shop: latest hour's mean")
+    occupancy_at: str | None
+    occupancy_peak: int | None = Field(description="most people in the shop at once that day")
+    peak_hour: str | None
+    peak_hour_arrivals: int | None
+    median_dwell_minutes: float | None
+    visits_ended: int | None
+    capture_rate: float | None = Field(description="arrivals / (arrivals + passers-by)")
+    passersby: int | None
+    hours: int
+    v1_windows: int
+
+
+class OverviewRow(BaseModel):
+    site: str
+    name: str
+    timezone: str
+    arrivals: int | None
+    change_pct: float | None
+    occupancy_now: float | None
+    capture_rate: float | None
+    median_dwell_minutes: float | None
+    arrivals_7d: int | None
+    arrivals_7d_before: int | None
+    change_7d_pct: float | None
+
+
+class HeatmapOut(BaseModel):
+    first: str
+    last: str
+    visitors: list[list[float | None]]
+    visitors_suppressed: list[list[int]]
+
+
+class DashboardOut(BaseModel):
+    """Everything the site page shows for a range (the page embeds exactly this)."""
+
+    site: SiteOut
+    date: str
+    range: str
+    resolution: str
+    first: str
+    last: str
+    previous_first: str
+    previous_last: str
+    summary: SummaryOut
+    rows: list[PeopleRow]
+    previous: list[PeopleRow]
+    total: PeopleRow | None
+    previous_total: PeopleRow | None
+    busy: list[list[float | None]]
+    agents: list[AgentHealth]
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -315,7 +529,11 @@ def get_site(site: VisibleSite) -> SiteOut:
     return SiteOut(**asdict(site))
 
 
-@api_router.get("/sites/{site_id}/agents", summary="the site's agents and their health")
+@api_router.get(
+    "/sites/{site_id}/agents",
+    response_model=list[AgentHealth],
+    summary="the site's agents, their health and counts version",
+)
 def get_agents(
     request: Request,
     site: VisibleSite,
@@ -325,7 +543,9 @@ def get_agents(
     return [asdict(a) for a in services(request).store.agents(site.id, since=since)]
 
 
-@api_router.post("/sites/{site_id}/agents", status_code=201, summary="enrol an agent")
+@api_router.post(
+    "/sites/{site_id}/agents", status_code=201, response_model=EnrolledOut, summary="enrol an agent"
+)
 def post_agent(
     request: Request, site: VisibleSite, user: CurrentUser, body: AgentIn
 ) -> dict[str, str]:
@@ -339,7 +559,11 @@ def post_agent(
     return {"site": site.id, "agent": body.agent}
 
 
-@api_router.get("/sites/{site_id}/counts", summary="counts by window, hour or day")
+@api_router.get(
+    "/sites/{site_id}/counts",
+    response_model=CountsOut,
+    summary="device-level counts (diagnostics) by window, hour or day",
+)
 def get_counts(
     request: Request,
     site: CountsSite,
@@ -348,15 +572,8 @@ def get_counts(
     resolution: Resolution = "hour",
 ) -> dict[str, Any]:
     first, last = _day_range(site, first, last, resolution)
-    return {
-        "site": site.id,
-        "timezone": site.timezone,
-        "resolution": resolution,
-        "from": first.isoformat(),
-        "to": last.isoformat(),
-        "units": UNITS,
-        "rows": _rows(services(request).counts, site, resolution, first, last),
-    }
+    rows = _rows(services(request).counts, site, resolution, first, last)
+    return range_body(site, resolution, first, last, UNITS, rows)
 
 
 @api_router.get(
@@ -375,21 +592,123 @@ def get_counts_csv(
     first, last = _day_range(site, first, last, resolution)
     rows = _rows(services(request).counts, site, resolution, first, last)
     name = f"footfall-{site.id}-{resolution}-{first}-{last}.csv"
-    return Response(
-        csv_text(site, resolution, rows),
-        media_type="text/csv; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="{name}"'},
-    )
+    return csv_response(site, resolution, rows, False, name)
 
 
-@api_router.get("/sites/{site_id}/heatmap", summary="busy times: weekday by hour, 4 weeks")
+@api_router.get(
+    "/sites/{site_id}/heatmap",
+    response_model=HeatmapOut,
+    summary="device-level busy times (v1 visitors, devices): weekday by hour, 4 weeks",
+)
 def get_heatmap(request: Request, site: CountsSite, day: OnDay = None) -> dict[str, Any]:
     return services(request).counts.heatmap(site, asked_day(site, day, "day"))
 
 
-@api_router.get("/sites/{site_id}/dashboard", summary="everything the site page shows")
-def get_dashboard(request: Request, site: CountsSite, day: OnDay = None) -> dict[str, Any]:
-    return dashboard_data(services(request), site, asked_day(site, day, "day"))
+Range = Annotated[
+    str,
+    Query(
+        alias="range", pattern="^(day|week|month|custom)$", description="day, week, month or custom"
+    ),
+]
+PeopleResolution = Annotated[
+    str, Query(pattern="^(hour|day|week|month)$", description="hour, day, week or month")
+]
+
+
+@api_router.get(
+    "/sites/{site_id}/dashboard",
+    response_model=DashboardOut,
+    summary="everything the site page shows for a day, week, month or custom range",
+)
+def get_dashboard(
+    request: Request,
+    site: CountsSite,
+    day: OnDay = None,
+    range_: Range = "day",
+    first: FromDay = None,
+    last: ToDay = None,
+) -> dict[str, Any]:
+    return dashboard_data(
+        services(request),
+        site,
+        asked_day(site, day, "day"),
+        range_,
+        first and asked_day(site, first, "from"),
+        last and asked_day(site, last, "to"),
+    )
+
+
+def _people(
+    request: Request, site: Site, first: date | None, last: date | None, resolution: str
+) -> tuple[date, date, list[dict[str, Any]]]:
+    first, last = _day_range(site, first, last, resolution)
+    with services(request).store.begin(read_only=True) as conn:
+        return first, last, figures(conn, site, first, last, resolution)
+
+
+@api_router.get(
+    "/sites/{site_id}/people",
+    response_model=PeopleOut,
+    summary="people figures (arrivals, passers-by, visits, dwell, occupancy) by hour, day, "
+    "week or month",
+)
+def get_people(
+    request: Request,
+    site: CountsSite,
+    first: FromDay = None,
+    last: ToDay = None,
+    resolution: PeopleResolution = "hour",
+) -> dict[str, Any]:
+    first, last, rows = _people(request, site, first, last, resolution)
+    return range_body(site, resolution, first, last, PEOPLE_UNITS, rows)
+
+
+@api_router.get(
+    "/sites/{site_id}/people.csv",
+    summary="people figures as CSV (the header names units)",
+    response_class=Response,
+    responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}}}},
+)
+def get_people_csv(
+    request: Request,
+    site: CountsSite,
+    first: FromDay = None,
+    last: ToDay = None,
+    resolution: PeopleResolution = "hour",
+) -> Response:
+    first, last, rows = _people(request, site, first, last, resolution)
+    name = f"footfall-{site.id}-people-{resolution}-{first}-{last}.csv"
+    return csv_response(site, resolution, rows, True, name)
+
+
+@api_router.get(
+    "/sites/{site_id}/summary", response_model=SummaryOut, summary="a day's headline tiles"
+)
+def get_summary(request: Request, site: CountsSite, day: OnDay = None) -> dict[str, Any]:
+    with services(request).store.begin(read_only=True) as conn:
+        return summary(conn, site, asked_day(site, day, "day"), int(time.time()))
+
+
+@api_router.get(
+    "/overview",
+    response_model=list[OverviewRow],
+    summary="one row per site the user reads: the day and the last 7 days against the 7 before",
+)
+def get_overview(request: Request, user: CurrentUser, day: OnDay = None) -> list[dict[str, Any]]:
+    return overview(services(request), user, day)
+
+
+def overview(found: Services, user: User, day: date | None) -> list[dict[str, Any]]:
+    """The overview's rows (each site's own local day when ``day`` is not given)."""
+    if not user.reads_counts:
+        raise ApiError(403, f"a {user.role} does not read counts")
+    only = None if user.role == "admin" else user.sites
+    now = int(time.time())
+    with found.store.begin(read_only=True) as conn:
+        return [
+            overview_row(conn, site, asked_day(site, day, "day"), now)
+            for site in found.counts.sites(only)
+        ]
 
 
 def install_error_handlers(app: FastAPI, page: Callable[[Request, int, str], Response]) -> None:

@@ -25,6 +25,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
 
 from aggregator import __version__
 from aggregator.accounts import TOKEN_DAYS, User
@@ -40,11 +41,11 @@ from aggregator.api import (
     asked_day,
     dashboard_data,
     install_error_handlers,
+    overview,
     services,
 )
 from aggregator.errors import AccountError, LoginRefusedError, RegistryError
 from aggregator.query import Site
-from aggregator.rollup import DWELL_BANDS
 from aggregator.store import Store
 
 __all__ = ["UPLOT", "create_app", "shown_value"]
@@ -66,12 +67,33 @@ def _shown(row: dict[str, Any], measure: str) -> str:
     return shown_value(row[measure], row[f"{measure}_suppressed"])
 
 
+def people_value(value: int | None, suppressed: int) -> str:
+    """A people figure as a person reads it: ``12``; ``≥ 12`` when some windows were
+    suppressed; ``suppressed`` when every window was; ``—`` when there is none."""
+    if not value:  # nothing published, or only zeros beside suppressed windows: no "≥ 0"
+        return "suppressed" if suppressed else ("—" if value is None else "0")
+    return shown_value(value, suppressed)
+
+
+def _change(pct: float | None) -> str:
+    return "—" if pct is None else f"{pct:+.0f} %"
+
+
 def _utc(unix_s: int | None) -> str:
     return "—" if unix_s is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(unix_s))
 
 
-templates.env.globals.update(shown=_shown, shown_value=shown_value)
+templates.env.globals.update(
+    shown=_shown, shown_value=shown_value, people=people_value, change=_change
+)
 templates.env.filters["utc"] = _utc
+# The API docs page: Swagger UI's own script and styles from this server; it sets style
+# attributes as it draws, which style-src 'self' refuses (the page stays usable: layout is in
+# its stylesheet), so nothing inline is allowed here either.
+DOCS_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
+)
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -177,9 +199,42 @@ def logout(request: Request, csrf: Annotated[str, Form(max_length=100)] = "") ->
 def home(request: Request) -> HTMLResponse:
     user = _page_user(request)
     only = None if user.role == "admin" else user.sites
+    found = services(request)
+    rows = overview(found, user, None) if user.reads_counts else []
     return _render(
-        request, "sites.html", title="Sites", user=user, sites=services(request).counts.sites(only)
+        request,
+        "sites.html",
+        title="Sites",
+        user=user,
+        sites=found.counts.sites(only),
+        overview=rows,
     )
+
+
+_BANDS = {"lt5": "under 5 min", "5_15": "5-15 min", "15_30": "15-30 min"}
+_BANDS |= {"30_60": "30-60 min", "ge60": "an hour or more"}
+
+
+def _period_text(data: dict[str, Any]) -> tuple[str, str]:
+    """The range and its previous period, in words."""
+    first, last = date.fromisoformat(data["first"]), date.fromisoformat(data["last"])
+    before = date.fromisoformat(data["previous_first"])
+    if data["range"] == "day":
+        return first.strftime("%A %d %B %Y"), f"the same weekday a week before ({before})"
+    if data["range"] == "month":
+        return first.strftime("%B %Y"), before.strftime("%B %Y")
+    words = "the week" if data["range"] == "week" else "the range"
+    return f"{words} {first} to {last}", f"the {(last - first).days + 1} days before"
+
+
+def _empty_text(data: dict[str, Any], first_day: str | None) -> str:
+    if first_day is None:
+        return "No people figures yet: no agent of this site has sent a window."
+    if data["last"] < first_day:
+        return f"No data: this site's first window is on {first_day}, after this range."
+    if data["first"] > date.today().isoformat():
+        return "No data yet: this range is in the future."
+    return "No people figures for this range (agents were off, or send device counts only)."
 
 
 @pages.get("/sites/{site_id}")
@@ -187,6 +242,9 @@ def site_page(
     request: Request,
     site_id: str,
     day: Annotated[date | None, Query(alias="date")] = None,
+    range_: Annotated[str, Query(alias="range", pattern="^(day|week|month|custom)$")] = "day",
+    first: Annotated[date | None, Query(alias="from")] = None,
+    last: Annotated[date | None, Query(alias="to")] = None,
 ) -> HTMLResponse:
     user = _page_user(request)
     site = _user_site(request, user, site_id)
@@ -197,17 +255,36 @@ def site_page(
         day_start, day_end = found.counts.day_bounds(site, day, day)
         agents = found.store.agents(site.id, since=day_start, until=day_end)
         return _render(request, "agents.html", agents=agents, **context)
-    data = dashboard_data(found, site, day)
+    if range_ == "custom":
+        first = asked_day(site, first, "from") if first else day
+        last = asked_day(site, last, "to") if last else day
+    data = dashboard_data(found, site, day, range_, first, last)
+    period_text, previous_text = _period_text(data)
+    step = {"day": 1, "week": 7}.get(range_, 0)
+    previous = day - timedelta(days=step) if step else date.fromisoformat(data["previous_last"])
+    following = (
+        day + timedelta(days=step) if step else date.fromisoformat(data["last"]) + timedelta(days=1)
+    )
+    suppressed = (data["total"] or {}).get("arrivals_suppressed", 0)
     return _render(
         request,
         "site.html",
         data=data,
         agents=data["agents"],
-        bands=[band for band, _ in DWELL_BANDS],
-        previous=day - timedelta(days=1),
+        bands=list(_BANDS.items()),
+        previous=previous,
+        following=following,
         week_before=day - timedelta(days=7),
-        following=day + timedelta(days=1),
-        heat_max=max((v for row in data["heatmap"]["visitors"] for v in row if v), default=0),
+        period_text=period_text,
+        previous_text=previous_text,
+        empty_text=_empty_text(data, found.counts.first_day(site)),
+        suppressed_text=(
+            f"≥ marks a lower bound: {suppressed} windows had too few people to publish "
+            "(privacy threshold)."
+            if suppressed
+            else ""
+        ),
+        heat_max=max((v for row in data["busy"] for v in row if v), default=0),
         **context,
     )
 
@@ -278,6 +355,15 @@ def revoke_token(
     return RedirectResponse("/account", status_code=303)
 
 
+@pages.get("/api/v1/docs")
+def api_docs(request: Request) -> HTMLResponse:
+    """The API's documentation (Swagger UI 5, from the swagger-ui-bundle-v2 package): open to
+    anyone, as the OpenAPI document is; trying a call needs a session or a token."""
+    response = templates.TemplateResponse(request, "api_docs.html", {"version": __version__})
+    response.headers["Content-Security-Policy"] = DOCS_CSP
+    return response
+
+
 class _Headers(BaseHTTPMiddleware):
     """Security headers on every answer; the CSRF cookie for a browser that has none."""
 
@@ -312,7 +398,7 @@ def create_app(
         description="Foot traffic counts of the sites you may see. Errors: "
         '{"error": {"status", "code", "message", "field"}}.',
         openapi_url="/api/v1/openapi.json",
-        docs_url="/api/v1/docs",
+        docs_url=None,  # api_docs: Swagger UI from this server, under its own CSP
         redoc_url=None,
     )
     app.state.services = Services(store, session_s, secure_cookies)
@@ -320,6 +406,7 @@ def create_app(
     app.include_router(admin_router)
     app.include_router(pages)
     app.mount("/static", StaticFiles(directory=WEB / "static"), name="static")
+    app.mount("/api/v1/docs/assets", StaticFiles(directory=str(swagger_ui_path)), name="docs")
     app.add_middleware(_Headers)
 
     def error_page(request: Request, status: int, message: str) -> Response:

@@ -22,6 +22,7 @@ disconnecting, and keeps nothing over its own restart (docs/aggregator.md).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import importlib.util
 import json
@@ -36,11 +37,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from datetime import time as dtime
 from importlib import metadata, resources
 from pathlib import Path
 from types import FrameType
+from zoneinfo import ZoneInfo
 
+import nacl.signing
 import sqlalchemy as sa
 
 from aggregator.accounts import Accounts
@@ -48,12 +53,37 @@ from aggregator.config import load_config
 from aggregator.errors import AggregatorError
 from aggregator.receipts import load_receipt_key
 from aggregator.serve import serve
-from aggregator.store import Store, site_days
-from firmware_agent.messages import public_key_text
+from aggregator.store import Store, agents, site_days, windows
+from firmware_agent.messages import (
+    AgentId,
+    SiteId,
+    Topic,
+    canonical_json,
+    public_key_text,
+    utc_text,
+)
+from firmware_agent.publish import BrokerSettings, Connection
+from firmware_agent.shop_traffic import ShopProfile, shop_windows
 
-__all__ = ["BROKERS", "Broker", "amqtt_command", "embedded_broker", "run_demo"]
+__all__ = [
+    "BROKERS",
+    "DEMO_SITES",
+    "Broker",
+    "amqtt_command",
+    "embedded_broker",
+    "fill_traffic",
+    "run_demo",
+]
 
 SITE, AGENT, MERCHANT = "demo-shop", "entrance", "demo"
+# The two shops whose five weeks of people (counts v2) the demo fills: id -> (name, agent,
+# traffic). The second is smaller, and its sensor was down one Wednesday afternoon (a gap).
+DEMO_SITES: dict[str, tuple[str, str, ShopProfile]] = {
+    "high-street": ("High Street", "door", ShopProfile(peak_arrivals_per_hour=42, seed=11)),
+    "station": ("Station kiosk", "door", ShopProfile(peak_arrivals_per_hour=25, seed=12)),
+}
+DEMO_DAYS = 35
+_INFLIGHT = 512
 BROKERS = ("auto", "mosquitto", "embedded")
 _START_S = 30  # longest wait for a broker to listen (amqtt imports for ~1 s on a busy machine)
 _REPLAY_S = 600  # longest the agent may take to replay the bundled capture
@@ -195,6 +225,90 @@ def _replay(agent_cli: str, agent_toml: Path) -> None:
         raise AggregatorError(f"the agent's replay failed: {exc}") from exc
 
 
+def _seal(payload: dict[str, object], key: nacl.signing.SigningKey) -> bytes:
+    signature = key.sign(canonical_json(payload)).signature
+    envelope = {"alg": "ed25519", "payload": payload, "sig": base64.b64encode(signature).decode()}
+    return canonical_json(envelope)
+
+
+def fill_traffic(store: Store, broker: Broker, now: int, days: int = DEMO_DAYS) -> int:
+    """Enrol :data:`DEMO_SITES` and publish ``days`` local days of their people, up to
+    ``now``, as each site's agent would: counts v2 windows (5 minutes), signed with the agent's
+    key, at QoS 1 through the broker to ingest, with the agent's MQTT connection
+    (:class:`firmware_agent.publish.Connection`). The windows sent."""
+    sent = 0
+    for site_id, (name, agent, shop) in DEMO_SITES.items():
+        profile = shop
+        key = nacl.signing.SigningKey.generate()
+        store.add_site(site_id, name, profile.timezone, now)
+        store.add_agent(site_id, agent, public_key_text(key), now)
+        today = datetime.fromtimestamp(now, ZoneInfo(profile.timezone)).date()
+        first = today - timedelta(days=days - 1)
+        wednesday = first + timedelta(days=(2 - first.weekday()) % 7 + 14)
+        if site_id == "station":
+            gap = int(
+                datetime.combine(wednesday, dtime(14), ZoneInfo(profile.timezone)).timestamp()
+            )
+            profile = replace(profile, no_data=(gap, gap + 3 * 3600))
+        bodies = shop_windows(profile, first, days, 300, until=now)
+        topic = Topic.parse(f"footfall/v1/{site_id}/{agent}/counts")
+        header = {"kind": "counts", "v": 2, "site": SiteId(site_id).value}
+        header |= {"agent": AgentId(agent).value, "epoch": secrets.token_hex(8)}
+        connection = Connection(
+            BrokerSettings(
+                host="127.0.0.1",
+                port=broker.port,
+                username=f"{site_id}/{agent}",
+                protocol=broker.protocol,
+                max_inflight=_INFLIGHT,
+            ),
+            None,
+            f"demo-{site_id}-{agent}",
+        )
+        connection.open()
+        try:
+            waiting = 0
+            for seq, body in enumerate(bodies, 1):
+                heard = not body["no_data"]
+                payload = (
+                    header
+                    | body
+                    | {
+                        "seq": seq,
+                        "window_start": utc_text(body["window_start"]),
+                        "probe_requests": 40 * (body.get("passersby") or 0) if heard else 0,
+                        "malformed": 0,
+                        "late_frames": 0,
+                        "devices": 2 * (body.get("passersby") or 0) if heard else None,
+                        "devices_randomised": body.get("passersby") if heard else None,
+                    }
+                )
+                connection.publish(topic, _seal(payload, key))
+                waiting += 1
+                while waiting >= _INFLIGHT:
+                    waiting -= len(connection.loop(0.05))
+            while waiting > 0:
+                waiting -= len(connection.loop(0.05))
+        finally:
+            connection.close()
+        sent += len(bodies)
+    return sent
+
+
+def _settle(store: Store, sent: int) -> None:
+    """Wait (up to 30 s) until ingest has stored the ``sent`` windows of the demo's shops."""
+    deadline = time.monotonic() + 30
+    keys = sa.select(agents.c.agent_key).where(agents.c.site_id.in_(list(DEMO_SITES)))
+    while time.monotonic() < deadline:
+        with store.begin(read_only=True) as conn:
+            stored = conn.execute(
+                sa.select(sa.func.count()).where(windows.c.agent_key.in_(keys))
+            ).scalar()
+        if (stored or 0) >= sent:
+            return
+        time.sleep(0.2)
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # SIGTERM stops the demo as Ctrl-C does: everything cleaned up
 
@@ -267,11 +381,22 @@ def run_demo(port: int, timezone: str, broker_choice: str = "auto") -> int:
                 try:
                     if not ready.wait(30):
                         raise AggregatorError("the aggregator did not start within 30 s")
+                    began = time.monotonic()
+                    print(f"publishing {DEMO_DAYS} days of two shops' people ...", flush=True)
+                    sent = fill_traffic(store, broker, now)
+                    for site_id in DEMO_SITES:
+                        accounts.grant(MERCHANT, site_id)
                     _replay(agent_cli, agent_toml)
-                    time.sleep(1)  # the last batch's commit
+                    _settle(store, sent)
+                    print(f"{sent} windows of people in {time.monotonic() - began:.0f} s")
+                    shop = next(iter(DEMO_SITES))
                     with store.begin(read_only=True) as conn:
-                        day = conn.execute(sa.select(sa.func.max(site_days.c.local_day))).scalar()
-                    url = f"http://127.0.0.1:{port}/sites/{SITE}" + (f"?date={day}" if day else "")
+                        day = conn.execute(
+                            sa.select(sa.func.max(site_days.c.local_day)).where(
+                                site_days.c.site_id == shop
+                            )
+                        ).scalar()
+                    url = f"http://127.0.0.1:{port}/sites/{shop}" + (f"?date={day}" if day else "")
                     print(f"\nfootfall demo: open {url}")
                     print(f"  user: {MERCHANT}\n  password: {password}")
                     print("Ctrl-C stops it.", flush=True)

@@ -118,6 +118,14 @@ class Counts:
         with self._reading() as conn:
             return [Site(*row) for row in conn.execute(query)]
 
+    def first_day(self, site: Site) -> str | None:
+        """The local day of the site's first stored hour (roll-ups outlive retention)."""
+        with self._reading() as conn:
+            first: str | None = conn.execute(
+                sa.select(sa.func.min(site_days.c.local_day)).where(site_days.c.site_id == site.id)
+            ).scalar()
+        return first
+
     @staticmethod
     def day_bounds(site: Site, first: date, last: date) -> tuple[int, int]:
         """The UTC instants (Unix s) of the local midnights starting ``first`` and ending

@@ -19,6 +19,13 @@ optional). A roll-up sums only the published values, and counts per measure the 
 value was suppressed (``*_suppressed``) and, for the fields that may be absent, the windows
 that carried the field at all (``*_windows``, suppressed ones included). So a reader can tell
 "0" (published zeros) from "at least N, some windows suppressed" and from "not published".
+
+**Counts v2.** A v2 window adds its people figures (arrivals, passers-by, visits ended, dwell
+bands: sums, with the windows that published and suppressed each) and its occupancy (mean *
+window_s in hundredths of a person-second, and the seconds: a period's mean is their quotient,
+time-weighted whatever the window length; the peak as a maximum). A no-data window adds only to
+``windows`` and ``no_data_windows``. A v1 window adds 1 to ``v1_windows`` and no people. The
+site rows' people sums are the busiest agent's, set by the store (``aggregator.store.BUSIEST``).
 """
 
 from __future__ import annotations
@@ -34,12 +41,16 @@ __all__ = [
     "DWELL_BANDS",
     "MAX_MEASURES",
     "MEASURES",
+    "PEOPLE_COLUMNS",
+    "PEOPLE_COUNTS",
+    "PEOPLE_FIELDS",
     "SUM_MEASURES",
     "SUPPRESSIBLE",
     "Buckets",
     "RollupDeltas",
     "buckets",
     "device_counts",
+    "people_counts",
     "totals",
     "window_measures",
     "zone",
@@ -66,6 +77,20 @@ SUPPRESSIBLE: tuple[str, ...] = (
     "people",
 )
 
+# Counts v2's additive people-level figures, as their window and roll-up columns name them:
+# payload field (a dwell band as ``dwell_minutes.<band>``) -> column.
+PEOPLE_FIELDS: tuple[tuple[str, str], ...] = (
+    ("arrivals", "arrivals"),
+    ("passersby", "people_passersby"),
+    ("visits_ended", "people_visits_ended"),
+    *((f"dwell_minutes.{band}", f"people_{column}") for band, column in DWELL_BANDS),
+)
+PEOPLE_COUNTS: tuple[str, ...] = tuple(column for _, column in PEOPLE_FIELDS)
+# A window's v2 people-level columns: the additive counts, the occupancy mean in hundredths of
+# a person (an integer: sums stay exact) and the occupancy peak; ``people_suppressed`` has a
+# bit per suppressed one in this order.
+PEOPLE_COLUMNS: tuple[str, ...] = (*PEOPLE_COUNTS, "occupancy_mean_c", "occupancy_peak")
+
 # Every roll-up row holds these, all integers, 0 by default: sums, then maxima.
 SUM_MEASURES: tuple[str, ...] = (
     "windows",
@@ -90,6 +115,15 @@ SUM_MEASURES: tuple[str, ...] = (
     "dwell_windows",
     "devices_epoch_windows",
     *(f"{name}_suppressed" for name in SUPPRESSIBLE),
+    "v1_windows",
+    "no_data_windows",
+    "calibrated_windows",
+    *(f"{name}_{part}" for name in PEOPLE_COUNTS for part in ("sum", "windows", "suppressed")),
+    "occupancy_cs",
+    "occupancy_s",
+    "occupancy_suppressed",
+    "occupancy_peak_windows",
+    "occupancy_peak_suppressed",
 )
 MAX_MEASURES: tuple[str, ...] = (
     "devices_max",
@@ -97,6 +131,7 @@ MAX_MEASURES: tuple[str, ...] = (
     "devices_epoch_max",
     "people_est_max",
     "people_max",
+    "occupancy_peak_max",
 )
 MEASURES = SUM_MEASURES + MAX_MEASURES
 K = TypeVar("K", tuple[int, int], tuple[int, str], tuple[str, int], tuple[str, str])
@@ -143,7 +178,15 @@ def buckets(window_start: int, zone_name: str) -> Buckets:
 
 def device_counts(p: Mapping[str, Any]) -> tuple[list[Any], list[bool]]:
     """A (validated) counts payload's device counts in :data:`SUPPRESSIBLE` order (None when
-    suppressed or absent), and whether each was there at all (so None there is suppressed)."""
+    suppressed or absent), and whether each was there at all (so None there is suppressed).
+    A v2 payload has only its device-level diagnostics here (its ``passersby``, visits and
+    dwell are people: :func:`people_counts`), and a no-data window none at all."""
+    if p["v"] != 1:
+        heard = not p["no_data"]
+        rest = len(SUPPRESSIBLE) - 2
+        return [p["devices"], p["devices_randomised"], *(None,) * rest], [heard, heard] + [
+            False
+        ] * rest
     get = p.get
     dwell = get("dwell_minutes")
     values = [
@@ -171,6 +214,53 @@ def device_counts(p: Mapping[str, Any]) -> tuple[list[Any], list[bool]]:
     return values, there
 
 
+def people_counts(p: Mapping[str, Any]) -> tuple[list[int | None], list[bool]]:
+    """A (validated) v2 payload's people-level figures in :data:`PEOPLE_COLUMNS` order (the
+    occupancy mean in hundredths), None when suppressed, absent or in a no-data window, and
+    whether each was published or suppressed (so None there is suppressed). Nothing for v1."""
+    if p["v"] == 1:
+        return [None] * len(PEOPLE_COLUMNS), [False] * len(PEOPLE_COLUMNS)
+    dwell = p.get("dwell_minutes")
+    mean = p.get("occupancy_mean")
+    values: list[int | None] = [
+        p.get("arrivals"),
+        p.get("passersby"),
+        p.get("visits_ended"),
+        *((None,) * 5 if dwell is None else (dwell[band] for band, _ in DWELL_BANDS)),
+        None if mean is None else round(mean * 100),
+        p.get("occupancy_peak"),
+    ]
+    if p["no_data"]:
+        return values, [False] * len(PEOPLE_COLUMNS)
+    there = [
+        "arrivals" in p,
+        "passersby" in p,
+        "visits_ended" in p,
+        *((dwell is not None,) * 5),
+        "occupancy_mean" in p,
+        "occupancy_peak" in p,
+    ]
+    return [None if v is None else int(v) for v in values], there
+
+
+def _people_measures(p: Mapping[str, Any]) -> list[int]:
+    """What a payload adds to the v2 sums of :data:`SUM_MEASURES` (zeros for v1)."""
+    values, there = people_counts(p)
+    out = [int(p["v"] == 1), int(bool(p.get("no_data"))), int(bool(p.get("calibrated")))]
+    for value, present in zip(values[:-2], there[:-2], strict=True):
+        out += [value or 0, int(value is not None), int(value is None and present)]
+    mean, peak = values[-2:]
+    window_s = int(p["window_s"])
+    out += [
+        0 if mean is None else mean * window_s,
+        0 if mean is None else window_s,
+        int(mean is None and there[-2]),
+        int(peak is not None),
+        int(peak is None and there[-1]),
+    ]
+    return out
+
+
 def window_measures(p: Mapping[str, Any]) -> tuple[list[int], list[int]]:
     """What one (validated) counts payload adds to each of its roll-up rows: its
     :data:`SUM_MEASURES` and its :data:`MAX_MEASURES` (a suppressed or absent count adds 0 to
@@ -191,8 +281,10 @@ def window_measures(p: Mapping[str, Any]) -> tuple[list[int], list[int]]:
         int(there[5]),
         int(there[10]),
         *(int(v is None and t) for v, t in zip(values, there, strict=True)),
+        *_people_measures(p),
     ]
-    return sums, [n[0], n[2], n[10], n[11], n[12]]
+    peak = people_counts(p)[0][-1]
+    return sums, [n[0], n[2], n[10], n[11], n[12], peak or 0]
 
 
 Entry = tuple[Buckets, tuple[list[list[int]], list[list[int]]]]  # buckets, (sums, maxima)

@@ -20,7 +20,7 @@ Tables::
     agent_hours     roll-ups by agent and local hour, agent and local day, site and local
     agent_days      hour, site and local day (aggregator.rollup); they stay when retention
     site_hours      deletes the windows
-    site_days
+    site_days       (a site row's people figures are its busiest agent's: BUSIEST)
     refusals        messages not stored, by reason, site and agent: count, first, last
                     (an agent that is not enrolled is counted as agent '', and a site
                     without an enrolled agent as site '': rows do not grow with made-up ids)
@@ -73,10 +73,13 @@ from aggregator.registry import AgentEntry, Registry, noisy
 from aggregator.rollup import (
     MAX_MEASURES,
     MEASURES,
+    PEOPLE_COLUMNS,
+    PEOPLE_COUNTS,
     SUPPRESSIBLE,
     Buckets,
     RollupDeltas,
     device_counts,
+    people_counts,
     totals,
 )
 from aggregator.verify import Accepted
@@ -129,6 +132,7 @@ agents = sa.Table(
     sa.Column("status_last_seq", sa.BigInteger),
     sa.Column("meta", sa.Text),
     sa.Column("meta_at", sa.BigInteger),
+    sa.Column("counts_v", sa.SmallInteger),  # the schema version of its latest counts (0005)
     sa.UniqueConstraint("site_id", "agent_id", name="uq_agents_site_agent"),
 )
 
@@ -158,6 +162,14 @@ def _window_columns() -> list[sa.Column[Any]]:
         sa.Column("payload", sa.Text, nullable=False),
         sa.Column("sig", sa.String(88), nullable=False),
         sa.Column("received_at", sa.BigInteger, nullable=False),
+        # Counts v2 (0005): the schema version, no data, calibration, the people-level figures
+        # (NULL when suppressed, absent or no data; ``people_suppressed`` has a bit per
+        # suppressed one, :data:`PEOPLE_COLUMNS` order). A v1 window has them NULL.
+        sa.Column("v", sa.SmallInteger, nullable=False, server_default="1"),
+        sa.Column("no_data", sa.SmallInteger, nullable=False, server_default="0"),
+        sa.Column("calibrated", sa.SmallInteger),
+        *(sa.Column(name, sa.BigInteger) for name in PEOPLE_COLUMNS),
+        sa.Column("people_suppressed", sa.Integer, nullable=False, server_default="0"),
     ]
 
 
@@ -358,6 +370,7 @@ class AgentHealth:
     last_seq: int | None
     missing: int  # windows the agent made that have not arrived (gaps in seq, and after)
     spool_filling: bool  # its last status said more than SPOOL_FILLING windows wait
+    counts_v: int | None  # the counts schema of its latest window: 1 (devices only) or 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -747,6 +760,7 @@ class Store:
             )
             if deltas:
                 self._upsert_rollups(conn, deltas)
+                self._note_versions(conn, outcome.stored)
             self._update_agents(conn, accepted, now)
             outcome.settled = self._settle(conn, counts, now)
             for message, reason in outcome.skipped:
@@ -892,6 +906,23 @@ class Store:
             else:
                 self._stage(conn, STAGING[table.name], staged)
                 conn.execute(self._statements.upsert_rollup[table.name])
+        # The site's people figures are its busiest agent's, not the agents' sum: set again
+        # for the hours the batch touched, then their days from those hours.
+        st = self._statements
+        hours = [{"s": site, "h": hour} for site, hour in sorted(deltas.site_hours)]
+        conn.execute(st.busiest_hours, hours)
+        days = [{"s": site, "d": day} for site, day in sorted(deltas.site_days)]
+        conn.execute(st.busiest_days, days)
+
+    def _note_versions(self, conn: Connection, stored: Sequence[Accepted]) -> None:
+        """Each agent's counts schema version, from its latest window in the batch."""
+        latest: dict[int, tuple[int, int]] = {}  # agent_key -> (seq, v)
+        for message in stored:
+            seq = int(message.payload["seq"])
+            if seq > latest.get(message.agent.key, (0, 0))[0]:
+                latest[message.agent.key] = (seq, int(message.payload["v"]))
+        rows = [{"k": key, "v": v} for key, (_, v) in sorted(latest.items())]
+        conn.execute(self._statements.update_counts_v, rows)
 
     def _update_agents(self, conn: Connection, accepted: Sequence[Accepted], now: int) -> None:
         statuses: list[dict[str, Any]] = []
@@ -1084,6 +1115,7 @@ class Store:
             a.spool_pending,
             a.spool_dropped,
             a.status_last_seq,
+            a.counts_v,
         ).order_by(a.site_id, a.agent_id)
         if site is not None:
             listed = listed.where(a.site_id == site)
@@ -1135,6 +1167,7 @@ class Store:
                     last_seq=last_seq,
                     missing=int(missing or 0),
                     spool_filling=(row.spool_pending or 0) > SPOOL_FILLING,
+                    counts_v=row.counts_v,
                 )
             )
         return out
@@ -1202,6 +1235,7 @@ def _window_row(message: Accepted) -> tuple[Any, ...]:
     values, there = device_counts(p)
     values.append(p.get("static_excluded"))
     there.append("static_excluded" in p)
+    people, heard = people_counts(p)
     suppressed = 0
     for bit, (value, present) in enumerate(zip(values, there, strict=True)):
         if value is None and present:
@@ -1220,6 +1254,15 @@ def _window_row(message: Accepted) -> tuple[Any, ...]:
         message.canonical,
         message.signature,
         message.received_at,
+        int(p["v"]),
+        int(bool(p.get("no_data"))),
+        None if "calibrated" not in p else int(p["calibrated"]),
+        *people,
+        sum(
+            1 << bit
+            for bit, (v, t) in enumerate(zip(people, heard, strict=True))
+            if v is None and t
+        ),
     )
 
 
@@ -1234,6 +1277,57 @@ def _positional_insert(table: sa.Table, conflict: str) -> str:
     names = ", ".join(c.name for c in table.columns)
     marks = ", ".join("?" for _ in table.columns)
     return f"INSERT INTO {table.name} ({names}) VALUES ({marks}) {conflict}"
+
+
+# The site roll-ups' people figures that are the busiest agent's (aggregator/people.py): each
+# additive figure's sum, and the occupancy's time-weighted sum and seconds. The rest of a site
+# row sums its agents' (windows, published and suppressed windows) or takes their greatest
+# (occupancy peak), as every roll-up does.
+BUSIEST = (*(f"{name}_sum" for name in PEOPLE_COUNTS), "occupancy_cs", "occupancy_s")
+
+
+def _busiest_statements() -> tuple[sa.Update, sa.Update]:
+    """UPDATEs that set :data:`BUSIEST` of a site hour (bind ``s``, ``h``) from its agents'
+    hours, and of a site day (``s``, ``d``) from its site hours."""
+    a, h, d = agent_hours.c, site_hours.c, site_days.c
+    of_site = a.agent_key.in_(sa.select(agents.c.agent_key).where(agents.c.site_id == h.site_id))
+    mean = sa.case((a.occupancy_s > 0, a.occupancy_cs * 1.0 / a.occupancy_s), else_=0)
+    longest = sa.func.max(a.occupancy_s)
+    busiest: list[Any] = [sa.func.coalesce(sa.func.max(a[n]), 0) for n in BUSIEST[:-2]]
+    busiest += [
+        sa.func.coalesce(sa.cast(sa.func.round(sa.func.max(mean) * longest), sa.BigInteger), 0),
+        sa.func.coalesce(longest, 0),
+    ]
+    hours = (
+        site_hours.update()
+        .where(h.site_id == sa.bindparam("s"), h.hour_start == sa.bindparam("h"))
+        .values(
+            {
+                h[n]: sa.select(value)
+                .where(of_site, a.hour_start == h.hour_start)
+                .scalar_subquery()
+                for n, value in zip(BUSIEST, busiest, strict=True)
+            }
+        )
+    )
+    in_day = (
+        (site_hours.c.site_id == d.site_id)
+        & (site_hours.c.hour_start >= d.day_start)
+        & (site_hours.c.hour_start < d.day_start + d.day_hours * 3600)
+    )
+    days = (
+        site_days.update()
+        .where(d.site_id == sa.bindparam("s"), d.local_day == sa.bindparam("d"))
+        .values(
+            {
+                d[n]: sa.select(sa.func.coalesce(sa.func.sum(site_hours.c[n]), 0))
+                .where(in_day)
+                .scalar_subquery()
+                for n in BUSIEST
+            }
+        )
+    )
+    return hours, days
 
 
 class _Statements:
@@ -1281,6 +1375,7 @@ class _Statements:
                     for m in MEASURES
                 },
             )
+        self.busiest_hours, self.busiest_days = _busiest_statements()
         self.sqlite_max_rowid = "SELECT coalesce(max(rowid), 0) FROM windows"
         self.sqlite_insert_windows = _positional_insert(windows, "ON CONFLICT DO NOTHING")
         self.sqlite_inserted = "SELECT agent_key, seq FROM windows WHERE rowid > ?"
@@ -1312,6 +1407,11 @@ class _Statements:
                 spool_dropped=sa.bindparam("dropped"),
                 status_last_seq=sa.bindparam("last_seq"),
             )
+        )
+        self.update_counts_v = (
+            agents.update()
+            .where(a.agent_key == sa.bindparam("k"))
+            .values(counts_v=sa.bindparam("v"))
         )
         self.update_meta = (
             agents.update()

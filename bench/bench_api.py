@@ -59,7 +59,7 @@ from aggregator.query import HEATMAP_WEEKS, Counts, Site  # noqa: E402
 from aggregator.rollup import zone  # noqa: E402
 from aggregator.store import Store, agents, metadata, windows  # noqa: E402
 from aggregator.verify import Accepted  # noqa: E402
-from firmware_agent.messages import VERSION, public_key_text, utc_text  # noqa: E402
+from firmware_agent.messages import public_key_text, utc_text  # noqa: E402
 from tests.aggregator_harness import drop_schema  # noqa: E402
 from tests.web_harness import serve_app  # noqa: E402
 
@@ -99,38 +99,46 @@ HOURLY_DEVICES = (
 
 
 def window_payload(agent: str, seq: int, start: int, hour: int, n: int) -> dict[str, Any]:
-    """One agent's counts for a window starting at ``start`` (local hour ``hour``); ``n``
-    varies the numbers. Counts below 5 are suppressed (null) with what would give them away."""
+    """One agent's counts v2 for a window starting at ``start`` (local hour ``hour``); ``n``
+    varies the numbers. People figures below 3 are suppressed (null); device diagnostics
+    below 5."""
     devices = HOURLY_DEVICES[hour] + n % 7
-    visitors = devices * 2 // 5
-    passersby = devices - visitors
-    quiet = visitors < 5
-    ended = visitors // 3 + n % 3
+    arrivals = devices // 4
+    passersby = devices - arrivals
+    ended = arrivals // 2 + n % 3
+    mean = round(devices * 0.6 + (n % 10) / 10, 2)
+
+    def people(value: int) -> int | None:
+        return value if value >= 3 or value == 0 else None
+
     return {
         "kind": "counts",
-        "v": VERSION,
+        "v": 2,
         "site": SITE,
         "agent": agent,
         "seq": seq,
         "epoch": "9f3c1a7e52b04d68",
         "window_start": utc_text(start),
         "window_s": WINDOW_S,
+        "no_data": False,
         "probe_requests": devices * 9 + n % 50,
         "malformed": n % 3,
         "late_frames": 0,
         "devices": devices if devices >= 5 else None,
         "devices_randomised": devices // 2 if devices >= 10 else None,
-        "visitors": None if quiet else visitors,
-        "passersby": None if quiet else passersby,
-        "visits_ended": ended if ended >= 5 else None,
+        "arrivals": people(arrivals),
+        "passersby": people(passersby),
+        "visits_ended": people(ended),
         "dwell_minutes": {
-            "lt5": None,
-            "5-15": ended if ended >= 5 else None,
-            "15-30": None,
-            "30-60": None,
-            "ge60": None,
+            "lt5": people(ended // 3),
+            "5-15": people(ended - ended // 3),
+            "15-30": 0,
+            "30-60": 0,
+            "ge60": 0,
         },
-        "devices_epoch": 40 * hour + n % 100 + 100,
+        "occupancy_mean": mean,
+        "occupancy_peak": int(mean) + 2,
+        "calibrated": False,
     }
 
 
@@ -248,22 +256,24 @@ def _rows_of(answer: httpx.Response) -> int:
 
 
 def calls(site: str, day: date) -> list[tuple[str, str]]:
-    """The site page's calls for one local day: (label, path)."""
+    """The site page's and the overview's calls for one local day: (label, path)."""
     base = f"/api/v1/sites/{site}"
-    week_before, four_weeks = day - timedelta(days=7), day - timedelta(days=27)
+    four_weeks, year = day - timedelta(days=27), day - timedelta(days=365)
     return [
-        ("day by hour", f"{base}/counts?resolution=hour&from={day}&to={day}"),
-        (
-            "a week before by hour",
-            f"{base}/counts?resolution=hour&from={week_before}&to={week_before}",
-        ),
-        ("4 weeks by day", f"{base}/counts?resolution=day&from={four_weeks}&to={day}"),
-        ("busy times (weekday x hour)", f"{base}/heatmap?day={day}"),
-        ("page data (+dwell, capture, health)", f"{base}/dashboard?day={day}"),
+        ("people: day by hour", f"{base}/people?resolution=hour&from={day}&to={day}"),
+        ("people: 4 weeks by day", f"{base}/people?resolution=day&from={four_weeks}&to={day}"),
+        ("people: a year by month", f"{base}/people?resolution=month&from={year}&to={day}"),
+        ("tiles", f"{base}/summary?day={day}"),
+        ("page data: day", f"{base}/dashboard?day={day}"),
+        ("page data: week", f"{base}/dashboard?range=week&day={day}"),
+        ("page data: month", f"{base}/dashboard?range=month&day={day}"),
+        ("overview (all sites)", f"/api/v1/overview?day={day}"),
         ("agents' health, 24 h", f"{base}/agents?since_hours=24"),
-        ("CSV: day by hour", f"{base}/counts.csv?resolution=hour&from={day}&to={day}"),
-        ("CSV: 4 weeks by day", f"{base}/counts.csv?resolution=day&from={four_weeks}&to={day}"),
+        ("devices: day by hour", f"{base}/counts?resolution=hour&from={day}&to={day}"),
+        ("CSV: day by hour", f"{base}/people.csv?resolution=hour&from={day}&to={day}"),
+        ("CSV: 4 weeks by day", f"{base}/people.csv?resolution=day&from={four_weeks}&to={day}"),
         ("site page (HTML)", f"/sites/{site}?date={day}"),
+        ("site page, month (HTML)", f"/sites/{site}?range=month&date={day}"),
     ]
 
 

@@ -45,27 +45,19 @@ from firmware_agent.service import agent_meta  # noqa: E402
 from firmware_agent.settings import load_config  # noqa: E402
 from firmware_agent.spool import Spool, SpoolSettings  # noqa: E402
 from tests.mqtt_broker import HOST, Mosquitto, TestCertificates, find_mosquitto  # noqa: E402
+from tests.test_messages import _window as counts_window  # noqa: E402
 
 SITE, AGENT, PASSWORD = "bench", "a1", "bench-secret"
 INFLIGHT = 64
 
 
 def _window(i: int) -> dict[str, object]:
+    """A counts v2 window (tests/test_messages.py's), as the agent publishes it."""
     start = 1_709_625_600 + 300 * i
-    return {
-        "window_start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)),
-        "window_s": 300,
-        "probe_requests": 96 + i % 50,
-        "malformed": 0,
-        "late_frames": 0,
-        "devices": 11,
-        "devices_randomised": 3,
-        "visitors": 8,
-        "passersby": 3,
-        "visits_ended": 18,
-        "dwell_minutes": {"lt5": 5, "5-15": 5, "15-30": 1, "30-60": 1, "ge60": 6},
-        "devices_epoch": 289 + i,
-    }
+    window = counts_window()
+    window["window_start"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start))
+    window["probe_requests"] = 96 + i % 50
+    return window
 
 
 def _fill(path: Path, n: int, key: nacl.signing.SigningKey) -> float:

@@ -8,15 +8,14 @@ epochs or sensors. The address array is overwritten with zeros as soon as it is 
 
 The key is 16 bytes from the kernel's random source read straight into a numpy array (no
 immutable copy is ever made) that :meth:`EpochKey.wipe` overwrites. It is never written to
-disk, logged or sent; its ``label`` is an unrelated random id that may be published to tell
-epochs apart.
+disk, logged or sent. (The epoch's public label is not drawn here: it is computed from
+public values, :func:`firmware_agent.privacy.epoch_label`.)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import nacl.utils
 import numpy as np
 from numpy.typing import NDArray
 
@@ -36,7 +35,7 @@ _C3 = np.uint64(0x7465646279746573)
 class EpochKey:
     """A random 128-bit SipHash key that lives in memory only, for one epoch."""
 
-    __slots__ = ("_words", "label")
+    __slots__ = ("_words",)
 
     def __init__(self) -> None:
         # Read straight into the array: no bytes object (which cannot be wiped) ever holds it.
@@ -45,7 +44,6 @@ class EpochKey:
         with open("/dev/urandom", "rb", buffering=0) as urandom:
             if urandom.readinto(self._words.data.cast("B")) != 16:
                 raise OSError("/dev/urandom gave fewer than 16 bytes")
-        self.label = nacl.utils.random(8).hex()
 
     @property
     def words(self) -> NDArray[np.uint64]:
@@ -57,12 +55,13 @@ class EpochKey:
         memlock.release(self._words)
 
     def __repr__(self) -> str:
-        return f"EpochKey(label={self.label!r}, key=<hidden>)"
+        return "EpochKey(key=<hidden>)"
 
 
 @dataclass(frozen=True, slots=True)
 class DeviceBatch:
-    """Probe rows with keyed device ids instead of addresses."""
+    """Probe rows with keyed device ids instead of addresses, and only what later stages read
+    (no frequency, no SSID kind: least necessary state)."""
 
     kind: NDArray[np.uint8]
     ts_ns: NDArray[np.int64]
@@ -70,8 +69,6 @@ class DeviceBatch:
     randomised: NDArray[np.uint8]  # 1 if the address is locally administered
     seq: NDArray[np.uint16]
     rssi: NDArray[np.int16]
-    freq_mhz: NDArray[np.uint16]
-    ssid: NDArray[np.uint8]
     fp: NDArray[np.uint64]  # keyed model fingerprint; 0 where not parsed
     frames: int
 
@@ -186,8 +183,6 @@ def anonymize(probes: ProbeBatch, key: EpochKey) -> DeviceBatch:
         randomised=randomised,
         seq=probes.seq,
         rssi=probes.rssi,
-        freq_mhz=probes.freq_mhz,
-        ssid=probes.ssid,
         fp=fp,
         frames=probes.frames,
     )

@@ -10,12 +10,30 @@ Each message, from a broker subscription or from a capture of the agents' MQTT t
 * **identifier-like values** anywhere in the message: a MAC address in any spelling, a run
   of 12 or more hex digits (other than the epoch label), a base64-like blob, an integer of
   more than 40 bits, a string in a place that holds no free text (an SSID would be one);
-* **the declared privacy mode** (the agent's retained ``meta``): no device count from 1 to
-  *k*-1; no relation of a message (``devices = visitors + passersby``, ``devices =
-  devices_randomised + global``, ``visits_ended =`` the dwell bands) that gives a small
-  count back by subtraction; strict mode's missing fields and window limit; one epoch label
-  never covering more time than the declared key lifetime (one window in strict mode);
-  no two agents sharing an epoch label (which would suggest a shared key).
+* **the declared privacy mode** (the agent's retained ``meta``, which must be there: an agent
+  that declares none fails): *k* at least the floor; no count of people, visits or devices
+  from 1 to *k*-1; no relation of a message (``devices = devices_randomised + global``,
+  ``visits_ended =`` the dwell bands; in counts v1 also ``devices = visitors + passersby``)
+  that gives a small count back by subtraction; no ``occupancy_mean`` beside a suppressed
+  ``occupancy_peak``; no figure the mode does not publish (strict mode's missing fields,
+  meta v2's ``privacy.published``, what noise withholds) and no figure that is never
+  published (``devices_epoch`` and counts v1's estimate: membership oracles); strict mode's
+  window limit and id width (at most :data:`~firmware_agent.privacy.STRICT_MAX_ID_BITS`
+  bits); one epoch label never covering more time than the declared key lifetime (one window
+  in strict mode); no two agents sharing an epoch label (which would suggest a shared key);
+* **the epoch label carries nothing**: with the agent's public key, the audit recomputes it
+  from the key and an epoch start (:func:`~firmware_agent.privacy.epoch_label`); a label that
+  is not one of those could carry an identifier (64 free bits per epoch) and fails;
+* **topics**: a message on a topic that is neither an agent's
+  (``footfall/v1/<site>/<agent>/<kind>``) nor Home Assistant's discovery config of one
+  (``<prefix>/device/footfall-<site>/<agent>/config``, checked against
+  :func:`~firmware_agent.homeassistant.discovery_message`) fails, so listening on ``#``
+  catches anything an agent publishes elsewhere.
+
+The rules about counts v2's fields come from the agent's own catalogue
+(:mod:`firmware_agent.privacy`: ``COUNTS``, ``RELATIONS``, ``STRICT_OMITS``, ``DP_WITHHELD``,
+``NEVER_PUBLISHED``), so the agent and its audit cannot drift apart; counts v1's, which no
+agent of this version publishes, are that contract's, frozen here.
 
 The verdict is PASS when every message was audited without a failure (warnings, such as a
 signature left unchecked for want of a key, do not fail it) and FAIL otherwise.
@@ -33,12 +51,22 @@ from typing import Any, cast
 
 import nacl.signing
 
+from firmware_agent.count import DWELL_BANDS
 from firmware_agent.errors import MessageError
-from firmware_agent.messages import Envelope, Topic
+from firmware_agent.homeassistant import discovery_message
+from firmware_agent.messages import AgentId, Envelope, SiteId, Topic
 from firmware_agent.privacy import (
+    COUNTS,
     DP_WITHHELD,
+    IMPLICIT,
+    NEVER_PUBLISHED,
+    RELATIONS,
     STANDARD_MAX_KEY_S,
+    STRICT_MAX_ID_BITS,
     STRICT_MAX_WINDOW_S,
+    STRICT_OMITS,
+    SUPPRESS_FLOOR,
+    epoch_label,
     flatten_counts,
 )
 
@@ -64,17 +92,40 @@ _STRINGS: Mapping[str, re.Pattern[str]] = {
     "$.epoch_length": re.compile(r"midnight"),
     "$.epoch_timezone": re.compile(r"[A-Za-z0-9_+/-]{0,64}"),
     "$.privacy.mode": re.compile(r"standard|strict"),
+    "$.thresholds.rssi_threshold_dbm": re.compile(r"auto"),
     "$.privacy.device_hash": re.compile(r"siphash-2-4"),
 }
-_RELATIONS = (
-    ("devices", ("visitors", "passersby")),
-    ("devices", ("devices_randomised",)),  # the rest are devices with global addresses
-    (
-        "visits_ended",
-        tuple(f"dwell_minutes.{b}" for b in ("lt5", "5-15", "15-30", "30-60", "ge60")),
-    ),
+_HA_DISCOVERY = re.compile(
+    r"(?P<prefix>.+)/device/footfall-(?P<site>[^/]+)/(?P<agent>[^/]+)/config"
 )
-_STRICT_ABSENT = ("visits_ended", "dwell_minutes", "devices_epoch", "people_est", "people")
+_BANDS = tuple(f"dwell_minutes.{b}" for b in DWELL_BANDS)
+# Per counts version: the relations, what strict mode and noise leave out, the counts k
+# applies to. Version 2 is the agent's catalogue; version 1 is that contract, frozen.
+_RELATIONS = {
+    1: (
+        ("devices", ("visitors", "passersby")),
+        ("devices", ("devices_randomised", *IMPLICIT)),
+        ("visits_ended", _BANDS),
+    ),
+    2: RELATIONS,
+}
+_STRICT_ABSENT = {1: ("visits_ended", "dwell_minutes", "static_excluded"), 2: STRICT_OMITS}
+_DP_ABSENT = {1: ("static_excluded",), 2: DP_WITHHELD}
+_COUNT_FIELDS = {
+    1: frozenset(
+        (
+            "devices",
+            "devices_randomised",
+            "visitors",
+            "passersby",
+            "visits_ended",
+            "static_excluded",
+            *_BANDS,
+            *NEVER_PUBLISHED,
+        )
+    ),
+    2: frozenset(COUNTS),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +164,14 @@ class Audit:
         """Audit one message received on ``topic``."""
         self.messages += 1
         where = f"message {self.messages} on {topic}"
+        if self._home_assistant(topic, body, where):
+            return
         self._scan_raw(body, where)
+        try:
+            on_topic = Topic.parse(topic)
+        except MessageError:
+            self._fail(where, "published off the agent topics (footfall/v1/<site>/<agent>/...)")
+            on_topic = None
         try:
             envelope = Envelope.parse(body)
         except MessageError as exc:
@@ -122,11 +180,8 @@ class Audit:
         p = envelope.payload
         name = f"{p['site']}/{p['agent']}"
         where = f"{name} {p['kind']}" + (f" seq {p['seq']}" if "seq" in p else "")
-        try:
-            if Topic.parse(topic) != envelope.topic:
-                self._fail(where, f"published on {topic}, which names another site or agent")
-        except MessageError as exc:
-            self._fail(where, str(exc))
+        if on_topic is not None and on_topic != envelope.topic:
+            self._fail(where, f"published on {topic}, which names another site or agent")
         seen = self._agents.setdefault(name, _AgentSeen())
         seen.messages += 1
         self._check_signature(envelope, name, where, seen)
@@ -168,8 +223,9 @@ class Audit:
             )
         lines.append("")
         lines.append(
-            "checks: contract (schema, topic ids), signatures, identifier-like values, declared "
-            "privacy mode (small counts, subtraction, strict fields, key lifetime), shared keys"
+            "checks: contract (schema, topics, topic ids), signatures, identifier-like values, "
+            "declared privacy mode (meta present, k, small counts, subtraction, unpublished and "
+            "strict fields, strict id width, key lifetime), epoch labels recomputed, shared keys"
         )
         lines += [f.line() for f in findings] or ["no findings"]
         n_fail = sum(f.level == "fail" for f in findings)
@@ -196,6 +252,25 @@ class Audit:
                 {"level": f.level, "where": f.where, "reason": f.reason} for f in findings
             ],
         }
+
+    def _home_assistant(self, topic: str, body: bytes, where: str) -> bool:
+        """Whether ``topic`` is Home Assistant's: its birth message, or the discovery config
+        of an agent, which must be exactly the one footfall publishes (version aside)."""
+        if topic.endswith("/status") and topic.count("/") == 1 and body in (b"online", b"offline"):
+            return True  # Home Assistant's own birth and last-will message
+        match = _HA_DISCOVERY.fullmatch(topic)
+        if match is None:
+            return False
+        try:
+            _, expected = discovery_message(
+                match["prefix"], SiteId(match["site"]), AgentId(match["agent"])
+            )
+            same = _unversioned(json.loads(body)) == _unversioned(json.loads(expected))
+        except (MessageError, ValueError):
+            same = False
+        if not same:
+            self._fail(where, "not the Home Assistant discovery config a footfall agent publishes")
+        return True
 
     def _fail(self, where: str, reason: str) -> None:
         self._findings.append(Finding("fail", where, reason))
@@ -250,13 +325,24 @@ class Audit:
     def _check_meta(self, p: Mapping[str, Any], where: str) -> None:
         privacy = p["privacy"]
         k, life = privacy["suppress_below"], privacy["key_lifetime_s"]
-        if k < 2:
-            self._fail(where, f"suppress_below {k}: a count of one device is published")
+        if k < SUPPRESS_FLOOR:
+            self._fail(
+                where,
+                f"suppress_below {k}, below the floor of {SUPPRESS_FLOOR}: a count of one "
+                "device is published",
+            )
         if privacy["mode"] == "strict":
+            bits = privacy["id_bits"]
             if p["window_s"] > STRICT_MAX_WINDOW_S:
                 self._fail(where, f"strict mode with {p['window_s']} s windows (at most 600)")
-            if life != p["window_s"] or privacy["id_bits"] is None:
+            if life != p["window_s"] or bits is None:
                 self._fail(where, "strict mode must replace its key every window and truncate ids")
+            elif bits > STRICT_MAX_ID_BITS:
+                self._fail(
+                    where,
+                    f"strict mode with {bits}-bit ids (at most {STRICT_MAX_ID_BITS}): most "
+                    "devices would keep an id of their own",
+                )
         elif life > STANDARD_MAX_KEY_S:
             self._fail(where, f"standard mode keeps a key {life} s (at most 86400)")
 
@@ -279,6 +365,7 @@ class Audit:
                             f"key lifetime of {life} s",
                         )
                     )
+        out += self._derived_labels()
         for label, names in owners.items():
             if len(names) > 1:
                 out.append(
@@ -289,10 +376,42 @@ class Audit:
                     )
                 )
         out += [
-            Finding("warn", name, "no meta message seen: its privacy mode was not checked")
+            Finding("fail", name, "no meta message seen: it declares no privacy mode to check")
             for name, seen in self._agents.items()
             if seen.meta is None
         ]
+        return out
+
+    def _derived_labels(self) -> list[Finding]:
+        """Every epoch label recomputed from the agent's public key and an epoch start that
+        fits its windows and key lifetime; a label that is none of them carries bits."""
+        out = []
+        for name, seen in self._agents.items():
+            key = self.keys.get(name)
+            if seen.meta is None or not seen.labels:
+                continue
+            if key is None:
+                out.append(Finding("warn", name, "no public key given (--key): epoch labels "
+                                   "not recomputed"))  # fmt: skip
+                continue
+            window_s = int(seen.meta["window_s"])
+            life = int(seen.meta["privacy"]["key_lifetime_s"])
+            public = key.encode()
+            for label, starts in seen.labels.items():
+                first = min(starts)
+                earliest = max(starts) + window_s - life
+                if not any(
+                    epoch_label(public, start) == label
+                    for start in range(first, earliest - 1, -window_s)
+                ):
+                    out.append(
+                        Finding(
+                            "fail",
+                            name,
+                            f"epoch label {label} is not derived from the agent's public key "
+                            "and an epoch start: it could carry an identifier",
+                        )
+                    )
         return out
 
 
@@ -318,25 +437,36 @@ def _counts_findings(
         out.append(
             Finding("fail", where, f"window_s {p['window_s']}, meta says {meta['window_s']}")
         )
+    v = int(p["v"])
+    if never := [name for name in NEVER_PUBLISHED if name in p]:
+        out.append(Finding("fail", where, f"publishes {', '.join(never)}: a membership oracle"))
     if privacy["mode"] == "strict":
-        present = [name for name in _STRICT_ABSENT if name in p]
+        present = [name for name in _STRICT_ABSENT[v] if name in p]
         if present:
             out.append(Finding("fail", where, f"strict mode publishes {', '.join(present)}"))
-    if privacy.get("dp_epsilon") is not None and (withheld := set(DP_WITHHELD) & set(p)):
+    if privacy.get("dp_epsilon") is not None and (withheld := set(_DP_ABSENT[v]) & set(p)):
         out.append(Finding("fail", where, f"noised counts publish {', '.join(sorted(withheld))}"))
+    published = privacy.get("published", {})
+    if unannounced := sorted(n for n, on in published.items() if not on and n in p):
+        out.append(
+            Finding("fail", where, f"publishes {', '.join(unannounced)}: meta says it does not")
+        )
     flat = {
         name: cast(int | None, value)
         for name, value in flatten_counts(p).items()
-        if name in _DEVICE_FIELDS or name.startswith("dwell_minutes.")
+        if name in _COUNT_FIELDS[v]
     }
     for name, value in flat.items():
         if value is not None and 0 < value < k:
             out.append(Finding("fail", where, f"$.{name} is a small count below k={k}"))
-    for total, parts in _RELATIONS:
+    if p.get("occupancy_peak", 0) is None and p.get("occupancy_mean") is not None:
+        out.append(Finding("fail", where, "$.occupancy_mean is published with a suppressed peak"))
+    for total, all_parts in _RELATIONS[v]:
+        parts = tuple(m for m in all_parts if m not in IMPLICIT)
         if total not in flat or any(m not in flat for m in parts):
             continue
         nulls = [m for m in (total, *parts) if flat[m] is None]
-        implicit = len(parts) == 1  # the rest of the total is never published
+        implicit = len(parts) < len(all_parts)  # the rest of the total is never published
         if len(nulls) + implicit != 1:
             continue
         n = {m: v for m, v in flat.items() if v is not None}
@@ -354,19 +484,12 @@ def _counts_findings(
     return out
 
 
-_DEVICE_FIELDS = frozenset(
-    (
-        "devices",
-        "devices_randomised",
-        "visitors",
-        "passersby",
-        "visits_ended",
-        "devices_epoch",
-        "people_est",
-        "static_excluded",
-        "people",
-    )
-)
+def _unversioned(value: object) -> object:
+    """A JSON value without its ``sw_version`` fields (the auditor's version is not the
+    agent's)."""
+    if isinstance(value, dict):
+        return {k: _unversioned(v) for k, v in value.items() if k != "sw_version"}
+    return value
 
 
 def _base64_like(text: str) -> bool:

@@ -7,12 +7,14 @@ timestamps (ns since the epoch) and link types beside them, ready for the compil
 Why not scapy's per-record loop: ``RawPcapReader`` costs a few microseconds per record (two
 ``read`` calls, ``struct.unpack``, a namedtuple, a ``bytes`` object), which caps a reader at a
 few hundred thousand records per second; the agent must replay day-long captures and keep up
-with a live interface, millions of frames per second. So scapy only *opens* the capture: it
-detects gzip by magic, tries pcapng then pcap, learns the endianness and nanosecond magic,
-and reads the global header or the first Section Header Block. From there we read big chunks
-from ``reader.f`` and a numba function walks the records inside a chunk: it reads each record
-header, checks it, copies the frame bytes compactly into the batch buffer and fills the
-per-frame arrays, returning how far it got. The incomplete record at the end of a chunk is
+with a live interface, millions of frames per second. And every ``bytes`` object holding a
+frame (scapy's, a buffered file's, zlib's) outlives its use in memory nothing can wipe. So the
+reader opens the capture itself: it detects gzip by magic (and decompresses in a ``gzip -dc``
+child process), tells pcapng from pcap, learns the endianness and nanosecond magic, and reads
+the global header or the first Section Header Block. It reads big chunks straight into one
+buffer and a numba function walks the records inside a chunk: it reads each record header,
+checks it, copies the frame bytes compactly into the batch buffer and fills the per-frame
+arrays, returning how far it got. The incomplete record at the end of a chunk is
 carried to the front of the buffer and completed by the next read.
 
 pcapng is walked the same way: the compiled splitter handles Enhanced (6), Simple (3) and the
@@ -42,16 +44,16 @@ raises :class:`UnsupportedLinkTypeError`. Frame contents are never logged.
 
 from __future__ import annotations
 
-import gzip
-import io
+import contextlib
 import logging
 import os
 import queue
+import shutil
 import stat
 import struct
+import subprocess
 import sys
 import threading
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -109,6 +111,7 @@ _SHB: Final = 0x0A0D0D0A
 _IDB: Final = 1
 _BOM_BIG: Final = b"\x1a\x2b\x3c\x4d"
 _BOM_LITTLE: Final = b"\x4d\x3c\x2b\x1a"
+_HEADER_BYTES = 24  # a pcap global header; a pcapng Section Header Block starts in it
 _CAPTURE_MAGICS = (
     b"\xa1\xb2\xc3\xd4",
     b"\xd4\xc3\xb2\xa1",
@@ -341,25 +344,18 @@ def _what_it_is(head: bytes) -> str:
     return f"starts with bytes {head[:4].hex(' ')}"
 
 
-def _peek(stream: BinaryIO, size: int) -> bytes:
-    """The first bytes of a stream, without consuming them when the stream allows it."""
-    peek = getattr(stream, "peek", None)
-    if peek is not None:
-        return bytes(peek(size)[:size])
-    if stream.seekable():
-        where = stream.tell()
-        head = stream.read(size)
-        stream.seek(where)
-        return head
-    return b""
-
-
 class CaptureReader:
     """Streams one capture as FrameBatch objects (context manager + iterable).
 
     With ``in_place`` the batches point into the reader's read buffer instead of copies
     (:attr:`FrameBatch.transient`): for a consumer that is done with each batch before it
     asks for the next, such as the agent's pipeline, which parses it at once.
+
+    No frame byte sits anywhere the reader cannot zero (``docs/PRIVACY.md``): a file is
+    opened unbuffered and a stream handed in is read below its buffer (its ``raw`` file),
+    both straight into the read buffer; a gzipped capture is decompressed by a ``gzip -dc``
+    child process whose output is read the same way, since zlib's output and window are
+    Python ``bytes`` and C buffers that nothing can wipe. The headers are parsed here.
     """
 
     def __init__(
@@ -384,12 +380,18 @@ class CaptureReader:
         self.link_types_seen: set[int] = set()
         self._done = False
         self._damaged = False
-        self._buf = np.empty(chunk_bytes, np.uint8)
+        self._buf = np.zeros(max(chunk_bytes, _HEADER_BYTES), np.uint8)
         self._pos = self._end = 0
+        self._child: subprocess.Popen[bytes] | None = None
+        self._owned = False
+        self._big = False
+        self._nano = False
+        self._link = 0
+        self._ifaces: NDArray[np.int64] | None = None
         if isinstance(source, str | os.PathLike):
             self.name = os.fspath(source)
             try:
-                self._file: BinaryIO = open(self.name, "rb")  # noqa: SIM115 (closed by close())
+                self._file: Any = open(self.name, "rb", buffering=0)  # noqa: SIM115 (close())
             except OSError as err:
                 raise CaptureError(f"{self.name}: cannot open: {err.strerror}") from err
             self._owned = True
@@ -397,39 +399,82 @@ class CaptureReader:
         else:
             name = getattr(source, "name", None)
             self.name = name if isinstance(name, str) else "<stream>"
-            self._file, self._owned, self._streaming = source, False, not source.seekable()
-        head = _peek(self._file, 16)
-        self._stream: BinaryIO | io.BufferedIOBase = self._file
-        if self._streaming and head[:2] == b"\x1f\x8b":  # scapy would seek back: unwrap here
-            self._stream = gzip.GzipFile(fileobj=self._file)
-        # scapy is imported here, not with this module: a live agent never needs it (20 MB).
-        from scapy.error import Scapy_Exception  # noqa: PLC0415
-        from scapy.utils import RawPcapNgReader, RawPcapReader  # noqa: PLC0415
-
-        open_raw: Any = RawPcapReader  # its metaclass takes a file too (__init__ says str)
+            self._file = getattr(source, "raw", source)  # below any buffer: see the class
+            self._streaming = not source.seekable()
+        self._regular = not self._streaming
+        self._stream: Any = self._file
         try:
-            reader = open_raw(self._stream)
-        except (Scapy_Exception, EOFError, OSError, zlib.error) as err:
+            self._open()
+        except BaseException:
             self.close()
-            raise NotACaptureError(
-                f"{self.name}: not a pcap or pcapng capture ({_what_it_is(head)})"
-            ) from err
-        self._stream = cast(io.BufferedIOBase, reader.f)
-        self._big: bool = reader.endian == ">"
-        self._nano = False
-        self._link = 0
-        self._ifaces: NDArray[np.int64] | None = None
-        if isinstance(reader, RawPcapNgReader):
+            raise
+
+    def _open(self) -> None:
+        """Read the capture's header (decompressing first if it is gzip)."""
+        start = 0 if self._streaming else self._file.tell()
+        self._fill(_HEADER_BYTES)
+        head = self._buf[: min(self._end, 16)].tobytes()  # a header: no frame in it
+        if head[:2] == b"\x1f\x8b":
+            self._gunzip(start)
+            self._fill(_HEADER_BYTES)
+            if self._buf[:4].tobytes() not in _CAPTURE_MAGICS:
+                raise NotACaptureError(
+                    f"{self.name}: not a pcap or pcapng capture (gzip data with no capture inside)"
+                )
+        magic = self._buf[:4].tobytes()
+        if magic == _SHB.to_bytes(4, "big"):
+            if self._end < 12 or self._buf[8:12].tobytes() not in (_BOM_BIG, _BOM_LITTLE):
+                raise NotACaptureError(
+                    f"{self.name}: not a pcap or pcapng capture ({_what_it_is(head)})"
+                )
             self.file_type = "pcapng"
             self._ifaces = np.zeros((0, 6), np.int64)
-        else:
-            self.file_type = "pcap"
-            self._nano = bool(reader.nano)
-            try:
-                self._link = self._check_link_type(int(reader.linktype) & 0xFFFF)
-            except UnsupportedLinkTypeError:
-                self.close()
-                raise
+            return
+        if magic not in _CAPTURE_MAGICS or self._end < 24:
+            raise NotACaptureError(
+                f"{self.name}: not a pcap or pcapng capture ({_what_it_is(head)})"
+            )
+        self.file_type = "pcap"
+        self._big = magic in (b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d")
+        self._nano = magic in (b"\xa1\xb2\x3c\x4d", b"\x4d\x3c\xb2\xa1")
+        (link,) = struct.unpack(">I" if self._big else "<I", self._buf[20:24].tobytes())
+        self._link = self._check_link_type(link & 0xFFFF)
+        self._pos = 24
+
+    def _fill(self, size: int) -> None:
+        """Read until the buffer holds ``size`` bytes from its start, or the input ends."""
+        while self._end < size:
+            got = self._read_into(self._buf.data[self._end :])
+            if got <= 0:
+                return
+            self._end += got
+
+    def _gunzip(self, start: int) -> None:
+        """Decompress in a ``gzip -dc`` child: its output is read into the buffer like a pipe.
+        A file is handed to it from the start; a stream's bytes already read (the gzip header,
+        compressed) are written to it first, and the rest is spliced over in the kernel."""
+        gzip_bin = shutil.which("gzip")
+        if gzip_bin is None:
+            raise CaptureError(f"{self.name}: a gzipped capture needs the gzip program")
+        piped = self._streaming
+        if not piped:
+            self._file.seek(start)
+        self._child = subprocess.Popen(
+            [gzip_bin, "-dc"],
+            stdin=subprocess.PIPE if piped else self._file,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            bufsize=0,
+        )
+        if piped:
+            head = self._buf[: self._end].tobytes()  # compressed: no frame byte in the clear
+            threading.Thread(
+                target=_pump, args=(head, self._file, self._child), name="footfall-gunzip",
+                daemon=True,
+            ).start()  # fmt: skip
+        self._buf.fill(0)
+        self._pos = self._end = 0
+        self._stream = self._child.stdout  # a regular file's still fills whole batches
 
     def __enter__(self) -> CaptureReader:
         return self
@@ -446,8 +491,10 @@ class CaptureReader:
         """Close what this reader opened (a stream handed in stays open); zero the buffer."""
         self._done = True
         self._buf.fill(0)
-        if self._stream is not self._file:  # a gzip layer; closing it leaves the file open
+        if self._child is not None:  # the gzip child; closing it leaves the file open
             self._stream.close()
+            self._child.kill()
+            self._child.wait()
         if self._owned:
             self._file.close()
 
@@ -563,34 +610,27 @@ class CaptureReader:
             old.fill(0)
         else:
             self._buf[:tail] = self._buf[self._pos : self._end]
+            self._buf[tail:] = 0  # what was split (or moved) is read over, or stays zero
         self._pos, self._end = 0, tail
-        try:
-            got = self._read_into(self._buf.data[tail:])
-        except (EOFError, zlib.error, gzip.BadGzipFile):  # a gzip stream cut or damaged
-            self._damaged = True
-            return False
+        got = self._read_into(self._buf.data[tail:])
         self._end += got
+        if got == 0 and self._child is not None and self._child.wait() != 0:
+            self._damaged = True  # gzip stopped at a cut or damaged stream
         return got > 0
 
     def _read_into(self, view: memoryview) -> int:
-        """Read into view: from a stream only what has arrived, from a file what fits."""
-        stream = cast(io.BufferedIOBase, self._stream)
-        if self._streaming:
-            # read1 returns the bytes already buffered without touching the pipe; readinto1
-            # would copy those, then block on the pipe to fill the rest of the view.
-            got = stream.read1(len(view))
-            view[: len(got)] = got
-            return len(got)
-        # Fills the view but at the end, or with what a gzip stream decompressed before a cut.
-        return stream.readinto1(view)
+        """Read into view, straight from the file below any buffer: from a stream what has
+        arrived (one read), from a file what fits (but at its end)."""
+        got = self._stream.readinto(view)
+        return int(got or 0)
 
     @property
     def bytes_read(self) -> int:
         """Bytes of the input file consumed so far (compressed ones for .gz); 0 on a stream."""
-        if self._streaming:
+        if not self._regular:
             return 0
         try:
-            return self._file.tell()
+            return int(self._file.tell())
         except (OSError, ValueError):
             return 0
 
@@ -648,6 +688,29 @@ class CaptureReader:
                 offset = seconds * 1_000_000_000 if abs(seconds) < 1 << 33 else 0
             pos += 4 + size + (-size % 4)
         return [link_type, snaplen, shift, mul, div, offset]
+
+
+def _pump(head: bytes, source: Any, child: subprocess.Popen[bytes]) -> None:
+    """Feed a gzip child: ``head`` (the compressed bytes already read), then the rest of
+    ``source``, moved by ``splice(2)`` in the kernel when it has a file descriptor."""
+    sink = cast(BinaryIO, child.stdin)
+    try:
+        sink.write(head)
+        try:
+            fd = source.fileno()
+        except (AttributeError, OSError):
+            fd = None
+        if fd is None:
+            while chunk := source.read(1 << 16):
+                sink.write(chunk)
+        else:
+            while os.splice(fd, sink.fileno(), 1 << 16):
+                pass
+    except OSError:
+        pass  # the reader closed early: the child is gone
+    finally:
+        with contextlib.suppress(OSError):
+            sink.close()
 
 
 def read_ahead(items: Iterable[T], depth: int = 2) -> Iterator[T]:

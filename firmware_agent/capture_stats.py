@@ -76,8 +76,10 @@ def inspect_capture(
         with CaptureReader(source) as reader:
             facts["file_type"] = reader.file_type
             for batch in reader:
-                rows = anonymize(parse_batch(batch), key)
+                probes = parse_batch(batch)
                 batch.data.fill(0)
+                ssid = probes.ssid  # the SSID kind is for this report; the agent drops it
+                rows = anonymize(probes, key)
                 counts["frames"] += rows.frames
                 probe = (rows.kind & KIND_PROBE) != 0
                 counts["probe_requests"] += int(probe.sum())
@@ -85,8 +87,8 @@ def inspect_capture(
                     (probe & ((rows.kind & KIND_MALFORMED) != 0)).sum()
                 )
                 counts["probe_fcs_bad"] += int((probe & ((rows.kind & KIND_FCS_BAD) != 0)).sum())
-                counts["wildcard_probes"] += int((probe & (rows.ssid == SSID_WILDCARD)).sum())
-                counts["directed_probes"] += int((probe & (rows.ssid == SSID_DIRECTED)).sum())
+                counts["wildcard_probes"] += int((probe & (ssid == SSID_WILDCARD)).sum())
+                counts["directed_probes"] += int((probe & (ssid == SSID_DIRECTED)).sum())
                 with_sa = probe & ((rows.kind & KIND_NO_SA) == 0)
                 ids.append(rows.device[with_sa])
                 local_ids.append(rows.device[with_sa & (rows.randomised == 1)])

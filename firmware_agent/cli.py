@@ -219,7 +219,12 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_privacy_report(args: argparse.Namespace) -> int:
-    print(privacy_report(load_config(args.config, overrides=dict(args.set or []))))
+    config = load_config(args.config, overrides=dict(args.set or []))
+    measured = None
+    if args.capture is not None:
+        with CaptureReader(args.capture) as reader:
+            measured = (args.capture.name, list(Pipeline(config).run(reader)))
+    print(privacy_report(config, measured))
     return 0
 
 
@@ -383,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", type=Path, help="agent TOML config file")
     p.add_argument("--set", type=_setting, action="append", metavar="NAME=VALUE", help=set_help)
+    p.add_argument(
+        "--capture",
+        type=Path,
+        metavar="FILE",
+        help="also replay FILE and state what strict mode achieved there: the share of "
+        "devices sharing their id per window",
+    )
     p.set_defaults(func=cmd_privacy_report)
 
     p = sub.add_parser(
@@ -396,7 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", metavar="HOST[:PORT]", help="broker to listen to (broker.host)")
     p.add_argument("--pcap", type=Path, metavar="FILE", help="capture of agents' MQTT traffic")
     p.add_argument(
-        "--topic", default="footfall/v1/+/+/+", help="topic filter (default footfall/v1/+/+/+)"
+        "--topic",
+        default="#",
+        help="topic filter (default '#': everything, so that an agent publishing off its "
+        "topics is caught; Home Assistant's discovery configs are recognised)",
     )
     p.add_argument("--seconds", type=float, default=60.0, help="how long to listen (default 60)")
     p.add_argument(

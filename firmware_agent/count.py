@@ -2,8 +2,9 @@
 
 A device table (:class:`~firmware_agent.table.KeyedRows`, numpy arrays the numba kernel
 updates in place) holds, for the current epoch only, one row per device id: first and last
-seen, best signal, frames, randomised flag, keyed fingerprint, last sequence number, the
-current visit, and per-window presence.
+seen, best signal, frames, randomised flag, the current visit, and per-window presence, best
+signal and frames. Nothing else: the keyed fingerprint and sequence number that the estimate
+stage reads are not kept here (least necessary state).
 
 Windows are aligned to the clock (multiples of ``window_s`` since the Unix epoch) and
 close on the frames' own clock: a watermark trails the newest timestamp seen by
@@ -22,11 +23,17 @@ When a window closes, one pass over the table yields:
 * ``visits_ended``: visits of visitors whose device has been silent for ``visit_gap_s``
   by the window's end, with a histogram of their dwell (< 5, 5-15, 15-30, 30-60, >= 60
   min); at the end of an epoch (the table is wiped) every open visit ends;
-* ``devices_epoch``: distinct devices since the epoch began.
+* ``devices_epoch``: distinct devices since the epoch began (never published: it is a
+  membership oracle, see :mod:`firmware_agent.privacy`);
+* ``probe_requests_clipped``: the window's probe requests with each device's share capped at
+  :data:`FRAMES_PER_DEVICE`: what noise goes on, since one device moves it by at most that.
 
-The pipeline adds what the estimate stage says of the same window (``people_est``,
-``static_excluded``, and ``people`` when the site is calibrated; see
-:mod:`firmware_agent.estimate`); a counter alone leaves them None.
+Only ``devices`` and ``devices_randomised`` leave the agent (counts v2's diagnostics): the
+rest is per address, and one phone under rotating addresses makes several "visitors" and
+"visits". What a merchant reads, people, comes from the estimate and people stages, which the
+pipeline joins to the same window (``people_est``, ``static_excluded``, ``figures``; see
+:mod:`firmware_agent.estimate` and :mod:`firmware_agent.people`); a counter alone leaves them
+None.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
@@ -44,15 +52,26 @@ from firmware_agent.kernels import kernel
 from firmware_agent.parse import KIND_PROBE, RSSI_MISSING
 from firmware_agent.table import KeyedRows, slot
 
-__all__ = ["DWELL_BANDS", "CountSettings", "WindowCounter", "WindowCounts"]
+if TYPE_CHECKING:
+    from firmware_agent.people import WindowPeople
+
+__all__ = [
+    "DWELL_BANDS",
+    "DWELL_EDGES_MIN",
+    "FRAMES_PER_DEVICE",
+    "CountSettings",
+    "WindowCounter",
+    "WindowCounts",
+]
 
 DWELL_BANDS = ("lt5", "5-15", "15-30", "30-60", "ge60")
-_DWELL_EDGES_MIN = (5, 15, 30, 60)
+DWELL_EDGES_MIN = (5, 15, 30, 60)
 NS = 1_000_000_000
+FRAMES_PER_DEVICE = 4  # a device's most probe requests in probe_requests_clipped per window
 
 # Device table columns (int64).
-_FIRST, _LAST, _VISIT_START, _VISIT_BEST, _BEST, _FRAMES, _RANDOM, _FP = range(8)
-_WIN, _WRSSI, _SEQ, _VISITOR = 8, 10, 12, 13  # _WIN and _WRSSI take two slots each
+_FIRST, _LAST, _VISIT_START, _VISIT_BEST, _BEST, _FRAMES, _RANDOM = range(7)
+_WIN, _WRSSI, _WFRAMES, _VISITOR = 7, 9, 11, 13  # _WIN, _WRSSI, _WFRAMES: two slots each
 _NCOLS = 14
 
 # Window accumulator columns (int64), one row per open-window slot (two: by parity).
@@ -65,7 +84,8 @@ _O_START, _O_PROBES, _O_MALFORMED, _O_LATE, _O_DEVICES, _O_RANDOM = range(6)
 _O_VISITORS, _O_PASSERS, _O_ENDED = 6, 7, 8
 _O_DWELL = 9
 _O_EPOCH = 14
-_NOUT = 15
+_O_CLIPPED = 15
+_NOUT = 16
 
 # Clock state (int64): newest timestamp, start of the oldest open window (or _NONE),
 # devices in the table, open visits.
@@ -105,7 +125,14 @@ class CountSettings:
 
 @dataclass(frozen=True, slots=True)
 class WindowCounts:
-    """What one closed window says about footfall; nothing in it identifies a device."""
+    """What one closed window says about footfall; nothing in it identifies a device.
+
+    The counter's own figures are per device id (address): ``devices`` and
+    ``devices_randomised`` leave the agent as diagnostics; ``visitors``, ``passersby``,
+    ``visits_ended``, ``dwell_minutes`` and ``devices_epoch`` are per address and stay on the
+    agent (the evaluation compares them with the people figures). The people figures come
+    from the people stage (``figures``, see firmware_agent/people.py).
+    """
 
     window_start: int  # Unix seconds, UTC, a multiple of window_s
     window_s: int
@@ -119,35 +146,51 @@ class WindowCounts:
     visits_ended: int
     dwell_minutes: dict[str, int]  # DWELL_BANDS -> visits ended in the window
     devices_epoch: int
-    # Filled in by the pipeline from the estimate stage (None: not estimated).
+    probe_requests_clipped: int
+    # Filled in by the pipeline from the estimate and people stages (None: not estimated).
     people_est: int | None = None  # devices present, random addresses linked
     static_excluded: int | None = None  # static devices left out of people_est
-    people: int | None = None  # people_est through the site's calibration, if it has one
+    figures: WindowPeople | None = None  # people figures (occupancy calibrated if `calibrated`)
+    calibrated: bool = False  # occupancy went through the site's calibration
+    # Strict mode, filled in by the pipeline (PrivacyPolicy.anonymise): the width the window's
+    # ids were counted at, and the share of its devices that share their value with another.
+    id_bits: int | None = None
+    shared: float | None = None
+
+    @property
+    def no_data(self) -> bool:
+        """The agent heard no frame at all in the window: a gap, not an empty venue."""
+        return self.probe_requests + self.malformed + self.late_frames == 0
 
     def as_dict(self) -> dict[str, object]:
+        """The window as counts v2 fields, before privacy (which picks what leaves): under
+        ``no_data`` every people and device figure is None."""
         start = datetime.fromtimestamp(self.window_start, UTC)
-        return {
+        gap = self.no_data
+        out: dict[str, object] = {
             "window_start": start.isoformat().replace("+00:00", "Z"),
             "window_s": self.window_s,
+            "no_data": gap,
             "probe_requests": self.probe_requests,
             "malformed": self.malformed,
             "late_frames": self.late_frames,
-            "devices": self.devices,
-            "devices_randomised": self.devices_randomised,
-            "visitors": self.visitors,
-            "passersby": self.passersby,
-            "visits_ended": self.visits_ended,
-            "dwell_minutes": dict(self.dwell_minutes),
-            "devices_epoch": self.devices_epoch,
-        } | {
-            name: value
-            for name, value in (
-                ("people_est", self.people_est),
-                ("static_excluded", self.static_excluded),
-                ("people", self.people),
-            )
-            if value is not None
+            "devices": None if gap else self.devices,
+            "devices_randomised": None if gap else self.devices_randomised,
         }
+        f = self.figures
+        if f is not None:
+            out |= {
+                "arrivals": None if gap else f.arrivals,
+                "passersby": None if gap else f.passersby,
+                "visits_ended": None if gap else f.visits_ended,
+                "dwell_minutes": {band: None if gap else n for band, n in f.dwell_minutes.items()},
+                "occupancy_mean": None if gap else f.occupancy_mean,
+                "occupancy_peak": None if gap else f.occupancy_peak,
+                "calibrated": self.calibrated,
+            }
+        if self.static_excluded is not None:
+            out["static_excluded"] = None if gap else self.static_excluded
+        return out
 
 
 @kernel()
@@ -170,6 +213,7 @@ def _close_window(
     devices = 0
     randomised = 0
     visitors = 0
+    clipped = 0
     scan_visits = clock[_C_OPEN_VISITS] > 0
     if acc[p, _A_PROBES] > 0 or scan_visits:
         for i in range(keys.shape[0]):
@@ -179,6 +223,7 @@ def _close_window(
             if s[_WIN + p] == widx:
                 devices += 1
                 randomised += s[_RANDOM]
+                clipped += min(s[_WFRAMES + p], FRAMES_PER_DEVICE)
                 r = s[_WRSSI + p]
                 if (r >= thr or r == RSSI_MISSING) and s[_LAST] - s[_VISIT_START] >= min_dwell:
                     visitors += 1
@@ -187,7 +232,7 @@ def _close_window(
                 if s[_VISITOR]:
                     dwell_min = (s[_LAST] - s[_VISIT_START]) // (60 * NS)
                     band = 0
-                    while band < 4 and dwell_min >= _DWELL_EDGES_MIN[band]:
+                    while band < 4 and dwell_min >= DWELL_EDGES_MIN[band]:
                         band += 1
                     acc[p, _A_ENDED] += 1
                     acc[p, _A_DWELL + band] += 1
@@ -207,13 +252,14 @@ def _close_window(
     for b in range(5):
         o[_O_DWELL + b] = acc[p, _A_DWELL + b]
     o[_O_EPOCH] = clock[_C_USED]
+    o[_O_CLIPPED] = clipped
     acc[p, :] = 0
     clock[_C_OLDEST] = end
 
 
 @kernel(
     export=(
-        "UniTuple(i8, 2)(u1[:], i8[:], u8[:], u1[:], i2[:], u8[:], u2[:], i8, u8[:], "
+        "UniTuple(i8, 2)(u1[:], i8[:], u8[:], u1[:], i2[:], i8, u8[:], "
         "i8[:, :], i8[:, :], i8[:], i8[:], i8[:, :], i8)"
     )
 )
@@ -223,8 +269,6 @@ def _count(
     device: NDArray[np.uint64],
     randomised: NDArray[np.uint8],
     rssi: NDArray[np.int16],
-    fp: NDArray[np.uint64],
-    seq: NDArray[np.uint16],
     begin: int,
     keys: NDArray[np.uint64],
     state: NDArray[np.int64],
@@ -299,13 +343,13 @@ def _count(
         s[_VISIT_BEST] = max(s[_VISIT_BEST], r)
         s[_FRAMES] += 1
         s[_RANDOM] = randomised[i]
-        s[_FP] = np.int64(fp[i])
-        s[_SEQ] = seq[i]
         if s[_WIN + p] != widx:
             s[_WIN + p] = widx
             s[_WRSSI + p] = r
+            s[_WFRAMES + p] = 1
         else:
             s[_WRSSI + p] = max(s[_WRSSI + p], r)
+            s[_WFRAMES + p] += 1
         i += 1
     return i, rows
 
@@ -375,8 +419,6 @@ class WindowCounter:
                 batch.device,
                 batch.randomised,
                 batch.rssi,
-                batch.fp,
-                batch.seq,
                 i,
                 self.table.keys,
                 self.table.rows,
@@ -419,6 +461,16 @@ class WindowCounter:
         last_end = int(self._clock[_C_MAX]) // w * w + w
         yield from self.close_until(last_end, end_visits=True)
 
+    def closed_rows(self, window_start: int) -> tuple[NDArray[np.uint64], NDArray[np.bool_]]:
+        """The device ids heard in the closed window starting at ``window_start`` (Unix s) and
+        which of them had a locally administered address, read from the table before it is
+        wiped: what strict mode re-counts its truncated ids from
+        (:meth:`~firmware_agent.privacy.PrivacyPolicy.anonymise`)."""
+        widx = window_start * NS // int(self._params[0])
+        rows = self.table.rows
+        present = (self.table.keys != 0) & (rows[:, _WIN + (widx & 1)] == widx)
+        return self.table.keys[present], rows[present, _RANDOM] == 1
+
     def new_epoch(self, start_ns: int) -> None:
         """Wipe the table: the next frames are counted under a new key from ``start_ns``."""
         self.table.wipe()
@@ -442,4 +494,5 @@ class WindowCounter:
                 visits_ended=int(o[_O_ENDED]),
                 dwell_minutes={band: int(o[_O_DWELL + b]) for b, band in enumerate(DWELL_BANDS)},
                 devices_epoch=int(o[_O_EPOCH]),
+                probe_requests_clipped=int(o[_O_CLIPPED]),
             )

@@ -36,6 +36,12 @@ phones of a resetting model at the same spot cannot be told apart and may become
 ``assume_randomised``: every address is taken for a random one, for datasets whose anonymiser
 drew random addresses.)
 
+**Forgetting** (for the people stage, which judges visits: docs/messages.md). An address heard
+again after a silence longer than ``visit_gap_s`` (``count.visit_gap_s``) is linked afresh, as a
+new address would be: where it goes never depends on whether it was heard before, outside the
+current visit, so no published figure does (the membership check of tests/test_people.py and
+priv17's injection harness). Its old chain keeps what it had.
+
 **Counting.** When a window closes, a chain heard in it counts towards ``people_est`` if its
 best signal in the window is at or above the signal threshold (or unknown: bare 802.11
 captures carry none), it is not static, and it has lasted at least ``min_dwell_s`` (first to
@@ -148,7 +154,8 @@ _NONE = np.iinfo(np.int64).min
     _P_STATIC_PCT,
     _P_ALL_RANDOM,
     _P_LINK,
-) = range(14)
+    _P_FORGET,
+) = range(15)
 
 # Output row columns (int64).
 _O_START, _O_PEOPLE, _O_STATIC, _O_THR = range(4)
@@ -174,6 +181,7 @@ class EstimateSettings:
     static_closed_h: int = 6  # the site is closed until this local hour; 24: any time
     link: bool = True  # False: every address is a device (the evaluation's stages)
     assume_randomised: bool = False  # True: ignore the locally administered bit (datasets)
+    visit_gap_s: int = 600  # count.visit_gap_s: an address silent longer is linked afresh
 
     def __post_init__(self) -> None:
         if self.rssi_threshold_dbm != AUTO and not -120 <= self.rssi_threshold_dbm <= 0:
@@ -233,6 +241,7 @@ class EstimateSettings:
             static_min_s=number("static_min_s"),
             static_share_pct=number("static_share_pct"),
             static_closed_h=number("static_closed_h"),
+            visit_gap_s=int(str(values["count.visit_gap_s"])),
         )
 
     def params(self) -> NDArray[np.int64]:
@@ -252,6 +261,7 @@ class EstimateSettings:
                 self.static_share_pct,
                 int(self.assume_randomised),
                 int(self.link),
+                self.visit_gap_s * NS,
             ],
             np.int64,
         )
@@ -484,7 +494,7 @@ def _link(
 @kernel(
     export=(
         "UniTuple(i8, 2)(u1[:], i8[:], u8[:], u1[:], i2[:], u8[:], u2[:], i8, u8[:], "
-        "i8[:, :], i8[:, :], u8[:], i8[:, :], i8[:], i8[:], i8[:], i8[:, :], i8)"
+        "i8[:, :], i8[:, :], u8[:], i8[:, :], i8[:], i8[:], i8[:], i8[:, :], i8, i8[:])"
     )
 )
 def _estimate(
@@ -506,11 +516,13 @@ def _estimate(
     hist: NDArray[np.int64],
     out: NDArray[np.int64],
     rows: int,
+    row_chain: NDArray[np.int64],
 ) -> tuple[int, int]:
     """Link and place rows begin.. until done, a table needs room, or out is full.
 
     The clock and windows follow the counter's rule exactly: every row (malformed or not)
     moves the watermark, and a row older than the oldest open window counts in that window.
+    ``row_chain[i]`` gets the chain of probe row ``i`` (the people stage's input).
     Returns (next row, rows of out filled).
     """
     w, lateness = params[_P_W], params[_P_LATE]
@@ -548,7 +560,8 @@ def _estimate(
         r = np.int64(rssi[i])
         s = np.int64(seq[i])
         j = slot(addr_keys, dev)
-        if addr_keys[j] == 0:
+        known = addr_keys[j] != 0
+        if not known or t - addrs[j, _A_LAST] > params[_P_FORGET]:  # new, or linked afresh
             chain = -1
             if params[_P_LINK] and (randomised[i] or params[_P_ALL_RANDOM]) and fp[i] != 0:
                 chain = _link(
@@ -566,10 +579,11 @@ def _estimate(
                 cs[_C_LASTWIN] = -1
                 cs[_C_WIN] = -1
                 cs[_C_WIN + 1] = -1
-            addr_keys[j] = dev
+            if not known:
+                addr_keys[j] = dev
+                clock[_K_ADDRS] += 1
             addrs[j, _A_CHAIN] = chain
             addrs[j, _A_LAST] = t
-            clock[_K_ADDRS] += 1
         else:
             addrs[j, _A_LAST] = max(addrs[j, _A_LAST], t)
         addrs[j, _A_SEQ] = s
@@ -588,6 +602,7 @@ def _estimate(
         if widx > cs[_C_LASTWIN]:  # windows heard in, as they come (not a late one again)
             cs[_C_LASTWIN] = widx
             cs[_C_NWIN] += 1
+        row_chain[i] = addrs[j, _A_CHAIN]  # people stage hook
         i += 1
     return i, rows
 
@@ -620,10 +635,16 @@ class Estimator:
     """
 
     def __init__(
-        self, settings: EstimateSettings, capacity: int = 4096, zone: tzinfo | None = None
+        self,
+        settings: EstimateSettings,
+        capacity: int = 4096,
+        zone: tzinfo | None = None,
+        *,
+        suppress_below: int = 5,
     ) -> None:
         self.settings = settings
         self._zone = zone  # the site's, for its closed hours (None: the system's)
+        self._k = suppress_below  # the log obeys the privacy stage's small-count rule
         self._params = settings.params()
         self._addrs = KeyedRows(capacity, _ACOLS)
         self._chains = np.zeros((capacity, _CCOLS), np.int64)
@@ -632,6 +653,14 @@ class Estimator:
         self._hist = np.zeros(_HIST_BINS, np.int64)
         self._out = np.zeros((256, _NOUT), np.int64)
         self._threshold_said: int | None = None
+        self.row_chains = np.zeros(0, np.int64)
+        """People stage hook: the chain of each row of the last batch added (-1: none)."""
+        self.threshold_dbm = (
+            settings.rssi_threshold_dbm
+            if settings.rssi_threshold_dbm != AUTO
+            else AUTO_FALLBACK_DBM
+        )
+        """People stage hook: the signal threshold in force (the last one learnt)."""
         self.threshold_note = (
             f"{settings.rssi_threshold_dbm} dBm (set: estimate.rssi_threshold_dbm)"
             if settings.rssi_threshold_dbm != AUTO
@@ -647,6 +676,7 @@ class Estimator:
     def add(self, batch: DeviceBatch) -> list[WindowEstimate]:
         """Estimate a batch; return the windows its rows closed."""
         closed: list[WindowEstimate] = []
+        self.row_chains = np.full(len(batch), -1, np.int64)
         if self._clock[_K_OPENS] == _NONE and len(batch):
             self._clock[_K_OPENS] = self._opens(int(batch.ts_ns[0]))
         i = 0
@@ -670,6 +700,7 @@ class Estimator:
                 self._hist,
                 self._out,
                 0,
+                self.row_chains,
             )
             closed += self._emit(rows)
             self._grow()
@@ -710,6 +741,7 @@ class Estimator:
         self._fps.wipe()
         self._chains.fill(0)
         self._hist.fill(0)
+        self.row_chains.fill(-1)  # people stage hook
         self._clock[_K_CHAINS] = self._clock[_K_ADDRS] = self._clock[_K_FPS] = 0
         self._clock[_K_OPENS] = _NONE
 
@@ -735,7 +767,7 @@ class Estimator:
             for o in self._out[:rows]
         ]
         if closed and self.settings.rssi_threshold_dbm == AUTO:
-            threshold = closed[-1].rssi_threshold_dbm
+            threshold = self.threshold_dbm = closed[-1].rssi_threshold_dbm
             if threshold != self._threshold_said:
                 self._threshold_said = threshold
                 self.threshold_note = self._why(threshold)
@@ -743,24 +775,29 @@ class Estimator:
         return closed
 
     def _why(self, threshold: int) -> str:
-        """What the learnt threshold is and why, in aggregates only."""
+        """What the learnt threshold is and why, in aggregates only (a count of devices from
+        1 to k-1 is not printed: logs obey the same small-count rule as the counts)."""
         lingering = int(self._clock[_K_THR_N])
         dwell = self.settings.min_dwell_s
         if lingering < AUTO_MIN_CHAINS:
             return (
                 f"{threshold} dBm (auto: the fallback until {AUTO_MIN_CHAINS} devices have been "
-                f"heard for {dwell} s or more; {lingering} so far)"
+                f"heard for {dwell} s or more; {self._count(lingering)} so far)"
             )
         values = np.arange(_HIST_LO, _HIST_LO + _HIST_BINS)
         inside = self._hist[values >= threshold]
         outside = self._hist[values < threshold]
         return (
             f"{threshold} dBm (auto: Otsu's split of the best signal of the {lingering} devices "
-            f"heard for {dwell} s or more: {int(inside.sum())} at or above it, median "
-            f"{_median(values[values >= threshold], inside)} dBm; {int(outside.sum())} below, "
+            f"heard for {dwell} s or more: {self._count(int(inside.sum()))} at or above it, "
+            f"median {_median(values[values >= threshold], inside)} dBm; "
+            f"{self._count(int(outside.sum()))} below, "
             f"median {_median(values[values < threshold], outside)} dBm; kept within "
             f"{AUTO_RANGE_DBM[0]}..{AUTO_RANGE_DBM[1]} dBm)"
         )
+
+    def _count(self, n: int) -> str:
+        return str(n) if n == 0 or n >= self._k else f"fewer than {self._k}"
 
 
 def _median(values: NDArray[np.int64], weights: NDArray[np.int64]) -> int:

@@ -12,7 +12,10 @@ would publish.
 
 **Scores** over the scored windows: mean absolute error (people), MAPE over the windows with
 at least :data:`MAPE_MIN_PEOPLE` people, RMSE, Pearson's r (None when either side is
-constant) and the number of windows.
+constant) and the number of windows. The scores are of ``people_est`` (devices present in the
+window, what the calibration is fitted on); the table also shows each window's published
+``occupancy_mean`` (people present, time-weighted, through the same calibration), which
+``tests/accuracy_people.py`` scores against synthetic truth.
 
 **Calibration**: a least-squares line people = factor x people_est + offset over the windows
 of the calibration captures; its error is the mean absolute error of the calibrated (rounded,
@@ -429,11 +432,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     for r in replays:
         print(f"# {r.capture}: signal threshold {r.threshold_note}")
-    print(f"{'window_start':<20}  {'truth':>6}  {'estimate':>8}  {'people_est':>10}  devices")
+    print(
+        f"{'window_start':<20}  {'truth':>6}  {'estimate':>8}  {'people_est':>10}  "
+        f"{'occupancy':>9}  devices"
+    )
     for (window, value), estimate in zip(pairs, estimates, strict=True):
+        occupancy = window.figures.occupancy_mean if window.figures else float("nan")
         print(
             f"{_utc(window.window_start):<20}  {value:>6.1f}  {estimate:>8}  "
-            f"{window.people_est:>10}  {window.devices:>7}"
+            f"{window.people_est:>10}  {occupancy:>9.2f}  {window.devices:>7}"
         )
     if calibration is None:
         print("estimate: people_est (no calibration)")

@@ -1,13 +1,15 @@
-"""Home Assistant MQTT discovery: a shop's Home Assistant shows the agent's visitor counts.
+"""Home Assistant MQTT discovery: a shop's Home Assistant shows the agent's people counts.
 
 With ``homeassistant.discovery = "on"`` the agent publishes, retained, one *device discovery*
 message (Home Assistant 2024.11 or later) to::
 
     <homeassistant.prefix>/device/footfall-<site>/<agent>/config
 
-It declares one device (the agent) with sensors for the last window's visitors, devices and
-passers-by, which Home Assistant reads straight from the agent's signed ``counts`` messages
-(``value_json.payload.visitors``), and its availability from the retained ``status`` message.
+It declares one device (the agent) with sensors for the last window's people present (mean
+and peak), arrivals, passers-by and devices heard (a diagnostic), each with its unit, which
+Home Assistant reads straight from the agent's signed ``counts`` messages
+(``value_json.payload.arrivals``; a window without data or a suppressed count reads as
+unknown), and its availability from the retained ``status`` message.
 Nothing new goes on the wire but this config: Home Assistant reads the counts the aggregator
 reads.
 
@@ -35,9 +37,11 @@ __all__ = ["HomeAssistantSettings", "announce_in_background", "discovery_message
 log = logging.getLogger("footfall.agent")
 
 _SENSORS = (
-    ("visitors", "Visitors", "mdi:account-group"),
-    ("devices", "Devices", "mdi:cellphone-wireless"),
-    ("passersby", "Passers-by", "mdi:walk"),
+    ("occupancy_mean", "People present", "people", "mdi:account-group"),
+    ("occupancy_peak", "People present (peak)", "people", "mdi:account-multiple"),
+    ("arrivals", "Arrivals", "people", "mdi:account-arrow-right"),
+    ("passersby", "Passers-by", "people", "mdi:walk"),
+    ("devices", "Devices heard (diagnostic)", "devices", "mdi:cellphone-wireless"),
 )
 _PREFIX = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
 
@@ -72,10 +76,11 @@ def discovery_message(prefix: str, site: SiteId, agent: AgentId) -> tuple[str, b
             "name": name,
             "unique_id": f"{node}-{field}",
             "icon": icon,
+            "unit_of_measurement": unit,
             "state_class": "measurement",
             "value_template": "{{ value_json.payload.%s }}" % field,  # noqa: UP031 (Jinja braces)
         }
-        for field, name, icon in _SENSORS
+        for field, name, unit, icon in _SENSORS
     }
     config = {
         "device": {

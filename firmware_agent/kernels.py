@@ -1,7 +1,7 @@
 """The agent's numba kernels, compiled ahead of time when a matching build exists.
 
 Every kernel is an ordinary Python function decorated with :func:`kernel` in its stage's
-module (capture, parse, anonymize, count, estimate, table, live). It is compiled one of two
+module (capture, parse, anonymize, count, estimate, people, table, live). It is compiled one of two
 ways, from that one definition:
 
 * ahead of time (AOT): ``footfall-agent build-kernels`` compiles every entry point (the
@@ -66,6 +66,7 @@ KERNEL_MODULES = (
     "anonymize",
     "count",
     "estimate",
+    "people",
     "live",
 )
 _PREFIX = "footfall_kernels_"

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CURRENT",
+    "DIAGNOSTICS",
     "ID_PATTERN",
     "KINDS",
     "PEOPLE_FIGURES",
@@ -101,7 +102,8 @@ PEOPLE_FIGURES = (
     "occupancy_peak",
 )
 """Counts v2's people-level figures (null when suppressed or ``no_data``)."""
-_DIAGNOSTICS = ("devices", "devices_randomised", "static_excluded")
+DIAGNOSTICS = ("devices", "devices_randomised", "static_excluded")
+"""Counts v2's device-level figures: capture health, not people."""
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
@@ -220,7 +222,7 @@ def counts_v2_errors(payload: Mapping[str, Any]) -> str | None:
     if isinstance(mean, float) and round(mean, 2) != mean:
         return f"$.occupancy_mean: {mean!r} has more than 2 decimals"
     if payload.get("no_data"):
-        for name in (*PEOPLE_FIGURES, *_DIAGNOSTICS):
+        for name in (*PEOPLE_FIGURES, *DIAGNOSTICS):
             value = payload.get(name)
             if isinstance(value, Mapping):
                 value = next((v for v in value.values() if v is not None), None)
@@ -362,7 +364,7 @@ def meta_payload(
     window_s: int,
     epoch_length: str | int,
     epoch_timezone: str,
-    thresholds: Mapping[str, int],
+    thresholds: Mapping[str, int | str],
     privacy: Mapping[str, object],
 ) -> dict[str, object]:
     """A meta payload (v2): how the agent counts and what it does for privacy.

@@ -158,7 +158,7 @@ class SpoolWatch:
         if self._start is None:
             self._start = state
         start = self._start
-        appended = state.last_seq - start.last_seq
+        appended = state.appended - start.appended
         published = appended - (state.pending - start.pending) - (state.dropped - start.dropped)
         if published > self.published:
             self.last_publish_s = time.time()

@@ -1,22 +1,27 @@
-"""The one place the agent's stages meet: capture -> parse -> anonymize -> count + estimate.
+"""The one place the agent's stages meet: capture -> parse -> anonymize -> count + estimate
+-> people.
 
 Stages do not import each other's internals; this module hands arrays from one to the
 next and owns the epoch key's life:
 
-* the counter and the estimator get the same device rows and close the same windows; each
-  window's counts are joined with its estimate (and the site's calibration, if any);
+* the counter and the estimator get the same device rows and close the same windows; the
+  people stage gets the rows with the chain the estimator put each in, and closes the same
+  windows too; each window's counts are joined with its estimate and its people figures
+  (occupancy through the site's calibration, if any);
 
 * the raw frame buffer is zeroed as soon as it is parsed (it holds addresses and SSIDs);
 * the address array is zeroed by the anonymize stage as soon as it is hashed;
 * in strict privacy mode, device ids are truncated (and fingerprints dropped) before the
-  counter sees them, the estimate stage is left out, and the key lives one window; the
+  counter sees them, the estimate and people stages are left out, and the key lives one
+  window; the
   windows count truncated ids (the privacy stage corrects them for collisions on release);
 * when the watermark reaches an epoch boundary, the windows before it are closed (every
-  open visit ends), the key, the device table and the estimator's chains are overwritten,
-  and a new key starts.
+  open visit ends), the key, the device table, the estimator's chains and the people
+  stage's visits are overwritten, and a new key starts.
 
 Windows close on the frames' own clock. A live source also gives the wall clock
-(:meth:`Pipeline.tick`): a quiet room still closes its windows on time, with zeros.
+(:meth:`Pipeline.tick`): a quiet room still closes its windows on time; a window in which
+nothing at all was heard says ``no_data`` (a gap, not an empty room).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from firmware_agent.capture import FrameBatch, read_ahead
 from firmware_agent.count import NS, WindowCounter, WindowCounts
 from firmware_agent.estimate import Estimator, WindowEstimate
 from firmware_agent.parse import KIND_PROBE, ProbeBatch, parse_batch
+from firmware_agent.people import PeopleCounter, PeopleSettings, WindowPeople, calibrated
 from firmware_agent.privacy import truncate_ids
 from firmware_agent.settings import AgentConfig
 
@@ -55,8 +61,8 @@ class PipelineStats:
 class Pipeline:
     """Frame batches in, closed windows out, one epoch key at a time.
 
-    With ``estimate`` False the estimate stage is left out (windows carry no people
-    estimate): the benchmarks measure what it costs.
+    With ``estimate`` False the estimate and people stages are left out (windows carry no
+    people figures): the benchmarks measure what they cost.
     """
 
     config: AgentConfig
@@ -64,13 +70,24 @@ class Pipeline:
     estimate: bool = True
     _counter: WindowCounter = field(init=False)
     _estimator: Estimator | None = field(init=False, default=None)
+    _people: PeopleCounter | None = field(init=False, default=None)
     _key: EpochKey | None = field(init=False, default=None)
     _boundary: int = field(init=False, default=0)
+    _epoch_start: int = field(init=False, default=0)
+    _bits: int | None = field(init=False, default=None)  # strict: this window's id width
 
     def __post_init__(self) -> None:
         self._counter = WindowCounter(self.config.count)
+        self._bits = self.config.privacy.id_bits
         if self.estimate and not self.config.privacy.strict:
-            self._estimator = Estimator(self.config.estimate, zone=self.config.epoch.zone)
+            self._estimator = Estimator(
+                self.config.estimate,
+                zone=self.config.epoch.zone,
+                suppress_below=self.config.privacy.suppress_below,
+            )
+            self._people = PeopleCounter(
+                PeopleSettings.from_config(self.config.count, self.config.estimate)
+            )
 
     @property
     def threshold_note(self) -> str | None:
@@ -78,9 +95,10 @@ class Pipeline:
         return self._estimator.threshold_note if self._estimator else None
 
     @property
-    def epoch_label(self) -> str | None:
-        """Public random label of the current epoch (not derived from the key)."""
-        return None if self._key is None else self._key.label
+    def epoch_start(self) -> int | None:
+        """Start (Unix seconds) of the first window counted under the current key: with the
+        agent's public key, all its public label is made of (:func:`privacy.epoch_label`)."""
+        return None if self._key is None else self._epoch_start // NS
 
     def run(
         self, batches: Iterable[FrameBatch], *, clock: Callable[[], int] | None = None
@@ -118,7 +136,8 @@ class Pipeline:
         epoch ends the same way), exactly as the frames' watermark closes it; a frame that
         comes later still with an older timestamp counts as late in the oldest open window.
         Before any frame, the first tick starts the epoch and opens the current window, so a
-        quiet room publishes zeros from the start. Replays never call this.
+        quiet room publishes its windows (as no data while nothing is heard) from the start.
+        Replays never call this.
         """
         watermark = now_ns - self.config.count.lateness_s * NS
         if self._key is None:
@@ -126,17 +145,13 @@ class Pipeline:
             self._boundary = self.config.epoch.next_boundary(watermark)
             self.stats.epochs += 1
             w = self.config.count.window_s * NS
-            self._counter.new_epoch(watermark // w * w)
-            if self._estimator:
-                self._estimator.new_epoch(watermark // w * w)
+            self._new_epoch(watermark // w * w)
             return
         if watermark >= self._boundary:
             yield from self._rotate(watermark)
         oldest = self._counter.oldest_open_ns
         if oldest is not None and oldest + self.config.count.window_s * NS <= watermark:
-            windows = list(self._counter.close_until(watermark, end_visits=False))
-            estimates = self._estimator.close_until(watermark) if self._estimator else None
-            yield from self._counted(self._joined(windows, estimates))
+            yield from self._counted(self._close_until(watermark, end_visits=False))
 
     def finish(self) -> Iterator[WindowCounts]:
         """End of input: close every open window and forget the key.
@@ -152,15 +167,15 @@ class Pipeline:
             if self._counter.watermark_ns is not None:
                 newest = self._counter.watermark_ns + self.config.count.lateness_s * NS
                 until = max(until, newest // w * w + w)
-            windows = list(self._counter.close_until(until, end_visits=True))
-            estimates = self._estimator.close_until(until) if self._estimator else None
-            yield from self._counted(self._joined(windows, estimates))
+            yield from self._counted(self._close_until(until, end_visits=True))
         if self._key is not None:
             self._key.wipe()
             self._key = None
         self._counter.table.wipe()
         if self._estimator:
             self._estimator.wipe()
+        if self._people:
+            self._people.wipe()
 
     def _count(self, probes: ProbeBatch) -> Iterator[WindowCounts]:
         lateness = self.config.count.lateness_s * NS
@@ -170,6 +185,8 @@ class Pipeline:
                 self._key = EpochKey()
                 self._boundary = self.config.epoch.next_boundary(int(probes.ts_ns[start]))
                 self.stats.epochs += 1
+                w = self.config.count.window_s * NS
+                self._epoch_start = int(probes.ts_ns[start]) // w * w
             ts = probes.ts_ns[start:]
             if int(ts.max()) - lateness < self._boundary:  # the common case: no boundary
                 part = _rows(probes, start, len(probes))
@@ -187,9 +204,7 @@ class Pipeline:
 
     def _rotate(self, watermark: int) -> Iterator[WindowCounts]:
         assert self._key is not None
-        windows = list(self._counter.close_until(self._boundary, end_visits=True))
-        estimates = self._estimator.close_until(self._boundary) if self._estimator else None
-        yield from self._counted(self._joined(windows, estimates))
+        yield from self._counted(self._close_until(self._boundary, end_visits=True))
         self._key.wipe()
         self._key = EpochKey()
         self.stats.epochs += 1
@@ -201,38 +216,80 @@ class Pipeline:
             following = self.config.epoch.next_boundary(start)
             self.stats.epochs_skipped += 1
             log.info("no frames for a whole epoch: windows resume at %d", start // NS)
+        self._new_epoch(start)
+        self._boundary = following
+
+    def _new_epoch(self, start: int) -> None:
+        self._epoch_start = start
         self._counter.new_epoch(start)
         if self._estimator:
             self._estimator.new_epoch(start)
-        self._boundary = following
+        if self._people:
+            self._people.new_epoch(start)
+
+    def _close_until(self, until: int, *, end_visits: bool) -> list[WindowCounts]:
+        windows = list(self._counter.close_until(until, end_visits=end_visits))
+        if self._estimator is None or self._people is None:
+            return self._strict(windows)
+        estimates = self._estimator.close_until(until)
+        figures = self._people.close_until(until, end_visits=end_visits)
+        return self._joined(windows, estimates, figures)
 
     def _add(self, batch: DeviceBatch) -> list[WindowCounts]:
         """Count and estimate one batch; the windows it closed, joined with their estimates."""
-        bits = self.config.privacy.id_bits
-        if bits is not None:
-            truncate_ids(batch, bits)
+        if self._bits is not None:
+            truncate_ids(batch, self._bits)
         windows = list(self._counter.add(batch))
-        estimates = self._estimator.add(batch) if self._estimator else None
-        return self._joined(windows, estimates)
+        if self._estimator is None or self._people is None:
+            return self._strict(windows)
+        threshold = self._estimator.threshold_dbm
+        estimates = self._estimator.add(batch)
+        figures = self._people.add(
+            batch.kind,
+            batch.ts_ns,
+            self._estimator.row_chains,
+            batch.rssi,
+            threshold,
+            [e.rssi_threshold_dbm for e in estimates],
+        )
+        return self._joined(windows, estimates, figures)
 
     def _joined(
-        self, windows: list[WindowCounts], estimates: list[WindowEstimate] | None
+        self,
+        windows: list[WindowCounts],
+        estimates: list[WindowEstimate],
+        figures: list[WindowPeople],
     ) -> list[WindowCounts]:
-        if estimates is None:
-            return windows
         calibration = self.config.calibration
         joined = []
-        for window, estimate in zip(windows, estimates, strict=True):
-            assert window.window_start == estimate.window_start, "counter and estimator differ"
+        for window, estimate, people in zip(windows, estimates, figures, strict=True):
+            assert window.window_start == estimate.window_start == people.window_start, (
+                "counter, estimator and people stage differ"
+            )
             joined.append(
                 replace(
                     window,
                     people_est=estimate.people_est,
                     static_excluded=estimate.static_excluded,
-                    people=calibration.people(estimate.people_est) if calibration else None,
+                    figures=calibrated(people, calibration) if calibration else people,
+                    calibrated=calibration is not None,
                 )
             )
         return joined
+
+    def _strict(self, windows: list[WindowCounts]) -> list[WindowCounts]:
+        """Strict (no estimator): each window counted at the width its own crowd allows (the
+        table still holds it), and the next window's width from it. Not under noise: a width
+        that follows the crowd follows one device too (an unbounded sensitivity)."""
+        policy = self.config.privacy
+        if self._bits is None or policy.dp_epsilon is not None:
+            return windows
+        out = []
+        for window in windows:
+            ids, randomised = self._counter.closed_rows(window.window_start)
+            out.append(policy.anonymise(window, ids, randomised, self._bits))
+            self._bits = policy.next_bits(len(ids), self._bits)
+        return out
 
     def _counted(self, windows: Iterable[WindowCounts]) -> Iterator[WindowCounts]:
         for window in windows:
@@ -241,14 +298,17 @@ class Pipeline:
 
 
 def parse_frames(batch: FrameBatch) -> ProbeBatch:
-    """Parse a batch, then zero its frame buffer: it holds addresses and SSIDs.
+    """Parse a batch, then zero its frames: they hold addresses and SSIDs.
 
-    A transient batch lies in the reader's buffer, which the next read overwrites and
-    closing the reader zeroes.
+    A transient batch lies in the reader's buffer, its frames one after the other (with the
+    record headers between them): that stretch is zeroed, the rest of the buffer is the
+    reader's (it zeroes what it moves or no longer needs).
     """
     probes = parse_batch(batch)
     if not batch.transient:
         batch.data.fill(0)
+    elif len(batch):
+        batch.data[int(batch.offsets[0]) : int(batch.offsets[-1] + batch.lengths[-1])] = 0
     return probes
 
 

@@ -5,32 +5,55 @@ WiFi counting (see ``docs/PRIVACY.md``):
 
 * ``standard``: device ids are keyed hashes under a random key that lives at most 24 hours
   (local midnight, or a fixed length up to a day) and is never written anywhere; every
-  sensor draws its own key; all per-device state is wiped with it. Dwell, visits and
-  unique-today are published. The ids are pseudonymous for at most a day, then gone.
+  sensor draws its own key; all per-device state (with the estimator's chains) is wiped
+  with it. Arrivals, passers-by, visits, dwell and occupancy are published. The ids are
+  pseudonymous for at most a day, then gone.
 * ``strict``: nothing per device outlives one window of at most 10 minutes: the key, and
   with it the device table, is replaced every window, and device ids are truncated to
-  :attr:`PrivacyPolicy.id_bits` bits, chosen from the expected crowd so that most devices
-  share their value with another. The counts are corrected for those collisions by linear
-  counting (:func:`linear_count`); dwell, visits and unique-today are not published.
+  at most :attr:`PrivacyPolicy.id_bits` bits, fewer when fewer devices are around, so that
+  most devices share their value with another in every window
+  (:meth:`PrivacyPolicy.anonymise`). The counts are corrected for those collisions by linear
+  counting (:func:`linear_count`). No chain outlives a window either, so only the device
+  diagnostics (``devices``, ``devices_randomised``) are published: no people figures.
 
 In both modes, on the way out (:meth:`PrivacyPolicy.release`):
 
 1. optional differential privacy: discrete Laplace noise (the two-sided geometric
-   mechanism: integers, so no floating-point side channel) on every device count, scaled
-   to the counts one device can move in a window, with fresh operating-system randomness
-   for every value; the estimate (``people_est``, ``static_excluded``, ``people``) is then
-   withheld, since one device can move it by more than any stated sensitivity;
-2. small-count suppression: a device count from 1 to *k*-1 is published as ``null``, and
+   mechanism: integers, so no floating-point side channel) on every count that reveals
+   presence, scaled to what one device can move in a window, with fresh operating-system
+   randomness for every value. The frame counts go under noise too, bounded first:
+   ``probe_requests`` counts at most :data:`~firmware_agent.count.FRAMES_PER_DEVICE` frames
+   per device (``probe_requests_clipped``), ``malformed`` and ``late_frames`` say only
+   whether there were any (0 or 1). The people figures and ``static_excluded`` are then
+   withheld (:data:`DP_WITHHELD`), since one device can move them by more than any stated
+   sensitivity;
+2. small-count suppression: a count from 1 to *k*-1 is published as ``null``, and
    so is a count that would let a reader subtract back to one (complementary suppression
    over the message's additive relations, including the never-published count of devices
-   with global addresses, ``devices - devices_randomised``).
+   with global addresses, ``devices - devices_randomised``); ``occupancy_mean`` goes with
+   ``occupancy_peak`` (it is at most the peak).
 
-Frame counts (``probe_requests``, ``malformed``, ``late_frames``) describe the radio, not
-how many devices; they are published as they are.
+A window without data (``no_data``) is published with every figure null.
+
+Without noise, frame counts (``probe_requests``, ``malformed``, ``late_frames``) are
+published as they are: they describe the radio, not how many devices.
+
+**No membership oracle** (issue 17, ``tests/test_injection.py``): no published figure may
+differ between "this address was heard earlier in the epoch" and "this address is new".
+``devices_epoch`` (distinct devices so far in the epoch) did exactly that: three probe
+requests under a candidate address in a quiet window, and it stays put if the phone was
+here earlier today and rises by one if not. So did counts v1's estimate, ``people_est``: a
+chain counted once it had lasted ``estimate.min_dwell_s`` since it was *first heard in the
+epoch*. They are never published (:data:`NEVER_PUBLISHED`); every published figure must be
+a function of the window alone, and the epoch label of public values (:func:`epoch_label`).
+
+The field lists below are **the one catalogue** of the counts' privacy rules: the agent
+releases by them and the audit (:mod:`firmware_agent.audit`) checks by them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 from collections.abc import Mapping
@@ -38,20 +61,35 @@ from dataclasses import dataclass, replace
 from typing import Literal, cast
 
 import numpy as np
+from numpy.typing import NDArray
 
 from firmware_agent.anonymize import DeviceBatch
-from firmware_agent.count import DWELL_BANDS, WindowCounts
+from firmware_agent.count import DWELL_BANDS, FRAMES_PER_DEVICE, WindowCounts
 from firmware_agent.errors import ConfigError
+from firmware_agent.messages import DIAGNOSTICS, PEOPLE_FIGURES
 
 __all__ = [
+    "COLLISION_FLOOR",
+    "COUNTS",
     "DP_WITHHELD",
+    "FRAME_COUNTS",
+    "IMPLICIT",
     "MODES",
+    "NEVER_PUBLISHED",
+    "RELATIONS",
     "STANDARD_MAX_KEY_S",
+    "STANDARD_PUBLISHES",
+    "STRICT_MAX_ID_BITS",
     "STRICT_MAX_WINDOW_S",
+    "STRICT_OMITS",
+    "STRICT_PUBLISHES",
+    "SUPPRESS_FLOOR",
     "PrivacyPolicy",
     "discrete_laplace",
+    "epoch_label",
     "flatten_counts",
     "linear_count",
+    "shared_share",
     "suppress",
     "truncate_ids",
 ]
@@ -60,47 +98,51 @@ Mode = Literal["standard", "strict"]
 MODES: tuple[Mode, ...] = ("standard", "strict")
 STRICT_MAX_WINDOW_S = 600  # CNIL: anonymised "within minutes"
 STANDARD_MAX_KEY_S = 86400  # CNIL: pseudonymised, then anonymised or deleted within 24 hours
-_MIN_ID_BITS, _MAX_ID_BITS = 4, 16
+SUPPRESS_FLOOR = 2  # the lowest k of every mode: a count of one device is that device
+# Strict: the widest truncated id (4,096 values); wider, and most devices keep their own.
+STRICT_MAX_ID_BITS = 12
+# Strict: at least this share of a window's devices share their id with another, at the
+# width its counts are taken at; a window that cannot get there publishes no device count.
+COLLISION_FLOOR = 0.5
+_MIN_ID_BITS = 4
 
 # The additive relations of a counts message: total = sum of parts. "devices_global"
 # (devices with a global address) is never published but follows from the other two.
-_IMPLICIT = ("devices_global",)
-_RELATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("devices", ("visitors", "passersby")),
+IMPLICIT = ("devices_global",)
+RELATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("devices", ("devices_randomised", "devices_global")),
     ("visits_ended", tuple(f"dwell_minutes.{band}" for band in DWELL_BANDS)),
 )
-# Device counts: what suppression and noise apply to. Dwell bands go by "dwell_minutes.<band>".
-_DEVICE_COUNTS = (
-    "devices",
-    "devices_randomised",
-    "visitors",
-    "passersby",
-    "visits_ended",
-    *(f"dwell_minutes.{band}" for band in DWELL_BANDS),
-    "devices_epoch",
-    "people_est",
-    "static_excluded",
-    "people",
-)
-# Withheld under differential privacy: one device id can move them by an unbounded amount
-# (the learnt signal threshold, chain linking: docs/PRIVACY.md), so no noise scale fits them.
-STANDARD_PUBLISHES = (
+# Counts of people, visits and devices: what suppression and noise apply to (and what the
+# audit holds to k). Dwell bands go
+# by "dwell_minutes.<band>". occupancy_mean (a level, at most occupancy_peak) goes with
+# occupancy_peak.
+COUNTS = (
     "arrivals",
     "passersby",
     "visits_ended",
-    "dwell_minutes",
-    "occupancy_mean",
+    *(f"dwell_minutes.{band}" for band in DWELL_BANDS),
     "occupancy_peak",
-    "calibrated",
     "devices",
     "devices_randomised",
     "static_excluded",
 )
-"""The optional counts v2 figures each mode publishes (meta.privacy.published)."""
+STANDARD_PUBLISHES = (*PEOPLE_FIGURES, "calibrated", *DIAGNOSTICS)
+"""The optional counts v2 figures of the standard mode (meta.privacy.published)."""
 STRICT_PUBLISHES = ("devices", "devices_randomised")
-DP_WITHHELD = ("people_est", "static_excluded", "people")
-_STRICT_OMITS = ("visits_ended", "dwell_minutes", "devices_epoch", *DP_WITHHELD)
+"""Strict: no chain outlives a window (the key, the device table and the fingerprints go
+every window), so there are no people figures: the device diagnostics only."""
+STRICT_OMITS = tuple(name for name in STANDARD_PUBLISHES if name not in STRICT_PUBLISHES)
+# Frame counts: never suppressed; under noise, bounded (clipped) and noised.
+FRAME_COUNTS = ("probe_requests", "malformed", "late_frames")
+# Never published (membership oracles; the noise's bounded frame count): counts v1's names.
+NEVER_PUBLISHED = ("devices_epoch", "people_est", "people", "probe_requests_clipped")
+# What one device moves the bounded frame counts by, under noise.
+_FRAME_SENSITIVITY = FRAMES_PER_DEVICE + 2  # probe_requests_clipped; malformed, late: 0 or 1
+# Withheld under differential privacy: one device can split into several chains (its random
+# addresses not linked), and the signal threshold can be learnt, so one device id can move a
+# people figure by more than any stated sensitivity (docs/PRIVACY.md).
+DP_WITHHELD = tuple(name for name in STANDARD_PUBLISHES if name not in STRICT_PUBLISHES)
 
 
 def truncate_ids(batch: DeviceBatch, bits: int) -> None:
@@ -113,6 +155,12 @@ def truncate_ids(batch: DeviceBatch, bits: int) -> None:
 
 
 _RANDOM = secrets.SystemRandom()  # every draw reads the operating system's randomness
+
+
+def shared_share(bits: int, crowd: float) -> float:
+    """The expected share of ``crowd`` devices whose ``bits``-bit id another of them has too:
+    ``1 - (1 - 2^-bits)^(crowd - 1)`` (0 for a crowd of one or none)."""
+    return max(0.0, 1.0 - (1.0 - 2.0**-bits) ** (crowd - 1)) if crowd > 1 else 0.0
 
 
 def linear_count(occupied: int, buckets: int) -> float:
@@ -150,22 +198,27 @@ class PrivacyPolicy:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"privacy.mode must be 'standard' or 'strict', got {self.mode!r}")
-        if not 2 <= self.suppress_below <= 1000:
+        if not SUPPRESS_FLOOR <= self.suppress_below <= 1000:
             raise ConfigError(
-                "privacy.suppress_below must be from 2 to 1000 (a count of one device is that "
-                f"device; every mode suppresses it), got {self.suppress_below}"
+                f"privacy.suppress_below must be from {SUPPRESS_FLOOR} to 1000 (a count of one "
+                f"device is that device; every mode suppresses it), got {self.suppress_below}"
             )
         if self.dp_epsilon is not None and not 0 < self.dp_epsilon <= 10:
             raise ConfigError(
                 f"privacy.dp_epsilon must be 'off' or a number above 0 and at most 10, "
                 f"got {self.dp_epsilon}"
             )
-        if not 1 <= self.expected_devices <= 1 << _MAX_ID_BITS:
+        if not 1 <= self.expected_devices <= 1 << 16:
             raise ConfigError(
-                f"privacy.expected_devices must be from 1 to {1 << _MAX_ID_BITS}, "
-                f"got {self.expected_devices}"
+                f"privacy.expected_devices must be from 1 to {1 << 16}, got {self.expected_devices}"
             )
         if self.mode == "strict":
+            if self.expected_devices >= 2 << STRICT_MAX_ID_BITS:
+                raise ConfigError(
+                    f"privacy.mode 'strict' keeps ids of at most {STRICT_MAX_ID_BITS} bits, so "
+                    f"that most devices share theirs: privacy.expected_devices must be below "
+                    f"{2 << STRICT_MAX_ID_BITS}, got {self.expected_devices}"
+                )
             if self.window_s > STRICT_MAX_WINDOW_S:
                 raise ConfigError(
                     f"privacy.mode 'strict' keeps nothing per device beyond one window of at most "
@@ -221,33 +274,31 @@ class PrivacyPolicy:
 
     @property
     def id_bits(self) -> int | None:
-        """Strict: bits kept of a device id: the most that leave at least as many devices of
-        the expected crowd as values (one to two per value: most devices share theirs, see
-        :meth:`shared_share`); None in standard."""
+        """Strict: the widest id kept (the declared ``id_bits``): the most bits that leave at
+        least as many devices of the expected crowd as values; each window's width follows
+        its own crowd below it (:meth:`anonymise`, :meth:`next_bits`). None in standard."""
         if not self.strict:
             return None
         bits = int(math.log2(max(self.expected_devices, 2)))
-        return min(max(bits, _MIN_ID_BITS), _MAX_ID_BITS)
+        return min(max(bits, _MIN_ID_BITS), STRICT_MAX_ID_BITS)
 
     def shared_share(self) -> float | None:
         """Strict: the expected share of the expected crowd whose truncated id another
-        device of the crowd has too; None in standard."""
+        device of the crowd has too, at the declared width; None in standard."""
         bits = self.id_bits
-        if bits is None:
-            return None
-        return 1.0 - (1.0 - 1.0 / (1 << bits)) ** (self.expected_devices - 1)
+        return None if bits is None else shared_share(bits, self.expected_devices)
 
     @property
     def sensitivity(self) -> int:
-        """The most one device id can move the sum of the published device counts of a window
-        (as counted, before strict mode's correction): the L1 sensitivity the noise is scaled
-        to. Standard: one each of devices, devices_randomised, visitors or passersby,
-        visits_ended, one dwell band (a device's visit ends at most once per window close),
-        devices_epoch; the estimate is withheld under noise (:data:`DP_WITHHELD`). Strict:
-        devices, devices_randomised, visitors/passersby; on a truncated id shared with another
-        device, the id's randomised flag and its class can change (visitors +1, passersby -1)
-        while devices does not: 3 still."""
-        return 3 if self.strict else 6
+        """The most one device id can move the sum of the counts published under noise (as
+        counted, before strict mode's correction): the L1 sensitivity the noise is scaled
+        to. Under noise both modes publish ``devices`` and ``devices_randomised`` only (the
+        people figures are withheld, :data:`DP_WITHHELD`): one each. In strict mode a
+        truncated id shared with another device can gain the randomised flag while devices
+        does not move: 2 still. Plus the frame counts, bounded: at most
+        :data:`~firmware_agent.count.FRAMES_PER_DEVICE` probe requests, and 1 each for
+        whether there were malformed or late frames."""
+        return 2 + _FRAME_SENSITIVITY
 
     @property
     def dp_epsilon_day(self) -> float | None:
@@ -255,6 +306,16 @@ class PrivacyPolicy:
         if self.dp_epsilon is None:
             return None
         return round(self.dp_epsilon * 86400 / self.window_s, 6)
+
+    @property
+    def publishes(self) -> tuple[str, ...]:
+        """The optional counts v2 figures this policy publishes (strict, or under noise: the
+        device diagnostics only)."""
+        if self.strict:
+            return STRICT_PUBLISHES
+        if self.dp_epsilon is not None:
+            return tuple(name for name in STANDARD_PUBLISHES if name not in DP_WITHHELD)
+        return STANDARD_PUBLISHES
 
     def meta(self) -> dict[str, object]:
         """The ``privacy`` object of the meta message."""
@@ -267,58 +328,106 @@ class PrivacyPolicy:
             "suppress_below": self.suppress_below,
             "dp_epsilon": self.dp_epsilon,
             "dp_epsilon_day": self.dp_epsilon_day,
-            "published": {
-                name: name in (STRICT_PUBLISHES if self.strict else STANDARD_PUBLISHES)
-                for name in STANDARD_PUBLISHES
-            },
+            "published": {name: name in self.publishes for name in STANDARD_PUBLISHES},
         }
+
+    def anonymise(
+        self,
+        window: WindowCounts,
+        ids: NDArray[np.uint64],
+        randomised: NDArray[np.bool_],
+        bits: int,
+    ) -> WindowCounts:
+        """Strict: the window counted from its truncated ids (``bits`` wide, as heard) at the
+        widest width at most ``bits`` at which at least :data:`COLLISION_FLOOR` of its crowd
+        shares its value with another device. The share at a width is measured from the
+        window's own counts at that width, as an auditor could: the crowd ``n`` by linear
+        counting over the ``m`` values its ids occupy, then ``1 - (1 - 1/m)^(n - 1)``. A
+        window that reaches the floor at no width (a crowd of one or two) keeps its best and
+        publishes no device count (:meth:`release`). The counts are the occupied values (all,
+        with a randomised address), corrected on release by linear counting at that width."""
+        values = (ids - np.uint64(1)).astype(np.uint64)  # truncate_ids adds 1 (0: no address)
+        shares = {}
+        for width in range(bits, 0, -1):
+            occupied = len(np.unique(values & np.uint64((1 << width) - 1)))
+            shares[width] = shared_share(width, linear_count(occupied, 1 << width))
+            if shares[width] >= COLLISION_FLOOR:
+                break
+        width = max(shares, key=lambda b: (shares[b] >= COLLISION_FLOOR, b, shares[b]))
+        if shares[width] < COLLISION_FLOOR:
+            width = max(shares, key=shares.__getitem__)
+        coarse = values & np.uint64((1 << width) - 1)
+        return replace(
+            window,
+            devices=len(np.unique(coarse)),
+            devices_randomised=len(np.unique(coarse[randomised])),
+            id_bits=width,
+            shared=shares[width] if len(values) else None,
+        )
+
+    def next_bits(self, ids: int, bits: int) -> int:
+        """Strict: the width for the next window's ids, from this window's ``ids`` distinct
+        ids heard ``bits`` wide: the widest, up to :attr:`id_bits`, at which at least
+        :data:`COLLISION_FLOOR` of a crowd that size (linear counting) would share their
+        value; the widest at once when the crowd filled three quarters of the values (it
+        outgrew them, and linear counting can no longer tell by how much)."""
+        ceiling = self.id_bits or 0
+        if ids >= (3 << bits) // 4:
+            return ceiling
+        crowd = linear_count(ids, 1 << bits)
+        width = 1
+        while width < ceiling and shared_share(width + 1, crowd) >= COLLISION_FLOOR:
+            width += 1
+        return width
 
     def correct(self, window: WindowCounts) -> WindowCounts:
         """Strict: a window counted on truncated ids, corrected for their collisions (see
         :meth:`_corrected`); unchanged in standard."""
         if not self.strict:
             return window
-        fields = ("devices", "devices_randomised", "visitors", "passersby")
-        c = self._corrected({name: getattr(window, name) for name in fields})
-        return replace(
-            window,
-            devices=c["devices"],
-            devices_randomised=c["devices_randomised"],
-            visitors=c["visitors"],
-            passersby=c["passersby"],
+        c = self._corrected(
+            {"devices": window.devices, "devices_randomised": window.devices_randomised},
+            window.id_bits,
         )
+        return replace(window, devices=c["devices"], devices_randomised=c["devices_randomised"])
 
-    def _corrected(self, counts: Mapping[str, int]) -> dict[str, int]:
-        """Linear counting on the truncated ids: the occupied values give the devices, the
-        values with a randomised address give those, the values with a visitor the visitors
-        (a value shared by a visitor and a passer-by counts once for each)."""
-        m = 1 << (self.id_bits or 0)
+    def _corrected(self, counts: Mapping[str, int], bits: int | None) -> dict[str, int]:
+        """Linear counting on the truncated ids (``bits`` wide; the declared width if None):
+        the occupied values give the devices, the values with a randomised address give
+        those."""
+        m = 1 << (bits if bits is not None else self.id_bits or 0)
         devices = round(linear_count(counts["devices"], m))
-        visitors = min(round(linear_count(counts["visitors"], m)), devices)
         return dict(counts) | {
             "devices": devices,
             "devices_randomised": min(
                 round(linear_count(counts["devices_randomised"], m)), devices
             ),
-            "visitors": visitors,
-            "passersby": devices - visitors,
         }
 
-    def device_counts(self, window: WindowCounts) -> dict[str, int]:
-        """The device counts of ``window`` this policy publishes, as counted (dwell bands as
-        ``dwell_minutes.<band>``): what the noise goes on. One device id moves their sum by
-        at most :attr:`sensitivity`."""
-        return _device_counts(self._publishable(window))
+    def noised_counts(self, window: WindowCounts) -> dict[str, int]:
+        """The counts of ``window`` the noise goes on, as counted (dwell bands as
+        ``dwell_minutes.<band>``): the counts this policy publishes and, under noise, the
+        bounded frame counts (nothing in a window without data). Under noise one device id
+        moves their sum by at most :attr:`sensitivity`."""
+        if window.no_data:
+            return {}
+        counts = _counts(self._publishable(window))
+        if self.dp_epsilon is not None:
+            counts |= {
+                "probe_requests": window.probe_requests_clipped,
+                "malformed": min(window.malformed, 1),
+                "late_frames": min(window.late_frames, 1),
+            }
+        return counts
 
     def _publishable(self, window: WindowCounts) -> dict[str, object]:
-        """The window's fields this policy may publish, flattened."""
-        omitted: tuple[str, ...] = _STRICT_OMITS if self.strict else ()
-        if self.dp_epsilon is not None:
-            omitted += DP_WITHHELD
+        """The window's fields this policy may publish, flattened: the header, the frame
+        counts, ``no_data`` and the optional figures of :attr:`publishes`."""
+        optional = set(STANDARD_PUBLISHES) - set(self.publishes)
         return {
             name: value
             for name, value in flatten_counts(window.as_dict()).items()
-            if name.partition(".")[0] not in omitted
+            if name.partition(".")[0] not in optional
         }
 
     def release(self, window: WindowCounts) -> dict[str, object]:
@@ -326,36 +435,48 @@ class PrivacyPolicy:
 
         Noise goes on the counts as counted (in strict mode, on the truncated ids, where one
         device moves each count by at most one), then strict mode's collision correction and
-        the suppression follow as post-processing, which spends no privacy budget."""
+        the suppression follow as post-processing, which spends no privacy budget. A window
+        without data is published as it is: every figure null (a gap), nothing to hide."""
         flat = self._publishable(window)
-        counts = _device_counts(flat)
+        if window.no_data:
+            return _unflatten(flat)
+        counts = self.noised_counts(window)
         if self.dp_epsilon is not None:
             noise = self.dp_epsilon / self.sensitivity
             counts = {name: max(0, n + discrete_laplace(noise)) for name, n in counts.items()}
+        frames = {name: counts.pop(name) for name in FRAME_COUNTS if name in counts}
         if self.strict:
-            counts = self._corrected(counts)
+            counts = self._corrected(counts, window.id_bits)
         hidden = suppress(counts, self.suppress_below)
+        if window.shared is not None and window.shared < COLLISION_FLOOR:
+            hidden = set(counts)  # strict could not make this window's devices share ids
         flat.update({name: None if name in hidden else n for name, n in counts.items()})
-        return _unflatten(flat)
+        if "occupancy_peak" in hidden:
+            flat["occupancy_mean"] = None  # at most the peak: as small
+        return _unflatten(flat | frames)
+
+
+def epoch_label(public_key: bytes, epoch_start: int) -> str:
+    """The public label of an epoch: the first 8 bytes (hex) of SHA-256 over the agent's
+    public signing key and the epoch's start (Unix seconds, 8 bytes big endian). Anyone with
+    the public key can recompute it (the audit does), so it carries no bit of its own: not a
+    key, not an id, nothing chosen. It only tells epochs, and agents, apart."""
+    digest = hashlib.sha256(b"footfall-epoch\0" + public_key + epoch_start.to_bytes(8, "big"))
+    return digest.hexdigest()[:16]
 
 
 def suppress(counts: Mapping[str, int], k: int) -> set[str]:
-    """The device counts to publish as null: those from 1 to k-1, then, until none is
-    left, one more count of every relation that would give a hidden small count back by
-    subtraction (the smallest published part, preferring non-zero ones; else the total).
-    ``people`` goes with ``people_est``: it is a linear function of it."""
+    """The counts to publish as null: those from 1 to k-1, then, until none is left, one
+    more count of every relation that would give a hidden small count back by subtraction
+    (the smallest published part, preferring non-zero ones; else the total)."""
     cells = dict(counts)
     cells["devices_global"] = cells.get("devices", 0) - cells.get("devices_randomised", 0)
     small = {name for name, v in cells.items() if 0 < v < k}
-    hidden = small | set(_IMPLICIT)
+    hidden = small | set(IMPLICIT)
     changed = True
     while changed:
         changed = False
-        for a, b in (("people_est", "people"), ("people", "people_est")):
-            if a in hidden and b in cells and b not in hidden:
-                hidden.add(b)
-                small.add(b)  # as sensitive as what it is computed from
-        for total, parts in _RELATIONS:
+        for total, parts in RELATIONS:
             unseen = [c for c in (total, *parts) if c in cells and c in hidden]
             if len(unseen) != 1 or unseen[0] not in small:
                 continue
@@ -364,7 +485,7 @@ def suppress(counts: Mapping[str, int], k: int) -> set[str]:
             hidden.add(choice)
             small.add(choice)  # it now hides a small count: its own relations must hold
             changed = True
-    return hidden - set(_IMPLICIT)
+    return hidden - set(IMPLICIT)
 
 
 def flatten_counts(counts: Mapping[str, object]) -> dict[str, object]:
@@ -378,8 +499,8 @@ def flatten_counts(counts: Mapping[str, object]) -> dict[str, object]:
     return flat
 
 
-def _device_counts(flat: Mapping[str, object]) -> dict[str, int]:
-    return {name: cast(int, v) for name, v in flat.items() if name in _DEVICE_COUNTS}
+def _counts(flat: Mapping[str, object]) -> dict[str, int]:
+    return {name: cast(int, v) for name, v in flat.items() if name in COUNTS}
 
 
 def _unflatten(flat: Mapping[str, object]) -> dict[str, object]:

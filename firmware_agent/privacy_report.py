@@ -7,6 +7,11 @@ device, and which rule each mode answers. Every figure comes from the loaded set
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Sequence
+
+from firmware_agent.count import WindowCounts
+from firmware_agent.privacy import COLLISION_FLOOR, linear_count, shared_share
 from firmware_agent.settings import AgentConfig
 
 __all__ = ["privacy_report"]
@@ -20,8 +25,11 @@ def _duration(seconds: int) -> str:
     return f"{minutes} minute" + ("s" if minutes != 1 else "")
 
 
-def privacy_report(config: AgentConfig) -> str:
-    """The report's text for ``config``."""
+def privacy_report(
+    config: AgentConfig, measured: tuple[str, Sequence[WindowCounts]] | None = None
+) -> str:
+    """The report's text for ``config``; with ``measured`` (a capture's name and the windows
+    the agent counts from it), strict mode's collision rate as achieved there."""
     p = config.privacy
     window = _duration(config.count.window_s)
     identity = config.identity
@@ -48,21 +56,27 @@ def privacy_report(config: AgentConfig) -> str:
     ]
     if p.strict:
         bits = p.id_bits or 0
-        shared = p.shared_share() or 0.0
         lines += [
             f"  - Strict mode: the key lives one window ({window}). Each device id is cut to",
-            f"    {bits} bits ({1 << bits} possible values): with {p.expected_devices} devices "
-            f"around, about {shared:.0%} of",
-            "    them share their value with another device, so a value does not single one",
-            "    out. The per-window table (first and last time heard, best signal) is wiped",
-            "    at the end of every window with the key. Counts are corrected for the shared",
-            "    values by linear counting.",
+            f"    at most {bits} bits ({1 << bits} possible values), fewer when fewer devices are "
+            "around: the",
+            "    width follows the crowd of the window before, and each window is counted at",
+            f"    the widest width at which at least {COLLISION_FLOOR:.0%} of its devices share "
+            "their value with",
+            "    another (measured from the window's own counts); a window that cannot get",
+            "    there (one or two devices) publishes no device count. The per-window table",
+            "    (first and last time heard, best signal) is wiped at the end of every window",
+            "    with the key. Counts are corrected for the shared values by linear counting.",
         ]
+        if measured is not None:
+            lines += _collisions(p.id_bits or 0, *measured)
     else:
         lines += [
-            "  - The device table (first and last time heard, best signal, current visit, last",
-            "    sequence number, a keyed fingerprint of the phone model) and the estimator's",
-            "    links between the random addresses of one phone: wiped with the key.",
+            "  - The device table (first and last time heard, best signal, frames and current",
+            "    visit), the estimator's links between the random addresses of one phone (by a",
+            "    keyed fingerprint of the phone model and sequence numbers), and each linked",
+            "    phone's current visit (first and last time heard, best signal): wiped with the",
+            "    key.",
         ]
     lines += [
         "",
@@ -78,18 +92,27 @@ def privacy_report(config: AgentConfig) -> str:
         "  - frames heard (probe requests, malformed frames, late frames);",
     ]
     if p.strict:
+        lines.append("  - devices heard, of which randomised (collision-corrected).")
         lines.append(
-            "  - devices, of which randomised, visitors and passers-by (collision-corrected)."
+            "  - Not published in strict mode: people (arrivals, passers-by, occupancy), visits"
         )
-        lines.append("  - Not published in strict mode: dwell times, visits, unique devices today.")
-    else:
+        lines.append("    and their length: linking a phone's addresses outlives a window.")
+    elif p.dp_epsilon is None:
         lines += [
-            "  - devices, of which randomised, visitors and passers-by; visits ended and their",
-            "    length in five bands; devices so far today; the estimate of people present.",
+            "  - people: arrivals, passers-by, people present (mean and peak); visits ended and",
+            "    their length in five bands; devices heard, of which randomised (diagnostics).",
         ]
+    else:
+        lines.append("  - devices heard, of which randomised (diagnostics).")
+    small = (
+        "A count of one person, visit or device is"
+        if p.suppress_below == 2
+        else f"Any count of people, visits or devices from 1 to {p.suppress_below - 1} is"
+    )
     lines += [
-        f"  - Any count of devices from 1 to {p.suppress_below - 1} is sent as 'suppressed', "
-        "never as its value,",
+        "  - Never: devices so far today, or any figure that would differ between a phone",
+        "    heard earlier today and a new one (docs/PRIVACY.md, the membership attacker).",
+        f"  - {small} sent as 'suppressed', never as its value,",
         "    and so is any count from which a reader could subtract back to such a value.",
     ]
     if p.dp_epsilon is None:
@@ -98,13 +121,15 @@ def privacy_report(config: AgentConfig) -> str:
         lines += [
             f"  - Random noise (discrete Laplace, epsilon {p.dp_epsilon} per window) is added to "
             "every",
-            f"    count of devices; one device's presence for a whole day costs at most epsilon "
+            "    count that shows presence: the counts of devices, and the frames heard, bounded",
+            "    first (probe requests: at most a few per device; malformed and late frames: 0",
+            f"    or 1). One device's presence for a whole day costs at most epsilon "
             f"{p.dp_epsilon_day}.",
         ]
         if not p.strict:
             lines.append(
-                "  - The estimate of people present is not sent under noise: one device can "
-                "move it by more than noise scaled to one device can hide."
+                "  - The people figures are not sent under noise: one device can "
+                "move them by more than noise scaled to one device can hide."
             )
     lines += [
         "  Also, retained: the agent's settings (this mode, window, thresholds) and whether it is",
@@ -130,3 +155,24 @@ def privacy_report(config: AgentConfig) -> str:
         "  See docs/PRIVACY.md for the data flow, the threat model and a DPIA template.",
     ]
     return "\n".join(lines)
+
+
+def _collisions(ceiling: int, name: str, windows: Sequence[WindowCounts]) -> list[str]:
+    """What strict achieved on a capture: the share of devices sharing their id per window."""
+    shares, none = [], 0
+    for w in windows:
+        bits = w.id_bits or ceiling
+        crowd = linear_count(w.devices, 1 << bits)
+        share = shared_share(bits, crowd)
+        if share >= COLLISION_FLOOR:
+            shares.append(share)
+        elif w.devices:
+            none += 1
+    if not shares:
+        return [f"    Measured on {name}: no window had devices enough to share ids."]
+    return [
+        f"    Measured on {name}: in the {len(shares)} windows that publish device counts, "
+        f"{min(shares):.0%} to",
+        f"    {max(shares):.0%} of the devices share their id (median "
+        f"{statistics.median(shares):.0%}); windows with devices that publish none: {none}.",
+    ]

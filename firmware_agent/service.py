@@ -39,12 +39,14 @@ from firmware_agent import __version__
 from firmware_agent.capture import CaptureReader, FrameBatch
 from firmware_agent.count import NS, WindowCounts
 from firmware_agent.errors import ConfigError
+from firmware_agent.estimate import AUTO
 from firmware_agent.homeassistant import announce_in_background
 from firmware_agent.live import IFACE_PREFIX, LiveCapture
 from firmware_agent.messages import counts_payload, meta_payload, seal
 from firmware_agent.metrics import MetricsServer, SpoolWatch, agent_metrics
-from firmware_agent.people import PRESENCE_HOLD_S
+from firmware_agent.people import PeopleSettings
 from firmware_agent.pipeline import Pipeline
+from firmware_agent.privacy import epoch_label
 from firmware_agent.publish import Publisher
 from firmware_agent.settings import AgentConfig
 from firmware_agent.signing import load_signing_key
@@ -100,6 +102,8 @@ def _paced(
 def agent_meta(config: AgentConfig) -> dict[str, object]:
     """The meta payload: how this agent counts and what it does for privacy."""
     count = config.count
+    people = PeopleSettings.from_config(count, config.estimate)
+    threshold = config.estimate.rssi_threshold_dbm
     return meta_payload(
         config.identity.site,
         config.identity.agent,
@@ -108,11 +112,11 @@ def agent_meta(config: AgentConfig) -> dict[str, object]:
         epoch_length="midnight" if config.epoch.length_s is None else config.epoch.length_s,
         epoch_timezone=str(config.values["epoch.timezone"]),
         thresholds={
-            "rssi_threshold_dbm": count.rssi_threshold_dbm,
-            "min_dwell_s": count.min_dwell_s,
-            "visit_gap_s": count.visit_gap_s,
+            "rssi_threshold_dbm": "auto" if threshold == AUTO else threshold,
+            "min_dwell_s": people.min_dwell_s,
+            "visit_gap_s": people.visit_gap_s,
             "lateness_s": count.lateness_s,
-            "presence_hold_s": PRESENCE_HOLD_S,
+            "presence_hold_s": people.hold_s,
         },
         privacy=config.privacy.meta(),
     )
@@ -129,7 +133,6 @@ def _counts_message(
             seq,
             label,
             config.privacy.release(window),
-            version=1,
         ),
         key,
     )
@@ -239,8 +242,9 @@ def _spool_windows(
         if newest is not None and window.window_start <= newest:
             skipped += 1
             continue
-        label = pipeline.epoch_label
-        assert label is not None  # a window exists only under a key
+        start = pipeline.epoch_start
+        assert start is not None  # a window exists only under a key
+        label = epoch_label(key.verify_key.encode(), start)
         spool.append(
             window.window_start, functools.partial(_counts_message, config, key, label, window)
         )

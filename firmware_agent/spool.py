@@ -83,6 +83,7 @@ class SpoolState:
     pending: int  # messages waiting for an acknowledgement
     dropped: int  # messages dropped by the size cap, ever
     last_seq: int  # highest sequence number allocated (0: none yet)
+    appended: int  # messages ever appended (sequence numbers start at first_seq, not 1)
     newest_window: int | None  # start of the newest window ever spooled
 
 
@@ -210,7 +211,6 @@ class Spool:
             (pending,) = self._db.execute("SELECT count(*) FROM counts").fetchone()
         except sqlite3.Error as exc:
             raise SpoolError(f"{self.path}: {exc}") from exc
-        newest = state["newest_window"]
-        return SpoolState(
-            pending, state["dropped"], state["last_seq"], None if newest < 0 else newest
-        )
+        newest, last = state["newest_window"], state["last_seq"]
+        appended = last - state["first_seq"] + 1 if last else 0
+        return SpoolState(pending, state["dropped"], last, appended, None if newest < 0 else newest)

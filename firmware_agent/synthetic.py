@@ -527,34 +527,7 @@ def _distinct(rng: np.random.Generator, prefix: I64, bits: int) -> I64:
 def write_synthetic_capture(path: str | os.PathLike[str], spec: SyntheticSpec) -> SyntheticTruth:
     """Write a pcap of probe requests as ``spec`` describes; return what it holds."""
     frames = _simulate(spec)
-    tpl = _build_templates(spec.link_type, spec.fcs)
-    d11 = _HDR + (_RADIOTAP if spec.link_type == 127 else 0)
-    with open(path, "wb") as fh:
-        fh.write(np.array([0xA1B2C3D4, 0x00040002, 0, 0, 65535, spec.link_type], "<u4").tobytes())
-        for lo in range(0, spec.frames, _CHUNK):
-            sl = slice(lo, lo + _CHUNK)
-            tt = frames.template[sl]
-            lens = tpl.length[tt]
-            off = np.cumsum(lens) - lens
-            buf = tpl.pool[np.repeat(tpl.start[tt] - off, lens) + np.arange(int(lens.sum()))]
-            ts = frames.ts_us[sl]
-            _put(buf, off, ts // _US, 4)
-            _put(buf, off + 4, ts % _US, 4)
-            chan = frames.channel[sl]
-            if spec.link_type == 127:
-                _put(buf, off + _HDR + 8, frames.tsft_us[sl], 8)
-                _put(buf, off + _HDR + 18, _FREQS[chan], 2)
-                _put(buf, off + _HDR + 22, frames.dbm[sl] & 0xFF, 1)
-            _put(buf, off + d11 + 10, frames.addr[sl], 6, big=True)
-            _put(buf, off + d11 + 22, frames.seq[sl] << 4, 2)
-            _put(buf, off + tpl.ds_pos[tt], _CHANNELS[chan], 1)
-            if spec.fcs:
-                crc = tpl.fcs_base[tt].copy()
-                patched = [off + d11 + p for p in _ADDR2_SC] + [off + tpl.ds_pos[tt]]
-                for k, pos in enumerate(patched):
-                    crc ^= tpl.fcs_tables[tt, k, buf[pos]]
-                _put(buf, off + lens - 4, crc.astype(np.int64), 4)
-            fh.write(buf.data)
+    _write(path, frames, spec.link_type, spec.fcs)
     written = np.unique(frames.addr)
     radiotap = spec.link_type == 127
     return SyntheticTruth(
@@ -569,6 +542,228 @@ def write_synthetic_capture(path: str | os.PathLike[str], spec: SyntheticSpec) -
         first_ts_ns=int(frames.ts_us.min()) * 1000,
         last_ts_ns=int(frames.ts_us.max()) * 1000,
     )
+
+
+def _write(path: str | os.PathLike[str], frames: _Frames, link_type: int, fcs: bool) -> None:
+    """Assemble every record from the template pool and patch in the per-frame fields."""
+    tpl = _build_templates(link_type, fcs)
+    d11 = _HDR + (_RADIOTAP if link_type == 127 else 0)
+    with open(path, "wb") as fh:
+        fh.write(np.array([0xA1B2C3D4, 0x00040002, 0, 0, 65535, link_type], "<u4").tobytes())
+        for lo in range(0, len(frames.ts_us), _CHUNK):
+            sl = slice(lo, lo + _CHUNK)
+            tt = frames.template[sl]
+            lens = tpl.length[tt]
+            off = np.cumsum(lens) - lens
+            buf = tpl.pool[np.repeat(tpl.start[tt] - off, lens) + np.arange(int(lens.sum()))]
+            ts = frames.ts_us[sl]
+            _put(buf, off, ts // _US, 4)
+            _put(buf, off + 4, ts % _US, 4)
+            chan = frames.channel[sl]
+            if link_type == 127:
+                _put(buf, off + _HDR + 8, frames.tsft_us[sl], 8)
+                _put(buf, off + _HDR + 18, _FREQS[chan], 2)
+                _put(buf, off + _HDR + 22, frames.dbm[sl] & 0xFF, 1)
+            _put(buf, off + d11 + 10, frames.addr[sl], 6, big=True)
+            _put(buf, off + d11 + 22, frames.seq[sl] << 4, 2)
+            _put(buf, off + tpl.ds_pos[tt], _CHANNELS[chan], 1)
+            if fcs:
+                crc = tpl.fcs_base[tt].copy()
+                patched = [off + d11 + p for p in _ADDR2_SC] + [off + tpl.ds_pos[tt]]
+                for k, pos in enumerate(patched):
+                    crc ^= tpl.fcs_tables[tt, k, buf[pos]]
+                _put(buf, off + lens - 4, crc.astype(np.int64), 4)
+            fh.write(buf.data)
+
+
+# --- persons with known visits ------------------------------------------------------------
+
+_PER_BURST_MODELS = (0, 3, 4)  # draw a new address and sequence number for every burst
+_ROTATING_MODELS = (1, 2, 5)  # a new address every few minutes, the counter goes on
+_GLOBAL_MODELS = (1, 2, 5, 6)  # one vendor address throughout
+_BANDS_MIN = (5, 15, 30, 60)  # the dwell bands' edges (counts v2's dwell_minutes)
+
+
+@dataclass(frozen=True, slots=True)
+class PeopleSpec:
+    """Persons who come in, stay and leave (visitors) or walk past (passers-by), one phone
+    each. ``rates`` are visitors arriving per hour, one value per hour since ``start_ns``,
+    repeated (one value: a constant rate; 24: a daily profile; 168: a weekly one)."""
+
+    start_ns: int = 1_709_625_600 * 10**9  # Tuesday 2024-03-05 08:00 UTC
+    duration_s: int = 4 * 3600
+    rates: tuple[float, ...] = (30.0,)
+    passersby_per_visitor: float = 2.0
+    dwell_min: tuple[float, float] = (2.0, 120.0)  # visitors' stay, log-uniform (minutes)
+    burst_every_s: tuple[float, float] = (15.0, 55.0)  # between a phone's probe bursts
+    per_burst_share: float = 0.1  # phones with a new address (and counter) every burst
+    rotating_share: float = 0.5  # phones with a new address every 3-15 minutes
+    seed: int = 1
+    link_type: int = 127
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.rates or min(self.rates) < 0 or max(self.rates) > 10_000:
+            problems.append("rates must be 1 or more arrivals per hour within [0, 10000]")
+        if not 0 <= self.passersby_per_visitor <= 100:
+            problems.append("passersby_per_visitor must be within [0, 100]")
+        if not 0 < self.dwell_min[0] <= self.dwell_min[1] <= 24 * 60:
+            problems.append("dwell_min must be 0 < low <= high <= 1440 minutes")
+        if not 1 <= self.burst_every_s[0] <= self.burst_every_s[1] <= 600:
+            problems.append("burst_every_s must be 1 <= low <= high <= 600 seconds")
+        shares = (self.per_burst_share, self.rotating_share)
+        if min(shares) < 0 or sum(shares) > 1:
+            problems.append("per_burst_share and rotating_share must be >= 0, summing to <= 1")
+        if not 3600 <= self.duration_s <= 366 * 86400 or self.duration_s % 3600:
+            problems.append("duration_s must be whole hours, from 1 hour to a year")
+        if not 0 <= self.start_ns < (2**32 - 366 * 86400) * 10**9 or self.start_ns % 10**9:
+            problems.append("start_ns must be whole seconds that fit pcap's 32-bit seconds")
+        if self.link_type not in (105, 127):
+            problems.append("link_type must be 105 (802.11) or 127 (radiotap)")
+        if problems:
+            raise ConfigError("bad people spec: " + "; ".join(problems))
+
+
+@dataclass(frozen=True, slots=True)
+class PeopleTruth:
+    """Who was there: each person's arrival and departure (ns) and whether they came in."""
+
+    arrive_ns: I64
+    depart_ns: I64
+    visitor: NDArray[np.bool_]
+    frames: int
+    start_ns: int
+    end_ns: int
+
+    def hourly(self) -> list[dict[str, object]]:
+        """Per hour: visitors who arrived, passers-by, visits that ended (by departure,
+        those still in at the end leave then) with their dwell bands, and the people
+        present on average (visitors only)."""
+        hour = 3600 * 10**9
+        v = self.visitor
+        arrive, depart = self.arrive_ns[v], self.depart_ns[v]
+        minutes = (depart - arrive) // (60 * 10**9)
+        band = np.searchsorted(np.array(_BANDS_MIN), minutes, side="right")
+        out: list[dict[str, object]] = []
+        for start in range(self.start_ns, self.end_ns, hour):
+            end = start + hour
+            ended = (depart >= start) & (depart < end)
+            if end == self.end_ns:
+                ended |= depart == end
+            overlap = np.clip(np.minimum(depart, end) - np.maximum(arrive, start), 0, None)
+            out.append(
+                {
+                    "hour_start": start // 10**9,
+                    "arrivals": int(np.count_nonzero((arrive >= start) & (arrive < end))),
+                    "passersby": int(
+                        np.count_nonzero(~v & (self.arrive_ns >= start) & (self.arrive_ns < end))
+                    ),
+                    "visits_ended": int(np.count_nonzero(ended)),
+                    "dwell_minutes": {
+                        name: int(np.count_nonzero(ended & (band == b)))
+                        for b, name in enumerate(("lt5", "5-15", "15-30", "30-60", "ge60"))
+                    },
+                    "occupancy_mean": round(float(overlap.sum()) / hour, 2),
+                }
+            )
+        return out
+
+
+def _people(spec: PeopleSpec) -> tuple[_Frames, PeopleTruth]:
+    rng = np.random.default_rng(spec.seed)
+    end_ns = spec.start_ns + spec.duration_s * 10**9
+    hours = spec.duration_s // 3600
+    rates = np.resize(np.array(spec.rates, np.float64), hours)
+    # Who comes: Poisson arrivals per hour, uniform within it; passers-by likewise.
+    visitors = rng.poisson(rates)
+    passers = rng.poisson(rates * spec.passersby_per_visitor)
+    count = visitors + passers
+    hour_of = np.repeat(np.arange(hours), count)
+    visitor = np.concatenate(
+        [np.repeat([True, False], [a, b]) for a, b in zip(visitors, passers, strict=True)]
+        or [np.zeros(0, bool)]
+    )
+    n = len(hour_of)
+    arrive = spec.start_ns + (hour_of * 3600 + rng.random(n) * 3600) * 1e9
+    lo, hi = np.log(spec.dwell_min[0]), np.log(spec.dwell_min[1])
+    stay_s = np.where(visitor, np.exp(rng.uniform(lo, hi, n)) * 60, rng.uniform(5, 40, n))
+    arrive_ns = arrive.astype(np.int64)
+    depart_ns = np.minimum(arrive_ns + (stay_s * 1e9).astype(np.int64), end_ns)
+    # Which phone: a per-burst randomiser, a rotating one, or a global address.
+    kind = np.searchsorted(
+        np.cumsum([spec.per_burst_share, spec.rotating_share]), rng.random(n), side="right"
+    )
+    models = (_PER_BURST_MODELS, _ROTATING_MODELS, _GLOBAL_MODELS)
+    model = np.array([rng.choice(models[k]) for k in kind], np.int64)
+    mean_dbm = np.where(visitor, rng.uniform(-70, -50, n), rng.uniform(-92, -80, n))
+    # Bursts: the first within one interval of arriving, then one every burst_every_s.
+    a, b = spec.burst_every_s
+    span = ((depart_ns - arrive_ns) / 1e9).astype(np.float64)
+    most = int(np.ceil(span.max() / a)) + 1 if n else 1
+    steps = rng.uniform(a, b, (n, most))
+    steps[:, 0] *= rng.random(n)
+    offsets = np.cumsum(steps, axis=1)
+    inside = offsets < span[:, None]
+    inside[:, 0] = True  # every phone is heard at least once
+    person, step = np.nonzero(inside)
+    last = span[person] - 0.2  # a burst lasts at most 150 ms: all of it before leaving
+    burst_t = arrive_ns[person] + (np.minimum(offsets[person, step], last) * 1e9).astype(np.int64)
+    bursts = len(person)
+    size = rng.choice(np.arange(1, 5), bursts, p=[0.3, 0.35, 0.2, 0.15])
+    burst = np.repeat(np.arange(bursts), size)
+    rank = np.arange(len(burst)) - np.repeat(np.cumsum(size) - size, size)
+    who = person[burst]
+    t_ns = burst_t[burst] + rank * rng.integers(10_000_000, 50_000_000, bursts)[burst]
+    # Addresses: per burst, per rotation period since arriving, or one for good.
+    period_ns = rng.uniform(3, 15, n) * 60e9
+    era = np.where(
+        kind[who] == 0,
+        burst,
+        np.where(kind[who] == 1, ((burst_t[burst] - arrive_ns[who]) // period_ns[who]), 0),
+    ).astype(np.int64)
+    pairs, pair_of = np.unique(who * (1 << 32) + era, return_inverse=True)
+    pair_who = pairs >> 32
+    oui = np.array([rng.choice(_MODELS[m].ouis) for m in model], np.int64)
+    local = (rng.integers(0, 64, len(pairs)) << 2) | 0x02
+    addr = np.where(
+        kind[pair_who] == 2,
+        _distinct(rng, oui, 24)[pair_who],
+        _distinct(rng, local, 40),
+    )
+    # Sequence numbers: one counter per phone, or a fresh one every burst.
+    gaps = np.where(rank == 0, rng.integers(1, 9, len(burst)), 1)
+    counter = (
+        rng.integers(0, 4096, n)[who] + np.cumsum(gaps) - np.cumsum(gaps)[np.searchsorted(who, who)]
+    )
+    fresh = rng.integers(0, 4096, bursts)[burst] + rank
+    seq = np.where(kind[who] == 0, fresh, counter) % 4096
+    dbm = np.clip(
+        np.round(mean_dbm[who] + rng.normal(0, 3, bursts)[burst] + rng.normal(0, 1.5, len(burst))),
+        -96,
+        -30,
+    ).astype(np.int64)
+    order = np.argsort(t_ns, kind="stable")
+    tsf0 = int(rng.integers(10**9, 10**12))
+    ts_us = t_ns // 1000
+    frames = _Frames(
+        ts_us=ts_us[order],
+        tsft_us=(tsf0 + ts_us - spec.start_ns // 1000)[order],
+        template=(model[who] * (len(_SSIDS) + 1))[order],
+        addr=addr[pair_of][order],
+        seq=seq[order],
+        channel=((rng.integers(0, 3, bursts)[burst] + rank) % 3)[order],
+        dbm=dbm[order],
+        directed=np.zeros(len(order), bool),
+    )
+    truth = PeopleTruth(arrive_ns, depart_ns, visitor, len(order), spec.start_ns, end_ns)
+    return frames, truth
+
+
+def write_people_capture(path: str | os.PathLike[str], spec: PeopleSpec) -> PeopleTruth:
+    """Write a pcap of the phones of ``spec``'s persons; return who was there (the truth)."""
+    frames, truth = _people(spec)
+    _write(path, frames, spec.link_type, fcs=False)
+    return truth
 
 
 def main(argv: Sequence[str] | None = None) -> int:

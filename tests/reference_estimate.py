@@ -164,7 +164,7 @@ def reference_estimates(
             continue
         widx = max(t // w * w, oldest) // w
         dev = device or 1
-        if dev not in addresses:
+        if dev not in addresses or t - addresses[dev][1] > s.visit_gap_s * NS:
             chain = None
             if s.link and (randomised or s.assume_randomised) and fp:
                 chain = link(t, dev, fp, seq, rssi)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 
 from firmware_agent.audit import Audit
 from firmware_agent.cli import BUNDLED_SAMPLE
+from firmware_agent.homeassistant import discovery_message
 from firmware_agent.messages import (
     AgentId,
     SiteId,
@@ -25,7 +27,7 @@ from firmware_agent.messages import (
     public_key_text,
     seal,
 )
-from firmware_agent.privacy import STANDARD_PUBLISHES, STRICT_PUBLISHES
+from firmware_agent.privacy import STANDARD_PUBLISHES, STRICT_PUBLISHES, epoch_label
 from tests.agent_harness import prepare_agent, unique_id
 from tests.mqtt_broker import HOST, READER, Mosquitto
 
@@ -68,7 +70,11 @@ def _meta(mode: str = "standard", **privacy: object) -> dict[str, Any]:
     )
 
 
-def _counts(seq: int = 1, epoch: str = "9f3c1a7e52b04d68", **fields: Any) -> dict[str, Any]:
+MIDNIGHT = int(datetime(2024, 3, 5, tzinfo=UTC).timestamp())
+LABEL = epoch_label(KEY.verify_key.encode(), MIDNIGHT)  # the day's epoch, begun at midnight
+
+
+def _counts(seq: int = 1, epoch: str = LABEL, **fields: Any) -> dict[str, Any]:
     window = {
         "window_start": f"2024-03-05T10:{5 * (seq % 12):02d}:00Z",
         "window_s": 300,
@@ -81,9 +87,13 @@ def _counts(seq: int = 1, epoch: str = "9f3c1a7e52b04d68", **fields: Any) -> dic
         "passersby": 8,
         "visits_ended": 9,
         "dwell_minutes": {"lt5": 0, "5-15": 9, "15-30": 0, "30-60": 0, "ge60": 0},
-        "devices_epoch": 80,
     }
-    return counts_payload(SiteId(SITE), AgentId(AGENT), seq, epoch, window | fields, version=1)
+    window = {k: v for k, v in (window | fields).items() if v is not _ABSENT}
+    return counts_payload(SiteId(SITE), AgentId(AGENT), seq, epoch, window, version=1)
+
+
+_ABSENT = object()
+_STRICT = {"visits_ended": _ABSENT, "dwell_minutes": _ABSENT}
 
 
 def _audit(*payloads: dict[str, Any], key: nacl.signing.SigningKey = KEY) -> Audit:
@@ -114,7 +124,16 @@ def test_honest_messages_pass() -> None:
         ),
         ([_meta(), _counts(visitors=None, passersby=17)], "$.visitors follows by subtraction"),
         ([_meta("strict"), _counts()], "strict mode publishes visits_ended, dwell_minutes"),
-        ([_meta(suppress_below=1), _counts()], "a count of one device is published"),
+        ([_meta(suppress_below=1), _counts()], "below the floor of 2"),
+        ([_counts(1)], "no meta message seen: it declares no privacy mode"),
+        ([_meta(), _counts(1, epoch="a45e60010203abcd")], "is not derived from the agent's"),
+        ([_meta(), _counts(1, devices_epoch=80)], "publishes devices_epoch: a membership oracle"),
+        ([_meta(), _counts(1, people_est=9)], "publishes people_est: a membership oracle"),
+        ([_meta("strict", id_bits=16), _counts(**_STRICT)], "strict mode with 16-bit ids"),
+        (
+            [_meta("strict"), _counts(**_STRICT, static_excluded=10)],
+            "strict mode publishes static_excluded",
+        ),
         ([_meta(key_lifetime_s=90000), _counts()], "standard mode keeps a key 90000 s"),
         (
             [_meta(), _counts(1), _counts(2, window_start="2024-03-06T10:55:00Z")],
@@ -124,13 +143,32 @@ def test_honest_messages_pass() -> None:
             [_meta(), _counts(1, agent="aabbccddeeff")],
             "$.agent holds text shaped like a MAC address",
         ),
-        ([_meta(), _counts(1, devices_epoch=0xA45E60010203)], "$.devices_epoch is a 48-bit"),
+        ([_meta(), _counts(1, devices=0xA45E60010203)], "$.devices is a 48-bit"),
     ],
 )
 def test_each_leak_fails_with_its_reason(payloads: list[dict[str, Any]], reason: str) -> None:
     audit = _audit(*payloads)
     assert not audit.verdict()
     assert any(reason in r for r in _reasons(audit)), _reasons(audit)
+
+
+def test_a_message_off_the_agent_topics_fails_and_home_assistant_discovery_passes() -> None:
+    """Listening on '#': Home Assistant's discovery config of an agent (exactly the one footfall
+    publishes) and its birth message are recognised; anything else off the agent topics fails,
+    and so does a discovery config that is not footfall's."""
+    topic, config = discovery_message("homeassistant", SiteId(SITE), AgentId(AGENT))
+    honest = _audit(_meta(), _counts(1))
+    honest.add(topic, config)
+    honest.add("homeassistant/status", b"online")
+    assert _reasons(honest) == [] and honest.verdict()
+    elsewhere = _audit(_meta(), _counts(1))
+    elsewhere.add(f"shop/{SITE}/{AGENT}/counts", seal(_counts(2), KEY))
+    assert any("published off the agent topics" in r for r in _reasons(elsewhere))
+    tampered = _audit(_meta())
+    tampered.add(topic, config.replace(b"{", b'{"ssid": "MyHome", ', 1))
+    assert "not the Home Assistant discovery config a footfall agent publishes" in _reasons(
+        tampered
+    )
 
 
 def test_a_payload_outside_the_contract_fails_and_is_scanned() -> None:

@@ -11,7 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from firmware_agent.anonymize import DeviceBatch
-from firmware_agent.count import DWELL_BANDS, NS, CountSettings, WindowCounter, WindowCounts
+from firmware_agent.count import (
+    DWELL_BANDS,
+    FRAMES_PER_DEVICE,
+    NS,
+    CountSettings,
+    WindowCounter,
+    WindowCounts,
+)
 from firmware_agent.errors import ConfigError
 from firmware_agent.parse import KIND_MALFORMED, KIND_PROBE, RSSI_MISSING
 
@@ -26,6 +33,7 @@ class _Device:
     visit_start: int | None = None
     visitor: bool = False
     windows: dict[int, int] = field(default_factory=dict)  # window start -> best rssi
+    frames: dict[int, int] = field(default_factory=dict)  # window start -> frames
 
 
 def reference_windows(
@@ -41,11 +49,12 @@ def reference_windows(
 
     def close(start: int, end_all: bool) -> None:
         a = acc.pop(start, [0, 0, 0, 0, 0, 0, 0, 0, 0])
-        n = rand = visitors = 0
+        n = rand = visitors = clipped = 0
         for d in devices.values():
             if start in d.windows:
                 n += 1
                 rand += d.randomised
+                clipped += min(d.frames.pop(start), FRAMES_PER_DEVICE)
                 r = d.windows.pop(start)
                 if (
                     (r >= s.rssi_threshold_dbm or r == RSSI_MISSING)
@@ -76,6 +85,7 @@ def reference_windows(
                 visits_ended=a[3],
                 dwell_minutes=dict(zip(DWELL_BANDS, a[4:], strict=True)),
                 devices_epoch=len(devices),
+                probe_requests_clipped=clipped,
             )
         )
 
@@ -103,6 +113,7 @@ def reference_windows(
             d.visit_start = t
         d.first, d.last, d.randomised = min(d.first, t), max(d.last, t), randomised
         d.windows[start] = max(d.windows.get(start, -32768), rssi) if start in d.windows else rssi
+        d.frames[start] = d.frames.get(start, 0) + 1
     if oldest is not None:
         last_end = newest // w * w + w
         while oldest + w <= last_end:
@@ -121,8 +132,6 @@ def _batch(rows: list[tuple[int, int, int, int, int]]) -> DeviceBatch:
         randomised=np.array(rnd, np.uint8),
         seq=np.zeros(n, np.uint16),
         rssi=np.array(rssi, np.int16),
-        freq_mhz=np.zeros(n, np.uint16),
-        ssid=np.zeros(n, np.uint8),
         fp=np.zeros(n, np.uint64),
         frames=n,
     )
@@ -229,6 +238,7 @@ def test_table_growth_keeps_every_device() -> None:
     rows = [(KIND_PROBE, T0 + k * NS // 100, k + 1, k & 1, -60) for k in range(20_000)]
     (window,) = run_counter(rows, s, chunk=4096, capacity=4)
     assert window.devices == window.devices_epoch == 20_000
+    assert window.probe_requests_clipped == window.probe_requests == 20_000
     assert window.devices_randomised == 10_000
 
 

@@ -82,46 +82,29 @@ def test_a_merchant_reads_their_day_downloads_it_and_signs_out(
     # Change the date with the picker, as a person would.
     page.fill("#date", DAY.isoformat())
     page.click("#date-form button[type=submit]")
-    page.wait_for_url(f"{served.url}/sites/shop-a?date={DAY}")
+    page.wait_for_url(f"**/sites/shop-a?range=day&date={DAY}**")
     page.wait_for_selector("body[data-charts-ready='1']")
 
+    # These agents send device counts only (v1): no figure on the page claims people.
     api = page.request.get(f"{served.url}/api/v1/sites/shop-a/dashboard?day={DAY}").json()
-    drawn = page.evaluate(
-        "() => ({hours: footfallCharts.hours.data, days: footfallCharts.days.data})"
-    )
-    assert drawn["hours"][0] == list(range(24))
-    assert drawn["hours"][1] == by_hour(api["today"], "visitors")
-    assert drawn["hours"][2] == by_hour(api["today"], "passersby")
-    assert drawn["hours"][3] == by_hour(api["last_week"], "visitors")
-    assert drawn["days"][1] == [row["visitors"] for row in api["days"]]
-    assert len(drawn["days"][1]) == 28 and drawn["hours"][1][7] is None  # suppressed hour
-    # The charts are really drawn: their canvases hold coloured pixels.
-    inked = page.evaluate(
-        """() => [...document.querySelectorAll('.chart canvas')].map((c) => {
-             const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-             let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n; })"""
-    )
-    assert len(inked) == 2 and min(inked) > 500
-    # Suppressed counts read as such, not as zero.
-    page.click("#hours-table-toggle")
-    cells = page.eval_on_selector_all(
-        "#hours-table tbody tr", "rows => rows.map(r => [...r.cells].map(c => c.innerText))"
-    )
-    assert cells[7][:2] == ["07:00", "suppressed"]
-    assert cells[8][1] == f"≥ {api['today'][8]['visitors']}"
-    assert cells[9][1] == str(api["today"][9]["visitors"])
-    assert page.inner_text("#dwell").count("suppressed") == 1  # the 15-30 band
-    assert page.inner_text("#capture-rate").strip().endswith("%")
+    assert {row["arrivals"] for row in api["rows"]} == {None}
+    drawn = page.evaluate("() => footfallCharts.people.data[1]")
+    assert drawn == [None] * 24  # gaps, never zeros
+    assert page.inner_text("#tile-visitors").strip() == "—"
+    assert "devices only (v1)" in page.inner_text("#agents")
     assert "door" in page.inner_text("#agents")
     page.screenshot(path=str(artefacts / "dashboard-site.png"), full_page=True)
 
+    devices = page.request.get(
+        f"{served.url}/api/v1/sites/shop-a/counts?resolution=hour&from={DAY}&to={DAY}"
+    ).json()["rows"]
     with page.expect_download() as download:
-        page.click("#csv-hours")
+        page.click("#csv-devices")
     rows = list(csv.reader(io.StringIO(Path(download.value.path()).read_text())))
     assert rows[0][0] == "hour (Europe/Paris)" and len(rows) == 25
     column = rows[0].index("visitors (devices)")
     assert [r[column] for r in rows[1:]] == [
-        "" if v is None else str(v) for v in by_hour(api["today"], "visitors")
+        "" if v is None else str(v) for v in by_hour(devices, "visitors")
     ]
 
     page.click("#logout")

@@ -12,6 +12,7 @@ flag and the variable.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -30,17 +31,19 @@ import pytest
 from tests.netns import require
 from tests.web_harness import free_port
 
-START_S = 120  # the demo prints its login within this (about 15 s on 2 busy cores)
+START_S = 180  # the demo prints its login within this (about 45 s on 2 busy cores)
 
 
 @pytest.fixture(scope="module")
-def replayed_windows() -> int:
-    """The windows the bundled capture makes (``footfall-agent replay``, no broker)."""
+def replayed_windows() -> tuple[int, str]:
+    """The windows the bundled capture makes (``footfall-agent replay``, no broker), and the
+    day of the first."""
     agent = Path(sys.executable).with_name("footfall-agent")
     done = subprocess.run(
         [str(agent), "replay"], check=True, capture_output=True, text=True, timeout=120
     )
-    return len(done.stdout.splitlines())
+    lines = done.stdout.splitlines()
+    return len(lines), json.loads(lines[0])["window_start"][:10]
 
 
 def _lines_until_login(demo: subprocess.Popen[str]) -> str:
@@ -110,7 +113,7 @@ def _hiding_mosquitto(broker: str) -> list[str]:
     ids=["mosquitto", "embedded", "auto-without-mosquitto"],
 )
 def test_the_demo_prints_a_login_that_shows_the_replayed_counts(
-    broker: str, stop: signal.Signals, printed: str, replayed_windows: int
+    broker: str, stop: signal.Signals, printed: str, replayed_windows: tuple[int, str]
 ) -> None:
     if broker == "mosquitto" and not (
         shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()
@@ -132,7 +135,7 @@ def test_the_demo_prints_a_login_that_shows_the_replayed_counts(
         url = re.search(r"open (http://\S+)", text)
         password = re.search(r"password: (\S+)", text)
         assert listens and url and password, text
-        day = url.group(1).split("date=")[1]
+        windows, day = replayed_windows
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as browser:
             csrf = browser.get("/login").cookies["footfall_csrf"]
             signed = browser.post(
@@ -140,11 +143,20 @@ def test_the_demo_prints_a_login_that_shows_the_replayed_counts(
             )
             assert signed.status_code == 303
             data = browser.get(f"/api/v1/sites/demo-shop/dashboard?day={day}").json()
+            devices = browser.get(
+                f"/api/v1/sites/demo-shop/counts?resolution=hour&from={day}&to={day}"
+            ).json()["rows"]
             # Every window the agent made came through the broker and was stored once (the
-            # bundled capture lies within one day).
-            assert sum(row["windows"] for row in data["today"]) == replayed_windows > 0
-            assert [a["agent"] for a in data["agents"]] == ["entrance"]
-            assert browser.get(url.group(1)).status_code == 200
+            # bundled capture lies within one day), as counts v2 (people).
+            assert sum(row["windows"] for row in devices) == windows > 0
+            assert [(a["agent"], a["counts_v"]) for a in data["agents"]] == [("entrance", 2)]
+            assert sum(row["windows"] for row in data["rows"]) == windows
+            # The two shops' five weeks of people (v2), all stored; the link opens the latest day.
+            shop = browser.get(url.group(1))
+            assert shop.status_code == 200 and "Visitors" in shop.text
+            for site in ("high-street", "station"):
+                (agent,) = browser.get(f"/api/v1/sites/{site}/agents?since_hours=1000").json()
+                assert agent["counts_v"] == 2 and agent["windows"] > 9000
     finally:
         demo.send_signal(stop)
         status = demo.wait(30)

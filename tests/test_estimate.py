@@ -50,8 +50,6 @@ def batch(rows: list[Row]) -> DeviceBatch:
         randomised=np.array(col[3], np.uint8),
         seq=np.array(col[6], np.uint16),
         rssi=np.array(col[4], np.int16),
-        freq_mhz=np.zeros(n, np.uint16),
-        ssid=np.zeros(n, np.uint8),
         fp=np.array(col[5], np.uint64),
         frames=n,
     )
@@ -366,22 +364,38 @@ def _windows(config: AgentConfig, *, estimate: bool = True) -> list[WindowCounts
         return list(pipeline.run(reader))
 
 
-def test_windows_carry_the_estimate_and_people_only_when_calibrated() -> None:
+def test_windows_carry_the_estimate_and_calibrated_occupancy_only_when_calibrated() -> None:
     plain = _windows(load_config(None, environ={"FOOTFALL_EPOCH_LENGTH": "3600"}))
-    assert all("people_est" in w.as_dict() and "people" not in w.as_dict() for w in plain)
+    assert all(w.as_dict()["calibrated"] is False and not w.calibrated for w in plain)
     assert all(w.people_est is not None and w.people_est <= w.devices for w in plain)
     assert sum(w.people_est or 0 for w in plain) < sum(w.devices for w in plain)
     calibrated = _windows(load_config(None, environ={"FOOTFALL_ESTIMATE_CALIBRATION_FACTOR": "2"}))
-    assert all(w.people == 2 * (w.people_est or 0) for w in calibrated)
-    payload = counts_payload(
-        SiteId("s1"), AgentId("a1"), 1, "0" * 16, calibrated[3].as_dict(), version=1
-    )
+    raw = _windows(load_config(None, environ={}))
+    for c, w in zip(calibrated, raw, strict=True):
+        assert c.calibrated and c.figures is not None and w.figures is not None
+        assert c.figures.occupancy_peak == 2 * w.figures.occupancy_peak
+        assert c.figures.occupancy_mean == round(2 * w.figures.occupancy_mean, 2)
+        assert c.figures.arrivals == w.figures.arrivals  # counts of chains: not calibrated
+    payload = counts_payload(SiteId("s1"), AgentId("a1"), 1, "0" * 16, calibrated[3].as_dict())
     validate(payload)  # the counts schema knows the new fields
 
 
 def test_without_the_estimate_stage_windows_are_the_counters() -> None:
     config = load_config(None, environ={})
     counted = _windows(config, estimate=False)
-    assert all(w.people_est is None and "people_est" not in w.as_dict() for w in counted)
+    assert all(w.people_est is None and "arrivals" not in w.as_dict() for w in counted)
     estimated = _windows(config)
-    assert [replace(w, people_est=None, static_excluded=None) for w in estimated] == counted
+    assert [
+        replace(w, people_est=None, static_excluded=None, figures=None) for w in estimated
+    ] == counted
+
+
+def test_the_threshold_note_prints_no_count_of_devices_from_1_to_k_minus_1() -> None:
+    """The log obeys suppression: one lingering device is not '1 so far' (issue 17)."""
+    rng, ids = np.random.default_rng(4), Ids()
+    rows = phone(ids, rng, fp=7, start_s=0, end_s=900, every_s=30, rssi=-50, new_address="never")
+    est = Estimator(EstimateSettings(), suppress_below=5)
+    est.add(batch(rows))
+    est.close_all()
+    assert "fewer than 5 so far" in est.threshold_note, est.threshold_note
+    assert " 1 so far" not in est.threshold_note

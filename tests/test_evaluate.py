@@ -193,7 +193,17 @@ def test_calibrate_writes_the_config_that_evaluate_then_uses(
     assert "from the config" in capsys.readouterr().out
     assert cli.main(["replay", str(day1), "--config", str(config)]) == 0
     windows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert all(w["people"] == 2 * w["people_est"] + 1 for w in windows)
+    plain_config = tmp_path / "plain.toml"
+    plain_config.write_text("[count]\nwindow_s = 300\n")
+    assert cli.main(["replay", str(day1), "--config", str(plain_config)]) == 0
+    plain = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert all(w["calibrated"] for w in windows) and not any(w["calibrated"] for w in plain)
+    peaks = [
+        (w["occupancy_peak"], p["occupancy_peak"])
+        for w, p in zip(windows, plain, strict=True)
+        if None not in (w["occupancy_peak"], p["occupancy_peak"])
+    ]
+    assert peaks and all(c == 2 * raw + 1 for c, raw in peaks)  # occupancy is calibrated
 
 
 def test_evaluate_without_covered_windows_says_so(

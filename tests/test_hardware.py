@@ -21,7 +21,6 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from firmware_agent.broker_session import BrokerSession
-from firmware_agent.count import WindowCounts
 from firmware_agent.errors import BrokerError
 from firmware_agent.homeassistant import discovery_message
 from firmware_agent.messages import AgentId, SiteId
@@ -32,6 +31,7 @@ from tests.mqtt_broker import HOST, TestCertificates, shipped_broker, wait_for
 from tests.netns import require
 
 HARDWARE = REPO / "hardware"
+SCHEMAS = REPO / "firmware_agent" / "schemas"
 INSTALL = HARDWARE / "install.sh"
 SCRIPTS = ("footfall-monitor", "footfall-doctor")
 
@@ -231,10 +231,11 @@ def test_home_assistant_discovery_is_accepted_for_the_agents_own_config_and_read
         session.publish(topic, body, retain=True)
     config = json.loads(body)
     assert config["state_topic"] == "footfall/v1/shop1/door/counts"
-    counts_fields = set(WindowCounts.__dataclass_fields__)
+    counts_fields = json.loads((SCHEMAS / "counts.v2.json").read_text())["properties"]
     for component in config["components"].values():
         field = component["value_template"].split("payload.")[1].split()[0]
         assert field in counts_fields and component["platform"] == "sensor"
+        assert component["unit_of_measurement"] in ("people", "devices")
     assert retained(account(port, certs, "homeassistant"), "homeassistant/#") == {topic: body}
 
 

@@ -40,6 +40,9 @@ from tests.agent_harness import prepare_agent, unique_id
 from tests.mqtt_broker import Mosquitto, Subscriber, free_port, wait_for
 from tests.netns import Veth, require
 from tests.test_live import is_probe_request
+from tests.test_privacy import _secrets_of
+from tests.test_privacy_memory import found
+from tests.test_privacy_modes import _memory
 
 UTC = {"FOOTFALL_EPOCH_TIMEZONE": "UTC"}
 RADIOTAP = LiveSettings(link_type=127)
@@ -237,6 +240,9 @@ def test_agent_run_on_an_interface_publishes_its_counts_and_metrics(
         assert metrics["footfall_probe_requests_total"] == 12000
         assert metrics["footfall_kernel_packets_total"] == 12000
         assert metrics["footfall_kernel_drops_total"] == 0
+        # Issue 17: the running agent's memory holds none of the frames' addresses or SSIDs.
+        macs, ssids = _secrets_of(BUNDLED_SAMPLE)
+        assert found(_memory(run.pid), macs | ssids) == set()
         run.send_signal(signal.SIGTERM)
         assert run.wait(30) == 0, files.log_text()
         wait_for(

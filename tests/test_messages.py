@@ -198,9 +198,7 @@ def test_every_replayed_window_fits_the_counts_schema() -> None:
     pipeline = Pipeline(load_config(None, environ={}))
     with CaptureReader(BUNDLED_SAMPLE) as reader:
         for seq, window in enumerate(pipeline.run(reader), 1):
-            validate(
-                counts_payload(SITE, AGENT, seq, "0123456789abcdef", window.as_dict(), version=1)
-            )
+            validate(counts_payload(SITE, AGENT, seq, "0123456789abcdef", window.as_dict()))
 
 
 def test_schemas_are_valid_2020_12_and_closed() -> None:

@@ -81,6 +81,24 @@ def test_spool_watch_counts_acknowledged_windows_and_when(tmp_path: Path) -> Non
             watch.close()
 
 
+def test_spool_watch_counts_from_an_empty_spool_not_from_the_first_sequence_number(
+    tmp_path: Path,
+) -> None:
+    """A new spool numbers its first message with the Unix time (sequence numbers are never
+    reused across spools): the count of published windows starts at 0 all the same."""
+    path = tmp_path / "spool.sqlite3"
+    watch = SpoolWatch(path, interval_s=0.02)
+    try:
+        wait_for(lambda: watch.state is not None, 5, "the first look at the spool")
+        with Spool(path) as spool:
+            spool.ack([spool.append(300, lambda seq: b"w")])
+        wait_for(lambda: watch.published != 0, 5, "an acknowledged window")
+        time.sleep(0.1)
+        assert watch.published == 1
+    finally:
+        watch.close()
+
+
 def test_agent_metrics_include_the_kernels_counters_for_a_live_source(tmp_path: Path) -> None:
     watch = SpoolWatch(tmp_path / "spool.sqlite3", interval_s=0.02)
     try:

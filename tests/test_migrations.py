@@ -151,6 +151,12 @@ def test_upgrading_from_the_first_revision_keeps_the_data_and_equals_a_fresh_sch
         assert hour["visits_ended"] == 0  # carried by both windows (0002): published, 0
         (health,) = store.agents("s1")
         assert (health.windows, health.last_seq, health.missing) == (2, 2, 0)
+        # 0005 (counts v2): every window stored before stays, as v1; its hours say so.
+        assert health.counts_v is None
+        with store.begin() as conn:
+            kept = conn.exec_driver_sql("SELECT count(*), min(v), max(v) FROM windows").one()
+            assert tuple(kept) == (2, 1, 1)
+            assert conn.exec_driver_sql("SELECT v1_windows FROM site_hours").scalar() == 2
         assert store.refusal_counts() == {("bad_signature", "s1", "a1"): 3}
         capture = counts.capture(site, date(2024, 10, 27), date(2024, 10, 27))
         assert (capture["visitors"], capture["devices"], capture["windows_excluded"]) == (16, 22, 0)

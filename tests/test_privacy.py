@@ -157,8 +157,8 @@ def test_replay_leaks_no_address_ssid_or_key(
     monkeypatch.setenv("FOOTFALL_PRIVACY_MODE", mode)
     cli.main(["-v", "replay", str(capture)])
     out, err = capfd.readouterr()
-    if '"window_start"' in out and mode == "standard":  # the estimate and its log lines too
-        assert '"people_est"' in out and '"static_excluded"' in out
+    if '"window_start"' in out and mode == "standard":  # the people stage and its logs too
+        assert '"arrivals"' in out and '"occupancy_mean"' in out and '"static_excluded"' in out
     # The capture's own file name may contain an SSID ("linksys"): it is not a leak.
     blobs = {"stdout": out.encode(), "stderr": err.replace(str(capture), "<capture>").encode()}
     for root, _dirs, files in os.walk(tmp_path):

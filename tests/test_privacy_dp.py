@@ -1,11 +1,11 @@
 """Differential privacy is sound: the noise is scaled to what one device can really move.
 
 The stated L1 sensitivity (``PrivacyPolicy.sensitivity``) must bound how far one device id's
-frames move the sum of a window's noised counts. The estimate (``people_est``,
-``static_excluded``, ``people``) has no such bound (a learnt signal threshold and chain linking
-let one device change whether many others count; docs/PRIVACY.md), so under noise it is
-withheld. The bound is checked on every shared capture by removing one device's frames and
-replaying again.
+frames move the sum of a window's noised counts (device counts, and the frame counts bounded
+per device). The people figures and ``static_excluded`` have no such bound (a learnt signal
+threshold and chain linking let one device change whether many others count, and one device
+can split into several chains; docs/PRIVACY.md), so under noise they are withheld. The bound
+is checked on every shared capture by removing one device's frames and replaying again.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import pytest
 from firmware_agent import pipeline
 from firmware_agent.anonymize import EpochKey
 from firmware_agent.capture import CaptureReader
-from firmware_agent.count import WindowCounts
+from firmware_agent.count import FRAMES_PER_DEVICE, WindowCounts
 from firmware_agent.errors import CaptureError
 from firmware_agent.parse import KIND_PROBE, ProbeBatch
-from firmware_agent.privacy import DP_WITHHELD, PrivacyPolicy
+from firmware_agent.privacy import DP_WITHHELD, FRAME_COUNTS, PrivacyPolicy
 from firmware_agent.privacy_report import privacy_report
 from firmware_agent.settings import AgentConfig, load_config
 from tests.conftest import shared_capture_names
@@ -36,27 +36,43 @@ def _config(mode: str, **env: str) -> AgentConfig:
     return load_config(None, environ=_ENV | {"FOOTFALL_PRIVACY_MODE": mode} | env)
 
 
-def test_noise_withholds_the_estimate_whose_sensitivity_is_unbounded() -> None:
-    window = replace(_window(40, 20, 30, [5, 5, 5, 5, 5], 90), people=45)
+def test_noise_withholds_the_people_figures_whose_sensitivity_is_unbounded() -> None:
+    window = _window(40, 20, 30, [5, 5, 5, 5, 5], 90)
     plain = PrivacyPolicy().release(window)
     assert {name: plain[name] for name in DP_WITHHELD} == {
-        "people_est": 30,
+        "arrivals": 30,
+        "passersby": 10,
+        "visits_ended": 25,
+        "dwell_minutes": dict.fromkeys(("lt5", "5-15", "15-30", "30-60", "ge60"), 5),
+        "occupancy_mean": 22.5,
+        "occupancy_peak": 30,
+        "calibrated": False,
         "static_excluded": None,  # 2: suppressed
-        "people": 45,
     }
     noised = PrivacyPolicy(dp_epsilon=1.0).release(window)
     assert not set(DP_WITHHELD) & set(noised)
-    assert isinstance(noised["devices"], int) and isinstance(noised["dwell_minutes"], dict)
-    # An agent with a calibration and the learnt threshold: the estimate is computed, not sent.
+    assert {"devices", "devices_randomised"} <= set(noised)  # noised (small ones suppressed)
+    # An agent with a calibration and the learnt threshold: the figures are computed, not sent.
     config = _config("standard", FOOTFALL_PRIVACY_DP_EPSILON="0.5", **_CALIBRATED)
-    assert config.privacy.sensitivity == 6 and config.calibration is not None
-    assert not set(DP_WITHHELD) & set(config.privacy.device_counts(window))
-    assert _config("strict", FOOTFALL_PRIVACY_DP_EPSILON="0.5").privacy.sensitivity == 3
-    assert "estimate of people present is not sent under noise" in privacy_report(config)
+    assert config.privacy.sensitivity == 2 + FRAMES_PER_DEVICE + 2
+    assert config.calibration is not None
+    counts = config.privacy.noised_counts(window)
+    assert set(counts) == {"devices", "devices_randomised", *FRAME_COUNTS}
+    # The frame counts are under the noise too, bounded: clipped per device, or 0 or 1.
+    assert (counts["probe_requests"], counts["malformed"], counts["late_frames"]) == (80, 0, 0)
+    strict = _config("strict", FOOTFALL_PRIVACY_DP_EPSILON="0.5").privacy
+    assert strict.sensitivity == 2 + FRAMES_PER_DEVICE + 2
+    assert "people figures are not sent under noise" in privacy_report(config)
+    assert "probe requests" in privacy_report(config)
     # The audit holds an agent that declares noise to it.
     noisy = PrivacyPolicy(dp_epsilon=1.0)
     assert _audited(noisy, noisy.release(window)) == []
-    assert _audited(noisy, plain) == ["noised counts publish people, people_est, static_excluded"]
+    assert _audited(noisy, plain) == [
+        "noised counts publish arrivals, calibrated, dwell_minutes, occupancy_mean, "
+        "occupancy_peak, passersby, static_excluded, visits_ended",
+        "publishes arrivals, calibrated, dwell_minutes, occupancy_mean, occupancy_peak, "
+        "passersby, static_excluded, visits_ended: meta says it does not",
+    ]
 
 
 class _FixedKey(EpochKey):
@@ -102,8 +118,8 @@ def test_one_device_moves_the_noised_counts_by_at_most_the_sensitivity(
     """For each mode, the 3 devices with the most probe requests and 3 drawn at random are
     removed in turn; in every window both replays have (a window only one has was opened or
     closed by that device alone; a live agent publishes every window), the sum over the noised
-    counts of |with - without| is at most the stated sensitivity (measured: it reaches 6 in
-    standard and 3 in strict on the lab captures). A capture with no probe request must
+    counts of |with - without| is at most the stated sensitivity (measured: it reaches 8 in
+    both modes on the lab captures). A capture with no probe request must
     count no device."""
     monkeypatch.setattr(pipeline, "EpochKey", _FixedKey)
     batches = _parsed(pcaps_dir / name)
@@ -121,10 +137,14 @@ def test_one_device_moves_the_noised_counts_by_at_most_the_sensitivity(
         policy = config.privacy
         full = _replay(config, batches, None)
         if not len(devices):  # no probe request: no device, every device count 0
-            assert not any(any(policy.device_counts(w).values()) for w in full.values())
+            for w in full.values():
+                counts = policy.noised_counts(w)
+                assert not any(counts[k] for k in counts if k not in FRAME_COUNTS)
         for i in chosen:
             less = _replay(config, batches, devices[i])
             for start in full.keys() & less.keys():
-                a, b = policy.device_counts(full[start]), policy.device_counts(less[start])
+                if full[start].no_data or less[start].no_data:
+                    continue  # the device was all the window heard: the frame counts say so
+                a, b = policy.noised_counts(full[start]), policy.noised_counts(less[start])
                 moved = sum(abs(a[k] - b[k]) for k in a)
                 assert moved <= policy.sensitivity, (mode, start, a, b)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -36,8 +37,19 @@ from firmware_agent.cli import BUNDLED_SAMPLE
 from firmware_agent.count import DWELL_BANDS, NS, WindowCounts
 from firmware_agent.errors import ConfigError
 from firmware_agent.messages import AgentId, SiteId, counts_payload, meta_payload, seal
+from firmware_agent.people import WindowPeople
 from firmware_agent.pipeline import Pipeline
-from firmware_agent.privacy import PrivacyPolicy, discrete_laplace, linear_count
+from firmware_agent.privacy import (
+    COLLISION_FLOOR,
+    STANDARD_PUBLISHES,
+    PrivacyPolicy,
+    discrete_laplace,
+    epoch_label,
+    flatten_counts,
+    linear_count,
+    shared_share,
+)
+from firmware_agent.privacy_report import privacy_report
 from firmware_agent.service import agent_meta
 from firmware_agent.settings import AgentConfig, load_config
 from tests.conftest import shared_capture_names, shared_path
@@ -120,8 +132,18 @@ def _window(
         visits_ended=sum(bands),
         dwell_minutes=dict(zip(DWELL_BANDS, bands, strict=True)),
         devices_epoch=epoch,
+        probe_requests_clipped=2 * devices,
         people_est=visitors,
         static_excluded=min(2, devices),
+        figures=WindowPeople(
+            window_start=1_709_631_000,
+            arrivals=visitors,
+            passersby=devices - visitors,
+            visits_ended=sum(bands),
+            dwell_minutes=dict(zip(DWELL_BANDS, bands, strict=True)),
+            occupancy_mean=round(visitors * 0.75, 2),
+            occupancy_peak=visitors,
+        ),
     )
 
 
@@ -147,7 +169,7 @@ def _audited(policy: PrivacyPolicy, released: dict[str, object]) -> list[str]:
     )  # fmt: skip
     audit = Audit()
     key = nacl.signing.SigningKey.generate()
-    for payload in (meta, counts_payload(site, agent, 1, "0" * 16, released, version=1)):
+    for payload in (meta, counts_payload(site, agent, 1, "0" * 16, released)):
         audit.add(f"footfall/v1/s1/a1/{payload['kind']}", seal(payload, key))
     return [f.reason for f in audit.findings() if f.level == "fail"]
 
@@ -170,21 +192,32 @@ def test_released_counts_give_no_small_count_back_by_subtraction(
 
 def test_suppression_is_null_not_zero_and_complements_its_relations() -> None:
     released = PrivacyPolicy().release(_window(20, 18, 3, [0, 9, 1, 0, 0], 80))
-    assert released["visitors"] is None and released["passersby"] is None  # 3 + 17 = 20
+    assert released["arrivals"] is None and released["passersby"] == 17
     assert released["devices_randomised"] is None  # else 20 - 18 = 2 global devices
-    assert released["devices"] == 20 and released["devices_epoch"] == 80
+    assert released["devices"] == 20 and "devices_epoch" not in released
     bands = released["dwell_minutes"]
     assert bands == {"lt5": 0, "5-15": None, "15-30": None, "30-60": 0, "ge60": 0}
-    assert released["people_est"] is None  # 3 visitors, and people follows people_est
+    assert released["occupancy_peak"] is None  # 3 people at most
+    assert released["occupancy_mean"] is None  # at most the peak: as small
 
 
-def test_strict_release_publishes_no_dwell_visits_or_unique_today() -> None:
+def test_a_window_without_data_is_a_gap_of_nulls_not_zeros() -> None:
+    quiet = replace(_window(0, 0, 0, [0, 0, 0, 0, 0], 80), probe_requests=0, static_excluded=0)
+    released = PrivacyPolicy(dp_epsilon=1.0).release(quiet) | PrivacyPolicy().release(quiet)
+    assert released["no_data"] is True and released["probe_requests"] == 0
+    figures = {k: v for k, v in flatten_counts(released).items() if k.split(".")[0] in
+               STANDARD_PUBLISHES and k != "calibrated"}  # fmt: skip
+    assert figures and set(figures.values()) == {None}
+    assert not PrivacyPolicy().release(_window(0, 0, 0, [0] * 5, 80))["no_data"]
+
+
+def test_strict_release_publishes_the_device_diagnostics_only() -> None:
     released = PrivacyPolicy(mode="strict", key_lifetime_s=300).release(
         _window(40, 20, 30, [5, 5, 5, 5, 5], 90)
     )
     assert set(released) == {
-        "window_start", "window_s", "probe_requests", "malformed", "late_frames",
-        "devices", "devices_randomised", "visitors", "passersby",
+        "window_start", "window_s", "no_data", "probe_requests", "malformed", "late_frames",
+        "devices", "devices_randomised",
     }  # fmt: skip
 
 
@@ -234,15 +267,16 @@ def test_strict_replay_counts_close_to_standard_and_publishes_no_per_device_fiel
 def test_two_sensors_in_one_room_publish_nothing_that_links_a_device() -> None:
     config = _config()
     a, b = Pipeline(config), Pipeline(config)
-    labels_a: set[str | None] = set()
-    labels_b: set[str | None] = set()
+    labels_a: set[str] = set()
+    labels_b: set[str] = set()
+    signing = [nacl.signing.SigningKey.generate().verify_key.encode() for _ in range(2)]
     released = []
-    for pipeline, labels in ((a, labels_a), (b, labels_b)):
+    for pipeline, labels, public in ((a, labels_a, signing[0]), (b, labels_b, signing[1])):
         out = []
         with CaptureReader(BUNDLED_SAMPLE) as reader:  # parsing zeroes each batch: read twice
             for batch in reader:
                 out += [config.privacy.release(w) for w in pipeline.feed(batch)]
-                labels.add(pipeline.epoch_label)
+                labels.add(epoch_label(public, pipeline.epoch_start or 0))
         out += [config.privacy.release(w) for w in pipeline.finish()]
         released.append(out)
     # Different keys, the same published counts: what leaves depends on what happened in
@@ -402,3 +436,44 @@ def test_a_key_whose_page_cannot_be_locked_is_used_with_one_warning() -> None:
     assert len(warnings) == 1, result.stderr
     assert "could not lock the epoch key's memory page" in warnings[0]
     assert "RLIMIT_MEMLOCK" in warnings[0]
+
+
+_LAB_DAYS = ("2022-10-19", "2022-11-24", "2023-02-16")  # a class day, an empty day, a short one
+
+
+@pytest.mark.shared
+def test_strict_ids_are_shared_by_most_devices_in_every_window_of_the_lab_days() -> None:
+    """The id width follows each window's own crowd: at the width its counts are taken at,
+    at least COLLISION_FLOOR of its devices share their id (measured from the window's own
+    counts), in every window with two devices or more; a window with fewer publishes no
+    device count. On main the width was fixed by privacy.expected_devices (6 bits): in quiet
+    windows most devices kept an id of their own."""
+    config = _config(privacy_mode="strict")
+    policy = config.privacy
+    shares = []
+    for day in _LAB_DAYS:
+        lab = shared_path("data", "lab", f"fryza_p1_sc6-61_{day}_anonymized.pcap.gz")
+        for window in _windows(config, lab):
+            bits = window.id_bits or policy.id_bits or 0
+            share = shared_share(bits, linear_count(window.devices, 1 << bits))
+            assert window.shared in (None, pytest.approx(share))
+            released = policy.release(window)
+            if share < COLLISION_FLOOR:  # a crowd too small to share: no device count
+                assert released["devices"] in (0, None)
+            else:
+                shares.append(share)
+    assert len(shares) > 50
+    assert min(shares) >= COLLISION_FLOOR
+
+
+def test_privacy_report_words_small_counts_and_states_strict_collisions() -> None:
+    """k = 2 is 'a count of one device', not 'from 1 to 1'; with a capture, strict states the
+    share of devices sharing their id that it achieved there, per window."""
+    report = privacy_report(_config(privacy_suppress_below="2"))
+    assert "from 1 to 1" not in report and "A count of one person, visit or device is" in report
+    assert "from 1 to 4" in privacy_report(_config())
+    config = _config(privacy_mode="strict")
+    measured = privacy_report(config, ("sample.pcap", _windows(config)))
+    line = measured.split("Measured on sample.pcap: in the ")[1]
+    low = int(line.split("device counts, ")[1].split("%")[0])
+    assert low >= COLLISION_FLOOR * 100

@@ -1,0 +1,84 @@
+"""Strict mode's collision rate per window, and its accuracy against standard, on the lab days.
+
+Replays lab days (``../shared/data/lab/*.pcap.gz``, or the files given) in ``strict`` and in
+``standard`` (UTC midnight epochs, 5-minute windows) and prints, per day (Markdown):
+
+* windows; windows with a crowd of two devices or more; of those, how many reach the
+  collision floor (:data:`~firmware_agent.privacy.COLLISION_FLOOR`) and so publish device
+  counts, and the lowest and median share of devices sharing their id at the width the
+  window is counted at (measured from its own counts, :func:`~firmware_agent.privacy.shared_share`);
+* the widths used;
+* strict ``devices`` (collision-corrected) against standard's, MAPE over the windows where
+  standard counts 5 devices or more, and the mean signed error.
+
+Usage: ``nice .venv/bin/python bench/bench_strict.py [FILE ...] [--days 12]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from firmware_agent.capture import CaptureReader  # noqa: E402
+from firmware_agent.count import WindowCounts  # noqa: E402
+from firmware_agent.pipeline import Pipeline  # noqa: E402
+from firmware_agent.privacy import COLLISION_FLOOR, linear_count, shared_share  # noqa: E402
+from firmware_agent.settings import AgentConfig, load_config  # noqa: E402
+
+SHARED = Path(os.environ.get("FOOTFALL_SHARED", REPO.parent / "shared"))
+
+
+def windows(config: AgentConfig, path: Path) -> list[WindowCounts]:
+    with CaptureReader(path) as reader:
+        return list(Pipeline(config).run(reader))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("files", nargs="*", type=Path)
+    parser.add_argument("--days", type=int, default=12, help="lab days when no file is given")
+    args = parser.parse_args()
+    files = args.files or sorted((SHARED / "data" / "lab").glob("*.pcap.gz"))[: args.days]
+    env = {"FOOTFALL_EPOCH_TIMEZONE": "UTC"}
+    strict = load_config(None, environ=env | {"FOOTFALL_PRIVACY_MODE": "strict"})
+    standard = load_config(None, environ=env)
+    print(
+        "| day | windows | crowd >= 2 | reach the floor | lowest share | median share | "
+        "widths | devices MAPE | bias |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---|---:|---:|")
+    for path in files:
+        ours, theirs = windows(strict, path), windows(standard, path)
+        shares, widths = [], set()
+        crowds = 0
+        for w in ours:
+            bits = w.id_bits or strict.privacy.id_bits or 0
+            crowd = linear_count(w.devices, 1 << bits)
+            crowds += crowd >= 2
+            if crowd >= 2 and (share := shared_share(bits, crowd)) >= COLLISION_FLOOR:
+                shares.append(share)
+                widths.add(bits)
+        pairs = [
+            (b.devices, strict.privacy.correct(a).devices)
+            for a, b in zip(ours, theirs, strict=True)
+            if b.devices >= 5
+        ]
+        mape = statistics.mean(abs(s - t) / t for t, s in pairs) if pairs else float("nan")
+        bias = statistics.mean(s - t for t, s in pairs) if pairs else float("nan")
+        low = f"{min(shares):.0%}" if shares else "-"
+        mid = f"{statistics.median(shares):.0%}" if shares else "-"
+        print(
+            f"| {path.name[16:26]} | {len(ours)} | {crowds} | {len(shares)} | {low} | {mid} | "
+            f"{','.join(map(str, sorted(widths)))} | {mape:.1%} | {bias:+.1f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
