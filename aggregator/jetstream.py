@@ -209,7 +209,8 @@ class JetStreamSession:
             self.connected.clear()
             log.warning("JetStream: lost the connection to the cluster; connecting again")
 
-        async def back() -> None:
+        async def back() -> None:  # the streams and durable consumers are still there
+            self.connected.set()
             log.info("JetStream: connected again to the cluster")
 
         async def error(exc: Exception) -> None:
