@@ -182,9 +182,11 @@ def _publish_as(agent: SimAgent, port: int, topics: list[str]) -> None:
     """Publish b"x" at QoS 0 on each topic over MQTT 3.1.1 with the agent's account."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
     client.username_pw_set(f"{agent.site}/{agent.agent}", agent.password)
+    client.reconnect_delay_set(0.1, 1)
     client.connect(HOST, port, keepalive=5)
     client.loop_start()
-    try:
+    try:  # a fresh cluster's first MQTT connection may be refused while it makes its streams
+        wait_for(client.is_connected, 30, f"{agent.agent}'s MQTT connection")
         for topic in topics:
             client.publish(topic, b"x", qos=0).wait_for_publish(5)
     finally:
