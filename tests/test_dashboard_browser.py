@@ -93,6 +93,12 @@ def test_a_merchant_reads_their_day_downloads_it_and_signs_out(
     assert page.inner_text("#tile-visitors").strip() == "—"
     assert "devices only (v1)" in page.inner_text("#agents")
     assert "door" in page.inner_text("#agents")
+    heads = page.eval_on_selector_all("#agents th", "cells => cells.map(c => c.innerText)")
+    assert heads[-4:] == ["Missing", "Refused", "In its spool", "Sends"]
+    door = page.eval_on_selector_all(
+        "#agents tr[data-agent=door] td", "cells => cells.map(c => c.innerText)"
+    )
+    assert door[-3:-1] == ["0", "—"]  # nothing refused; no status from it yet
     page.screenshot(path=str(artefacts / "dashboard-site.png"), full_page=True)
 
     devices = page.request.get(
