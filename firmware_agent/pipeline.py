@@ -26,20 +26,21 @@ Windows close on the frames' own clock. A live source also gives the wall clock
 capture stalled) only where the sensor *normally hears something*: the median frames of the
 epoch's windows with frames so far is at least :data:`NORMAL_FRAMES`. Elsewhere a silent
 window is a quiet one: its figures are published (zero people), not a gap. The rule is causal
-(only windows already closed) and follows the scoring rule of the 101 lab days
-(tests/lab_days.py), where a silent window at a median of 10 frames is an outage with
-P < 5e-5 for a Poisson count; it is per window whatever ``window_s`` is, since it is a window's
-count that falls to zero by chance. Measured on the shared captures (687 windows, 38 of them
-silent): the lab's empty Sunday 2024-03-31 (a median of 9 frames) has 3 silent windows, now
-zeros, not gaps; a 30-minute hole cut into the bundled capture is six windows of no data
-(tests/test_people.py). Still no data, as est15's scoring calls them too: the 16 silent
-windows of two one-phone captures (after 68 and 57 frames a window, 80 minutes of nothing:
-nothing tells a capture filtered to one phone from a dead radio) and 3 evening windows of
-2024-04-04 (the busy morning holds the epoch's median at about 250; the evening hears 1-9).
-Until the epoch has a window with frames (its first windows,
-after midnight) the previous epoch's windows decide, so a radio that died before midnight
-stays a gap after it and a quiet site's night stays zeros; before any frame at all since the
-agent started, a silent window is no data (nothing says the radio works).
+(only windows already closed) and is the one the 101 lab days are scored by
+(tests/lab_days.py, over the whole day there): at a median of 10 frames a window, a silent one
+is an outage (P < 5e-5 for a Poisson count). It is per window whatever ``window_s`` is, since
+it is a window's count that falls to zero by chance. Until the epoch has a window with frames
+(its first windows, after midnight) the previous epoch's windows decide, so a radio that died
+before midnight stays a gap after it and a quiet site's night stays zeros; before any frame at
+all since the agent started, a silent window is no data (nothing says the radio works).
+
+Measured on the shared captures (687 windows, 38 of them silent): the lab's empty Sunday
+2024-03-31 (a median of 9 frames) has 3 silent windows, now zeros, not gaps; a 30-minute hole
+cut into the bundled capture is six windows of no data (tests/test_people.py). Still no data,
+as the lab days' rule calls them too: the 16 silent windows of two one-phone captures (after
+windows of 68 and 57 frames, 80 minutes of nothing: nothing tells a capture filtered to one
+phone from a dead radio) and 3 evening windows of 2024-04-04 (the busy morning holds the
+epoch's median at about 250; the evening hears 0-9 frames a window).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 A tick at time t closes what a frame stamped t closes: every window ending at or before
 t - lateness. So ticking at the frames' own times changes nothing, a quiet room still gets its
-windows on time (no data until a frame says the radio works), and a frame that comes after its window was closed by the clock is
-counted late, as a replay counts a frame older than the watermark.
+windows on time (no data until a frame says the radio works), and a frame that comes after its
+window was closed by the clock is counted late, as a replay counts a frame older than the
+watermark.
 """
 
 from __future__ import annotations
