@@ -62,6 +62,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("count.min_dwell_s", 120, "Presence (s) a device needs before it counts as a visitor."),
     Setting("count.visit_gap_s", 600, "Silence (s) after which a device's visit has ended."),
     Setting(
+        "count.max_devices",
+        250_000,
+        "Ceiling of the device table (rows); at it, the longest silent rows are evicted.",
+    ),
+    Setting(
         "epoch.length",
         "midnight",
         "When the hashing key and device table are replaced: 'midnight' (local, and at most "
@@ -443,6 +448,7 @@ def load_config(
             rssi_threshold_dbm=int(values["count.rssi_threshold_dbm"]),
             min_dwell_s=int(values["count.min_dwell_s"]),
             visit_gap_s=int(values["count.visit_gap_s"]),
+            max_devices=int(values["count.max_devices"]),
         ),
         CountSettings,
     )
