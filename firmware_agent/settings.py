@@ -115,6 +115,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("agent.state_dir", "/var/lib/footfall", "Directory of the spool (spool.sqlite3)."),
     Setting("broker.host", "localhost", "MQTT broker host name or address."),
     Setting("broker.port", 1883, "MQTT broker port (8883 is usual with TLS)."),
+    Setting(
+        "broker.hosts",
+        "",
+        "More brokers, tried in turn after broker.host:broker.port fails or is lost: host:port "
+        "pairs separated by commas (the other nodes of a cluster). Empty: broker.host only.",
+    ),
     Setting("broker.username", "", "User name at the broker (empty: none)."),
     Setting("broker.password", "", "Password at the broker.", secret=True),
     Setting(
@@ -487,6 +493,7 @@ def load_config(
         lambda: BrokerSettings(
             host=str(values["broker.host"]),
             port=int(values["broker.port"]),
+            hosts=str(values["broker.hosts"]),
             username=str(values["broker.username"]),
             password=str(values["broker.password"]),
             tls_ca=str(values["broker.tls_ca"]),
