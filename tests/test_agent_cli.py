@@ -74,7 +74,7 @@ def test_config_show_masks_the_password(
             '[agent]\nsite = "Shop 1"\n',
             r"agent\.site must match \[a-z0-9\]\[a-z0-9_-\]\{0,62\}, got 'Shop 1'",
         ),
-        ('[broker]\nhots = "x"\n', r"unknown setting 'broker\.hots'; did you mean 'broker\.host'"),
+        ('[broker]\nprot = "x"\n', r"unknown setting 'broker\.prot'; did you mean 'broker\.port'"),
         ('[broker]\nprotocol = "4"\n', r"broker\.protocol must be '5' or '3\.1\.1', got '4'"),
         ("[broker]\nport = 0\n", r"broker\.port must be between 1 and 65535, got 0"),
         ('[broker]\ntls_cert = "c.pem"\n', r"broker\.tls_cert and broker\.tls_key go together"),
