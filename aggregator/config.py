@@ -93,6 +93,32 @@ SETTINGS: tuple[_Setting, ...] = (
     Setting("broker.connect_timeout_s", 10, "How long (s) a connection attempt may take."),
     Setting("broker.backoff_max_s", 30, "Longest wait (s) between reconnection attempts."),
     Setting(
+        "broker.kind",
+        "mqtt",
+        "Where ingest reads the agents' messages: 'mqtt' (a broker such as Mosquitto, at "
+        "broker.host:broker.port) or 'jetstream' (streams on a NATS cluster, at broker.servers; "
+        "the agents still publish over MQTT, to the cluster's MQTT listener).",
+    ),
+    Setting(
+        "broker.servers",
+        "",
+        "NATS servers for broker.kind = 'jetstream', comma-separated "
+        "(nats://n1:4222,nats://n2:4222,...; tls:// with broker.tls_ca). Empty: "
+        "nats://broker.host:4222.",
+    ),
+    Setting(
+        "broker.stream_replicas",
+        1,
+        "JetStream: copies of each stream (1, or 3 on a 3-node cluster), set when "
+        "footfall-aggregator creates or updates its streams.",
+    ),
+    Setting(
+        "broker.ack_wait_s",
+        30,
+        "JetStream: a message an ingest process took and did not acknowledge within this many "
+        "seconds (it died, or its database hangs) goes to another ingest process.",
+    ),
+    Setting(
         "ingest.replica",
         "",
         "Name of this ingest process among its replicas ('a', 'b', or a systemd instance's %i): "
@@ -282,10 +308,36 @@ class BrokerSettings:
     connect_timeout_s: int = 10
     backoff_max_s: int = 30
     protocol: str = "5"
+    kind: str = "mqtt"
+    servers: str = ""
+    stream_replicas: int = 1
+    ack_wait_s: int = 30
 
     def __post_init__(self) -> None:
         problems: list[str] = []
         _check(problems, bool(self.host), "broker.host must not be empty")
+        _check(
+            problems,
+            self.kind in ("mqtt", "jetstream"),
+            f"broker.kind must be 'mqtt' or 'jetstream', got {self.kind!r}",
+        )
+        bad = [u for u in self.server_urls if not re.fullmatch(r"(nats|tls)://[^\s,/]+", u)]
+        _check(
+            problems,
+            not bad,
+            f"broker.servers must be nats://host:port or tls://host:port addresses separated by "
+            f"commas, got {', '.join(map(repr, bad))}",
+        )
+        _check(
+            problems,
+            1 <= self.stream_replicas <= 5,
+            f"broker.stream_replicas must be between 1 and 5, got {self.stream_replicas}",
+        )
+        _check(
+            problems,
+            1 <= self.ack_wait_s <= 86400,
+            f"broker.ack_wait_s must be between 1 and 86400, got {self.ack_wait_s}",
+        )
         _check(
             problems,
             1 <= self.port <= 65535,
@@ -330,7 +382,15 @@ class BrokerSettings:
             raise ConfigError("; ".join(problems))
 
     @property
+    def server_urls(self) -> list[str]:
+        """The NATS servers (broker.kind = 'jetstream')."""
+        listed = [u.strip() for u in self.servers.split(",") if u.strip()]
+        return listed or [f"nats://{self.host}:4222"]
+
+    @property
     def address(self) -> str:
+        if self.kind == "jetstream":
+            return ",".join(self.server_urls)
         return f"{self.host}:{self.port}"
 
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -595,6 +655,10 @@ def load_config(
             connect_timeout_s=number("broker.connect_timeout_s"),
             backoff_max_s=number("broker.backoff_max_s"),
             protocol=text("broker.protocol"),
+            kind=text("broker.kind"),
+            servers=text("broker.servers"),
+            stream_replicas=number("broker.stream_replicas"),
+            ack_wait_s=number("broker.ack_wait_s"),
         ),
         IngestSettings(
             client_id=client_id,

@@ -58,6 +58,11 @@ connected or not, and does not pass the messages of a member that is away to ano
 wait in that member's session until it comes back under its client id (or until the session
 expires). Run every ingest process under a supervisor that restarts it (systemd
 ``Restart=always``) with its own fixed ``ingest.client_id``.
+
+With ``broker.kind = "jetstream"`` the session is :class:`aggregator.jetstream.JetStreamSession`
+instead: durable pull consumers shared by every ingest process on a replicated NATS cluster,
+where a dead process's messages go to another after ``broker.ack_wait_s``. Verification,
+storage, refusals and acknowledgement after the commit are this module's, the same for both.
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aggregator.config import AggregatorConfig
 from aggregator.errors import IngestFatalError, StoreError
@@ -83,6 +88,9 @@ from aggregator.receipts import Receipts, load_receipt_key
 from aggregator.registry import Registry, noisy
 from aggregator.store import BatchOutcome, Store
 from aggregator.verify import REASONS, Accepted, Refusal, Verifier, WindowLimits
+
+if TYPE_CHECKING:
+    from aggregator.jetstream import JetStreamSession
 
 __all__ = ["Ingest", "IngestStats", "topics"]
 
@@ -241,21 +249,36 @@ class Ingest:
             if self.settings.verify_threads > 1
             else None
         )
-        self.session = Session(
-            config.broker,
-            client_id=self.settings.client_id,
-            session_expiry_s=self.settings.session_expiry_s,
-            receive_maximum=self.settings.receive_maximum,
-            maximum_packet_size=self.settings.max_message_bytes + PACKET_OVERHEAD,
-            filters=[topic for topic, _ in topics(self.settings.share_group)],
-            on_message=self._on_message,
-        )
+        self.session = self._session()
         self.connected = self.session.connected
         self.receipts = Receipts(
             load_receipt_key(Path(self.settings.receipt_key_file)),
             store,
             self.session.publish,
             self.settings.receipt_interval_ms / 1000,
+        )
+
+    def _session(self) -> Session | JetStreamSession:
+        """The transport: an MQTT session, or JetStream consumers (broker.kind); the rest of
+        ingest is the same for both."""
+        if self.config.broker.kind == "jetstream":
+            from aggregator.jetstream import JetStreamSession  # noqa: PLC0415 (nats-py: [nats])
+
+            return JetStreamSession(
+                self.config.broker,
+                durable=self.settings.share_group or "footfall",
+                max_age_s=self.settings.session_expiry_s,
+                receive_maximum=self.settings.receive_maximum,
+                on_message=self._on_message,
+            )
+        return Session(
+            self.config.broker,
+            client_id=self.settings.client_id,
+            session_expiry_s=self.settings.session_expiry_s,
+            receive_maximum=self.settings.receive_maximum,
+            maximum_packet_size=self.settings.max_message_bytes + PACKET_OVERHEAD,
+            filters=[topic for topic, _ in topics(self.settings.share_group)],
+            on_message=self._on_message,
         )
 
     def _on_message(self, delivery: Delivery) -> None:

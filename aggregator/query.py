@@ -222,48 +222,6 @@ class Counts:
             for row in rows
         ]
 
-    def capture(self, site: Site, first: date, last: date) -> dict[str, Any]:
-        """Capture rate from ``first`` to ``last``: Σ visitors / Σ devices over the windows
-        whose visitors and devices were both published (a mean of per-window ratios would weigh
-        a quiet window like a busy one). A window with either suppressed is left out of both
-        sums and counted in ``windows_excluded``. Once retention has deleted the period's
-        windows, the same over the roll-ups' hours (``basis``: ``hours``), an hour being left
-        out whole when any of its windows had either count suppressed."""
-        start, end = self.day_bounds(site, first, last)
-        w, h = windows.c, site_hours.c
-        both = w.visitors.is_not(None) & w.devices.is_not(None)
-        clean = (h.visitors_suppressed == 0) & (h.devices_suppressed == 0)
-        by_window = sa.select(
-            sa.func.count(),
-            sa.func.sum(sa.case((both, 0), else_=1)),
-            sa.func.sum(sa.case((both, w.visitors))),
-            sa.func.sum(sa.case((both, w.devices))),
-        ).where(
-            w.agent_key.in_(sa.select(agents.c.agent_key).where(agents.c.site_id == site.id)),
-            w.window_start >= start,
-            w.window_start < end,
-        )
-        by_hour = sa.select(
-            sa.func.sum(h.windows),
-            sa.func.sum(sa.case((clean, 0), else_=h.windows)),
-            sa.func.sum(sa.case((clean, h.visitors_sum))),
-            sa.func.sum(sa.case((clean, h.devices_sum))),
-        ).where(h.site_id == site.id, h.hour_start >= start, h.hour_start < end)
-        basis = "windows"
-        with self._reading() as conn:
-            row = conn.execute(by_window).one()
-            if not row[0]:
-                basis, row = "hours", conn.execute(by_hour).one()
-        stored, excluded, visitors, devices = (None if v is None else int(v) for v in row)
-        return {
-            "visitors": visitors,
-            "devices": devices,
-            "rate": round(visitors / devices, 3) if visitors is not None and devices else None,
-            "windows": stored or 0,
-            "windows_excluded": excluded or 0,
-            "basis": basis,
-        }
-
     def heatmap(self, site: Site, last: date) -> dict[str, Any]:
         """Busy times: mean visitors per weekday (0 = Monday) and local hour over the
         :data:`HEATMAP_WEEKS` weeks that end with ``last``; ``null`` where no hour had data."""

@@ -29,7 +29,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from scapy.layers.dot11 import Dot11, Dot11Elt, RadioTap
+from scapy.layers.dot11 import Dot11, RadioTap
+from scapy_dissect import dissect
 
 from firmware_agent.capture import LINKTYPE_RADIOTAP, CaptureReader, FrameBatch
 from firmware_agent.parse import KIND_PROBE, parse_batch
@@ -73,14 +74,7 @@ def _scapy_rate(batches: list[FrameBatch], limit: int) -> float:
             break
     start = time.perf_counter()
     for frame, lt in frames:
-        pkt = RadioTap(frame) if lt == LINKTYPE_RADIOTAP else Dot11(frame)
-        dot11 = pkt.getlayer(Dot11)
-        if dot11 is not None and dot11.type == 0 and dot11.subtype == 4:
-            _ = (dot11.addr2, dot11.SC, getattr(pkt, "dBm_AntSignal", None))
-            elt = pkt.getlayer(Dot11Elt)
-            while elt is not None:
-                _ = (elt.ID, elt.info)
-                elt = elt.payload.getlayer(Dot11Elt)
+        dissect(RadioTap(frame) if lt == LINKTYPE_RADIOTAP else Dot11(frame))
     return len(frames) / (time.perf_counter() - start)
 
 

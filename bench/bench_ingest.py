@@ -182,9 +182,17 @@ def receive_only(broker: Mosquitto, agents: int, windows: int, seed: str, client
     return Result(f"receive only, {name}", got[0], elapsed)
 
 
+def mosquitto_toml(broker: Mosquitto) -> str:
+    """The [broker] section of the aggregator's config for a bench Mosquitto."""
+    return (
+        f'[broker]\nhost = "{HOST}"\nport = {broker.port}\nusername = "{READER[0]}"\n'
+        f'password = "{READER[1]}"\n'
+    )
+
+
 def ingest(
     root: Path,
-    broker: Mosquitto,
+    broker: Mosquitto | tuple[str, int],
     dsn: str,
     schema: str,
     agents: int,
@@ -192,7 +200,13 @@ def ingest(
     seed: str,
     processes: int,
     label: str,
+    ready: str = "connected to broker",
 ) -> Result:
+    """One run; ``broker`` is a Mosquitto or (the [broker] section, the agents' MQTT port);
+    ingest is up when each process's log says ``ready``."""
+    broker_toml, port = (
+        (mosquitto_toml(broker), broker.port) if isinstance(broker, Mosquitto) else broker
+    )
     sims = make_agents(agents, seed=seed)
     settings = StoreSettings(dsn, schema, 0)
     with Store.open(settings) as store:
@@ -202,8 +216,8 @@ def ingest(
     config.write_text(
         f'[store]\ndsn = "{dsn}"\nschema = "{schema}"\nretention_days = 0\n'
         f'data_dir = "{root}"\n'
-        f'[broker]\nhost = "{HOST}"\nport = {broker.port}\nusername = "{READER[0]}"\n'
-        f'password = "{READER[1]}"\n[ingest]\nshare_group = "bench"\nlog_interval_s = 3600\n'
+        + broker_toml
+        + '[ingest]\nshare_group = "bench"\nlog_interval_s = 3600\n'
     )
     logs = [root / f"ingest-{uuid.uuid4().hex[:6]}.log" for _ in range(processes)]
     procs = [
@@ -222,12 +236,12 @@ def ingest(
         for i, log in enumerate(logs)
     ]
     deadline = time.monotonic() + 30
-    while not all("connected to broker" in log.read_text() for log in logs):
+    while not all(ready in log.read_text() for log in logs):
         if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
             raise SystemExit("ingest did not start:\n" + "\n".join(p.read_text() for p in logs))
         time.sleep(0.05)
     time.sleep(0.5)  # the SUBACKs
-    fleet = FleetProcess(broker.port, agents, windows, seed)
+    fleet = FleetProcess(port, agents, windows, seed)
     engine = Store(settings).engine
     count = sa.text("SELECT count(*) FROM windows")
     cpu_before = sum(_cpu_seconds(proc.pid) for proc in procs)  # start-up not counted

@@ -1,10 +1,11 @@
 """Count stage: device ids in, per-window counts out (numba).
 
 A device table (:class:`~firmware_agent.table.KeyedRows`, numpy arrays the numba kernel
-updates in place) holds, for the current epoch only, one row per device id: first and last
-seen, best signal, frames, randomised flag, the current visit, and per-window presence, best
-signal and frames. Nothing else: the keyed fingerprint and sequence number that the estimate
-stage reads are not kept here (least necessary state).
+updates in place) holds, for the current epoch only, one row per device id: last seen,
+randomised flag, the current visit, and per-window presence, best signal and frames. Nothing
+else: the keyed fingerprint and sequence number that the estimate stage reads are not kept
+here (least necessary state), nor first seen, best signal or frames over the epoch, which no
+figure reads.
 
 Windows are aligned to the clock (multiples of ``window_s`` since the Unix epoch) and
 close on the frames' own clock: a watermark trails the newest timestamp seen by
@@ -38,6 +39,7 @@ None.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -50,10 +52,12 @@ from firmware_agent.anonymize import DeviceBatch
 from firmware_agent.errors import ConfigError
 from firmware_agent.kernels import kernel
 from firmware_agent.parse import KIND_PROBE, RSSI_MISSING
-from firmware_agent.table import KeyedRows, slot
+from firmware_agent.table import KeyedRows, rehash, slot
 
 if TYPE_CHECKING:
     from firmware_agent.people import WindowPeople
+
+log = logging.getLogger("footfall.agent")
 
 __all__ = [
     "DWELL_BANDS",
@@ -70,9 +74,11 @@ NS = 1_000_000_000
 FRAMES_PER_DEVICE = 4  # a device's most probe requests in probe_requests_clipped per window
 
 # Device table columns (int64).
-_FIRST, _LAST, _VISIT_START, _VISIT_BEST, _BEST, _FRAMES, _RANDOM = range(7)
-_WIN, _WRSSI, _WFRAMES, _VISITOR = 7, 9, 11, 13  # _WIN, _WRSSI, _WFRAMES: two slots each
-_NCOLS = 14
+# A row is 10 x 8 bytes and its key 8; with the slot lists (12 bytes a slot) and the table
+# between a quarter and a half full, a device costs 200-400 bytes here.
+_LAST, _VISIT_START, _RANDOM = range(3)
+_WIN, _WRSSI, _WFRAMES, _VISITOR = 3, 5, 7, 9  # _WIN, _WRSSI, _WFRAMES: two slots each
+_NCOLS = 10
 
 # Window accumulator columns (int64), one row per open-window slot (two: by parity).
 _A_PROBES, _A_MALFORMED, _A_LATE, _A_ENDED = range(4)
@@ -88,8 +94,17 @@ _O_CLIPPED = 15
 _NOUT = 16
 
 # Clock state (int64): newest timestamp, start of the oldest open window (or _NONE),
-# devices in the table, open visits.
+# devices in the table, open visits (the length of the open-visit list), and the length of
+# each open window's list of devices heard in it (two: by parity).
 _C_MAX, _C_OLDEST, _C_USED, _C_OPEN_VISITS = range(4)
+_C_HEARD = 4  # two slots
+_C_EVICTED = 6  # rows evicted at the ceiling this epoch
+_NCLOCK = 7
+
+# Slot lists (int64), each of capacity // 2 + 1 entries: the slots heard in each open window
+# (rows 0 and 1, by parity) and the slots with an open visit (row 2). A window's close walks
+# these, not the table: its cost follows the devices heard lately, not the epoch's.
+_L_OPEN = 2
 _NONE = np.iinfo(np.int64).min
 
 
@@ -102,6 +117,7 @@ class CountSettings:
     rssi_threshold_dbm: int = -75
     min_dwell_s: int = 120
     visit_gap_s: int = 600
+    max_devices: int = 250_000  # the device table's ceiling; the oldest silent rows go first
 
     def __post_init__(self) -> None:
         if not (60 <= self.window_s <= 3600 and 3600 % self.window_s == 0):
@@ -121,6 +137,10 @@ class CountSettings:
             raise ConfigError(f"min_dwell_s must be 0 or more seconds, got {self.min_dwell_s}")
         if self.visit_gap_s < 60:
             raise ConfigError(f"visit_gap_s must be at least 60 seconds, got {self.visit_gap_s}")
+        if not 1024 <= self.max_devices <= 100_000_000:
+            raise ConfigError(
+                f"max_devices must be between 1024 and 100000000, got {self.max_devices}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +220,7 @@ def _close_window(
     acc: NDArray[np.int64],
     clock: NDArray[np.int64],
     params: NDArray[np.int64],
+    lists: NDArray[np.int64],
     end_all_visits: bool,
     out: NDArray[np.int64],
     row: int,
@@ -214,31 +235,35 @@ def _close_window(
     randomised = 0
     visitors = 0
     clipped = 0
-    scan_visits = clock[_C_OPEN_VISITS] > 0
-    if acc[p, _A_PROBES] > 0 or scan_visits:
-        for i in range(keys.shape[0]):
-            if keys[i] == 0:
-                continue
-            s = state[i]
-            if s[_WIN + p] == widx:
-                devices += 1
-                randomised += s[_RANDOM]
-                clipped += min(s[_WFRAMES + p], FRAMES_PER_DEVICE)
-                r = s[_WRSSI + p]
-                if (r >= thr or r == RSSI_MISSING) and s[_LAST] - s[_VISIT_START] >= min_dwell:
-                    visitors += 1
-                    s[_VISITOR] = 1
-            if s[_VISIT_START] != _NONE and (end_all_visits or s[_LAST] + gap <= end):
-                if s[_VISITOR]:
-                    dwell_min = (s[_LAST] - s[_VISIT_START]) // (60 * NS)
-                    band = 0
-                    while band < 4 and dwell_min >= DWELL_EDGES_MIN[band]:
-                        band += 1
-                    acc[p, _A_ENDED] += 1
-                    acc[p, _A_DWELL + band] += 1
-                s[_VISIT_START] = _NONE
-                s[_VISITOR] = 0
-                clock[_C_OPEN_VISITS] -= 1
+    for k in range(clock[_C_HEARD + p]):
+        s = state[lists[p, k]]
+        if s[_WIN + p] == widx:
+            devices += 1
+            randomised += s[_RANDOM]
+            clipped += min(s[_WFRAMES + p], FRAMES_PER_DEVICE)
+            r = s[_WRSSI + p]
+            if (r >= thr or r == RSSI_MISSING) and s[_LAST] - s[_VISIT_START] >= min_dwell:
+                visitors += 1
+                s[_VISITOR] = 1
+    clock[_C_HEARD + p] = 0
+    kept = 0
+    for k in range(clock[_C_OPEN_VISITS]):
+        i = lists[_L_OPEN, k]
+        s = state[i]
+        if end_all_visits or s[_LAST] + gap <= end:
+            if s[_VISITOR]:
+                dwell_min = (s[_LAST] - s[_VISIT_START]) // (60 * NS)
+                band = 0
+                while band < 4 and dwell_min >= DWELL_EDGES_MIN[band]:
+                    band += 1
+                acc[p, _A_ENDED] += 1
+                acc[p, _A_DWELL + band] += 1
+            s[_VISIT_START] = _NONE
+            s[_VISITOR] = 0
+        else:
+            lists[_L_OPEN, kept] = i
+            kept += 1
+    clock[_C_OPEN_VISITS] = kept
     o = out[row]
     o[_O_START] = start
     o[_O_PROBES] = acc[p, _A_PROBES]
@@ -251,7 +276,7 @@ def _close_window(
     o[_O_ENDED] = acc[p, _A_ENDED]
     for b in range(5):
         o[_O_DWELL + b] = acc[p, _A_DWELL + b]
-    o[_O_EPOCH] = clock[_C_USED]
+    o[_O_EPOCH] = clock[_C_USED] + clock[_C_EVICTED]
     o[_O_CLIPPED] = clipped
     acc[p, :] = 0
     clock[_C_OLDEST] = end
@@ -260,7 +285,7 @@ def _close_window(
 @kernel(
     export=(
         "UniTuple(i8, 2)(u1[:], i8[:], u8[:], u1[:], i2[:], i8, u8[:], "
-        "i8[:, :], i8[:, :], i8[:], i8[:], i8[:, :], i8)"
+        "i8[:, :], i8[:, :], i8[:], i8[:], i8[:, :], i8[:, :], i8)"
     )
 )
 def _count(
@@ -275,6 +300,7 @@ def _count(
     acc: NDArray[np.int64],
     clock: NDArray[np.int64],
     params: NDArray[np.int64],
+    lists: NDArray[np.int64],
     out: NDArray[np.int64],
     rows: int,
 ) -> tuple[int, int]:
@@ -283,7 +309,7 @@ def _count(
     Returns (next row to count, rows of out filled).
     """
     w, lateness, gap = params[0], params[1], params[4]
-    limit = keys.shape[0] // 2
+    limit = min(keys.shape[0] // 2, params[5])
     i = begin
     n = kind.shape[0]
     while i < n:
@@ -297,7 +323,7 @@ def _count(
         while clock[_C_MAX] - lateness >= clock[_C_OLDEST] + w:
             if rows == out.shape[0]:
                 return i, rows
-            _close_window(keys, state, acc, clock, params, False, out, rows)
+            _close_window(keys, state, acc, clock, params, lists, False, out, rows)
             rows += 1
         wstart = t // w * w
         if wstart < clock[_C_OLDEST]:
@@ -321,30 +347,25 @@ def _count(
         if keys[j] == 0:
             keys[j] = dev
             clock[_C_USED] += 1
-            s[_FIRST] = t
             s[_LAST] = t
-            s[_BEST] = r
             s[_VISIT_START] = _NONE
             s[_WIN] = -1
             s[_WIN + 1] = -1
-        if s[_VISIT_START] != _NONE and t - s[_LAST] > gap:
-            s[_VISIT_START] = _NONE
-            s[_VISITOR] = 0
-            clock[_C_OPEN_VISITS] -= 1
         if s[_VISIT_START] == _NONE:
             s[_VISIT_START] = t
-            s[_VISIT_BEST] = r
+            lists[_L_OPEN, clock[_C_OPEN_VISITS]] = j
             clock[_C_OPEN_VISITS] += 1
+        elif t - s[_LAST] > gap:  # silent too long: the old visit ends, a new one begins
+            s[_VISIT_START] = t
+            s[_VISITOR] = 0
         elif t < s[_VISIT_START]:
             s[_VISIT_START] = t
-        s[_FIRST] = min(s[_FIRST], t)
         s[_LAST] = max(s[_LAST], t)
-        s[_BEST] = max(s[_BEST], r)
-        s[_VISIT_BEST] = max(s[_VISIT_BEST], r)
-        s[_FRAMES] += 1
         s[_RANDOM] = randomised[i]
         if s[_WIN + p] != widx:
             s[_WIN + p] = widx
+            lists[p, clock[_C_HEARD + p]] = j
+            clock[_C_HEARD + p] += 1
             s[_WRSSI + p] = r
             s[_WFRAMES + p] = 1
         else:
@@ -354,13 +375,14 @@ def _count(
     return i, rows
 
 
-@kernel(export="i8(u8[:], i8[:, :], i8[:, :], i8[:], i8[:], i8, b1, i8[:, :])")
+@kernel(export="i8(u8[:], i8[:, :], i8[:, :], i8[:], i8[:], i8[:, :], i8, b1, i8[:, :])")
 def _flush(
     keys: NDArray[np.uint64],
     state: NDArray[np.int64],
     acc: NDArray[np.int64],
     clock: NDArray[np.int64],
     params: NDArray[np.int64],
+    lists: NDArray[np.int64],
     until: int,
     end_all_visits: bool,
     out: NDArray[np.int64],
@@ -372,7 +394,7 @@ def _flush(
         return 0
     while clock[_C_OLDEST] + w <= until and rows < out.shape[0]:
         last = clock[_C_OLDEST] + 2 * w > until
-        _close_window(keys, state, acc, clock, params, end_all_visits and last, out, rows)
+        _close_window(keys, state, acc, clock, params, lists, end_all_visits and last, out, rows)
         rows += 1
     return rows
 
@@ -384,7 +406,8 @@ class WindowCounter:
         self.settings = settings
         self.table = KeyedRows(capacity, _NCOLS)
         self._acc = np.zeros((2, _NACC), np.int64)
-        self._clock = np.array([_NONE, _NONE, 0, 0], np.int64)
+        self._clock = np.array([_NONE, _NONE] + [0] * (_NCLOCK - 2), np.int64)
+        self._lists = np.zeros((3, capacity // 2 + 1), np.int64)
         self._params = np.array(
             [
                 settings.window_s * NS,
@@ -392,9 +415,12 @@ class WindowCounter:
                 settings.rssi_threshold_dbm,
                 settings.min_dwell_s * NS,
                 settings.visit_gap_s * NS,
+                settings.max_devices,
             ],
             np.int64,
         )
+        self._capacity = capacity
+        self.evicted_total = 0  # rows evicted at the ceiling since this counter began
         self._out = np.zeros((256, _NOUT), np.int64)
 
     @property
@@ -425,12 +451,53 @@ class WindowCounter:
                 self._acc,
                 self._clock,
                 self._params,
+                self._lists,
                 self._out,
                 0,
             )
             yield from self._emit(rows)
-            if self._clock[_C_USED] >= self.table.capacity // 2:
+            if self._clock[_C_USED] >= self.settings.max_devices:
+                self._evict()
+            elif self._clock[_C_USED] >= self.table.capacity // 2:
                 self.table = self.table.grown()
+                self._relist()
+
+    @property
+    def evicted(self) -> int:
+        """Rows evicted at the ceiling (``max_devices``) in this epoch."""
+        return int(self._clock[_C_EVICTED])
+
+    def _evict(self) -> None:
+        """The table is at its ceiling: drop an eighth of its rows, the longest silent first.
+
+        Rows heard in an open window or in an open visit go only once no other is left (a
+        venue with more devices than the ceiling within ``visit_gap_s``): their window then
+        counts fewer devices and their visit never ends. The rest are rehashed into a table
+        of the same size (every slot moves, so the slot lists are rebuilt).
+        """
+        keys, rows = self.table.keys, self.table.rows
+        used = np.flatnonzero(keys)
+        oldest = int(self._clock[_C_OLDEST]) // int(self._params[0])
+        r = rows[used]
+        busy = (r[:, _VISIT_START] != _NONE) | (r[:, _WIN] >= oldest) | (r[:, _WIN + 1] >= oldest)
+        order = np.lexsort((r[:, _LAST], busy))  # silent first, then the longest silent
+        drop = used[order[: max(1, self.settings.max_devices // 8)]]
+        keys[drop] = 0
+        rows[drop] = 0
+        self._clock[_C_USED] -= len(drop)
+        self._clock[_C_EVICTED] += len(drop)
+        self.evicted_total += len(drop)
+        if self._clock[_C_EVICTED] == len(drop):  # the epoch's first eviction
+            log.warning(
+                "device table at its ceiling (count.max_devices = %d): the longest silent rows "
+                "are evicted from now on in this epoch (footfall_devices_evicted_total)",
+                self.settings.max_devices,
+            )
+        moved = KeyedRows(self.table.capacity, _NCOLS)
+        rehash(keys, rows, moved.keys, moved.rows)
+        self.table.wipe()
+        self.table = moved
+        self._relist()
 
     def close_until(self, until_ns: int, *, end_visits: bool) -> Iterator[WindowCounts]:
         """Close every window ending at or before ``until_ns`` (aligned to windows).
@@ -445,6 +512,7 @@ class WindowCounter:
                 self._acc,
                 self._clock,
                 self._params,
+                self._lists,
                 until_ns,
                 end_visits,
                 self._out,
@@ -472,11 +540,32 @@ class WindowCounter:
         return self.table.keys[present], rows[present, _RANDOM] == 1
 
     def new_epoch(self, start_ns: int) -> None:
-        """Wipe the table: the next frames are counted under a new key from ``start_ns``."""
+        """Wipe the table: the next frames are counted under a new key from ``start_ns``.
+
+        The wiped table is let go and a small one takes its place: a busy day's memory goes
+        back to the system (numpy returns large arrays with ``munmap``)."""
         self.table.wipe()
-        self._clock[_C_USED] = 0
-        self._clock[_C_OPEN_VISITS] = 0
+        self.table = KeyedRows(self._capacity, _NCOLS)
+        self._lists = np.zeros((3, self._capacity // 2 + 1), np.int64)
+        self._clock[_C_USED] = self._clock[_C_EVICTED] = 0
+        self._clock[_C_OPEN_VISITS] = self._clock[_C_HEARD] = self._clock[_C_HEARD + 1] = 0
         self._clock[_C_OLDEST] = start_ns
+
+    def _relist(self) -> None:
+        """Rebuild the slot lists after the table moved its rows (grown)."""
+        keys, rows = self.table.keys, self.table.rows
+        self._lists = np.zeros((3, self.table.capacity // 2 + 1), np.int64)
+        oldest = int(self._clock[_C_OLDEST]) // int(self._params[0])
+        used = keys != 0
+        for p in (0, 1):
+            widx = oldest if oldest & 1 == p else oldest + 1
+            self._fill(p, _C_HEARD + p, used & (rows[:, _WIN + p] == widx))
+        self._fill(_L_OPEN, _C_OPEN_VISITS, used & (rows[:, _VISIT_START] != _NONE))
+
+    def _fill(self, row: int, length: int, where: NDArray[np.bool_]) -> None:
+        slots = np.flatnonzero(where)
+        self._lists[row, : len(slots)] = slots
+        self._clock[length] = len(slots)
 
     def _emit(self, rows: int) -> Iterator[WindowCounts]:
         w = self.settings.window_s

@@ -646,6 +646,7 @@ class Estimator:
         self._zone = zone  # the site's, for its closed hours (None: the system's)
         self._k = suppress_below  # the log obeys the privacy stage's small-count rule
         self._params = settings.params()
+        self._capacity = capacity
         self._addrs = KeyedRows(capacity, _ACOLS)
         self._chains = np.zeros((capacity, _CCOLS), np.int64)
         self._fps = KeyedRows(max(capacity // 8, 64), _FCOLS)
@@ -723,8 +724,13 @@ class Estimator:
         return self.close_until(int(self._clock[_K_MAX]) // w * w + w)
 
     def new_epoch(self, start_ns: int) -> None:
-        """Forget every address, fingerprint and chain; windows go on from ``start_ns``."""
+        """Forget every address, fingerprint and chain; windows go on from ``start_ns``.
+
+        The wiped tables are let go for small ones: a busy day's memory goes back."""
         self.wipe()
+        self._addrs = KeyedRows(self._capacity, _ACOLS)
+        self._chains = np.zeros((self._capacity, _CCOLS), np.int64)
+        self._fps = KeyedRows(max(self._capacity // 8, 64), _FCOLS)
         self._clock[_K_OLDEST] = start_ns
         self._clock[_K_OPENS] = self._opens(start_ns)
 

@@ -202,6 +202,9 @@ def agent_metrics(
         Metric("footfall_spool_dropped_total", "counter",
                "Windows dropped unsent because the spool was full, ever.",
                spool_value(lambda s: s.dropped)),
+        Metric("footfall_devices_evicted_total", "counter",
+               "Device table rows evicted at its ceiling (count.max_devices) since the start.",
+               lambda: stats.devices_evicted),
         Metric("footfall_broker_connected", "gauge", "1 while connected to the broker.",
                lambda: int(connected.is_set())),
     ]  # fmt: skip

@@ -371,6 +371,7 @@ class PeopleCounter:
     def __init__(self, settings: PeopleSettings, capacity: int = 4096) -> None:
         self.settings = settings
         self._params = settings.params()
+        self._capacity = capacity
         self._visits = np.zeros((capacity, _VCOLS), np.int64)
         self._ring = np.zeros((int(self._params[_P_RING]), _RCOLS), np.int64)
         self._clock = np.array([_NONE, _NONE, 0, 0, 0], np.int64)
@@ -433,8 +434,10 @@ class PeopleCounter:
                 return closed
 
     def new_epoch(self, start_ns: int) -> None:
-        """Forget every visit; windows go on from ``start_ns``."""
+        """Forget every visit; windows go on from ``start_ns``. The wiped visits are let go
+        for a small table: a busy day's memory goes back."""
         self.wipe()
+        self._visits = np.zeros((self._capacity, _VCOLS), np.int64)
         self._clock[_K_OLDEST] = start_ns
 
     def wipe(self) -> None:

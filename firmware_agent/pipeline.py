@@ -55,6 +55,7 @@ class PipelineStats:
     windows: int = 0
     epochs: int = 0
     epochs_skipped: int = 0
+    devices_evicted: int = 0  # device table rows evicted at count.max_devices, every epoch
 
 
 @dataclass(slots=True)
@@ -110,11 +111,33 @@ class Pipeline:
         source: ``time.time_ns``), :meth:`tick` follows every batch; a live source yields
         empty batches when the air is quiet, so that windows still close on time.
         """
+        for group in self.run_grouped(batches, clock=clock):
+            yield from (window for window, _ in group)
+
+    def run_grouped(
+        self, batches: Iterable[FrameBatch], *, clock: Callable[[], int] | None = None
+    ) -> Iterator[list[tuple[WindowCounts, int]]]:
+        """:meth:`run`, a list per batch of the windows it closed (never empty), each with
+        its epoch's start (:attr:`epoch_start`, as it was when the window closed): what the
+        agent spools in one transaction."""
+
+        def labelled(windows: Iterable[WindowCounts]) -> list[tuple[WindowCounts, int]]:
+            out = []
+            for window in windows:
+                start = self.epoch_start
+                assert start is not None  # a window exists only under a key
+                out.append((window, start))
+            return out
+
         for probes in read_ahead(map(parse_frames, batches)):
-            yield from self.count(probes)
+            group = labelled(self.count(probes))
             if clock is not None:
-                yield from self.tick(clock())
-        yield from self.finish()
+                group += labelled(self.tick(clock()))
+            if group:
+                yield group
+        last = labelled(self.finish())
+        if last:
+            yield last
 
     def feed(self, batch: FrameBatch) -> Iterator[WindowCounts]:
         """Parse, anonymize and count one batch; yield the windows it closed."""
@@ -240,6 +263,7 @@ class Pipeline:
         if self._bits is not None:
             truncate_ids(batch, self._bits)
         windows = list(self._counter.add(batch))
+        self.stats.devices_evicted = self._counter.evicted_total
         if self._estimator is None or self._people is None:
             return self._strict(windows)
         threshold = self._estimator.threshold_dbm

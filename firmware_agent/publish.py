@@ -52,7 +52,7 @@ import ssl
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,7 @@ class BrokerSettings:
 
     host: str = "localhost"
     port: int = 1883
+    hosts: str = ""  # more host:port pairs, tried in turn
     username: str = ""
     password: str = field(default="", repr=False)
     tls_ca: str = ""  # "": no TLS; "system": the system's CAs; else a PEM file
@@ -112,6 +113,10 @@ class BrokerSettings:
             problems.append("broker.host must not be empty")
         if not 1 <= self.port <= 65535:
             problems.append(f"broker.port must be between 1 and 65535, got {self.port}")
+        for pair in self.hosts.split(","):
+            host, _, port = pair.strip().rpartition(":")
+            if pair.strip() and not (host and port.isdigit() and 1 <= int(port) <= 65535):
+                problems.append(f"broker.hosts must be host:port pairs, got {pair.strip()!r}")
         if self.protocol not in PROTOCOLS:
             problems.append(f"broker.protocol must be '5' or '3.1.1', got {self.protocol!r}")
         if not 1 <= self.keepalive_s <= 65535:
@@ -161,6 +166,11 @@ class BrokerSettings:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def brokers(self) -> list[BrokerSettings]:
+        """These settings for broker.host, then for each of broker.hosts."""
+        more = [p.strip().rpartition(":") for p in self.hosts.split(",") if p.strip()]
+        return [self] + [replace(self, host=h, port=int(p), hosts="") for h, _, p in more]
 
     @property
     def receipt_verify_key(self) -> nacl.signing.VerifyKey | None:
@@ -431,6 +441,8 @@ class Publisher:
         self._timeout = float(settings.receipt_timeout_s)  # re-send after (adapts: _adapt)
         self.settled = 0  # windows receipts took out of the spool since the start
         self._backoff = Backoff(settings.backoff_initial_ms / 1000, settings.backoff_max_s)
+        self._brokers = settings.brokers()
+        self._broker = 0  # the one to connect to next: the next listed after a failure
         self._wake = threading.Event()
         self._pause = threading.Event()  # interrupts a backoff wait when a stop is due
         self._stopping = False
@@ -474,6 +486,7 @@ class Publisher:
                         return
                     except BrokerError as exc:
                         self.connected.clear()
+                        self._broker = (self._broker + 1) % len(self._brokers)
                         delay = self._backoff.next()
                         log.warning("%s; next attempt in %.2f s", exc, delay)
                         if self._deadline is not None:
@@ -503,16 +516,15 @@ class Publisher:
         """One connection: returns once stopped cleanly, raises BrokerError when lost."""
         state = spool.state()
         will = (self._topics["status"], self._status("lost", state))
-        connection = Connection(
-            self.settings, self._context, f"footfall-{self.site}-{self.agent}", will
-        )
+        broker = self._brokers[self._broker]
+        connection = Connection(broker, self._context, f"footfall-{self.site}-{self.agent}", will)
         try:
             connection.open()
             self._backoff.reset()
             self.connected.set()
             log.info(
                 "connected to broker %s as site=%s agent=%s (%d windows spooled)",
-                self.settings.address,
+                broker.address,
                 self.site,
                 self.agent,
                 state.pending,

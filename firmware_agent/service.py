@@ -7,7 +7,9 @@
 * **For installers** (optional): Prometheus metrics on ``metrics.port`` and a Home Assistant
   discovery config (:mod:`firmware_agent.metrics`, :mod:`firmware_agent.homeassistant`).
 * Each closed window is signed and appended to the spool (which allocates its sequence
-  number durably), then the publisher thread sends it (:mod:`firmware_agent.publish`).
+  number durably), then the publisher thread sends it (:mod:`firmware_agent.publish`). The
+  windows one batch of frames closed are appended in one transaction (one fsync), so a
+  backfill is not held to the disk's fsync rate; none is sent before its commit.
 * A window at or before the newest one already spooled is skipped: an agent publishes a
   window once, even when a restart replays the same capture from its beginning.
 * **End of a capture file**: every open window is closed and spooled, and the agent waits until
@@ -238,17 +240,23 @@ def _spool_windows(
     live = isinstance(reader, LiveCapture)
     speed = None if live or config.source.path == "-" else config.source.speed
     clock = time.time_ns if live else None
-    for window in pipeline.run(_paced(reader, speed, stop), clock=clock):
-        if newest is not None and window.window_start <= newest:
-            skipped += 1
+    for group in pipeline.run_grouped(_paced(reader, speed, stop), clock=clock):
+        ready = [(w, start) for w, start in group if newest is None or w.window_start > newest]
+        skipped += len(group) - len(ready)
+        if not ready:
             continue
-        start = pipeline.epoch_start
-        assert start is not None  # a window exists only under a key
-        label = epoch_label(key.verify_key.encode(), start)
-        spool.append(
-            window.window_start, functools.partial(_counts_message, config, key, label, window)
+        spool.append_many(
+            [
+                (
+                    w.window_start,
+                    functools.partial(
+                        _counts_message, config, key, epoch_label(key.verify_key.encode(), start), w
+                    ),
+                )
+                for w, start in ready
+            ]
         )
-        spooled += 1
+        spooled += len(ready)
         publisher.notify()
         if publisher.error is not None:
             raise publisher.error

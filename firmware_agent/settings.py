@@ -62,6 +62,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("count.min_dwell_s", 120, "Presence (s) a device needs before it counts as a visitor."),
     Setting("count.visit_gap_s", 600, "Silence (s) after which a device's visit has ended."),
     Setting(
+        "count.max_devices",
+        250_000,
+        "Ceiling of the device table (rows); at it, the longest silent rows are evicted.",
+    ),
+    Setting(
         "epoch.length",
         "midnight",
         "When the hashing key and device table are replaced: 'midnight' (local, and at most "
@@ -110,6 +115,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("agent.state_dir", "/var/lib/footfall", "Directory of the spool (spool.sqlite3)."),
     Setting("broker.host", "localhost", "MQTT broker host name or address."),
     Setting("broker.port", 1883, "MQTT broker port (8883 is usual with TLS)."),
+    Setting(
+        "broker.hosts",
+        "",
+        "More brokers, tried in turn after broker.host:broker.port fails or is lost: host:port "
+        "pairs separated by commas (the other nodes of a cluster). Empty: broker.host only.",
+    ),
     Setting("broker.username", "", "User name at the broker (empty: none)."),
     Setting("broker.password", "", "Password at the broker.", secret=True),
     Setting(
@@ -443,6 +454,7 @@ def load_config(
             rssi_threshold_dbm=int(values["count.rssi_threshold_dbm"]),
             min_dwell_s=int(values["count.min_dwell_s"]),
             visit_gap_s=int(values["count.visit_gap_s"]),
+            max_devices=int(values["count.max_devices"]),
         ),
         CountSettings,
     )
@@ -481,6 +493,7 @@ def load_config(
         lambda: BrokerSettings(
             host=str(values["broker.host"]),
             port=int(values["broker.port"]),
+            hosts=str(values["broker.hosts"]),
             username=str(values["broker.username"]),
             password=str(values["broker.password"]),
             tls_ca=str(values["broker.tls_ca"]),

@@ -19,9 +19,13 @@ It holds counts messages only, exactly as they go on the wire: no device data.
   NORMAL the database stays consistent across a power cut but the last commits may be rolled
   back. An append that is rolled back may already have been sent, and after the restart its
   sequence number would go to another window, which the aggregator (de-duplicating by agent
-  and sequence number) would then drop. FULL costs one fsync per appended window, that is one
-  every few minutes. Acknowledged messages are deleted a batch per commit: a batch of deletions
-  lost to a power cut only means those windows are sent again, which de-duplication absorbs.
+  and sequence number) would then drop. FULL costs one fsync per commit: one every few
+  minutes live; when several windows are ready at once (a backfill, a replay), the agent
+  appends them in one transaction (:meth:`Spool.append_many`), one fsync for the batch, and
+  publishes none of them before that commit. One fsync per window held a backfill to
+  260-294 windows/s here; batched, see ``bench/bench_spool.py``. Acknowledged messages are
+  deleted a batch per commit: a batch of deletions lost to a power cut only means those
+  windows are sent again, which de-duplication absorbs.
 * **Sequence numbers** are allocated in the transaction that stores the message, so a number is
   never used twice. A new spool starts numbering at the current Unix time in seconds: an agent
   whose state directory was lost does not reuse its old numbers (it makes far fewer than one
@@ -153,19 +157,31 @@ class Spool:
     def append(self, window_start: int, message: Callable[[int], bytes]) -> int:
         """Allocate the next sequence number, build the window's message with it
         (``message(seq)``), and store it: all in one durable transaction. Returns the number."""
+        (seq,) = self.append_many([(window_start, message)])
+        return seq
+
+    def append_many(self, windows: Sequence[tuple[int, Callable[[int], bytes]]]) -> list[int]:
+        """:meth:`append` for several windows (start, message builder) in one durable
+        transaction, so one fsync: every one of them is stored, or none. Returns the numbers."""
         with self._write():
             state = self._state()
-            seq = state["last_seq"] + 1 if state["last_seq"] else state["first_seq"]
-            self._db.execute(
-                "INSERT INTO counts VALUES (?, ?, ?)", (seq, window_start, message(seq))
+            first = state["last_seq"] + 1 if state["last_seq"] else state["first_seq"]
+            seqs = list(range(first, first + len(windows)))
+            self._db.executemany(
+                "INSERT INTO counts VALUES (?, ?, ?)",
+                [
+                    (seq, start, message(seq))
+                    for seq, (start, message) in zip(seqs, windows, strict=True)
+                ],
             )
-            self._db.execute("UPDATE spool_state SET value = ? WHERE name = 'last_seq'", (seq,))
+            last = seqs[-1] if seqs else state["last_seq"]
+            self._db.execute("UPDATE spool_state SET value = ? WHERE name = 'last_seq'", (last,))
             self._db.execute(
                 "UPDATE spool_state SET value = max(value, ?) WHERE name = 'newest_window'",
-                (window_start,),
+                (max((start for start, _ in windows), default=-1),),
             )
             dropped = self._db.execute(
-                "DELETE FROM counts WHERE seq <= ?", (seq - self.max_windows,)
+                "DELETE FROM counts WHERE seq <= ?", (last - self.max_windows,)
             ).rowcount
             if dropped:
                 self._db.execute(
@@ -178,7 +194,7 @@ class Spool:
                 dropped,
                 state["dropped"] + dropped,
             )
-        return seq
+        return seqs
 
     def pending(self, after: int = 0, limit: int = 256) -> list[SpooledMessage]:
         """The oldest ``limit`` messages with a sequence number above ``after``, in order."""

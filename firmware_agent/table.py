@@ -14,7 +14,7 @@ from numpy.typing import NDArray
 
 from firmware_agent.kernels import kernel
 
-__all__ = ["KeyedRows", "slot"]
+__all__ = ["KeyedRows", "rehash", "slot"]
 
 
 @kernel(inline=True)
@@ -28,7 +28,7 @@ def slot(keys: NDArray[np.uint64], key: np.uint64) -> int:
 
 
 @kernel(export="void(u8[:], i8[:, :], u8[:], i8[:, :])")
-def _rehash(
+def rehash(
     keys: NDArray[np.uint64],
     rows: NDArray[np.int64],
     new_keys: NDArray[np.uint64],
@@ -59,7 +59,7 @@ class KeyedRows:
     def grown(self) -> KeyedRows:
         """A table twice the size with the same rows; this one is wiped."""
         bigger = KeyedRows(self.capacity * 2, self.rows.shape[1])
-        _rehash(self.keys, self.rows, bigger.keys, bigger.rows)
+        rehash(self.keys, self.rows, bigger.keys, bigger.rows)
         self.wipe()
         return bigger
 

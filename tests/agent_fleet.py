@@ -166,10 +166,13 @@ def _publish_packet(topic: bytes, pid: int, payload: bytes, dup: bool) -> bytes:
 
 
 class _Connection:
-    def __init__(self, agent: SimAgent, port: int, inflight: int, reconnect_s: float) -> None:
+    def __init__(
+        self, agent: SimAgent, ports: Sequence[int], inflight: int, reconnect_s: float
+    ) -> None:
         self.agent = agent
         self.reconnect_s = reconnect_s
-        self.port = port
+        self.ports = ports
+        self.port = ports[0]
         self.window = inflight
         self.topic = agent.topic.encode()
         self.sock: socket.socket | None = None
@@ -188,6 +191,7 @@ class _Connection:
 
     def open(self) -> bool:
         """Connect and wait for CONNACK; False if the broker is not there (try later)."""
+        sock: socket.socket | None = None
         try:
             sock = socket.create_connection((HOST, self.port), timeout=2)
             sock.sendall(
@@ -204,7 +208,9 @@ class _Connection:
                     raise OSError("closed")
                 ack += chunk
         except OSError:
-            self.retry_at = time.monotonic() + self.reconnect_s
+            if sock is not None:
+                sock.close()
+            self.lost()
             return False
         if ack[0] != 0x20 or ack[3] != 0:
             sock.close()
@@ -219,10 +225,12 @@ class _Connection:
         return True
 
     def lost(self) -> None:
+        """The connection is gone: try again later, at the next broker address listed."""
         if self.sock is not None:
             self.sock.close()
         self.sock = None
         self.retry_at = time.monotonic() + self.reconnect_s
+        self.port = self.ports[(self.ports.index(self.port) + 1) % len(self.ports)]
 
     def fill(self, budget: int) -> int:
         """Queue up to ``budget`` PUBLISH packets within the in-flight window; how many."""
@@ -262,18 +270,20 @@ class Fleet:
     ``rate`` caps the messages per second over the fleet (None: as fast as the broker
     acknowledges); ``inflight`` is each connection's window of unacknowledged messages;
     ``reconnect_s`` the wait before connecting again (the agent's first backoff is 0.25 to
-    0.5 s)."""
+    0.5 s). ``port`` may be a list (the nodes of a cluster): every agent connects to the first,
+    and after a lost connection to the next."""
 
     def __init__(
         self,
-        port: int,
+        port: int | Sequence[int],
         agents: Sequence[SimAgent],
         *,
         rate: float | None = None,
         inflight: int = 32,
         reconnect_s: float = 0.5,
     ) -> None:
-        self.connections = [_Connection(agent, port, inflight, reconnect_s) for agent in agents]
+        ports = [port] if isinstance(port, int) else list(port)
+        self.connections = [_Connection(agent, ports, inflight, reconnect_s) for agent in agents]
         self.rate = rate
         self.total = sum(len(a.messages) for a in agents)
         self.sent = 0

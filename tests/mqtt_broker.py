@@ -384,11 +384,19 @@ def start_broker(
 
 
 class Subscriber:
-    """A reader-account client on the broker, recording every message it gets, reconnecting
-    by itself. ``persistent`` keeps its session (and what is queued for it) across its own
-    disconnections and a broker restart that kept the broker's persistence."""
+    """A reader-account client (or ``account``) on the broker (or a port), recording every
+    message it gets, reconnecting by itself. ``persistent`` keeps its session (and what is
+    queued for it) across its own disconnections and a broker restart that kept the broker's
+    persistence."""
 
-    def __init__(self, broker: Mosquitto, topic: str = "footfall/#", *, persistent: bool = False):
+    def __init__(
+        self,
+        broker: Mosquitto | int,
+        topic: str = "footfall/#",
+        *,
+        persistent: bool = False,
+        account: tuple[str, str] = READER,
+    ):
         self.topic = topic
         self.messages: list[tuple[str, bytes, bool]] = []  # topic, payload, retained
         self._lock = threading.Lock()
@@ -400,12 +408,12 @@ class Subscriber:
             protocol=mqtt.MQTTv311,
             clean_session=not persistent,
         )
-        self.client.username_pw_set(*READER)
+        self.client.username_pw_set(*account)
         self.client.reconnect_delay_set(0.05, 0.5)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *_: self._subscribed.set()
         self.client.on_message = self._on_message
-        self.client.connect(HOST, broker.port, keepalive=5)
+        self.client.connect(HOST, broker if isinstance(broker, int) else broker.port, keepalive=5)
         self.client.loop_start()
         if not self._subscribed.wait(5):
             raise AssertionError(f"no SUBACK for {topic}")

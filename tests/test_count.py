@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
@@ -255,3 +255,32 @@ def test_table_growth_keeps_every_device() -> None:
 def test_bad_count_settings_are_refused_with_the_rule(kwargs: dict[str, int], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         CountSettings(**kwargs)
+
+
+def test_the_ceiling_evicts_the_longest_silent_devices_and_nothing_published_changes() -> None:
+    """20,000 addresses over a day, 1,024 rows at most: every window is the twin's (but for
+    devices_epoch, which counts an evicted address again), the table stays at its ceiling,
+    the evictions are counted, and a new epoch gives the memory back."""
+    s = CountSettings(window_s=300, min_dwell_s=60, visit_gap_s=600, max_devices=1024)
+    rng = np.random.default_rng(18)
+    ts = np.sort(rng.integers(0, 86_400, 60_000)) * NS + T0
+    devs = (np.arange(60_000) // 3 + rng.integers(0, 2, 60_000)) % 20_000 + 1
+    rssi = rng.choice([-80, -60, RSSI_MISSING], size=60_000)
+    rows = [
+        (KIND_PROBE, int(t), int(d), int(d & 1), int(r))
+        for t, d, r in zip(ts, devs, rssi, strict=True)
+    ]
+    counter = WindowCounter(s, capacity=64)
+    windows: list[WindowCounts] = []
+    for i in range(0, len(rows), 5000):
+        windows += counter.add(_batch(rows[i : i + 5000]))
+        assert counter.table.capacity <= 2048
+    windows += counter.close_all()
+    twin = reference_windows(rows, s)
+    assert [replace(w, devices_epoch=0) for w in windows] == [
+        replace(w, devices_epoch=0) for w in twin
+    ]
+    evicted = counter.evicted
+    assert evicted == counter.evicted_total > 15_000
+    counter.new_epoch(T0 + 86_400 * NS)
+    assert (counter.table.capacity, counter.evicted, counter.evicted_total) == (64, 0, evicted)

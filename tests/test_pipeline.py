@@ -141,3 +141,24 @@ def test_replay_window_flag_sets_the_window_length(window_s: str) -> None:
     result = _agent("replay", str(BUNDLED_SAMPLE), "--window-s", window_s)
     assert result.returncode == 0
     assert f'"window_s": {window_s}'.encode() in result.stdout
+
+
+def test_more_addresses_than_the_ceiling_run_to_the_end_and_report_evictions(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    capture = tmp_path / "busy.pcap"
+    spec = SyntheticSpec(frames=24_000, devices=8000, randomised_share=1.0, seed=18)
+    truth = write_synthetic_capture(capture, spec)
+    assert truth.addresses > 8000
+    free, _ = replay(capture)
+    capped, pipeline = replay(capture, UTC_MIDNIGHT | {"FOOTFALL_COUNT_MAX_DEVICES": "2048"})
+    assert pipeline.stats.devices_evicted > truth.addresses - 2048
+    assert pipeline._counter.table.capacity == 4096  # never grown: the ceiling is 2,048 rows
+    said = [r.message for r in caplog.records if "device table at its ceiling" in r.message]
+    assert said == [
+        "device table at its ceiling (count.max_devices = 2048): the longest silent rows are "
+        "evicted from now on in this epoch (footfall_devices_evicted_total)"
+    ]
+    assert sum(w.probe_requests for w in capped) == truth.frames
+    published = [(w.window_start, w.devices, w.visitors, w.visits_ended) for w in capped]
+    assert published == [(w.window_start, w.devices, w.visitors, w.visits_ended) for w in free]

@@ -69,6 +69,23 @@ def test_a_failed_message_takes_no_sequence_number(tmp_path: Path) -> None:
         assert spool.state().newest_window == 600
 
 
+def test_windows_ready_together_go_in_one_transaction_all_or_none(tmp_path: Path) -> None:
+    def invalid(seq: int) -> bytes:
+        raise SchemaError("counts message: $.devices: -1 is less than the minimum of 0")
+
+    commits = []
+    with Spool(tmp_path / "spool.sqlite3", SpoolSettings(max_windows=4)) as spool:
+        spool._db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+        first = spool.append(0, _body)
+        seqs = spool.append_many([(300 * i, _body) for i in range(1, 6)])
+        assert (seqs, len(commits)) == (list(range(first + 1, first + 6)), 2)
+        with pytest.raises(SchemaError):
+            spool.append_many([(1800, _body), (2100, invalid)])
+        assert [m.seq for m in spool.pending()] == seqs[1:]  # the cap: 4 windows
+        state = spool.state()
+    assert (state.last_seq, state.newest_window, state.dropped) == (seqs[-1], 1500, 2)
+
+
 def test_the_journal_is_wal_and_commits_are_synchronous(tmp_path: Path) -> None:
     path = tmp_path / "spool.sqlite3"
     with Spool(path) as spool:
