@@ -300,6 +300,7 @@ def cmd_agents_list(args: argparse.Namespace) -> int:
             "WINDOWS",
             "LAST WINDOW",
             "MISSING",
+            "REFUSED",
             "SPOOL",
             "SPOOL DROPPED",
         )
@@ -316,6 +317,7 @@ def cmd_agents_list(args: argparse.Namespace) -> int:
                 a.windows,
                 _when(a.last_window),
                 a.missing,
+                a.refused,
                 _spool(a),
                 "-" if a.spool_dropped is None else a.spool_dropped,
             )

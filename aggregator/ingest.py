@@ -28,7 +28,11 @@ was not acknowledged, so acknowledgements of messages from an older connection a
 After each commit the agents whose windows the batch settled get a new signed receipt
 (:mod:`aggregator.receipts`), published by the worker at most every
 ``ingest.receipt_interval_ms`` per agent: agents that have the receipt key keep a window
-until a receipt covers it, so nothing the broker loses is lost.
+until a receipt covers it, so nothing the broker loses is lost. A counts window refused for
+its content after its signature verified with the enrolled key (its range, its sense, retention:
+:attr:`Refusal.settles`) is quarantined with its text and reason and settled in the same
+transaction, so the receipt covers it and the agent stops sending it; a message whose
+signature did not verify, or from an agent not enrolled, settles nothing.
 
 **No message can stop ingest** (issue 16: one signed window dated 9999-12-31 did, for every
 site, across restarts). Each message is verified on its own: an exception while verifying it
@@ -119,7 +123,8 @@ class _Verified:
     batch: list[tuple[Delivery, float]]
     accepted: list[Accepted] = field(default_factory=list)
     tally: Counter[tuple[str, str, str]] = field(default_factory=Counter)
-    quarantine: list[dict[str, Any]] = field(default_factory=list)  # verify_failed
+    quarantine: list[dict[str, Any]] = field(default_factory=list)  # verify_failed, settling
+    settle: list[tuple[int, int]] = field(default_factory=list)  # (agent key, seq) refused
 
 
 @dataclass(slots=True)
@@ -394,12 +399,15 @@ class Ingest:
                 refused.append(result)
                 self._refusals.note(result, now)
                 reason, site, agent = self._counted_as(result, registry)
-                if reason != "verify_failed":
+                if reason != "verify_failed" and result.settles is None:
                     verified.tally[(reason, site, agent)] += 1
                     continue
                 row = _quarantine_row(
                     reason, site, agent, delivery.topic, delivery.payload, result.detail, int(at)
                 )
+                if result.settles is not None:  # it verified: keep its text, settle its seq
+                    row["message"] = delivery.payload.decode()
+                    verified.settle.append(result.settles)
                 verified.quarantine.append(row)  # counted as a refusal by store.quarantine
             else:
                 verified.accepted.append(result)
@@ -491,16 +499,21 @@ class Ingest:
     def _store_or_quarantine(self, verified: _Verified) -> BatchOutcome:
         now = int(time.time())
         tally = dict(verified.tally)
+        refused: set[int] = set()  # agents whose receipt the quarantine moved
         if verified.quarantine:
-            rows = verified.quarantine
-            self._retrying("quarantine", lambda: self.store.quarantine(rows, now))
+            rows, settle = verified.quarantine, verified.settle
+            refused = self._retrying(
+                "quarantine", lambda: self.store.quarantine(rows, now, settle=settle)
+            )
             with self._stats_lock:
                 self.stats.quarantined += len(rows)
         try:
-            return self._retrying(
+            stored = self._retrying(
                 f"store a batch of {len(verified.batch)} messages",
                 lambda: self.store.store_batch(verified.accepted, tally, now),
             )
+            stored.settled |= refused
+            return stored
         except (IngestFatalError, _StoppedError):
             raise
         except Exception as exc:
@@ -509,7 +522,7 @@ class Ingest:
                 len(verified.batch),
                 _failure(exc),
             )
-        outcome = BatchOutcome()
+        outcome = BatchOutcome(settled=refused)
         self._retrying("count refusals", lambda: self.store.store_batch([], tally, now))
         for message in verified.accepted:
             try:

@@ -26,8 +26,10 @@ Tables::
                     without an enrolled agent as site '': rows do not grow with made-up ids)
     quarantine      messages whose verification or storage failed on them alone: reason,
                     error, digest, size (the text only of verified ones), newest kept
-    receipts        per agent, the seq ranges settled (stored, or skipped for good), as JSON
-                    ``[[lo, hi], ...]``: what ingest's signed receipts tell the agent
+    receipts        per agent, the seq ranges settled (stored, skipped for good, or refused
+                    for their content after their signature verified), as JSON
+                    ``[[lo, hi], ...]``: what ingest's signed receipts tell the agent; and
+                    the refused ones apart (health: received, not missing)
     users, grants,  accounts (aggregator.accounts): users with a role, the sites granted to
     sessions,       them, browser sessions and API tokens (SHA-256 of the secret at rest,
     api_tokens,     tokens with an expiry), login attempts by name and address and by
@@ -44,7 +46,10 @@ row locks in the same order, so they do not deadlock each other).
 
 The same transaction adds the batch's seqs to each agent's settled ranges (``receipts``): a
 window stored, or skipped for good (a duplicate, a conflicting seq, another window for the
-same start), is settled, and the agent may let it go once a receipt says so. An agent's ranges
+same start), is settled, and the agent may let it go once a receipt says so. A window refused
+for its content after its signature verified (:attr:`Refusal.settles`) is settled too, in the
+transaction that quarantines it (:meth:`Store.quarantine`): re-sending it cannot change the
+answer. A message whose signature did not verify settles nothing. An agent's ranges
 stay few (one per run of windows; a gap is a window never received), and at most
 :data:`MAX_SETTLED_RANGES` are kept: beyond, the lowest are forgotten, and a window the agent
 still holds there is sent again, skipped as a duplicate, and settled again.
@@ -309,6 +314,7 @@ receipts = sa.Table(
     sa.Column("agent_key", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("settled", sa.Text, nullable=False),
     sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.Column("refused", sa.Text, nullable=False, server_default="[]"),
     sa.ForeignKeyConstraint(["agent_key"], ["agents.agent_key"], name="fk_receipts_agent"),
 )
 SPOOL_FILLING = 12  # windows waiting in an agent's spool: an hour of 5-minute windows
@@ -370,6 +376,7 @@ class AgentHealth:
     last_seq: int | None
     missing: int  # windows the agent made that have not arrived (gaps in seq, and after)
     spool_filling: bool  # its last status said more than SPOOL_FILLING windows wait
+    refused: int  # windows it sent, signed, that ingest refused for their content (settled)
     counts_v: int | None  # the counts schema of its latest window: 1 (devices only) or 2
 
 
@@ -841,27 +848,37 @@ class Store:
             else:
                 yield message, "seq_conflict"
 
-    def _settle(self, conn: Connection, counts: Sequence[Accepted], now: int) -> set[int]:
-        """Add the counts' seqs (stored now, or skipped: settled either way) to their agents'
-        settled ranges; the agent keys. Rows are locked in key order (PostgreSQL: two
-        processes merge one after the other, in the same order)."""
+    def _settle(
+        self,
+        conn: Connection,
+        counts: Sequence[Accepted],
+        now: int,
+        refused: Iterable[tuple[int, int]] = (),
+    ) -> set[int]:
+        """Add the counts' seqs (stored now, or skipped: settled either way) and the
+        ``refused`` (agent key, seq) (verified, refused for their content: never to be stored)
+        to their agents' settled ranges, the refused also to their refused ranges; the agent
+        keys. Rows are locked in key order (PostgreSQL: two processes merge one after the
+        other, in the same order)."""
         seqs: dict[int, list[int]] = {}
         for message in counts:
             seqs.setdefault(message.agent.key, []).append(int(message.payload["seq"]))
+        bad: dict[int, list[int]] = {}
+        for key, seq in refused:
+            seqs.setdefault(key, []).append(seq)
+            bad.setdefault(key, []).append(seq)
         if not seqs:
             return set()
         r = receipts.c
-        query = sa.select(r.agent_key, r.settled).where(r.agent_key.in_(sorted(seqs)))
+        query = sa.select(r.agent_key, r.settled, r.refused).where(r.agent_key.in_(sorted(seqs)))
         if self.dialect == "postgresql":
             query = query.order_by(r.agent_key).with_for_update()
-        held = {key: json.loads(text) for key, text in conn.execute(query).all()}
+        held = {key: (json.loads(s), json.loads(f)) for key, s, f in conn.execute(query).all()}
         rows = [
             {
                 "agent_key": key,
-                "settled": json.dumps(
-                    merge_ranges(held.get(key, []), seqs[key])[-MAX_SETTLED_RANGES:],
-                    separators=(",", ":"),
-                ),
+                "settled": _ranges_text(held.get(key, ([], []))[0], seqs[key]),
+                "refused": _ranges_text(held.get(key, ([], []))[1], bad.get(key, [])),
                 "updated_at": now,
             }
             for key in sorted(seqs)
@@ -870,7 +887,11 @@ class Store:
         conn.execute(
             insert.on_conflict_do_update(
                 index_elements=[r.agent_key],
-                set_={"settled": insert.excluded.settled, "updated_at": insert.excluded.updated_at},
+                set_={
+                    "settled": insert.excluded.settled,
+                    "refused": insert.excluded.refused,
+                    "updated_at": insert.excluded.updated_at,
+                },
             ),
             rows,
         )
@@ -1020,11 +1041,18 @@ class Store:
     # --- quarantine ------------------------------------------------------------------------
 
     def quarantine(
-        self, rows: Sequence[Mapping[str, Any]], now: int, keep: int = QUARANTINE_KEEP
-    ) -> None:
+        self,
+        rows: Sequence[Mapping[str, Any]],
+        now: int,
+        keep: int = QUARANTINE_KEEP,
+        settle: Iterable[tuple[int, int]] = (),
+    ) -> set[int]:
         """Quarantine messages (rows of the ``quarantine`` table but ``id``) and count each
         as a refusal of its reason, site and agent, in one transaction; the newest ``keep``
-        rows stay."""
+        rows stay. ``settle``: the (agent key, seq) of the counts among them whose signature
+        verified with the enrolled key (refused for their content, :attr:`Refusal.settles`),
+        settled and marked refused in the same transaction; the agent keys whose receipt
+        moved."""
         tally: dict[tuple[str, str, str], int] = {}
         for row in rows:
             who = (row["reason"], row["site_id"], row["agent_id"])
@@ -1034,6 +1062,7 @@ class Store:
             conn.execute(quarantine.insert(), list(rows))
             conn.execute(sa.delete(quarantine).where(quarantine.c.id <= newest - keep))
             self._count_refusals(conn, tally, now)
+            return self._settle(conn, [], now, settle)
 
     def quarantined(self) -> list[dict[str, Any]]:
         """Every quarantined message, oldest first."""
@@ -1045,7 +1074,15 @@ class Store:
         """Read every table ingest writes (no rows): raises :class:`StoreError` when the
         database, not a message, is at fault."""
         with self.begin(read_only=True) as conn:
-            for table in (windows, agents, registry_state, refusals, quarantine, *ROLLUPS):
+            for table in (
+                windows,
+                agents,
+                registry_state,
+                refusals,
+                quarantine,
+                receipts,
+                *ROLLUPS,
+            ):
                 conn.execute(sa.select(sa.literal(1)).select_from(table).where(sa.false()))
 
     # --- health ----------------------------------------------------------------------------
@@ -1096,9 +1133,11 @@ class Store:
         Missing windows are the gaps in an agent's stored seqs, and (but with ``until``) those
         after its last stored one up to the ``last_seq`` of its last status: windows it made
         that have not arrived, lost or still on the way (an agent with receipts sends them
-        again). ``spool_filling``: its last status said more than :data:`SPOOL_FILLING`
-        windows wait in its spool (the aggregator does not store them, or the agent cannot
-        reach the broker)."""
+        again); but not those ingest refused for their content after their signature verified
+        (received, settled, never to be stored: ``refused`` counts them, whatever the bounds,
+        and ``footfall-aggregator quarantine`` shows them). ``spool_filling``: its last status
+        said more than :data:`SPOOL_FILLING` windows wait in its spool (the aggregator does
+        not store them, or the agent cannot reach the broker)."""
         a = agents.c
         scope: ColumnElement[bool] = sa.true()
         listed = sa.select(
@@ -1157,13 +1196,25 @@ class Store:
                 lost = sa.func.sum(sa.case((gaps.c.missing > 0, gaps.c.missing), else_=0))
                 query = sa.select(gaps.c.agent_key, lost).group_by(gaps.c.agent_key)
                 gapped = {key: int(missing) for key, missing in conn.execute(query)}
+            refused = {
+                key: json.loads(text)
+                for key, text in conn.execute(sa.select(receipts.c.agent_key, receipts.c.refused))
+            }
         out = []
         for row in rows:
-            count, first, last, last_seq, _ = figures.get(row.agent_key, (0, None, None, None, 0))
+            count, first, last, last_seq, first_seq = figures.get(
+                row.agent_key, (0, None, None, None, None)
+            )
             missing = gapped.get(row.agent_key, 0)
             made = row.status_last_seq  # the newest window the agent says it made
-            if last_seq is not None and made is not None and until is None:
-                missing += max(0, made - last_seq)
+            if last_seq is not None:
+                if made is not None and until is None:
+                    missing += max(0, made - last_seq)
+                    upper = max(last_seq, made)
+                else:
+                    upper = last_seq
+                # Refused windows were received: not missing (they lie in the gaps counted).
+                missing -= _within(refused.get(row.agent_key, []), first_seq + 1, upper)
             out.append(
                 AgentHealth(
                     site=row.site_id,
@@ -1181,8 +1232,9 @@ class Store:
                     first_window=first,
                     last_window=last,
                     last_seq=last_seq,
-                    missing=missing,
+                    missing=max(0, missing),
                     spool_filling=(row.spool_pending or 0) > SPOOL_FILLING,
+                    refused=sum(hi - lo + 1 for lo, hi in refused.get(row.agent_key, [])),
                     counts_v=row.counts_v,
                 )
             )
@@ -1223,6 +1275,16 @@ class Store:
                 )
             ).all()
         return {(r, s, a): int(n) for r, s, a, n in rows}
+
+
+def _within(ranges: Sequence[Sequence[int]], lo: int, hi: int) -> int:
+    """How many seqs of ``ranges`` lie in [lo, hi]."""
+    return sum(max(0, min(hi, b) - max(lo, a) + 1) for a, b in ranges)
+
+
+def _ranges_text(ranges: Sequence[Sequence[int]], seqs: Iterable[int]) -> str:
+    """``ranges`` with ``seqs`` added, the newest :data:`MAX_SETTLED_RANGES` kept, as JSON."""
+    return json.dumps(merge_ranges(ranges, seqs)[-MAX_SETTLED_RANGES:], separators=(",", ":"))
 
 
 def merge_ranges(ranges: Sequence[Sequence[int]], seqs: Iterable[int]) -> list[list[int]]:

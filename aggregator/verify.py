@@ -9,6 +9,9 @@ within :class:`WindowLimits` of now, and its counts make sense together (:data:`
 agent is enrolled and not revoked; the signature is canonical base64 and the Ed25519
 signature over the payload's canonical JSON verifies with the enrolled key; a counts window
 does not start before the time up to which retention deleted the agent's windows (a replay).
+A counts window's content is checked before its signature but refused only after the signature
+verified (a window with both wrong is ``bad_signature``): such a refusal names a window its
+agent really sent, which ingest settles (:attr:`Refusal.settles`, docs/aggregator.md).
 
 A refusal is a value, not an exception: :class:`Refusal` carries one of :data:`REASONS` and a
 detail that names the field or agent at fault and never quotes the payload (no values, only
@@ -35,6 +38,7 @@ way on thousands of mutated messages.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import json
 import math
@@ -108,6 +112,13 @@ class Refusal:
     detail: str
     site: str = ""  # from the topic, when it names one
     agent: str = ""
+    # (agent key, seq) of a counts window whose signature verified with the enrolled key but
+    # whose content is refused (window_length, window_unaligned, window_range, inconsistent,
+    # expired): the agent really sent it, it will never be stored, so ingest settles it (the
+    # agent's receipt covers it). Never set otherwise: not for a schema refusal (the seq of a
+    # payload that does not validate is not to be trusted, and an agent speaking a newer
+    # schema must keep its windows), nor for a message whose signature did not verify.
+    settles: tuple[int, int] | None = None
 
     @property
     def who(self) -> str:
@@ -774,10 +785,9 @@ class Verifier:
             )
         if entry.revoked:
             return Refusal("revoked_agent", f"{kind} message from a revoked agent", site, agent)
-        if kind == "counts":
+        nonsense = None
+        if kind == "counts":  # checked first, refused only once the signature verified
             nonsense = self._sense(where, payload, when, received_at, not entry.noisy)
-            if nonsense is not None:
-                return nonsense
         raw = base64.b64decode(signature)  # the schema's pattern: 86 base64 characters, "=="
         if base64.b64encode(raw).decode() != signature:
             return Refusal(
@@ -797,14 +807,16 @@ class Verifier:
                 site,
                 agent,
             )
-        if kind == "counts" and when < entry.pruned_before:
-            return Refusal(
+        if nonsense is None and kind == "counts" and when < entry.pruned_before:
+            nonsense = Refusal(
                 "expired",
                 f"counts window_start is before {_utc(entry.pruned_before)}, up to which "
                 "retention deleted this agent's windows",
                 site,
                 agent,
             )
+        if nonsense is not None:
+            return dataclasses.replace(nonsense, settles=(entry.key, int(payload["seq"])))
         return Accepted(kind, payload, signature, entry, received_at, signed.decode(), when)
 
 

@@ -172,15 +172,18 @@ class WindowCounts:
     static_excluded: int | None = None  # static devices left out of people_est
     figures: WindowPeople | None = None  # people figures (occupancy calibrated if `calibrated`)
     calibrated: bool = False  # occupancy went through the site's calibration
+    # Filled in by the pipeline: no frame at all in a window while the sensor normally hears
+    # some (firmware_agent/pipeline.py, NORMAL_FRAMES): a gap, not an empty venue.
+    no_data: bool = False
     # Strict mode, filled in by the pipeline (PrivacyPolicy.anonymise): the width the window's
     # ids were counted at, and the share of its devices that share their value with another.
     id_bits: int | None = None
     shared: float | None = None
 
     @property
-    def no_data(self) -> bool:
-        """The agent heard no frame at all in the window: a gap, not an empty venue."""
-        return self.probe_requests + self.malformed + self.late_frames == 0
+    def frames(self) -> int:
+        """Frames heard in the window: probe requests, malformed and late ones."""
+        return self.probe_requests + self.malformed + self.late_frames
 
     def as_dict(self) -> dict[str, object]:
         """The window as counts v2 fields, before privacy (which picks what leaves): under

@@ -62,7 +62,9 @@ absorbs them (taking the authors' 14 PCs out by address makes the 101 days worse
 4.02 against 2.44).
 
 **Signal threshold.** Fixed per site (``rssi_threshold_dbm``), or learnt (:data:`AUTO`): at
-each window's close, Otsu's split of the best signal of every chain of the epoch that has
+each *step instant* (every :data:`AUTO_STEP_S`, 300 s, on multiples of it since the Unix epoch,
+whatever ``window_s`` is; learnt once the watermark passes it, before a window that ends there
+closes), Otsu's split of the best signal of every chain of the epoch that has
 lasted ``min_dwell_s`` (devices in the venue against those beyond its walls), once there are
 ``AUTO_MIN_CHAINS`` of them; until then :data:`AUTO_FALLBACK_DBM`. The split is kept within
 ``AUTO_RANGE_DBM``, whose floor is the fallback, -70 dBm: Otsu splits whoever is heard, so on
@@ -71,6 +73,12 @@ stronger outsiders counted (the 101 lab days' empty windows: mean 0.43 people an
 percentile 3 before this floor and the closed-hours static rule, 0.23 and 1 with both). A
 site threshold from an empty hour (``footfall-agent calibrate --site-threshold``) does better
 still (0.15).
+A window counts with the threshold in force at its end, and the people stage judges each
+frame with the one in force when it came (:attr:`Estimator.row_thresholds`). Learning at
+window closes made the people figures depend on ``window_s``: the bundled capture's first hour
+had 24 arrivals in 5-minute windows and 26 in one hour-long window; with fixed step instants
+they are the same (tests/test_people.py). For 5-minute windows nothing changed: the steps are
+their ends. A new epoch starts from the fallback.
 
 Everything here (ids, fingerprints, chains, sequence numbers, per-device signal) stays in
 memory, is wiped with the epoch and is never logged; only the per-window counts leave.
@@ -98,6 +106,7 @@ __all__ = [
     "AUTO_FALLBACK_DBM",
     "AUTO_MIN_CHAINS",
     "AUTO_RANGE_DBM",
+    "AUTO_STEP_S",
     "RING",
     "Calibration",
     "EstimateSettings",
@@ -113,6 +122,7 @@ AUTO = -1000  # rssi_threshold_dbm: learn it
 AUTO_FALLBACK_DBM = -70
 AUTO_MIN_CHAINS = 30
 AUTO_RANGE_DBM = (AUTO_FALLBACK_DBM, -50)
+AUTO_STEP_S = 300  # the threshold is learnt at multiples of this since the Unix epoch
 RING = 16  # recent random addresses remembered per fingerprint
 _HIST_LO = -120  # signal histogram bins: -120 .. 0 dBm
 _HIST_BINS = 121
@@ -134,8 +144,9 @@ _FCOLS = _F_RING + RING
 
 # Clock and sizes (int64): newest timestamp, oldest open window start, chains, addresses,
 # fingerprints, chains behind the last learnt threshold, when the site opens on the epoch's
-# day (a chain first heard before it may be static).
-_K_MAX, _K_OLDEST, _K_CHAINS, _K_ADDRS, _K_FPS, _K_THR_N, _K_OPENS = range(7)
+# day (a chain first heard before it may be static), the threshold in force, the next step
+# instant at which it is learnt.
+_K_MAX, _K_OLDEST, _K_CHAINS, _K_ADDRS, _K_FPS, _K_THR_N, _K_OPENS, _K_THR, _K_STEP = range(9)
 _NONE = np.iinfo(np.int64).min
 
 # Parameters (int64), in this order.
@@ -364,6 +375,34 @@ def otsu_split(hist: NDArray[np.int64], lo: int) -> int:
 
 
 @kernel()
+def _learn(
+    chains: NDArray[np.int64],
+    clock: NDArray[np.int64],
+    params: NDArray[np.int64],
+    hist: NDArray[np.int64],
+) -> None:
+    """The step instant ``clock[_K_STEP]`` has passed: learn the threshold there (if it is
+    learnt) from every chain of the epoch so far, and move on to the next step."""
+    clock[_K_STEP] += AUTO_STEP_S * NS
+    if params[_P_THR] != AUTO:
+        return
+    dwell = params[_P_DWELL]
+    hist[:] = 0
+    lingering = 0
+    for c in range(clock[_K_CHAINS]):
+        s = chains[c]
+        if s[_C_LAST] - s[_C_FIRST] >= dwell and s[_C_BEST] != RSSI_MISSING:
+            b = min(max(s[_C_BEST], _HIST_LO), _HIST_LO + _HIST_BINS - 1)
+            hist[b - _HIST_LO] += 1
+            lingering += 1
+    thr = AUTO_FALLBACK_DBM
+    if lingering >= AUTO_MIN_CHAINS:
+        thr = min(max(otsu_split(hist, _HIST_LO), AUTO_RANGE_DBM[0]), AUTO_RANGE_DBM[1])
+    clock[_K_THR] = thr
+    clock[_K_THR_N] = lingering
+
+
+@kernel()
 def _close_window(
     chains: NDArray[np.int64],
     clock: NDArray[np.int64],
@@ -380,20 +419,7 @@ def _close_window(
     p = widx & 1
     end = start + w
     n = clock[_K_CHAINS]
-    thr = params[_P_THR]
-    if thr == AUTO:
-        hist[:] = 0
-        lingering = 0
-        for c in range(n):
-            s = chains[c]
-            if s[_C_LAST] - s[_C_FIRST] >= dwell and s[_C_BEST] != RSSI_MISSING:
-                b = min(max(s[_C_BEST], _HIST_LO), _HIST_LO + _HIST_BINS - 1)
-                hist[b - _HIST_LO] += 1
-                lingering += 1
-        thr = AUTO_FALLBACK_DBM
-        if lingering >= AUTO_MIN_CHAINS:
-            thr = min(max(otsu_split(hist, _HIST_LO), AUTO_RANGE_DBM[0]), AUTO_RANGE_DBM[1])
-        clock[_K_THR_N] = lingering
+    thr = clock[_K_THR]
     people = 0
     static = 0
     for c in range(n):
@@ -420,6 +446,29 @@ def _close_window(
     o[_O_STATIC] = static
     o[_O_THR] = thr
     clock[_K_OLDEST] = end
+
+
+@kernel(inline=True)
+def _advance(
+    chains: NDArray[np.int64],
+    clock: NDArray[np.int64],
+    params: NDArray[np.int64],
+    hist: NDArray[np.int64],
+    out: NDArray[np.int64],
+    rows: int,
+    due: int,
+) -> int:
+    """Learn at every step instant and close every window that ends at or before ``due``, in
+    time order (the step at a window's end first), until out is full; rows of out filled."""
+    while True:
+        end = clock[_K_OLDEST] + params[_P_W]
+        if clock[_K_STEP] <= due and clock[_K_STEP] <= end:
+            _learn(chains, clock, params, hist)
+        elif end <= due and rows < out.shape[0]:
+            _close_window(chains, clock, params, hist, out, rows)
+            rows += 1
+        else:
+            return rows
 
 
 @kernel(inline=True)
@@ -494,7 +543,7 @@ def _link(
 @kernel(
     export=(
         "UniTuple(i8, 2)(u1[:], i8[:], u8[:], u1[:], i2[:], u8[:], u2[:], i8, u8[:], "
-        "i8[:, :], i8[:, :], u8[:], i8[:, :], i8[:], i8[:], i8[:], i8[:, :], i8, i8[:])"
+        "i8[:, :], i8[:, :], u8[:], i8[:, :], i8[:], i8[:], i8[:], i8[:, :], i8, i8[:], i2[:])"
     )
 )
 def _estimate(
@@ -517,12 +566,14 @@ def _estimate(
     out: NDArray[np.int64],
     rows: int,
     row_chain: NDArray[np.int64],
+    row_thr: NDArray[np.int16],
 ) -> tuple[int, int]:
     """Link and place rows begin.. until done, a table needs room, or out is full.
 
     The clock and windows follow the counter's rule exactly: every row (malformed or not)
     moves the watermark, and a row older than the oldest open window counts in that window.
-    ``row_chain[i]`` gets the chain of probe row ``i`` (the people stage's input).
+    ``row_chain[i]`` gets the chain of probe row ``i`` and ``row_thr[i]`` the signal threshold
+    in force when it came (the people stage's input).
     Returns (next row, rows of out filled).
     """
     w, lateness = params[_P_W], params[_P_LATE]
@@ -542,12 +593,11 @@ def _estimate(
         if clock[_K_OLDEST] == _NONE:
             clock[_K_OLDEST] = t // w * w
             clock[_K_MAX] = t
+            clock[_K_STEP] = t // (AUTO_STEP_S * NS) * (AUTO_STEP_S * NS) + AUTO_STEP_S * NS
         clock[_K_MAX] = max(clock[_K_MAX], t)
-        while clock[_K_MAX] - lateness >= clock[_K_OLDEST] + w:
-            if rows == out.shape[0]:
-                return i, rows
-            _close_window(chains, clock, params, hist, out, rows)
-            rows += 1
+        rows = _advance(chains, clock, params, hist, out, rows, clock[_K_MAX] - lateness)
+        if clock[_K_MAX] - lateness >= clock[_K_OLDEST] + w:
+            return i, rows  # out is full
         if kind[i] != KIND_PROBE:
             i += 1
             continue
@@ -603,6 +653,7 @@ def _estimate(
             cs[_C_LASTWIN] = widx
             cs[_C_NWIN] += 1
         row_chain[i] = addrs[j, _A_CHAIN]  # people stage hook
+        row_thr[i] = clock[_K_THR]  # people stage hook
         i += 1
     return i, rows
 
@@ -616,15 +667,10 @@ def _flush(
     until: int,
     out: NDArray[np.int64],
 ) -> int:
-    """Close every open window that ends at or before ``until``."""
-    rows = 0
-    w = params[_P_W]
+    """Learn at every step instant and close every open window up to ``until``."""
     if clock[_K_OLDEST] == _NONE:
         return 0
-    while clock[_K_OLDEST] + w <= until and rows < out.shape[0]:
-        _close_window(chains, clock, params, hist, out, rows)
-        rows += 1
-    return rows
+    return _advance(chains, clock, params, hist, out, 0, until)
 
 
 class Estimator:
@@ -650,24 +696,26 @@ class Estimator:
         self._addrs = KeyedRows(capacity, _ACOLS)
         self._chains = np.zeros((capacity, _CCOLS), np.int64)
         self._fps = KeyedRows(max(capacity // 8, 64), _FCOLS)
-        self._clock = np.array([_NONE, _NONE, 0, 0, 0, 0, _NONE], np.int64)
+        self._clock = np.array([_NONE, _NONE, 0, 0, 0, 0, _NONE, 0, _NONE], np.int64)
         self._hist = np.zeros(_HIST_BINS, np.int64)
         self._out = np.zeros((256, _NOUT), np.int64)
+        self._clock[_K_THR] = self._initial_threshold()
         self._threshold_said: int | None = None
         self.row_chains = np.zeros(0, np.int64)
         """People stage hook: the chain of each row of the last batch added (-1: none)."""
-        self.threshold_dbm = (
-            settings.rssi_threshold_dbm
-            if settings.rssi_threshold_dbm != AUTO
-            else AUTO_FALLBACK_DBM
-        )
-        """People stage hook: the signal threshold in force (the last one learnt)."""
+        self.row_thresholds = np.zeros(0, np.int16)
+        """People stage hook: the signal threshold in force at each row of the last batch."""
         self.threshold_note = (
             f"{settings.rssi_threshold_dbm} dBm (set: estimate.rssi_threshold_dbm)"
             if settings.rssi_threshold_dbm != AUTO
             else f"{AUTO_FALLBACK_DBM} dBm (auto: nothing heard yet)"
         )
         """The signal threshold in use and why (aggregates only), for reports."""
+
+    @property
+    def threshold_dbm(self) -> int:
+        """The signal threshold in force (set, or the last one learnt)."""
+        return int(self._clock[_K_THR])
 
     @property
     def chains(self) -> int:
@@ -678,6 +726,7 @@ class Estimator:
         """Estimate a batch; return the windows its rows closed."""
         closed: list[WindowEstimate] = []
         self.row_chains = np.full(len(batch), -1, np.int64)
+        self.row_thresholds = np.zeros(len(batch), np.int16)
         if self._clock[_K_OPENS] == _NONE and len(batch):
             self._clock[_K_OPENS] = self._opens(int(batch.ts_ns[0]))
         i = 0
@@ -702,9 +751,11 @@ class Estimator:
                 self._out,
                 0,
                 self.row_chains,
+                self.row_thresholds,
             )
             closed += self._emit(rows)
             self._grow()
+        self._note()
         return closed
 
     def close_until(self, until_ns: int) -> list[WindowEstimate]:
@@ -714,6 +765,7 @@ class Estimator:
             rows = _flush(self._chains, self._clock, self._params, self._hist, until_ns, self._out)
             closed += self._emit(rows)
             if rows < self._out.shape[0]:
+                self._note()
                 return closed
 
     def close_all(self) -> list[WindowEstimate]:
@@ -733,6 +785,8 @@ class Estimator:
         self._fps = KeyedRows(max(self._capacity // 8, 64), _FCOLS)
         self._clock[_K_OLDEST] = start_ns
         self._clock[_K_OPENS] = self._opens(start_ns)
+        step = AUTO_STEP_S * NS
+        self._clock[_K_STEP] = start_ns // step * step + step
 
     def _opens(self, t_ns: int) -> int:
         """When the site opens (``static_closed_h``, local) on the day of ``t_ns``."""
@@ -749,7 +803,9 @@ class Estimator:
         self._hist.fill(0)
         self.row_chains.fill(-1)  # people stage hook
         self._clock[_K_CHAINS] = self._clock[_K_ADDRS] = self._clock[_K_FPS] = 0
+        self._clock[_K_THR_N] = 0
         self._clock[_K_OPENS] = _NONE
+        self._clock[_K_THR] = self._initial_threshold()
 
     def _grow(self) -> None:
         if self._clock[_K_ADDRS] >= self._addrs.capacity // 2:
@@ -762,8 +818,13 @@ class Estimator:
             self._chains.fill(0)
             self._chains = bigger
 
+    def _initial_threshold(self) -> int:
+        """The threshold before anything is learnt in an epoch: the set one, or the fallback."""
+        dbm = self.settings.rssi_threshold_dbm
+        return dbm if dbm != AUTO else AUTO_FALLBACK_DBM
+
     def _emit(self, rows: int) -> list[WindowEstimate]:
-        closed = [
+        return [
             WindowEstimate(
                 window_start=int(o[_O_START]) // NS,
                 people_est=int(o[_O_PEOPLE]),
@@ -772,13 +833,14 @@ class Estimator:
             )
             for o in self._out[:rows]
         ]
-        if closed and self.settings.rssi_threshold_dbm == AUTO:
-            threshold = self.threshold_dbm = closed[-1].rssi_threshold_dbm
-            if threshold != self._threshold_said:
-                self._threshold_said = threshold
-                self.threshold_note = self._why(threshold)
-                log.info("signal threshold %s", self.threshold_note)
-        return closed
+
+    def _note(self) -> None:
+        """Say a learnt threshold that changed (threshold_note, the log)."""
+        threshold = self.threshold_dbm
+        if self.settings.rssi_threshold_dbm == AUTO and threshold != self._threshold_said:
+            self._threshold_said = threshold
+            self.threshold_note = self._why(threshold)
+            log.info("signal threshold %s", self.threshold_note)
 
     def _why(self, threshold: int) -> str:
         """What the learnt threshold is and why, in aggregates only (a count of devices from

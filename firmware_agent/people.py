@@ -15,7 +15,8 @@ occupancy means; the max of the peaks), and a test checks it on a replay.
   frame after a longer silence starts a new visit, judged afresh: nothing of the earlier one
   carries over, so no figure tells whether a phone was heard before (a membership oracle).
 * A visit *arrives* at the first of its frames at which it has lasted ``min_dwell_s`` and its
-  best signal is at or above the threshold (or unknown). That instant, not the visit's first
+  best signal is at or above the threshold in force at that frame (the estimator's, learnt
+  at fixed step instants: not at window closes) or unknown. That instant, not the visit's first
   frame, is the one counted: windows close ``lateness_s`` after their end and are never held
   back, and it is the first instant at which the agent knows. For a person who stays it comes
   ``min_dwell_s`` after the first frame.
@@ -81,14 +82,13 @@ _R_DIFF, _R_ARR, _R_PASS, _R_END = range(4)
 _R_BAND = 4
 _RCOLS = 9
 
-# Clock (int64): newest timestamp, oldest open window start, occupancy level, visit rows used,
-# windows closed in this batch (the next threshold to take).
-_K_MAX, _K_OLDEST, _K_LEVEL, _K_USED, _K_CLOSED = range(5)
+# Clock (int64): newest timestamp, oldest open window start, occupancy level, visit rows used.
+_K_MAX, _K_OLDEST, _K_LEVEL, _K_USED = range(4)
 _NONE = np.iinfo(np.int64).min
 
-# Parameters (int64): window, lateness, hold, visit gap, minimum dwell (ns), signal threshold
-# (dBm), sample (ns), ring rows, static visit length (ns, 0: none).
-_P_W, _P_LATE, _P_HOLD, _P_GAP, _P_DWELL, _P_THR, _P_SAMPLE, _P_RING, _P_STATIC = range(9)
+# Parameters (int64): window, lateness, hold, visit gap, minimum dwell (ns), sample (ns), ring
+# rows, static visit length (ns, 0: none).
+_P_W, _P_LATE, _P_HOLD, _P_GAP, _P_DWELL, _P_SAMPLE, _P_RING, _P_STATIC = range(8)
 
 # Output row columns (int64): window start, arrivals, passers-by, visits ended, five dwell
 # bands, sum of occupancy samples, samples, peak.
@@ -141,7 +141,6 @@ class PeopleSettings:
                 self.hold_s * NS,
                 self.visit_gap_s * NS,
                 self.min_dwell_s * NS,
-                RSSI_MISSING,  # the threshold: set for every batch (it can be learnt)
                 SAMPLE_S * NS,
                 reach // SAMPLE_S + 4,
                 self.static_min_s * NS,
@@ -245,7 +244,7 @@ def _close_window(
 
 @kernel(
     export=(
-        "UniTuple(i8, 2)(u1[:], i8[:], i8[:], i2[:], i8[:], i8, i8[:, :], i8[:, :], i8[:], "
+        "UniTuple(i8, 2)(u1[:], i8[:], i8[:], i2[:], i2[:], i8, i8[:, :], i8[:, :], i8[:], "
         "i8[:], i8[:, :], i8)"
     )
 )
@@ -254,7 +253,7 @@ def _people(
     ts: NDArray[np.int64],
     chain: NDArray[np.int64],
     rssi: NDArray[np.int16],
-    thresholds: NDArray[np.int64],
+    thresholds: NDArray[np.int16],
     begin: int,
     visits: NDArray[np.int64],
     ring: NDArray[np.int64],
@@ -266,9 +265,8 @@ def _people(
     """Place rows begin.. until done, a chain outgrows ``visits``, or out is full.
 
     The clock and windows follow the counter's rule exactly: every row moves the watermark.
-    The signal threshold is the estimator's at each row: after the k-th window this batch
-    closes, ``thresholds[k]`` (the one learnt at that close). Returns (next row, rows of out
-    filled).
+    Row ``i`` is judged against the signal threshold ``thresholds[i]`` (the estimator's when
+    the row came). Returns (next row, rows of out filled).
     """
     w, lateness, hold, gap = params[_P_W], params[_P_LATE], params[_P_HOLD], params[_P_GAP]
     dwell, s, n = params[_P_DWELL], params[_P_SAMPLE], params[_P_RING]
@@ -287,9 +285,6 @@ def _people(
                 return i, rows
             _close_window(visits, ring, clock, params, False, out, rows)
             rows += 1
-            if clock[_K_CLOSED] < thresholds.shape[0]:
-                params[_P_THR] = thresholds[clock[_K_CLOSED]]
-            clock[_K_CLOSED] += 1
         if kind[i] != KIND_PROBE or c < 0:
             i += 1
             continue
@@ -321,7 +316,7 @@ def _people(
         if (
             v[_V_STATE] == _PENDING
             and v[_V_LAST] - v[_V_FIRST] >= dwell
-            and (v[_V_BEST] == RSSI_MISSING or v[_V_BEST] >= params[_P_THR])
+            and (v[_V_BEST] == RSSI_MISSING or v[_V_BEST] >= thresholds[i])
         ):
             v[_V_STATE] = _ARRIVED
             at = max(v[_V_LAST], oldest)
@@ -374,7 +369,7 @@ class PeopleCounter:
         self._capacity = capacity
         self._visits = np.zeros((capacity, _VCOLS), np.int64)
         self._ring = np.zeros((int(self._params[_P_RING]), _RCOLS), np.int64)
-        self._clock = np.array([_NONE, _NONE, 0, 0, 0], np.int64)
+        self._clock = np.array([_NONE, _NONE, 0, 0], np.int64)
         self._out = np.zeros((256, _NOUT), np.int64)
 
     def add(
@@ -383,16 +378,11 @@ class PeopleCounter:
         ts_ns: NDArray[np.int64],
         chains: NDArray[np.int64],
         rssi: NDArray[np.int16],
-        threshold_dbm: int,
-        learnt: list[int],
+        thresholds: NDArray[np.int16],
     ) -> list[WindowPeople]:
         """Place a batch's rows (``chains``: each row's chain, -1 for none); return the windows
-        they closed. Rows are judged against ``threshold_dbm`` (the estimator's before the
-        batch), then, after each window the batch closes, the threshold the estimator had
-        after closing it (``learnt``, one per window): so batching changes nothing."""
-        self._params[_P_THR] = threshold_dbm
-        self._clock[_K_CLOSED] = 0
-        thresholds = np.array(learnt, np.int64)
+        they closed. Each row is judged against its signal threshold (``thresholds``: the
+        estimator's when the row came), so neither batching nor ``window_s`` changes it."""
         if len(chains) and int(chains.max()) >= len(self._visits):
             self._grow(int(chains.max()) + 1)
         closed: list[WindowPeople] = []

@@ -23,7 +23,7 @@ from tests.agent_harness import (  # noqa: F401
 from tests.aggregator_harness import pg_schema, store, store_settings  # noqa: F401
 from tests.mqtt_broker import mosquitto_bin, start_broker, test_certificates  # noqa: F401
 from tests.netns import veth  # noqa: F401
-from tests.web_harness import served  # noqa: F401
+from tests.web_harness import browser, served  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FOOTFALL_SHARED", REPO.parent / "shared"))

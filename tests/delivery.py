@@ -121,6 +121,7 @@ class Rig:
     first: int  # the first window's start
     db_link: Link | None = None
     rate: float = 0  # windows made a second per agent (0: all at once)
+    refused: tuple[int, ...] = ()  # windows (0 the first) signed but refused for their counts
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _store: Store | None = None
     _agents_at: tuple[str, str, int] | None = None
@@ -145,8 +146,11 @@ class Rig:
         rate: float = 0,
         db_link: Link | None = None,
         amqtt: bool = False,
+        refused: tuple[int, ...] = (),
     ) -> Rig:
-        """A rig; with ``amqtt``, the demo's broker instead of Mosquitto (MQTT 3.1.1)."""
+        """A rig; with ``amqtt``, the demo's broker instead of Mosquitto (MQTT 3.1.1); the
+        windows numbered in ``refused`` (0 the first) are made with counts that do not add up
+        (tests/delivery_agents.py)."""
         seed = root.name
         sim = make_agents(agents, "s1", seed=seed)
         where = root / "broker"
@@ -154,7 +158,7 @@ class Rig:
         broker.start()
         now = int(time.time())
         first = now - now % WINDOW_S - WINDOW_S * windows
-        rig = cls(root, broker, settings, sim, windows, seed, first, db_link, rate)
+        rig = cls(root, broker, settings, sim, windows, seed, first, db_link, rate, refused)
         with Store.open(settings) as store:
             store.add_site("s1", "Mall", "UTC", int(time.time()))
             store.add_agents("s1", {a.agent: a.public_key for a in sim}, int(time.time()))
@@ -215,7 +219,8 @@ class Rig:
              "--host", host, "--port", str(port), "--agents", str(len(self.agents)),
              "--seed", self.seed, "--receipt-key", self.receipt_key if receipts else "",
              "--windows", str(self.windows), "--first", str(self.first),
-             "--rate", str(self.rate), "--protocol", self.protocol],
+             "--rate", str(self.rate), "--protocol", self.protocol,
+             "--refused", ",".join(map(str, self.refused))],
             cwd=REPO, stderr=log, stdout=subprocess.DEVNULL,
         )  # fmt: skip
         log.close()

@@ -42,11 +42,14 @@ def produce(
     first: int,
     rate: float,
     notify: Sequence[Callable[[], None]],
+    refused: frozenset[int] = frozenset(),
 ) -> None:
     """Spool each agent's windows ``first``, ``first + 300``, ... (``windows_each`` of them,
     sealed as the agent seals them, seq allocated by the spool), ``rate`` a second per agent
     (0: at once), calling the agent's ``notify`` after each batch, as the pipeline does. A
-    window already spooled (before a crash) is not made again: the agent's own rule."""
+    window already spooled (before a crash) is not made again: the agent's own rule. The
+    windows numbered in ``refused`` (0 the first) have counts that do not add up (their dwell
+    bands do not sum to ``visits_ended``): signed, and refused by ingest for their content."""
     spools = [Spool(spool_path(root, agent)) for agent in agents]
     made = []
     for spool in spools:
@@ -62,6 +65,8 @@ def produce(
                     i = made[a]
                     start = first + WINDOW_S * i
                     body = window(i, a) | {"window_start": _utc(start)}
+                    if i in refused:
+                        body["visits_ended"] = 17
                     spool.append(start, functools.partial(_sealed, agent, body))
                     made[a] += 1
                 notify[a]()
@@ -95,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--first", type=int, required=True)
     parser.add_argument("--rate", type=float, default=0)
     parser.add_argument("--protocol", default="5")
+    parser.add_argument("--refused", default="", help="windows (0 the first) that do not add up")
     args = parser.parse_args(argv)
     sim = make_agents(args.agents, "s1", seed=args.seed)
 
@@ -127,7 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         publisher.start()
         publishers.append(publisher)
-    produce(args.root, sim, args.windows, args.first, args.rate, [p.notify for p in publishers])
+    refused = frozenset(int(i) for i in args.refused.split(",") if i)
+    notify = [p.notify for p in publishers]
+    produce(args.root, sim, args.windows, args.first, args.rate, notify, refused)
     for publisher in publishers:
         publisher.stop(None)  # send until the spool is empty, however long it takes
     for publisher in publishers:

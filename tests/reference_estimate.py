@@ -12,6 +12,7 @@ from firmware_agent.estimate import (
     AUTO_FALLBACK_DBM,
     AUTO_MIN_CHAINS,
     AUTO_RANGE_DBM,
+    AUTO_STEP_S,
     RING,
     EstimateSettings,
     WindowEstimate,
@@ -72,10 +73,14 @@ def otsu_reference(values: list[int]) -> int | None:
 
 
 def reference_estimates(
-    rows: Iterable[Row], s: EstimateSettings, zone: tzinfo = UTC
+    rows: Iterable[Row],
+    s: EstimateSettings,
+    zone: tzinfo = UTC,
+    thresholds: list[int] | None = None,
 ) -> list[WindowEstimate]:
     """Every window the rows close, then the rest (as Estimator.add + close_all, the
-    estimator in ``zone``)."""
+    estimator in ``zone``); ``thresholds`` (if given) gets the threshold in force at each
+    probe row."""
     w, lateness = s.window_s * NS, s.lateness_s * NS
     dwell = s.min_dwell_s * NS
     addresses: dict[int, list[int]] = {}  # device -> [chain, last, seq]
@@ -85,6 +90,9 @@ def reference_estimates(
     oldest: int | None = None
     newest = 0
     opens = 0  # the site opens (static_closed_h) on the day of the first row
+    step = AUTO_STEP_S * NS
+    next_step = 0  # the next instant at which the threshold is learnt
+    thr = s.rssi_threshold_dbm if s.rssi_threshold_dbm != AUTO else AUTO_FALLBACK_DBM
 
     def threshold() -> int:
         if s.rssi_threshold_dbm != AUTO:
@@ -98,7 +106,6 @@ def reference_estimates(
 
     def close(start: int) -> None:
         widx, end = start // w, start + w
-        thr = threshold()
         people = static = 0
         for c in chains:
             if widx not in c.windows:
@@ -114,6 +121,20 @@ def reference_estimates(
             if c.last - c.first >= dwell:
                 people += 1
         out.append(WindowEstimate(start // NS, people, static, thr))
+
+    def advance(due: int) -> None:
+        """Learn at every step and close every window up to ``due``, in time order."""
+        nonlocal oldest, next_step, thr
+        assert oldest is not None
+        while True:
+            if next_step <= min(due, oldest + w):
+                thr = threshold()
+                next_step += step
+            elif oldest + w <= due:
+                close(oldest)
+                oldest += w
+            else:
+                return
 
     def link(t: int, dev: int, fp: int, seq: int, rssi: int) -> int | None:
         f = fingerprints.setdefault(fp, _Fingerprint())
@@ -153,15 +174,16 @@ def reference_estimates(
     for kind, t, device, randomised, rssi, fp, seq in rows:
         if oldest is None:
             oldest, newest = t // w * w, t
+            next_step = t // step * step + step
             day = datetime.fromtimestamp(t / NS, zone).date()
             opens = int(datetime.combine(day, time(s.static_closed_h % 24), zone).timestamp())
             opens = (opens + 86400 * (s.static_closed_h // 24)) * NS
         newest = max(newest, t)
-        while newest - lateness >= oldest + w:
-            close(oldest)
-            oldest += w
+        advance(newest - lateness)
         if kind != KIND_PROBE:
             continue
+        if thresholds is not None:
+            thresholds.append(thr)
         widx = max(t // w * w, oldest) // w
         dev = device or 1
         if dev not in addresses or t - addresses[dev][1] > s.visit_gap_s * NS:
@@ -183,8 +205,5 @@ def reference_estimates(
         if widx > c.newest_window:
             c.newest_window, c.heard = widx, c.heard + 1
     if oldest is not None:
-        last_end = newest // w * w + w
-        while oldest + w <= last_end:
-            close(oldest)
-            oldest += w
+        advance(newest // w * w + w)
     return out

@@ -15,10 +15,10 @@ from firmware_agent.parse import RSSI_MISSING
 from firmware_agent.people import SAMPLE_S, PeopleSettings, WindowPeople
 
 NS = 1_000_000_000
-Row = tuple[int, int, int]  # ts_ns, chain, rssi
+Row = tuple[int, int, int, int]  # ts_ns, chain, rssi, the signal threshold in force
 
 
-def _visits(frames: list[tuple[int, int]], gap: int) -> Iterable[list[tuple[int, int]]]:
+def _visits(frames: list[tuple[int, int, int]], gap: int) -> Iterable[list[tuple[int, int, int]]]:
     visit = [frames[0]]
     for frame in frames[1:]:
         if frame[0] - visit[-1][0] > gap:
@@ -29,17 +29,17 @@ def _visits(frames: list[tuple[int, int]], gap: int) -> Iterable[list[tuple[int,
 
 
 def reference_people(
-    rows: Iterable[Row], settings: PeopleSettings, threshold_dbm: int, until_ns: int
+    rows: Iterable[Row], settings: PeopleSettings, until_ns: int
 ) -> list[WindowPeople]:
     """Every window from the first row's to ``until_ns`` (the input's end: visits still open
-    end in the last window)."""
+    end in the last window); each frame judged against its own row's threshold."""
     w, gap = settings.window_s * NS, settings.visit_gap_s * NS
     hold, dwell, s = settings.hold_s * NS, settings.min_dwell_s * NS, SAMPLE_S * NS
     static = settings.static_min_s * NS
-    by_chain: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    by_chain: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
     first = None
-    for t, chain, rssi in rows:
-        by_chain[chain].append((t, rssi))
+    for t, chain, rssi, threshold in rows:
+        by_chain[chain].append((t, rssi, threshold))
         first = t if first is None else first
     if first is None:
         return []
@@ -51,10 +51,10 @@ def reference_people(
         for visit in _visits(frames, gap):
             best = RSSI_MISSING
             arrived = None
-            for j, (t, rssi) in enumerate(visit):
+            for j, (t, rssi, threshold) in enumerate(visit):
                 if rssi != RSSI_MISSING:
                     best = rssi if best == RSSI_MISSING else max(best, rssi)
-                if t - visit[0][0] >= dwell and (best == RSSI_MISSING or best >= threshold_dbm):
+                if t - visit[0][0] >= dwell and (best == RSSI_MISSING or best >= threshold):
                     arrived = j
                     break
             last = visit[-1][0]
@@ -63,7 +63,7 @@ def reference_people(
                 events[end // w * w]["passersby"] += 1
                 continue
             events[visit[arrived][0] // w * w]["arrivals"] += 1
-            times = [t for t, _ in visit[arrived:]]
+            times = [t for t, _, _ in visit[arrived:]]
             became = next((t for t in times if static and t - visit[0][0] >= static), None)
             if became is not None:  # a static device: out of occupancy, its end counts nothing
                 present.append(([t for t in times if t < became], became))

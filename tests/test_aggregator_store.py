@@ -53,7 +53,7 @@ def test_migrations_make_exactly_the_tables_the_store_defines(store: Store) -> N
     with store.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     assert diff == []
-    assert store.migrate() == "0005"  # again: nothing to do
+    assert store.migrate() == "0009"  # again: nothing to do
 
 
 def test_sites_and_agents_are_enrolled_revoked_and_refused_with_reasons(store: Store) -> None:
@@ -507,6 +507,19 @@ def test_health_counts_the_windows_after_the_last_stored_and_says_a_spool_is_fil
     assert (health.windows, health.missing, health.spool_filling) == (3, 1 + 6, True)
     (bounded,) = store.agents(since=0, until=NOW + 86400)  # a past day: gaps only
     assert bounded.missing == 1
+    # Seq 3 (in the gap), 6 (after the last stored) and 0 (before the first: never counted
+    # as missing anyway) refused for their content after they verified: settled, not missing.
+    key = _key(store)
+    row = {"received_at": NOW, "reason": "inconsistent", "site_id": "s1", "agent_id": "a1",
+           "topic": agent.topic, "error": "counts: ...", "size": 1, "digest": "0" * 64}  # fmt: skip
+    settle = [(key, 3), (key, 6), (key, 0)]
+    assert store.quarantine([row] * 3, NOW, settle=settle) == {key}
+    assert store.settled([key])[key][2] == [(0, 4), (6, 6)]
+    assert store.refusal_counts()[("inconsistent", "s1", "a1")] == 3
+    (health,) = store.agents()
+    assert (health.windows, health.missing, health.refused) == (3, 1 + 6 - 2, 3)
+    (bounded,) = store.agents(since=0, until=NOW + 86400)
+    assert (bounded.missing, bounded.refused) == (0, 3)
 
 
 def test_health_reads_the_gaps_of_only_the_agents_with_a_seq_missing_and_counts_the_same(

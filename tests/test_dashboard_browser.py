@@ -9,38 +9,13 @@ from __future__ import annotations
 import csv
 import io
 import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 
 from tests.web_harness import DAY, PASSWORD, Served
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed (.ci/run installs it: apt-get install chromium)")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
 
 
 @pytest.fixture
@@ -93,6 +68,12 @@ def test_a_merchant_reads_their_day_downloads_it_and_signs_out(
     assert page.inner_text("#tile-visitors").strip() == "—"
     assert "devices only (v1)" in page.inner_text("#agents")
     assert "door" in page.inner_text("#agents")
+    heads = page.eval_on_selector_all("#agents th", "cells => cells.map(c => c.innerText)")
+    assert heads[-4:] == ["Missing", "Refused", "In its spool", "Sends"]
+    door = page.eval_on_selector_all(
+        "#agents tr[data-agent=door] td", "cells => cells.map(c => c.innerText)"
+    )
+    assert door[-3:-1] == ["0", "—"]  # nothing refused; no status from it yet
     page.screenshot(path=str(artefacts / "dashboard-site.png"), full_page=True)
 
     devices = page.request.get(

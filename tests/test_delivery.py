@@ -8,6 +8,7 @@ faults with more windows and a database outage of a minute.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from aggregator.config import StoreSettings
+from firmware_agent.messages import utc_text
 from tests.delivery import FAULTS, Rig, broker_killed_while_ingest_away, database_link
+from tests.delivery_agents import WINDOW_S
 from tests.mqtt_broker import Link, TestCertificates
 
 AGENTS, WINDOWS, RATE = 4, 250, 100  # 1,000 windows, made over 2.5 s
@@ -82,3 +85,42 @@ def test_without_receipts_a_broker_crash_loses_what_it_acknowledged(
     finally:
         rig.stop()
     assert outcome.lost == outcome.sent == 500
+
+
+def test_a_window_refused_after_it_verified_is_settled_and_not_sent_again(
+    mosquitto_bin: str,
+    test_certificates: TestCertificates,
+    store_settings: StoreSettings,
+    tmp_path: Path,
+) -> None:
+    """Agents with receipts; two windows of each are signed with the agent's key but their
+    counts do not add up: ingest refuses them (``inconsistent``) and quarantines them, and
+    the receipt covers them, so every spool empties (without settling, the agents would send
+    them again until their spool cap dropped them) and each arrived once. The agents' health
+    counts them as refused, not missing."""
+    refused = (3, 11)
+    rig = Rig.make(
+        tmp_path, mosquitto_bin, test_certificates, store_settings, agents=2, windows=20,
+        refused=refused,
+    )  # fmt: skip
+    try:
+        rig.start_ingest("ingest-a", "")
+        rig.start_agents()
+        rig.agents_done(30)
+        time.sleep(1)  # their last status
+        outcome = rig.outcome()
+        quarantined = rig.store.quarantined()
+        health = rig.store.agents("s1")
+    finally:
+        rig.stop()
+    assert outcome.stored == rig.total - len(refused) * len(rig.agents) and outcome.twice == 0
+    starts = sorted(
+        (q["agent_id"], json.loads(q["message"])["payload"]["window_start"]) for q in quarantined
+    )
+    assert {q["reason"] for q in quarantined} == {"inconsistent"}
+    assert starts == sorted(  # each refused window arrived once: not sent again
+        (a.agent, utc_text(rig.first + WINDOW_S * i)) for a in rig.agents for i in refused
+    )
+    assert [(h.agent, h.windows, h.refused, h.missing) for h in health] == [
+        (a.agent, rig.windows - len(refused), len(refused), 0) for a in rig.agents
+    ]

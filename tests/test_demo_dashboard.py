@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page
 
-from tests.test_dashboard_browser import browser  # noqa: F401 (the session's chromium)
 from tests.test_demo import _lines_until_login
 from tests.web_harness import free_port
 
@@ -73,7 +72,7 @@ def artefacts(tmp_path: Path) -> Path:
     return where
 
 
-def signed_in(browser: Browser, demo: Demo, width: int) -> Page:  # noqa: F811
+def signed_in(browser: Browser, demo: Demo, width: int) -> Page:
     context = browser.new_context(
         viewport={"width": width, "height": 900}, accept_downloads=True, is_mobile=width < 500
     )
@@ -95,7 +94,7 @@ def text(page: Page, selector: str) -> str:
 
 
 def test_tiles_and_an_hours_visitors_equal_the_api_and_the_csv(
-    browser: Browser,  # noqa: F811
+    browser: Browser,
     demo: Demo,
     artefacts: Path,
 ) -> None:
@@ -133,7 +132,7 @@ def test_tiles_and_an_hours_visitors_equal_the_api_and_the_csv(
 
 @pytest.mark.parametrize("view", ["week", "month"])
 def test_week_and_month_views_total_the_apis_periods(
-    browser: Browser,  # noqa: F811
+    browser: Browser,
     demo: Demo,
     artefacts: Path,
     view: str,
@@ -159,7 +158,7 @@ def test_week_and_month_views_total_the_apis_periods(
 
 
 def test_the_overview_sorts_and_a_phone_reads_every_page(
-    browser: Browser,  # noqa: F811
+    browser: Browser,
     demo: Demo,
     artefacts: Path,
 ) -> None:
@@ -184,7 +183,7 @@ def test_the_overview_sorts_and_a_phone_reads_every_page(
 
 
 def test_a_day_before_the_first_window_and_the_api_docs_page(
-    browser: Browser,  # noqa: F811
+    browser: Browser,
     demo: Demo,
     artefacts: Path,
 ) -> None:

@@ -183,22 +183,30 @@ def test_kernel_equals_twin_on_random_rows(
     assert estimate(rows, s, tuple(cuts)) == reference_estimates(rows, s)
 
 
-def test_kernel_equals_twin_on_a_synthetic_capture(tmp_path: Path) -> None:
+@pytest.mark.parametrize("window_s", [300, 3600])
+def test_kernel_equals_twin_on_a_synthetic_capture(tmp_path: Path, window_s: int) -> None:
+    """Windows and the learnt threshold at every probe row (learnt every AUTO_STEP_S of the
+    frames' clock, whatever window_s is) are the twin's."""
     capture = tmp_path / "s.pcap"
     write_synthetic_capture(capture, SyntheticSpec(frames=6000, devices=120, seed=5,
                                                    static_devices=4))  # fmt: skip
     key = EpochKey()
     rows: list[Row] = []
-    est = Estimator(EstimateSettings(), zone=UTC)
+    settings = EstimateSettings(window_s=window_s)
+    est = Estimator(settings, zone=UTC)
     kernel: list[WindowEstimate] = []
+    thresholds: list[int] = []
     with CaptureReader(capture, batch_frames=1000) as reader:
         for frames in reader:
             b = anonymize(parse_batch(frames), key)
             kernel += est.add(b)
+            thresholds += est.row_thresholds[b.kind == KIND_PROBE].tolist()
             rows += zip(*(a.tolist() for a in (b.kind, b.ts_ns, b.device, b.randomised, b.rssi,
                                                 b.fp, b.seq)), strict=True)  # fmt: skip
     kernel += est.close_all()
-    assert kernel == reference_estimates(rows, EstimateSettings())
+    want: list[int] = []
+    assert kernel == reference_estimates(rows, settings, thresholds=want)
+    assert thresholds == want and len(set(want)) > 1  # learnt, and it moved
     assert any(w.people_est for w in kernel)
 
 

@@ -1,4 +1,4 @@
-"""The hostile-message suite (issue 16): 61 kinds of message, each refused with its own reason,
+"""The hostile-message suite (issue 16): 62 kinds of message, each refused with its own reason,
 while a valid window from another agent sent after each is stored within a second.
 
 One Mosquitto, one PostgreSQL schema and one ingest process (``footfall-aggregator ingest``,
@@ -11,6 +11,8 @@ issue 16 (a window dated 9999-12-31 in a UTC site or 0001-01-01 in New York: the
 constraint on seq 666: quarantined, the rest of its batch stored), made-up agents (counted
 as one row of their site, not a row each), and a 100 MB message, which the broker drops for
 ingest because ingest announced its MQTT 5 Maximum Packet Size (its peak memory is read).
+A window refused for its content after its signature verified is quarantined with its text and
+settled (its agent's receipt covers it); a bad signature or a schema refusal settles nothing.
 The module ends with SIGTERM: ingest exits 0 within its grace period.
 """
 
@@ -250,6 +252,11 @@ def _kinds() -> list[Kind]:
         lambda a: [signed(a, window(a), key_of=GOOD)],
     )
     kind("a signature of zeros", "bad_signature", _sig_edit(lambda s: "A" * 86 + "=="))
+    kind(  # refused for its content only once it verified: forged, it settles nothing
+        "counts that do not add up, signed by another agent's key",
+        "bad_signature",
+        lambda a: [signed(a, window(a, visits_ended=17), key_of=GOOD)],
+    )
     kind("a status with a forged field", "bad_signature", _forged_status, topic_kind="status")
     kind("a meta with an extra field", "schema", _meta_with_extra, topic_kind="meta")
     # The window: its length, its place, its counts.
@@ -326,6 +333,8 @@ def _meta_with_extra(a: Agent) -> list[bytes]:
 
 
 KINDS = _kinds()
+# Refusals of a window whose signature verified, for its content: ingest settles them.
+CONTENT = {"window_length", "window_unaligned", "window_range", "inconsistent", "expired"}
 EXPIRED = next(k for k in KINDS if k.reason == "expired")
 BIG = next(k for k in KINDS if k.reason is None)
 
@@ -459,6 +468,21 @@ def test_a_hostile_message_is_refused_with_its_reason_and_stops_no_one(
         (row,) = [q for q in rig.store.quarantined() if q["agent_id"] == a.agent]
         assert row["reason"] == "store_failed" and "no_666" in row["error"]
         assert json.loads(row["message"])["payload"]["seq"] == 666
+    entry = rig.store.registry().get(a.site, a.agent)
+    if entry is None:
+        return
+    # Refused for its content after its signature verified: quarantined with its text and
+    # settled (its receipt covers it). Anything else (a bad signature, a schema) settles
+    # nothing: only what the store settled (seq 1 stored first, the expired kind's deleted
+    # one, a store's skip).
+    settled = rig.store.settled([entry.key]).get(entry.key, ("", "", []))[2]
+    expected = [(1, 1)] if kind.prior(a) or kind.reason in CONTENT else []
+    if kind.reason == "duplicate_window":  # the store's skip of its seq 2 settles it too
+        expected = [(1, 2)]
+    assert settled == expected, kind.reason
+    if kind.reason in CONTENT:
+        (row,) = [q for q in rig.store.quarantined() if q["agent_id"] == a.agent]
+        assert row["reason"] == kind.reason and json.loads(row["message"])["payload"]["seq"] == 1
 
 
 def test_the_suite_has_at_least_50_kinds_and_the_two_stalls() -> None:

@@ -61,7 +61,6 @@ from firmware_agent.doctor import clock_state
 from tests.conftest import REPO
 from tests.mqtt_broker import ShippedBroker, free_port, shipped_broker, wait_for
 from tests.netns import NEEDED, as_ethernet, require
-from tests.test_dashboard_browser import browser  # noqa: F401 (the chromium fixture)
 
 T = TypeVar("T")
 GUIDE = REPO / "hardware" / "README.md"
@@ -346,7 +345,7 @@ def enrol_on_the_web_page(day: Day, chromium: Browser, public_key: str) -> None:
     page.close()
 
 
-def test_the_installers_day_as_the_guide_writes_it(day: Day, browser: Browser) -> None:  # noqa: F811
+def test_the_installers_day_as_the_guide_writes_it(day: Day, browser: Browser) -> None:
     aggregator = Path(sys.executable).parent / "footfall-aggregator"
     day.substitutions = [
         ("sudo mosquitto_passwd /etc/mosquitto/footfall.passwd my-shop/door",

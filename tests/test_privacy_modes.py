@@ -202,7 +202,9 @@ def test_suppression_is_null_not_zero_and_complements_its_relations() -> None:
 
 
 def test_a_window_without_data_is_a_gap_of_nulls_not_zeros() -> None:
-    quiet = replace(_window(0, 0, 0, [0, 0, 0, 0, 0], 80), probe_requests=0, static_excluded=0)
+    quiet = replace(
+        _window(0, 0, 0, [0, 0, 0, 0, 0], 80), probe_requests=0, static_excluded=0, no_data=True
+    )
     released = PrivacyPolicy(dp_epsilon=1.0).release(quiet) | PrivacyPolicy().release(quiet)
     assert released["no_data"] is True and released["probe_requests"] == 0
     figures = {k: v for k, v in flatten_counts(released).items() if k.split(".")[0] in

@@ -2,8 +2,9 @@
 
 A tick at time t closes what a frame stamped t closes: every window ending at or before
 t - lateness. So ticking at the frames' own times changes nothing, a quiet room still gets its
-windows (zeros) on time, and a frame that comes after its window was closed by the clock is
-counted late, as a replay counts a frame older than the watermark.
+windows on time (no data until a frame says the radio works), and a frame that comes after its
+window was closed by the clock is counted late, as a replay counts a frame older than the
+watermark.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from firmware_agent.capture import CaptureReader, FrameBatch
 from firmware_agent.cli import BUNDLED_SAMPLE
@@ -46,6 +48,7 @@ def test_a_quiet_room_gets_zero_windows_on_time() -> None:
     assert [w.window_start for w in (first, *later)] == [(T0 + k * W) // NS for k in range(3)]
     for w in (first, *later):
         assert (w.probe_requests, w.devices, w.visitors, w.devices_epoch) == (0, 0, 0, 0)
+        assert w.no_data  # nothing heard since the agent started: nothing says the radio works
     assert p.stats.windows == 3
 
 
@@ -105,9 +108,12 @@ def test_a_frame_older_than_a_window_the_clock_closed_counts_as_late() -> None:
     assert window.late_frames == window.probe_requests == len(batch)
 
 
-def test_the_clock_ends_an_epoch_when_no_frame_does() -> None:
+@pytest.mark.parametrize(("frames", "gap"), [(20, True), (3, False)])
+def test_the_clock_ends_an_epoch_when_no_frame_does(frames: int, gap: bool) -> None:
+    """The silent windows, in the epoch and after it, are no data where the sensor heard 20
+    frames in its one window with frames (it normally hears), zeros where it heard 3."""
     p = pipeline(FOOTFALL_EPOCH_LENGTH="3600")
-    with CaptureReader(BUNDLED_SAMPLE, batch_frames=20) as reader:
+    with CaptureReader(BUNDLED_SAMPLE, batch_frames=frames) as reader:
         batch = next(iter(reader))
         batch = replace(batch, data=batch.data.copy())
     start = int(batch.ts_ns.min())
@@ -120,6 +126,8 @@ def test_the_clock_ends_an_epoch_when_no_frame_does() -> None:
     assert p.stats.epochs == 2
     (fresh,) = p.tick(boundary + W + LATENESS)
     assert fresh.window_start == boundary // NS and fresh.devices_epoch == 0
+    silent = [w for w in [*windows, fresh] if w.probe_requests == 0]
+    assert len(silent) >= 2 and {w.no_data for w in silent} == {gap}
 
 
 def test_run_with_a_clock_ticks_after_every_batch_including_empty_ones() -> None:

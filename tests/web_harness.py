@@ -10,6 +10,8 @@ the day, passers-by a third of that; at 07:00 every window's ``visitors`` is sup
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import socket
 import threading
 import time
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+from playwright.sync_api import Browser, sync_playwright
 
 from aggregator.accounts import Accounts
 from aggregator.config import StoreSettings, load_config
@@ -189,3 +192,29 @@ def served(
     """A seeded store (SQLite, then PostgreSQL) and the app served on it."""
     with seeded_store(request.param, tmp_path_factory) as store, serve_app(store) as url:
         yield Served(store, url)
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    """Debian's chromium, one for the whole session: a second Playwright in the same thread
+    fails (its event loop is the first one's), so every browser test shares this one."""
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs it: apt-get install chromium)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
