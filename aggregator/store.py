@@ -1167,30 +1167,46 @@ class Store:
         # The windows' figures by agent in a query of their own, not joined to the agents: a
         # planner that thinks a site has one agent (PostgreSQL never analyses a table that
         # small) would compute them again for every agent.
-        gaps = self._gaps(scope)
-        stored = sa.select(
-            gaps.c.agent_key,
-            sa.func.count(),
-            sa.func.min(gaps.c.before_window),
-            sa.func.max(gaps.c.before_window),
-            sa.func.max(gaps.c.before_seq),
-            sa.func.sum(sa.case((gaps.c.missing > 0, gaps.c.missing), else_=0)),
-            sa.func.min(gaps.c.before_seq),
-        ).group_by(gaps.c.agent_key)
+        w = windows.c
+        stored = (
+            sa.select(
+                w.agent_key,
+                sa.func.count(),
+                sa.func.min(w.window_start),
+                sa.func.max(w.window_start),
+                sa.func.max(w.seq),
+                sa.func.min(w.seq),
+            )
+            .where(scope)
+            .group_by(w.agent_key)
+        )
         with self.begin(read_only=True) as conn:
             rows = conn.execute(listed).all()
             figures = {row[0]: row[1:] for row in conn.execute(stored)}
+            # Only an agent with a seq not stored between its first and its last (in scope)
+            # can miss windows between them: the gaps (a LAG over every window in scope) are
+            # read for those agents alone (for all 20 agents of a day: 55-77 ms, most of the
+            # site page's time).
+            holed = sorted(
+                key for key, (count, _, _, last, first) in figures.items() if last - first >= count
+            )
+            gapped: dict[int, int] = {}
+            if holed:
+                gaps = self._gaps(scope & w.agent_key.in_(holed))
+                lost = sa.func.sum(sa.case((gaps.c.missing > 0, gaps.c.missing), else_=0))
+                query = sa.select(gaps.c.agent_key, lost).group_by(gaps.c.agent_key)
+                gapped = {key: int(missing) for key, missing in conn.execute(query)}
             refused = {
                 key: json.loads(text)
                 for key, text in conn.execute(sa.select(receipts.c.agent_key, receipts.c.refused))
             }
         out = []
         for row in rows:
-            count, first, last, last_seq, missing, first_seq = figures.get(
-                row.agent_key, (0, None, None, None, 0, None)
+            count, first, last, last_seq, first_seq = figures.get(
+                row.agent_key, (0, None, None, None, None)
             )
+            missing = gapped.get(row.agent_key, 0)
             made = row.status_last_seq  # the newest window the agent says it made
-            missing = int(missing or 0)
             if last_seq is not None:
                 if made is not None and until is None:
                     missing += max(0, made - last_seq)

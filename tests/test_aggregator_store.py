@@ -520,3 +520,40 @@ def test_health_counts_the_windows_after_the_last_stored_and_says_a_spool_is_fil
     assert (health.windows, health.missing, health.refused) == (3, 1 + 6 - 2, 3)
     (bounded,) = store.agents(since=0, until=NOW + 86400)
     assert (bounded.missing, bounded.refused) == (0, 3)
+
+
+def test_health_reads_the_gaps_of_only_the_agents_with_a_seq_missing_and_counts_the_same(
+    store: Store,
+) -> None:
+    """An agent whose stored seqs run without a hole (in the range asked) has no gap, so its
+    windows are not read one by one; the others' gaps are counted as before, in that range."""
+    steady, lossy, reset = Agent(agent="a1"), Agent(agent="a2"), Agent(agent="a3")
+    enrolled(store, steady, lossy, reset)
+    t0 = NOW - NOW % 300
+    runs = {
+        steady: {s: s for s in range(1, 13)},
+        lossy: {1: 1, 2: 2, 5: 5, 6: 6, 9: 9, 12: 12},  # 3-4, 7-8, 10-11 lost
+        reset: {1: 1, 2: 2, 1_800_000_000: 4},  # a new spool, one window of time between
+    }
+    messages = [
+        accept(store, agent.topic, agent.counts(seq, utc_text(t0 + 300 * i)))
+        for agent, seqs in runs.items()
+        for seq, i in seqs.items()
+    ]
+    store.store_batch(messages, now=NOW)
+    whole = {h.agent: (h.windows, h.missing) for h in store.agents("s1")}
+    assert whole == {"a1": (12, 0), "a2": (6, 6), "a3": (3, 1)}
+    assert [sum(g.missing for g in store.gaps("s1", a)) for a in ("a1", "a2", "a3")] == [0, 6, 1]
+    # Windows 5..8 only: lossy's 5, 6 stored; its gap to 9 is outside, the steady one runs.
+    part = store.agents("s1", since=t0 + 300 * 5, until=t0 + 300 * 9)
+    assert {h.agent: (h.windows, h.missing) for h in part} == {
+        "a1": (4, 0),
+        "a2": (2, 0),
+        "a3": (0, 0),
+    }
+    part = store.agents("s1", since=t0 + 300 * 2, until=t0 + 300 * 10)
+    assert {h.agent: (h.windows, h.missing) for h in part} == {
+        "a1": (8, 0),
+        "a2": (4, 4),  # 2, 5, 6, 9: 3-4 and 7-8
+        "a3": (2, 1),  # 2, then the new spool's window at 4
+    }
