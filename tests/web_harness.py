@@ -206,10 +206,13 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """Debian's chromium, one for the whole session: a second Playwright in the same thread
-    fails (its event loop is the first one's), so every browser test shares this one."""
+    """Debian's chromium for one test module. Playwright's sync API runs an event loop in this
+    thread while it is open: a second one fails ('Sync API inside the asyncio loop'), and so
+    does any later test's ``asyncio.run`` (the JetStream tests). So one per module, closed
+    at the module's end, and defined once here (a module importing another's fixture got a
+    second instance)."""
     if not Path(CHROMIUM).exists():
         if os.environ.get("CI"):
             pytest.fail("chromium is not installed (.ci/run installs it: apt-get install chromium)")
