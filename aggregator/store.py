@@ -1368,7 +1368,12 @@ def _busiest_statements() -> tuple[sa.Update, sa.Update]:
     """UPDATEs that set :data:`BUSIEST` of a site hour (bind ``s``, ``h``) from its agents'
     hours, and of a site day (``s``, ``d``) from its site hours."""
     a, h, d = agent_hours.c, site_hours.c, site_days.c
-    of_site = a.agent_key.in_(sa.select(agents.c.agent_key).where(agents.c.site_id == h.site_id))
+    # The site by its bound id: correlated to the UPDATE's site_hours instead, the IN subquery
+    # put site_hours in its own FROM and took every site's agents (a site read the busiest
+    # agent of any site: another merchant's figures).
+    of_site = a.agent_key.in_(
+        sa.select(agents.c.agent_key).where(agents.c.site_id == sa.bindparam("s"))
+    )
     mean = sa.case((a.occupancy_s > 0, a.occupancy_cs * 1.0 / a.occupancy_s), else_=0)
     longest = sa.func.max(a.occupancy_s)
     busiest: list[Any] = [sa.func.coalesce(sa.func.max(a[n]), 0) for n in BUSIEST[:-2]]

@@ -136,6 +136,23 @@ def test_two_agents_hearing_the_same_people_are_not_added(store: Store) -> None:
     assert hour["windows"] == 2
 
 
+def test_a_sites_figures_are_its_own_agents_never_another_sites(store: Store) -> None:
+    """Two merchants' sites with agents of the same name in the same hour: each site reads
+    its own agent (the busiest-agent rule once took the busiest agent of any site)."""
+    big, small = Agent("s1", "door"), Agent("s2", "door")
+    enrol(store, big)
+    store.add_site("s2", "Kiosk", "Europe/Paris", NOW)
+    store.add_agent("s2", "door", small.public_key, NOW)
+    ingest(store, big, [window("2026-12-01T10:00", 9, 7.0, 8)])
+    ingest(store, small, [window("2026-12-01T10:00", 2, 1.0, 2)])
+    counts, day = Counts(store), date(2026, 12, 1)
+    with store.begin(read_only=True) as conn:
+        (kiosk,) = figures(conn, counts.site("s2"), day, day, "hour")
+        (shop,) = figures(conn, counts.site("s1"), day, day, "day")
+    assert (kiosk["arrivals"], kiosk["occupancy_mean"], kiosk["occupancy_peak"]) == (2, 1.0, 2)
+    assert (shop["arrivals"], shop["occupancy_mean"], shop["occupancy_peak"]) == (9, 7.0, 8)
+
+
 def test_the_traffic_models_truth_reads_back_whole(store: Store) -> None:
     agent = Agent("s1", "a1")
     enrol(store, agent)
