@@ -21,7 +21,7 @@ in the same transaction that decides whether it may be checked at all, under a r
 each counter (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: the ``INSERT … ON CONFLICT DO UPDATE``
 locks the row), so simultaneous attempts cannot all read "below the limit": of 200 wrong
 passwords sent at once, exactly :data:`FREE_ATTEMPTS` are checked (the rest answer "try again
-in 60 s"; ``tests/test_accounts.py``). Attempts are counted per name *and* client address
+in 60 s"; ``tests/aggregator/test_accounts.py``). Attempts are counted per name *and* client address
 (:data:`FREE_ATTEMPTS` free, then a wait of :data:`BACKOFF_S` doubling per attempt up to
 :data:`BACKOFF_MAX_S`), so wrong passwords from another address never slow the owner down at
 their own; and per address over every name (:data:`FREE_ADDRESS_ATTEMPTS` free, the same

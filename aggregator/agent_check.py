@@ -1,7 +1,8 @@
 """``footfall-aggregator agents check SITE AGENT``: the installer's path seen from the aggregator.
 
 The agent's ``doctor`` sees whether a receipt came back, not why none did; the store knows.
-One table (:mod:`firmware_agent.checks`), a fix per failure, in the order the path is walked:
+One table (:mod:`firmware_agent.contract.checks`), a fix per failure, in the order the path is
+walked:
 
 * **site**: the admin made it (``sites add``);
 * **enrolment**: the agent's key is enrolled and not revoked (``enrol``, or the web page);
@@ -17,8 +18,8 @@ from __future__ import annotations
 
 from aggregator.store import AgentHealth, Store
 from aggregator.verify import REASONS
-from firmware_agent.checks import FAIL, OK, SKIP, WARN, Finding
-from firmware_agent.messages import utc_text
+from firmware_agent.contract.checks import FAIL, OK, SKIP, WARN, Finding
+from firmware_agent.contract.messages import utc_text
 
 __all__ = ["check_agent"]
 

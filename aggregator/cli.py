@@ -25,9 +25,9 @@ from aggregator.accounts import MAX_TOKEN_DAYS, TOKEN_DAYS, Accounts, UserRow
 from aggregator.config import SETTINGS, AggregatorConfig, load_config
 from aggregator.errors import AccountError, AggregatorError, StoreError
 from aggregator.store import AgentHealth, Store, engine_url
-from firmware_agent.checks import exit_status, print_table
-from firmware_agent.command_line import run_command
-from firmware_agent.messages import public_key_text
+from firmware_agent.contract.checks import exit_status, print_table
+from firmware_agent.contract.command_line import run_command
+from firmware_agent.contract.messages import public_key_text
 
 log = logging.getLogger("footfall.aggregator")
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aggregator.errors import ConfigError
-from firmware_agent.registry import Setting as _Setting
-from firmware_agent.registry import resolve
+from firmware_agent.contract.resolve import Setting as _Setting
+from firmware_agent.contract.resolve import resolve
 
 __all__ = [
     "DEFAULT_CONFIG",

@@ -54,7 +54,7 @@ from aggregator.errors import AggregatorError
 from aggregator.receipts import load_receipt_key
 from aggregator.serve import serve
 from aggregator.store import Store, agents, site_days, windows
-from firmware_agent.messages import (
+from firmware_agent.contract.messages import (
     AgentId,
     SiteId,
     Topic,
@@ -62,8 +62,8 @@ from firmware_agent.messages import (
     public_key_text,
     utc_text,
 )
-from firmware_agent.publish import BrokerSettings, Connection
-from firmware_agent.shop_traffic import ShopProfile, shop_windows
+from firmware_agent.service.publish import BrokerSettings, Connection
+from firmware_agent.tools.shop_traffic import ShopProfile, shop_windows
 
 __all__ = [
     "BROKERS",
@@ -242,7 +242,7 @@ def fill_traffic(store: Store, broker: Broker, now: int, days: int = DEMO_DAYS) 
     """Enrol :data:`DEMO_SITES` and publish ``days`` local days of their people, up to
     ``now``, as each site's agent would: counts v2 windows (5 minutes), signed with the agent's
     key, at QoS 1 through the broker to ingest, with the agent's MQTT connection
-    (:class:`firmware_agent.publish.Connection`). The windows sent."""
+    (:class:`firmware_agent.service.publish.Connection`). The windows sent."""
     sent = 0
     for site_id, (name, agent, shop) in DEMO_SITES.items():
         profile = shop

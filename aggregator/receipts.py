@@ -5,7 +5,8 @@ a broker crash without persistence, a shared subscription Mosquitto 2.0 forgot o
 an ingest replica gone for good with its share queued in its session, amqtt dropping what a
 client had not acknowledged. So the store keeps, per agent, the seq ranges it has settled
 (:meth:`aggregator.store.Store.store_batch`, table ``receipts``), and after each batch the ingest
-process that stored it publishes the agent's receipt (``firmware_agent/schemas/receipt.v1.json``:
+process that stored it publishes the agent's receipt
+(``firmware_agent/contract/schemas/receipt.v1.json``:
 first, contiguous-through and last seq settled, the gaps between) on
 ``footfall/v1/<site>/<agent>/receipt``, retained, signed with the aggregator's receipt key. An
 agent given the key's public half (``broker.receipt_key``) lets go of what a receipt covers and
@@ -37,9 +38,9 @@ import nacl.signing
 
 from aggregator.errors import ConfigError, StoreError
 from aggregator.store import Store
-from firmware_agent.errors import SigningKeyError
-from firmware_agent.messages import AgentId, SiteId, Topic, receipt_payload, seal
-from firmware_agent.signing import read_signing_key
+from firmware_agent.contract.errors import SigningKeyError
+from firmware_agent.contract.messages import AgentId, SiteId, Topic, receipt_payload, seal
+from firmware_agent.contract.signing import read_signing_key
 
 __all__ = ["Receipts", "load_receipt_key"]
 

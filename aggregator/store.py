@@ -88,8 +88,8 @@ from aggregator.rollup import (
     totals,
 )
 from aggregator.verify import Accepted
-from firmware_agent.errors import MessageError
-from firmware_agent.messages import AgentId, SiteId, public_key_text, verify_key_from_text
+from firmware_agent.contract.errors import MessageError
+from firmware_agent.contract.messages import AgentId, SiteId, public_key_text, verify_key_from_text
 
 __all__ = [
     "AgentHealth",

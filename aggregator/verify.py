@@ -17,7 +17,8 @@ A refusal is a value, not an exception: :class:`Refusal` carries one of :data:`R
 detail that names the field or agent at fault and never quotes the payload (no values, only
 field names, types and the schema's own limits).
 
-The schemas are the contract's own files (``firmware_agent/schemas``). ``jsonschema`` checks a
+The schemas are the contract's own files (``firmware_agent/contract/schemas``). ``jsonschema``
+checks a
 counts message in about a millisecond here, five times the budget of a whole message at
 5,000 messages/s, so :class:`SchemaCheck` compiles each schema once into plain Python closures
 for the keywords the footfall schemas use, with jsonschema's semantics made strict in two ways
@@ -55,8 +56,8 @@ import nacl.exceptions
 import orjson
 
 from aggregator.registry import AgentEntry, Registry
-from firmware_agent.errors import MessageError
-from firmware_agent.messages import (
+from firmware_agent.contract.errors import MessageError
+from firmware_agent.contract.messages import (
     VERSIONS,
     Topic,
     canonical_json,
@@ -491,7 +492,7 @@ def _control_characters(value: object) -> str | None:
 
 
 def _schema(name: str) -> dict[str, Any]:
-    text = resources.files("firmware_agent").joinpath(f"schemas/{name}.json").read_text()
+    text = resources.files("firmware_agent.contract").joinpath(f"schemas/{name}.json").read_text()
     schema: dict[str, Any] = json.loads(text)
     return schema
 
@@ -552,7 +553,7 @@ _DWELL = tuple(f"dwell_minutes.{band}" for band in ("lt5", "5-15", "15-30", "30-
 # as in the payload, a dwell band as ``dwell_minutes.<band>``; a rule with a field that is
 # null (suppressed) or absent is skipped. An agent whose meta says it adds differential-privacy
 # noise in standard mode (each count noised on its own) is held only to the schema: its sums
-# need not add up (firmware_agent.privacy; strict mode corrects after the noise, so its
+# need not add up (firmware_agent.stages.privacy; strict mode corrects after the noise, so its
 # relations hold). A new schema version adds its own row here.
 SENSE: dict[tuple[str, int], tuple[Rule, ...]] = {
     ("counts", 1): (
@@ -563,7 +564,7 @@ SENSE: dict[tuple[str, int], tuple[Rule, ...]] = {
         Within("passersby", "devices"),
         Within("devices", "devices_epoch"),
     ),
-    # v2 (firmware_agent/people.py): an arrived visit that ends counts in visits_ended and in
+    # v2 (firmware_agent/stages/people.py): an arrived visit that ends counts in visits_ended and in
     # one dwell band; the mean of the window's occupancy samples is at most their peak.
     # People and devices are not compared: a person's chain links several addresses, and a
     # visit counts in the window of its instant, not in each window it was heard in.

@@ -59,9 +59,9 @@ from aggregator.query import HEATMAP_WEEKS, Counts, Site  # noqa: E402
 from aggregator.rollup import zone  # noqa: E402
 from aggregator.store import Store, agents, metadata, windows  # noqa: E402
 from aggregator.verify import Accepted  # noqa: E402
-from firmware_agent.messages import public_key_text, utc_text  # noqa: E402
-from tests.aggregator_harness import drop_schema  # noqa: E402
-from tests.web_harness import serve_app  # noqa: E402
+from firmware_agent.contract.messages import public_key_text, utc_text  # noqa: E402
+from tests.support.aggregator_harness import drop_schema  # noqa: E402
+from tests.support.web_harness import serve_app  # noqa: E402
 
 SITE = "bench"
 ZONE = "Europe/Paris"

@@ -32,11 +32,11 @@ from pathlib import Path
 from scapy.layers.dot11 import Dot11, RadioTap
 from scapy_dissect import dissect
 
-from firmware_agent.capture import LINKTYPE_RADIOTAP, CaptureReader, FrameBatch
-from firmware_agent.parse import KIND_PROBE, parse_batch
-from firmware_agent.pipeline import Pipeline
 from firmware_agent.settings import load_config
-from firmware_agent.synthetic import SAMPLE_PATH, SyntheticSpec, write_synthetic_capture
+from firmware_agent.stages.capture import LINKTYPE_RADIOTAP, CaptureReader, FrameBatch
+from firmware_agent.stages.parse import KIND_PROBE, parse_batch
+from firmware_agent.stages.pipeline import Pipeline
+from firmware_agent.tools.synthetic import SAMPLE_PATH, SyntheticSpec, write_synthetic_capture
 
 OUT = Path(__file__).resolve().parent / "out"
 AGENT = [sys.executable, "-m", "firmware_agent.cli"]

@@ -1,7 +1,9 @@
-"""The fault matrix at size: every fault of ``tests/delivery.py`` with many thousand windows,
+"""The fault matrix at size: every fault of ``tests/support/delivery.py`` with many thousand
+windows,
 PostgreSQL gone for a minute; the table of docs/aggregator.md.
 
-Each fault runs on a rig of its own (``tests/delivery.py``): a Mosquitto started by the bench,
+Each fault runs on a rig of its own (``tests/support/delivery.py``): a Mosquitto started by the
+bench,
 PostgreSQL in a schema of its own (reached through a link that can play it stopped), ingest as
 the real command, and ``--agents`` agents (the agent's own publisher and spool, with receipts)
 making ``--windows`` windows each, ``--rate`` a second each. A row: windows the agents made,
@@ -30,14 +32,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the rig of the tests
 
 from aggregator.config import StoreSettings  # noqa: E402
-from tests.aggregator_harness import drop_schema  # noqa: E402
-from tests.delivery import (  # noqa: E402
+from tests.support.aggregator_harness import drop_schema  # noqa: E402
+from tests.support.delivery import (  # noqa: E402
     FAULTS,
     Rig,
     broker_killed_while_ingest_away,
     database_link,
 )
-from tests.mqtt_broker import TestCertificates, find_mosquitto  # noqa: E402
+from tests.support.mqtt_broker import TestCertificates, find_mosquitto  # noqa: E402
 
 BASELINE = "broker kill -9, ingest away, agents without receipts (PUBACK)"
 

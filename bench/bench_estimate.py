@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from firmware_agent.capture import CaptureReader
-from firmware_agent.pipeline import Pipeline
 from firmware_agent.settings import load_config
-from firmware_agent.synthetic import SyntheticSpec, write_synthetic_capture
+from firmware_agent.stages.capture import CaptureReader
+from firmware_agent.stages.pipeline import Pipeline
+from firmware_agent.tools.synthetic import SyntheticSpec, write_synthetic_capture
 
 OUT = Path(__file__).resolve().parent / "out"
 DEFAULT = OUT / "synthetic_1000000_2000.pcap"

@@ -1,8 +1,8 @@
 """Benchmark of the aggregator's ingest: signed counts through a real Mosquitto into SQLite and
 PostgreSQL, and the drain of a backlog.
 
-Starts its own Mosquitto (``tests/mqtt_broker.py``, an account per agent) on free loopback
-ports. The agents are a :class:`tests.agent_fleet.Fleet` in a process of its own: one MQTT
+Starts its own Mosquitto (``tests/support/mqtt_broker.py``, an account per agent) on free loopback
+ports. The agents are a :class:`tests.support.agent_fleet.Fleet` in a process of its own: one MQTT
 connection per agent, real Ed25519-signed counts envelopes (~530 bytes) at QoS 1. Ingest runs as
 the real command (``footfall-aggregator ingest``), one or two processes on one shared
 subscription. A run counts from the fleet's first message to the last window committed (the
@@ -53,9 +53,9 @@ from paho.mqtt.properties import Properties  # noqa: E402
 from aggregator.config import BrokerSettings, StoreSettings  # noqa: E402
 from aggregator.mqtt import Delivery, Session  # noqa: E402
 from aggregator.store import Store  # noqa: E402
-from firmware_agent.messages import public_key_text  # noqa: E402
-from tests.agent_fleet import fleet_broker, make_agents  # noqa: E402
-from tests.mqtt_broker import HOST, READER, Mosquitto, TestCertificates, find_mosquitto  # noqa: E402
+from firmware_agent.contract.messages import public_key_text  # noqa: E402
+from tests.support.agent_fleet import fleet_broker, make_agents  # noqa: E402
+from tests.support.mqtt_broker import HOST, READER, Mosquitto, TestCertificates, find_mosquitto  # noqa: E402
 
 SHARE = "$share/bench/footfall/v1/+/+/counts"
 CLI = str(Path(sys.executable).with_name("footfall-aggregator"))
@@ -76,14 +76,14 @@ class Result:
 
 
 class FleetProcess:
-    """``python -m tests.agent_fleet`` in a process of its own (it would steal the GIL)."""
+    """``python -m tests.support.agent_fleet`` in a process of its own (it would steal the GIL)."""
 
     def __init__(self, port: int, agents: int, windows: int, seed: str) -> None:
         self.process = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
-                "tests.agent_fleet",
+                "tests.support.agent_fleet",
                 "--port",
                 str(port),
                 "--agents",

@@ -1,13 +1,14 @@
 """Benchmark: sustained ingest through a 3-node NATS JetStream cluster against the Mosquitto
 path, in the same run, into PostgreSQL.
 
-Each row is :func:`bench_ingest.ingest`: the agents are a :class:`tests.agent_fleet.Fleet` in a
+Each row is :func:`bench_ingest.ingest`: the agents are a :class:`tests.support.agent_fleet.Fleet`
+in a
 process of its own (one MQTT 3.1.1 connection per simulated agent, real Ed25519-signed counts
 at QoS 1), ingest is the real ``footfall-aggregator ingest`` with 1, 2 and 4 processes, and a
 run counts from the fleet's first message to the last window committed.
 
 * ``Mosquitto``: one Mosquitto, a shared subscription (``ingest.share_group``);
-* ``JetStream``: a fresh 3-node cluster (tests/nats_cluster.py) per row, the agents on node
+* ``JetStream``: a fresh 3-node cluster (tests/support/nats_cluster.py) per row, the agents on node
   1's MQTT listener, ingest with ``broker.kind = "jetstream"`` and streams of 3 replicas: each
   window is written by the leader and copied to two followers before the consumer hands it on.
 
@@ -31,9 +32,9 @@ from pathlib import Path
 import sqlalchemy as sa
 from bench_ingest import Result, ingest  # puts the repository on sys.path
 
-from tests.agent_fleet import fleet_broker, make_agents
-from tests.mqtt_broker import TestCertificates, find_mosquitto
-from tests.nats_cluster import AGGREGATOR, NatsCluster, Ports
+from tests.support.agent_fleet import fleet_broker, make_agents
+from tests.support.mqtt_broker import TestCertificates, find_mosquitto
+from tests.support.nats_cluster import AGGREGATOR, NatsCluster, Ports
 
 
 def main() -> int:

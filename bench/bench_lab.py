@@ -7,7 +7,7 @@ Replays each day of ``../shared/data/lab`` through the agent's pipeline (cached 
 each fold on the other folds, and prints pooled and per-day scores, the error by truth level,
 empty windows, the missing windows (outages) and the cost (replay seconds, frames per second).
 A progress line per day goes to stderr. ``--doc`` writes the lab-days section of
-docs/ACCURACY.md instead (tests/lab_days.py says how everything is scored).
+docs/ACCURACY.md instead (tests/support/lab_days.py says how everything is scored).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from firmware_agent.evaluate import Truth
-from tests.lab_days import (
+from firmware_agent.tools.evaluate import Truth
+from tests.support.lab_days import (
     CACHE,
     LabDay,
     Scored,
@@ -32,7 +32,7 @@ from tests.lab_days import (
     threshold_report,
     visit_thresholds,
 )
-from tests.lab_doc import print_report, write_section
+from tests.support.lab_doc import print_report, write_section
 
 DEFAULT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "lab"
 

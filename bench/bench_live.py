@@ -3,7 +3,7 @@
 Runs the real agent (``footfall-agent run --source iface:<veth>``, publishing to a Mosquitto
 this bench starts, metrics on a local port) on one end of a veth pair whose other end, in a
 network namespace of its own, ``tcpreplay`` feeds with a synthetic capture's radiotap frames
-(``tests/netns.py``). Needs root, ``ip``, ``tcpreplay`` and ``mosquitto``.
+(``tests/support/netns.py``). Needs root, ``ip``, ``tcpreplay`` and ``mosquitto``.
 
 For each rate (10k, 50k, 100k, 200k frames/s, then ``--topspeed``) it sends ``rate x seconds``
 frames and reports what the agent received, what the kernel dropped (``PACKET_STATISTICS``,
@@ -42,12 +42,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the test harness: veth pair, broker, agent files
 
-from firmware_agent.capture import CaptureReader  # noqa: E402
-from firmware_agent.pipeline import Pipeline  # noqa: E402
 from firmware_agent.settings import load_config  # noqa: E402
-from firmware_agent.synthetic import SyntheticSpec, write_synthetic_capture  # noqa: E402
-from tests.agent_harness import AgentFiles, prepare_agent  # noqa: E402
-from tests.mqtt_broker import (  # noqa: E402
+from firmware_agent.stages.capture import CaptureReader  # noqa: E402
+from firmware_agent.stages.pipeline import Pipeline  # noqa: E402
+from firmware_agent.tools.synthetic import SyntheticSpec, write_synthetic_capture  # noqa: E402
+from tests.support.agent_harness import AgentFiles, prepare_agent  # noqa: E402
+from tests.support.mqtt_broker import (  # noqa: E402
     Mosquitto,
     Subscriber,
     TestCertificates,
@@ -55,7 +55,7 @@ from tests.mqtt_broker import (  # noqa: E402
     free_port,
     wait_for,
 )
-from tests.netns import Veth, veth_pair  # noqa: E402
+from tests.support.netns import Veth, veth_pair  # noqa: E402
 
 OUT = REPO / "bench" / "out"
 UNIT = REPO / "hardware" / "systemd" / "footfall-agent.service"

@@ -41,8 +41,8 @@ import httpx  # noqa: E402
 from aggregator.accounts import Accounts  # noqa: E402
 from aggregator.config import StoreSettings  # noqa: E402
 from aggregator.store import Store  # noqa: E402
-from tests.aggregator_harness import drop_schema  # noqa: E402
-from tests.web_harness import PASSWORD, serve_command  # noqa: E402
+from tests.support.aggregator_harness import drop_schema  # noqa: E402
+from tests.support.web_harness import PASSWORD, serve_command  # noqa: E402
 
 WRONG = "not the password"
 

@@ -1,7 +1,8 @@
 """What ``strict`` privacy costs in accuracy against ``standard``, on the shared lab captures.
 
-Replays every lab capture (``fryza_*`` under ``../shared/data/pcaps``, see tests/accuracy.py)
-and the bundled sample through the agent's pipeline (:func:`firmware_agent.evaluate.replay`)
+Replays every lab capture (``fryza_*`` under ``../shared/data/pcaps``, see
+tests/support/accuracy.py)
+and the bundled sample through the agent's pipeline (:func:`firmware_agent.tools.evaluate.replay`)
 once in ``standard`` and ``--repeat`` times in ``strict`` per ``privacy.expected_devices``
 (every strict run draws its own keys, so its collisions differ; scores are means over the
 runs), 5-minute windows, midnight epochs in UTC, and compares the windows the pipeline
@@ -10,7 +11,7 @@ yields, before the release step (no suppression, no noise):
 1. strict against standard: ``devices``, ``visitors`` and ``devices_randomised``, window by
    window, over the windows where standard counts 3 devices or more (MAE over those; MAPE
    over those of them where standard's value of that count is 3 or more, as
-   :func:`firmware_agent.evaluate.score` does), and the mean signed error (bias);
+   :func:`firmware_agent.tools.evaluate.score` does), and the mean signed error (bias);
 2. against the lab's ground truth (people in the room): standard ``people_est``, standard
    ``visitors`` and strict ``visitors``, uncalibrated (MAE over every window the truth covers,
    MAPE over those with 3 people or more);
@@ -34,13 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # tests.accuracy, when run as a script
+sys.path.insert(0, str(REPO))  # tests.support.accuracy, when run as a script
 
 from firmware_agent.cli import BUNDLED_SAMPLE  # noqa: E402
-from firmware_agent.count import WindowCounts  # noqa: E402
-from firmware_agent.evaluate import Scores, Truth, replay, score  # noqa: E402
 from firmware_agent.settings import AgentConfig, load_config  # noqa: E402
-from tests.accuracy import LAB, lab_truth  # noqa: E402
+from firmware_agent.stages.count import WindowCounts  # noqa: E402
+from firmware_agent.tools.evaluate import Scores, Truth, replay, score  # noqa: E402
+from tests.support.accuracy import LAB, lab_truth  # noqa: E402
 
 SHARED = Path(os.environ.get("FOOTFALL_SHARED", REPO.parent / "shared"))  # as tests/conftest.py
 WINDOW_S = 300

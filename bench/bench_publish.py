@@ -1,7 +1,7 @@
 """Benchmark of publishing: spooled counts to a local Mosquitto at QoS 1, and the drain of a
 backlog after an outage.
 
-Starts its own Mosquitto (``tests/mqtt_broker.py``: password, ACL, TLS listener; plain port
+Starts its own Mosquitto (``tests/support/mqtt_broker.py``: password, ACL, TLS listener; plain port
 used here) on free loopback ports. Every message is a real signed counts envelope (~530
 bytes). Prints one table; speeds are set against paho alone at QoS 1, measured in the same run
 on the same broker:
@@ -39,20 +39,20 @@ from paho.mqtt.enums import CallbackAPIVersion
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the broker fixture of the tests
 
-from firmware_agent.messages import AgentId, SiteId, counts_payload, seal  # noqa: E402
-from firmware_agent.publish import BrokerSettings, Publisher  # noqa: E402
-from firmware_agent.service import agent_meta  # noqa: E402
+from firmware_agent.contract.messages import AgentId, SiteId, counts_payload, seal  # noqa: E402
+from firmware_agent.service.publish import BrokerSettings, Publisher  # noqa: E402
+from firmware_agent.service.run import agent_meta  # noqa: E402
+from firmware_agent.service.spool import Spool, SpoolSettings  # noqa: E402
 from firmware_agent.settings import load_config  # noqa: E402
-from firmware_agent.spool import Spool, SpoolSettings  # noqa: E402
-from tests.mqtt_broker import HOST, Mosquitto, TestCertificates, find_mosquitto  # noqa: E402
-from tests.test_messages import _window as counts_window  # noqa: E402
+from tests.agent.test_messages import _window as counts_window  # noqa: E402
+from tests.support.mqtt_broker import HOST, Mosquitto, TestCertificates, find_mosquitto  # noqa: E402
 
 SITE, AGENT, PASSWORD = "bench", "a1", "bench-secret"
 INFLIGHT = 64
 
 
 def _window(i: int) -> dict[str, object]:
-    """A counts v2 window (tests/test_messages.py's), as the agent publishes it."""
+    """A counts v2 window (tests/agent/test_messages.py's), as the agent publishes it."""
     start = 1_709_625_600 + 300 * i
     window = counts_window()
     window["window_start"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start))

@@ -6,7 +6,7 @@ Inputs (written once to ``bench/out/``):
   requests) repeated with advancing times (each repetition starts a second after the last
   one ended) up to ``--frames``: the shape of real traffic, a few hundred probe requests per
   5-minute window from a few thousand addresses in all;
-* ``synthetic``: the generator's capture (``firmware_agent.synthetic``) of the same size,
+* ``synthetic``: the generator's capture (``firmware_agent.tools.synthetic``) of the same size,
   2,000 devices probing densely (what ``bench_core.py`` measures);
 * ``busy day``: ``--addresses`` frames in one UTC day, each from an address of its own (the
   real capture's frames, the transmitter address rewritten), then ``quiet day``: the real
@@ -41,11 +41,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from firmware_agent.capture import CaptureReader
-from firmware_agent.parse import KIND_PROBE, parse_batch
-from firmware_agent.pipeline import Pipeline
 from firmware_agent.settings import load_config
-from firmware_agent.synthetic import SAMPLE_PATH, SyntheticSpec, write_synthetic_capture
+from firmware_agent.stages.capture import CaptureReader
+from firmware_agent.stages.parse import KIND_PROBE, parse_batch
+from firmware_agent.stages.pipeline import Pipeline
+from firmware_agent.tools.synthetic import SAMPLE_PATH, SyntheticSpec, write_synthetic_capture
 
 OUT = Path(__file__).resolve().parent / "out"
 SHARED = Path(__file__).resolve().parents[2] / "shared/data/pcaps"

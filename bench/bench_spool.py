@@ -6,7 +6,8 @@ stage, then repeated with advancing starts. Two costs, measured apart:
 * **the spool** (SQLite, synchronous = FULL), on ``--windows`` (100,000: a year of 5-minute
   windows is 105,120) signed messages of the real size: ``grouped``, the windows a batch of
   frames closed in one transaction (``--group``, 256: the counter's output buffer), one fsync
-  per group, what ``footfall-agent run`` does now (:meth:`~firmware_agent.spool.Spool.append_many`);
+  per group, what ``footfall-agent run`` does now
+  (:meth:`~firmware_agent.service.spool.Spool.append_many`);
   ``one by one`` (baseline, same run), one transaction and fsync per window as before, timed
   on ``--sample`` windows and extrapolated;
 * **the message**: building a window's counts message (privacy release, JSON Schema
@@ -29,14 +30,14 @@ from pathlib import Path
 
 import nacl.signing
 
-from firmware_agent.capture import CaptureReader
-from firmware_agent.count import WindowCounts
-from firmware_agent.pipeline import Pipeline
-from firmware_agent.privacy import epoch_label
-from firmware_agent.service import _counts_message
+from firmware_agent.service.run import _counts_message
+from firmware_agent.service.spool import Spool, SpoolSettings
 from firmware_agent.settings import AgentConfig, load_config
-from firmware_agent.spool import Spool, SpoolSettings
-from firmware_agent.synthetic import SAMPLE_PATH
+from firmware_agent.stages.capture import CaptureReader
+from firmware_agent.stages.count import WindowCounts
+from firmware_agent.stages.pipeline import Pipeline
+from firmware_agent.stages.privacy import epoch_label
+from firmware_agent.tools.synthetic import SAMPLE_PATH
 
 OUT = Path(__file__).resolve().parent / "out"
 

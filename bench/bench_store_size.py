@@ -1,7 +1,8 @@
 """How big PostgreSQL's tables get, per row, and how fast the store writes: the measured input
 of docs/aggregator.md's scale table.
 
-Stores a day of windows (288 per agent) of simulated agents (tests/agent_fleet.py: real signed
+Stores a day of windows (288 per agent) of simulated agents (tests/support/agent_fleet.py: real
+signed
 counts, verified by the aggregator's own verifier) with :meth:`Store.store_batch`, 500 per
 transaction as ingest does, in a schema of its own (dropped afterwards); then prints the rows
 and the bytes per row of ``windows`` and the roll-ups, as written and after ``VACUUM FULL``
@@ -28,7 +29,7 @@ import sqlalchemy as sa  # noqa: E402
 from aggregator.config import StoreSettings  # noqa: E402
 from aggregator.store import Store  # noqa: E402
 from aggregator.verify import Accepted, Verifier  # noqa: E402
-from tests.agent_fleet import START, fleet_messages, make_agents  # noqa: E402
+from tests.support.agent_fleet import START, fleet_messages, make_agents  # noqa: E402
 
 TABLES = ("windows", "agent_hours", "agent_days", "site_hours", "site_days")
 

@@ -4,9 +4,10 @@ Replays lab days (``../shared/data/lab/*.pcap.gz``, or the files given) in ``str
 ``standard`` (UTC midnight epochs, 5-minute windows) and prints, per day (Markdown):
 
 * windows; windows with a crowd of two devices or more; of those, how many reach the
-  collision floor (:data:`~firmware_agent.privacy.COLLISION_FLOOR`) and so publish device
+  collision floor (:data:`~firmware_agent.stages.privacy.COLLISION_FLOOR`) and so publish device
   counts, and the lowest and median share of devices sharing their id at the width the
-  window is counted at (measured from its own counts, :func:`~firmware_agent.privacy.shared_share`);
+  window is counted at (measured from its own counts,
+  :func:`~firmware_agent.stages.privacy.shared_share`);
 * the widths used;
 * strict ``devices`` (collision-corrected) against standard's, MAPE over the windows where
   standard counts 5 devices or more, and the mean signed error.
@@ -25,11 +26,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from firmware_agent.capture import CaptureReader  # noqa: E402
-from firmware_agent.count import WindowCounts  # noqa: E402
-from firmware_agent.pipeline import Pipeline  # noqa: E402
-from firmware_agent.privacy import COLLISION_FLOOR, linear_count, shared_share  # noqa: E402
 from firmware_agent.settings import AgentConfig, load_config  # noqa: E402
+from firmware_agent.stages.capture import CaptureReader  # noqa: E402
+from firmware_agent.stages.count import WindowCounts  # noqa: E402
+from firmware_agent.stages.pipeline import Pipeline  # noqa: E402
+from firmware_agent.stages.privacy import COLLISION_FLOOR, linear_count, shared_share  # noqa: E402
 
 SHARED = Path(os.environ.get("FOOTFALL_SHARED", REPO.parent / "shared"))
 

@@ -1,11 +1,15 @@
 """footfall agent: 802.11 probe requests in, private per-window counts out.
 
-The agent reads top to bottom as its data flows::
+The packages follow the data::
 
-    capture -> parse -> anonymize -> count -> (privacy -> publish)
+    stages/    capture -> parse -> anonymize -> count -> estimate -> people -> privacy
+    service/   footfall-agent run: spool, publish, metrics, Home Assistant
+    tools/     doctor, audit, evaluate, privacy report, survey, synthetic captures
+    kernels/   the numba machinery the stages compile with (ahead of time or JIT)
+    contract/  what the aggregator reads: messages, schemas, keys, errors, settings machinery
 
-Each stage is one module taking and returning arrays; :mod:`firmware_agent.pipeline`
-wires them together.
+:mod:`firmware_agent.stages.pipeline` wires the stages; :mod:`firmware_agent.settings` declares
+the settings of all of them; :mod:`firmware_agent.cli` is ``footfall-agent``.
 """
 
 __version__ = "0.1.0"

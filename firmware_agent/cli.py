@@ -20,24 +20,24 @@ from typing import TextIO
 import nacl.signing
 
 from firmware_agent import __version__, kernels
-from firmware_agent.audit import audit_all
-from firmware_agent.broker_session import BrokerSession
-from firmware_agent.capture import CaptureReader, FrameBatch
-from firmware_agent.capture_stats import inspect_capture
-from firmware_agent.checks import exit_status, print_table
-from firmware_agent.command_line import run_command
-from firmware_agent.doctor import run_checks
-from firmware_agent.errors import AgentError
-from firmware_agent.evaluate import add_commands
-from firmware_agent.live import LiveSettings
-from firmware_agent.messages import public_key_text, verify_key_from_text
-from firmware_agent.mqtt_capture import publishes
-from firmware_agent.pipeline import Pipeline
-from firmware_agent.privacy_report import privacy_report
-from firmware_agent.service import run_agent
+from firmware_agent.contract.checks import exit_status, print_table
+from firmware_agent.contract.command_line import run_command
+from firmware_agent.contract.errors import AgentError
+from firmware_agent.contract.messages import public_key_text, verify_key_from_text
+from firmware_agent.contract.signing import KEY_FILE, create_signing_key, load_signing_key
+from firmware_agent.service.broker_session import BrokerSession
+from firmware_agent.service.run import run_agent
 from firmware_agent.settings import SETTINGS, load_config
-from firmware_agent.signing import KEY_FILE, create_signing_key, load_signing_key
-from firmware_agent.survey import run_survey
+from firmware_agent.stages.capture import CaptureReader, FrameBatch
+from firmware_agent.stages.live import LiveSettings
+from firmware_agent.stages.pipeline import Pipeline
+from firmware_agent.tools.audit import audit_all
+from firmware_agent.tools.capture_stats import inspect_capture
+from firmware_agent.tools.doctor import run_checks
+from firmware_agent.tools.evaluate import add_commands
+from firmware_agent.tools.mqtt_capture import publishes
+from firmware_agent.tools.privacy_report import privacy_report
+from firmware_agent.tools.survey import run_survey
 
 log = logging.getLogger("footfall.agent")
 

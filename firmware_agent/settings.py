@@ -20,17 +20,17 @@ from pathlib import Path
 from typing import TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from firmware_agent.count import NS, CountSettings
-from firmware_agent.errors import ConfigError, MessageError
-from firmware_agent.estimate import Calibration, EstimateSettings
-from firmware_agent.homeassistant import HomeAssistantSettings
-from firmware_agent.live import LiveSettings
-from firmware_agent.messages import ID_PATTERN, AgentId, SiteId
-from firmware_agent.metrics import MetricsSettings
-from firmware_agent.privacy import STANDARD_MAX_KEY_S, PrivacyPolicy
-from firmware_agent.publish import BrokerSettings
-from firmware_agent.registry import Setting, report, resolve
-from firmware_agent.spool import SpoolSettings
+from firmware_agent.contract.errors import ConfigError, MessageError
+from firmware_agent.contract.messages import ID_PATTERN, AgentId, SiteId
+from firmware_agent.contract.resolve import Setting, report, resolve
+from firmware_agent.service.homeassistant import HomeAssistantSettings
+from firmware_agent.service.metrics import MetricsSettings
+from firmware_agent.service.publish import BrokerSettings
+from firmware_agent.service.spool import SpoolSettings
+from firmware_agent.stages.count import NS, CountSettings
+from firmware_agent.stages.estimate import Calibration, EstimateSettings
+from firmware_agent.stages.live import LiveSettings
+from firmware_agent.stages.privacy import STANDARD_MAX_KEY_S, PrivacyPolicy
 
 __all__ = [
     "SETTINGS",
@@ -223,7 +223,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("homeassistant.prefix", "homeassistant", "Home Assistant's MQTT discovery prefix."),
 )
-# The estimate stage (firmware_agent/estimate.py).
+# The estimate stage (firmware_agent/stages/estimate.py).
 SETTINGS += (
     Setting(
         "estimate.rssi_threshold_dbm",

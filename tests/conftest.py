@@ -1,55 +1,21 @@
-"""Shared fixtures: where the real captures live, and the tshark oracle.
+"""Fixtures every layer uses: the real captures, the tshark oracle, a Mosquitto of the test's own.
 
-``../shared`` sits beside a developer's or CI's checkout but is not shipped to users.
-Tests that need it skip with a stated reason when it is absent; CI sets
-``FOOTFALL_REQUIRE_SHARED=1`` so that a missing ``../shared`` fails instead.
+Light on purpose: the agent's layer (``tests/agent``) runs with only the agent's dependencies, so
+nothing here imports the aggregator, its web stack or its database drivers; each layer's own
+``conftest.py`` brings its harness.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-# Fixtures for tests against a real Mosquitto and a running agent, for every test module.
-from tests.agent_harness import (  # noqa: F401
-    reap_agents,
-    recorded_keys_fixture,
-    sample_windows,
-)
-from tests.aggregator_harness import pg_schema, store, store_settings  # noqa: F401
-from tests.mqtt_broker import mosquitto_bin, start_broker, test_certificates  # noqa: F401
-from tests.netns import veth  # noqa: F401
-from tests.web_harness import browser, served  # noqa: F401
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("FOOTFALL_SHARED", REPO.parent / "shared"))
-REQUIRE_SHARED = os.environ.get("FOOTFALL_REQUIRE_SHARED") == "1"
-
-
-def shared_path(*parts: str) -> Path:
-    """A path inside ../shared; skip (or fail under FOOTFALL_REQUIRE_SHARED=1) if absent."""
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        reason = (
-            f"{path} is absent: ../shared (real captures and the tshark oracle) sits beside "
-            "a developer's checkout but is not shipped; set FOOTFALL_SHARED to point at it"
-        )
-        if REQUIRE_SHARED:
-            pytest.fail(reason + " (FOOTFALL_REQUIRE_SHARED=1 makes this a failure)")
-        pytest.skip(reason)
-    return path
-
-
-def shared_capture_names() -> list[str]:
-    """Names of the shared captures, for parametrisation (empty when ../shared is absent)."""
-    pcaps = SHARED / "data" / "pcaps"
-    if not pcaps.is_dir():
-        return ["<no shared captures>"]
-    return sorted(p.name for p in pcaps.iterdir() if not p.name.endswith(".csv"))
+from tests.support.mqtt_broker import mosquitto_bin, start_broker, test_certificates  # noqa: F401
+from tests.support.netns import veth  # noqa: F401
+from tests.support.shared import shared_path
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,877 @@
+"""Estimate stage: device ids in, an estimate of the devices present per window out (numba).
+
+Since iOS 14 and Android 10 a phone probes from random (locally administered) addresses that
+change often, some with every burst or even every frame, so distinct addresses over-count
+people several times. This stage links the addresses of one device into a *chain*, using only
+what the anonymize stage hands on: the keyed device id, the keyed model fingerprint (``fp``),
+the sequence number, the signal and the time. It never sees an address. It is fed the same
+:class:`~firmware_agent.stages.anonymize.DeviceBatch` rows as the counter and closes the same
+windows
+(the same watermark rule), so the pipeline can join the two by window start.
+
+**Linking.** A global address is a chain of its own. A random address seen for the first
+time, with fingerprint ``F``, joins an existing chain by the first rule that holds:
+
+1. *continuity*, for a fingerprint that keeps its counter: one of the last :data:`RING`
+   random addresses with fingerprint ``F`` was heard at most ``link_gap_s`` before, and the
+   new address's sequence number is 1 to ``seq_max_delta`` above that address's last one
+   (modulo 4096): the same radio counting on under a new address. The smallest step wins.
+2. *cadence*, for a fingerprint that has *learnt* to reset: one of those addresses' chains
+   was heard at most ``cadence_gap_s`` before, with a signal within ``rssi_link_db`` of the
+   new frame's; the oldest such chain wins (so the chains of one phone converge on one; the
+   most recent on a tie). Some phones draw a new address *and* a new sequence number for every
+   burst or frame; nothing but the model, the timing and the signal ties their addresses.
+
+A fingerprint has learnt to reset once ``reset_min`` of its new addresses arrived while some
+address of it had been heard within ``cadence_gap_s`` (or ``link_gap_s`` if longer), and fewer
+than ``reset_share_pct`` % of them continued one by sequence number, after taking off the
+matches expected by chance (a random number lands within ``seq_max_delta`` above one of ``K``
+addresses heard within ``link_gap_s`` with probability ``K * seq_max_delta / 4096``); from then
+on a counter that matches is taken for chance. (Counting the new addresses over the cadence
+gap, and 5 of them, is what lets a phone that probes only every 1-3 minutes, a new address and
+counter each time, learn it within a visit: with ``link_gap_s`` and 10, two of the nine
+one-phone captures never did, and read 0 devices.) Models that keep their counter across
+addresses never learn it, so two phones of such a model side by side stay two chains; two
+phones of a resetting model at the same spot cannot be told apart and may become one.
+(``link`` off: every address is a device of its own, as the evaluation's first stages count;
+``assume_randomised``: every address is taken for a random one, for datasets whose anonymiser
+drew random addresses.)
+
+**Forgetting** (for the people stage, which judges visits: docs/messages.md). An address heard
+again after a silence longer than ``visit_gap_s`` (``count.visit_gap_s``) is linked afresh, as a
+new address would be: where it goes never depends on whether it was heard before, outside the
+current visit, so no published figure does (the membership check of tests/agent/test_people.py and
+priv17's injection harness). Its old chain keeps what it had.
+
+**Counting.** When a window closes, a chain heard in it counts towards ``people_est`` if its
+best signal in the window is at or above the signal threshold (or unknown: bare 802.11
+captures carry none), it is not static, and it has lasted at least ``min_dwell_s`` (first to
+last frame): one burst from the street or the corridor is not a person in the venue.
+
+**Static devices.** A chain first heard while the site is closed (from local midnight until
+``static_closed_h``, in the zone the estimator is given: the epoch's), then heard over at least
+``static_min_s`` and in at least ``static_share_pct`` % of the windows since it appeared
+(desktop PCs, printers, smart TVs left on) is infrastructure: it is left out of ``people_est``
+and counted in ``static_excluded`` (``static_min_s`` 0: no static exclusion;
+``static_closed_h`` 24: any chain, whenever first heard). What tells a machine from a person
+is that it was there through the night: on the 101 lab days a rule by duration alone (4 h)
+took a class that stayed 5 hours for PCs (2023-10-04, 15-17 people from 13:00 for nearly 5
+hours: day MAE 5.95 then, under 3 now; docs/ACCURACY.md), and a person's laptop or phone in a
+class is as steady as a PC. The lab's own PCs are switched on with the class and off after it,
+so they are never static; they then count like a class's devices and the site calibration
+absorbs them (taking the authors' 14 PCs out by address makes the 101 days worse: occupied MAE
+4.02 against 2.44).
+
+**Signal threshold.** Fixed per site (``rssi_threshold_dbm``), or learnt (:data:`AUTO`): at
+each *step instant* (every :data:`AUTO_STEP_S`, 300 s, on multiples of it since the Unix epoch,
+whatever ``window_s`` is; learnt once the watermark passes it, before a window that ends there
+closes), Otsu's split of the best signal of every chain of the epoch that has
+lasted ``min_dwell_s`` (devices in the venue against those beyond its walls), once there are
+``AUTO_MIN_CHAINS`` of them; until then :data:`AUTO_FALLBACK_DBM`. The split is kept within
+``AUTO_RANGE_DBM``, whose floor is the fallback, -70 dBm: Otsu splits whoever is heard, so on
+a day with nobody inside it split the corridor and the next room, at -80 to -90 dBm, and the
+stronger outsiders counted (the 101 lab days' empty windows: mean 0.43 people and 95th
+percentile 3 before this floor and the closed-hours static rule, 0.23 and 1 with both). A
+site threshold from an empty hour (``footfall-agent calibrate --site-threshold``) does better
+still (0.15).
+A window counts with the threshold in force at its end, and the people stage judges each
+frame with the one in force when it came (:attr:`Estimator.row_thresholds`). Learning at
+window closes made the people figures depend on ``window_s``: the bundled capture's first hour
+had 24 arrivals in 5-minute windows and 26 in one hour-long window; with fixed step instants
+they are the same (tests/agent/test_people.py). For 5-minute windows nothing changed: the steps are
+their ends. A new epoch starts from the fallback.
+
+Everything here (ids, fingerprints, chains, sequence numbers, per-device signal) stays in
+memory, is wiped with the epoch and is never logged; only the per-window counts leave.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta, tzinfo
+
+import numpy as np
+from numpy.typing import NDArray
+
+from firmware_agent.contract.errors import ConfigError
+from firmware_agent.kernels import kernel
+from firmware_agent.kernels.table import KeyedRows, slot
+from firmware_agent.stages.anonymize import DeviceBatch
+from firmware_agent.stages.parse import KIND_PROBE, RSSI_MISSING
+
+__all__ = [
+    "AUTO",
+    "AUTO_FALLBACK_DBM",
+    "AUTO_MIN_CHAINS",
+    "AUTO_RANGE_DBM",
+    "AUTO_STEP_S",
+    "RING",
+    "Calibration",
+    "EstimateSettings",
+    "Estimator",
+    "WindowEstimate",
+    "otsu_split",
+]
+
+log = logging.getLogger("footfall.agent")
+
+NS = 1_000_000_000
+AUTO = -1000  # rssi_threshold_dbm: learn it
+AUTO_FALLBACK_DBM = -70
+AUTO_MIN_CHAINS = 30
+AUTO_RANGE_DBM = (AUTO_FALLBACK_DBM, -50)
+AUTO_STEP_S = 300  # the threshold is learnt at multiples of this since the Unix epoch
+RING = 16  # recent random addresses remembered per fingerprint
+_HIST_LO = -120  # signal histogram bins: -120 .. 0 dBm
+_HIST_BINS = 121
+
+# Address table columns (int64): chain, last timestamp, last sequence number.
+_A_CHAIN, _A_LAST, _A_SEQ = range(3)
+_ACOLS = 3
+
+# Chain table columns (int64).
+_C_FIRST, _C_LAST, _C_RSSI, _C_BEST, _C_NWIN, _C_LASTWIN = range(6)
+_C_WIN, _C_WBEST = 6, 8  # two slots each, by window parity
+_CCOLS = 10
+
+# Fingerprint table columns (int64): new addresses with a recent one of the same fingerprint,
+# of them continued by sequence number, chance matches expected (x 4096), ring head, ring.
+_F_NEW, _F_CONT, _F_EXPECT, _F_HEAD = range(4)
+_F_RING = 4
+_FCOLS = _F_RING + RING
+
+# Clock and sizes (int64): newest timestamp, oldest open window start, chains, addresses,
+# fingerprints, chains behind the last learnt threshold, when the site opens on the epoch's
+# day (a chain first heard before it may be static), the threshold in force, the next step
+# instant at which it is learnt.
+_K_MAX, _K_OLDEST, _K_CHAINS, _K_ADDRS, _K_FPS, _K_THR_N, _K_OPENS, _K_THR, _K_STEP = range(9)
+_NONE = np.iinfo(np.int64).min
+
+# Parameters (int64), in this order.
+(
+    _P_W,
+    _P_LATE,
+    _P_LINK_GAP,
+    _P_SEQ_DELTA,
+    _P_CADENCE,
+    _P_RSSI_LINK,
+    _P_RESET_MIN,
+    _P_RESET_PCT,
+    _P_DWELL,
+    _P_THR,
+    _P_STATIC_MIN,
+    _P_STATIC_PCT,
+    _P_ALL_RANDOM,
+    _P_LINK,
+    _P_FORGET,
+) = range(15)
+
+# Output row columns (int64).
+_O_START, _O_PEOPLE, _O_STATIC, _O_THR = range(4)
+_NOUT = 4
+
+
+@dataclass(frozen=True, slots=True)
+class EstimateSettings:
+    """How addresses become an estimate of devices present; checked where made."""
+
+    window_s: int = 300
+    lateness_s: int = 10
+    rssi_threshold_dbm: int = AUTO  # AUTO, or -120 (off) .. 0
+    min_dwell_s: int = 60
+    link_gap_s: int = 60
+    seq_max_delta: int = 64
+    cadence_gap_s: int = 300
+    rssi_link_db: int = 30
+    reset_min: int = 5
+    reset_share_pct: int = 25
+    static_min_s: int = 3600  # 0: no static exclusion
+    static_share_pct: int = 80
+    static_closed_h: int = 6  # the site is closed until this local hour; 24: any time
+    link: bool = True  # False: every address is a device (the evaluation's stages)
+    assume_randomised: bool = False  # True: ignore the locally administered bit (datasets)
+    visit_gap_s: int = 600  # count.visit_gap_s: an address silent longer is linked afresh
+
+    def __post_init__(self) -> None:
+        if self.rssi_threshold_dbm != AUTO and not -120 <= self.rssi_threshold_dbm <= 0:
+            raise ConfigError(
+                "estimate.rssi_threshold_dbm must be 'auto' or between -120 (off) and 0 dBm, "
+                f"got {self.rssi_threshold_dbm}"
+            )
+        bounds = {
+            "min_dwell_s": (0, 3600, self.min_dwell_s),
+            "link_gap_s": (1, 3600, self.link_gap_s),
+            "seq_max_delta": (1, 2048, self.seq_max_delta),
+            "cadence_gap_s": (0, 3600, self.cadence_gap_s),
+            "rssi_link_db": (0, 120, self.rssi_link_db),
+            "reset_min": (1, 1_000_000, self.reset_min),
+            "reset_share_pct": (0, 100, self.reset_share_pct),
+            "static_min_s": (0, 7 * 86400, self.static_min_s),
+            "static_share_pct": (1, 100, self.static_share_pct),
+            "static_closed_h": (0, 24, self.static_closed_h),
+        }
+        for name, (lo, hi, value) in bounds.items():
+            if not lo <= value <= hi:
+                raise ConfigError(f"estimate.{name} must be between {lo} and {hi}, got {value}")
+        if 0 < self.static_min_s < self.window_s:
+            raise ConfigError(
+                f"estimate.static_min_s must be 0 (off) or at least one window "
+                f"({self.window_s} s), got {self.static_min_s}"
+            )
+
+    @classmethod
+    def from_settings(
+        cls, values: Mapping[str, object], window_s: int, lateness_s: int
+    ) -> EstimateSettings:
+        """From the settings registry's ``estimate.*`` values (see firmware_agent/settings.py)."""
+        threshold = str(values["estimate.rssi_threshold_dbm"]).strip().lower()
+        try:
+            dbm = AUTO if threshold == "auto" else int(threshold)
+        except ValueError:
+            raise ConfigError(
+                "estimate.rssi_threshold_dbm must be 'auto' or whole dBm between -120 (off) "
+                f"and 0, got {threshold!r}"
+            ) from None
+
+        def number(name: str) -> int:
+            return int(str(values[f"estimate.{name}"]))
+
+        return cls(
+            window_s=window_s,
+            lateness_s=lateness_s,
+            rssi_threshold_dbm=dbm,
+            min_dwell_s=number("min_dwell_s"),
+            link_gap_s=number("link_gap_s"),
+            seq_max_delta=number("seq_max_delta"),
+            cadence_gap_s=number("cadence_gap_s"),
+            rssi_link_db=number("rssi_link_db"),
+            reset_min=number("reset_min"),
+            reset_share_pct=number("reset_share_pct"),
+            static_min_s=number("static_min_s"),
+            static_share_pct=number("static_share_pct"),
+            static_closed_h=number("static_closed_h"),
+            visit_gap_s=int(str(values["count.visit_gap_s"])),
+        )
+
+    def params(self) -> NDArray[np.int64]:
+        return np.array(
+            [
+                self.window_s * NS,
+                self.lateness_s * NS,
+                self.link_gap_s * NS,
+                self.seq_max_delta,
+                self.cadence_gap_s * NS,
+                self.rssi_link_db,
+                self.reset_min,
+                self.reset_share_pct,
+                self.min_dwell_s * NS,
+                self.rssi_threshold_dbm,
+                self.static_min_s * NS,
+                self.static_share_pct,
+                int(self.assume_randomised),
+                int(self.link),
+                self.visit_gap_s * NS,
+            ],
+            np.int64,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """A site's linear calibration: people = factor * people_est + offset, and its fit."""
+
+    factor: float
+    offset: float
+    mae: float  # mean absolute error of the fit on its own windows (people)
+    windows: int  # windows it was fitted on
+
+    def __post_init__(self) -> None:
+        for name in ("factor", "offset", "mae"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"estimate.calibration_{name} must be a finite number")
+        if not 0 < self.factor <= 1000:
+            raise ConfigError(
+                f"estimate.calibration_factor must be above 0 and at most 1000, got {self.factor}"
+            )
+
+    @classmethod
+    def from_settings(cls, values: Mapping[str, object]) -> Calibration | None:
+        """The calibration in the settings, or None if the site has none (empty factor)."""
+        factor = str(values["estimate.calibration_factor"]).strip()
+        if not factor:
+            return None
+
+        def number(name: str) -> float:
+            text = str(values[f"estimate.calibration_{name}"]).strip() or "0"
+            try:
+                return float(text)
+            except ValueError:
+                raise ConfigError(
+                    f"estimate.calibration_{name} must be a number, got {text!r}"
+                ) from None
+
+        return cls(
+            factor=number("factor"),
+            offset=number("offset"),
+            mae=number("mae"),
+            windows=int(str(values["estimate.calibration_windows"])),
+        )
+
+    def people(self, people_est: int) -> int:
+        """Calibrated people for an estimate: rounded, never below 0."""
+        return max(0, math.floor(self.factor * people_est + self.offset + 0.5))
+
+
+@dataclass(frozen=True, slots=True)
+class WindowEstimate:
+    """The estimate for one closed window; nothing in it identifies a device."""
+
+    window_start: int  # Unix seconds, like WindowCounts.window_start
+    people_est: int
+    static_excluded: int
+    rssi_threshold_dbm: int  # the threshold used (learnt or set)
+
+
+@kernel(export="i8(i8[:], i8)", gil=True)
+def otsu_split(hist: NDArray[np.int64], lo: int) -> int:
+    """Otsu's threshold of a histogram whose bin ``k`` holds value ``lo + k``.
+
+    The returned value is the first one of the upper class; ``lo`` if the histogram cannot be
+    split. The between-class variance is compared as ``(m0 * w1 - m1 * w0)^2 / (w0 * w1)``,
+    cross-multiplied; where it is flat at its maximum (empty bins between the classes) the
+    split goes to the middle of the flat run, not to its edge.
+    """
+    total = 0
+    moment = 0
+    for k in range(hist.shape[0]):
+        total += hist[k]
+        moment += k * hist[k]
+    best_num = -1.0
+    best_den = 1.0
+    first = -1
+    last = -1
+    w0 = 0
+    m0 = 0
+    for k in range(hist.shape[0] - 1):
+        w0 += hist[k]
+        m0 += k * hist[k]
+        w1 = total - w0
+        if w0 == 0 or w1 == 0:
+            continue
+        diff = float(m0 * w1 - (moment - m0) * w0)
+        num = diff * diff
+        den = float(w0) * float(w1)
+        if num * best_den > best_num * den:
+            best_num = num
+            best_den = den
+            first = last = k
+        elif k == last + 1 and num * best_den == best_num * den:
+            last = k
+    if first < 0:
+        return lo
+    return lo + (first + last) // 2 + 1
+
+
+@kernel()
+def _learn(
+    chains: NDArray[np.int64],
+    clock: NDArray[np.int64],
+    params: NDArray[np.int64],
+    hist: NDArray[np.int64],
+) -> None:
+    """The step instant ``clock[_K_STEP]`` has passed: learn the threshold there (if it is
+    learnt) from every chain of the epoch so far, and move on to the next step."""
+    clock[_K_STEP] += AUTO_STEP_S * NS
+    if params[_P_THR] != AUTO:
+        return
+    dwell = params[_P_DWELL]
+    hist[:] = 0
+    lingering = 0
+    for c in range(clock[_K_CHAINS]):
+        s = chains[c]
+        if s[_C_LAST] - s[_C_FIRST] >= dwell and s[_C_BEST] != RSSI_MISSING:
+            b = min(max(s[_C_BEST], _HIST_LO), _HIST_LO + _HIST_BINS - 1)
+            hist[b - _HIST_LO] += 1
+            lingering += 1
+    thr = AUTO_FALLBACK_DBM
+    if lingering >= AUTO_MIN_CHAINS:
+        thr = min(max(otsu_split(hist, _HIST_LO), AUTO_RANGE_DBM[0]), AUTO_RANGE_DBM[1])
+    clock[_K_THR] = thr
+    clock[_K_THR_N] = lingering
+
+
+@kernel()
+def _close_window(
+    chains: NDArray[np.int64],
+    clock: NDArray[np.int64],
+    params: NDArray[np.int64],
+    hist: NDArray[np.int64],
+    out: NDArray[np.int64],
+    row: int,
+) -> None:
+    """Emit the oldest open window into out[row] and advance the clock past it."""
+    w = params[_P_W]
+    dwell = params[_P_DWELL]
+    start = clock[_K_OLDEST]
+    widx = start // w
+    p = widx & 1
+    end = start + w
+    n = clock[_K_CHAINS]
+    thr = clock[_K_THR]
+    people = 0
+    static = 0
+    for c in range(n):
+        s = chains[c]
+        if s[_C_WIN + p] != widx:
+            continue
+        best = s[_C_WBEST + p]
+        if best != RSSI_MISSING and best < thr:
+            continue
+        if (
+            params[_P_STATIC_MIN] > 0
+            and s[_C_FIRST] < clock[_K_OPENS]
+            and end - s[_C_FIRST] >= params[_P_STATIC_MIN]
+        ):
+            windows = (end - s[_C_FIRST] // w * w) // w
+            if s[_C_NWIN] * 100 >= params[_P_STATIC_PCT] * windows:
+                static += 1
+                continue
+        if s[_C_LAST] - s[_C_FIRST] >= dwell:
+            people += 1
+    o = out[row]
+    o[_O_START] = start
+    o[_O_PEOPLE] = people
+    o[_O_STATIC] = static
+    o[_O_THR] = thr
+    clock[_K_OLDEST] = end
+
+
+@kernel(inline=True)
+def _advance(
+    chains: NDArray[np.int64],
+    clock: NDArray[np.int64],
+    params: NDArray[np.int64],
+    hist: NDArray[np.int64],
+    out: NDArray[np.int64],
+    rows: int,
+    due: int,
+) -> int:
+    """Learn at every step instant and close every window that ends at or before ``due``, in
+    time order (the step at a window's end first), until out is full; rows of out filled."""
+    while True:
+        end = clock[_K_OLDEST] + params[_P_W]
+        if clock[_K_STEP] <= due and clock[_K_STEP] <= end:
+            _learn(chains, clock, params, hist)
+        elif end <= due and rows < out.shape[0]:
+            _close_window(chains, clock, params, hist, out, rows)
+            rows += 1
+        else:
+            return rows
+
+
+@kernel(inline=True)
+def _link(
+    t: int,
+    dev: np.uint64,
+    fp: np.uint64,
+    s: int,
+    r: int,
+    addr_keys: NDArray[np.uint64],
+    addrs: NDArray[np.int64],
+    chains: NDArray[np.int64],
+    fp_keys: NDArray[np.uint64],
+    fps: NDArray[np.int64],
+    clock: NDArray[np.int64],
+    params: NDArray[np.int64],
+) -> int:
+    """The chain a new random address joins (-1: a new one); remembers the address."""
+    f = slot(fp_keys, fp)
+    if fp_keys[f] == 0:
+        fp_keys[f] = fp
+        clock[_K_FPS] += 1
+        fps[f, :] = 0
+    st = fps[f]
+    head = st[_F_HEAD]
+    recent = 0
+    heard = False
+    best_delta = 4096
+    chain = -1
+    for k in range(RING):  # newest first
+        other = np.uint64(st[_F_RING + (head - 1 - k) % RING])
+        if other == 0:
+            continue
+        a = addrs[slot(addr_keys, other)]
+        gap = abs(t - a[_A_LAST])
+        heard |= gap <= max(params[_P_LINK_GAP], params[_P_CADENCE])
+        if gap <= params[_P_LINK_GAP]:
+            recent += 1
+            delta = (s - a[_A_SEQ]) & 4095
+            if 1 <= delta <= params[_P_SEQ_DELTA] and delta < best_delta:
+                best_delta = delta
+                chain = a[_A_CHAIN]
+    if heard:
+        st[_F_NEW] += 1
+        st[_F_EXPECT] += min(4096, recent * params[_P_SEQ_DELTA])
+        if chain >= 0:
+            st[_F_CONT] += 1
+    resets = (
+        st[_F_NEW] >= params[_P_RESET_MIN]
+        and 100 * (st[_F_CONT] * 4096 - st[_F_EXPECT]) < params[_P_RESET_PCT] * st[_F_NEW] * 4096
+    )
+    if resets:  # a counter that matched did so by chance: link by cadence
+        chain = -1
+        for k in range(RING):
+            other = np.uint64(st[_F_RING + (head - 1 - k) % RING])
+            if other == 0:
+                continue
+            c = addrs[slot(addr_keys, other), _A_CHAIN]
+            cs = chains[c]
+            if abs(t - cs[_C_LAST]) > params[_P_CADENCE]:
+                continue
+            known = r != RSSI_MISSING and cs[_C_RSSI] != RSSI_MISSING
+            if known and abs(r - cs[_C_RSSI]) > params[_P_RSSI_LINK]:
+                continue
+            if chain < 0 or cs[_C_FIRST] < chains[chain, _C_FIRST]:
+                chain = c
+    st[_F_RING + head % RING] = np.int64(dev)
+    st[_F_HEAD] = (head + 1) % RING
+    return chain
+
+
+@kernel(
+    export=(
+        "UniTuple(i8, 2)(u1[:], i8[:], u8[:], u1[:], i2[:], u8[:], u2[:], i8, u8[:], "
+        "i8[:, :], i8[:, :], u8[:], i8[:, :], i8[:], i8[:], i8[:], i8[:, :], i8, i8[:], i2[:])"
+    )
+)
+def _estimate(
+    kind: NDArray[np.uint8],
+    ts: NDArray[np.int64],
+    device: NDArray[np.uint64],
+    randomised: NDArray[np.uint8],
+    rssi: NDArray[np.int16],
+    fp: NDArray[np.uint64],
+    seq: NDArray[np.uint16],
+    begin: int,
+    addr_keys: NDArray[np.uint64],
+    addrs: NDArray[np.int64],
+    chains: NDArray[np.int64],
+    fp_keys: NDArray[np.uint64],
+    fps: NDArray[np.int64],
+    clock: NDArray[np.int64],
+    params: NDArray[np.int64],
+    hist: NDArray[np.int64],
+    out: NDArray[np.int64],
+    rows: int,
+    row_chain: NDArray[np.int64],
+    row_thr: NDArray[np.int16],
+) -> tuple[int, int]:
+    """Link and place rows begin.. until done, a table needs room, or out is full.
+
+    The clock and windows follow the counter's rule exactly: every row (malformed or not)
+    moves the watermark, and a row older than the oldest open window counts in that window.
+    ``row_chain[i]`` gets the chain of probe row ``i`` and ``row_thr[i]`` the signal threshold
+    in force when it came (the people stage's input).
+    Returns (next row, rows of out filled).
+    """
+    w, lateness = params[_P_W], params[_P_LATE]
+    addr_limit = addr_keys.shape[0] // 2
+    fp_limit = fp_keys.shape[0] // 2
+    chain_limit = chains.shape[0]
+    i = begin
+    n = kind.shape[0]
+    while i < n:
+        if (
+            clock[_K_ADDRS] >= addr_limit
+            or clock[_K_FPS] >= fp_limit
+            or clock[_K_CHAINS] >= chain_limit
+        ):
+            break
+        t = ts[i]
+        if clock[_K_OLDEST] == _NONE:
+            clock[_K_OLDEST] = t // w * w
+            clock[_K_MAX] = t
+            clock[_K_STEP] = t // (AUTO_STEP_S * NS) * (AUTO_STEP_S * NS) + AUTO_STEP_S * NS
+        clock[_K_MAX] = max(clock[_K_MAX], t)
+        rows = _advance(chains, clock, params, hist, out, rows, clock[_K_MAX] - lateness)
+        if clock[_K_MAX] - lateness >= clock[_K_OLDEST] + w:
+            return i, rows  # out is full
+        if kind[i] != KIND_PROBE:
+            i += 1
+            continue
+        wstart = max(t // w * w, clock[_K_OLDEST])
+        widx = wstart // w
+        p = widx & 1
+        dev = device[i]
+        if dev == 0:
+            dev = np.uint64(1)
+        r = np.int64(rssi[i])
+        s = np.int64(seq[i])
+        j = slot(addr_keys, dev)
+        known = addr_keys[j] != 0
+        if not known or t - addrs[j, _A_LAST] > params[_P_FORGET]:  # new, or linked afresh
+            chain = -1
+            if params[_P_LINK] and (randomised[i] or params[_P_ALL_RANDOM]) and fp[i] != 0:
+                chain = _link(
+                    t, dev, fp[i], s, r, addr_keys, addrs, chains, fp_keys, fps, clock, params
+                )
+            if chain < 0:
+                chain = clock[_K_CHAINS]
+                clock[_K_CHAINS] += 1
+                cs = chains[chain]
+                cs[:] = 0
+                cs[_C_FIRST] = t
+                cs[_C_LAST] = t
+                cs[_C_RSSI] = r
+                cs[_C_BEST] = r
+                cs[_C_LASTWIN] = -1
+                cs[_C_WIN] = -1
+                cs[_C_WIN + 1] = -1
+            if not known:
+                addr_keys[j] = dev
+                clock[_K_ADDRS] += 1
+            addrs[j, _A_CHAIN] = chain
+            addrs[j, _A_LAST] = t
+        else:
+            addrs[j, _A_LAST] = max(addrs[j, _A_LAST], t)
+        addrs[j, _A_SEQ] = s
+        cs = chains[addrs[j, _A_CHAIN]]
+        cs[_C_FIRST] = min(cs[_C_FIRST], t)
+        cs[_C_LAST] = max(cs[_C_LAST], t)
+        if r != RSSI_MISSING:
+            cs[_C_RSSI] = r if cs[_C_RSSI] == RSSI_MISSING else (3 * cs[_C_RSSI] + r) // 4
+            cs[_C_BEST] = r if cs[_C_BEST] == RSSI_MISSING else max(cs[_C_BEST], r)
+        if cs[_C_WIN + p] != widx:
+            cs[_C_WIN + p] = widx
+            cs[_C_WBEST + p] = r
+        elif r != RSSI_MISSING:
+            wb = cs[_C_WBEST + p]
+            cs[_C_WBEST + p] = r if wb == RSSI_MISSING else max(wb, r)
+        if widx > cs[_C_LASTWIN]:  # windows heard in, as they come (not a late one again)
+            cs[_C_LASTWIN] = widx
+            cs[_C_NWIN] += 1
+        row_chain[i] = addrs[j, _A_CHAIN]  # people stage hook
+        row_thr[i] = clock[_K_THR]  # people stage hook
+        i += 1
+    return i, rows
+
+
+@kernel(export="i8(i8[:, :], i8[:], i8[:], i8[:], i8, i8[:, :])")
+def _flush(
+    chains: NDArray[np.int64],
+    clock: NDArray[np.int64],
+    params: NDArray[np.int64],
+    hist: NDArray[np.int64],
+    until: int,
+    out: NDArray[np.int64],
+) -> int:
+    """Learn at every step instant and close every open window up to ``until``."""
+    if clock[_K_OLDEST] == _NONE:
+        return 0
+    return _advance(chains, clock, params, hist, out, 0, until)
+
+
+class Estimator:
+    """Feeds device batches through the estimating kernel; returns closed windows' estimates.
+
+    It closes exactly the windows a :class:`~firmware_agent.stages.count.WindowCounter` with the
+    same
+    ``window_s`` and ``lateness_s`` closes, at the same rows.
+    """
+
+    def __init__(
+        self,
+        settings: EstimateSettings,
+        capacity: int = 4096,
+        zone: tzinfo | None = None,
+        *,
+        suppress_below: int = 5,
+    ) -> None:
+        self.settings = settings
+        self._zone = zone  # the site's, for its closed hours (None: the system's)
+        self._k = suppress_below  # the log obeys the privacy stage's small-count rule
+        self._params = settings.params()
+        self._capacity = capacity
+        self._addrs = KeyedRows(capacity, _ACOLS)
+        self._chains = np.zeros((capacity, _CCOLS), np.int64)
+        self._fps = KeyedRows(max(capacity // 8, 64), _FCOLS)
+        self._clock = np.array([_NONE, _NONE, 0, 0, 0, 0, _NONE, 0, _NONE], np.int64)
+        self._hist = np.zeros(_HIST_BINS, np.int64)
+        self._out = np.zeros((256, _NOUT), np.int64)
+        self._clock[_K_THR] = self._initial_threshold()
+        self._threshold_said: int | None = None
+        self.row_chains = np.zeros(0, np.int64)
+        """People stage hook: the chain of each row of the last batch added (-1: none)."""
+        self.row_thresholds = np.zeros(0, np.int16)
+        """People stage hook: the signal threshold in force at each row of the last batch."""
+        self.threshold_note = (
+            f"{settings.rssi_threshold_dbm} dBm (set: estimate.rssi_threshold_dbm)"
+            if settings.rssi_threshold_dbm != AUTO
+            else f"{AUTO_FALLBACK_DBM} dBm (auto: nothing heard yet)"
+        )
+        """The signal threshold in use and why (aggregates only), for reports."""
+
+    @property
+    def threshold_dbm(self) -> int:
+        """The signal threshold in force (set, or the last one learnt)."""
+        return int(self._clock[_K_THR])
+
+    @property
+    def chains(self) -> int:
+        """Chains (estimated devices) so far this epoch."""
+        return int(self._clock[_K_CHAINS])
+
+    def add(self, batch: DeviceBatch) -> list[WindowEstimate]:
+        """Estimate a batch; return the windows its rows closed."""
+        closed: list[WindowEstimate] = []
+        self.row_chains = np.full(len(batch), -1, np.int64)
+        self.row_thresholds = np.zeros(len(batch), np.int16)
+        if self._clock[_K_OPENS] == _NONE and len(batch):
+            self._clock[_K_OPENS] = self._opens(int(batch.ts_ns[0]))
+        i = 0
+        while i < len(batch):
+            i, rows = _estimate(
+                batch.kind,
+                batch.ts_ns,
+                batch.device,
+                batch.randomised,
+                batch.rssi,
+                batch.fp,
+                batch.seq,
+                i,
+                self._addrs.keys,
+                self._addrs.rows,
+                self._chains,
+                self._fps.keys,
+                self._fps.rows,
+                self._clock,
+                self._params,
+                self._hist,
+                self._out,
+                0,
+                self.row_chains,
+                self.row_thresholds,
+            )
+            closed += self._emit(rows)
+            self._grow()
+        self._note()
+        return closed
+
+    def close_until(self, until_ns: int) -> list[WindowEstimate]:
+        """Close every window ending at or before ``until_ns``."""
+        closed: list[WindowEstimate] = []
+        while True:
+            rows = _flush(self._chains, self._clock, self._params, self._hist, until_ns, self._out)
+            closed += self._emit(rows)
+            if rows < self._out.shape[0]:
+                self._note()
+                return closed
+
+    def close_all(self) -> list[WindowEstimate]:
+        """End of input: close every open window."""
+        if self._clock[_K_MAX] == _NONE:
+            return []
+        w = int(self._params[_P_W])
+        return self.close_until(int(self._clock[_K_MAX]) // w * w + w)
+
+    def new_epoch(self, start_ns: int) -> None:
+        """Forget every address, fingerprint and chain; windows go on from ``start_ns``.
+
+        The wiped tables are let go for small ones: a busy day's memory goes back."""
+        self.wipe()
+        self._addrs = KeyedRows(self._capacity, _ACOLS)
+        self._chains = np.zeros((self._capacity, _CCOLS), np.int64)
+        self._fps = KeyedRows(max(self._capacity // 8, 64), _FCOLS)
+        self._clock[_K_OLDEST] = start_ns
+        self._clock[_K_OPENS] = self._opens(start_ns)
+        step = AUTO_STEP_S * NS
+        self._clock[_K_STEP] = start_ns // step * step + step
+
+    def _opens(self, t_ns: int) -> int:
+        """When the site opens (``static_closed_h``, local) on the day of ``t_ns``."""
+        local = datetime.fromtimestamp(t_ns / NS, self._zone).astimezone(self._zone)
+        midnight = datetime.combine(local.date(), time(0), local.tzinfo)
+        opens = midnight + timedelta(hours=self.settings.static_closed_h)
+        return int(opens.timestamp()) * NS
+
+    def wipe(self) -> None:
+        """Overwrite every table in place (ids, fingerprints, chains, signal)."""
+        self._addrs.wipe()
+        self._fps.wipe()
+        self._chains.fill(0)
+        self._hist.fill(0)
+        self.row_chains.fill(-1)  # people stage hook
+        self._clock[_K_CHAINS] = self._clock[_K_ADDRS] = self._clock[_K_FPS] = 0
+        self._clock[_K_THR_N] = 0
+        self._clock[_K_OPENS] = _NONE
+        self._clock[_K_THR] = self._initial_threshold()
+
+    def _grow(self) -> None:
+        if self._clock[_K_ADDRS] >= self._addrs.capacity // 2:
+            self._addrs = self._addrs.grown()
+        if self._clock[_K_FPS] >= self._fps.capacity // 2:
+            self._fps = self._fps.grown()
+        if self._clock[_K_CHAINS] >= self._chains.shape[0]:
+            bigger = np.zeros((self._chains.shape[0] * 2, _CCOLS), np.int64)
+            bigger[: self._chains.shape[0]] = self._chains
+            self._chains.fill(0)
+            self._chains = bigger
+
+    def _initial_threshold(self) -> int:
+        """The threshold before anything is learnt in an epoch: the set one, or the fallback."""
+        dbm = self.settings.rssi_threshold_dbm
+        return dbm if dbm != AUTO else AUTO_FALLBACK_DBM
+
+    def _emit(self, rows: int) -> list[WindowEstimate]:
+        return [
+            WindowEstimate(
+                window_start=int(o[_O_START]) // NS,
+                people_est=int(o[_O_PEOPLE]),
+                static_excluded=int(o[_O_STATIC]),
+                rssi_threshold_dbm=int(o[_O_THR]),
+            )
+            for o in self._out[:rows]
+        ]
+
+    def _note(self) -> None:
+        """Say a learnt threshold that changed (threshold_note, the log)."""
+        threshold = self.threshold_dbm
+        if self.settings.rssi_threshold_dbm == AUTO and threshold != self._threshold_said:
+            self._threshold_said = threshold
+            self.threshold_note = self._why(threshold)
+            log.info("signal threshold %s", self.threshold_note)
+
+    def _why(self, threshold: int) -> str:
+        """What the learnt threshold is and why, in aggregates only (a count of devices from
+        1 to k-1 is not printed: logs obey the same small-count rule as the counts)."""
+        lingering = int(self._clock[_K_THR_N])
+        dwell = self.settings.min_dwell_s
+        if lingering < AUTO_MIN_CHAINS:
+            return (
+                f"{threshold} dBm (auto: the fallback until {AUTO_MIN_CHAINS} devices have been "
+                f"heard for {dwell} s or more; {self._count(lingering)} so far)"
+            )
+        values = np.arange(_HIST_LO, _HIST_LO + _HIST_BINS)
+        inside = self._hist[values >= threshold]
+        outside = self._hist[values < threshold]
+        return (
+            f"{threshold} dBm (auto: Otsu's split of the best signal of the {lingering} devices "
+            f"heard for {dwell} s or more: {self._count(int(inside.sum()))} at or above it, "
+            f"median {_median(values[values >= threshold], inside)} dBm; "
+            f"{self._count(int(outside.sum()))} below, "
+            f"median {_median(values[values < threshold], outside)} dBm; kept within "
+            f"{AUTO_RANGE_DBM[0]}..{AUTO_RANGE_DBM[1]} dBm)"
+        )
+
+    def _count(self, n: int) -> str:
+        return str(n) if n == 0 or n >= self._k else f"fewer than {self._k}"
+
+
+def _median(values: NDArray[np.int64], weights: NDArray[np.int64]) -> int:
+    if not weights.sum():
+        return 0
+    cumulative = np.cumsum(weights)
+    return int(values[int(np.searchsorted(cumulative, (cumulative[-1] + 1) // 2))])

@@ -1,0 +1,461 @@
+"""People stage: the estimator's linked chains in, people-level figures per window out (numba).
+
+The estimate stage links the random addresses of one phone into a *chain* and hands on, for
+every probe request, the chain it belongs to (:attr:`Estimator.row_chains
+<firmware_agent.stages.estimate.Estimator.row_chains>`). This stage turns those chains into what a
+shop owner reads (counts v2, docs/messages.md): arrivals, passers-by, visits ended with their
+dwell, and occupancy. It sees chain numbers, times and signal; never an address or a device id.
+
+**Instants, not windows.** Every figure is tied to an instant that does not depend on
+``window_s``, and a window reports what falls inside it; so twelve 5-minute windows give
+exactly the figures of the hour (sums of arrivals, visits and dwell bands; the mean of the
+occupancy means; the max of the peaks), and a test checks it on a replay.
+
+* A chain's *visit* is a run of its frames with no silence longer than ``visit_gap_s``. A
+  frame after a longer silence starts a new visit, judged afresh: nothing of the earlier one
+  carries over, so no figure tells whether a phone was heard before (a membership oracle).
+* A visit *arrives* at the first of its frames at which it has lasted ``min_dwell_s`` and its
+  best signal is at or above the threshold in force at that frame (the estimator's, learnt
+  at fixed step instants: not at window closes) or unknown. That instant, not the visit's first
+  frame, is the one counted: windows close ``lateness_s`` after their end and are never held
+  back, and it is the first instant at which the agent knows. For a person who stays it comes
+  ``min_dwell_s`` after the first frame.
+* An arrived visit is *present* over ``[f, f + hold_s)`` for each of its frames ``f`` from its
+  arrival on. Occupancy is sampled every :data:`SAMPLE_S` seconds on instants that are
+  multiples of it since the Unix epoch (the same instants for every ``window_s``):
+  ``occupancy_mean`` is the mean of a window's samples, ``occupancy_peak`` their maximum.
+* A visit *ends* at its last frame + ``visit_gap_s`` (or at the epoch's end, or the end of the
+  input): if it arrived, in ``visits_ended`` and one dwell band (its length: last frame +
+  ``hold_s`` - first frame); if not, in ``passersby``.
+* A visit that has lasted ``static_min_s`` (4 hours) without a break is a *static device*
+  (a PC, a printer, a TV) from its frame that reaches it: it leaves the occupancy there, and
+  its end counts as nothing. Its arrival, hours before, stays counted: it was not known then.
+  (The estimator's ``static_excluded`` diagnostic uses its own rule, first heard while the
+  site is closed: a rule of local hours, which the people stage leaves to a later change.)
+
+Events are kept per sample slot in a ring (``ring``) that spans the open windows and as far
+ahead as a hold reaches; a window's close sums the slots it covers. Occupancy is a
+difference array over the same slots: an arrived visit's presence run adds +1 at its start
+and -1 at its end, and moving the end is two additions. At each window's close the visits
+table is scanned once for visits whose end instant has passed. A frame more than
+``lateness_s`` late (older than the oldest open window) counts in the oldest open window, as
+the counter counts it.
+
+Memory: one row of five integers per chain of the epoch and the ring (a few hundred rows);
+both are wiped with the epoch, with the estimator's chains. Nothing here is logged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+from numpy.typing import NDArray
+
+from firmware_agent.contract.errors import ConfigError
+from firmware_agent.kernels import kernel
+from firmware_agent.stages.count import DWELL_BANDS, DWELL_EDGES_MIN, NS, CountSettings
+from firmware_agent.stages.estimate import Calibration, EstimateSettings
+from firmware_agent.stages.parse import KIND_PROBE, RSSI_MISSING
+
+__all__ = [
+    "SAMPLE_S",
+    "PeopleCounter",
+    "PeopleSettings",
+    "WindowPeople",
+    "calibrated",
+]
+
+SAMPLE_S = 10
+"""Occupancy samples: every 10 s, on multiples of 10 s since the Unix epoch (divides every
+``window_s``, a divisor of 3600 of at least 60)."""
+
+# Visit table columns (int64), one row per chain: state, first frame, last frame, best signal,
+# end of the current presence run.
+_V_STATE, _V_FIRST, _V_LAST, _V_BEST, _V_RUN = range(5)
+_VCOLS = 5
+_NOVISIT, _PENDING, _ARRIVED, _STATIC = 0, 1, 2, 3
+
+# Ring columns (int64), one row per sample slot: occupancy difference, arrivals, passers-by,
+# visits ended, five dwell bands.
+_R_DIFF, _R_ARR, _R_PASS, _R_END = range(4)
+_R_BAND = 4
+_RCOLS = 9
+
+# Clock (int64): newest timestamp, oldest open window start, occupancy level, visit rows used.
+_K_MAX, _K_OLDEST, _K_LEVEL, _K_USED = range(4)
+_NONE = np.iinfo(np.int64).min
+
+# Parameters (int64): window, lateness, hold, visit gap, minimum dwell (ns), sample (ns), ring
+# rows, static visit length (ns, 0: none).
+_P_W, _P_LATE, _P_HOLD, _P_GAP, _P_DWELL, _P_SAMPLE, _P_RING, _P_STATIC = range(8)
+
+# Output row columns (int64): window start, arrivals, passers-by, visits ended, five dwell
+# bands, sum of occupancy samples, samples, peak.
+_O_START, _O_ARR, _O_PASS, _O_END = range(4)
+_O_BAND = 4
+_O_SUM, _O_SAMPLES, _O_PEAK = 9, 10, 11
+_NOUT = 12
+
+
+@dataclass(frozen=True, slots=True)
+class PeopleSettings:
+    """How chains become people figures; checked where made."""
+
+    window_s: int = 300
+    lateness_s: int = 10
+    min_dwell_s: int = 60
+    visit_gap_s: int = 600
+    hold_s: int = 60
+    static_min_s: int = 4 * 3600  # 0: no static devices
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.hold_s <= self.visit_gap_s:
+            raise ConfigError(
+                f"the presence hold ({self.hold_s} s) must be from 1 s to count.visit_gap_s "
+                f"({self.visit_gap_s} s): a visit still present after it ended would count twice"
+            )
+        if self.window_s % SAMPLE_S:
+            raise ConfigError(f"window_s must be a multiple of {SAMPLE_S} s, got {self.window_s}")
+
+    @classmethod
+    def from_config(cls, count: CountSettings, estimate: EstimateSettings) -> PeopleSettings:
+        """The counter's windows and visit gap, the estimator's minimum dwell; the hold is the
+        estimator's ``link_gap_s`` (or the visit gap, if shorter): a phone that probes more
+        often than that keeps one address chain and is present without a break; one silent
+        for longer has likely gone (or will be a new chain anyway)."""
+        return cls(
+            window_s=count.window_s,
+            lateness_s=count.lateness_s,
+            min_dwell_s=estimate.min_dwell_s,
+            visit_gap_s=count.visit_gap_s,
+            hold_s=min(estimate.link_gap_s, count.visit_gap_s),
+        )
+
+    def params(self) -> NDArray[np.int64]:
+        reach = self.window_s + self.lateness_s + self.visit_gap_s
+        return np.array(
+            [
+                self.window_s * NS,
+                self.lateness_s * NS,
+                self.hold_s * NS,
+                self.visit_gap_s * NS,
+                self.min_dwell_s * NS,
+                SAMPLE_S * NS,
+                reach // SAMPLE_S + 4,
+                self.static_min_s * NS,
+            ],
+            np.int64,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WindowPeople:
+    """People figures of one closed window; nothing in it identifies a device."""
+
+    window_start: int  # Unix seconds, like WindowCounts.window_start
+    arrivals: int
+    passersby: int
+    visits_ended: int
+    dwell_minutes: dict[str, int]  # DWELL_BANDS -> visits ended in the window
+    occupancy_mean: float  # people, at most 2 decimals
+    occupancy_peak: int
+
+
+def calibrated(window: WindowPeople, calibration: Calibration) -> WindowPeople:
+    """Occupancy through the site's calibration (fitted on people_est against counted
+    people): the mean to 2 decimals, the peak rounded, neither below 0. Arrivals and visits
+    are counts of chains and stay as they are."""
+    mean = calibration.factor * window.occupancy_mean + calibration.offset
+    return replace(
+        window,
+        occupancy_mean=max(0.0, round(mean, 2)),
+        occupancy_peak=calibration.people(window.occupancy_peak),
+    )
+
+
+@kernel(inline=True)
+def _up(x: int, s: int) -> int:
+    """The first sample slot at or after instant ``x`` (ns)."""
+    return -((-x) // s)
+
+
+@kernel()
+def _end_visit(v: NDArray[np.int64], acc: NDArray[np.int64], params: NDArray[np.int64]) -> None:
+    """Count a visit that ended into ``acc`` (a ring row or a window's totals) and forget it
+    (a static device's visit counts as nothing)."""
+    if v[_V_STATE] == _ARRIVED:
+        minutes = (v[_V_LAST] + params[_P_HOLD] - v[_V_FIRST]) // (60 * NS)
+        band = 0
+        while band < 4 and minutes >= DWELL_EDGES_MIN[band]:
+            band += 1
+        acc[_R_END] += 1
+        acc[_R_BAND + band] += 1
+    elif v[_V_STATE] == _PENDING:
+        acc[_R_PASS] += 1
+    v[_V_STATE] = _NOVISIT
+
+
+@kernel()
+def _close_window(
+    visits: NDArray[np.int64],
+    ring: NDArray[np.int64],
+    clock: NDArray[np.int64],
+    params: NDArray[np.int64],
+    end_visits: bool,
+    out: NDArray[np.int64],
+    row: int,
+) -> None:
+    """Emit the oldest open window into out[row] and advance the clock past it; with
+    ``end_visits``, every open visit ends in it."""
+    w, s, gap, n = params[_P_W], params[_P_SAMPLE], params[_P_GAP], params[_P_RING]
+    start = clock[_K_OLDEST]
+    end = start + w
+    first = start // s
+    o = out[row]
+    o[:] = 0
+    o[_O_START] = start
+    for c in range(clock[_K_USED]):
+        v = visits[c]
+        if v[_V_STATE] == _NOVISIT or not (end_visits or v[_V_LAST] + gap < end):
+            continue
+        if end_visits and v[_V_STATE] == _ARRIVED and v[_V_RUN] > end:
+            ring[_up(v[_V_RUN], s) % n, _R_DIFF] += 1  # presence stops with the epoch
+            ring[_up(end, s) % n, _R_DIFF] -= 1
+        k = max(min(v[_V_LAST] + gap, end - 1), start) // s
+        _end_visit(v, ring[k % n], params)
+    level = clock[_K_LEVEL]
+    peak = 0
+    total = 0
+    for k in range(first, end // s):
+        r = ring[k % n]
+        level += r[_R_DIFF]
+        total += level
+        peak = max(peak, level)
+        for col in range(_R_ARR, _RCOLS):
+            o[col] += r[col]
+        r[:] = 0
+    clock[_K_LEVEL] = level
+    o[_O_SUM] = total
+    o[_O_SAMPLES] = end // s - first
+    o[_O_PEAK] = peak
+    clock[_K_OLDEST] = end
+
+
+@kernel(
+    export=(
+        "UniTuple(i8, 2)(u1[:], i8[:], i8[:], i2[:], i2[:], i8, i8[:, :], i8[:, :], i8[:], "
+        "i8[:], i8[:, :], i8)"
+    )
+)
+def _people(
+    kind: NDArray[np.uint8],
+    ts: NDArray[np.int64],
+    chain: NDArray[np.int64],
+    rssi: NDArray[np.int16],
+    thresholds: NDArray[np.int16],
+    begin: int,
+    visits: NDArray[np.int64],
+    ring: NDArray[np.int64],
+    clock: NDArray[np.int64],
+    params: NDArray[np.int64],
+    out: NDArray[np.int64],
+    rows: int,
+) -> tuple[int, int]:
+    """Place rows begin.. until done, a chain outgrows ``visits``, or out is full.
+
+    The clock and windows follow the counter's rule exactly: every row moves the watermark.
+    Row ``i`` is judged against the signal threshold ``thresholds[i]`` (the estimator's when
+    the row came). Returns (next row, rows of out filled).
+    """
+    w, lateness, hold, gap = params[_P_W], params[_P_LATE], params[_P_HOLD], params[_P_GAP]
+    dwell, s, n = params[_P_DWELL], params[_P_SAMPLE], params[_P_RING]
+    i = begin
+    while i < kind.shape[0]:
+        t = ts[i]
+        c = chain[i]
+        if c >= visits.shape[0]:
+            break
+        if clock[_K_OLDEST] == _NONE:
+            clock[_K_OLDEST] = t // w * w
+            clock[_K_MAX] = t
+        clock[_K_MAX] = max(clock[_K_MAX], t)
+        while clock[_K_MAX] - lateness >= clock[_K_OLDEST] + w:
+            if rows == out.shape[0]:
+                return i, rows
+            _close_window(visits, ring, clock, params, False, out, rows)
+            rows += 1
+        if kind[i] != KIND_PROBE or c < 0:
+            i += 1
+            continue
+        oldest = clock[_K_OLDEST]
+        here = max(t, oldest)  # a frame later than lateness counts in the oldest open window
+        clock[_K_USED] = max(clock[_K_USED], c + 1)
+        v = visits[c]
+        r = np.int64(rssi[i])
+        if v[_V_STATE] != _NOVISIT and t - v[_V_LAST] > gap:
+            _end_visit(v, ring[(max(v[_V_LAST] + gap, oldest) // s) % n], params)
+        if v[_V_STATE] == _NOVISIT:
+            v[_V_STATE] = _PENDING
+            v[_V_FIRST] = t
+            v[_V_LAST] = t
+            v[_V_BEST] = r
+        else:
+            if t > v[_V_LAST]:
+                if v[_V_STATE] == _ARRIVED:
+                    if here <= v[_V_RUN]:  # the run goes on: move its end
+                        ring[_up(v[_V_RUN], s) % n, _R_DIFF] += 1
+                    else:  # a new run
+                        ring[_up(here, s) % n, _R_DIFF] += 1
+                    ring[_up(here + hold, s) % n, _R_DIFF] -= 1
+                    v[_V_RUN] = here + hold
+                v[_V_LAST] = t
+            v[_V_FIRST] = min(v[_V_FIRST], t)
+            if r != RSSI_MISSING:
+                v[_V_BEST] = r if v[_V_BEST] == RSSI_MISSING else max(v[_V_BEST], r)
+        if (
+            v[_V_STATE] == _PENDING
+            and v[_V_LAST] - v[_V_FIRST] >= dwell
+            and (v[_V_BEST] == RSSI_MISSING or v[_V_BEST] >= thresholds[i])
+        ):
+            v[_V_STATE] = _ARRIVED
+            at = max(v[_V_LAST], oldest)
+            ring[(at // s) % n, _R_ARR] += 1
+            ring[_up(at, s) % n, _R_DIFF] += 1
+            ring[_up(at + hold, s) % n, _R_DIFF] -= 1
+            v[_V_RUN] = at + hold
+        static = params[_P_STATIC]
+        if v[_V_STATE] == _ARRIVED and static > 0 and v[_V_LAST] - v[_V_FIRST] >= static:
+            v[_V_STATE] = _STATIC  # present for hours without a break: not a person
+            ring[_up(v[_V_RUN], s) % n, _R_DIFF] += 1
+            ring[_up(here, s) % n, _R_DIFF] -= 1
+        i += 1
+    return i, rows
+
+
+@kernel(export="i8(i8[:, :], i8[:, :], i8[:], i8[:], i8, b1, i8[:, :])")
+def _flush(
+    visits: NDArray[np.int64],
+    ring: NDArray[np.int64],
+    clock: NDArray[np.int64],
+    params: NDArray[np.int64],
+    until: int,
+    end_visits: bool,
+    out: NDArray[np.int64],
+) -> int:
+    """Close every open window that ends at or before ``until`` (at most out's rows); with
+    ``end_visits``, every open visit ends in the one that ends at ``until``."""
+    rows = 0
+    w = params[_P_W]
+    if clock[_K_OLDEST] == _NONE:
+        return 0
+    while clock[_K_OLDEST] + w <= until and rows < out.shape[0]:
+        last = clock[_K_OLDEST] + w == until
+        _close_window(visits, ring, clock, params, end_visits and last, out, rows)
+        rows += 1
+    return rows
+
+
+class PeopleCounter:
+    """Feeds rows and their chains through the people kernel; returns closed windows' figures.
+
+    It closes exactly the windows a :class:`~firmware_agent.stages.count.WindowCounter` with the
+    same
+    ``window_s`` and ``lateness_s`` closes, at the same rows.
+    """
+
+    def __init__(self, settings: PeopleSettings, capacity: int = 4096) -> None:
+        self.settings = settings
+        self._params = settings.params()
+        self._capacity = capacity
+        self._visits = np.zeros((capacity, _VCOLS), np.int64)
+        self._ring = np.zeros((int(self._params[_P_RING]), _RCOLS), np.int64)
+        self._clock = np.array([_NONE, _NONE, 0, 0], np.int64)
+        self._out = np.zeros((256, _NOUT), np.int64)
+
+    def add(
+        self,
+        kind: NDArray[np.uint8],
+        ts_ns: NDArray[np.int64],
+        chains: NDArray[np.int64],
+        rssi: NDArray[np.int16],
+        thresholds: NDArray[np.int16],
+    ) -> list[WindowPeople]:
+        """Place a batch's rows (``chains``: each row's chain, -1 for none); return the windows
+        they closed. Each row is judged against its signal threshold (``thresholds``: the
+        estimator's when the row came), so neither batching nor ``window_s`` changes it."""
+        if len(chains) and int(chains.max()) >= len(self._visits):
+            self._grow(int(chains.max()) + 1)
+        closed: list[WindowPeople] = []
+        i = 0
+        while i < len(kind):
+            i, rows = _people(
+                kind,
+                ts_ns,
+                chains,
+                rssi,
+                thresholds,
+                i,
+                self._visits,
+                self._ring,
+                self._clock,
+                self._params,
+                self._out,
+                0,
+            )
+            closed += self._emit(rows)
+        return closed
+
+    def close_until(self, until_ns: int, *, end_visits: bool) -> list[WindowPeople]:
+        """Close every window ending at or before ``until_ns``; with ``end_visits`` (the
+        epoch's or the input's end) every open visit ends in the last of them."""
+        closed: list[WindowPeople] = []
+        while True:
+            rows = _flush(
+                self._visits,
+                self._ring,
+                self._clock,
+                self._params,
+                until_ns,
+                end_visits,
+                self._out,
+            )
+            closed += self._emit(rows)
+            if rows < self._out.shape[0]:
+                return closed
+
+    def new_epoch(self, start_ns: int) -> None:
+        """Forget every visit; windows go on from ``start_ns``. The wiped visits are let go
+        for a small table: a busy day's memory goes back."""
+        self.wipe()
+        self._visits = np.zeros((self._capacity, _VCOLS), np.int64)
+        self._clock[_K_OLDEST] = start_ns
+
+    def wipe(self) -> None:
+        """Overwrite the visits and the ring in place."""
+        self._visits.fill(0)
+        self._ring.fill(0)
+        self._clock[_K_LEVEL] = self._clock[_K_USED] = 0
+
+    def _grow(self, needed: int) -> None:
+        size = len(self._visits)
+        while size < needed:
+            size *= 2
+        bigger = np.zeros((size, _VCOLS), np.int64)
+        bigger[: len(self._visits)] = self._visits
+        self._visits.fill(0)
+        self._visits = bigger
+
+    def _emit(self, rows: int) -> list[WindowPeople]:
+        return [
+            WindowPeople(
+                window_start=int(o[_O_START]) // NS,
+                arrivals=int(o[_O_ARR]),
+                passersby=int(o[_O_PASS]),
+                visits_ended=int(o[_O_END]),
+                dwell_minutes={band: int(o[_O_BAND + b]) for b, band in enumerate(DWELL_BANDS)},
+                occupancy_mean=round(int(o[_O_SUM]) / int(o[_O_SAMPLES]), 2),
+                occupancy_peak=int(o[_O_PEAK]),
+            )
+            for o in self._out[:rows]
+        ]

@@ -1,0 +1,244 @@
+"""``footfall-agent audit``: PASS on what real agents publish (from a broker and from a
+capture of their traffic), FAIL with its own reason on each kind of leak."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+import pytest
+
+from firmware_agent.cli import BUNDLED_SAMPLE
+from firmware_agent.contract.messages import (
+    AgentId,
+    SiteId,
+    counts_payload,
+    meta_payload,
+    public_key_text,
+    seal,
+)
+from firmware_agent.service.homeassistant import discovery_message
+from firmware_agent.stages.privacy import STANDARD_PUBLISHES, STRICT_PUBLISHES, epoch_label
+from firmware_agent.tools.audit import Audit
+from tests.support.agent_harness import prepare_agent, unique_id
+from tests.support.mqtt_broker import HOST, READER, Mosquitto
+
+StartBroker = Callable[[Mapping[tuple[str, str], str]], Mosquitto]
+AUDIT = [sys.executable, "-m", "firmware_agent.cli", "audit"]
+SITE, AGENT = "shop-12", "entrance"
+KEY = nacl.signing.SigningKey(bytes(range(32)))
+
+
+def _meta(mode: str = "standard", **privacy: object) -> dict[str, Any]:
+    strict = mode == "strict"
+    return meta_payload(
+        SiteId(SITE),
+        AgentId(AGENT),
+        agent_version="0.1.0",
+        window_s=300,
+        epoch_length=300 if strict else "midnight",
+        epoch_timezone="UTC",
+        thresholds={
+            "rssi_threshold_dbm": -75,
+            "min_dwell_s": 120,
+            "visit_gap_s": 600,
+            "lateness_s": 10,
+            "presence_hold_s": 120,
+        },
+        privacy={
+            "mode": mode,
+            "device_hash": "siphash-2-4",
+            "key_bits": 128,
+            "key_lifetime_s": 300 if strict else 86400,
+            "id_bits": 6 if strict else None,
+            "suppress_below": 5,
+            "dp_epsilon": None,
+            "dp_epsilon_day": None,
+            "published": {
+                name: not strict or name in STRICT_PUBLISHES for name in STANDARD_PUBLISHES
+            },
+        }
+        | privacy,
+    )
+
+
+MIDNIGHT = int(datetime(2024, 3, 5, tzinfo=UTC).timestamp())
+LABEL = epoch_label(KEY.verify_key.encode(), MIDNIGHT)  # the day's epoch, begun at midnight
+
+
+def _counts(seq: int = 1, epoch: str = LABEL, **fields: Any) -> dict[str, Any]:
+    window = {
+        "window_start": f"2024-03-05T10:{5 * (seq % 12):02d}:00Z",
+        "window_s": 300,
+        "probe_requests": 96,
+        "malformed": 0,
+        "late_frames": 0,
+        "devices": 20,
+        "devices_randomised": 10,
+        "visitors": 12,
+        "passersby": 8,
+        "visits_ended": 9,
+        "dwell_minutes": {"lt5": 0, "5-15": 9, "15-30": 0, "30-60": 0, "ge60": 0},
+    }
+    window = {k: v for k, v in (window | fields).items() if v is not _ABSENT}
+    return counts_payload(SiteId(SITE), AgentId(AGENT), seq, epoch, window, version=1)
+
+
+_ABSENT = object()
+_STRICT = {"visits_ended": _ABSENT, "dwell_minutes": _ABSENT}
+
+
+def _audit(*payloads: dict[str, Any], key: nacl.signing.SigningKey = KEY) -> Audit:
+    audit = Audit({f"{SITE}/{AGENT}": KEY.verify_key})
+    for p in payloads:
+        audit.add(f"footfall/v1/{p['site']}/{p['agent']}/{p['kind']}", seal(p, key))
+    return audit
+
+
+def _reasons(audit: Audit) -> list[str]:
+    return [f.reason for f in audit.findings() if f.level == "fail"]
+
+
+def test_honest_messages_pass() -> None:
+    audit = _audit(_meta(), _counts(1), _counts(2, visitors=None, passersby=None))
+    assert _reasons(audit) == []
+    assert audit.verdict()
+    assert "verdict: PASS" in audit.report()
+
+
+@pytest.mark.parametrize(
+    ("payloads", "reason"),
+    [
+        ([_meta(), _counts(visitors=3, passersby=17)], "$.visitors is a small count below k=5"),
+        (
+            [_meta(), _counts(devices_randomised=18)],
+            "devices with global addresses follows by subtraction and is below k=5",
+        ),
+        ([_meta(), _counts(visitors=None, passersby=17)], "$.visitors follows by subtraction"),
+        ([_meta("strict"), _counts()], "strict mode publishes visits_ended, dwell_minutes"),
+        ([_meta(suppress_below=1), _counts()], "below the floor of 2"),
+        ([_counts(1)], "no meta message seen: it declares no privacy mode"),
+        ([_meta(), _counts(1, epoch="a45e60010203abcd")], "is not derived from the agent's"),
+        ([_meta(), _counts(1, devices_epoch=80)], "publishes devices_epoch: a membership oracle"),
+        ([_meta(), _counts(1, people_est=9)], "publishes people_est: a membership oracle"),
+        ([_meta("strict", id_bits=16), _counts(**_STRICT)], "strict mode with 16-bit ids"),
+        (
+            [_meta("strict"), _counts(**_STRICT, static_excluded=10)],
+            "strict mode publishes static_excluded",
+        ),
+        ([_meta(key_lifetime_s=90000), _counts()], "standard mode keeps a key 90000 s"),
+        (
+            [_meta(), _counts(1), _counts(2, window_start="2024-03-06T10:55:00Z")],
+            "one epoch label spans 89700 s of windows",
+        ),
+        (
+            [_meta(), _counts(1, agent="aabbccddeeff")],
+            "$.agent holds text shaped like a MAC address",
+        ),
+        ([_meta(), _counts(1, devices=0xA45E60010203)], "$.devices is a 48-bit"),
+    ],
+)
+def test_each_leak_fails_with_its_reason(payloads: list[dict[str, Any]], reason: str) -> None:
+    audit = _audit(*payloads)
+    assert not audit.verdict()
+    assert any(reason in r for r in _reasons(audit)), _reasons(audit)
+
+
+def test_a_message_off_the_agent_topics_fails_and_home_assistant_discovery_passes() -> None:
+    """Listening on '#': Home Assistant's discovery config of an agent (exactly the one footfall
+    publishes) and its birth message are recognised; anything else off the agent topics fails,
+    and so does a discovery config that is not footfall's."""
+    topic, config = discovery_message("homeassistant", SiteId(SITE), AgentId(AGENT))
+    honest = _audit(_meta(), _counts(1))
+    honest.add(topic, config)
+    honest.add("homeassistant/status", b"online")
+    assert _reasons(honest) == [] and honest.verdict()
+    elsewhere = _audit(_meta(), _counts(1))
+    elsewhere.add(f"shop/{SITE}/{AGENT}/counts", seal(_counts(2), KEY))
+    assert any("published off the agent topics" in r for r in _reasons(elsewhere))
+    tampered = _audit(_meta())
+    tampered.add(topic, config.replace(b"{", b'{"ssid": "MyHome", ', 1))
+    assert "not the Home Assistant discovery config a footfall agent publishes" in _reasons(
+        tampered
+    )
+
+
+def test_a_payload_outside_the_contract_fails_and_is_scanned() -> None:
+    audit = Audit({})
+    body = (
+        b'{"alg":"ed25519","payload":{"kind":"counts","ssid":"MyHome","mac":"a4:5e:60:01:02:03"}}'
+    )
+    audit.add(f"footfall/v1/{SITE}/{AGENT}/counts", body)
+    reasons = _reasons(audit)
+    assert any("breaks the contract" in r for r in reasons)
+    assert not audit.verdict()
+
+
+def test_a_forged_signature_and_a_shared_key_fail() -> None:
+    other = nacl.signing.SigningKey(bytes(32))
+    forged = _audit(_meta(), _counts(1), key=other)
+    assert "the signature does not verify with the given public key" in _reasons(forged)
+    audit = Audit({})
+    for agent in ("a1", "a2"):
+        p = _counts(1) | {"agent": agent}
+        audit.add(f"footfall/v1/{SITE}/{agent}/counts", seal(p, KEY))
+    assert any("agents share epoch label" in r for r in _reasons(audit))
+    warnings = [f.reason for f in audit.findings() if f.level == "warn"]
+    assert any("signatures not checked" in w for w in warnings)
+
+
+@pytest.mark.parametrize("mode", ["standard", "strict"])
+def test_a_real_run_passes_on_the_broker_and_in_its_capture(
+    mode: str, start_broker: StartBroker, tmp_path: Path
+) -> None:
+    site, agent = unique_id("s"), "a1"
+    broker = start_broker({(site, agent): f"pw-{agent}"})
+    files = prepare_agent(tmp_path, broker, site, agent, {"privacy.mode": mode})
+    key = f"{site}/{agent}={public_key_text(files.verify_key)}"
+    pcap = tmp_path / "agent.pcap"
+    tcpdump = _tcpdump(pcap, broker.port) if mode == "standard" else None
+    listen = [*AUDIT, "--broker", f"{HOST}:{broker.port}", "--key", key, "--seconds", "20"]
+    listen += ["--set", f"broker.username={READER[0]}", "--set", f"broker.password={READER[1]}"]
+    audit = subprocess.Popen(listen, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4)  # the audit is subscribed (it starts in about a second)
+        assert files.start("--source", str(BUNDLED_SAMPLE)).wait(60) == 0, files.log_text()
+        out, err = audit.communicate(timeout=60)
+    finally:
+        audit.kill()
+        if tcpdump is not None:
+            tcpdump.send_signal(signal.SIGINT)
+            tcpdump.communicate(timeout=10)
+    assert audit.returncode == 0, out + err
+    assert "verdict: PASS" in out and f"{site}/{agent}" in out
+    counts = int(out.split(f"{site}/{agent}")[1].split()[3])
+    assert counts > 20, out  # the bundled sample's windows were all heard
+    if tcpdump is None:
+        return
+    offline = subprocess.run(
+        [*AUDIT, "--pcap", str(pcap), "--key", key], capture_output=True, text=True, check=False
+    )
+    assert offline.returncode == 0, offline.stdout + offline.stderr
+    assert "verdict: PASS" in offline.stdout
+    assert int(offline.stdout.split(f"{site}/{agent}")[1].split()[3]) == counts
+
+
+def _tcpdump(path: Path, port: int) -> subprocess.Popen[bytes]:
+    binary = shutil.which("tcpdump")
+    if binary is None:
+        pytest.fail("tcpdump is not installed (apt-get install tcpdump; .ci/run does it)")
+    process = subprocess.Popen(
+        [binary, "-i", "lo", "-U", "-w", str(path), "tcp", "port", str(port)],
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    process.stderr.readline()  # "listening on lo ...": capturing from here on
+    return process

@@ -1,0 +1,409 @@
+"""The estimator links one device's random addresses, leaves out what is not footfall, and its
+numba kernel equals the plain-Python twin in tests/support/reference_estimate.py."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import replace
+from datetime import UTC
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from firmware_agent.cli import BUNDLED_SAMPLE
+from firmware_agent.contract.errors import ConfigError
+from firmware_agent.contract.messages import AgentId, SiteId, counts_payload, validate
+from firmware_agent.settings import AgentConfig, load_config
+from firmware_agent.stages.anonymize import DeviceBatch, EpochKey, anonymize
+from firmware_agent.stages.capture import CaptureReader
+from firmware_agent.stages.count import WindowCounts
+from firmware_agent.stages.estimate import (
+    AUTO,
+    AUTO_FALLBACK_DBM,
+    Calibration,
+    EstimateSettings,
+    Estimator,
+    WindowEstimate,
+    otsu_split,
+)
+from firmware_agent.stages.parse import KIND_MALFORMED, KIND_PROBE, RSSI_MISSING, parse_batch
+from firmware_agent.stages.pipeline import Pipeline
+from firmware_agent.tools.synthetic import SyntheticSpec, write_synthetic_capture
+from tests.support.reference_estimate import Row, otsu_reference, reference_estimates
+
+NS = 1_000_000_000
+T0 = 1_699_999_200 * NS  # a whole hour
+FIXED = EstimateSettings(rssi_threshold_dbm=-120)  # no threshold: what links and dwells counts
+
+
+def batch(rows: list[Row]) -> DeviceBatch:
+    n = len(rows)
+    col = list(zip(*rows, strict=True)) if rows else [()] * 7
+    return DeviceBatch(
+        kind=np.array(col[0], np.uint8),
+        ts_ns=np.array(col[1], np.int64),
+        device=np.array(col[2], np.uint64),
+        randomised=np.array(col[3], np.uint8),
+        seq=np.array(col[6], np.uint16),
+        rssi=np.array(col[4], np.int16),
+        fp=np.array(col[5], np.uint64),
+        frames=n,
+    )
+
+
+def estimate(
+    rows: list[Row], s: EstimateSettings, cuts: tuple[int, ...] = ()
+) -> list[WindowEstimate]:
+    """The kernel's windows for rows fed in batches split at ``cuts``."""
+    est = Estimator(s, capacity=16, zone=UTC)  # tiny: the tables must grow
+    out: list[WindowEstimate] = []
+    bounds = [0, *sorted(c for c in cuts if 0 < c < len(rows)), len(rows)]
+    for lo, hi in itertools.pairwise(bounds):
+        out += est.add(batch(rows[lo:hi]))
+    return out + est.close_all()
+
+
+class Ids:
+    """Fresh device ids (stand-ins for keyed hashes)."""
+
+    def __init__(self) -> None:
+        self.next = 1000
+
+    def __call__(self) -> int:
+        self.next += 7919
+        return self.next
+
+
+def phone(
+    ids: Ids,
+    rng: np.random.Generator,
+    *,
+    fp: int,
+    start_s: float,
+    end_s: float,
+    every_s: float,
+    rssi: int,
+    new_address: str = "burst",  # "burst", "frame" or "never"
+    keeps_counter: bool = True,
+    burst: int = 3,
+    randomised: int = 1,
+) -> list[Row]:
+    """Probe bursts of one device: ``burst`` frames 20 ms apart every ``every_s`` seconds."""
+    rows: list[Row] = []
+    counter = int(rng.integers(0, 4096))
+    dev = ids()
+    t = start_s
+    while t < end_s:
+        if new_address == "burst":
+            dev = ids()
+            if not keeps_counter:
+                counter = int(rng.integers(0, 4096))
+        counter += int(rng.integers(5, 20))  # frames sent on channels not heard
+        for k in range(burst):
+            if new_address == "frame":
+                dev = ids()
+                if not keeps_counter:
+                    counter = int(rng.integers(0, 4096))
+            counter += 1
+            ts = T0 + int((t + 0.02 * k) * NS)
+            rows.append((KIND_PROBE, ts, dev, randomised, rssi + int(rng.integers(-3, 4)), fp,
+                         counter % 4096))  # fmt: skip
+        t += every_s * float(rng.uniform(0.8, 1.2))
+    return rows
+
+
+def merged(*devices: list[Row]) -> list[Row]:
+    return sorted((r for rows in devices for r in rows), key=lambda r: r[1])
+
+
+def full_windows(windows: list[WindowEstimate], start_s: float, end_s: float) -> list[int]:
+    """people_est of the windows that lie wholly after ``start_s + 300`` and before ``end_s``."""
+    lo, hi = T0 // NS + start_s + 300, T0 // NS + end_s
+    return [w.people_est for w in windows if lo <= w.window_start and w.window_start + 300 <= hi]
+
+
+# -- the twin -------------------------------------------------------------------------------
+
+rows_strategy = st.lists(
+    st.tuples(
+        st.sampled_from([KIND_PROBE] * 9 + [KIND_MALFORMED]),
+        st.integers(0, 3 * 3600),  # seconds after T0
+        st.integers(0, 999),  # ms
+        st.integers(1, 40),  # device
+        st.integers(0, 1),  # randomised
+        st.sampled_from([-90, -75, -60, -45, RSSI_MISSING]),
+        st.integers(0, 3),  # fingerprint (0: none)
+        st.integers(0, 4095),
+    ),
+    max_size=200,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows_strategy,
+    st.lists(st.integers(0, 200), max_size=3),
+    st.sampled_from([AUTO, -120, -70]),
+    st.sampled_from([0, 300, 900]),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from([1, 10]),
+    st.sampled_from([0, 23, 24]),
+)
+def test_kernel_equals_twin_on_random_rows(
+    raw: list[tuple[int, int, int, int, int, int, int, int]],
+    cuts: list[int],
+    threshold: int,
+    static_min_s: int,
+    link: bool,
+    assume_randomised: bool,
+    reset_min: int,
+    closed_h: int,
+) -> None:
+    raw.sort(key=lambda r: (r[1], r[2]))  # mostly in time order, as captures are
+    rows: list[Row] = []
+    for kind, s, ms, dev, rnd, rssi, fp, seq in raw:
+        jitter = -2 * NS if (s + ms) % 13 == 0 else 0  # now and then a late frame
+        rows.append((kind, T0 + s * NS + ms * 1_000_000 + jitter, dev, rnd, rssi, fp, seq))
+    s = EstimateSettings(
+        rssi_threshold_dbm=threshold,
+        static_min_s=static_min_s,
+        static_share_pct=50,
+        min_dwell_s=30,
+        link=link,
+        assume_randomised=assume_randomised,
+        reset_min=reset_min,
+        cadence_gap_s=120,
+        static_closed_h=closed_h,
+    )
+    assert estimate(rows, s, tuple(cuts)) == reference_estimates(rows, s)
+
+
+@pytest.mark.parametrize("window_s", [300, 3600])
+def test_kernel_equals_twin_on_a_synthetic_capture(tmp_path: Path, window_s: int) -> None:
+    """Windows and the learnt threshold at every probe row (learnt every AUTO_STEP_S of the
+    frames' clock, whatever window_s is) are the twin's."""
+    capture = tmp_path / "s.pcap"
+    write_synthetic_capture(capture, SyntheticSpec(frames=6000, devices=120, seed=5,
+                                                   static_devices=4))  # fmt: skip
+    key = EpochKey()
+    rows: list[Row] = []
+    settings = EstimateSettings(window_s=window_s)
+    est = Estimator(settings, zone=UTC)
+    kernel: list[WindowEstimate] = []
+    thresholds: list[int] = []
+    with CaptureReader(capture, batch_frames=1000) as reader:
+        for frames in reader:
+            b = anonymize(parse_batch(frames), key)
+            kernel += est.add(b)
+            thresholds += est.row_thresholds[b.kind == KIND_PROBE].tolist()
+            rows += zip(*(a.tolist() for a in (b.kind, b.ts_ns, b.device, b.randomised, b.rssi,
+                                                b.fp, b.seq)), strict=True)  # fmt: skip
+    kernel += est.close_all()
+    want: list[int] = []
+    assert kernel == reference_estimates(rows, settings, thresholds=want)
+    assert thresholds == want and len(set(want)) > 1  # learnt, and it moved
+    assert any(w.people_est for w in kernel)
+
+
+def test_otsu_split_equals_brute_force() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        values = np.concatenate(
+            [rng.normal(-85, 4, rng.integers(1, 40)), rng.normal(-55, 6, rng.integers(1, 40))]
+        )
+        values = np.clip(np.round(values), -120, 0).astype(int).tolist()
+        hist = np.bincount(np.array(values) + 120, minlength=121).astype(np.int64)
+        expected = otsu_reference(values)
+        assert otsu_split(hist, -120) == (-120 if expected is None else expected)
+
+
+# -- what the estimate means ----------------------------------------------------------------
+
+
+def test_two_phones_of_one_model_side_by_side_stay_two() -> None:
+    """Same fingerprint, same signal, a new address every burst: only their sequence
+    counters tell them apart, and that is enough."""
+    rng, ids = np.random.default_rng(1), Ids()
+    a = phone(ids, rng, fp=77, start_s=0, end_s=3600, every_s=30, rssi=-55)
+    b = phone(ids, rng, fp=77, start_s=10, end_s=3600, every_s=30, rssi=-55)
+    windows = estimate(merged(a, b), FIXED)
+    assert len({r[2] for r in a + b}) > 200  # distinct addresses
+    assert set(full_windows(windows, 0, 3600)) == {2}
+
+
+def test_a_phone_with_a_new_address_and_counter_every_frame_counts_once() -> None:
+    """Like the iPhone that shows up as 465 addresses: nothing but its model, its timing and
+    its signal ties them; its model learns that it resets, then they link."""
+    rng, ids = np.random.default_rng(2), Ids()
+    rows = phone(ids, rng, fp=5, start_s=0, end_s=3600, every_s=25, rssi=-60,
+                 new_address="frame", keeps_counter=False)  # fmt: skip
+    windows = estimate(rows, FIXED)
+    assert len({r[2] for r in rows}) == len(rows) > 400
+    assert set(full_windows(windows, 0, 3600)) == {1}
+
+
+def test_resetting_phones_of_one_model_far_apart_in_signal_stay_two() -> None:
+    rng, ids = np.random.default_rng(3), Ids()
+    near = phone(ids, rng, fp=5, start_s=0, end_s=3600, every_s=25, rssi=-40,
+                 keeps_counter=False)  # fmt: skip
+    far = phone(ids, rng, fp=5, start_s=5, end_s=3600, every_s=25, rssi=-85,
+                keeps_counter=False)  # fmt: skip
+    assert set(full_windows(estimate(merged(near, far), FIXED), 0, 3600)) == {2}
+
+
+def test_global_addresses_count_as_themselves_and_must_dwell() -> None:
+    rng, ids = np.random.default_rng(4), Ids()
+    laptops = [phone(ids, rng, fp=9, start_s=0, end_s=1800, every_s=40, rssi=-60,
+                     new_address="never", randomised=0) for _ in range(3)]  # fmt: skip
+    passer = phone(ids, rng, fp=9, start_s=900, end_s=930, every_s=60, rssi=-60,
+                   new_address="never", randomised=0)  # fmt: skip
+    windows = estimate(merged(*laptops, passer), FIXED)
+    assert set(full_windows(windows, 0, 1800)) == {3}
+
+
+def test_static_devices_are_left_out_and_reported() -> None:
+    """A machine is what was heard while the site is closed (before 06:00) and ever since; a
+    person who arrives at opening and stays all day is never taken for one."""
+    rng, ids = np.random.default_rng(5), Ids()
+    night = 7 * 3600  # T0 + 7 h is 05:00 UTC, an hour before the site opens
+    printer = phone(ids, rng, fp=3, start_s=night, end_s=night + 8 * 3600, every_s=60,
+                    rssi=-50, new_address="never", randomised=0)  # fmt: skip
+    stayer = phone(ids, rng, fp=4, start_s=night + 3600, end_s=night + 8 * 3600, every_s=60,
+                   rssi=-50, new_address="never", randomised=0)  # fmt: skip
+    windows = estimate(merged(printer, stayer), FIXED)
+    by_start = {w.window_start - T0 // NS: w for w in windows}
+    first_hour = by_start[night + 1800]
+    assert first_hour.people_est == 1 and first_hour.static_excluded == 0  # not yet an hour
+    for later in range(night + 2 * 3600, night + 8 * 3600 - 300, 300):
+        assert (by_start[later].people_est, by_start[later].static_excluded) == (1, 1)
+    anytime = estimate(merged(printer, stayer), replace(FIXED, static_closed_h=24))
+    assert {w.people_est for w in anytime if w.window_start - T0 // NS > night + 3 * 3600} == {0}
+    off = estimate(merged(printer, stayer), replace(FIXED, static_min_s=0))
+    assert {w.static_excluded for w in off} == {0}
+
+
+def test_signal_threshold_fixed_and_learnt(caplog: pytest.LogCaptureFixture) -> None:
+    rng, ids = np.random.default_rng(6), Ids()
+    inside = [phone(ids, rng, fp=10 + k, start_s=0, end_s=1800, every_s=40, rssi=-52)
+              for k in range(35)]  # fmt: skip
+    outside = [phone(ids, rng, fp=60 + k, start_s=0, end_s=1800, every_s=40, rssi=-88)
+               for k in range(35)]  # fmt: skip
+    rows = merged(*inside, *outside)
+    everyone = full_windows(estimate(rows, FIXED), 0, 1800)
+    assert set(everyone) == {70}
+    assert set(full_windows(estimate(rows, replace(FIXED, rssi_threshold_dbm=-70)), 0, 1800)) == {
+        35
+    }
+    est = Estimator(EstimateSettings())
+    with caplog.at_level(logging.INFO, logger="footfall.agent"):
+        windows = est.add(batch(rows)) + est.close_all()
+    learnt = windows[-1].rssi_threshold_dbm
+    assert -80 < learnt < -60  # the middle of the gap between -85 and -49
+    assert {w.people_est for w in windows[:-1]} == {35}
+    assert "Otsu" in est.threshold_note and str(learnt) in est.threshold_note
+    assert any("signal threshold" in r.message for r in caplog.records)
+    early = [r for r in rows if r[1] < T0 + 50 * NS]  # nobody has lingered a minute yet
+    assert {w.rssi_threshold_dbm for w in estimate(early, EstimateSettings())} == {
+        AUTO_FALLBACK_DBM
+    }
+
+
+def test_wipe_forgets_every_device() -> None:
+    rng, ids = np.random.default_rng(7), Ids()
+    est = Estimator(EstimateSettings(), capacity=16)
+    est.add(batch(phone(ids, rng, fp=1, start_s=0, end_s=600, every_s=20, rssi=-60)))
+    assert est.chains > 0
+    est.new_epoch(T0 + 3600 * NS)
+    assert est.chains == 0
+    addrs, fps = est._addrs, est._fps
+    tables = (addrs.keys, addrs.rows, est._chains, fps.keys, fps.rows)
+    assert all(not t.any() for t in tables)
+
+
+# -- settings, calibration, pipeline --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"rssi_threshold_dbm": -130}, "estimate.rssi_threshold_dbm must be 'auto' or between"),
+        ({"min_dwell_s": -1}, "estimate.min_dwell_s must be between 0 and 3600, got -1"),
+        ({"static_min_s": 10}, "estimate.static_min_s must be 0 (off) or at least one window"),
+        ({"reset_share_pct": 101}, "estimate.reset_share_pct must be between 0 and 100"),
+    ],
+)
+def test_settings_refuse_bad_values(overrides: dict[str, int], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        EstimateSettings(**overrides)
+
+
+def test_settings_come_from_the_registry() -> None:
+    config = load_config(None, environ={"FOOTFALL_ESTIMATE_RSSI_THRESHOLD_DBM": "-72"})
+    assert config.estimate.rssi_threshold_dbm == -72
+    assert load_config(None, environ={}).estimate.rssi_threshold_dbm == AUTO
+    assert load_config(None, environ={}).calibration is None
+    with pytest.raises(ConfigError, match="'auto' or whole dBm"):
+        load_config(None, environ={"FOOTFALL_ESTIMATE_RSSI_THRESHOLD_DBM": "loud"})
+    calibrated = load_config(
+        None,
+        environ={
+            "FOOTFALL_ESTIMATE_CALIBRATION_FACTOR": "0.75",
+            "FOOTFALL_ESTIMATE_CALIBRATION_OFFSET": "-0.5",
+        },
+    )
+    assert calibrated.calibration == Calibration(0.75, -0.5, 0.0, 0)
+    with pytest.raises(ConfigError, match=r"estimate\.calibration_factor must be above 0"):
+        load_config(None, environ={"FOOTFALL_ESTIMATE_CALIBRATION_FACTOR": "-1"})
+
+
+def test_calibration_rounds_half_up_and_never_goes_below_zero() -> None:
+    c = Calibration(factor=0.5, offset=-1.0, mae=0.0, windows=10)
+    assert [c.people(n) for n in (0, 1, 2, 3, 5)] == [0, 0, 0, 1, 2]
+
+
+def _windows(config: AgentConfig, *, estimate: bool = True) -> list[WindowCounts]:
+    pipeline = Pipeline(config, estimate=estimate)
+    with CaptureReader(BUNDLED_SAMPLE) as reader:
+        return list(pipeline.run(reader))
+
+
+def test_windows_carry_the_estimate_and_calibrated_occupancy_only_when_calibrated() -> None:
+    plain = _windows(load_config(None, environ={"FOOTFALL_EPOCH_LENGTH": "3600"}))
+    assert all(w.as_dict()["calibrated"] is False and not w.calibrated for w in plain)
+    assert all(w.people_est is not None and w.people_est <= w.devices for w in plain)
+    assert sum(w.people_est or 0 for w in plain) < sum(w.devices for w in plain)
+    calibrated = _windows(load_config(None, environ={"FOOTFALL_ESTIMATE_CALIBRATION_FACTOR": "2"}))
+    raw = _windows(load_config(None, environ={}))
+    for c, w in zip(calibrated, raw, strict=True):
+        assert c.calibrated and c.figures is not None and w.figures is not None
+        assert c.figures.occupancy_peak == 2 * w.figures.occupancy_peak
+        assert c.figures.occupancy_mean == round(2 * w.figures.occupancy_mean, 2)
+        assert c.figures.arrivals == w.figures.arrivals  # counts of chains: not calibrated
+    payload = counts_payload(SiteId("s1"), AgentId("a1"), 1, "0" * 16, calibrated[3].as_dict())
+    validate(payload)  # the counts schema knows the new fields
+
+
+def test_without_the_estimate_stage_windows_are_the_counters() -> None:
+    config = load_config(None, environ={})
+    counted = _windows(config, estimate=False)
+    assert all(w.people_est is None and "arrivals" not in w.as_dict() for w in counted)
+    estimated = _windows(config)
+    assert [
+        replace(w, people_est=None, static_excluded=None, figures=None) for w in estimated
+    ] == counted
+
+
+def test_the_threshold_note_prints_no_count_of_devices_from_1_to_k_minus_1() -> None:
+    """The log obeys suppression: one lingering device is not '1 so far' (issue 17)."""
+    rng, ids = np.random.default_rng(4), Ids()
+    rows = phone(ids, rng, fp=7, start_s=0, end_s=900, every_s=30, rssi=-50, new_address="never")
+    est = Estimator(EstimateSettings(), suppress_below=5)
+    est.add(batch(rows))
+    est.close_all()
+    assert "fewer than 5 so far" in est.threshold_note, est.threshold_note
+    assert " 1 so far" not in est.threshold_note

@@ -1,0 +1,56 @@
+"""Issue 14's accuracy goals for the people figures, on synthetic captures with ground truth
+(tests/support/accuracy_people.py): every hour's arrivals within 10 % of the truth and every dwell
+band within 10 %, and docs/ACCURACY.md's people section is what that module writes."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from firmware_agent.stages.capture import CaptureReader
+from firmware_agent.stages.pipeline import parse_frames
+from firmware_agent.tools.synthetic import PeopleSpec, write_people_capture
+from tests.support.accuracy_people import GOAL_PCT, SCENARIOS, rewrite, run, section, written
+from tests.support.shared import REPO
+
+
+def test_the_truth_is_who_was_there_and_phones_rotate_their_addresses() -> None:
+    spec = PeopleSpec(rates=(30.0,), duration_s=2 * 3600, per_burst_share=0.2, seed=4)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "p.pcap"
+        truth = write_people_capture(path, spec)
+        with CaptureReader(path) as reader:
+            probes = [parse_frames(batch) for batch in reader]
+    ts = np.concatenate([p.ts_ns for p in probes])
+    addresses = np.unique(np.concatenate([p.mac for p in probes]), axis=0)
+    hours = truth.hourly()
+    visitors = int(truth.visitor.sum())
+    assert sum(int(str(h["arrivals"])) for h in hours) == visitors
+    assert sum(int(str(h["visits_ended"])) for h in hours) == visitors
+    assert len(ts) == truth.frames and ts.min() >= spec.start_ns and ts.max() < truth.end_ns
+    assert len(addresses) > 3 * len(truth.visitor)  # random addresses rotate
+    assert np.all(np.diff(ts) >= 0)
+
+
+def test_hourly_arrivals_and_dwell_bands_meet_the_goal_where_linking_holds() -> None:
+    """Met with global addresses, and with rotating ones once the linking settings are tuned;
+    with the estimator's default linking, rotating phones are merged and split more than the
+    goal allows (the table in docs/ACCURACY.md says by how much)."""
+    global_, default, tuned = (run(s) for s in SCENARIOS)
+    for result in (global_, tuned):
+        assert result.worst_hour_pct <= GOAL_PCT, result.scenario.name
+        assert result.worst_band_pct <= GOAL_PCT, result.scenario.name
+    assert default.worst_hour_pct > GOAL_PCT
+    for result in (global_, default, tuned):
+        errors = [abs(h.occupancy_est - h.occupancy) for h in result.hours]
+        assert np.mean(errors) < 0.15 * np.mean([h.occupancy for h in result.hours])
+
+
+def test_the_accuracy_section_is_current() -> None:
+    text = (REPO / "docs" / "ACCURACY.md").read_text()
+    assert written(text) == section(), (
+        "regenerate it: .venv/bin/python -m tests.support.accuracy_people"
+    )
+    assert rewrite(text) == text

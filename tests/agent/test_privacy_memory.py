@@ -1,0 +1,173 @@
+"""No raw frame stays in a running agent's memory, whatever its source (issue 17).
+
+A child process reads a capture the way ``footfall-agent run`` does (the service's source:
+an unbuffered file, standard input below its buffer, gzip through a ``gzip -dc`` child; the
+pipeline parsing a batch ahead in its second thread, then hashing and counting), and stops
+itself (SIGSTOP) at the points where the parent reads its writable memory (heap, stacks,
+anonymous mappings: ``/proc/PID/mem``) and searches it for every address and every non-empty
+SSID of the capture:
+
+* **mid-stream** (standard input only): half of the capture has been written, whole records,
+  and the agent has taken it all in, while the pipe stays open;
+* **at the source's end**: every frame read, parsed, hashed and counted; the key, the tables
+  and the last windows still open, the reader not yet closed;
+* **after the run**: windows closed, key wiped, reader closed; the process still alive.
+
+Found: nothing, in any of them. (Parsed rows waiting in the read-ahead queue to be hashed hold
+their addresses for that moment: the one batch the design allows; none is waiting at these
+points.)
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from firmware_agent.cli import BUNDLED_SAMPLE
+from tests.agent.test_privacy import _secrets_of
+from tests.agent.test_privacy_modes import _memory
+from tests.support.shared import shared_path
+
+_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys, threading
+    from firmware_agent.stages.capture import read_ahead
+    from firmware_agent.stages.pipeline import Pipeline, parse_frames
+    from firmware_agent.service.run import _open_source
+    from firmware_agent.settings import load_config
+
+    config = load_config(None, environ={"FOOTFALL_EPOCH_TIMEZONE": "UTC",
+                                       "FOOTFALL_SOURCE_PATH": sys.argv[1],
+                                       "FOOTFALL_SOURCE_SPEED": "fast"})
+    pipeline = Pipeline(config)
+    with _open_source(config, threading.Event()) as reader:
+        for probes in read_ahead(map(parse_frames, reader)):
+            for window in pipeline.count(probes):
+                config.privacy.release(window)
+        os.kill(os.getpid(), signal.SIGSTOP)  # the source's end: all read, the run goes on
+        for window in pipeline.finish():
+            config.privacy.release(window)
+    os.kill(os.getpid(), signal.SIGSTOP)  # after the run
+    """
+)
+
+
+def found(blobs: Iterable[bytes], needles: set[bytes]) -> set[bytes]:
+    """The needles (4 bytes or longer) that occur in any blob: a sieve on each needle's first
+    two bytes, then on its first four (numpy), then a comparison of the rest."""
+    rare = {n for n in needles if n[:2] == b"\0\0"}  # a sieve on zeros would pass everything
+    sieved = needles - rare
+    table = np.zeros(1 << 16, bool)
+    table[[int.from_bytes(n[:2], "little") for n in sieved]] = True
+    heads = np.unique(np.array([int.from_bytes(n[:4], "little") for n in sieved], np.uint32))
+    by_head: dict[bytes, list[bytes]] = {}
+    for n in sieved:
+        by_head.setdefault(n[:4], []).append(n)
+    longest = max((len(n) for n in needles), default=0)
+    hits: set[bytes] = set()
+    for blob in blobs:
+        hits |= {n for n in rare if n in blob}
+        for at in range(0, len(blob), 8 << 20):
+            chunk = blob[at : at + (8 << 20) + longest]
+            data = np.frombuffer(chunk, np.uint8)
+            if len(data) < 4:
+                continue
+            pairs = data[:-1].astype(np.uint16) | (data[1:].astype(np.uint16) << 8)
+            where = np.flatnonzero(table[pairs[: len(data) - 3]])
+            if not len(where):
+                continue
+            words = (
+                data[where].astype(np.uint32)
+                | (data[where + 1].astype(np.uint32) << 8)
+                | (data[where + 2].astype(np.uint32) << 16)
+                | (data[where + 3].astype(np.uint32) << 24)
+            )
+            for i in where[np.isin(words, heads)].tolist():
+                for n in by_head.get(chunk[i : i + 4], []):
+                    if chunk[i : i + len(n)] == n:
+                        hits.add(n)
+    return hits
+
+
+def _stopped(child: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            raise AssertionError(f"the agent ended with status {child.returncode}")
+        state = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state == "T":
+            return
+        time.sleep(0.05)
+    raise AssertionError("the agent did not stop where it should")
+
+
+def _scan(child: subprocess.Popen[bytes], secrets: set[bytes]) -> tuple[int, int]:
+    hits = found(_memory(child.pid), secrets)
+    return sum(len(h) == 6 for h in hits), sum(len(h) != 6 for h in hits)
+
+
+def _half(capture: bytes) -> int:
+    """Where the first half of a pcap's records ends (a record boundary)."""
+    big = capture[:4] == b"\xa1\xb2\xc3\xd4"
+    pos, records = 24, []
+    while pos + 16 <= len(capture):
+        records.append(pos)
+        pos += 16 + int.from_bytes(capture[pos + 8 : pos + 12], "big" if big else "little")
+    return records[len(records) // 2]
+
+
+SOURCES = ["file", "gzip file", "stdin", "gzip on stdin"]
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("kind", SOURCES)
+def test_a_running_agent_holds_no_address_or_ssid_of_its_source(kind: str, tmp_path: Path) -> None:
+    lab = shared_path("data", "lab", "fryza_p1_sc6-61_2022-10-19_anonymized.pcap.gz")
+    path = lab if kind.startswith("gzip") else BUNDLED_SAMPLE
+    macs, ssids = _secrets_of(path)
+    secrets = macs | ssids
+    assert len(macs) > 100 and ssids
+    stdin = kind.endswith("stdin")
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, "-" if stdin else str(path)],
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+    )
+    seen: dict[str, tuple[int, int]] = {}
+    try:
+        if stdin:
+            assert child.stdin is not None
+            raw = (
+                gzip.decompress(path.read_bytes()) if kind.startswith("gzip") else path.read_bytes()
+            )
+            cut = _half(raw)
+            first, rest = raw[:cut], raw[cut:]
+            if kind.startswith("gzip"):  # two members: the first ends at a record boundary
+                first, rest = gzip.compress(first), gzip.compress(rest)
+            child.stdin.write(first)
+            child.stdin.flush()
+            time.sleep(2)  # the agent takes in what has arrived, then waits on the pipe
+            os.kill(child.pid, signal.SIGSTOP)
+            _stopped(child)
+            seen["mid-stream"] = _scan(child, secrets)
+            os.kill(child.pid, signal.SIGCONT)
+            child.stdin.write(rest)
+            child.stdin.close()
+        _stopped(child)
+        seen["at the source's end"] = _scan(child, secrets)
+        os.kill(child.pid, signal.SIGCONT)
+        _stopped(child)
+        seen["after the run"] = _scan(child, secrets)
+    finally:
+        child.kill()
+        child.wait()
+    assert seen == dict.fromkeys(seen, (0, 0)), f"(addresses, SSIDs) found: {seen}"

@@ -1,0 +1,247 @@
+"""Issue 16's findings on ingest, each on SQLite and PostgreSQL, against a real Mosquitto:
+
+* one signed window dated 9999-12-31 (a site in UTC) or 0001-01-01 (a site in New York) made
+  the roll-up raise ``OverflowError``: the store thread died, nothing more was stored for any
+  site, ingest ignored a stop, and the broker sent the message again after every restart;
+* a replayed message with ``\\n`` after its signature passed the schema (``re.search`` and
+  ``$``), verified, and failed PostgreSQL's insert (89 characters): the same stall;
+* a message the database refuses on its own (here a constraint refusing seq 666) failed its
+  whole batch for ever; now it is quarantined and the rest of the batch is stored;
+* retention remembered the largest seq among deleted windows whatever their date, so after a
+  1970-dated window was deleted a current window with a lower seq was refused as ``expired``;
+* a database gone for good: ingest exits non-zero with a clear message (its supervisor
+  restarts it), instead of retrying silently for ever.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import pytest
+
+from aggregator.cli import main
+from aggregator.config import StoreSettings
+from aggregator.ingest import Ingest
+from aggregator.store import QUARANTINE_KEEP, Store
+from aggregator.verify import Accepted, Verifier
+from firmware_agent.contract.messages import utc_text
+from tests.aggregator.test_ingest import AgentAccount, _config_file, _spawn, config_for, running
+from tests.support.aggregator_harness import Agent, stored_seqs
+from tests.support.mqtt_broker import Mosquitto, wait_for
+
+NOW = int(time.time())
+RECENT = NOW - NOW % 300 - 3600  # an aligned window start an hour ago
+
+
+def _with_newline_after_sig(sealed: bytes) -> bytes:
+    envelope = json.loads(sealed)
+    envelope["sig"] += "\n"
+    return json.dumps(envelope).encode()
+
+
+def _refuse_seq_666(store: Store) -> None:
+    """A constraint of the database's own that refuses one message (and no other)."""
+    with store.begin() as conn:
+        if store.dialect == "postgresql":
+            conn.exec_driver_sql("ALTER TABLE windows ADD CONSTRAINT no_666 CHECK (seq <> 666)")
+        else:
+            conn.exec_driver_sql(
+                "CREATE TRIGGER no_666 BEFORE INSERT ON windows WHEN NEW.seq = 666 "
+                "BEGIN SELECT RAISE(ABORT, 'seq 666 refused'); END"
+            )
+
+
+def test_no_poisonous_message_stops_ingest_for_the_others(
+    store_settings: StoreSettings,
+    start_broker: Callable[[Mapping[tuple[str, str], str]], Mosquitto],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    utc, york, other = Agent("utc", "a1"), Agent("ny", "b1"), Agent("utc", "a2")
+    broker = start_broker({("utc", "a1"): "p1", ("ny", "b1"): "p2", ("utc", "a2"): "p3"})
+    with Store.open(store_settings) as store:
+        store.add_site("utc", "", "UTC", NOW)
+        store.add_site("ny", "", "America/New_York", NOW)
+        for a in (utc, york, other):
+            store.add_agent(a.site, a.agent, a.public_key, NOW)
+        _refuse_seq_666(store)
+        accounts = [
+            AgentAccount(broker, a.site, a.agent, password)
+            for a, password in ((utc, "p1"), (york, "p2"), (other, "p3"))
+        ]
+        config = config_for(broker, store_settings, **{"ingest.batch_wait_ms": 200})
+        try:
+            with running(config) as ingest:
+                # In one batch: the two dates, the signature with a newline, and the window
+                # the database refuses, between windows that are fine.
+                accounts[0].publish("counts", utc.counts(1, "9999-12-31T00:00:00Z"))
+                accounts[1].publish("counts", york.counts(1, "0001-01-01T00:00:00Z"))
+                newline = _with_newline_after_sig(utc.counts(2, utc_text(RECENT)))
+                accounts[0].publish("counts", newline)
+                accounts[2].publish("counts", other.counts(665, utc_text(RECENT)))
+                accounts[2].publish("counts", other.counts(666, utc_text(RECENT + 300)))
+                accounts[2].publish("counts", other.counts(667, utc_text(RECENT + 600)))
+                wait_for(lambda: ingest.stats.received >= 6, 10, "the first six messages")
+                accounts[2].publish("counts", other.counts(668, utc_text(RECENT + 900)))
+                sent = time.monotonic()
+                wait_for(lambda: 668 in stored_seqs(store, "utc", "a2"), 1.0, "the window after")
+                latency = time.monotonic() - sent
+                refused = dict(ingest.stats.refused)
+        finally:
+            for account in accounts:
+                account.close()
+        assert latency < 1.0
+        assert stored_seqs(store, "utc", "a2") == [665, 667, 668]
+        assert stored_seqs(store, "utc", "a1") == stored_seqs(store, "ny", "b1") == []
+        assert refused == {"window_range": 2, "schema": 1, "store_failed": 1}
+        counted = store.refusal_counts()
+        assert counted[("window_range", "utc", "a1")] == counted[("window_range", "ny", "b1")] == 1
+        assert counted[("schema", "utc", "a1")] == counted[("store_failed", "utc", "a2")] == 1
+        *dated, quarantined = store.quarantined()
+        assert (quarantined["reason"], quarantined["agent_id"]) == ("store_failed", "a2")
+        # The two dates verified (signed by their agents): quarantined and settled, so their
+        # agents stop sending them; the signature with a newline (schema) settles nothing.
+        assert sorted((q["reason"], q["agent_id"]) for q in dated) == [
+            ("window_range", "a1"),
+            ("window_range", "b1"),
+        ]
+        keys = {}
+        for a in (utc, york):
+            entry = store.registry().get(a.site, a.agent)
+            assert entry is not None
+            keys[a.agent] = entry.key
+        assert {k: v[2] for k, v in store.settled(keys.values()).items()} == {
+            keys["a1"]: [(1, 1)],
+            keys["b1"]: [(1, 1)],
+        }
+        assert "seq 666 refused" in quarantined["error"] or "no_666" in quarantined["error"]
+        assert json.loads(quarantined["message"])["payload"]["seq"] == 666
+    where = [f"store.dsn={store_settings.dsn}", f"store.schema={store_settings.schema}"]
+    assert main(["quarantine", "--set", where[0], "--set", where[1]]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:5] == ["RECEIVED", "REASON", "SITE", "AGENT", "BYTES"]
+    assert [line.split()[1:4] for line in table[1:]].count(["store_failed", "utc", "a2"]) == 1
+
+
+def test_retention_deletes_by_window_time_so_a_current_window_is_never_refused(
+    store: Store,
+) -> None:
+    agent = Agent()
+    store.add_site("s1", "", "UTC", NOW)
+    store.add_agent("s1", "a1", agent.public_key, NOW)
+    verifier = Verifier(65536)
+
+    def accept(seq: int, start: int, received_at: int) -> Accepted:
+        result = verifier.check(
+            agent.topic, agent.counts(seq, utc_text(start)), store.registry(), received_at
+        )
+        assert isinstance(result, Accepted), result
+        return result
+
+    # A window dated 1970 (an agent whose clock had not been set) with a large seq.
+    store.store_batch([accept(1_000_000, 600, 900)], now=NOW)
+    late = accept(9, RECENT - 95 * 86400, NOW)  # verified before the prune, stored after it
+    assert store.prune(NOW, 90) == 1
+    skipped = store.store_batch([late], now=NOW).skipped
+    assert [(m.payload["seq"], reason) for m, reason in skipped] == [(9, "expired")]
+    current = accept(7, RECENT, NOW)  # a lower seq, never stored: not a replay
+    assert [m.payload["seq"] for m in store.store_batch([current], now=NOW).stored] == [7]
+    replay = verifier.check(
+        agent.topic, agent.counts(1_000_000, utc_text(600)), store.registry(), NOW
+    )
+    assert not isinstance(replay, Accepted) and replay.reason in {"expired", "window_range"}
+    old = verifier.check(
+        agent.topic, agent.counts(8, utc_text(RECENT - 91 * 86400)), store.registry(), NOW
+    )
+    assert not isinstance(old, Accepted) and old.reason == "expired"
+
+
+def _one_agent(
+    start_broker: Callable[[Mapping[tuple[str, str], str]], Mosquitto], tmp_path: Path
+) -> tuple[Agent, Mosquitto, StoreSettings]:
+    """Agent s1/a1 (broker password "pw"), enrolled in a SQLite store."""
+    agent = Agent("s1", "a1")
+    settings = StoreSettings(f"sqlite:///{tmp_path / 'aggregator.sqlite3'}")
+    with Store.open(settings) as store:
+        store.add_site("s1", "", "UTC", NOW)
+        store.add_agent("s1", "a1", agent.public_key, NOW)
+    return agent, start_broker({("s1", "a1"): "pw"}), settings
+
+
+def _drop_windows(settings: StoreSettings) -> None:
+    with sqlite3.connect(settings.dsn.removeprefix("sqlite:///")) as db:
+        db.execute("PRAGMA foreign_keys = OFF")
+        db.execute("DROP TABLE windows")
+
+
+def test_ingest_exits_non_zero_when_its_database_is_gone_for_good(
+    start_broker: Callable[[Mapping[tuple[str, str], str]], Mosquitto],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    agent, broker, settings = _one_agent(start_broker, tmp_path)
+    monkeypatch.setenv("FOOTFALL_AGG_INGEST_DATABASE_RETRY_S", "2")
+    log = tmp_path / "ingest.log"
+    config = _config_file(tmp_path / "aggregator.toml", broker, settings)
+    process = _spawn(config, "ingest-gone", log)
+    account = AgentAccount(broker, "s1", "a1", "pw")
+    try:
+        wait_for(lambda: "connected to broker" in log.read_text(), 20, "ingest to connect")
+        _drop_windows(settings)  # the database loses a table for good
+        account.publish("counts", agent.counts(1, utc_text(RECENT)))
+        started = time.monotonic()
+        status = process.wait(30)
+        took = time.monotonic() - started
+    finally:
+        account.close()
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+    text = log.read_text()
+    assert status == 1, text
+    assert took < 15, text
+    assert "footfall-aggregator: error: ingest stopped" in text
+    assert "for 2 s (ingest.database_retry_s)" in text
+    assert "no such table: windows" in text
+
+
+def test_a_stop_ends_ingest_within_its_grace_while_the_database_is_gone(
+    start_broker: Callable[[Mapping[tuple[str, str], str]], Mosquitto], tmp_path: Path
+) -> None:
+    agent, broker, settings = _one_agent(start_broker, tmp_path)
+    with Store.open(settings) as store:
+        ingest = Ingest(config_for(broker, settings), store)
+        thread = threading.Thread(target=ingest.run, daemon=True)
+        thread.start()
+        account = AgentAccount(broker, "s1", "a1", "pw")
+        try:
+            wait_for(ingest.connected.is_set, 10, "ingest to connect")
+            _drop_windows(settings)
+            account.publish("counts", agent.counts(1, utc_text(RECENT)))
+            wait_for(lambda: ingest.stats.accepted == 1, 5, "the window verified")
+            time.sleep(1.0)  # the store stage retries the database meanwhile
+            started = time.monotonic()
+            ingest.stop()
+            thread.join(10)
+            took = time.monotonic() - started
+        finally:
+            account.close()
+    assert not thread.is_alive()
+    assert took < 2
+    assert ingest.stats.stored == 0
+
+
+def test_the_quarantine_keeps_its_newest_rows(store: Store) -> None:
+    row = {"received_at": NOW, "reason": "store_failed", "site_id": "s1", "agent_id": "a1",
+           "topic": "footfall/v1/s1/a1/counts", "error": "e", "size": 1, "digest": "0" * 64,
+           "message": None}  # fmt: skip
+    store.quarantine([row | {"size": i} for i in range(5)], NOW, keep=3)
+    store.quarantine([row | {"size": 5}], NOW, keep=3)
+    assert [kept["size"] for kept in store.quarantined()] == [3, 4, 5]
+    assert store.refusal_counts() == {("store_failed", "s1", "a1"): 6}
+    assert QUARANTINE_KEEP == 10_000  # what ingest keeps (docs/aggregator.md)

@@ -1,0 +1,210 @@
+"""The dashboard on the demo's data, in Debian's chromium (Playwright), as a shop owner reads
+it: the tiles equal the API's figures; an hour's visitors on the page equal that hour's
+arrivals in the API and in the CSV; week and month views total what the API's weeks and
+months hold; the multi-site overview sorts; nothing is cut off at 390 px. One demo run
+(``footfall-aggregator demo``: broker, ingest, five weeks of two shops) serves every test.
+Screenshots go to ``FOOTFALL_ARTEFACTS`` (else pytest's temporary directory); with
+``FOOTFALL_README_IMAGE=1`` the desktop one also replaces ``docs/dashboard.png``."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+from calendar import monthrange
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page
+
+from tests.integration.test_demo import _lines_until_login
+from tests.support.web_harness import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Demo:
+    url: str
+    password: str
+    day: str  # the latest local day of the first shop (today, so far)
+
+    def days_back(self, days: int) -> str:
+        return (date.fromisoformat(self.day) - timedelta(days=days)).isoformat()
+
+
+@pytest.fixture(scope="module")
+def demo() -> Iterator[Demo]:
+    if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
+        pytest.skip("the demo's dashboard test uses Mosquitto (apt-get install mosquitto)")
+    port = free_port()
+    cli = Path(sys.executable).with_name("footfall-aggregator")
+    process = subprocess.Popen(
+        [str(cli), "demo", "--port", str(port), "--broker", "mosquitto"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        text = _lines_until_login(process)
+        url = re.search(r"open (http://\S+)", text)
+        password = re.search(r"password: (\S+)", text)
+        assert url and password, text
+        yield Demo(url.group(1), password.group(1), url.group(1).split("date=")[1])
+    finally:
+        process.terminate()
+        process.wait(30)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+@pytest.fixture
+def artefacts(tmp_path: Path) -> Path:
+    where = Path(os.environ.get("FOOTFALL_ARTEFACTS", tmp_path))
+    where.mkdir(parents=True, exist_ok=True)
+    return where
+
+
+def signed_in(browser: Browser, demo: Demo, width: int) -> Page:
+    context = browser.new_context(
+        viewport={"width": width, "height": 900}, accept_downloads=True, is_mobile=width < 500
+    )
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(demo.url)
+    page.fill("input[name=name]", "demo")
+    page.fill("input[name=password]", demo.password)
+    page.click("button[type=submit]")
+    page.wait_for_url(demo.url.split("/sites/")[0] + "/")
+    page.errors = errors  # type: ignore[attr-defined]
+    return page
+
+
+def text(page: Page, selector: str) -> str:
+    return page.inner_text(selector).strip()
+
+
+def test_tiles_and_an_hours_visitors_equal_the_api_and_the_csv(
+    browser: Browser,
+    demo: Demo,
+    artefacts: Path,
+) -> None:
+    page = signed_in(browser, demo, 1280)
+    base = demo.url.split("/sites/")[0]
+    day = demo.days_back(1)  # the last whole day
+    page.goto(f"{base}/sites/high-street?date={day}")
+    page.wait_for_selector("body[data-charts-ready='1']")
+    if os.environ.get("FOOTFALL_README_IMAGE"):
+        page.screenshot(path=str(REPO / "docs" / "dashboard.png"), full_page=False)
+    tiles = page.request.get(f"{base}/api/v1/sites/high-street/summary?day={day}").json()
+    assert text(page, "#tile-visitors") == str(tiles["arrivals"])
+    assert text(page, "#tile-peak") == tiles["peak_hour"]
+    assert text(page, "#tile-capture") == f"{100 * tiles['capture_rate']:.0f} %"
+    assert text(page, "#tile-dwell") == f"{tiles['median_dwell_minutes']:.0f}"
+    assert text(page, "#tile-change") == f"{tiles['change_pct']:+.0f} %"
+
+    people = page.request.get(
+        f"{base}/api/v1/sites/high-street/people?from={day}&to={day}&resolution=hour"
+    ).json()
+    noon = next(r for r in people["rows"] if r["local"].endswith("T12:00"))
+    drawn = page.evaluate("() => footfallCharts.people.data[1][12]")
+    page.click("#people-table-toggle")
+    cell = page.inner_text(f"#people-table tr[data-local='{noon['local']}'] td:nth-child(2)")
+    with page.expect_download() as download:
+        page.click("#csv-people")
+    rows = list(csv.reader(io.StringIO(Path(download.value.path()).read_text())))
+    column = rows[0].index("arrivals (people)")
+    in_csv = next(r[column] for r in rows[1:] if r[0] == noon["local"])
+    assert drawn == int(cell) == int(in_csv) == noon["arrivals"] > 0
+    page.screenshot(path=str(artefacts / "demo-day.png"), full_page=True)
+    assert page.errors == []  # type: ignore[attr-defined]
+    page.context.close()
+
+
+@pytest.mark.parametrize("view", ["week", "month"])
+def test_week_and_month_views_total_the_apis_periods(
+    browser: Browser,
+    demo: Demo,
+    artefacts: Path,
+    view: str,
+) -> None:
+    page = signed_in(browser, demo, 1280)
+    base = demo.url.split("/sites/")[0]
+    day = demo.days_back(17)
+    page.goto(f"{base}/sites/station?range={view}&date={day}")
+    page.wait_for_selector("body[data-charts-ready='1']")
+    data = page.request.get(f"{base}/api/v1/sites/station/dashboard?range={view}&day={day}").json()
+    periods = page.request.get(
+        f"{base}/api/v1/sites/station/people?from={data['first']}&to={data['last']}"
+        f"&resolution={view}"
+    ).json()["rows"]
+    (period,) = periods
+    assert text(page, "#total-arrivals") == str(period["arrivals"])
+    drawn = page.evaluate("() => footfallCharts.people.data[1]")
+    first = date.fromisoformat(data["first"])
+    assert len(drawn) == (7 if view == "week" else monthrange(first.year, first.month)[1])
+    assert sum(v for v in drawn if v is not None) == period["arrivals"]
+    page.screenshot(path=str(artefacts / f"demo-{view}.png"), full_page=True)
+    page.context.close()
+
+
+def test_the_overview_sorts_and_a_phone_reads_every_page(
+    browser: Browser,
+    demo: Demo,
+    artefacts: Path,
+) -> None:
+    page = signed_in(browser, demo, 390)
+    base = demo.url.split("/sites/")[0]
+    sites = page.eval_on_selector_all("#overview tbody tr", "rows => rows.map(r => r.dataset.site)")
+    assert sorted(sites) == ["demo-shop", "high-street", "station"]
+    page.click("#overview th[data-key='arrivals_7d'] button")
+    ordered = page.eval_on_selector_all(
+        "#overview tbody tr", "rows => rows.map(r => r.dataset.site)"
+    )
+    assert ordered[:2] == ["high-street", "station"]  # the bigger shop first
+    month = f"/sites/station?range=month&date={demo.days_back(17)}"
+    for path in ("/", "/sites/high-street", month):
+        page.goto(base + path)
+        overflow = page.evaluate(
+            "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        assert overflow <= 0, path
+    page.screenshot(path=str(artefacts / "demo-phone.png"), full_page=True)
+    page.context.close()
+
+
+def test_a_day_before_the_first_window_and_the_api_docs_page(
+    browser: Browser,
+    demo: Demo,
+    artefacts: Path,
+) -> None:
+    page = signed_in(browser, demo, 1280)
+    base = demo.url.split("/sites/")[0]
+    page.goto(f"{base}/sites/high-street?date={demo.days_back(60)}")
+    page.wait_for_selector("body[data-charts-ready='1']")
+    assert "first window is on" in text(page, "#empty")
+    assert text(page, "#tile-visitors") == "—" and text(page, "#tile-dwell") == "—"
+    assert "retention" not in page.inner_text("main") and "≥ 0" not in page.inner_text("main")
+
+    outside: list[str] = []
+    page.on("request", lambda r: None if r.url.startswith(base) else outside.append(r.url))
+    answer = page.goto(f"{base}/api/v1/docs")
+    assert answer is not None and "script-src 'self';" in answer.headers["content-security-policy"]
+    assert "unsafe" not in answer.headers["content-security-policy"]
+    page.wait_for_selector(".opblock", timeout=20_000)
+    operations = page.eval_on_selector_all(
+        ".opblock-summary-path", "els => els.map(e => e.innerText.trim())"
+    )
+    assert "/api/v1/sites/{site_id}/people" in operations and len(operations) >= 12
+    assert outside == []  # nothing from a CDN
+    page.screenshot(path=str(artefacts / "api-docs.png"), full_page=False)
+    page.context.close()

@@ -1,0 +1,122 @@
+"""The kernels compiled ahead of time (``footfall-agent build-kernels``) against numba's JIT.
+
+One build per session (about 20 s here, in a fixture). Each mode runs in a process of its own
+(the choice is made when :mod:`firmware_agent.kernels` is imported): the shared captures'
+``replay`` and ``inspect`` output is byte for byte the same, the AOT process never imports
+numba, a stale build is ignored with a warning, and the kernels' own unit tests pass on the
+AOT build too.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.shared import REPO
+
+AGENT = Path(sys.executable).with_name("footfall-agent")
+STALE = "footfall_kernels_0000000000000000.cpython-311-x86_64-linux-gnu.so"
+
+# Replays and inspects every capture given, then says which compiler modules were loaded.
+SCRIPT = """
+import sys
+from firmware_agent import cli, kernels
+for path in sys.argv[1:]:
+    print("replay", path, cli.main(["replay", path]), flush=True)
+print("inspect", cli.main(["inspect", *sys.argv[1:]]), flush=True)
+print("aot", kernels.AOT is not None)
+print("numba", sorted(m for m in sys.modules if m.split(".")[0] in ("numba", "llvmlite"))[:1])
+"""
+
+
+def _env(kernels_dir: Path) -> dict[str, str]:
+    return os.environ | {"FOOTFALL_KERNELS_DIR": str(kernels_dir), "FOOTFALL_EPOCH_TIMEZONE": "UTC"}
+
+
+def _run(kernels_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args, env=_env(kernels_dir), capture_output=True, text=True, check=False, cwd=REPO
+    )
+
+
+@pytest.fixture(scope="session")
+def aot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("kernels")
+    (directory / STALE).write_bytes(b"an older build")
+    built = _run(directory, str(AGENT), "build-kernels")
+    assert built.returncode == 0, built.stderr
+    assert built.stdout.startswith(f"built {directory}/footfall_kernels_"), built.stdout
+    return directory
+
+
+def test_the_build_replaces_a_stale_one_and_a_second_run_changes_nothing(aot_dir: Path) -> None:
+    (path,) = aot_dir.iterdir()
+    assert path.name.startswith("footfall_kernels_") and path.name != STALE
+    before = path.stat()
+    again = _run(aot_dir, str(AGENT), "build-kernels")
+    assert (again.returncode, again.stdout) == (0, f"up to date: {path}\n")
+    assert path.stat().st_mtime_ns == before.st_mtime_ns
+
+
+def test_aot_and_jit_give_the_same_bytes_on_the_shared_captures_without_numba(
+    aot_dir: Path, pcaps_dir: Path, tmp_path: Path
+) -> None:
+    captures = sorted(str(p) for p in pcaps_dir.iterdir() if not p.name.endswith(".csv"))
+    aot = _run(aot_dir, sys.executable, "-c", SCRIPT, *captures)
+    jit = _run(tmp_path, sys.executable, "-c", SCRIPT, *captures)
+    assert aot.stdout.splitlines()[-2:] == ["aot True", "numba []"], aot.stderr
+    assert jit.stdout.splitlines()[-2:] == ["aot False", "numba ['llvmlite']"], jit.stderr
+    assert aot.stdout.splitlines()[:-2] == jit.stdout.splitlines()[:-2]
+    assert aot.stdout.count('"window_start"') > 100  # windows were counted, not just errors
+
+
+def test_a_stale_build_is_ignored_with_a_warning(tmp_path: Path) -> None:
+    (tmp_path / STALE).write_bytes(b"compiled from other sources")
+    code = "from firmware_agent import kernels; print(kernels.AOT)"
+    result = _run(tmp_path, sys.executable, "-c", code)
+    assert result.stdout == "None\n", result.stderr
+    assert f"ignoring the kernels' ahead-of-time build {tmp_path / STALE}" in result.stderr
+    assert "compiling with numba's JIT instead" in result.stderr
+
+
+def test_the_kernels_unit_tests_pass_on_the_aot_build(aot_dir: Path) -> None:
+    tests = [
+        "tests/agent/test_anonymize.py",
+        "tests/agent/test_live.py",
+        "tests/agent/test_count.py",
+    ]
+    result = _run(aot_dir, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests)
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_a_build_without_a_c_compiler_says_what_it_needs(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(AGENT), "build-kernels"],
+        env=_env(tmp_path) | {"CC": "/bin/false"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "footfall-agent: error: compiling the kernels' extension failed" in result.stderr
+    assert "apt-get install gcc python3-dev" in result.stderr
+    assert not list(tmp_path.iterdir())  # nothing half-built is left
+
+
+def test_doctor_under_the_aot_build_replays_without_numba(aot_dir: Path) -> None:
+    code = (
+        "import sys\n"
+        "from firmware_agent import settings\nfrom firmware_agent.tools import doctor\n"
+        "config = settings.load_config(None, environ={'FOOTFALL_EPOCH_TIMEZONE': 'UTC'})\n"
+        "finding = doctor.check_numba_cache(config)\n"
+        "print(finding.status, finding.detail)\n"
+        "print('numba' in sys.modules)\n"
+    )
+    result = _run(aot_dir, sys.executable, "-c", code)
+    status, numba_loaded = result.stdout.splitlines()
+    assert status.startswith(f"ok not needed: kernels compiled ahead of time ({aot_dir}/"), status
+    assert numba_loaded == "False"

@@ -1,0 +1,162 @@
+"""Fixtures for the aggregator's tests: a store on SQLite and on PostgreSQL, enrolled agents.
+
+``store_settings`` is parametrised: every test that takes it runs once on a SQLite file and once
+on PostgreSQL, in a schema of its own (``ff_test_<random>``, dropped afterwards), so that runs
+in parallel or left over from before never meet. PostgreSQL comes from ``FOOTFALL_TEST_PG_DSN``
+(``.ci/run`` sets it, after checking the server answers); without it those runs skip, saying
+why.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import nacl.signing
+import pytest
+import sqlalchemy as sa
+
+from aggregator.config import StoreSettings
+from aggregator.store import Store
+from firmware_agent.contract.messages import (
+    AgentId,
+    SiteId,
+    counts_payload,
+    meta_payload,
+    public_key_text,
+    seal,
+)
+from firmware_agent.stages.privacy import STANDARD_PUBLISHES
+
+PG_DSN = os.environ.get("FOOTFALL_TEST_PG_DSN", "")
+NO_PG = (
+    "FOOTFALL_TEST_PG_DSN is not set: the PostgreSQL runs need a server "
+    "(e.g. postgresql://postgres@127.0.0.1:5432/test; .ci/run sets it)"
+)
+
+
+def pg_dsn() -> str:
+    """The test server's DSN; skips the test when there is none."""
+    if not PG_DSN:
+        pytest.skip(NO_PG)
+    return PG_DSN
+
+
+def drop_schema(dsn: str, schema: str) -> None:
+    url = dsn.replace("postgresql://", "postgresql+psycopg://", 1)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    engine.dispose()
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[tuple[str, str]]:
+    """(DSN, a fresh schema name) on the test PostgreSQL; the schema is dropped afterwards."""
+    dsn = pg_dsn()
+    schema = f"ff_test_{uuid.uuid4().hex[:10]}"
+    yield dsn, schema
+    drop_schema(dsn, schema)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreSettings]:
+    """Settings of an empty store, once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        yield StoreSettings(f"sqlite:///{tmp_path / 'aggregator.sqlite3'}")
+        return
+    dsn = pg_dsn()
+    schema = f"ff_test_{uuid.uuid4().hex[:10]}"
+    yield StoreSettings(dsn, schema)
+    drop_schema(dsn, schema)
+
+
+@pytest.fixture
+def store(store_settings: StoreSettings) -> Iterator[Store]:
+    """A migrated, empty store (SQLite, then PostgreSQL)."""
+    with Store.open(store_settings) as opened:
+        yield opened
+
+
+class Agent:
+    """An enrollable agent: ids and a signing key; seals counts as the real one does."""
+
+    def __init__(self, site: str = "s1", agent: str = "a1") -> None:
+        self.site, self.agent = site, agent
+        self.key = nacl.signing.SigningKey.generate()
+
+    @property
+    def public_key(self) -> str:
+        return public_key_text(self.key)
+
+    @property
+    def topic(self) -> str:
+        return f"footfall/v1/{self.site}/{self.agent}/counts"
+
+    def counts(self, seq: int, window_start: str, **fields: object) -> bytes:
+        window: dict[str, object] = {
+            "window_start": window_start,
+            "window_s": 300,
+            "probe_requests": 96,
+            "malformed": 0,
+            "late_frames": 0,
+            "devices": 11,
+            "devices_randomised": 3,
+            "visitors": 8,
+            "passersby": 3,
+            "visits_ended": 18,
+            "dwell_minutes": {"lt5": 5, "5-15": 5, "15-30": 1, "30-60": 1, "ge60": 6},
+            "devices_epoch": 289,
+        } | fields
+        payload = counts_payload(
+            SiteId(self.site), AgentId(self.agent), seq, "9f3c1a7e52b04d68", window, version=1
+        )
+        return seal(payload, self.key)
+
+
+def meta_of(site: str, agent: str, **privacy: object) -> dict[str, object]:
+    """A meta payload (v2) as an agent in standard mode sends it, ``privacy`` fields
+    replaced."""
+    return meta_payload(
+        SiteId(site),
+        AgentId(agent),
+        agent_version="0.1.0",
+        window_s=300,
+        epoch_length="midnight",
+        epoch_timezone="Europe/Paris",
+        thresholds={
+            "rssi_threshold_dbm": -75,
+            "min_dwell_s": 120,
+            "visit_gap_s": 600,
+            "lateness_s": 10,
+            "presence_hold_s": 120,
+        },
+        privacy={
+            "mode": "standard",
+            "device_hash": "siphash-2-4",
+            "key_bits": 128,
+            "key_lifetime_s": 90000,
+            "id_bits": None,
+            "suppress_below": 5,
+            "dp_epsilon": None,
+            "dp_epsilon_day": None,
+            "published": dict.fromkeys(STANDARD_PUBLISHES, True),
+        }
+        | privacy,
+    )
+
+
+def stored_seqs(store: Store, site: str, agent: str) -> list[int]:
+    """The seqs of an agent's stored windows, in order."""
+    with store.begin(read_only=True) as conn:
+        return list(
+            conn.execute(
+                sa.text(
+                    "SELECT w.seq FROM windows w JOIN agents a ON a.agent_key = w.agent_key "
+                    "WHERE a.site_id = :site AND a.agent_id = :agent ORDER BY w.seq"
+                ),
+                {"site": site, "agent": agent},
+            ).scalars()
+        )
