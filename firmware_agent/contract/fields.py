@@ -5,8 +5,9 @@ privacy stage releases by it (:mod:`firmware_agent.stages.privacy`), the reviewe
 checks by it (:mod:`firmware_agent.tools.audit`), the aggregator's roll-ups, store and API name
 their columns from it (:mod:`aggregator.rollup`), the JSON Schemas are tested against it
 (``tests/agent/test_fields.py``) and ``docs/messages.md``'s field lists are generated from it
-(:func:`markdown`). Before this module the lists lived in eight places and drifted: the audit's
-hand copy of what strict mode omits let a ``strict`` agent publish ``static_excluded`` (issue 19).
+(``python -m tests.support.fields_doc``). Before this module the lists lived in eight places and
+drifted: the audit's hand copy of what strict mode omits let a ``strict`` agent publish
+``static_excluded`` (issue 19).
 
 A figure is named as in the payload, a dwell band as ``dwell_minutes.<band>`` (a "flat" name);
 :func:`column` is its name outside JSON (database columns, API rows, CSV headers).
@@ -47,7 +48,6 @@ __all__ = [
     "WITH_PEAK",
     "CountsFields",
     "column",
-    "markdown",
 ]
 
 ID_PATTERN = "[a-z0-9][a-z0-9_-]{0,62}"
@@ -159,34 +159,3 @@ CATALOGUE = {fields.v: fields for fields in (COUNTS_V1, COUNTS_V2)}
 def column(name: str) -> str:
     """A figure's name outside JSON: ``dwell_minutes.5-15`` is ``dwell_5_15``."""
     return name.replace(f"{DWELL}.", "dwell_").replace("-", "_")
-
-
-def _names(names: tuple[str, ...]) -> str:
-    return ", ".join(f"`{name}`" for name in names)
-
-
-def markdown() -> str:
-    """The field lists of ``docs/messages.md``'s generated section (the test
-    ``tests/agent/test_fields.py`` holds the document to it)."""
-    v1, v2 = COUNTS_V1, COUNTS_V2
-    lines = [
-        f"- Site and agent ids match `{ID_PATTERN}`.",
-        f"- Dwell bands (`{DWELL}`), minutes: {_names(DWELL_BANDS)}, split at "
-        f"{', '.join(map(str, DWELL_EDGES_MIN))}.",
-        f"- Frame counts, never suppressed: {_names(FRAME_COUNTS)}.",
-        f"- Counts v2, people figures: {_names(PEOPLE_FIGURES)}; device diagnostics: "
-        f"{_names(DIAGNOSTICS)}.",
-        f"- Counts v2, counts held to *k* (suppressed from 1 to k-1): {_names(v2.counts)}; "
-        f"{_names(WITH_PEAK)} goes with `occupancy_peak`.",
-        "- Sums that must hold (complementary suppression keeps them from giving a small count "
-        "back): "
-        + "; ".join(f"`{total}` = {' + '.join(parts)}" for total, parts in v2.relations)
-        + f" (v1 also `devices` = {' + '.join(v1.relations[0][1])}); "
-        f"{_names(IMPLICIT)} is never published.",
-        f"- `strict` publishes {_names(STRICT_PUBLISHES)} of the optional figures and omits "
-        f"{_names(v2.strict_omits)} (v1: omits {_names(v1.strict_omits)}).",
-        f"- Under noise (`dp_epsilon` set) withheld: {_names(v2.dp_withheld)} "
-        f"(v1: {_names(v1.dp_withheld)}).",
-        f"- Never published, in any mode: {_names(NEVER_PUBLISHED)}.",
-    ]
-    return "\n".join(lines) + "\n"
