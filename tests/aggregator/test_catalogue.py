@@ -1,9 +1,14 @@
-"""The aggregator names its columns, API rows and CSV headers from the contract's catalogue
-(:mod:`firmware_agent.contract.fields`): roll-ups, people figures and the API's people rows."""
+"""The aggregator takes the contract's catalogue (:mod:`firmware_agent.contract.fields`) for
+its roll-up columns, people figures and API rows, and the contract's broker base for its
+broker settings."""
 
 from __future__ import annotations
 
+import pytest
+
 from aggregator import api, people, rollup
+from aggregator.config import BrokerSettings
+from aggregator.errors import ConfigError
 from firmware_agent.contract import fields
 
 
@@ -22,3 +27,16 @@ def test_the_api_people_row_holds_every_catalogue_figure() -> None:
     assert list(people.FIGURES) == figures
     row = [n for n in api.PeopleRow.model_fields if n not in ("local", "no_data")]
     assert row[3:] == [n for f in figures for n in (f, f"{f}_suppressed")]
+
+
+def test_ingest_broker_settings_raise_the_aggregator_s_own_error() -> None:
+    """Ingest extends the contract's broker base with its own defaults and checks, and its
+    errors are the aggregator's (the command line turns those into one line)."""
+    settings = BrokerSettings()
+    assert (settings.username, settings.keepalive_s, settings.backoff_max_s) == (
+        "aggregator",
+        30,
+        30,
+    )
+    with pytest.raises(ConfigError, match=r"broker\.port must be .* broker\.kind must be"):
+        BrokerSettings(port=0, kind="kafka")
