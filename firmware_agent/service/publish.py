@@ -77,7 +77,7 @@ from firmware_agent.contract.messages import (
 )
 from firmware_agent.service.spool import Spool, SpooledMessage, SpoolSettings, SpoolState
 
-__all__ = ["BrokerSettings", "Connection", "Publisher", "reason_in_words"]
+__all__ = ["BrokerSettings", "Connection", "Publisher", "paho_client", "reason_in_words"]
 
 log = logging.getLogger("footfall.agent")
 
@@ -204,6 +204,25 @@ class _Client(mqtt.Client):
         return ssl_sock
 
 
+def paho_client(
+    settings: BrokerSettings, client_id: str, context: ssl.SSLContext | None
+) -> mqtt.Client:
+    """A paho client for these settings, not yet connected: the protocol, a clean start
+    (3.1.1: a clean session), the user name and password, TLS, the connect timeout."""
+    client = _Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=PROTOCOLS[settings.protocol],
+        clean_session=None if settings.protocol == "5" else True,
+    )
+    if settings.username:
+        client.username_pw_set(settings.username, settings.password or None)
+    if context is not None:
+        client.tls_set_context(context)
+    client.connect_timeout = settings.connect_timeout_s
+    return client
+
+
 class Connection:
     """One MQTT session, driven by :meth:`loop` in the thread that owns it."""
 
@@ -216,21 +235,10 @@ class Connection:
     ) -> None:
         self.settings = settings
         self.events = _Events()
-        v5 = settings.protocol == "5"
-        client = _Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=PROTOCOLS[settings.protocol],
-            clean_session=None if v5 else True,
-        )
-        if settings.username:
-            client.username_pw_set(settings.username, settings.password or None)
-        if context is not None:
-            client.tls_set_context(context)
+        client = paho_client(settings, client_id, context)
         if will is not None:  # the agent's own session: status goes offline if it drops
             client.will_set(str(will[0]), will[1], qos=1, retain=True)
         client.max_inflight_messages_set(settings.max_inflight)
-        client.connect_timeout = settings.connect_timeout_s
         client.on_connect = self.events.on_connect
         client.on_publish = self.events.on_publish
         client.on_disconnect = self.events.on_disconnect
