@@ -54,9 +54,10 @@ import nacl.signing
 
 from firmware_agent.contract.errors import MessageError
 from firmware_agent.contract.fields import CATALOGUE, ID_PATTERN, IMPLICIT, WITH_PEAK
-from firmware_agent.contract.messages import AgentId, Envelope, SiteId, Topic
+from firmware_agent.contract.messages import KINDS, AgentId, Envelope, SiteId, Topic
 from firmware_agent.service.homeassistant import discovery_message
 from firmware_agent.stages.privacy import (
+    MODES,
     STANDARD_MAX_KEY_S,
     STRICT_MAX_ID_BITS,
     STRICT_MAX_WINDOW_S,
@@ -75,7 +76,7 @@ _B64 = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
 _BIG_INT = 1 << 40
 # Where a payload may hold a string, and what it must look like there.
 _STRINGS: Mapping[str, re.Pattern[str]] = {
-    "$.kind": re.compile(r"counts|status|meta"),
+    "$.kind": re.compile("|".join(KINDS)),
     "$.site": re.compile(ID_PATTERN),
     "$.agent": re.compile(ID_PATTERN),
     "$.epoch": re.compile(r"[0-9a-f]{16}"),
@@ -86,7 +87,7 @@ _STRINGS: Mapping[str, re.Pattern[str]] = {
     "$.agent_version": re.compile(r"[0-9A-Za-z.+-]{1,32}"),
     "$.epoch_length": re.compile(r"midnight"),
     "$.epoch_timezone": re.compile(r"[A-Za-z0-9_+/-]{0,64}"),
-    "$.privacy.mode": re.compile(r"standard|strict"),
+    "$.privacy.mode": re.compile("|".join(MODES)),
     "$.thresholds.rssi_threshold_dbm": re.compile(r"auto"),
     "$.privacy.device_hash": re.compile(r"siphash-2-4"),
 }
