@@ -50,6 +50,7 @@ from aggregator.people import (
 from aggregator.query import MAX_WINDOW_DAYS, MEASURES, UNITS, Counts, Site
 from aggregator.rollup import zone
 from aggregator.store import AgentHealth, Store
+from firmware_agent.contract.fields import ID_PATTERN
 
 __all__ = [
     "CSRF_COOKIE",
@@ -66,7 +67,7 @@ log = logging.getLogger("footfall.aggregator")
 
 SESSION_COOKIE = "footfall_session"
 CSRF_COOKIE = "footfall_csrf"
-SITE_PATTERN = "^[a-z0-9][a-z0-9_-]{0,62}$"
+SITE_PATTERN = f"^{ID_PATTERN}$"
 AGENT_PATTERN = SITE_PATTERN
 KEY_PATTERN = "^[A-Za-z0-9+/]*={0,2}$"  # base64
 # Local days the API answers for (the roll-ups' keys; a day's bounds must be instants).

@@ -14,12 +14,13 @@ import ipaddress
 import os
 import re
 import socket
-import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from aggregator.errors import ConfigError
+from firmware_agent.contract.broker import BrokerBase
 from firmware_agent.contract.resolve import Setting as _Setting
 from firmware_agent.contract.resolve import resolve
 
@@ -294,28 +295,21 @@ class StoreSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class BrokerSettings:
-    """Where the broker is and how to talk to it; checked where made."""
+class BrokerSettings(BrokerBase):
+    """Ingest's broker: the common settings (:class:`BrokerBase`, its own defaults) and the
+    broker's kind, with JetStream's servers, replicas and acknowledgement wait."""
 
-    host: str = "localhost"
-    port: int = 1883
+    config_error: ClassVar[type[Exception]] = ConfigError
     username: str = "aggregator"
-    password: str = field(default="", repr=False)
-    tls_ca: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
     keepalive_s: int = 30
-    connect_timeout_s: int = 10
     backoff_max_s: int = 30
-    protocol: str = "5"
     kind: str = "mqtt"
     servers: str = ""
     stream_replicas: int = 1
     ack_wait_s: int = 30
 
-    def __post_init__(self) -> None:
-        problems: list[str] = []
-        _check(problems, bool(self.host), "broker.host must not be empty")
+    def problems(self) -> list[str]:
+        problems = BrokerBase.problems(self)
         _check(
             problems,
             self.kind in ("mqtt", "jetstream"),
@@ -338,48 +332,7 @@ class BrokerSettings:
             1 <= self.ack_wait_s <= 86400,
             f"broker.ack_wait_s must be between 1 and 86400, got {self.ack_wait_s}",
         )
-        _check(
-            problems,
-            1 <= self.port <= 65535,
-            f"broker.port must be between 1 and 65535, got {self.port}",
-        )
-        _check(
-            problems,
-            1 <= self.keepalive_s <= 65535,
-            f"broker.keepalive_s must be between 1 and 65535, got {self.keepalive_s}",
-        )
-        _check(
-            problems,
-            1 <= self.connect_timeout_s <= 300,
-            f"broker.connect_timeout_s must be between 1 and 300, got {self.connect_timeout_s}",
-        )
-        _check(
-            problems,
-            1 <= self.backoff_max_s <= 3600,
-            f"broker.backoff_max_s must be between 1 and 3600, got {self.backoff_max_s}",
-        )
-        _check(
-            problems,
-            self.protocol in ("5", "3.1.1"),
-            f"broker.protocol must be '5' or '3.1.1', got {self.protocol!r}",
-        )
-        _check(
-            problems,
-            not (self.password and not self.username),
-            "broker.password is set but broker.username is empty",
-        )
-        _check(
-            problems,
-            bool(self.tls_cert) == bool(self.tls_key),
-            "broker.tls_cert and broker.tls_key go together: set both or neither",
-        )
-        _check(
-            problems,
-            not self.tls_cert or bool(self.tls_ca),
-            "broker.tls_cert needs TLS: set broker.tls_ca (a CA file or 'system')",
-        )
-        if problems:
-            raise ConfigError("; ".join(problems))
+        return problems
 
     @property
     def server_urls(self) -> list[str]:
@@ -392,31 +345,6 @@ class BrokerSettings:
         if self.kind == "jetstream":
             return ",".join(self.server_urls)
         return f"{self.host}:{self.port}"
-
-    def ssl_context(self) -> ssl.SSLContext | None:
-        """The TLS context (None without TLS); files that cannot be used are named."""
-        if not self.tls_ca:
-            return None
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            if self.tls_ca == "system":
-                context.load_default_certs()
-            else:
-                context.load_verify_locations(cafile=self.tls_ca)
-            if self.tls_cert:
-                context.load_cert_chain(self.tls_cert, self.tls_key)
-        except OSError as exc:
-            raise ConfigError(
-                f"broker TLS files ({self.tls_ca}, {self.tls_cert or '-'}): cannot read "
-                f"{exc.filename or ''}: {exc.strerror or exc}"
-            ) from exc
-        except ssl.SSLError as exc:
-            raise ConfigError(
-                f"broker TLS files ({self.tls_ca}, {self.tls_cert or '-'}) are not PEM "
-                f"certificates and keys ({exc.reason})"
-            ) from exc
-        return context
 
 
 @dataclass(frozen=True, slots=True)

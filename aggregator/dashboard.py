@@ -47,6 +47,7 @@ from aggregator.api import (
 from aggregator.errors import AccountError, LoginRefusedError, RegistryError
 from aggregator.query import Site
 from aggregator.store import Store
+from firmware_agent.contract.fields import ID_PATTERN
 
 __all__ = ["UPLOT", "create_app", "shown_value"]
 
@@ -84,7 +85,11 @@ def _utc(unix_s: int | None) -> str:
 
 
 templates.env.globals.update(
-    shown=_shown, shown_value=shown_value, people=people_value, change=_change
+    shown=_shown,
+    shown_value=shown_value,
+    people=people_value,
+    change=_change,
+    id_pattern=ID_PATTERN,
 )
 templates.env.filters["utc"] = _utc
 # The API docs page: Swagger UI's own script and styles from this server; it sets style

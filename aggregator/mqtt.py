@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import selectors
 import socket
 import ssl
@@ -53,57 +52,18 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from aggregator.config import BrokerSettings
+from firmware_agent.contract.broker import Backoff, reason_in_words
 
-__all__ = ["PACKET_OVERHEAD", "Delivery", "ProtocolError", "Session", "reason_in_words"]
+__all__ = ["PACKET_OVERHEAD", "Delivery", "ProtocolError", "Session"]
 
 log = logging.getLogger("footfall.aggregator")
 
-_REASONS = {
-    0x01: "it does not speak MQTT 5 (try broker.protocol = '3.1.1')",  # a 3.1.1 CONNACK
-    0x04: "disconnected with the will message",
-    0x80: "unspecified error",
-    0x81: "malformed packet",
-    0x82: "protocol error",
-    0x83: "implementation specific error",
-    0x84: "it does not speak MQTT 5 (try broker.protocol = '3.1.1')",
-    0x85: "client identifier not valid (ingest.client_id)",
-    0x86: "bad user name or password (check broker.username and broker.password)",
-    0x87: "not authorised (check the account and the broker's ACL)",
-    0x88: "server unavailable",
-    0x89: "server busy",
-    0x8A: "banned",
-    0x8B: "server shutting down",
-    0x8D: "keep-alive timeout",
-    0x8E: "session taken over: another process connected with the same ingest.client_id",
-    0x8F: "topic filter invalid",
-    0x93: "receive maximum exceeded",
-    0x95: "packet too large",
-    0x97: "quota exceeded",
-    0x9C: "use another server",
-    0x9D: "server moved",
-    0x9E: "shared subscriptions not supported",
-    0x9F: "connection rate exceeded",
-    0xA2: "wildcard subscriptions not supported",
-}
-_RETURN_CODES_311 = {  # CONNACK return codes of MQTT 3.1.1, and SUBACK's failure
-    0x01: "it does not speak MQTT 3.1.1",
-    0x02: "client identifier rejected (ingest.client_id)",
-    0x03: "server unavailable",
-    0x04: "bad user name or password (check broker.username and broker.password)",
-    0x05: "not authorised (check the account and the broker's ACL)",
-    0x80: "refused",
-}
 _PINGREQ = b"\xc0\x00"
 _DISCONNECT = b"\xe0\x00"  # normal disconnection: the session stays (its expiry runs)
 _READ_SIZE = 256 * 1024
 # What a PUBLISH holds besides its payload: fixed header, topic (footfall/v1/<site>/<agent>/
 # <kind> is at most 146 bytes), packet id, properties (a publisher's user properties count).
 PACKET_OVERHEAD = 1024
-
-
-def reason_in_words(code: int, v5: bool = True) -> str:
-    """An MQTT 5 reason code (or a 3.1.1 return code) as words an operator can act on."""
-    return (_REASONS if v5 else _RETURN_CODES_311).get(code, f"reason code 0x{code:02x}")
 
 
 class ProtocolError(Exception):
@@ -295,21 +255,23 @@ class Session:
     # --- the session's thread --------------------------------------------------------------
 
     def _run(self) -> None:
-        attempt = 0
+        # Every 0.1 s for the first 5 s after a loss (back before the agents, whose first retry
+        # waits 0.25 to 0.5 s: a restarted Mosquitto 2.0 has lost the shared subscription until
+        # ingest subscribes again), then doubling from 0.5 s with jitter, up to backoff_max_s.
+        backoff = Backoff(0.5, self.settings.backoff_max_s, quick=50, quick_s=0.1)
         while not self._stop.is_set():
             sock: socket.socket | None = None
             try:
                 sock, early = self._open()
-                attempt = 0
+                backoff.reset()
                 self._serve(sock, early)
             except Exception as exc:
                 if self._stop.is_set():
                     break
                 if not isinstance(exc, OSError | ProtocolError):
                     log.exception("broker %s: unexpected error", self.address)
-                wait = _retry_delay(attempt, self.settings.backoff_max_s)
-                attempt += 1
-                if attempt == 1 or wait >= 1:
+                wait = backoff.next()
+                if backoff.attempt == 1 or wait >= 1:
                     log.warning(
                         "broker %s: %s; connecting again in %.1f s",
                         self.address,
@@ -555,16 +517,6 @@ class Session:
             log.error("broker %s refused subscriptions: %s", self.address, "; ".join(refused))
             return
         self.connected.set()
-
-
-def _retry_delay(attempt: int, longest_s: float) -> float:
-    """Every 0.1 s for the first 5 s after a loss (back before the agents, whose first retry
-    waits 0.25 to 0.5 s: a restarted Mosquitto 2.0 has lost the shared subscription until
-    ingest subscribes again), then doubling from 0.5 s with jitter, up to ``longest_s``."""
-    if attempt < 50:
-        return 0.1
-    ceiling = min(longest_s, 0.5 * 2.0 ** min(attempt - 50, 16))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
 def _in_words(exc: BaseException) -> str:

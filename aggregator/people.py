@@ -26,6 +26,7 @@ Everything here reads the site roll-ups (``site_hours``, ``site_days``): a month
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -34,8 +35,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from aggregator.query import Counts, Site
-from aggregator.rollup import DWELL_BANDS, PEOPLE_COUNTS, zone
+from aggregator.rollup import DWELL_BANDS, PEOPLE_COUNTS, PEOPLE_FIELDS, zone
 from aggregator.store import site_days, site_hours
+from firmware_agent.contract import fields
 
 __all__ = [
     "FIGURES",
@@ -51,28 +53,23 @@ __all__ = [
 
 RESOLUTIONS = ("hour", "day", "week", "month")
 # The figures of a row, as the API names them (column of the roll-ups -> name).
-_NAMES: dict[str, str] = {
-    "arrivals": "arrivals",
-    "people_passersby": "passersby",
-    "people_visits_ended": "visits_ended",
-    **{f"people_{column}": column for _, column in DWELL_BANDS},
-}
-FIGURES: tuple[str, ...] = (*_NAMES.values(), "occupancy_mean", "occupancy_peak")
+_NAMES: dict[str, str] = {table: fields.column(name) for name, table in PEOPLE_FIELDS}
+FIGURES: tuple[str, ...] = (*_NAMES.values(), *fields.LEVELS)
 PEOPLE_UNITS: dict[str, str] = {
-    "arrivals": "people",
-    "passersby": "people",
-    "visits_ended": "visits",
-    **{column: "visits" for _, column in DWELL_BANDS},
-    "occupancy_mean": "people",
-    "occupancy_peak": "people",
+    **{name: "visits" if name.startswith(("visits", "dwell")) else "people" for name in FIGURES},
     **{f"{name}_suppressed": "windows" for name in FIGURES},
     "windows": "windows",
     "v1_windows": "windows",
     "no_data_windows": "windows",
 }
 # Dwell bands' bounds in minutes, for the median.
-_BAND_MINUTES = {"dwell_lt5": (0, 5), "dwell_5_15": (5, 15), "dwell_15_30": (15, 30)}
-_BAND_MINUTES |= {"dwell_30_60": (30, 60), "dwell_ge60": (60, 120)}
+# (the last band, an hour or more, taken as up to two hours).
+_BAND_MINUTES = {
+    name: bounds
+    for (_, name), bounds in zip(
+        DWELL_BANDS, itertools.pairwise((0, *fields.DWELL_EDGES_MIN, 120)), strict=True
+    )
+}
 
 
 def _query(site: Site, first: date, last: date, by: str) -> sa.Select[Any]:

@@ -13,8 +13,8 @@ and the store upserts the added deltas in the transaction that inserts the windo
 
 **Suppressed and absent counts.** A device count is ``null`` in a window when the agent
 suppressed it (its true value was between 1 and *k*-1, or it would let a reader subtract back to
-one that was), and absent when the agent's privacy mode does not publish it (strict mode has no
-``visits_ended``, ``dwell_minutes`` or ``devices_epoch``; ``people_est`` and ``people`` are
+one that was), and absent when the agent's privacy mode does not publish it (what each mode
+omits: :data:`firmware_agent.contract.fields.CATALOGUE`; ``people_est`` and ``people`` are
 optional). A roll-up sums only the published values, and counts per measure the windows whose
 value was suppressed (``*_suppressed``) and, for the fields that may be absent, the windows
 that carried the field at all (``*_windows``, suppressed ones included). So a reader can tell
@@ -37,6 +37,8 @@ from datetime import datetime, time, timedelta
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
+from firmware_agent.contract import fields
+
 __all__ = [
     "DWELL_BANDS",
     "MAX_MEASURES",
@@ -56,34 +58,30 @@ __all__ = [
     "zone",
 ]
 
+# The dwell bands: payload band -> column (``5-15`` -> ``dwell_5_15``).
+DWELL_BANDS: tuple[tuple[str, str], ...] = tuple(
+    (band, fields.column(name))
+    for band, name in zip(fields.DWELL_BANDS, fields.DWELL_FIELDS, strict=True)
+)
 # The device counts a window may publish as null (suppressed), in the order of their
-# ``*_suppressed`` measures: payload field, or dwell band as its column names it.
-DWELL_BANDS: tuple[tuple[str, str], ...] = (
-    ("lt5", "dwell_lt5"),
-    ("5-15", "dwell_5_15"),
-    ("15-30", "dwell_15_30"),
-    ("30-60", "dwell_30_60"),
-    ("ge60", "dwell_ge60"),
+# ``*_suppressed`` measures and of the windows' columns: counts v1's counts held to k, as
+# columns, but for ``static_excluded`` (the estimator's diagnostic: stored with its window,
+# not rolled up).
+SUPPRESSIBLE: tuple[str, ...] = tuple(
+    fields.column(name) for name in fields.COUNTS_V1.counts if name != "static_excluded"
 )
-SUPPRESSIBLE: tuple[str, ...] = (
-    "devices",
-    "devices_randomised",
-    "visitors",
-    "passersby",
-    "visits_ended",
-    *(column for _, column in DWELL_BANDS),
-    "devices_epoch",
-    "people_est",
-    "people",
-)
+
+
+def _people_column(name: str) -> str:
+    """A v2 people figure's column: ``people_`` before the names v1's device counts take."""
+    flat = fields.column(name)
+    return f"people_{flat}" if flat in SUPPRESSIBLE else flat
+
 
 # Counts v2's additive people-level figures, as their window and roll-up columns name them:
 # payload field (a dwell band as ``dwell_minutes.<band>``) -> column.
-PEOPLE_FIELDS: tuple[tuple[str, str], ...] = (
-    ("arrivals", "arrivals"),
-    ("passersby", "people_passersby"),
-    ("visits_ended", "people_visits_ended"),
-    *((f"dwell_minutes.{band}", f"people_{column}") for band, column in DWELL_BANDS),
+PEOPLE_FIELDS: tuple[tuple[str, str], ...] = tuple(
+    (name, _people_column(name)) for name in fields.PEOPLE_COUNTS
 )
 PEOPLE_COUNTS: tuple[str, ...] = tuple(column for _, column in PEOPLE_FIELDS)
 # A window's v2 people-level columns: the additive counts, the occupancy mean in hundredths of
@@ -102,11 +100,7 @@ SUM_MEASURES: tuple[str, ...] = (
     "visitors_sum",
     "passersby_sum",
     "visits_ended",
-    "dwell_lt5",
-    "dwell_5_15",
-    "dwell_15_30",
-    "dwell_30_60",
-    "dwell_ge60",
+    *(column for _, column in DWELL_BANDS),
     "people_est_windows",
     "people_est_sum",
     "people_windows",

@@ -57,6 +57,7 @@ import orjson
 
 from aggregator.registry import AgentEntry, Registry
 from firmware_agent.contract.errors import MessageError
+from firmware_agent.contract.fields import DWELL_FIELDS
 from firmware_agent.contract.messages import (
     VERSIONS,
     Topic,
@@ -547,7 +548,6 @@ class Within:
 
 
 Rule = Sum | Within
-_DWELL = tuple(f"dwell_minutes.{band}" for band in ("lt5", "5-15", "15-30", "30-60", "ge60"))
 
 # The relations a payload's counts must satisfy, per (kind, schema version). A field is named
 # as in the payload, a dwell band as ``dwell_minutes.<band>``; a rule with a field that is
@@ -558,7 +558,7 @@ _DWELL = tuple(f"dwell_minutes.{band}" for band in ("lt5", "5-15", "15-30", "30-
 SENSE: dict[tuple[str, int], tuple[Rule, ...]] = {
     ("counts", 1): (
         Sum("devices", ("visitors", "passersby")),
-        Sum("visits_ended", _DWELL),
+        Sum("visits_ended", DWELL_FIELDS),
         Within("devices_randomised", "devices"),
         Within("visitors", "devices"),
         Within("passersby", "devices"),
@@ -569,7 +569,7 @@ SENSE: dict[tuple[str, int], tuple[Rule, ...]] = {
     # People and devices are not compared: a person's chain links several addresses, and a
     # visit counts in the window of its instant, not in each window it was heard in.
     ("counts", 2): (
-        Sum("visits_ended", _DWELL),
+        Sum("visits_ended", DWELL_FIELDS),
         Within("devices_randomised", "devices"),
         Within("occupancy_mean", "occupancy_peak"),
     ),

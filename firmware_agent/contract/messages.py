@@ -14,7 +14,8 @@ A receipt (:func:`receipt_payload`, :func:`settled_ranges`) is the one message t
 sends: signed with its own receipt key, it tells an agent which of its windows are settled, so
 the agent's spool can let them go (``docs/messages.md``).
 
-Site and agent ids match ``[a-z0-9][a-z0-9_-]{0,62}`` (:class:`SiteId`, :class:`AgentId`).
+Site and agent ids match :data:`~firmware_agent.contract.fields.ID_PATTERN` (:class:`SiteId`,
+:class:`AgentId`); the counts' fields and their privacy rules are :mod:`.fields`.
 
 A message on the wire is an envelope, itself canonical JSON::
 
@@ -53,16 +54,15 @@ import nacl.exceptions
 import nacl.signing
 
 from firmware_agent.contract.errors import MessageError, SchemaError, SignatureError
+from firmware_agent.contract.fields import DIAGNOSTICS, ID_PATTERN, PEOPLE_FIGURES
 
 if TYPE_CHECKING:
     from jsonschema.protocols import Validator
 
 __all__ = [
     "CURRENT",
-    "DIAGNOSTICS",
     "ID_PATTERN",
     "KINDS",
-    "PEOPLE_FIGURES",
     "TOPIC_ROOT",
     "AgentId",
     "Envelope",
@@ -83,7 +83,6 @@ __all__ = [
     "verify_key_from_text",
 ]
 
-ID_PATTERN = "[a-z0-9][a-z0-9_-]{0,62}"
 _ID = re.compile(ID_PATTERN)
 TOPIC_ROOT = "footfall/v1"
 KINDS = ("counts", "status", "meta")  # what agents send
@@ -93,17 +92,6 @@ VERSIONS: Mapping[str, tuple[int, ...]] = {"counts": (1, 2), "status": (1,), "me
 """Every (kind, v) a reader accepts: ``schemas/<kind>.v<v>.json``."""
 CURRENT: Mapping[str, int] = {"counts": 2, "status": 1, "meta": 2}
 """The version of each kind an agent of this release publishes."""
-PEOPLE_FIGURES = (
-    "arrivals",
-    "passersby",
-    "visits_ended",
-    "dwell_minutes",
-    "occupancy_mean",
-    "occupancy_peak",
-)
-"""Counts v2's people-level figures (null when suppressed or ``no_data``)."""
-DIAGNOSTICS = ("devices", "devices_randomised", "static_excluded")
-"""Counts v2's device-level figures: capture health, not people."""
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 

@@ -16,11 +16,10 @@ from types import TracebackType
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from firmware_agent.contract.errors import BrokerError
-from firmware_agent.service.publish import PROTOCOLS, BrokerSettings, reason_in_words
+from firmware_agent.service.publish import BrokerSettings, paho_client, reason_in_words
 
 __all__ = ["BrokerSession"]
 
@@ -32,19 +31,7 @@ class BrokerSession:
         self.settings = settings
         self._connack: ReasonCode | None = None
         self._acks: dict[int, ReasonCode] = {}
-        v5 = settings.protocol == "5"
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=PROTOCOLS[settings.protocol],
-            clean_session=None if v5 else True,
-        )
-        if settings.username:
-            client.username_pw_set(settings.username, settings.password or None)
-        context = settings.ssl_context()
-        if context is not None:
-            client.tls_set_context(context)
-        client.connect_timeout = settings.connect_timeout_s
+        client = paho_client(settings, client_id, settings.ssl_context())
         client.on_connect = self._on_connect
         client.on_publish = self._on_publish
         client.on_message = self._on_message

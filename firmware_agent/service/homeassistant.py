@@ -30,7 +30,7 @@ from firmware_agent import __version__
 from firmware_agent.contract.errors import BrokerError, ConfigError
 from firmware_agent.contract.messages import AgentId, SiteId, Topic
 from firmware_agent.service.broker_session import BrokerSession
-from firmware_agent.service.publish import Backoff, BrokerSettings
+from firmware_agent.service.publish import BrokerSettings
 
 __all__ = ["HomeAssistantSettings", "announce_in_background", "discovery_message"]
 
@@ -116,7 +116,7 @@ def announce_in_background(
     """Publish the discovery config once, retrying with backoff until it is acknowledged or
     ``stop`` is set, in a daemon thread (started)."""
     topic, body = discovery_message(settings.prefix, site, agent)
-    backoff = Backoff(broker.backoff_initial_ms / 1000, broker.backoff_max_s)
+    backoff = broker.backoff()
 
     def run() -> None:
         while not stop.is_set():

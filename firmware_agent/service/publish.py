@@ -47,7 +47,6 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-import random
 import socket
 import ssl
 import threading
@@ -62,7 +61,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
-from firmware_agent.contract.errors import BrokerError, ConfigError, MessageError, SignatureError
+from firmware_agent.contract import broker
+from firmware_agent.contract.broker import Backoff, BrokerBase
+from firmware_agent.contract.errors import BrokerError, MessageError, SignatureError
 from firmware_agent.contract.messages import (
     AgentId,
     Envelope,
@@ -76,61 +77,37 @@ from firmware_agent.contract.messages import (
 )
 from firmware_agent.service.spool import Spool, SpooledMessage, SpoolSettings, SpoolState
 
-__all__ = ["Backoff", "BrokerSettings", "Connection", "Publisher", "reason_in_words"]
+__all__ = ["BrokerSettings", "Connection", "Publisher", "paho_client", "reason_in_words"]
 
 log = logging.getLogger("footfall.agent")
 
-PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
+PROTOCOLS = dict(zip(broker.PROTOCOLS, (mqtt.MQTTv5, mqtt.MQTTv311), strict=True))
 _ACK_BATCH = 256  # acknowledged messages deleted per commit, at most
 _ACK_DELAY_S = 0.05  # longest an acknowledgement waits for its commit
 
 
 @dataclass(frozen=True, slots=True)
-class BrokerSettings:
-    """Where the broker is and how to talk to it; checked where made."""
+class BrokerSettings(BrokerBase):
+    """The agent's broker settings: the common ones (:class:`BrokerBase`) and its failover
+    hosts, flow control, stop grace and receipts; checked where made."""
 
-    host: str = "localhost"
-    port: int = 1883
     hosts: str = ""  # more host:port pairs, tried in turn
-    username: str = ""
-    password: str = field(default="", repr=False)
-    tls_ca: str = ""  # "": no TLS; "system": the system's CAs; else a PEM file
-    tls_cert: str = ""
-    tls_key: str = ""
-    keepalive_s: int = 60
-    protocol: str = "5"
     max_inflight: int = 64
-    connect_timeout_s: int = 10
     backoff_initial_ms: int = 500
-    backoff_max_s: int = 60
     stop_grace_s: int = 10
     receipt_key: str = ""  # the aggregator's receipt public key, base64; "": PUBACK is enough
     receipt_timeout_s: int = 60
     resend_per_s: int = 100
 
-    def __post_init__(self) -> None:
-        problems = []
-        if not self.host:
-            problems.append("broker.host must not be empty")
-        if not 1 <= self.port <= 65535:
-            problems.append(f"broker.port must be between 1 and 65535, got {self.port}")
+    def problems(self) -> list[str]:
+        problems = BrokerBase.problems(self)
         for pair in self.hosts.split(","):
             host, _, port = pair.strip().rpartition(":")
             if pair.strip() and not (host and port.isdigit() and 1 <= int(port) <= 65535):
                 problems.append(f"broker.hosts must be host:port pairs, got {pair.strip()!r}")
-        if self.protocol not in PROTOCOLS:
-            problems.append(f"broker.protocol must be '5' or '3.1.1', got {self.protocol!r}")
-        if not 1 <= self.keepalive_s <= 65535:
-            problems.append(
-                f"broker.keepalive_s must be between 1 and 65535, got {self.keepalive_s}"
-            )
         if not 1 <= self.max_inflight <= 65535:
             problems.append(
                 f"broker.max_inflight must be between 1 and 65535, got {self.max_inflight}"
-            )
-        if not 1 <= self.connect_timeout_s <= 300:
-            problems.append(
-                f"broker.connect_timeout_s must be between 1 and 300, got {self.connect_timeout_s}"
             )
         if not 10 <= self.backoff_initial_ms <= 1000 * self.backoff_max_s:
             problems.append(
@@ -155,18 +132,7 @@ class BrokerSettings:
                 verify_key_from_text(self.receipt_key)
             except SignatureError as exc:
                 problems.append(f"broker.receipt_key: {exc}")
-        if self.password and not self.username:
-            problems.append("broker.password is set but broker.username is empty")
-        if bool(self.tls_cert) != bool(self.tls_key):
-            problems.append("broker.tls_cert and broker.tls_key go together: set both or neither")
-        if self.tls_cert and not self.tls_ca:
-            problems.append("broker.tls_cert needs TLS: set broker.tls_ca (a CA file or 'system')")
-        if problems:
-            raise ConfigError("; ".join(problems))
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return problems
 
     def brokers(self) -> list[BrokerSettings]:
         """These settings for broker.host, then for each of broker.hosts."""
@@ -178,76 +144,17 @@ class BrokerSettings:
         """The key receipts must be signed with; None: no receipts, PUBACK is enough."""
         return verify_key_from_text(self.receipt_key) if self.receipt_key else None
 
-    def ssl_context(self) -> ssl.SSLContext | None:
-        """The TLS context (None without TLS); files that cannot be used are named."""
-        if not self.tls_ca:
-            return None
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        if self.tls_ca == "system":
-            context.load_default_certs()
-        else:
-            _readable(self.tls_ca, "broker.tls_ca")
-            try:
-                context.load_verify_locations(cafile=self.tls_ca)
-            except ssl.SSLError as exc:
-                raise ConfigError(
-                    f"broker.tls_ca {self.tls_ca}: not a PEM CA certificate ({exc.reason})"
-                ) from exc
-        if self.tls_cert:
-            _readable(self.tls_cert, "broker.tls_cert")
-            _readable(self.tls_key, "broker.tls_key")
-            try:
-                context.load_cert_chain(self.tls_cert, self.tls_key)
-            except ssl.SSLError as exc:
-                raise ConfigError(
-                    f"broker.tls_cert {self.tls_cert} and broker.tls_key {self.tls_key}: not a "
-                    f"PEM certificate and its key ({exc.reason})"
-                ) from exc
-        return context
-
-
-def _readable(path: str, setting: str) -> None:
-    try:
-        Path(path).open("rb").close()
-    except OSError as exc:
-        raise ConfigError(f"{setting} {path}: cannot read: {exc.strerror}") from exc
-
-
-_WORDS = {
-    "Bad user name or password": "bad user name or password (check broker.username and "
-    "broker.password)",
-    "Not authorized": "not authorised (check broker.username and broker.password, and that the "
-    "broker's ACL lets this account publish under its own topics)",
-    "Unsupported protocol version": "it does not speak this MQTT version (try "
-    "broker.protocol = '3.1.1')",
-    "Keep alive timeout": "no answer within the keep-alive (broker.keepalive_s)",
-    "Unspecified error": "the connection was closed",
-}
+    def backoff(self) -> Backoff:
+        """The reconnection backoff: from broker.backoff_initial_ms, doubling up to
+        broker.backoff_max_s."""
+        return Backoff(self.backoff_initial_ms / 1000, self.backoff_max_s)
 
 
 def reason_in_words(reason: ReasonCode) -> str:
-    """An MQTT reason code as a sentence an operator can act on."""
+    """An MQTT reason code as a sentence an operator can act on (paho's name where the
+    contract's table has no words)."""
     name = reason.getName()
-    return _WORDS.get(name, name[:1].lower() + name[1:])
-
-
-@dataclass(slots=True)
-class Backoff:
-    """Capped exponential backoff with equal jitter: attempt n waits between d/2 and d,
-    d = min(max_s, initial_s * 2**n), so agents cut off together do not return together."""
-
-    initial_s: float
-    max_s: float
-    attempt: int = 0
-
-    def next(self) -> float:
-        ceiling = min(self.max_s, self.initial_s * 2.0 ** min(self.attempt, 32))
-        self.attempt += 1
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
-
-    def reset(self) -> None:
-        self.attempt = 0
+    return broker.reason_in_words(reason.value, default=name[:1].lower() + name[1:])
 
 
 class _Events:
@@ -297,6 +204,25 @@ class _Client(mqtt.Client):
         return ssl_sock
 
 
+def paho_client(
+    settings: BrokerSettings, client_id: str, context: ssl.SSLContext | None
+) -> mqtt.Client:
+    """A paho client for these settings, not yet connected: the protocol, a clean start
+    (3.1.1: a clean session), the user name and password, TLS, the connect timeout."""
+    client = _Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=PROTOCOLS[settings.protocol],
+        clean_session=None if settings.protocol == "5" else True,
+    )
+    if settings.username:
+        client.username_pw_set(settings.username, settings.password or None)
+    if context is not None:
+        client.tls_set_context(context)
+    client.connect_timeout = settings.connect_timeout_s
+    return client
+
+
 class Connection:
     """One MQTT session, driven by :meth:`loop` in the thread that owns it."""
 
@@ -309,21 +235,10 @@ class Connection:
     ) -> None:
         self.settings = settings
         self.events = _Events()
-        v5 = settings.protocol == "5"
-        client = _Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=PROTOCOLS[settings.protocol],
-            clean_session=None if v5 else True,
-        )
-        if settings.username:
-            client.username_pw_set(settings.username, settings.password or None)
-        if context is not None:
-            client.tls_set_context(context)
+        client = paho_client(settings, client_id, context)
         if will is not None:  # the agent's own session: status goes offline if it drops
             client.will_set(str(will[0]), will[1], qos=1, retain=True)
         client.max_inflight_messages_set(settings.max_inflight)
-        client.connect_timeout = settings.connect_timeout_s
         client.on_connect = self.events.on_connect
         client.on_publish = self.events.on_publish
         client.on_disconnect = self.events.on_disconnect
@@ -441,7 +356,7 @@ class Publisher:
         self._progress_at = time.monotonic()  # when receipts last said more
         self._timeout = float(settings.receipt_timeout_s)  # re-send after (adapts: _adapt)
         self.settled = 0  # windows receipts took out of the spool since the start
-        self._backoff = Backoff(settings.backoff_initial_ms / 1000, settings.backoff_max_s)
+        self._backoff = settings.backoff()
         self._brokers = settings.brokers()
         self._broker = 0  # the one to connect to next: the next listed after a failure
         self._wake = threading.Event()

@@ -50,6 +50,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from firmware_agent.contract.errors import ConfigError
+from firmware_agent.contract.fields import DWELL_BANDS, DWELL_EDGES_MIN
 from firmware_agent.kernels import kernel
 from firmware_agent.kernels.table import KeyedRows, rehash, slot
 from firmware_agent.stages.anonymize import DeviceBatch
@@ -61,16 +62,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("footfall.agent")
 
 __all__ = [
-    "DWELL_BANDS",
-    "DWELL_EDGES_MIN",
     "FRAMES_PER_DEVICE",
     "CountSettings",
     "WindowCounter",
     "WindowCounts",
 ]
 
-DWELL_BANDS = ("lt5", "5-15", "15-30", "30-60", "ge60")
-DWELL_EDGES_MIN = (5, 15, 30, 60)
 NS = 1_000_000_000
 FRAMES_PER_DEVICE = 4  # a device's most probe requests in probe_requests_clipped per window
 

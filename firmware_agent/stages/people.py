@@ -53,8 +53,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from firmware_agent.contract.errors import ConfigError
+from firmware_agent.contract.fields import DWELL_BANDS, DWELL_EDGES_MIN
 from firmware_agent.kernels import kernel
-from firmware_agent.stages.count import DWELL_BANDS, DWELL_EDGES_MIN, NS, CountSettings
+from firmware_agent.stages.count import NS, CountSettings
 from firmware_agent.stages.estimate import Calibration, EstimateSettings
 from firmware_agent.stages.parse import KIND_PROBE, RSSI_MISSING
 

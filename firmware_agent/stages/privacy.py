@@ -25,8 +25,8 @@ In both modes, on the way out (:meth:`PrivacyPolicy.release`):
    ``probe_requests`` counts at most :data:`~firmware_agent.stages.count.FRAMES_PER_DEVICE` frames
    per device (``probe_requests_clipped``), ``malformed`` and ``late_frames`` say only
    whether there were any (0 or 1). The people figures and ``static_excluded`` are then
-   withheld (:data:`DP_WITHHELD`), since one device can move them by more than any stated
-   sensitivity;
+   withheld (:data:`~firmware_agent.contract.fields.DP_WITHHELD`), since one device can move
+   them by more than any stated sensitivity;
 2. small-count suppression: a count from 1 to *k*-1 is published as ``null``, and
    so is a count that would let a reader subtract back to one (complementary suppression
    over the message's additive relations, including the never-published count of devices
@@ -44,11 +44,14 @@ differ between "this address was heard earlier in the epoch" and "this address i
 requests under a candidate address in a quiet window, and it stays put if the phone was
 here earlier today and rises by one if not. So did counts v1's estimate, ``people_est``: a
 chain counted once it had lasted ``estimate.min_dwell_s`` since it was *first heard in the
-epoch*. They are never published (:data:`NEVER_PUBLISHED`); every published figure must be
-a function of the window alone, and the epoch label of public values (:func:`epoch_label`).
+epoch*. They are never published (:data:`~firmware_agent.contract.fields.NEVER_PUBLISHED`);
+every published figure must be a function of the window alone, and the epoch label of public
+values (:func:`epoch_label`).
 
-The field lists below are **the one catalogue** of the counts' privacy rules: the agent
-releases by them and the audit (:mod:`firmware_agent.tools.audit`) checks by them.
+The fields and their rules (what each mode publishes, what noise withholds, the sums that must
+hold, what is never published) are the contract's one catalogue,
+:mod:`firmware_agent.contract.fields`: the agent releases by it and the audit
+(:mod:`firmware_agent.tools.audit`) checks by the same objects.
 """
 
 from __future__ import annotations
@@ -64,25 +67,25 @@ import numpy as np
 from numpy.typing import NDArray
 
 from firmware_agent.contract.errors import ConfigError
-from firmware_agent.contract.messages import DIAGNOSTICS, PEOPLE_FIGURES
+from firmware_agent.contract.fields import (
+    COUNTS,
+    DP_WITHHELD,
+    FRAME_COUNTS,
+    IMPLICIT,
+    RELATIONS,
+    STANDARD_PUBLISHES,
+    STRICT_PUBLISHES,
+    WITH_PEAK,
+)
 from firmware_agent.stages.anonymize import DeviceBatch
-from firmware_agent.stages.count import DWELL_BANDS, FRAMES_PER_DEVICE, WindowCounts
+from firmware_agent.stages.count import FRAMES_PER_DEVICE, WindowCounts
 
 __all__ = [
     "COLLISION_FLOOR",
-    "COUNTS",
-    "DP_WITHHELD",
-    "FRAME_COUNTS",
-    "IMPLICIT",
     "MODES",
-    "NEVER_PUBLISHED",
-    "RELATIONS",
     "STANDARD_MAX_KEY_S",
-    "STANDARD_PUBLISHES",
     "STRICT_MAX_ID_BITS",
     "STRICT_MAX_WINDOW_S",
-    "STRICT_OMITS",
-    "STRICT_PUBLISHES",
     "SUPPRESS_FLOOR",
     "PrivacyPolicy",
     "discrete_laplace",
@@ -106,43 +109,8 @@ STRICT_MAX_ID_BITS = 12
 COLLISION_FLOOR = 0.5
 _MIN_ID_BITS = 4
 
-# The additive relations of a counts message: total = sum of parts. "devices_global"
-# (devices with a global address) is never published but follows from the other two.
-IMPLICIT = ("devices_global",)
-RELATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("devices", ("devices_randomised", "devices_global")),
-    ("visits_ended", tuple(f"dwell_minutes.{band}" for band in DWELL_BANDS)),
-)
-# Counts of people, visits and devices: what suppression and noise apply to (and what the
-# audit holds to k). Dwell bands go
-# by "dwell_minutes.<band>". occupancy_mean (a level, at most occupancy_peak) goes with
-# occupancy_peak.
-COUNTS = (
-    "arrivals",
-    "passersby",
-    "visits_ended",
-    *(f"dwell_minutes.{band}" for band in DWELL_BANDS),
-    "occupancy_peak",
-    "devices",
-    "devices_randomised",
-    "static_excluded",
-)
-STANDARD_PUBLISHES = (*PEOPLE_FIGURES, "calibrated", *DIAGNOSTICS)
-"""The optional counts v2 figures of the standard mode (meta.privacy.published)."""
-STRICT_PUBLISHES = ("devices", "devices_randomised")
-"""Strict: no chain outlives a window (the key, the device table and the fingerprints go
-every window), so there are no people figures: the device diagnostics only."""
-STRICT_OMITS = tuple(name for name in STANDARD_PUBLISHES if name not in STRICT_PUBLISHES)
-# Frame counts: never suppressed; under noise, bounded (clipped) and noised.
-FRAME_COUNTS = ("probe_requests", "malformed", "late_frames")
-# Never published (membership oracles; the noise's bounded frame count): counts v1's names.
-NEVER_PUBLISHED = ("devices_epoch", "people_est", "people", "probe_requests_clipped")
 # What one device moves the bounded frame counts by, under noise.
 _FRAME_SENSITIVITY = FRAMES_PER_DEVICE + 2  # probe_requests_clipped; malformed, late: 0 or 1
-# Withheld under differential privacy: one device can split into several chains (its random
-# addresses not linked), and the signal threshold can be learnt, so one device id can move a
-# people figure by more than any stated sensitivity (docs/PRIVACY.md).
-DP_WITHHELD = tuple(name for name in STANDARD_PUBLISHES if name not in STRICT_PUBLISHES)
 
 
 def truncate_ids(batch: DeviceBatch, bits: int) -> None:
@@ -293,9 +261,9 @@ class PrivacyPolicy:
         """The most one device id can move the sum of the counts published under noise (as
         counted, before strict mode's correction): the L1 sensitivity the noise is scaled
         to. Under noise both modes publish ``devices`` and ``devices_randomised`` only (the
-        people figures are withheld, :data:`DP_WITHHELD`): one each. In strict mode a
-        truncated id shared with another device can gain the randomised flag while devices
-        does not move: 2 still. Plus the frame counts, bounded: at most
+        people figures are withheld, :data:`~firmware_agent.contract.fields.DP_WITHHELD`): one
+        each. In strict mode a truncated id shared with another device can gain the randomised
+        flag while devices does not move: 2 still. Plus the frame counts, bounded: at most
         :data:`~firmware_agent.stages.count.FRAMES_PER_DEVICE` probe requests, and 1 each for
         whether there were malformed or late frames."""
         return 2 + _FRAME_SENSITIVITY
@@ -452,7 +420,7 @@ class PrivacyPolicy:
             hidden = set(counts)  # strict could not make this window's devices share ids
         flat.update({name: None if name in hidden else n for name, n in counts.items()})
         if "occupancy_peak" in hidden:
-            flat["occupancy_mean"] = None  # at most the peak: as small
+            flat.update(dict.fromkeys(WITH_PEAK))  # at most the peak: as small
         return _unflatten(flat | frames)
 
 
@@ -470,7 +438,8 @@ def suppress(counts: Mapping[str, int], k: int) -> set[str]:
     more count of every relation that would give a hidden small count back by subtraction
     (the smallest published part, preferring non-zero ones; else the total)."""
     cells = dict(counts)
-    cells["devices_global"] = cells.get("devices", 0) - cells.get("devices_randomised", 0)
+    (global_,) = IMPLICIT
+    cells[global_] = cells.get("devices", 0) - cells.get("devices_randomised", 0)
     small = {name for name, v in cells.items() if 0 < v < k}
     hidden = small | set(IMPLICIT)
     changed = True

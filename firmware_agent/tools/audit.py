@@ -30,10 +30,11 @@ Each message, from a broker subscription or from a capture of the agents' MQTT t
   :func:`~firmware_agent.service.homeassistant.discovery_message`) fails, so listening on ``#``
   catches anything an agent publishes elsewhere.
 
-The rules about counts v2's fields come from the agent's own catalogue
-(:mod:`firmware_agent.stages.privacy`: ``COUNTS``, ``RELATIONS``, ``STRICT_OMITS``, ``DP_WITHHELD``,
-``NEVER_PUBLISHED``), so the agent and its audit cannot drift apart; counts v1's, which no
-agent of this version publishes, are that contract's, frozen here.
+The rules about the counts' fields (what k applies to, the sums, what strict mode omits, what
+noise withholds, what is never published) are the very objects the agent's privacy stage
+releases by: the contract's catalogue, :data:`firmware_agent.contract.fields.CATALOGUE`, one
+entry per counts version (v1, which no agent of this version publishes, frozen there). The
+agent and its audit cannot drift apart (``tests/agent/test_fields.py``).
 
 The verdict is PASS when every message was audited without a failure (warnings, such as a
 signature left unchecked for want of a key, do not fail it) and FAIL otherwise.
@@ -52,19 +53,14 @@ from typing import Any, cast
 import nacl.signing
 
 from firmware_agent.contract.errors import MessageError
-from firmware_agent.contract.messages import AgentId, Envelope, SiteId, Topic
+from firmware_agent.contract.fields import CATALOGUE, ID_PATTERN, IMPLICIT, WITH_PEAK
+from firmware_agent.contract.messages import KINDS, AgentId, Envelope, SiteId, Topic
 from firmware_agent.service.homeassistant import discovery_message
-from firmware_agent.stages.count import DWELL_BANDS
 from firmware_agent.stages.privacy import (
-    COUNTS,
-    DP_WITHHELD,
-    IMPLICIT,
-    NEVER_PUBLISHED,
-    RELATIONS,
+    MODES,
     STANDARD_MAX_KEY_S,
     STRICT_MAX_ID_BITS,
     STRICT_MAX_WINDOW_S,
-    STRICT_OMITS,
     SUPPRESS_FLOOR,
     epoch_label,
     flatten_counts,
@@ -80,9 +76,9 @@ _B64 = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
 _BIG_INT = 1 << 40
 # Where a payload may hold a string, and what it must look like there.
 _STRINGS: Mapping[str, re.Pattern[str]] = {
-    "$.kind": re.compile(r"counts|status|meta"),
-    "$.site": re.compile(r"[a-z0-9][a-z0-9_-]{0,62}"),
-    "$.agent": re.compile(r"[a-z0-9][a-z0-9_-]{0,62}"),
+    "$.kind": re.compile("|".join(KINDS)),
+    "$.site": re.compile(ID_PATTERN),
+    "$.agent": re.compile(ID_PATTERN),
     "$.epoch": re.compile(r"[0-9a-f]{16}"),
     "$.window_start": re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"),
     "$.at": re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"),
@@ -91,41 +87,13 @@ _STRINGS: Mapping[str, re.Pattern[str]] = {
     "$.agent_version": re.compile(r"[0-9A-Za-z.+-]{1,32}"),
     "$.epoch_length": re.compile(r"midnight"),
     "$.epoch_timezone": re.compile(r"[A-Za-z0-9_+/-]{0,64}"),
-    "$.privacy.mode": re.compile(r"standard|strict"),
+    "$.privacy.mode": re.compile("|".join(MODES)),
     "$.thresholds.rssi_threshold_dbm": re.compile(r"auto"),
     "$.privacy.device_hash": re.compile(r"siphash-2-4"),
 }
 _HA_DISCOVERY = re.compile(
     r"(?P<prefix>.+)/device/footfall-(?P<site>[^/]+)/(?P<agent>[^/]+)/config"
 )
-_BANDS = tuple(f"dwell_minutes.{b}" for b in DWELL_BANDS)
-# Per counts version: the relations, what strict mode and noise leave out, the counts k
-# applies to. Version 2 is the agent's catalogue; version 1 is that contract, frozen.
-_RELATIONS = {
-    1: (
-        ("devices", ("visitors", "passersby")),
-        ("devices", ("devices_randomised", *IMPLICIT)),
-        ("visits_ended", _BANDS),
-    ),
-    2: RELATIONS,
-}
-_STRICT_ABSENT = {1: ("visits_ended", "dwell_minutes", "static_excluded"), 2: STRICT_OMITS}
-_DP_ABSENT = {1: ("static_excluded",), 2: DP_WITHHELD}
-_COUNT_FIELDS = {
-    1: frozenset(
-        (
-            "devices",
-            "devices_randomised",
-            "visitors",
-            "passersby",
-            "visits_ended",
-            "static_excluded",
-            *_BANDS,
-            *NEVER_PUBLISHED,
-        )
-    ),
-    2: frozenset(COUNTS),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,14 +405,14 @@ def _counts_findings(
         out.append(
             Finding("fail", where, f"window_s {p['window_s']}, meta says {meta['window_s']}")
         )
-    v = int(p["v"])
-    if never := [name for name in NEVER_PUBLISHED if name in p]:
+    rules = CATALOGUE[int(p["v"])]
+    if never := [name for name in rules.never_published if name in p]:
         out.append(Finding("fail", where, f"publishes {', '.join(never)}: a membership oracle"))
     if privacy["mode"] == "strict":
-        present = [name for name in _STRICT_ABSENT[v] if name in p]
+        present = [name for name in rules.strict_omits if name in p]
         if present:
             out.append(Finding("fail", where, f"strict mode publishes {', '.join(present)}"))
-    if privacy.get("dp_epsilon") is not None and (withheld := set(_DP_ABSENT[v]) & set(p)):
+    if privacy.get("dp_epsilon") is not None and (withheld := set(rules.dp_withheld) & set(p)):
         out.append(Finding("fail", where, f"noised counts publish {', '.join(sorted(withheld))}"))
     published = privacy.get("published", {})
     if unannounced := sorted(n for n, on in published.items() if not on and n in p):
@@ -454,14 +422,18 @@ def _counts_findings(
     flat = {
         name: cast(int | None, value)
         for name, value in flatten_counts(p).items()
-        if name in _COUNT_FIELDS[v]
+        if name in rules.counts
     }
     for name, value in flat.items():
         if value is not None and 0 < value < k:
             out.append(Finding("fail", where, f"$.{name} is a small count below k={k}"))
-    if p.get("occupancy_peak", 0) is None and p.get("occupancy_mean") is not None:
-        out.append(Finding("fail", where, "$.occupancy_mean is published with a suppressed peak"))
-    for total, all_parts in _RELATIONS[v]:
+    if p.get("occupancy_peak", 0) is None:
+        out += [
+            Finding("fail", where, f"$.{name} is published with a suppressed peak")
+            for name in WITH_PEAK
+            if p.get(name) is not None
+        ]
+    for total, all_parts in rules.relations:
         parts = tuple(m for m in all_parts if m not in IMPLICIT)
         if total not in flat or any(m not in flat for m in parts):
             continue

@@ -25,9 +25,10 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
+from firmware_agent.contract.fields import DWELL_BANDS, DWELL_EDGES_MIN
+
 __all__ = ["ShopProfile", "shop_windows"]
 
-_BANDS = (("lt5", 5), ("5-15", 15), ("15-30", 30), ("30-60", 60), ("ge60", math.inf))
 # Relative traffic by weekday (Monday first): Saturday busiest, Sunday quiet.
 _WEEKDAY = (0.8, 0.85, 0.9, 0.95, 1.1, 1.4, 0.45)
 
@@ -101,8 +102,8 @@ def shop_windows(
     n_pass = np.histogram(passing, edges)[0]
     n_ended = np.histogram(departures, edges)[0]
     minutes = (departures - arrivals) / 60
-    band_of = np.digitize(minutes, [5, 15, 30, 60])
-    bands = [np.histogram(departures[band_of == b], edges)[0] for b in range(len(_BANDS))]
+    band_of = np.digitize(minutes, DWELL_EDGES_MIN)
+    bands = [np.histogram(departures[band_of == b], edges)[0] for b in range(len(DWELL_BANDS))]
     # Occupancy: people present, time-weighted per window (overlap of each stay), and the peak.
     order = np.argsort(np.concatenate([arrivals, departures]), kind="stable")
     times = np.concatenate([arrivals, departures])[order]
@@ -127,7 +128,7 @@ def shop_windows(
                 "arrivals": int(n_arrive[i]),
                 "passersby": int(n_pass[i]),
                 "visits_ended": int(n_ended[i]),
-                "dwell_minutes": {band: int(bands[k][i]) for k, (band, _) in enumerate(_BANDS)},
+                "dwell_minutes": {band: int(bands[k][i]) for k, band in enumerate(DWELL_BANDS)},
                 "occupancy_mean": round(max(mean, 0.0), 2),
                 "occupancy_peak": int(max(inside_l.max(), 0)),
                 "calibrated": False,

@@ -43,6 +43,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from firmware_agent.contract.errors import ConfigError
+from firmware_agent.contract.fields import DWELL_BANDS
 
 I64 = NDArray[np.int64]
 U8 = NDArray[np.uint8]
@@ -661,7 +662,7 @@ class PeopleTruth:
                     "visits_ended": int(np.count_nonzero(ended)),
                     "dwell_minutes": {
                         name: int(np.count_nonzero(ended & (band == b)))
-                        for b, name in enumerate(("lt5", "5-15", "15-30", "30-60", "ge60"))
+                        for b, name in enumerate(DWELL_BANDS)
                     },
                     "occupancy_mean": round(float(overlap.sum()) / hour, 2),
                 }

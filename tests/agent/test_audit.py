@@ -17,6 +17,13 @@ import nacl.signing
 import pytest
 
 from firmware_agent.cli import BUNDLED_SAMPLE
+from firmware_agent.contract.fields import (
+    CATALOGUE,
+    DWELL,
+    DWELL_BANDS,
+    STANDARD_PUBLISHES,
+    STRICT_PUBLISHES,
+)
 from firmware_agent.contract.messages import (
     AgentId,
     SiteId,
@@ -26,7 +33,7 @@ from firmware_agent.contract.messages import (
     seal,
 )
 from firmware_agent.service.homeassistant import discovery_message
-from firmware_agent.stages.privacy import STANDARD_PUBLISHES, STRICT_PUBLISHES, epoch_label
+from firmware_agent.stages.privacy import epoch_label
 from firmware_agent.tools.audit import Audit
 from tests.support.agent_harness import prepare_agent, unique_id
 from tests.support.mqtt_broker import HOST, READER, Mosquitto
@@ -92,8 +99,26 @@ def _counts(seq: int = 1, epoch: str = LABEL, **fields: Any) -> dict[str, Any]:
     return counts_payload(SiteId(SITE), AgentId(AGENT), seq, epoch, window, version=1)
 
 
+def _counts_v2(seq: int = 1, **fields: Any) -> dict[str, Any]:
+    """A strict agent's counts v2: the device diagnostics only."""
+    window = {
+        "window_start": f"2024-03-05T10:{5 * (seq % 12):02d}:00Z",
+        "window_s": 300,
+        "no_data": False,
+        "probe_requests": 96,
+        "malformed": 0,
+        "late_frames": 0,
+        "devices": 20,
+        "devices_randomised": 10,
+    }
+    return counts_payload(SiteId(SITE), AgentId(AGENT), seq, LABEL, window | fields)
+
+
 _ABSENT = object()
 _STRICT = {"visits_ended": _ABSENT, "dwell_minutes": _ABSENT}
+# A schema-valid value of each optional field, to publish where it must not be.
+_SAMPLE: dict[str, object] = {DWELL: dict.fromkeys(DWELL_BANDS, 0), "calibrated": False}
+_SAMPLE |= {"occupancy_mean": 7.5}
 
 
 def _audit(*payloads: dict[str, Any], key: nacl.signing.SigningKey = KEY) -> Audit:
@@ -150,6 +175,38 @@ def test_each_leak_fails_with_its_reason(payloads: list[dict[str, Any]], reason:
     audit = _audit(*payloads)
     assert not audit.verdict()
     assert any(reason in r for r in _reasons(audit)), _reasons(audit)
+
+
+def test_a_strict_agent_that_publishes_static_excluded_fails() -> None:
+    """Issue 19: the audit's hand copy of what strict mode omits let a strict agent publish
+    ``static_excluded`` (the estimator's static devices: devices followed for hours). Written
+    out here, not read from the catalogue, so a catalogue that drops it fails too."""
+    for counts in (_counts_v2(static_excluded=0), _counts(**_STRICT, static_excluded=10)):
+        audit = _audit(_meta("strict"), counts)
+        assert "strict mode publishes static_excluded" in _reasons(audit)
+        assert not audit.verdict()
+
+
+@pytest.mark.parametrize(
+    ("v", "name"), [(v, name) for v, c in CATALOGUE.items() for name in c.strict_omits]
+)
+def test_every_field_strict_omits_fails_in_strict_mode(v: int, name: str) -> None:
+    """Each field the catalogue says strict mode omits, published by a strict agent, fails
+    with its name (in counts v1 and v2)."""
+    counts = _counts(**_STRICT) if v == 1 else _counts_v2()
+    audit = _audit(_meta("strict"), counts | {name: _SAMPLE.get(name, 10)})
+    assert f"strict mode publishes {name}" in _reasons(audit)
+
+
+@pytest.mark.parametrize(
+    ("v", "name"), [(v, name) for v, c in CATALOGUE.items() for name in c.dp_withheld]
+)
+def test_every_field_noise_withholds_fails_under_noise(v: int, name: str) -> None:
+    counts = _counts() if v == 1 else _counts_v2()
+    audit = _audit(_meta(dp_epsilon=1.0), counts | {name: _SAMPLE.get(name, 10)})
+    assert any(r.startswith("noised counts publish") and name in r for r in _reasons(audit)), (
+        _reasons(audit)
+    )
 
 
 def test_a_message_off_the_agent_topics_fails_and_home_assistant_discovery_passes() -> None:

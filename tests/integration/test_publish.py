@@ -19,6 +19,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from firmware_agent.cli import BUNDLED_SAMPLE
+from firmware_agent.contract.broker import Backoff
 from firmware_agent.contract.errors import BrokerError, ConfigError
 from firmware_agent.contract.messages import (
     AgentId,
@@ -30,7 +31,7 @@ from firmware_agent.contract.messages import (
     seal,
 )
 from firmware_agent.contract.signing import load_signing_key
-from firmware_agent.service.publish import Backoff, BrokerSettings, Connection, Publisher
+from firmware_agent.service.publish import BrokerSettings, Connection, Publisher
 from firmware_agent.service.run import agent_meta
 from firmware_agent.service.spool import Spool, SpoolSettings
 from firmware_agent.settings import load_config

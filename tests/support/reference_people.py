@@ -10,7 +10,7 @@ import bisect
 from collections import defaultdict
 from collections.abc import Iterable
 
-from firmware_agent.stages.count import DWELL_BANDS, DWELL_EDGES_MIN
+from firmware_agent.contract.fields import DWELL_BANDS, DWELL_EDGES_MIN
 from firmware_agent.stages.parse import RSSI_MISSING
 from firmware_agent.stages.people import SAMPLE_S, PeopleSettings, WindowPeople
 
