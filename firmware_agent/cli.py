@@ -28,7 +28,8 @@ from firmware_agent.contract.signing import KEY_FILE, create_signing_key, load_s
 from firmware_agent.service.broker_session import BrokerSession
 from firmware_agent.service.run import run_agent
 from firmware_agent.settings import SETTINGS, load_config
-from firmware_agent.stages.capture import CaptureReader, FrameBatch
+from firmware_agent.stages.batch import FrameBatch
+from firmware_agent.stages.capture import CaptureReader
 from firmware_agent.stages.live import LiveSettings
 from firmware_agent.stages.pipeline import Pipeline
 from firmware_agent.tools.audit import audit_all

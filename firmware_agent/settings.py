@@ -27,7 +27,8 @@ from firmware_agent.service.homeassistant import HomeAssistantSettings
 from firmware_agent.service.metrics import MetricsSettings
 from firmware_agent.service.publish import BrokerSettings
 from firmware_agent.service.spool import SpoolSettings
-from firmware_agent.stages.count import NS, CountSettings
+from firmware_agent.stages.batch import NS
+from firmware_agent.stages.count import CountSettings
 from firmware_agent.stages.estimate import Calibration, EstimateSettings
 from firmware_agent.stages.live import LiveSettings
 from firmware_agent.stages.privacy import STANDARD_MAX_KEY_S, PrivacyPolicy

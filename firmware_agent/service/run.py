@@ -47,8 +47,8 @@ from firmware_agent.service.metrics import MetricsServer, SpoolWatch, agent_metr
 from firmware_agent.service.publish import Publisher
 from firmware_agent.service.spool import SPOOL_FILE, Spool
 from firmware_agent.settings import AgentConfig
-from firmware_agent.stages.capture import CaptureReader, FrameBatch
-from firmware_agent.stages.count import NS, WindowCounts
+from firmware_agent.stages.batch import NS, FrameBatch, WindowCounts
+from firmware_agent.stages.capture import CaptureReader
 from firmware_agent.stages.estimate import AUTO
 from firmware_agent.stages.live import IFACE_PREFIX, LiveCapture
 from firmware_agent.stages.people import PeopleSettings

@@ -55,7 +55,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, BinaryIO, Final, TypeVar, cast
 
@@ -64,6 +63,7 @@ from numpy.typing import NDArray
 
 from firmware_agent.contract.errors import CaptureError, NotACaptureError, UnsupportedLinkTypeError
 from firmware_agent.kernels import kernel
+from firmware_agent.stages.batch import FrameBatch
 
 __all__ = [
     "LINKTYPE_AVS",
@@ -74,7 +74,6 @@ __all__ = [
     "MAX_CAPLEN",
     "SUPPORTED_LINK_TYPES",
     "CaptureReader",
-    "FrameBatch",
     "open_capture",
     "read_ahead",
 ]
@@ -132,26 +131,6 @@ _MAX_S: Final = _MAX_NS // 1_000_000_000 - 1  # whole seconds that leave room fo
 
 # Columns of the pcapng interface table handed to the splitter.
 _IF_LINK, _IF_SNAPLEN, _IF_SHIFT, _IF_MUL, _IF_DIV, _IF_OFFSET = range(6)
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class FrameBatch:
-    """Frames in one buffer; row i is data[offsets[i]:offsets[i]+lengths[i]].
-
-    A ``transient`` batch lies in its reader's own read buffer (``in_place`` reading): it is
-    valid until the next batch is read, the next read overwrites it and closing the reader
-    zeroes it. Otherwise the batch owns its buffer and whoever is done with it wipes it.
-    """
-
-    data: NDArray[np.uint8]
-    offsets: NDArray[np.int64]
-    lengths: NDArray[np.int32]  # captured length
-    ts_ns: NDArray[np.int64]  # capture time, ns since the Unix epoch
-    link_types: NDArray[np.uint16]  # per frame (pcapng may mix interfaces)
-    transient: bool = False
-
-    def __len__(self) -> int:
-        return len(self.lengths)
 
 
 @kernel()

@@ -5,7 +5,7 @@ change often, some with every burst or even every frame, so distinct addresses o
 people several times. This stage links the addresses of one device into a *chain*, using only
 what the anonymize stage hands on: the keyed device id, the keyed model fingerprint (``fp``),
 the sequence number, the signal and the time. It never sees an address. It is fed the same
-:class:`~firmware_agent.stages.anonymize.DeviceBatch` rows as the counter and closes the same
+:class:`~firmware_agent.stages.batch.DeviceBatch` rows as the counter and closes the same
 windows
 (the same watermark rule), so the pipeline can join the two by window start.
 
@@ -99,8 +99,7 @@ from numpy.typing import NDArray
 from firmware_agent.contract.errors import ConfigError
 from firmware_agent.kernels import kernel
 from firmware_agent.kernels.table import KeyedRows, slot
-from firmware_agent.stages.anonymize import DeviceBatch
-from firmware_agent.stages.parse import KIND_PROBE, RSSI_MISSING
+from firmware_agent.stages.batch import KIND_PROBE, RSSI_MISSING, DeviceBatch
 
 __all__ = [
     "AUTO",

@@ -1,7 +1,7 @@
 """Live source: probe requests from a monitor-mode interface (``iface:<name>``), block by block.
 
 :class:`LiveCapture` opens an ``AF_PACKET`` socket on the interface and yields the same
-:class:`~firmware_agent.stages.capture.FrameBatch` objects a capture file gives, so the pipeline
+:class:`~firmware_agent.stages.batch.FrameBatch` objects a capture file gives, so the pipeline
 cannot tell a live run from a replay:
 
 * **Kernel filter.** Only probe requests reach the agent: the classic-BPF program for
@@ -18,7 +18,7 @@ cannot tell a live run from a replay:
   parse stage (:func:`firmware_agent.stages.pipeline.parse_frames`, run by ``map`` inside
   :func:`~firmware_agent.stages.capture.read_ahead`) has parsed the batch by then, because ``map``
   parses a batch before it asks for the next one, and a
-  :class:`~firmware_agent.stages.parse.ProbeBatch`
+  :class:`~firmware_agent.stages.batch.ProbeBatch`
   owns its arrays. Before handing a block back its frame bytes are zeroed (they hold addresses
   and SSIDs), then a release fence orders those writes before the status word the kernel reads;
   an acquire fence orders reading a ready block's status before reading its frames (needed on
@@ -60,13 +60,13 @@ from numpy.typing import NDArray
 
 from firmware_agent.contract.errors import ConfigError, LiveCaptureError
 from firmware_agent.kernels import compiler_module, kernel
+from firmware_agent.stages.batch import FrameBatch
 from firmware_agent.stages.capture import (
     LINKTYPE_AVS,
     LINKTYPE_IEEE802_11,
     LINKTYPE_PRISM,
     LINKTYPE_RADIOTAP,
     SUPPORTED_LINK_TYPES,
-    FrameBatch,
 )
 from firmware_agent.stages.channels import ChannelHopper
 

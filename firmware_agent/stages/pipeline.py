@@ -54,12 +54,21 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from firmware_agent.settings import AgentConfig
-from firmware_agent.stages.anonymize import DeviceBatch, EpochKey, anonymize
-from firmware_agent.stages.capture import FrameBatch, read_ahead
-from firmware_agent.stages.count import NS, WindowCounter, WindowCounts
+from firmware_agent.stages.anonymize import EpochKey, anonymize
+from firmware_agent.stages.batch import (
+    KIND_PROBE,
+    NS,
+    DeviceBatch,
+    FrameBatch,
+    ProbeBatch,
+    WindowCounts,
+    WindowPeople,
+)
+from firmware_agent.stages.capture import read_ahead
+from firmware_agent.stages.count import WindowCounter
 from firmware_agent.stages.estimate import Estimator, WindowEstimate
-from firmware_agent.stages.parse import KIND_PROBE, ProbeBatch, parse_batch
-from firmware_agent.stages.people import PeopleCounter, PeopleSettings, WindowPeople, calibrated
+from firmware_agent.stages.parse import parse_batch
+from firmware_agent.stages.people import PeopleCounter, PeopleSettings, calibrated
 from firmware_agent.stages.privacy import truncate_ids
 
 __all__ = ["NORMAL_FRAMES", "Pipeline", "PipelineStats", "parse_frames"]

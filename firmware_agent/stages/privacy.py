@@ -22,7 +22,7 @@ In both modes, on the way out (:meth:`PrivacyPolicy.release`):
    mechanism: integers, so no floating-point side channel) on every count that reveals
    presence, scaled to what one device can move in a window, with fresh operating-system
    randomness for every value. The frame counts go under noise too, bounded first:
-   ``probe_requests`` counts at most :data:`~firmware_agent.stages.count.FRAMES_PER_DEVICE` frames
+   ``probe_requests`` counts at most :data:`~firmware_agent.stages.batch.FRAMES_PER_DEVICE` frames
    per device (``probe_requests_clipped``), ``malformed`` and ``late_frames`` say only
    whether there were any (0 or 1). The people figures and ``static_excluded`` are then
    withheld (:data:`DP_WITHHELD`), since one device can move them by more than any stated
@@ -65,8 +65,7 @@ from numpy.typing import NDArray
 
 from firmware_agent.contract.errors import ConfigError
 from firmware_agent.contract.messages import DIAGNOSTICS, PEOPLE_FIGURES
-from firmware_agent.stages.anonymize import DeviceBatch
-from firmware_agent.stages.count import DWELL_BANDS, FRAMES_PER_DEVICE, WindowCounts
+from firmware_agent.stages.batch import DWELL_BANDS, FRAMES_PER_DEVICE, DeviceBatch, WindowCounts
 
 __all__ = [
     "COLLISION_FLOOR",
@@ -296,7 +295,7 @@ class PrivacyPolicy:
         people figures are withheld, :data:`DP_WITHHELD`): one each. In strict mode a
         truncated id shared with another device can gain the randomised flag while devices
         does not move: 2 still. Plus the frame counts, bounded: at most
-        :data:`~firmware_agent.stages.count.FRAMES_PER_DEVICE` probe requests, and 1 each for
+        :data:`~firmware_agent.stages.batch.FRAMES_PER_DEVICE` probe requests, and 1 each for
         whether there were malformed or late frames."""
         return 2 + _FRAME_SENSITIVITY
 

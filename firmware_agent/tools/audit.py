@@ -54,7 +54,7 @@ import nacl.signing
 from firmware_agent.contract.errors import MessageError
 from firmware_agent.contract.messages import AgentId, Envelope, SiteId, Topic
 from firmware_agent.service.homeassistant import discovery_message
-from firmware_agent.stages.count import DWELL_BANDS
+from firmware_agent.stages.batch import DWELL_BANDS
 from firmware_agent.stages.privacy import (
     COUNTS,
     DP_WITHHELD,

@@ -51,10 +51,9 @@ from numpy.typing import NDArray
 
 from firmware_agent.contract.errors import ConfigError, TruthError
 from firmware_agent.settings import DEFAULT_CONFIG, AgentConfig, load_config
+from firmware_agent.stages.batch import ProbeBatch, WindowCounts
 from firmware_agent.stages.capture import CaptureReader
-from firmware_agent.stages.count import WindowCounts
 from firmware_agent.stages.estimate import Calibration
-from firmware_agent.stages.parse import ProbeBatch
 from firmware_agent.stages.pipeline import Pipeline, parse_frames
 
 __all__ = [

@@ -11,7 +11,7 @@ import statistics
 from collections.abc import Sequence
 
 from firmware_agent.settings import AgentConfig
-from firmware_agent.stages.count import WindowCounts
+from firmware_agent.stages.batch import WindowCounts
 from firmware_agent.stages.privacy import COLLISION_FLOOR, linear_count, shared_share
 
 __all__ = ["privacy_report"]

@@ -22,6 +22,7 @@ import pytest
 
 from firmware_agent.cli import BUNDLED_SAMPLE
 from firmware_agent.contract.errors import ChannelHopError, ConfigError
+from firmware_agent.stages.batch import KIND_PROBE
 from firmware_agent.stages.capture import (
     LINKTYPE_AVS,
     LINKTYPE_IEEE802_11,
@@ -36,7 +37,7 @@ from firmware_agent.stages.live import (
     _release_blocks,
     _take_blocks,
 )
-from firmware_agent.stages.parse import KIND_PROBE, parse_batch
+from firmware_agent.stages.parse import parse_batch
 from tests.support.netns import require
 
 SNAPLEN = 0x40000

@@ -36,9 +36,8 @@ from firmware_agent.contract.messages import AgentId, SiteId, counts_payload, me
 from firmware_agent.service.run import agent_meta
 from firmware_agent.settings import AgentConfig, load_config
 from firmware_agent.stages import anonymize
+from firmware_agent.stages.batch import DWELL_BANDS, NS, WindowCounts, WindowPeople
 from firmware_agent.stages.capture import CaptureReader
-from firmware_agent.stages.count import DWELL_BANDS, NS, WindowCounts
-from firmware_agent.stages.people import WindowPeople
 from firmware_agent.stages.pipeline import Pipeline
 from firmware_agent.stages.privacy import (
     COLLISION_FLOOR,

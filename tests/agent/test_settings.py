@@ -10,7 +10,7 @@ import pytest
 
 from firmware_agent.contract.errors import ConfigError
 from firmware_agent.settings import SETTINGS, EpochClock, load_config
-from firmware_agent.stages.count import NS
+from firmware_agent.stages.batch import NS
 
 
 def _write(tmp_path: Path, text: str) -> Path:

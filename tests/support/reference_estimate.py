@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, tzinfo
 
+from firmware_agent.stages.batch import KIND_PROBE, RSSI_MISSING
 from firmware_agent.stages.estimate import (
     AUTO,
     AUTO_FALLBACK_DBM,
@@ -17,7 +18,6 @@ from firmware_agent.stages.estimate import (
     EstimateSettings,
     WindowEstimate,
 )
-from firmware_agent.stages.parse import KIND_PROBE, RSSI_MISSING
 
 NS = 1_000_000_000
 
