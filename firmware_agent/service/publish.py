@@ -74,6 +74,7 @@ from firmware_agent.contract.messages import (
     utc_text,
     verify_key_from_text,
 )
+from firmware_agent.contract.resolve import setting
 from firmware_agent.service.spool import Spool, SpooledMessage, SpoolSettings, SpoolState
 
 __all__ = ["Backoff", "BrokerSettings", "Connection", "Publisher", "reason_in_words"]
@@ -89,24 +90,54 @@ _ACK_DELAY_S = 0.05  # longest an acknowledgement waits for its commit
 class BrokerSettings:
     """Where the broker is and how to talk to it; checked where made."""
 
-    host: str = "localhost"
-    port: int = 1883
-    hosts: str = ""  # more host:port pairs, tried in turn
-    username: str = ""
-    password: str = field(default="", repr=False)
-    tls_ca: str = ""  # "": no TLS; "system": the system's CAs; else a PEM file
-    tls_cert: str = ""
-    tls_key: str = ""
-    keepalive_s: int = 60
-    protocol: str = "5"
-    max_inflight: int = 64
-    connect_timeout_s: int = 10
-    backoff_initial_ms: int = 500
-    backoff_max_s: int = 60
-    stop_grace_s: int = 10
-    receipt_key: str = ""  # the aggregator's receipt public key, base64; "": PUBACK is enough
-    receipt_timeout_s: int = 60
-    resend_per_s: int = 100
+    host: str = setting("localhost", "MQTT broker host name or address.")
+    port: int = setting(1883, "MQTT broker port (8883 is usual with TLS).")
+    hosts: str = setting(  # more host:port pairs, tried in turn
+        "",
+        "More brokers, tried in turn after broker.host:broker.port fails or is lost: host:port "
+        "pairs separated by commas (the other nodes of a cluster). Empty: broker.host only.",
+    )
+    username: str = setting("", "User name at the broker (empty: none).")
+    password: str = setting("", "Password at the broker.", secret=True)
+    tls_ca: str = setting(  # "": no TLS; "system": the system's CAs; else a PEM file
+        "",
+        "CA certificate file (PEM) that signed the broker's certificate; 'system' uses the "
+        "system's CAs; empty: no TLS.",
+    )
+    tls_cert: str = setting("", "Client certificate file (PEM) for TLS, if the broker wants one.")
+    tls_key: str = setting("", "Private key file (PEM) of the client certificate.")
+    keepalive_s: int = setting(
+        60, "Keep-alive (s): a silent connection is declared lost after about twice this."
+    )
+    protocol: str = setting(
+        "5", "MQTT version: '5' or '3.1.1' (no message needs 5).", choices=tuple(PROTOCOLS)
+    )
+    max_inflight: int = setting(
+        64, "Counts messages sent and not yet acknowledged (QoS 1), at most."
+    )
+    connect_timeout_s: int = setting(10, "How long (s) a connection attempt may take.")
+    backoff_initial_ms: int = setting(
+        500, "First wait (ms) before reconnecting; it doubles at each failure, with jitter."
+    )
+    backoff_max_s: int = setting(60, "Longest wait (s) between reconnection attempts.")
+    stop_grace_s: int = setting(
+        10, "On SIGTERM, how long (s) to keep sending spooled windows before going offline."
+    )
+    receipt_key: str = setting(  # the aggregator's receipt public key, base64; "": PUBACK is enough
+        "",
+        "The aggregator's receipt public key (base64, 'footfall-aggregator receipt-key' prints "
+        "it): a window then leaves the spool only when a receipt signed with it says the "
+        "aggregator stored it, and is sent again when none does. Empty: a window leaves the "
+        "spool on the broker's acknowledgement (an aggregator without receipts).",
+    )
+    receipt_timeout_s: int = setting(
+        60,
+        "With broker.receipt_key: a window sent this long (s) ago and still not in a receipt "
+        "is sent again, oldest first.",
+    )
+    resend_per_s: int = setting(
+        100, "With broker.receipt_key: windows sent again per second, at most."
+    )
 
     def __post_init__(self) -> None:
         problems = []

@@ -23,6 +23,11 @@ __all__ = [
     "KIND_MALFORMED",
     "KIND_NO_SA",
     "KIND_PROBE",
+    "LINKTYPE_AVS",
+    "LINKTYPE_IEEE802_11",
+    "LINKTYPE_PPI",
+    "LINKTYPE_PRISM",
+    "LINKTYPE_RADIOTAP",
     "NS",
     "RSSI_MISSING",
     "SSID_DIRECTED",
@@ -36,6 +41,13 @@ __all__ = [
 ]
 
 NS = 1_000_000_000
+
+# FrameBatch.link_types: the pcap link types of the 802.11 frames the parser reads.
+LINKTYPE_IEEE802_11 = 105
+LINKTYPE_PRISM = 119
+LINKTYPE_RADIOTAP = 127
+LINKTYPE_AVS = 163
+LINKTYPE_PPI = 192
 
 # ProbeBatch.kind: what a row is (bits).
 KIND_PROBE = 1

@@ -63,14 +63,16 @@ from numpy.typing import NDArray
 
 from firmware_agent.contract.errors import CaptureError, NotACaptureError, UnsupportedLinkTypeError
 from firmware_agent.kernels import kernel
-from firmware_agent.stages.batch import FrameBatch
+from firmware_agent.stages.batch import (
+    LINKTYPE_AVS,
+    LINKTYPE_IEEE802_11,
+    LINKTYPE_PPI,
+    LINKTYPE_PRISM,
+    LINKTYPE_RADIOTAP,
+    FrameBatch,
+)
 
 __all__ = [
-    "LINKTYPE_AVS",
-    "LINKTYPE_IEEE802_11",
-    "LINKTYPE_PPI",
-    "LINKTYPE_PRISM",
-    "LINKTYPE_RADIOTAP",
     "MAX_CAPLEN",
     "SUPPORTED_LINK_TYPES",
     "CaptureReader",
@@ -81,11 +83,6 @@ __all__ = [
 log = logging.getLogger("footfall.agent")
 T = TypeVar("T")
 
-LINKTYPE_IEEE802_11: Final = 105
-LINKTYPE_PRISM: Final = 119
-LINKTYPE_RADIOTAP: Final = 127
-LINKTYPE_AVS: Final = 163
-LINKTYPE_PPI: Final = 192
 SUPPORTED_LINK_TYPES: dict[int, str] = {
     LINKTYPE_IEEE802_11: "IEEE 802.11",
     LINKTYPE_PRISM: "Prism",

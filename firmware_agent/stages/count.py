@@ -42,12 +42,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
-from firmware_agent.contract.errors import ConfigError
 from firmware_agent.kernels import kernel
 from firmware_agent.kernels.table import KeyedRows, rehash, slot
 from firmware_agent.stages.batch import (
@@ -60,6 +58,7 @@ from firmware_agent.stages.batch import (
     DeviceBatch,
     WindowCounts,
 )
+from firmware_agent.stages.config import CountSettings
 
 log = logging.getLogger("footfall.agent")
 
@@ -98,41 +97,6 @@ _NCLOCK = 7
 # these, not the table: its cost follows the devices heard lately, not the epoch's.
 _L_OPEN = 2
 _NONE = np.iinfo(np.int64).min
-
-
-@dataclass(frozen=True, slots=True)
-class CountSettings:
-    """How frames become counts; checked where made."""
-
-    window_s: int = 300
-    lateness_s: int = 10
-    rssi_threshold_dbm: int = -75
-    min_dwell_s: int = 120
-    visit_gap_s: int = 600
-    max_devices: int = 250_000  # the device table's ceiling; the oldest silent rows go first
-
-    def __post_init__(self) -> None:
-        if not (60 <= self.window_s <= 3600 and 3600 % self.window_s == 0):
-            raise ConfigError(
-                f"window_s must be a divisor of 3600 between 60 and 3600, got {self.window_s}"
-            )
-        if not 0 <= self.lateness_s < self.window_s:
-            raise ConfigError(
-                f"lateness_s must be at least 0 and less than window_s ({self.window_s}), "
-                f"got {self.lateness_s}"
-            )
-        if not -120 <= self.rssi_threshold_dbm <= 0:
-            raise ConfigError(
-                f"rssi_threshold_dbm must be between -120 and 0 dBm, got {self.rssi_threshold_dbm}"
-            )
-        if self.min_dwell_s < 0:
-            raise ConfigError(f"min_dwell_s must be 0 or more seconds, got {self.min_dwell_s}")
-        if self.visit_gap_s < 60:
-            raise ConfigError(f"visit_gap_s must be at least 60 seconds, got {self.visit_gap_s}")
-        if not 1024 <= self.max_devices <= 100_000_000:
-            raise ConfigError(
-                f"max_devices must be between 1024 and 100000000, got {self.max_devices}"
-            )
 
 
 @kernel()

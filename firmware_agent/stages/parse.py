@@ -47,19 +47,17 @@ from firmware_agent.stages.batch import (
     KIND_MALFORMED,
     KIND_NO_SA,
     KIND_PROBE,
+    LINKTYPE_AVS,
+    LINKTYPE_IEEE802_11,
+    LINKTYPE_PPI,
+    LINKTYPE_PRISM,
+    LINKTYPE_RADIOTAP,
     RSSI_MISSING,
     SSID_DIRECTED,
     SSID_NONE,
     SSID_WILDCARD,
     FrameBatch,
     ProbeBatch,
-)
-from firmware_agent.stages.capture import (
-    LINKTYPE_AVS,
-    LINKTYPE_IEEE802_11,
-    LINKTYPE_PPI,
-    LINKTYPE_PRISM,
-    LINKTYPE_RADIOTAP,
 )
 
 __all__ = [

@@ -62,8 +62,7 @@ from firmware_agent.stages.batch import (
     RSSI_MISSING,
     WindowPeople,
 )
-from firmware_agent.stages.count import CountSettings
-from firmware_agent.stages.estimate import Calibration, EstimateSettings
+from firmware_agent.stages.config import Calibration, CountSettings, EstimateSettings
 
 __all__ = [
     "SAMPLE_S",

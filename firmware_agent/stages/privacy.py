@@ -65,6 +65,7 @@ from numpy.typing import NDArray
 
 from firmware_agent.contract.errors import ConfigError
 from firmware_agent.contract.messages import DIAGNOSTICS, PEOPLE_FIGURES
+from firmware_agent.contract.resolve import setting
 from firmware_agent.stages.batch import DWELL_BANDS, FRAMES_PER_DEVICE, DeviceBatch, WindowCounts
 
 __all__ = [
@@ -182,14 +183,42 @@ def discrete_laplace(scale_epsilon: float) -> int:
     return geometric() - geometric()
 
 
+def _epsilon(text: str) -> float | None:
+    """``privacy.dp_epsilon``: None for 'off'."""
+    value = text.strip().lower()
+    try:
+        return None if value in ("off", "", "none") else float(value)
+    except ValueError as exc:
+        raise ConfigError(
+            f"privacy.dp_epsilon must be 'off' or a number such as '0.5', got {value!r}"
+        ) from exc
+
+
 @dataclass(frozen=True, slots=True)
 class PrivacyPolicy:
     """The privacy settings, checked against the rules of their mode where they are made."""
 
-    mode: Mode = "standard"
-    suppress_below: int = 5
-    dp_epsilon: float | None = None
-    expected_devices: int = 100
+    mode: Mode = setting(
+        "standard",
+        "'standard' (keyed device ids for at most 24 h: dwell, visits, unique-today) or "
+        "'strict' (nothing per device outlives a window of at most 10 min; truncated ids).",
+        choices=MODES,
+    )
+    suppress_below: int = setting(
+        5,
+        "k: device counts from 1 to k-1 are published as suppressed, with any count that "
+        "would give them back by subtraction. 2 to 1000.",
+    )
+    dp_epsilon: float | None = setting(
+        "off",
+        "Per-window epsilon of discrete Laplace noise on published device counts, or 'off'.",
+        parse=_epsilon,
+    )
+    expected_devices: int = setting(
+        100,
+        "Strict mode: devices expected in a window at busy times; sets the bits kept of a "
+        "device id so that most devices share their value.",
+    )
     window_s: int = 300
     key_lifetime_s: int = STANDARD_MAX_KEY_S
     lateness_s: int = 10
@@ -242,30 +271,6 @@ class PrivacyPolicy:
                 f"(pseudonymised, then deleted): epoch.length {self.key_lifetime_s} s breaks "
                 "that rule"
             )
-
-    @classmethod
-    def from_settings(
-        cls, values: Mapping[str, int | str], window_s: int, key_lifetime_s: int, lateness_s: int
-    ) -> PrivacyPolicy:
-        text = str(values["privacy.dp_epsilon"]).strip().lower()
-        try:
-            epsilon = None if text in ("off", "", "none") else float(text)
-        except ValueError as exc:
-            raise ConfigError(
-                f"privacy.dp_epsilon must be 'off' or a number such as '0.5', got {text!r}"
-            ) from exc
-        mode = str(values["privacy.mode"]).strip().lower()
-        if mode not in MODES:
-            raise ConfigError(f"privacy.mode must be 'standard' or 'strict', got {mode!r}")
-        return cls(
-            mode=mode,  # checked just above
-            suppress_below=int(values["privacy.suppress_below"]),
-            dp_epsilon=epsilon,
-            expected_devices=int(values["privacy.expected_devices"]),
-            window_s=window_s,
-            key_lifetime_s=key_lifetime_s,
-            lateness_s=lateness_s,
-        )
 
     @property
     def strict(self) -> bool:

@@ -21,7 +21,8 @@ from firmware_agent.stages.batch import (
     DeviceBatch,
     WindowCounts,
 )
-from firmware_agent.stages.count import CountSettings, WindowCounter
+from firmware_agent.stages.config import CountSettings
+from firmware_agent.stages.count import WindowCounter
 
 T0 = 1_699_999_200 * NS  # a whole hour
 

@@ -45,6 +45,11 @@ from firmware_agent.stages.batch import (
     KIND_MALFORMED,
     KIND_NO_SA,
     KIND_PROBE,
+    LINKTYPE_AVS,
+    LINKTYPE_IEEE802_11,
+    LINKTYPE_PPI,
+    LINKTYPE_PRISM,
+    LINKTYPE_RADIOTAP,
     RSSI_MISSING,
     SSID_DIRECTED,
     SSID_NONE,
@@ -52,14 +57,7 @@ from firmware_agent.stages.batch import (
     FrameBatch,
     ProbeBatch,
 )
-from firmware_agent.stages.capture import (
-    LINKTYPE_AVS,
-    LINKTYPE_IEEE802_11,
-    LINKTYPE_PPI,
-    LINKTYPE_PRISM,
-    LINKTYPE_RADIOTAP,
-    CaptureReader,
-)
+from firmware_agent.stages.capture import CaptureReader
 from firmware_agent.stages.parse import parse_batch
 from tests.support import reference_parse as ref
 from tests.support.reference_parse import Row, reference_parse

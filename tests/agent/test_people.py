@@ -12,7 +12,8 @@ import pytest
 
 from firmware_agent.cli import BUNDLED_SAMPLE
 from firmware_agent.contract.errors import ConfigError
-from firmware_agent.settings import AgentConfig, load_config
+from firmware_agent.service.config import AgentConfig
+from firmware_agent.settings import load_config
 from firmware_agent.stages.batch import (
     KIND_PROBE,
     NS,

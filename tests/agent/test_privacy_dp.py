@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from firmware_agent.contract.errors import CaptureError
-from firmware_agent.settings import AgentConfig, load_config
+from firmware_agent.service.config import AgentConfig
+from firmware_agent.settings import load_config
 from firmware_agent.stages import pipeline
 from firmware_agent.stages.anonymize import EpochKey
 from firmware_agent.stages.batch import FRAMES_PER_DEVICE, KIND_PROBE, ProbeBatch, WindowCounts

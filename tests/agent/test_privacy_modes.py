@@ -33,8 +33,9 @@ from hypothesis import strategies as st
 from firmware_agent.cli import BUNDLED_SAMPLE
 from firmware_agent.contract.errors import ConfigError
 from firmware_agent.contract.messages import AgentId, SiteId, counts_payload, meta_payload, seal
+from firmware_agent.service.config import AgentConfig
 from firmware_agent.service.run import agent_meta
-from firmware_agent.settings import AgentConfig, load_config
+from firmware_agent.settings import load_config
 from firmware_agent.stages import anonymize
 from firmware_agent.stages.batch import DWELL_BANDS, NS, WindowCounts, WindowPeople
 from firmware_agent.stages.capture import CaptureReader

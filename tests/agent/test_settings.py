@@ -9,8 +9,9 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from firmware_agent.contract.errors import ConfigError
-from firmware_agent.settings import SETTINGS, EpochClock, load_config
+from firmware_agent.settings import SETTINGS, load_config
 from firmware_agent.stages.batch import NS
+from firmware_agent.stages.config import EpochClock
 
 
 def _write(tmp_path: Path, text: str) -> Path:

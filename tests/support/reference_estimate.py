@@ -8,14 +8,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, tzinfo
 
 from firmware_agent.stages.batch import KIND_PROBE, RSSI_MISSING
+from firmware_agent.stages.config import AUTO, EstimateSettings
 from firmware_agent.stages.estimate import (
-    AUTO,
     AUTO_FALLBACK_DBM,
     AUTO_MIN_CHAINS,
     AUTO_RANGE_DBM,
     AUTO_STEP_S,
     RING,
-    EstimateSettings,
     WindowEstimate,
 )
 
