@@ -4,11 +4,11 @@ epoch clock and the calibration, each declared once on its field (:func:`setting
 They sit here rather than in their stage's module because those modules compile kernels when
 imported: ``footfall-agent config show``, the settings registry (:mod:`firmware_agent.settings`)
 and the privacy report read these classes without loading numba (``import
-firmware_agent.settings`` took 0.92 s with the stages' modules, numba and llvmlite; 0.2 s now,
-tests/agent/test_settings.py holds it). The privacy stage's settings stay on its own
-:class:`~firmware_agent.stages.privacy.PrivacyPolicy` (that module compiles nothing), the
-service's on its modules' classes. Each class checks its values where it is made, naming the
-setting.
+firmware_agent.settings`` took 1.3-1.4 s with the stages' modules, numba and llvmlite; 0.4-0.55 s
+now, mostly numpy, on the 2-core test machine; tests/agent/test_settings.py holds it). The
+privacy stage's settings stay on its own :class:`~firmware_agent.stages.privacy.PrivacyPolicy`
+(that module compiles nothing), the service's on its modules' classes. Each class checks its
+values where it is made, naming the setting.
 """
 
 from __future__ import annotations
