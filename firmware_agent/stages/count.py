@@ -62,7 +62,7 @@ from firmware_agent.stages.config import CountSettings
 
 log = logging.getLogger("footfall.agent")
 
-__all__ = ["CountSettings", "WindowCounter"]
+__all__ = ["WindowCounter"]
 
 # Device table columns (int64).
 # A row is 10 x 8 bytes and its key 8; with the slot lists (12 bytes a slot) and the table
