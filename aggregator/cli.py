@@ -28,6 +28,7 @@ from aggregator.store import AgentHealth, Store, engine_url
 from firmware_agent.contract.checks import exit_status, print_table
 from firmware_agent.contract.command_line import run_command
 from firmware_agent.contract.messages import public_key_text
+from firmware_agent.contract.resolve import show
 
 log = logging.getLogger("footfall.aggregator")
 
@@ -421,12 +422,8 @@ def cmd_receipt_key(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    rows = _config(args).show()
-    width = max(len(name) for name, _, _ in rows)
-    for (name, value, source), setting in zip(rows, SETTINGS, strict=True):
-        print(f"{name:<{width}}  {value:<12}  ({source})")
-        if args.help_text:
-            print(f"    {setting.help}")
+    config = _config(args)
+    print(show(SETTINGS, config.values, config.sources, help_text=args.help_text))
     return 0
 
 

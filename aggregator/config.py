@@ -1,8 +1,10 @@
-"""The aggregator's settings: one registry drives the TOML file, ``FOOTFALL_AGG_*`` variables,
-command-line overrides and ``footfall-aggregator config show``.
+"""The aggregator's settings: each declared once, on the field of its settings class
+(:func:`~firmware_agent.contract.resolve.setting`); the registry (:data:`SETTINGS`) made from
+them drives the TOML file, ``FOOTFALL_AGG_*`` variables, command-line overrides and
+``footfall-aggregator config show``, through the agent's settings machinery.
 
 Every setting has a dotted name (``store.dsn`` is ``dsn`` in the ``[store]`` table of
-``/etc/footfall/aggregator.toml``), a default, a type and a help text. Precedence, lowest
+``/etc/footfall/aggregator.toml``), a default, a kind and a help text. Precedence, lowest
 first: default, config file, environment (``FOOTFALL_AGG_STORE_DSN``), flag (``--set``).
 Unknown keys are errors, and so are values of the wrong type or out of range: each error names
 the setting, the bad value and where it came from.
@@ -15,23 +17,30 @@ import os
 import re
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from aggregator.errors import ConfigError
 from firmware_agent.contract.broker import BrokerBase
-from firmware_agent.contract.resolve import Setting as _Setting
-from firmware_agent.contract.resolve import resolve
+from firmware_agent.contract.resolve import (
+    Setting,
+    Value,
+    build,
+    declared,
+    redefault,
+    resolve,
+    setting,
+)
 
 __all__ = [
     "DEFAULT_CONFIG",
+    "SECTIONS",
     "SETTINGS",
     "AggregatorConfig",
     "BrokerSettings",
     "IngestSettings",
     "ServeSettings",
-    "Setting",
     "StoreSettings",
     "load_config",
 ]
@@ -40,226 +49,42 @@ DEFAULT_CONFIG = Path("/etc/footfall/aggregator.toml")
 SQLITE_FILE = "aggregator.sqlite3"
 
 
-def Setting(name: str, default: int | str, help: str, secret: bool = False) -> _Setting:  # noqa: N802
-    """A setting of the aggregator's: its variables are FOOTFALL_AGG_*."""
-    return _Setting(name, default, help, secret, env_prefix="FOOTFALL_AGG_")
-
-
-SETTINGS: tuple[_Setting, ...] = (
-    Setting(
-        "store.data_dir",
-        "/var/lib/footfall-aggregator",
-        f"Directory of the aggregator's files: the SQLite database ({SQLITE_FILE}) when "
-        "store.dsn is empty.",
-    ),
-    Setting(
-        "store.dsn",
-        "",
-        "Database URL: empty for SQLite in store.data_dir; 'sqlite:///PATH'; or PostgreSQL, "
-        "'postgresql://USER:PASSWORD@HOST:PORT/DB' (driven by psycopg 3).",
-        secret=True,
-    ),
-    Setting(
-        "store.schema",
-        "",
-        "PostgreSQL schema that holds the aggregator's tables (empty: the server's search_path, "
-        "usually 'public'). Created if missing.",
-    ),
-    Setting(
-        "store.retention_days",
-        90,
-        "Days of fine (per-window) counts kept; older windows are deleted, their hourly and "
-        "daily roll-ups stay. 0 keeps every window.",
-    ),
-    Setting("broker.host", "localhost", "MQTT broker host name or address."),
-    Setting("broker.port", 1883, "MQTT broker port (8883 is usual with TLS)."),
-    Setting("broker.username", "aggregator", "User name at the broker (empty: none)."),
-    Setting("broker.password", "", "Password at the broker.", secret=True),
-    Setting(
-        "broker.tls_ca",
-        "",
-        "CA certificate file (PEM) that signed the broker's certificate; 'system' uses the "
-        "system's CAs; empty: no TLS.",
-    ),
-    Setting("broker.tls_cert", "", "Client certificate file (PEM), if the broker wants one."),
-    Setting("broker.tls_key", "", "Private key file (PEM) of the client certificate."),
-    Setting("broker.keepalive_s", 30, "Keep-alive (s): a silent connection is lost after ~2x."),
-    Setting(
-        "broker.protocol",
-        "5",
-        "MQTT version: '5', or '3.1.1' for a broker without 5 (amqtt, the demo's embedded one): "
-        "no shared subscription (ingest.share_group must be empty), no session expiry or "
-        "receive maximum (the broker's own limits apply).",
-    ),
-    Setting("broker.connect_timeout_s", 10, "How long (s) a connection attempt may take."),
-    Setting("broker.backoff_max_s", 30, "Longest wait (s) between reconnection attempts."),
-    Setting(
-        "broker.kind",
-        "mqtt",
-        "Where ingest reads the agents' messages: 'mqtt' (a broker such as Mosquitto, at "
-        "broker.host:broker.port) or 'jetstream' (streams on a NATS cluster, at broker.servers; "
-        "the agents still publish over MQTT, to the cluster's MQTT listener).",
-    ),
-    Setting(
-        "broker.servers",
-        "",
-        "NATS servers for broker.kind = 'jetstream', comma-separated "
-        "(nats://n1:4222,nats://n2:4222,...; tls:// with broker.tls_ca). Empty: "
-        "nats://broker.host:4222.",
-    ),
-    Setting(
-        "broker.stream_replicas",
-        1,
-        "JetStream: copies of each stream (1, or 3 on a 3-node cluster), set when "
-        "footfall-aggregator creates or updates its streams.",
-    ),
-    Setting(
-        "broker.ack_wait_s",
-        30,
-        "JetStream: a message an ingest process took and did not acknowledge within this many "
-        "seconds (it died, or its database hangs) goes to another ingest process.",
-    ),
-    Setting(
-        "ingest.replica",
-        "",
-        "Name of this ingest process among its replicas ('a', 'b', or a systemd instance's %i): "
-        "the default ingest.client_id is 'footfall-aggregator-<replica>', the same whatever "
-        "the host is called. Empty: the host name (set it where the host name changes at each "
-        "start, as in a container).",
-    ),
-    Setting(
-        "ingest.client_id",
-        "",
-        "MQTT client id of this ingest process; its persistent session (and the messages the "
-        "broker holds for it) is found again by this id, so it must be stable across restarts "
-        "and unique per process (empty: 'footfall-aggregator-<ingest.replica>').",
-    ),
-    Setting(
-        "ingest.share_group",
-        "footfall",
-        "Shared-subscription group: ingest processes in one group split the counts between "
-        "them ($share/<group>/footfall/v1/+/+/counts). Empty: a plain subscription, for a "
-        "single ingest process (Mosquitto 2.0 keeps it over a broker restart, but not a shared "
-        "one: see docs/aggregator.md).",
-    ),
-    Setting(
-        "ingest.session_expiry_s",
-        7 * 86400,
-        "How long (s) the broker keeps this process's session, and the counts queued for it, "
-        "while the process is away (MQTT 5; with 3.1.1 the broker decides).",
-    ),
-    Setting(
-        "ingest.receive_maximum",
-        2000,
-        "Messages the broker may send before this process acknowledges them (MQTT 5 Receive "
-        "Maximum); at least twice ingest.batch_max.",
-    ),
-    Setting(
-        "ingest.batch_max",
-        500,
-        "Messages stored per database transaction, at most; each is acknowledged once its "
-        "transaction commits.",
-    ),
-    Setting(
-        "ingest.batch_wait_ms",
-        50,
-        "Longest wait (ms) for more messages before a partial batch is committed.",
-    ),
-    Setting(
-        "ingest.verify_threads",
-        2,
-        "Threads that check signatures (Ed25519 runs outside Python's GIL, so two use two "
-        "cores); 1 checks in the worker itself.",
-    ),
-    Setting(
-        "ingest.max_message_bytes",
-        65536,
-        "Messages larger than this (bytes) are refused unread (a counts message is ~600); "
-        "announced to the broker, with 1024 bytes for the topic, as the MQTT 5 Maximum Packet "
-        "Size, so it drops larger ones.",
-    ),
-    Setting(
-        "ingest.max_window_age_days",
-        3650,
-        "Counts windows that start more than this many days before they arrive are refused "
-        "(window_range): an agent's spool and a replayed capture are younger.",
-    ),
-    Setting(
-        "ingest.max_window_lead_s",
-        3600,
-        "Counts windows that start more than this many seconds after they arrive are refused "
-        "(window_range): a closed window never starts in the future; this allows clock skew.",
-    ),
-    Setting(
-        "ingest.database_retry_s",
-        600,
-        "How long (s) ingest retries a database that cannot be reached before it exits non-zero "
-        "for its supervisor to start it again (the broker keeps what it has not stored); 0: "
-        "retry for ever.",
-    ),
-    Setting(
-        "ingest.log_interval_s",
-        60,
-        "A refusal is logged once per reason and agent per this many seconds (then counted "
-        "only); a summary line is logged as often.",
-    ),
-    Setting(
-        "ingest.receipt_key_file",
-        "",
-        "The aggregator's receipt signing key (Ed25519; made, mode 0600, if missing): every "
-        "ingest replica needs the same file, and agents its public key "
-        "('footfall-aggregator receipt-key'). Empty: receipt.key in store.data_dir.",
-    ),
-    Setting(
-        "ingest.receipt_interval_ms",
-        1000,
-        "Least time (ms) between two receipts to one agent; a receipt that changes in between "
-        "goes out when it is over.",
-    ),
-    Setting(
-        "ingest.prune_interval_s",
-        3600,
-        "How often (s) ingest deletes windows older than store.retention_days.",
-    ),
-    Setting("serve.host", "127.0.0.1", "Address the API and dashboard listen on."),
-    Setting("serve.port", 8080, "Port of the API and dashboard (HTTP; put TLS in front)."),
-    Setting(
-        "serve.ingest",
-        "on",
-        "'on': 'serve' also runs ingest in the same process (a single-site install); 'off': "
-        "API and dashboard only, with 'footfall-aggregator ingest' run apart (for scale).",
-    ),
-    Setting("serve.session_hours", 12, "How long (h) a dashboard sign-in lasts."),
-    Setting(
-        "serve.secure_cookies",
-        "auto",
-        "Mark cookies Secure: 'auto' when the request came over https (set the proxy's "
-        "X-Forwarded-Proto and serve.forwarded_allow_ips), 'on' always, 'off' never.",
-    ),
-    Setting(
-        "serve.forwarded_allow_ips",
-        "",
-        "Reverse proxies whose X-Forwarded-For/-Proto headers are believed: comma-separated "
-        "addresses or networks (e.g. '127.0.0.1,10.0.0.0/8'). Empty (the default): none, the "
-        "client is the TCP peer. The login limiter counts by this client address, so a proxy "
-        "listed here must set X-Forwarded-For itself.",
-    ),
-)
-_BY_NAME = {s.name: s for s in SETTINGS}
-
-
 def _check(problems: list[str], ok: bool, message: str) -> None:
     if not ok:
         problems.append(message)
+
+
+def mask_dsn(dsn: str) -> str:
+    """A database URL with its password replaced by stars."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1********@", dsn)
 
 
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
     """Where the data lives and how long fine windows stay."""
 
-    dsn: str = field(repr=False)
-    schema: str = ""
-    retention_days: int = 90
+    dsn: str = setting(
+        "",
+        "Database URL: empty for SQLite in store.data_dir; 'sqlite:///PATH'; or PostgreSQL, "
+        "'postgresql://USER:PASSWORD@HOST:PORT/DB' (driven by psycopg 3).",
+        secret=mask_dsn,
+    )
+    schema: str = setting(
+        "",
+        "PostgreSQL schema that holds the aggregator's tables (empty: the server's search_path, "
+        "usually 'public'). Created if missing.",
+    )
+    retention_days: int = setting(
+        90,
+        "Days of fine (per-window) counts kept; older windows are deleted, their hourly and daily "
+        "roll-ups stay. 0 keeps every window.",
+    )
+    data_dir: Path = setting(
+        "/var/lib/footfall-aggregator",
+        f"Directory of the aggregator's files: the SQLite database ({SQLITE_FILE}) when "
+        "store.dsn is empty.",
+        parse=Path,
+    )
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -300,13 +125,40 @@ class BrokerSettings(BrokerBase):
     broker's kind, with JetStream's servers, replicas and acknowledgement wait."""
 
     config_error: ClassVar[type[Exception]] = ConfigError
-    username: str = "aggregator"
-    keepalive_s: int = 30
-    backoff_max_s: int = 30
-    kind: str = "mqtt"
-    servers: str = ""
-    stream_replicas: int = 1
-    ack_wait_s: int = 30
+    username: str = redefault(BrokerBase, "username", "aggregator")
+    keepalive_s: int = redefault(BrokerBase, "keepalive_s", 30)
+    backoff_max_s: int = redefault(BrokerBase, "backoff_max_s", 30)
+    protocol: str = redefault(
+        BrokerBase,
+        "protocol",
+        "5",
+        "MQTT version: '5', or '3.1.1' for a broker without 5 (amqtt, the demo's embedded one): no"
+        " shared subscription (ingest.share_group must be empty), no session expiry or receive "
+        "maximum (the broker's own limits apply).",
+    )
+    kind: str = setting(
+        "mqtt",
+        "Where ingest reads the agents' messages: 'mqtt' (a broker such as Mosquitto, at "
+        "broker.host:broker.port) or 'jetstream' (streams on a NATS cluster, at broker.servers; "
+        "the agents still publish over MQTT, to the cluster's MQTT listener).",
+        choices=("mqtt", "jetstream"),
+    )
+    servers: str = setting(
+        "",
+        "NATS servers for broker.kind = 'jetstream', comma-separated "
+        "(nats://n1:4222,nats://n2:4222,...; tls:// with broker.tls_ca). Empty: "
+        "nats://broker.host:4222.",
+    )
+    stream_replicas: int = setting(
+        1,
+        "JetStream: copies of each stream (1, or 3 on a 3-node cluster), set when "
+        "footfall-aggregator creates or updates its streams.",
+    )
+    ack_wait_s: int = setting(
+        30,
+        "JetStream: a message an ingest process took and did not acknowledge within this many "
+        "seconds (it died, or its database hangs) goes to another ingest process.",
+    )
 
     def problems(self) -> list[str]:
         problems = BrokerBase.problems(self)
@@ -351,21 +203,90 @@ class BrokerSettings(BrokerBase):
 class IngestSettings:
     """How ingest subscribes, batches and refuses."""
 
-    client_id: str = "footfall-aggregator"
-    share_group: str = "footfall"
-    session_expiry_s: int = 7 * 86400
-    receive_maximum: int = 2000
-    batch_max: int = 500
-    batch_wait_ms: int = 50
-    verify_threads: int = 2
-    max_message_bytes: int = 65536
-    max_window_age_days: int = 3650
-    max_window_lead_s: int = 3600
-    database_retry_s: int = 600
-    log_interval_s: int = 60
-    prune_interval_s: int = 3600
-    receipt_key_file: str = "receipt.key"
-    receipt_interval_ms: int = 1000
+    client_id: str = setting(
+        "",
+        "MQTT client id of this ingest process; its persistent session (and the messages the "
+        "broker holds for it) is found again by this id, so it must be stable across restarts and "
+        "unique per process (empty: 'footfall-aggregator-<ingest.replica>').",
+    )
+    share_group: str = setting(
+        "footfall",
+        "Shared-subscription group: ingest processes in one group split the counts between them "
+        "($share/<group>/footfall/v1/+/+/counts). Empty: a plain subscription, for a single ingest"
+        " process (Mosquitto 2.0 keeps it over a broker restart, but not a shared one: see "
+        "docs/aggregator.md).",
+    )
+    session_expiry_s: int = setting(
+        604800,
+        "How long (s) the broker keeps this process's session, and the counts queued for it, while"
+        " the process is away (MQTT 5; with 3.1.1 the broker decides).",
+    )
+    receive_maximum: int = setting(
+        2000,
+        "Messages the broker may send before this process acknowledges them (MQTT 5 Receive "
+        "Maximum); at least twice ingest.batch_max.",
+    )
+    batch_max: int = setting(
+        500,
+        "Messages stored per database transaction, at most; each is acknowledged once its "
+        "transaction commits.",
+    )
+    batch_wait_ms: int = setting(
+        50, "Longest wait (ms) for more messages before a partial batch is committed."
+    )
+    verify_threads: int = setting(
+        2,
+        "Threads that check signatures (Ed25519 runs outside Python's GIL, so two use two cores); "
+        "1 checks in the worker itself.",
+    )
+    max_message_bytes: int = setting(
+        65536,
+        "Messages larger than this (bytes) are refused unread (a counts message is ~600); "
+        "announced to the broker, with 1024 bytes for the topic, as the MQTT 5 Maximum Packet "
+        "Size, so it drops larger ones.",
+    )
+    max_window_age_days: int = setting(
+        3650,
+        "Counts windows that start more than this many days before they arrive are refused "
+        "(window_range): an agent's spool and a replayed capture are younger.",
+    )
+    max_window_lead_s: int = setting(
+        3600,
+        "Counts windows that start more than this many seconds after they arrive are refused "
+        "(window_range): a closed window never starts in the future; this allows clock skew.",
+    )
+    database_retry_s: int = setting(
+        600,
+        "How long (s) ingest retries a database that cannot be reached before it exits non-zero "
+        "for its supervisor to start it again (the broker keeps what it has not stored); 0: retry "
+        "for ever.",
+    )
+    log_interval_s: int = setting(
+        60,
+        "A refusal is logged once per reason and agent per this many seconds (then counted only); "
+        "a summary line is logged as often.",
+    )
+    prune_interval_s: int = setting(
+        3600, "How often (s) ingest deletes windows older than store.retention_days."
+    )
+    receipt_key_file: str = setting(
+        "",
+        "The aggregator's receipt signing key (Ed25519; made, mode 0600, if missing): every ingest"
+        " replica needs the same file, and agents its public key ('footfall-aggregator "
+        "receipt-key'). Empty: receipt.key in store.data_dir.",
+    )
+    receipt_interval_ms: int = setting(
+        1000,
+        "Least time (ms) between two receipts to one agent; a receipt that changes in between goes"
+        " out when it is over.",
+    )
+    replica: str = setting(
+        "",
+        "Name of this ingest process among its replicas ('a', 'b', or a systemd instance's %i): "
+        "the default ingest.client_id is 'footfall-aggregator-<replica>', the same whatever the "
+        "host is called. Empty: the host name (set it where the host name changes at each start, "
+        "as in a container).",
+    )
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -453,12 +374,27 @@ class IngestSettings:
 class ServeSettings:
     """Where the API and dashboard listen, and how they treat sessions."""
 
-    host: str = "127.0.0.1"
-    port: int = 8080
-    ingest: str = "on"
-    session_hours: int = 12
-    secure_cookies: str = "auto"
-    forwarded_allow_ips: str = ""
+    host: str = setting("127.0.0.1", "Address the API and dashboard listen on.")
+    port: int = setting(8080, "Port of the API and dashboard (HTTP; put TLS in front).")
+    ingest: bool = setting(
+        True,
+        "'on': 'serve' also runs ingest in the same process (a single-site install); 'off': API "
+        "and dashboard only, with 'footfall-aggregator ingest' run apart (for scale).",
+    )
+    session_hours: int = setting(12, "How long (h) a dashboard sign-in lasts.")
+    secure_cookies: str = setting(
+        "auto",
+        "Mark cookies Secure: 'auto' when the request came over https (set the proxy's "
+        "X-Forwarded-Proto and serve.forwarded_allow_ips), 'on' always, 'off' never.",
+        choices=("auto", "on", "off"),
+    )
+    forwarded_allow_ips: str = setting(
+        "",
+        "Reverse proxies whose X-Forwarded-For/-Proto headers are believed: comma-separated "
+        "addresses or networks (e.g. '127.0.0.1,10.0.0.0/8'). Empty (the default): none, the "
+        "client is the TCP peer. The login limiter counts by this client address, so a proxy "
+        "listed here must set X-Forwarded-For itself.",
+    )
 
     @property
     def trusted_proxies(self) -> list[str]:
@@ -471,18 +407,8 @@ class ServeSettings:
         _check(problems, 1 <= self.port <= 65535, f"serve.port must be 1 to 65535, got {self.port}")
         _check(
             problems,
-            self.ingest in ("on", "off"),
-            f"serve.ingest must be 'on' or 'off', got {self.ingest!r}",
-        )
-        _check(
-            problems,
             1 <= self.session_hours <= 24 * 90,
             f"serve.session_hours must be between 1 and 2160, got {self.session_hours}",
-        )
-        _check(
-            problems,
-            self.secure_cookies in ("auto", "on", "off"),
-            f"serve.secure_cookies must be 'auto', 'on' or 'off', got {self.secure_cookies!r}",
         )
         for proxy in self.trusted_proxies:
             try:
@@ -496,18 +422,12 @@ class ServeSettings:
             raise ConfigError("; ".join(problems))
 
 
-def mask_dsn(dsn: str) -> str:
-    """A database URL with its password replaced by stars."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1********@", dsn)
-
-
 @dataclass(frozen=True, slots=True)
 class AggregatorConfig:
     """The effective settings, checked, with where each value came from."""
 
-    values: Mapping[str, int | str]
+    values: Mapping[str, Value]
     sources: Mapping[str, str]
-    data_dir: Path
     store: StoreSettings
     broker: BrokerSettings
     ingest: IngestSettings
@@ -521,26 +441,17 @@ class AggregatorConfig:
                 "ingest.share_group = '' (one ingest process) or broker.protocol = '5'"
             )
 
-    def show(self) -> list[tuple[str, str, str]]:
-        """(name, value, source) rows, secrets masked."""
-        rows = []
-        derived = {
-            "store.dsn": self.store.dsn,
-            "ingest.client_id": self.ingest.client_id,
-            "ingest.receipt_key_file": self.ingest.receipt_key_file,
-        }
-        for s in SETTINGS:
-            value = self.values[s.name]
-            if s.name in derived and not value:
-                value = derived[s.name]
-            if s.name == "store.dsn":
-                shown = repr(mask_dsn(str(value)))
-            elif s.secret and value:
-                shown = "'********'"
-            else:
-                shown = repr(value)
-            rows.append((s.name, shown, self.sources[s.name]))
-        return rows
+
+SECTIONS: tuple[tuple[str, type[Any]], ...] = (
+    ("store", StoreSettings),
+    ("broker", BrokerSettings),
+    ("ingest", IngestSettings),
+    ("serve", ServeSettings),
+)
+"""Which settings class holds each table of the config file."""
+SETTINGS: tuple[Setting, ...] = tuple(
+    s for section, cls in SECTIONS for s in declared(section, cls, env_prefix="FOOTFALL_AGG_")
+)
 
 
 def load_config(
@@ -550,69 +461,29 @@ def load_config(
     overrides: Mapping[str, object] | None = None,
 ) -> AggregatorConfig:
     """Defaults, then ``path`` (or /etc/footfall/aggregator.toml if present), then the
-    environment, then ``overrides`` (command-line flags, by dotted name)."""
+    environment, then ``overrides`` (command-line flags, by dotted name). The settings whose
+    default is made from others (the database, the client id, the receipt key file) get it
+    here, so that ``config show`` prints what is used."""
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
     values, sources = resolve(
         SETTINGS, path, os.environ if environ is None else environ, overrides or {}, ConfigError
     )
-
-    def text(name: str) -> str:
-        return str(values[name])
-
-    def number(name: str) -> int:
-        return int(values[name])
-
-    data_dir = Path(text("store.data_dir"))
-    dsn = text("store.dsn") or f"sqlite:///{data_dir / SQLITE_FILE}"
-    client_id = text("ingest.client_id") or _default_client_id(text("ingest.replica"))
+    data_dir = Path(str(values["store.data_dir"]))
+    derived = {
+        "store.dsn": f"sqlite:///{data_dir / SQLITE_FILE}",
+        "ingest.client_id": _default_client_id(str(values["ingest.replica"])),
+        "ingest.receipt_key_file": str(data_dir / "receipt.key"),
+    }
+    for name, value in derived.items():
+        values[name] = values[name] or value
     return AggregatorConfig(
         values,
         sources,
-        data_dir,
-        StoreSettings(dsn, text("store.schema"), number("store.retention_days")),
-        BrokerSettings(
-            host=text("broker.host"),
-            port=number("broker.port"),
-            username=text("broker.username"),
-            password=text("broker.password"),
-            tls_ca=text("broker.tls_ca"),
-            tls_cert=text("broker.tls_cert"),
-            tls_key=text("broker.tls_key"),
-            keepalive_s=number("broker.keepalive_s"),
-            connect_timeout_s=number("broker.connect_timeout_s"),
-            backoff_max_s=number("broker.backoff_max_s"),
-            protocol=text("broker.protocol"),
-            kind=text("broker.kind"),
-            servers=text("broker.servers"),
-            stream_replicas=number("broker.stream_replicas"),
-            ack_wait_s=number("broker.ack_wait_s"),
-        ),
-        IngestSettings(
-            client_id=client_id,
-            share_group=text("ingest.share_group"),
-            session_expiry_s=number("ingest.session_expiry_s"),
-            receive_maximum=number("ingest.receive_maximum"),
-            batch_max=number("ingest.batch_max"),
-            batch_wait_ms=number("ingest.batch_wait_ms"),
-            verify_threads=number("ingest.verify_threads"),
-            max_message_bytes=number("ingest.max_message_bytes"),
-            max_window_age_days=number("ingest.max_window_age_days"),
-            max_window_lead_s=number("ingest.max_window_lead_s"),
-            database_retry_s=number("ingest.database_retry_s"),
-            log_interval_s=number("ingest.log_interval_s"),
-            prune_interval_s=number("ingest.prune_interval_s"),
-            receipt_key_file=text("ingest.receipt_key_file") or str(data_dir / "receipt.key"),
-            receipt_interval_ms=number("ingest.receipt_interval_ms"),
-        ),
-        ServeSettings(
-            host=text("serve.host"),
-            port=number("serve.port"),
-            ingest=text("serve.ingest"),
-            session_hours=number("serve.session_hours"),
-            secure_cookies=text("serve.secure_cookies"),
-            forwarded_allow_ips=text("serve.forwarded_allow_ips"),
-        ),
+        build(StoreSettings, "store", values),
+        build(BrokerSettings, "broker", values),
+        build(IngestSettings, "ingest", values),
+        build(ServeSettings, "serve", values),
     )
 
 

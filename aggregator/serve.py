@@ -49,7 +49,7 @@ def serve(
     )
     ingest_thread = None
     failed: list[BaseException] = []
-    if settings.ingest == "on":
+    if settings.ingest:
         from aggregator.ingest import Ingest  # noqa: PLC0415 (only with ingest in process)
 
         ingest = Ingest(config, store)

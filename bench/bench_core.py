@@ -33,8 +33,9 @@ from scapy.layers.dot11 import Dot11, RadioTap
 from scapy_dissect import dissect
 
 from firmware_agent.settings import load_config
-from firmware_agent.stages.capture import LINKTYPE_RADIOTAP, CaptureReader, FrameBatch
-from firmware_agent.stages.parse import KIND_PROBE, parse_batch
+from firmware_agent.stages.batch import KIND_PROBE, LINKTYPE_RADIOTAP, FrameBatch
+from firmware_agent.stages.capture import CaptureReader
+from firmware_agent.stages.parse import parse_batch
 from firmware_agent.stages.pipeline import Pipeline
 from firmware_agent.tools.synthetic import SAMPLE_PATH, SyntheticSpec, write_synthetic_capture
 

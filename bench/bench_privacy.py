@@ -38,8 +38,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # tests.support.accuracy, when run as a script
 
 from firmware_agent.cli import BUNDLED_SAMPLE  # noqa: E402
-from firmware_agent.settings import AgentConfig, load_config  # noqa: E402
-from firmware_agent.stages.count import WindowCounts  # noqa: E402
+from firmware_agent.service.config import AgentConfig  # noqa: E402
+from firmware_agent.settings import load_config  # noqa: E402
+from firmware_agent.stages.batch import WindowCounts  # noqa: E402
 from firmware_agent.tools.evaluate import Scores, Truth, replay, score  # noqa: E402
 from tests.support.accuracy import LAB, lab_truth  # noqa: E402
 

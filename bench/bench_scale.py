@@ -42,8 +42,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from firmware_agent.settings import load_config
+from firmware_agent.stages.batch import KIND_PROBE
 from firmware_agent.stages.capture import CaptureReader
-from firmware_agent.stages.parse import KIND_PROBE, parse_batch
+from firmware_agent.stages.parse import parse_batch
 from firmware_agent.stages.pipeline import Pipeline
 from firmware_agent.tools.synthetic import SAMPLE_PATH, SyntheticSpec, write_synthetic_capture
 

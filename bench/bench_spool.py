@@ -30,11 +30,12 @@ from pathlib import Path
 
 import nacl.signing
 
+from firmware_agent.service.config import AgentConfig
 from firmware_agent.service.run import _counts_message
 from firmware_agent.service.spool import Spool, SpoolSettings
-from firmware_agent.settings import AgentConfig, load_config
+from firmware_agent.settings import load_config
+from firmware_agent.stages.batch import WindowCounts
 from firmware_agent.stages.capture import CaptureReader
-from firmware_agent.stages.count import WindowCounts
 from firmware_agent.stages.pipeline import Pipeline
 from firmware_agent.stages.privacy import epoch_label
 from firmware_agent.tools.synthetic import SAMPLE_PATH

@@ -26,9 +26,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from firmware_agent.settings import AgentConfig, load_config  # noqa: E402
+from firmware_agent.service.config import AgentConfig  # noqa: E402
+from firmware_agent.settings import load_config  # noqa: E402
+from firmware_agent.stages.batch import WindowCounts  # noqa: E402
 from firmware_agent.stages.capture import CaptureReader  # noqa: E402
-from firmware_agent.stages.count import WindowCounts  # noqa: E402
 from firmware_agent.stages.pipeline import Pipeline  # noqa: E402
 from firmware_agent.stages.privacy import COLLISION_FLOOR, linear_count, shared_share  # noqa: E402
 

@@ -8,8 +8,9 @@ The packages follow the data::
     kernels/   the numba machinery the stages compile with (ahead of time or JIT)
     contract/  what the aggregator reads: messages, schemas, keys, errors, settings machinery
 
-:mod:`firmware_agent.stages.pipeline` wires the stages; :mod:`firmware_agent.settings` declares
-the settings of all of them; :mod:`firmware_agent.cli` is ``footfall-agent``.
+:mod:`firmware_agent.stages.pipeline` wires the stages; each part declares its settings on its
+settings class, and :mod:`firmware_agent.settings` makes the registry of them all;
+:mod:`firmware_agent.cli` is ``footfall-agent``.
 """
 
 __version__ = "0.1.0"

@@ -15,29 +15,27 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import nacl.signing
 
-from firmware_agent import __version__, kernels
+from firmware_agent import __version__
 from firmware_agent.contract.checks import exit_status, print_table
 from firmware_agent.contract.command_line import run_command
 from firmware_agent.contract.errors import AgentError
 from firmware_agent.contract.messages import public_key_text, verify_key_from_text
+from firmware_agent.contract.resolve import show
 from firmware_agent.contract.signing import KEY_FILE, create_signing_key, load_signing_key
-from firmware_agent.service.broker_session import BrokerSession
-from firmware_agent.service.run import run_agent
-from firmware_agent.settings import SETTINGS, load_config
-from firmware_agent.stages.capture import CaptureReader, FrameBatch
-from firmware_agent.stages.live import LiveSettings
-from firmware_agent.stages.pipeline import Pipeline
-from firmware_agent.tools.audit import audit_all
-from firmware_agent.tools.capture_stats import inspect_capture
-from firmware_agent.tools.doctor import run_checks
-from firmware_agent.tools.evaluate import add_commands
-from firmware_agent.tools.mqtt_capture import publishes
-from firmware_agent.tools.privacy_report import privacy_report
-from firmware_agent.tools.survey import run_survey
+from firmware_agent.settings import DEFAULT_CONFIG, SETTINGS, load_config
+from firmware_agent.stages.config import hop_channels
+
+if TYPE_CHECKING:
+    from firmware_agent.service.broker_session import BrokerSession
+    from firmware_agent.stages.capture import CaptureReader
+
+# A command imports the stages, the service and the tools it runs when it runs (PLC0415 is off
+# for this file): their modules compile numba kernels on import, which 'config show', 'keygen',
+# 'enrol' and --help need not wait for (tests/agent/test_settings.py).
 
 log = logging.getLogger("footfall.agent")
 
@@ -89,6 +87,8 @@ def _source_size(source: str) -> int | None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from firmware_agent.tools.capture_stats import inspect_capture
+
     status = 0
     for source in args.files:
         progress = Progress(f"inspect {source}", _source_size(source))
@@ -104,6 +104,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from firmware_agent.stages.batch import FrameBatch
+    from firmware_agent.stages.capture import CaptureReader
+    from firmware_agent.stages.pipeline import Pipeline
+
     overrides: dict[str, object] = {}
     if args.window_s is not None:
         overrides["count.window_s"] = args.window_s
@@ -143,6 +147,8 @@ def _setting(text: str) -> tuple[str, str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from firmware_agent.service.run import run_agent
+
     overrides: dict[str, object] = dict(args.set or [])
     if args.source is not None:
         overrides["source.path"] = args.source
@@ -184,6 +190,8 @@ def cmd_enrol(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from firmware_agent.tools.doctor import run_checks
+
     config = load_config(args.config, overrides=dict(args.set or []))
     findings = run_checks(config, sample_s=args.sample_s)
     print_table(findings)
@@ -191,15 +199,19 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_survey(args: argparse.Namespace) -> int:
+    from firmware_agent.tools.survey import run_survey
+
     config = load_config(args.config, overrides=dict(args.set or []))
     channels = None
     if args.channels:
-        channels = LiveSettings.parse("auto", 8, "on", args.channels, 200).hop_channels
+        channels = hop_channels(args.channels)
     run_survey(config, args.minutes * 60, channels)
     return 0
 
 
 def cmd_build_kernels(args: argparse.Namespace) -> int:
+    from firmware_agent import kernels
+
     started = time.monotonic()
     print(f"compiling the kernels ahead of time into {kernels.kernels_dir()} ...", file=sys.stderr)
     path, built = kernels.build()
@@ -210,15 +222,27 @@ def cmd_build_kernels(args: argparse.Namespace) -> int:
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides=dict(args.set or []))
-    width = max(len(name) for name, _, _ in config.show())
-    for (name, value, source), setting in zip(config.show(), SETTINGS, strict=True):
-        print(f"{name:<{width}}  {value:<12}  ({source})")
-        if args.help_text:
-            print(f"    {setting.help}")
+    print(show(SETTINGS, config.values, config.sources, help_text=args.help_text))
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from firmware_agent.tools.evaluate import cmd_evaluate as evaluate
+
+    return evaluate(args)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from firmware_agent.tools.evaluate import cmd_calibrate as calibrate
+
+    return calibrate(args)
+
+
 def cmd_privacy_report(args: argparse.Namespace) -> int:
+    from firmware_agent.stages.capture import CaptureReader
+    from firmware_agent.stages.pipeline import Pipeline
+    from firmware_agent.tools.privacy_report import privacy_report
+
     config = load_config(args.config, overrides=dict(args.set or []))
     measured = None
     if args.capture is not None:
@@ -229,6 +253,10 @@ def cmd_privacy_report(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    from firmware_agent.service.broker_session import BrokerSession
+    from firmware_agent.tools.audit import audit_all
+    from firmware_agent.tools.mqtt_capture import publishes
+
     keys = dict(args.key or [])
     problems: list[str] = []
     if args.pcap is not None:
@@ -271,6 +299,65 @@ def _agent_key(text: str) -> tuple[str, nacl.signing.VerifyKey]:
         return name, verify_key_from_text(key)
     except AgentError as exc:
         raise argparse.ArgumentTypeError(f"{name}: {exc}") from exc
+
+
+_TRUTH_HELP = "ground truth: CSV 'timestamp,people', ISO 8601 times with a UTC offset"
+_LOCAL_BIT_HELP = (
+    "treat every address as random (a dataset whose anonymiser replaced addresses with random "
+    "bytes, so the locally administered bit means nothing)"
+)
+
+
+def _evaluate_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The ``evaluate`` and ``calibrate`` subcommands."""
+    set_help = "override one setting (repeatable), e.g. estimate.rssi_threshold_dbm=-70"
+    p = sub.add_parser(
+        "evaluate",
+        help="score the agent's people estimates against ground truth",
+        description="Replay captures through the agent and print, per window, the truth "
+        "(mean people over the window), the estimate and the raw counts, then the scores: "
+        "mean absolute error, MAPE over windows with 3 or more people, RMSE, Pearson's r. "
+        "The estimate is people_est, or people through the config's calibration, or through "
+        "a calibration fitted on the --calibrate-on captures only.",
+    )
+    p.add_argument("captures", nargs="+", metavar="CAPTURE", help="pcap or pcapng (.gz too)")
+    p.add_argument("--truth", required=True, type=Path, help=_TRUTH_HELP)
+    p.add_argument(
+        "--calibrate-on",
+        nargs="+",
+        metavar="CAPTURE",
+        help="fit the calibration on these captures only (never the evaluated ones)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object of the scores")
+    p.add_argument("--ignore-local-bit", action="store_true", help=_LOCAL_BIT_HELP)
+    p.add_argument("--config", type=Path, help="agent TOML config file")
+    p.add_argument("--set", type=_setting, action="append", metavar="NAME=VALUE", help=set_help)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="fit the site's calibration on captures with truth; write it to the config",
+        description="Replay captures through the agent, fit people = factor x people_est + "
+        "offset on the windows the truth covers, and write factor, offset, the fit's error "
+        "and its windows into the [estimate] table of the config file (other lines are kept; "
+        "what changed is printed). The config's estimate settings are the ones calibrated.",
+    )
+    p.add_argument("captures", nargs="+", metavar="CAPTURE", help="pcap or pcapng (.gz too)")
+    p.add_argument("--truth", required=True, type=Path, help=_TRUTH_HELP)
+    p.add_argument(
+        "--config", type=Path, help=f"agent TOML config file to update (default {DEFAULT_CONFIG})"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the fit, write nothing")
+    p.add_argument(
+        "--site-threshold",
+        action="store_true",
+        help="also set estimate.rssi_threshold_dbm: the weakest signal threshold (-90 to -50 "
+        "dBm) at which half of the windows the truth says are empty read no device (the "
+        "visit's empty hour; see README, Calibrating a site in one visit)",
+    )
+    p.add_argument("--ignore-local-bit", action="store_true", help=_LOCAL_BIT_HELP)
+    p.add_argument("--set", type=_setting, action="append", metavar="NAME=VALUE", help=set_help)
+    p.set_defaults(func=cmd_calibrate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -377,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", type=_setting, action="append", metavar="NAME=VALUE", help=set_help)
     p.set_defaults(func=cmd_survey)
 
-    add_commands(sub, _setting)  # evaluate, calibrate
+    _evaluate_commands(sub)
 
     p = sub.add_parser(
         "privacy-report",

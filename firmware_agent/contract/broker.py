@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import random
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from firmware_agent.contract.errors import ConfigError
+from firmware_agent.contract.resolve import setting
 
 __all__ = ["PROTOCOLS", "Backoff", "BrokerBase", "reason_in_words"]
 
@@ -103,17 +104,25 @@ class BrokerBase:
     setting that cannot be used raises :attr:`config_error`, the program's own."""
 
     config_error: ClassVar[type[Exception]] = ConfigError
-    host: str = "localhost"
-    port: int = 1883
-    username: str = ""
-    password: str = field(default="", repr=False)
-    tls_ca: str = ""  # "": no TLS; "system": the system's CAs; else a PEM file
-    tls_cert: str = ""
-    tls_key: str = ""
-    keepalive_s: int = 60
-    connect_timeout_s: int = 10
-    backoff_max_s: int = 60
-    protocol: str = "5"
+    host: str = setting("localhost", "MQTT broker host name or address.")
+    port: int = setting(1883, "MQTT broker port (8883 is usual with TLS).")
+    username: str = setting("", "User name at the broker (empty: none).")
+    password: str = setting("", "Password at the broker.", secret=True)
+    tls_ca: str = setting(
+        "",
+        "CA certificate file (PEM) that signed the broker's certificate; 'system' uses the "
+        "system's CAs; empty: no TLS.",
+    )
+    tls_cert: str = setting("", "Client certificate file (PEM) for TLS, if the broker wants one.")
+    tls_key: str = setting("", "Private key file (PEM) of the client certificate.")
+    keepalive_s: int = setting(
+        60, "Keep-alive (s): a silent connection is declared lost after about twice this."
+    )
+    connect_timeout_s: int = setting(10, "How long (s) a connection attempt may take.")
+    backoff_max_s: int = setting(60, "Longest wait (s) between reconnection attempts.")
+    protocol: str = setting(
+        "5", "MQTT version: '5' or '3.1.1' (no message needs 5).", choices=PROTOCOLS
+    )
 
     def __post_init__(self) -> None:
         if problems := self.problems():

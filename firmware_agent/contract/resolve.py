@@ -1,41 +1,195 @@
-"""The machinery behind a settings registry, shared by the agent and the aggregator.
+"""The machinery behind the settings of the agent and the aggregator: declared once, on the
+dataclass fields that use them.
 
-Each side declares its settings (dotted name, default, help, whether secret) and the prefix
-of its environment variables; :func:`resolve` layers defaults, a TOML file, the environment
-and command-line overrides, in that order, and says where each value came from. Unknown
-keys and values of the wrong type raise the caller's error class, naming the setting, the
-bad value and its source: for a file, its line, table and key (``agent.toml line 12, [count]
-window_s``). Given a ``problems`` list, :func:`resolve` appends every mistake to it instead
-of raising at the first, so a caller can report them all at once (:func:`report`).
+A settings dataclass declares each of its settings on its field, with :func:`setting` (default,
+help, whether secret, the choices, or how its text is read); :func:`declared` makes the
+registry's rows (:class:`Setting`) from those fields, and :func:`build` makes the dataclass from
+resolved values. :func:`resolve` layers defaults, a TOML file, the environment and command-line
+overrides, in that order, and says where each value came from. It reads the kinds once for both
+programs: integers, text, on/off switches (``"on"``/``"off"``, or TOML's true/false) and
+choices (one of a few words). Unknown keys and values of the wrong kind raise the caller's error
+class, naming the setting, the bad value and its source: for a file, its line, table and key
+(``agent.toml line 12, [count] window_s``). Given a ``problems`` list, :func:`resolve` appends
+every mistake to it instead of raising at the first, so a caller can report them all at once
+(:func:`report`). :func:`show` is ``config show`` for both programs.
 Standard library only: the aggregator imports it too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar, cast, overload
 
-__all__ = ["Setting", "report", "resolve"]
+__all__ = [
+    "Setting",
+    "Value",
+    "build",
+    "declared",
+    "redefault",
+    "report",
+    "resolve",
+    "setting",
+    "show",
+]
 
 _TABLE = re.compile(r"^\s*\[\s*([A-Za-z0-9_.-]+)\s*\]")
 _KEY = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*=")
+_METADATA = "footfall.setting"
+_MASK = "********"
+
+Value = int | str | bool
+"""A resolved value: an integer, a text, or an on/off switch."""
+T = TypeVar("T")
+V = TypeVar("V", int, str, bool)
+C = TypeVar("C", bound=str)
+
+
+@dataclass(frozen=True, slots=True)
+class _Declared:
+    """What :func:`setting` puts on a field: how :func:`declared` and :func:`build` read it."""
+
+    default: Value
+    help: str
+    secret: bool | Callable[[str], str]
+    choices: tuple[str, ...]
+    parse: Callable[[str], object] | None
+    key: str | None
+
+
+@overload
+def setting(
+    default: C,
+    help: str,
+    *,
+    choices: tuple[C, ...],
+    secret: bool | Callable[[str], str] = False,
+    key: str | None = None,
+) -> C: ...
+@overload
+def setting(
+    default: V,
+    help: str,
+    *,
+    secret: bool | Callable[[str], str] = False,
+    choices: tuple[str, ...] = (),
+    key: str | None = None,
+) -> V: ...
+@overload
+def setting(
+    default: str,
+    help: str,
+    *,
+    parse: Callable[[str], T],
+    secret: bool | Callable[[str], str] = False,
+    key: str | None = None,
+) -> T: ...
+def setting(
+    default: Value,
+    help: str,
+    *,
+    secret: bool | Callable[[str], str] = False,
+    choices: tuple[str, ...] = (),
+    parse: Callable[[str], Any] | None = None,
+    key: str | None = None,
+) -> Any:
+    """A settings dataclass's field that is a setting, named ``<section>.<key or field name>``.
+
+    ``default`` is the value as written in a config file: an ``int``, a text, or a ``bool``
+    (an on/off switch, written ``"on"``/``"off"``); with ``choices`` the text must be one of
+    them. ``parse`` reads a text setting into the field's value (raising the program's
+    ConfigError naming the setting); the field's default is then ``parse(default)``.
+    ``secret``: ``config show`` masks the value (a function: masks it so, as a database URL's
+    password)."""
+    declared = _Declared(default, help, secret, choices, parse, key)
+    value = default if parse is None else parse(str(default))
+    return dataclasses.field(default=value, repr=not secret, metadata={_METADATA: declared})
+
+
+def redefault(cls: type[Any], name: str, default: V, help: str | None = None) -> V:
+    """Setting ``name`` of the settings class ``cls`` declared again in a subclass, with its own
+    default (and help, if given): a setting both programs have is declared once, in the base
+    (:class:`~firmware_agent.contract.broker.BrokerBase`), and each program picks its default."""
+    base = next(f.metadata[_METADATA] for f in dataclasses.fields(cls) if f.name == name)
+    declared = dataclasses.replace(base, default=default, help=help or base.help)
+    value = default if base.parse is None else base.parse(str(default))
+    return cast(
+        V, dataclasses.field(default=value, repr=not base.secret, metadata={_METADATA: declared})
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class Setting:
+    """One row of a registry: a setting's dotted name, default (as written), help and kind."""
+
     name: str
-    default: int | str
+    default: Value
     help: str
-    secret: bool = False
+    secret: bool | Callable[[str], str] = False
     env_prefix: str = "FOOTFALL_"
+    choices: tuple[str, ...] = ()
 
     @property
     def env(self) -> str:
         return self.env_prefix + self.name.upper().replace(".", "_")
+
+    def shown(self, value: Value) -> str:
+        """``value`` as ``config show`` prints it: quoted as in a TOML file, secrets masked."""
+        if isinstance(value, bool):
+            return repr("on" if value else "off")
+        if callable(self.secret):
+            return repr(self.secret(str(value)))
+        return repr(_MASK) if self.secret and value else repr(value)
+
+
+def _settings_fields(cls: type[Any]) -> list[tuple[dataclasses.Field[Any], _Declared]]:
+    return [(f, f.metadata[_METADATA]) for f in dataclasses.fields(cls) if _METADATA in f.metadata]
+
+
+def declared(section: str, cls: type[Any], env_prefix: str = "FOOTFALL_") -> tuple[Setting, ...]:
+    """The registry rows of the settings ``cls`` declares (:func:`setting`), in ``[section]``."""
+    return tuple(
+        Setting(f"{section}.{d.key or f.name}", d.default, d.help, d.secret, env_prefix, d.choices)
+        for f, d in _settings_fields(cls)
+    )
+
+
+def build(cls: type[T], section: str, values: Mapping[str, Value], **given: object) -> T:
+    """``cls`` from the resolved ``values`` of the settings it declares in ``[section]`` (each
+    read by its ``parse``, if it has one), and ``given``: its fields that are not settings."""
+    made: dict[str, object] = {}
+    for f, d in _settings_fields(cls):
+        value = values[f"{section}.{d.key or f.name}"]
+        made[f.name] = value if d.parse is None else d.parse(str(value))
+    return cls(**made, **given)
+
+
+def show(
+    settings: Sequence[Setting],
+    values: Mapping[str, Value],
+    sources: Mapping[str, str],
+    *,
+    help_text: bool = False,
+) -> str:
+    """``config show``: a line per setting, ``name  value  (where it came from)``, secrets
+    masked; with ``help_text``, each setting's help under it."""
+    width = max(len(s.name) for s in settings)
+    lines = []
+    for s in settings:
+        lines.append(f"{s.name:<{width}}  {s.shown(values[s.name]):<12}  ({sources[s.name]})")
+        if help_text:
+            lines.append(f"    {s.help}")
+    return "\n".join(lines)
+
+
+def _words(choices: Sequence[str]) -> str:
+    quoted = [repr(c) for c in choices]
+    return f"{', '.join(quoted[:-1])} or {quoted[-1]}"
 
 
 def _flatten(table: Mapping[str, object], prefix: str = "") -> dict[str, object]:
@@ -78,7 +232,7 @@ def resolve(
     *,
     problems: list[str] | None = None,
     places: dict[str, str] | None = None,
-) -> tuple[dict[str, int | str], dict[str, str]]:
+) -> tuple[dict[str, Value], dict[str, str]]:
     """(values, sources) by name: defaults, then ``path``, then ``environ``, then overrides.
     ``places`` (filled when given) says where each value set by a file is: its line, table and
     key. With ``problems``, mistakes are appended to it (the setting keeps its default)."""
@@ -92,21 +246,34 @@ def resolve(
         allowed = "" if hint else " (the settings are listed by 'config show --help-text')"
         return error(f"{where}: unknown setting {name!r}{did_you_mean}{allowed}")
 
-    def coerce(setting: Setting, value: object, where: str) -> int | str:
+    def coerce(setting: Setting, value: object, where: str) -> Value:
+        text = value.strip() if isinstance(value, str) else None
+        if isinstance(setting.default, bool):
+            if isinstance(value, bool):
+                return value
+            if text is not None and text.lower() in ("on", "off"):
+                return text.lower() == "on"
+            raise error(f"{setting.name} must be 'on' or 'off', got {value!r} (from {where})")
         if isinstance(setting.default, int):
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
-            if isinstance(value, str):
+            if text is not None:
                 try:
-                    return int(value.strip())
+                    return int(text)
                 except ValueError:
                     pass
             raise error(f"{setting.name} must be an integer, got {value!r} (from {where})")
+        if setting.choices:
+            if text is not None and text.lower() in setting.choices:
+                return text.lower()
+            raise error(
+                f"{setting.name} must be {_words(setting.choices)}, got {value!r} (from {where})"
+            )
         if isinstance(value, int | float | str) and not isinstance(value, bool):
             return str(value)  # a TOML number for a text setting (the calibration's) too
         raise error(f"{setting.name} must be a string, got {value!r} (from {where})")
 
-    values: dict[str, int | str] = {s.name: s.default for s in settings}
+    values: dict[str, Value] = {s.name: s.default for s in settings}
     sources = {s.name: "default" for s in settings}
     layers: list[tuple[str, Mapping[str, object]]] = []
     file_places: dict[str, str] = {}

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from firmware_agent import __version__
 from firmware_agent.contract.errors import BrokerError, ConfigError
 from firmware_agent.contract.messages import AgentId, SiteId, Topic
+from firmware_agent.contract.resolve import setting
 from firmware_agent.service.broker_session import BrokerSession
 from firmware_agent.service.publish import BrokerSettings
 
@@ -50,8 +51,11 @@ _PREFIX = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
 class HomeAssistantSettings:
     """Whether and where to publish the discovery config; checked where made."""
 
-    discovery: bool = False
-    prefix: str = "homeassistant"
+    discovery: bool = setting(
+        False,
+        "Publish a Home Assistant MQTT discovery config for this agent's counts: 'on' or 'off'.",
+    )
+    prefix: str = setting("homeassistant", "Home Assistant's MQTT discovery prefix.")
 
     def __post_init__(self) -> None:
         if not _PREFIX.fullmatch(self.prefix):
@@ -59,12 +63,6 @@ class HomeAssistantSettings:
                 "homeassistant.prefix must be topic levels of letters, digits, '_' and '-' "
                 f"such as 'homeassistant', got {self.prefix!r}"
             )
-
-    @classmethod
-    def parse(cls, discovery: str, prefix: str) -> HomeAssistantSettings:
-        if discovery.strip().lower() not in ("on", "off"):
-            raise ConfigError(f"homeassistant.discovery must be 'on' or 'off', got {discovery!r}")
-        return cls(discovery.strip().lower() == "on", prefix.strip())
 
 
 def discovery_message(prefix: str, site: SiteId, agent: AgentId) -> tuple[str, bytes]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from firmware_agent.contract.errors import ConfigError, SpoolError
+from firmware_agent.contract.resolve import setting
 from firmware_agent.service.spool import Spool, SpoolState
 
 if TYPE_CHECKING:  # settings imports this module; the pipeline imports settings
@@ -46,8 +47,10 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class MetricsSettings:
     """Where the metrics endpoint listens (``port`` 0: nowhere); checked where made."""
 
-    host: str = "127.0.0.1"
-    port: int = 0
+    host: str = setting("127.0.0.1", "Address the Prometheus endpoint listens on.")
+    port: int = setting(
+        0, "Port of the Prometheus endpoint (http://<metrics.host>:<port>/metrics); 0: none."
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

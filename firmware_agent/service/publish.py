@@ -75,6 +75,7 @@ from firmware_agent.contract.messages import (
     utc_text,
     verify_key_from_text,
 )
+from firmware_agent.contract.resolve import setting
 from firmware_agent.service.spool import Spool, SpooledMessage, SpoolSettings, SpoolState
 
 __all__ = ["BrokerSettings", "Connection", "Publisher", "paho_client", "reason_in_words"]
@@ -91,13 +92,35 @@ class BrokerSettings(BrokerBase):
     """The agent's broker settings: the common ones (:class:`BrokerBase`) and its failover
     hosts, flow control, stop grace and receipts; checked where made."""
 
-    hosts: str = ""  # more host:port pairs, tried in turn
-    max_inflight: int = 64
-    backoff_initial_ms: int = 500
-    stop_grace_s: int = 10
-    receipt_key: str = ""  # the aggregator's receipt public key, base64; "": PUBACK is enough
-    receipt_timeout_s: int = 60
-    resend_per_s: int = 100
+    hosts: str = setting(  # more host:port pairs, tried in turn
+        "",
+        "More brokers, tried in turn after broker.host:broker.port fails or is lost: host:port "
+        "pairs separated by commas (the other nodes of a cluster). Empty: broker.host only.",
+    )
+    max_inflight: int = setting(
+        64, "Counts messages sent and not yet acknowledged (QoS 1), at most."
+    )
+    backoff_initial_ms: int = setting(
+        500, "First wait (ms) before reconnecting; it doubles at each failure, with jitter."
+    )
+    stop_grace_s: int = setting(
+        10, "On SIGTERM, how long (s) to keep sending spooled windows before going offline."
+    )
+    receipt_key: str = setting(  # the aggregator's receipt public key, base64; "": PUBACK is enough
+        "",
+        "The aggregator's receipt public key (base64, 'footfall-aggregator receipt-key' prints "
+        "it): a window then leaves the spool only when a receipt signed with it says the "
+        "aggregator stored it, and is sent again when none does. Empty: a window leaves the "
+        "spool on the broker's acknowledgement (an aggregator without receipts).",
+    )
+    receipt_timeout_s: int = setting(
+        60,
+        "With broker.receipt_key: a window sent this long (s) ago and still not in a receipt "
+        "is sent again, oldest first.",
+    )
+    resend_per_s: int = setting(
+        100, "With broker.receipt_key: windows sent again per second, at most."
+    )
 
     def problems(self) -> list[str]:
         problems = BrokerBase.problems(self)

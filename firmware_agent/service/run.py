@@ -42,14 +42,14 @@ from firmware_agent import __version__
 from firmware_agent.contract.errors import ConfigError
 from firmware_agent.contract.messages import counts_payload, meta_payload, seal
 from firmware_agent.contract.signing import load_signing_key
+from firmware_agent.service.config import AgentConfig
 from firmware_agent.service.homeassistant import announce_in_background
 from firmware_agent.service.metrics import MetricsServer, SpoolWatch, agent_metrics
 from firmware_agent.service.publish import Publisher
 from firmware_agent.service.spool import SPOOL_FILE, Spool
-from firmware_agent.settings import AgentConfig
-from firmware_agent.stages.capture import CaptureReader, FrameBatch
-from firmware_agent.stages.count import NS, WindowCounts
-from firmware_agent.stages.estimate import AUTO
+from firmware_agent.stages.batch import NS, FrameBatch, WindowCounts
+from firmware_agent.stages.capture import CaptureReader
+from firmware_agent.stages.config import AUTO
 from firmware_agent.stages.live import IFACE_PREFIX, LiveCapture
 from firmware_agent.stages.people import PeopleSettings
 from firmware_agent.stages.pipeline import Pipeline

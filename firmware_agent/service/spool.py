@@ -51,6 +51,7 @@ from pathlib import Path
 from types import TracebackType
 
 from firmware_agent.contract.errors import ConfigError, SpoolError
+from firmware_agent.contract.resolve import setting
 
 __all__ = ["SPOOL_FILE", "Spool", "SpoolSettings", "SpoolState", "SpooledMessage"]
 
@@ -66,7 +67,12 @@ _SCHEMA = (
 
 @dataclass(frozen=True, slots=True)
 class SpoolSettings:
-    max_windows: int = 100_000
+    """How much the spool keeps; checked where made."""
+
+    max_windows: int = setting(
+        100_000,
+        "Windows the spool keeps unsent at most; beyond, the oldest are dropped and counted.",
+    )
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_windows <= 100_000_000:

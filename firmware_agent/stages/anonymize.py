@@ -14,16 +14,14 @@ public values, :func:`firmware_agent.stages.privacy.epoch_label`.)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from numpy.typing import NDArray
 
 from firmware_agent.kernels import kernel
 from firmware_agent.stages import memlock
-from firmware_agent.stages.parse import KIND_NO_SA, ProbeBatch
+from firmware_agent.stages.batch import KIND_NO_SA, DeviceBatch, ProbeBatch
 
-__all__ = ["DeviceBatch", "EpochKey", "anonymize", "siphash24_mac", "siphash24_u64"]
+__all__ = ["EpochKey", "anonymize", "siphash24_mac", "siphash24_u64"]
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _C0 = np.uint64(0x736F6D6570736575)
@@ -56,24 +54,6 @@ class EpochKey:
 
     def __repr__(self) -> str:
         return "EpochKey(key=<hidden>)"
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceBatch:
-    """Probe rows with keyed device ids instead of addresses, and only what later stages read
-    (no frequency, no SSID kind: least necessary state)."""
-
-    kind: NDArray[np.uint8]
-    ts_ns: NDArray[np.int64]
-    device: NDArray[np.uint64]  # SipHash-2-4 of the address; 0 where there is none
-    randomised: NDArray[np.uint8]  # 1 if the address is locally administered
-    seq: NDArray[np.uint16]
-    rssi: NDArray[np.int16]
-    fp: NDArray[np.uint64]  # keyed model fingerprint; 0 where not parsed
-    frames: int
-
-    def __len__(self) -> int:
-        return int(self.kind.shape[0])
 
 
 @kernel(inline=True)

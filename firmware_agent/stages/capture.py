@@ -55,7 +55,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, BinaryIO, Final, TypeVar, cast
 
@@ -64,17 +63,19 @@ from numpy.typing import NDArray
 
 from firmware_agent.contract.errors import CaptureError, NotACaptureError, UnsupportedLinkTypeError
 from firmware_agent.kernels import kernel
+from firmware_agent.stages.batch import (
+    LINKTYPE_AVS,
+    LINKTYPE_IEEE802_11,
+    LINKTYPE_PPI,
+    LINKTYPE_PRISM,
+    LINKTYPE_RADIOTAP,
+    FrameBatch,
+)
 
 __all__ = [
-    "LINKTYPE_AVS",
-    "LINKTYPE_IEEE802_11",
-    "LINKTYPE_PPI",
-    "LINKTYPE_PRISM",
-    "LINKTYPE_RADIOTAP",
     "MAX_CAPLEN",
     "SUPPORTED_LINK_TYPES",
     "CaptureReader",
-    "FrameBatch",
     "open_capture",
     "read_ahead",
 ]
@@ -82,11 +83,6 @@ __all__ = [
 log = logging.getLogger("footfall.agent")
 T = TypeVar("T")
 
-LINKTYPE_IEEE802_11: Final = 105
-LINKTYPE_PRISM: Final = 119
-LINKTYPE_RADIOTAP: Final = 127
-LINKTYPE_AVS: Final = 163
-LINKTYPE_PPI: Final = 192
 SUPPORTED_LINK_TYPES: dict[int, str] = {
     LINKTYPE_IEEE802_11: "IEEE 802.11",
     LINKTYPE_PRISM: "Prism",
@@ -132,26 +128,6 @@ _MAX_S: Final = _MAX_NS // 1_000_000_000 - 1  # whole seconds that leave room fo
 
 # Columns of the pcapng interface table handed to the splitter.
 _IF_LINK, _IF_SNAPLEN, _IF_SHIFT, _IF_MUL, _IF_DIV, _IF_OFFSET = range(6)
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class FrameBatch:
-    """Frames in one buffer; row i is data[offsets[i]:offsets[i]+lengths[i]].
-
-    A ``transient`` batch lies in its reader's own read buffer (``in_place`` reading): it is
-    valid until the next batch is read, the next read overwrites it and closing the reader
-    zeroes it. Otherwise the batch owns its buffer and whoever is done with it wipes it.
-    """
-
-    data: NDArray[np.uint8]
-    offsets: NDArray[np.int64]
-    lengths: NDArray[np.int32]  # captured length
-    ts_ns: NDArray[np.int64]  # capture time, ns since the Unix epoch
-    link_types: NDArray[np.uint16]  # per frame (pcapng may mix interfaces)
-    transient: bool = False
-
-    def __len__(self) -> int:
-        return len(self.lengths)
 
 
 @kernel()

@@ -42,34 +42,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
 
-from firmware_agent.contract.errors import ConfigError
-from firmware_agent.contract.fields import DWELL_BANDS, DWELL_EDGES_MIN
 from firmware_agent.kernels import kernel
 from firmware_agent.kernels.table import KeyedRows, rehash, slot
-from firmware_agent.stages.anonymize import DeviceBatch
-from firmware_agent.stages.parse import KIND_PROBE, RSSI_MISSING
-
-if TYPE_CHECKING:
-    from firmware_agent.stages.people import WindowPeople
+from firmware_agent.stages.batch import (
+    DWELL_BANDS,
+    DWELL_EDGES_MIN,
+    FRAMES_PER_DEVICE,
+    KIND_PROBE,
+    NS,
+    RSSI_MISSING,
+    DeviceBatch,
+    WindowCounts,
+)
+from firmware_agent.stages.config import CountSettings
 
 log = logging.getLogger("footfall.agent")
 
-__all__ = [
-    "FRAMES_PER_DEVICE",
-    "CountSettings",
-    "WindowCounter",
-    "WindowCounts",
-]
-
-NS = 1_000_000_000
-FRAMES_PER_DEVICE = 4  # a device's most probe requests in probe_requests_clipped per window
+__all__ = ["WindowCounter"]
 
 # Device table columns (int64).
 # A row is 10 x 8 bytes and its key 8; with the slot lists (12 bytes a slot) and the table
@@ -104,114 +97,6 @@ _NCLOCK = 7
 # these, not the table: its cost follows the devices heard lately, not the epoch's.
 _L_OPEN = 2
 _NONE = np.iinfo(np.int64).min
-
-
-@dataclass(frozen=True, slots=True)
-class CountSettings:
-    """How frames become counts; checked where made."""
-
-    window_s: int = 300
-    lateness_s: int = 10
-    rssi_threshold_dbm: int = -75
-    min_dwell_s: int = 120
-    visit_gap_s: int = 600
-    max_devices: int = 250_000  # the device table's ceiling; the oldest silent rows go first
-
-    def __post_init__(self) -> None:
-        if not (60 <= self.window_s <= 3600 and 3600 % self.window_s == 0):
-            raise ConfigError(
-                f"window_s must be a divisor of 3600 between 60 and 3600, got {self.window_s}"
-            )
-        if not 0 <= self.lateness_s < self.window_s:
-            raise ConfigError(
-                f"lateness_s must be at least 0 and less than window_s ({self.window_s}), "
-                f"got {self.lateness_s}"
-            )
-        if not -120 <= self.rssi_threshold_dbm <= 0:
-            raise ConfigError(
-                f"rssi_threshold_dbm must be between -120 and 0 dBm, got {self.rssi_threshold_dbm}"
-            )
-        if self.min_dwell_s < 0:
-            raise ConfigError(f"min_dwell_s must be 0 or more seconds, got {self.min_dwell_s}")
-        if self.visit_gap_s < 60:
-            raise ConfigError(f"visit_gap_s must be at least 60 seconds, got {self.visit_gap_s}")
-        if not 1024 <= self.max_devices <= 100_000_000:
-            raise ConfigError(
-                f"max_devices must be between 1024 and 100000000, got {self.max_devices}"
-            )
-
-
-@dataclass(frozen=True, slots=True)
-class WindowCounts:
-    """What one closed window says about footfall; nothing in it identifies a device.
-
-    The counter's own figures are per device id (address): ``devices`` and
-    ``devices_randomised`` leave the agent as diagnostics; ``visitors``, ``passersby``,
-    ``visits_ended``, ``dwell_minutes`` and ``devices_epoch`` are per address and stay on the
-    agent (the evaluation compares them with the people figures). The people figures come
-    from the people stage (``figures``, see firmware_agent/stages/people.py).
-    """
-
-    window_start: int  # Unix seconds, UTC, a multiple of window_s
-    window_s: int
-    probe_requests: int
-    malformed: int
-    late_frames: int
-    devices: int
-    devices_randomised: int
-    visitors: int
-    passersby: int
-    visits_ended: int
-    dwell_minutes: dict[str, int]  # DWELL_BANDS -> visits ended in the window
-    devices_epoch: int
-    probe_requests_clipped: int
-    # Filled in by the pipeline from the estimate and people stages (None: not estimated).
-    people_est: int | None = None  # devices present, random addresses linked
-    static_excluded: int | None = None  # static devices left out of people_est
-    figures: WindowPeople | None = None  # people figures (occupancy calibrated if `calibrated`)
-    calibrated: bool = False  # occupancy went through the site's calibration
-    # Filled in by the pipeline: no frame at all in a window while the sensor normally hears
-    # some (firmware_agent/stages/pipeline.py, NORMAL_FRAMES): a gap, not an empty venue.
-    no_data: bool = False
-    # Strict mode, filled in by the pipeline (PrivacyPolicy.anonymise): the width the window's
-    # ids were counted at, and the share of its devices that share their value with another.
-    id_bits: int | None = None
-    shared: float | None = None
-
-    @property
-    def frames(self) -> int:
-        """Frames heard in the window: probe requests, malformed and late ones."""
-        return self.probe_requests + self.malformed + self.late_frames
-
-    def as_dict(self) -> dict[str, object]:
-        """The window as counts v2 fields, before privacy (which picks what leaves): under
-        ``no_data`` every people and device figure is None."""
-        start = datetime.fromtimestamp(self.window_start, UTC)
-        gap = self.no_data
-        out: dict[str, object] = {
-            "window_start": start.isoformat().replace("+00:00", "Z"),
-            "window_s": self.window_s,
-            "no_data": gap,
-            "probe_requests": self.probe_requests,
-            "malformed": self.malformed,
-            "late_frames": self.late_frames,
-            "devices": None if gap else self.devices,
-            "devices_randomised": None if gap else self.devices_randomised,
-        }
-        f = self.figures
-        if f is not None:
-            out |= {
-                "arrivals": None if gap else f.arrivals,
-                "passersby": None if gap else f.passersby,
-                "visits_ended": None if gap else f.visits_ended,
-                "dwell_minutes": {band: None if gap else n for band, n in f.dwell_minutes.items()},
-                "occupancy_mean": None if gap else f.occupancy_mean,
-                "occupancy_peak": None if gap else f.occupancy_peak,
-                "calibrated": self.calibrated,
-            }
-        if self.static_excluded is not None:
-            out["static_excluded"] = None if gap else self.static_excluded
-        return out
 
 
 @kernel()

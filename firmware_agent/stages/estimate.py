@@ -5,7 +5,7 @@ change often, some with every burst or even every frame, so distinct addresses o
 people several times. This stage links the addresses of one device into a *chain*, using only
 what the anonymize stage hands on: the keyed device id, the keyed model fingerprint (``fp``),
 the sequence number, the signal and the time. It never sees an address. It is fed the same
-:class:`~firmware_agent.stages.anonymize.DeviceBatch` rows as the counter and closes the same
+:class:`~firmware_agent.stages.batch.DeviceBatch` rows as the counter and closes the same
 windows
 (the same watermark rule), so the pipeline can join the two by window start.
 
@@ -88,29 +88,23 @@ memory, is wiped with the epoch and is never logged; only the per-window counts 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta, tzinfo
 
 import numpy as np
 from numpy.typing import NDArray
 
-from firmware_agent.contract.errors import ConfigError
 from firmware_agent.kernels import kernel
 from firmware_agent.kernels.table import KeyedRows, slot
-from firmware_agent.stages.anonymize import DeviceBatch
-from firmware_agent.stages.parse import KIND_PROBE, RSSI_MISSING
+from firmware_agent.stages.batch import KIND_PROBE, RSSI_MISSING, DeviceBatch
+from firmware_agent.stages.config import AUTO, EstimateSettings
 
 __all__ = [
-    "AUTO",
     "AUTO_FALLBACK_DBM",
     "AUTO_MIN_CHAINS",
     "AUTO_RANGE_DBM",
     "AUTO_STEP_S",
     "RING",
-    "Calibration",
-    "EstimateSettings",
     "Estimator",
     "WindowEstimate",
     "otsu_split",
@@ -119,7 +113,6 @@ __all__ = [
 log = logging.getLogger("footfall.agent")
 
 NS = 1_000_000_000
-AUTO = -1000  # rssi_threshold_dbm: learn it
 AUTO_FALLBACK_DBM = -70
 AUTO_MIN_CHAINS = 30
 AUTO_RANGE_DBM = (AUTO_FALLBACK_DBM, -50)
@@ -172,157 +165,6 @@ _NONE = np.iinfo(np.int64).min
 # Output row columns (int64).
 _O_START, _O_PEOPLE, _O_STATIC, _O_THR = range(4)
 _NOUT = 4
-
-
-@dataclass(frozen=True, slots=True)
-class EstimateSettings:
-    """How addresses become an estimate of devices present; checked where made."""
-
-    window_s: int = 300
-    lateness_s: int = 10
-    rssi_threshold_dbm: int = AUTO  # AUTO, or -120 (off) .. 0
-    min_dwell_s: int = 60
-    link_gap_s: int = 60
-    seq_max_delta: int = 64
-    cadence_gap_s: int = 300
-    rssi_link_db: int = 30
-    reset_min: int = 5
-    reset_share_pct: int = 25
-    static_min_s: int = 3600  # 0: no static exclusion
-    static_share_pct: int = 80
-    static_closed_h: int = 6  # the site is closed until this local hour; 24: any time
-    link: bool = True  # False: every address is a device (the evaluation's stages)
-    assume_randomised: bool = False  # True: ignore the locally administered bit (datasets)
-    visit_gap_s: int = 600  # count.visit_gap_s: an address silent longer is linked afresh
-
-    def __post_init__(self) -> None:
-        if self.rssi_threshold_dbm != AUTO and not -120 <= self.rssi_threshold_dbm <= 0:
-            raise ConfigError(
-                "estimate.rssi_threshold_dbm must be 'auto' or between -120 (off) and 0 dBm, "
-                f"got {self.rssi_threshold_dbm}"
-            )
-        bounds = {
-            "min_dwell_s": (0, 3600, self.min_dwell_s),
-            "link_gap_s": (1, 3600, self.link_gap_s),
-            "seq_max_delta": (1, 2048, self.seq_max_delta),
-            "cadence_gap_s": (0, 3600, self.cadence_gap_s),
-            "rssi_link_db": (0, 120, self.rssi_link_db),
-            "reset_min": (1, 1_000_000, self.reset_min),
-            "reset_share_pct": (0, 100, self.reset_share_pct),
-            "static_min_s": (0, 7 * 86400, self.static_min_s),
-            "static_share_pct": (1, 100, self.static_share_pct),
-            "static_closed_h": (0, 24, self.static_closed_h),
-        }
-        for name, (lo, hi, value) in bounds.items():
-            if not lo <= value <= hi:
-                raise ConfigError(f"estimate.{name} must be between {lo} and {hi}, got {value}")
-        if 0 < self.static_min_s < self.window_s:
-            raise ConfigError(
-                f"estimate.static_min_s must be 0 (off) or at least one window "
-                f"({self.window_s} s), got {self.static_min_s}"
-            )
-
-    @classmethod
-    def from_settings(
-        cls, values: Mapping[str, object], window_s: int, lateness_s: int
-    ) -> EstimateSettings:
-        """From the settings registry's ``estimate.*`` values (see firmware_agent/settings.py)."""
-        threshold = str(values["estimate.rssi_threshold_dbm"]).strip().lower()
-        try:
-            dbm = AUTO if threshold == "auto" else int(threshold)
-        except ValueError:
-            raise ConfigError(
-                "estimate.rssi_threshold_dbm must be 'auto' or whole dBm between -120 (off) "
-                f"and 0, got {threshold!r}"
-            ) from None
-
-        def number(name: str) -> int:
-            return int(str(values[f"estimate.{name}"]))
-
-        return cls(
-            window_s=window_s,
-            lateness_s=lateness_s,
-            rssi_threshold_dbm=dbm,
-            min_dwell_s=number("min_dwell_s"),
-            link_gap_s=number("link_gap_s"),
-            seq_max_delta=number("seq_max_delta"),
-            cadence_gap_s=number("cadence_gap_s"),
-            rssi_link_db=number("rssi_link_db"),
-            reset_min=number("reset_min"),
-            reset_share_pct=number("reset_share_pct"),
-            static_min_s=number("static_min_s"),
-            static_share_pct=number("static_share_pct"),
-            static_closed_h=number("static_closed_h"),
-            visit_gap_s=int(str(values["count.visit_gap_s"])),
-        )
-
-    def params(self) -> NDArray[np.int64]:
-        return np.array(
-            [
-                self.window_s * NS,
-                self.lateness_s * NS,
-                self.link_gap_s * NS,
-                self.seq_max_delta,
-                self.cadence_gap_s * NS,
-                self.rssi_link_db,
-                self.reset_min,
-                self.reset_share_pct,
-                self.min_dwell_s * NS,
-                self.rssi_threshold_dbm,
-                self.static_min_s * NS,
-                self.static_share_pct,
-                int(self.assume_randomised),
-                int(self.link),
-                self.visit_gap_s * NS,
-            ],
-            np.int64,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Calibration:
-    """A site's linear calibration: people = factor * people_est + offset, and its fit."""
-
-    factor: float
-    offset: float
-    mae: float  # mean absolute error of the fit on its own windows (people)
-    windows: int  # windows it was fitted on
-
-    def __post_init__(self) -> None:
-        for name in ("factor", "offset", "mae"):
-            if not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"estimate.calibration_{name} must be a finite number")
-        if not 0 < self.factor <= 1000:
-            raise ConfigError(
-                f"estimate.calibration_factor must be above 0 and at most 1000, got {self.factor}"
-            )
-
-    @classmethod
-    def from_settings(cls, values: Mapping[str, object]) -> Calibration | None:
-        """The calibration in the settings, or None if the site has none (empty factor)."""
-        factor = str(values["estimate.calibration_factor"]).strip()
-        if not factor:
-            return None
-
-        def number(name: str) -> float:
-            text = str(values[f"estimate.calibration_{name}"]).strip() or "0"
-            try:
-                return float(text)
-            except ValueError:
-                raise ConfigError(
-                    f"estimate.calibration_{name} must be a number, got {text!r}"
-                ) from None
-
-        return cls(
-            factor=number("factor"),
-            offset=number("offset"),
-            mae=number("mae"),
-            windows=int(str(values["estimate.calibration_windows"])),
-        )
-
-    def people(self, people_est: int) -> int:
-        """Calibrated people for an estimate: rounded, never below 0."""
-        return max(0, math.floor(self.factor * people_est + self.offset + 0.5))
 
 
 @dataclass(frozen=True, slots=True)

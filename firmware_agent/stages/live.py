@@ -1,7 +1,7 @@
 """Live source: probe requests from a monitor-mode interface (``iface:<name>``), block by block.
 
 :class:`LiveCapture` opens an ``AF_PACKET`` socket on the interface and yields the same
-:class:`~firmware_agent.stages.capture.FrameBatch` objects a capture file gives, so the pipeline
+:class:`~firmware_agent.stages.batch.FrameBatch` objects a capture file gives, so the pipeline
 cannot tell a live run from a replay:
 
 * **Kernel filter.** Only probe requests reach the agent: the classic-BPF program for
@@ -18,7 +18,7 @@ cannot tell a live run from a replay:
   parse stage (:func:`firmware_agent.stages.pipeline.parse_frames`, run by ``map`` inside
   :func:`~firmware_agent.stages.capture.read_ahead`) has parsed the batch by then, because ``map``
   parses a batch before it asks for the next one, and a
-  :class:`~firmware_agent.stages.parse.ProbeBatch`
+  :class:`~firmware_agent.stages.batch.ProbeBatch`
   owns its arrays. Before handing a block back its frame bytes are zeroed (they hold addresses
   and SSIDs), then a release fence orders those writes before the status word the kernel reads;
   an acquire fence orders reading a ready block's status before reading its frames (needed on
@@ -58,24 +58,24 @@ from typing import Final
 import numpy as np
 from numpy.typing import NDArray
 
-from firmware_agent.contract.errors import ConfigError, LiveCaptureError
+from firmware_agent.contract.errors import LiveCaptureError
 from firmware_agent.kernels import compiler_module, kernel
-from firmware_agent.stages.capture import (
+from firmware_agent.stages.batch import (
     LINKTYPE_AVS,
     LINKTYPE_IEEE802_11,
     LINKTYPE_PRISM,
     LINKTYPE_RADIOTAP,
-    SUPPORTED_LINK_TYPES,
     FrameBatch,
 )
+from firmware_agent.stages.capture import SUPPORTED_LINK_TYPES
 from firmware_agent.stages.channels import ChannelHopper
+from firmware_agent.stages.config import LiveSettings
 
 __all__ = [
     "IFACE_PREFIX",
     "PROBE_REQUEST_FILTERS",
     "KernelStats",
     "LiveCapture",
-    "LiveSettings",
     "interface_facts",
 ]
 
@@ -139,7 +139,6 @@ PROBE_REQUEST_FILTERS: Final[dict[int, tuple[tuple[int, int, int, int], ...]]] =
 # Linux hardware types (ARPHRD_*) of wireless interfaces, and their pcap link types.
 _ARPHRD_LINK_TYPES: Final = {801: LINKTYPE_IEEE802_11, 802: LINKTYPE_PRISM, 803: LINKTYPE_RADIOTAP}
 _ARPHRD_NAMES: Final = {1: "Ethernet", 772: "loopback", 776: "IPv6-in-IPv4", 65534: "none (tun)"}
-_LINK_TYPE_NAMES: Final = {"radiotap": LINKTYPE_RADIOTAP, "802.11": LINKTYPE_IEEE802_11}
 
 _ETH_P_ALL: Final = 0x0003
 _SOL_PACKET: Final = 263
@@ -165,64 +164,6 @@ _DROP_CHECK_S: Final = 60  # how often the kernel's drop counter is looked at (a
 NS: Final = 1_000_000_000
 
 Taken = tuple[FrameBatch, Callable[[], None]]  # a batch, and what to do once it is parsed
-
-
-@dataclass(frozen=True, slots=True)
-class LiveSettings:
-    """How a live interface is read; checked where made."""
-
-    link_type: int | None = None  # None: from the interface
-    ring_mb: int = 8
-    hop: bool = False
-    hop_channels: tuple[int, ...] = (1, 6, 11)
-    hop_dwell_ms: int = 200
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.ring_mb <= 256:
-            raise ConfigError(f"source.ring_mb must be between 1 and 256 MiB, got {self.ring_mb}")
-        if self.link_type is not None and self.link_type not in PROBE_REQUEST_FILTERS:
-            raise ConfigError(
-                "source.link_type must be 'auto', 'radiotap', '802.11' or one of "
-                f"{sorted(PROBE_REQUEST_FILTERS)}, got {self.link_type}"
-            )
-        if not 50 <= self.hop_dwell_ms <= 60_000:
-            raise ConfigError(
-                f"source.hop_dwell_ms must be between 50 and 60000 ms, got {self.hop_dwell_ms}"
-            )
-        if self.hop and not self.hop_channels:
-            raise ConfigError("source.hop_channels must list at least one channel to hop over")
-        bad = [c for c in self.hop_channels if not 1 <= c <= 233]
-        if bad:
-            raise ConfigError(f"source.hop_channels must be channel numbers 1 to 233, got {bad[0]}")
-
-    @classmethod
-    def parse(
-        cls, link_type: str, ring_mb: int, hop: str, channels: str, dwell_ms: int
-    ) -> LiveSettings:
-        """From the settings' text: ``source.link_type``, ``source.hop`` and so on."""
-        text = link_type.strip().lower()
-        lt: int | None
-        if text == "auto":
-            lt = None
-        elif text in _LINK_TYPE_NAMES:
-            lt = _LINK_TYPE_NAMES[text]
-        elif text.isdigit():
-            lt = int(text)
-        else:
-            raise ConfigError(
-                f"source.link_type must be 'auto', 'radiotap', '802.11' or a number, "
-                f"got {link_type!r}"
-            )
-        if hop.strip().lower() not in ("on", "off"):
-            raise ConfigError(f"source.hop must be 'on' or 'off', got {hop!r}")
-        try:
-            hop_channels = tuple(int(c) for c in channels.replace(" ", "").split(",") if c)
-        except ValueError:
-            raise ConfigError(
-                f"source.hop_channels must be channel numbers separated by commas such as "
-                f"'1,6,11', got {channels!r}"
-            ) from None
-        return cls(lt, ring_mb, hop.strip().lower() == "on", hop_channels, dwell_ms)
 
 
 @dataclass(frozen=True, slots=True)

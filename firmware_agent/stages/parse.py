@@ -1,6 +1,6 @@
 """Parse stage: raw frames in, one row per probe request out (numba).
 
-:func:`parse_batch` walks a :class:`~firmware_agent.stages.capture.FrameBatch` in one compiled
+:func:`parse_batch` walks a :class:`~firmware_agent.stages.batch.FrameBatch` in one compiled
 pass. For each frame it reads the radio header (radiotap with extended presence bitmaps
 and field alignment, Prism, AVS, PPI, or none for bare 802.11), the 802.11 frame control,
 and for probe requests the transmitter address (addr2), the sequence number, the SSID
@@ -37,44 +37,33 @@ little-endian word ``w`` of those bytes (the last one zero-padded), where
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
 from firmware_agent.kernels import compiler_module, kernel
-from firmware_agent.stages.capture import (
+from firmware_agent.stages.batch import (
+    KIND_FCS_BAD,
+    KIND_MALFORMED,
+    KIND_NO_SA,
+    KIND_PROBE,
     LINKTYPE_AVS,
     LINKTYPE_IEEE802_11,
     LINKTYPE_PPI,
     LINKTYPE_PRISM,
     LINKTYPE_RADIOTAP,
+    RSSI_MISSING,
+    SSID_DIRECTED,
+    SSID_NONE,
+    SSID_WILDCARD,
     FrameBatch,
+    ProbeBatch,
 )
 
 __all__ = [
-    "KIND_FCS_BAD",
-    "KIND_MALFORMED",
-    "KIND_NO_SA",
-    "KIND_PROBE",
-    "RSSI_MISSING",
-    "SSID_DIRECTED",
-    "SSID_NONE",
-    "SSID_WILDCARD",
-    "ProbeBatch",
     "parse_batch",
 ]
 
-KIND_PROBE = 1
-KIND_MALFORMED = 2
-KIND_FCS_BAD = 4
-KIND_NO_SA = 8
-
-SSID_NONE = 0
-SSID_WILDCARD = 1
-SSID_DIRECTED = 2
-
-RSSI_MISSING = -32768
 
 if sys.byteorder != "little":  # _load_u64le reads words in the machine's order
     raise ImportError("footfall's parser needs a little-endian machine (x86-64, arm64)")
@@ -91,28 +80,6 @@ _RT_FLAG_BADFCS = 0x40
 _AVS_MAGIC_1 = 0x80211001
 _AVS_MAGIC_2 = 0x80211002
 _AVS_SSI_DBM = 2
-
-
-@dataclass(frozen=True, slots=True)
-class ProbeBatch:
-    """Probe requests (and unreadable frames) of one frame batch, one row each.
-
-    ``mac`` holds transmitter addresses in the clear: it lives only until the anonymize
-    stage hashes and zeroes it.
-    """
-
-    kind: NDArray[np.uint8]
-    ts_ns: NDArray[np.int64]
-    mac: NDArray[np.uint8]  # shape (n, 6)
-    seq: NDArray[np.uint16]
-    rssi: NDArray[np.int16]  # dBm, RSSI_MISSING where the radio header has none
-    freq_mhz: NDArray[np.uint16]  # 0 where unknown
-    ssid: NDArray[np.uint8]  # SSID_NONE / SSID_WILDCARD / SSID_DIRECTED
-    fp: NDArray[np.uint64]  # unkeyed model fingerprint, 0 where not parsed
-    frames: int  # frames in the source batch, probes or not
-
-    def __len__(self) -> int:
-        return int(self.kind.shape[0])
 
 
 @kernel(inline=True)

@@ -55,15 +55,18 @@ from numpy.typing import NDArray
 from firmware_agent.contract.errors import ConfigError
 from firmware_agent.contract.fields import DWELL_BANDS, DWELL_EDGES_MIN
 from firmware_agent.kernels import kernel
-from firmware_agent.stages.count import NS, CountSettings
-from firmware_agent.stages.estimate import Calibration, EstimateSettings
-from firmware_agent.stages.parse import KIND_PROBE, RSSI_MISSING
+from firmware_agent.stages.batch import (
+    KIND_PROBE,
+    NS,
+    RSSI_MISSING,
+    WindowPeople,
+)
+from firmware_agent.stages.config import Calibration, CountSettings, EstimateSettings
 
 __all__ = [
     "SAMPLE_S",
     "PeopleCounter",
     "PeopleSettings",
-    "WindowPeople",
     "calibrated",
 ]
 
@@ -148,19 +151,6 @@ class PeopleSettings:
             ],
             np.int64,
         )
-
-
-@dataclass(frozen=True, slots=True)
-class WindowPeople:
-    """People figures of one closed window; nothing in it identifies a device."""
-
-    window_start: int  # Unix seconds, like WindowCounts.window_start
-    arrivals: int
-    passersby: int
-    visits_ended: int
-    dwell_minutes: dict[str, int]  # DWELL_BANDS -> visits ended in the window
-    occupancy_mean: float  # people, at most 2 decimals
-    occupancy_peak: int
 
 
 def calibrated(window: WindowPeople, calibration: Calibration) -> WindowPeople:

@@ -50,25 +50,52 @@ import logging
 import statistics
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 
-from firmware_agent.settings import AgentConfig
-from firmware_agent.stages.anonymize import DeviceBatch, EpochKey, anonymize
-from firmware_agent.stages.capture import FrameBatch, read_ahead
-from firmware_agent.stages.count import NS, WindowCounter, WindowCounts
+from firmware_agent.stages.anonymize import EpochKey, anonymize
+from firmware_agent.stages.batch import (
+    KIND_PROBE,
+    NS,
+    DeviceBatch,
+    FrameBatch,
+    ProbeBatch,
+    WindowCounts,
+    WindowPeople,
+)
+from firmware_agent.stages.capture import read_ahead
+from firmware_agent.stages.config import Calibration, CountSettings, EpochClock, EstimateSettings
+from firmware_agent.stages.count import WindowCounter
 from firmware_agent.stages.estimate import Estimator, WindowEstimate
-from firmware_agent.stages.parse import KIND_PROBE, ProbeBatch, parse_batch
-from firmware_agent.stages.people import PeopleCounter, PeopleSettings, WindowPeople, calibrated
-from firmware_agent.stages.privacy import truncate_ids
+from firmware_agent.stages.parse import parse_batch
+from firmware_agent.stages.people import PeopleCounter, PeopleSettings, calibrated
+from firmware_agent.stages.privacy import PrivacyPolicy, truncate_ids
 
-__all__ = ["NORMAL_FRAMES", "Pipeline", "PipelineStats", "parse_frames"]
+__all__ = ["NORMAL_FRAMES", "Pipeline", "PipelineConfig", "PipelineStats", "parse_frames"]
 
 log = logging.getLogger("footfall.agent")
 
 NORMAL_FRAMES = 10
 """A silent window is no data when the median window with frames so far holds at least this
 many frames (see the module docstring)."""
+
+
+class PipelineConfig(Protocol):
+    """The settings the pipeline reads: the agent's whole configuration
+    (:class:`~firmware_agent.service.config.AgentConfig`) is one, and the stages need not
+    import the service that holds it."""
+
+    @property
+    def count(self) -> CountSettings: ...
+    @property
+    def epoch(self) -> EpochClock: ...
+    @property
+    def estimate(self) -> EstimateSettings: ...
+    @property
+    def calibration(self) -> Calibration | None: ...
+    @property
+    def privacy(self) -> PrivacyPolicy: ...
 
 
 @dataclass(slots=True)
@@ -91,7 +118,7 @@ class Pipeline:
     people figures): the benchmarks measure what they cost.
     """
 
-    config: AgentConfig
+    config: PipelineConfig
     stats: PipelineStats = field(default_factory=PipelineStats)
     estimate: bool = True
     _counter: WindowCounter = field(init=False)

@@ -22,7 +22,7 @@ In both modes, on the way out (:meth:`PrivacyPolicy.release`):
    mechanism: integers, so no floating-point side channel) on every count that reveals
    presence, scaled to what one device can move in a window, with fresh operating-system
    randomness for every value. The frame counts go under noise too, bounded first:
-   ``probe_requests`` counts at most :data:`~firmware_agent.stages.count.FRAMES_PER_DEVICE` frames
+   ``probe_requests`` counts at most :data:`~firmware_agent.stages.batch.FRAMES_PER_DEVICE` frames
    per device (``probe_requests_clipped``), ``malformed`` and ``late_frames`` say only
    whether there were any (0 or 1). The people figures and ``static_excluded`` are then
    withheld (:data:`~firmware_agent.contract.fields.DP_WITHHELD`), since one device can move
@@ -77,8 +77,8 @@ from firmware_agent.contract.fields import (
     STRICT_PUBLISHES,
     WITH_PEAK,
 )
-from firmware_agent.stages.anonymize import DeviceBatch
-from firmware_agent.stages.count import FRAMES_PER_DEVICE, WindowCounts
+from firmware_agent.contract.resolve import setting
+from firmware_agent.stages.batch import FRAMES_PER_DEVICE, DeviceBatch, WindowCounts
 
 __all__ = [
     "COLLISION_FLOOR",
@@ -151,14 +151,42 @@ def discrete_laplace(scale_epsilon: float) -> int:
     return geometric() - geometric()
 
 
+def _epsilon(text: str) -> float | None:
+    """``privacy.dp_epsilon``: None for 'off'."""
+    value = text.strip().lower()
+    try:
+        return None if value in ("off", "", "none") else float(value)
+    except ValueError as exc:
+        raise ConfigError(
+            f"privacy.dp_epsilon must be 'off' or a number such as '0.5', got {value!r}"
+        ) from exc
+
+
 @dataclass(frozen=True, slots=True)
 class PrivacyPolicy:
     """The privacy settings, checked against the rules of their mode where they are made."""
 
-    mode: Mode = "standard"
-    suppress_below: int = 5
-    dp_epsilon: float | None = None
-    expected_devices: int = 100
+    mode: Mode = setting(
+        "standard",
+        "'standard' (keyed device ids for at most 24 h: dwell, visits, unique-today) or "
+        "'strict' (nothing per device outlives a window of at most 10 min; truncated ids).",
+        choices=MODES,
+    )
+    suppress_below: int = setting(
+        5,
+        "k: device counts from 1 to k-1 are published as suppressed, with any count that "
+        "would give them back by subtraction. 2 to 1000.",
+    )
+    dp_epsilon: float | None = setting(
+        "off",
+        "Per-window epsilon of discrete Laplace noise on published device counts, or 'off'.",
+        parse=_epsilon,
+    )
+    expected_devices: int = setting(
+        100,
+        "Strict mode: devices expected in a window at busy times; sets the bits kept of a "
+        "device id so that most devices share their value.",
+    )
     window_s: int = 300
     key_lifetime_s: int = STANDARD_MAX_KEY_S
     lateness_s: int = 10
@@ -212,30 +240,6 @@ class PrivacyPolicy:
                 "that rule"
             )
 
-    @classmethod
-    def from_settings(
-        cls, values: Mapping[str, int | str], window_s: int, key_lifetime_s: int, lateness_s: int
-    ) -> PrivacyPolicy:
-        text = str(values["privacy.dp_epsilon"]).strip().lower()
-        try:
-            epsilon = None if text in ("off", "", "none") else float(text)
-        except ValueError as exc:
-            raise ConfigError(
-                f"privacy.dp_epsilon must be 'off' or a number such as '0.5', got {text!r}"
-            ) from exc
-        mode = str(values["privacy.mode"]).strip().lower()
-        if mode not in MODES:
-            raise ConfigError(f"privacy.mode must be 'standard' or 'strict', got {mode!r}")
-        return cls(
-            mode=mode,  # checked just above
-            suppress_below=int(values["privacy.suppress_below"]),
-            dp_epsilon=epsilon,
-            expected_devices=int(values["privacy.expected_devices"]),
-            window_s=window_s,
-            key_lifetime_s=key_lifetime_s,
-            lateness_s=lateness_s,
-        )
-
     @property
     def strict(self) -> bool:
         return self.mode == "strict"
@@ -264,7 +268,7 @@ class PrivacyPolicy:
         people figures are withheld, :data:`~firmware_agent.contract.fields.DP_WITHHELD`): one
         each. In strict mode a truncated id shared with another device can gain the randomised
         flag while devices does not move: 2 still. Plus the frame counts, bounded: at most
-        :data:`~firmware_agent.stages.count.FRAMES_PER_DEVICE` probe requests, and 1 each for
+        :data:`~firmware_agent.stages.batch.FRAMES_PER_DEVICE` probe requests, and 1 each for
         whether there were malformed or late frames."""
         return 2 + _FRAME_SENSITIVITY
 

@@ -16,18 +16,18 @@ from numpy.typing import NDArray
 
 from firmware_agent.contract.errors import CaptureError
 from firmware_agent.stages.anonymize import EpochKey, anonymize
-from firmware_agent.stages.capture import SUPPORTED_LINK_TYPES, CaptureReader
-from firmware_agent.stages.count import NS
-from firmware_agent.stages.parse import (
+from firmware_agent.stages.batch import (
     KIND_FCS_BAD,
     KIND_MALFORMED,
     KIND_NO_SA,
     KIND_PROBE,
+    NS,
     RSSI_MISSING,
     SSID_DIRECTED,
     SSID_WILDCARD,
-    parse_batch,
 )
+from firmware_agent.stages.capture import SUPPORTED_LINK_TYPES, CaptureReader
+from firmware_agent.stages.parse import parse_batch
 
 __all__ = ["inspect_capture"]
 

@@ -54,8 +54,8 @@ from firmware_agent.contract.messages import (
 )
 from firmware_agent.contract.signing import KEY_FILE, load_signing_key
 from firmware_agent.service.broker_session import BrokerSession
+from firmware_agent.service.config import AgentConfig
 from firmware_agent.service.spool import SPOOL_FILE, Spool
-from firmware_agent.settings import AgentConfig
 from firmware_agent.stages import anonymize, capture, count, estimate, live, parse
 from firmware_agent.stages.capture import CaptureReader
 from firmware_agent.stages.live import IFACE_PREFIX, LiveCapture, interface_facts

@@ -50,11 +50,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from firmware_agent.contract.errors import ConfigError, TruthError
-from firmware_agent.settings import DEFAULT_CONFIG, AgentConfig, load_config
+from firmware_agent.service.config import AgentConfig
+from firmware_agent.settings import DEFAULT_CONFIG, load_config
+from firmware_agent.stages.batch import ProbeBatch, WindowCounts
 from firmware_agent.stages.capture import CaptureReader
-from firmware_agent.stages.count import WindowCounts
-from firmware_agent.stages.estimate import Calibration
-from firmware_agent.stages.parse import ProbeBatch
+from firmware_agent.stages.config import Calibration
 from firmware_agent.stages.pipeline import Pipeline, parse_frames
 
 __all__ = [
@@ -63,7 +63,6 @@ __all__ = [
     "Replay",
     "Scores",
     "Truth",
-    "add_commands",
     "fit_calibration",
     "pooled",
     "replay",
@@ -377,13 +376,7 @@ def pooled(replays: Iterable[Replay], truth: Truth) -> list[tuple[WindowCounts, 
     return [pair for r in replays for pair in r.scored(truth)]
 
 
-# The command line: footfall-agent evaluate / calibrate (wired in firmware_agent/cli.py).
-
-_TRUTH_HELP = "ground truth: CSV 'timestamp,people', ISO 8601 times with a UTC offset"
-_LOCAL_BIT_HELP = (
-    "treat every address as random (a dataset whose anonymiser replaced addresses with random "
-    "bytes, so the locally administered bit means nothing)"
-)
+# The command line: footfall-agent evaluate / calibrate (their options: firmware_agent/cli.py).
 
 
 def _config(args: argparse.Namespace) -> AgentConfig:
@@ -493,58 +486,3 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"  {change}")
     log.info("calibration written to %s (%d windows)", path, calibration.windows)
     return 0
-
-
-def add_commands(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
-    setting: Callable[[str], tuple[str, str]],
-) -> None:
-    """The ``evaluate`` and ``calibrate`` subcommands."""
-    set_help = "override one setting (repeatable), e.g. estimate.rssi_threshold_dbm=-70"
-    p = sub.add_parser(
-        "evaluate",
-        help="score the agent's people estimates against ground truth",
-        description="Replay captures through the agent and print, per window, the truth "
-        "(mean people over the window), the estimate and the raw counts, then the scores: "
-        "mean absolute error, MAPE over windows with 3 or more people, RMSE, Pearson's r. "
-        "The estimate is people_est, or people through the config's calibration, or through "
-        "a calibration fitted on the --calibrate-on captures only.",
-    )
-    p.add_argument("captures", nargs="+", metavar="CAPTURE", help="pcap or pcapng (.gz too)")
-    p.add_argument("--truth", required=True, type=Path, help=_TRUTH_HELP)
-    p.add_argument(
-        "--calibrate-on",
-        nargs="+",
-        metavar="CAPTURE",
-        help="fit the calibration on these captures only (never the evaluated ones)",
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON object of the scores")
-    p.add_argument("--ignore-local-bit", action="store_true", help=_LOCAL_BIT_HELP)
-    p.add_argument("--config", type=Path, help="agent TOML config file")
-    p.add_argument("--set", type=setting, action="append", metavar="NAME=VALUE", help=set_help)
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser(
-        "calibrate",
-        help="fit the site's calibration on captures with truth; write it to the config",
-        description="Replay captures through the agent, fit people = factor x people_est + "
-        "offset on the windows the truth covers, and write factor, offset, the fit's error "
-        "and its windows into the [estimate] table of the config file (other lines are kept; "
-        "what changed is printed). The config's estimate settings are the ones calibrated.",
-    )
-    p.add_argument("captures", nargs="+", metavar="CAPTURE", help="pcap or pcapng (.gz too)")
-    p.add_argument("--truth", required=True, type=Path, help=_TRUTH_HELP)
-    p.add_argument(
-        "--config", type=Path, help=f"agent TOML config file to update (default {DEFAULT_CONFIG})"
-    )
-    p.add_argument("--dry-run", action="store_true", help="print the fit, write nothing")
-    p.add_argument(
-        "--site-threshold",
-        action="store_true",
-        help="also set estimate.rssi_threshold_dbm: the weakest signal threshold (-90 to -50 "
-        "dBm) at which half of the windows the truth says are empty read no device (the "
-        "visit's empty hour; see README, Calibrating a site in one visit)",
-    )
-    p.add_argument("--ignore-local-bit", action="store_true", help=_LOCAL_BIT_HELP)
-    p.add_argument("--set", type=setting, action="append", metavar="NAME=VALUE", help=set_help)
-    p.set_defaults(func=cmd_calibrate)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-from firmware_agent.settings import AgentConfig
-from firmware_agent.stages.count import WindowCounts
+from firmware_agent.service.config import AgentConfig
+from firmware_agent.stages.batch import WindowCounts
 from firmware_agent.stages.privacy import COLLISION_FLOOR, linear_count, shared_share
 
 __all__ = ["privacy_report"]

@@ -23,10 +23,10 @@ from typing import TextIO
 import numpy as np
 
 from firmware_agent.contract.errors import ConfigError
-from firmware_agent.settings import AgentConfig
-from firmware_agent.stages.capture import FrameBatch
+from firmware_agent.service.config import AgentConfig
+from firmware_agent.stages.batch import KIND_PROBE, RSSI_MISSING, FrameBatch
 from firmware_agent.stages.live import IFACE_PREFIX, LiveCapture
-from firmware_agent.stages.parse import KIND_PROBE, RSSI_MISSING, parse_batch
+from firmware_agent.stages.parse import parse_batch
 
 __all__ = ["BANDS", "Survey", "channel_of", "run_survey"]
 

@@ -9,7 +9,7 @@ from nacl.encoding import RawEncoder
 from nacl.hash import siphash24
 
 from firmware_agent.stages.anonymize import EpochKey, anonymize, siphash24_mac, siphash24_u64
-from firmware_agent.stages.parse import KIND_NO_SA, KIND_PROBE, ProbeBatch
+from firmware_agent.stages.batch import KIND_NO_SA, KIND_PROBE, ProbeBatch
 
 
 def _nacl(message: bytes, key: bytes) -> int:

@@ -28,15 +28,13 @@ from scapy.utils import RawPcapNgReader, RawPcapReader, wrpcap
 
 from firmware_agent.cli import BUNDLED_SAMPLE
 from firmware_agent.contract.errors import CaptureError, NotACaptureError, UnsupportedLinkTypeError
-from firmware_agent.stages.capture import (
+from firmware_agent.stages.batch import (
     LINKTYPE_IEEE802_11,
     LINKTYPE_PRISM,
     LINKTYPE_RADIOTAP,
-    MAX_CAPLEN,
-    CaptureReader,
     FrameBatch,
-    open_capture,
 )
+from firmware_agent.stages.capture import MAX_CAPLEN, CaptureReader, open_capture
 from tests.support.shared import REPO, shared_capture_names
 
 TSHARK_LINKTYPES = {

@@ -11,7 +11,7 @@ from firmware_agent import cli
 from firmware_agent.contract.errors import ConfigError, SigningKeyError
 from firmware_agent.contract.messages import verify_key_from_text
 from firmware_agent.contract.signing import KEY_FILE, create_signing_key, load_signing_key
-from firmware_agent.settings import SETTINGS, load_config
+from firmware_agent.settings import load_config
 
 
 def _config(tmp_path: Path, text: str = "") -> Path:
@@ -99,14 +99,6 @@ def test_source_speed_and_agent_id_defaults() -> None:
     assert load_config(None, environ={"FOOTFALL_SOURCE_SPEED": "fast"}).source.speed is None
     agent = str(load_config(None, environ={}).identity.agent)
     assert agent and agent == agent.lower()  # the host name, made an id
-
-
-def test_every_agent_broker_and_spool_setting_is_in_the_readme() -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    for setting in SETTINGS:
-        table, key = setting.name.split(".")
-        if table in ("agent", "broker", "spool"):
-            assert f"{key} =" in readme, f"README.md does not show {setting.name}"
 
 
 def test_run_says_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

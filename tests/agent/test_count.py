@@ -11,16 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from firmware_agent.contract.errors import ConfigError
-from firmware_agent.stages.anonymize import DeviceBatch
-from firmware_agent.stages.count import (
+from firmware_agent.stages.batch import (
     DWELL_BANDS,
     FRAMES_PER_DEVICE,
+    KIND_MALFORMED,
+    KIND_PROBE,
     NS,
-    CountSettings,
-    WindowCounter,
+    RSSI_MISSING,
+    DeviceBatch,
     WindowCounts,
 )
-from firmware_agent.stages.parse import KIND_MALFORMED, KIND_PROBE, RSSI_MISSING
+from firmware_agent.stages.config import CountSettings
+from firmware_agent.stages.count import WindowCounter
 
 T0 = 1_699_999_200 * NS  # a whole hour
 

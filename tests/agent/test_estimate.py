@@ -17,20 +17,20 @@ from hypothesis import strategies as st
 from firmware_agent.cli import BUNDLED_SAMPLE
 from firmware_agent.contract.errors import ConfigError
 from firmware_agent.contract.messages import AgentId, SiteId, counts_payload, validate
-from firmware_agent.settings import AgentConfig, load_config
-from firmware_agent.stages.anonymize import DeviceBatch, EpochKey, anonymize
-from firmware_agent.stages.capture import CaptureReader
-from firmware_agent.stages.count import WindowCounts
-from firmware_agent.stages.estimate import (
-    AUTO,
-    AUTO_FALLBACK_DBM,
-    Calibration,
-    EstimateSettings,
-    Estimator,
-    WindowEstimate,
-    otsu_split,
+from firmware_agent.service.config import AgentConfig
+from firmware_agent.settings import load_config
+from firmware_agent.stages.anonymize import EpochKey, anonymize
+from firmware_agent.stages.batch import (
+    KIND_MALFORMED,
+    KIND_PROBE,
+    RSSI_MISSING,
+    DeviceBatch,
+    WindowCounts,
 )
-from firmware_agent.stages.parse import KIND_MALFORMED, KIND_PROBE, RSSI_MISSING, parse_batch
+from firmware_agent.stages.capture import CaptureReader
+from firmware_agent.stages.config import AUTO, Calibration, EstimateSettings
+from firmware_agent.stages.estimate import AUTO_FALLBACK_DBM, Estimator, WindowEstimate, otsu_split
+from firmware_agent.stages.parse import parse_batch
 from firmware_agent.stages.pipeline import Pipeline
 from firmware_agent.tools.synthetic import SyntheticSpec, write_synthetic_capture
 from tests.support.reference_estimate import Row, otsu_reference, reference_estimates

@@ -14,7 +14,7 @@ import pytest
 from firmware_agent import cli
 from firmware_agent.contract.errors import TruthError
 from firmware_agent.settings import load_config
-from firmware_agent.stages.estimate import Calibration
+from firmware_agent.stages.config import Calibration
 from firmware_agent.tools.evaluate import Truth, fit_calibration, replay, score, write_calibration
 from firmware_agent.tools.synthetic import SyntheticSpec, write_synthetic_capture
 from tests.support.shared import shared_path

@@ -36,15 +36,17 @@ import numpy as np
 import pytest
 
 from firmware_agent.cli import BUNDLED_SAMPLE
-from firmware_agent.settings import AgentConfig, load_config
+from firmware_agent.service.config import AgentConfig
+from firmware_agent.settings import load_config
 from firmware_agent.stages import anonymize, pipeline
-from firmware_agent.stages.capture import (
+from firmware_agent.stages.batch import (
     LINKTYPE_IEEE802_11,
     LINKTYPE_RADIOTAP,
-    CaptureReader,
+    NS,
     FrameBatch,
+    WindowCounts,
 )
-from firmware_agent.stages.count import NS, WindowCounts
+from firmware_agent.stages.capture import CaptureReader
 from firmware_agent.stages.pipeline import Pipeline
 from firmware_agent.stages.privacy import MODES, PrivacyPolicy, flatten_counts
 from tests.support.shared import SHARED

@@ -22,21 +22,19 @@ import pytest
 
 from firmware_agent.cli import BUNDLED_SAMPLE
 from firmware_agent.contract.errors import ChannelHopError, ConfigError
-from firmware_agent.stages.capture import (
+from firmware_agent.settings import load_config
+from firmware_agent.stages.batch import (
+    KIND_PROBE,
     LINKTYPE_AVS,
     LINKTYPE_IEEE802_11,
     LINKTYPE_PRISM,
     LINKTYPE_RADIOTAP,
-    CaptureReader,
 )
+from firmware_agent.stages.capture import CaptureReader
 from firmware_agent.stages.channels import ChannelHopper
-from firmware_agent.stages.live import (
-    PROBE_REQUEST_FILTERS,
-    LiveSettings,
-    _release_blocks,
-    _take_blocks,
-)
-from firmware_agent.stages.parse import KIND_PROBE, parse_batch
+from firmware_agent.stages.config import FILTERED_LINK_TYPES, LiveSettings
+from firmware_agent.stages.live import PROBE_REQUEST_FILTERS, _release_blocks, _take_blocks
+from firmware_agent.stages.parse import parse_batch
 from tests.support.netns import require
 
 SNAPLEN = 0x40000
@@ -263,19 +261,28 @@ def test_ring_walk_never_reads_outside_a_block_with_a_corrupt_header() -> None:
 def test_live_settings_refuse_bad_values_naming_the_setting(
     kwargs: dict[str, object], message: str
 ) -> None:
-    values: dict[str, object] = {
-        "link_type": "auto", "ring_mb": 8, "hop": "off", "channels": "1,6,11", "dwell_ms": 200,
-    }  # fmt: skip
-    values.update(kwargs)
+    names = {"link_type": "LINK_TYPE", "ring_mb": "RING_MB", "hop": "HOP"}
+    names |= {"channels": "HOP_CHANNELS", "dwell_ms": "HOP_DWELL_MS"}
+    environ = {f"FOOTFALL_SOURCE_{names[k]}": str(v) for k, v in kwargs.items()}
     with pytest.raises(ConfigError, match=re.escape(message)):
-        LiveSettings.parse(**values)  # type: ignore[arg-type]
+        load_config(None, environ=environ)
+
+
+def _live(**environ: str) -> LiveSettings:
+    return load_config(None, environ={f"FOOTFALL_SOURCE_{k}": v for k, v in environ.items()}).live
 
 
 def test_live_settings_read_names_and_numbers() -> None:
-    assert LiveSettings.parse("radiotap", 8, "on", "1, 6,11", 200).link_type == LINKTYPE_RADIOTAP
-    assert LiveSettings.parse("105", 8, "off", "1,6,11", 200).link_type == LINKTYPE_IEEE802_11
-    settings = LiveSettings.parse("auto", 16, "ON", "36,40", 500)
+    assert _live(LINK_TYPE="radiotap", HOP="on", HOP_CHANNELS="1, 6,11").link_type == (
+        LINKTYPE_RADIOTAP
+    )
+    assert _live(LINK_TYPE="105").link_type == LINKTYPE_IEEE802_11
+    settings = _live(RING_MB="16", HOP="ON", HOP_CHANNELS="36,40", HOP_DWELL_MS="500")
     assert (settings.link_type, settings.hop, settings.hop_channels) == (None, True, (36, 40))
+
+
+def test_the_settings_allow_the_link_types_live_capture_filters() -> None:
+    assert sorted(FILTERED_LINK_TYPES) == sorted(PROBE_REQUEST_FILTERS)
 
 
 @pytest.fixture

@@ -40,27 +40,25 @@ from scapy.layers.dot11 import RadioTap
 from scapy.packet import Raw
 
 from firmware_agent.contract.errors import NotACaptureError
-from firmware_agent.stages.capture import (
+from firmware_agent.stages.batch import (
+    KIND_FCS_BAD,
+    KIND_MALFORMED,
+    KIND_NO_SA,
+    KIND_PROBE,
     LINKTYPE_AVS,
     LINKTYPE_IEEE802_11,
     LINKTYPE_PPI,
     LINKTYPE_PRISM,
     LINKTYPE_RADIOTAP,
-    CaptureReader,
-    FrameBatch,
-)
-from firmware_agent.stages.parse import (
-    KIND_FCS_BAD,
-    KIND_MALFORMED,
-    KIND_NO_SA,
-    KIND_PROBE,
     RSSI_MISSING,
     SSID_DIRECTED,
     SSID_NONE,
     SSID_WILDCARD,
+    FrameBatch,
     ProbeBatch,
-    parse_batch,
 )
+from firmware_agent.stages.capture import CaptureReader
+from firmware_agent.stages.parse import parse_batch
 from tests.support import reference_parse as ref
 from tests.support.reference_parse import Row, reference_parse
 from tests.support.shared import REPO, REQUIRE_SHARED, SHARED, shared_capture_names
@@ -561,7 +559,7 @@ BOUNDS_SCRIPT = textwrap.dedent(
     import numpy as np
     from numba import njit
 
-    from firmware_agent.stages.capture import FrameBatch
+    from firmware_agent.stages.batch import FrameBatch
     from firmware_agent.stages.parse import parse_batch
 
     PAGE = mmap.PAGESIZE

@@ -12,11 +12,18 @@ import pytest
 
 from firmware_agent.cli import BUNDLED_SAMPLE
 from firmware_agent.contract.errors import ConfigError
-from firmware_agent.settings import AgentConfig, load_config
+from firmware_agent.service.config import AgentConfig
+from firmware_agent.settings import load_config
+from firmware_agent.stages.batch import (
+    KIND_PROBE,
+    NS,
+    RSSI_MISSING,
+    ProbeBatch,
+    WindowCounts,
+    WindowPeople,
+)
 from firmware_agent.stages.capture import CaptureReader
-from firmware_agent.stages.count import NS, WindowCounts
-from firmware_agent.stages.parse import KIND_PROBE, RSSI_MISSING, ProbeBatch
-from firmware_agent.stages.people import PeopleCounter, PeopleSettings, WindowPeople
+from firmware_agent.stages.people import PeopleCounter, PeopleSettings
 from firmware_agent.stages.pipeline import Pipeline, parse_frames
 from tests.support.reference_people import reference_people
 from tests.support.shared import shared_path

@@ -11,8 +11,8 @@ import pytest
 
 from firmware_agent.cli import BUNDLED_SAMPLE
 from firmware_agent.settings import load_config
+from firmware_agent.stages.batch import NS, WindowCounts
 from firmware_agent.stages.capture import CaptureReader
-from firmware_agent.stages.count import NS, WindowCounts
 from firmware_agent.stages.pipeline import Pipeline
 from firmware_agent.tools.synthetic import SyntheticSpec, write_synthetic_capture
 

@@ -26,7 +26,8 @@ import pytest
 
 from firmware_agent import cli
 from firmware_agent.contract.errors import CaptureError
-from firmware_agent.stages.capture import LINKTYPE_IEEE802_11, LINKTYPE_RADIOTAP, CaptureReader
+from firmware_agent.stages.batch import LINKTYPE_IEEE802_11, LINKTYPE_RADIOTAP
+from firmware_agent.stages.capture import CaptureReader
 from firmware_agent.stages.privacy import MODES
 from tests.support.shared import shared_capture_names
 

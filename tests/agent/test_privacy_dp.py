@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 
 from firmware_agent.contract.errors import CaptureError
-from firmware_agent.settings import AgentConfig, load_config
+from firmware_agent.service.config import AgentConfig
+from firmware_agent.settings import load_config
 from firmware_agent.stages import pipeline
 from firmware_agent.stages.anonymize import EpochKey
+from firmware_agent.stages.batch import FRAMES_PER_DEVICE, KIND_PROBE, ProbeBatch, WindowCounts
 from firmware_agent.stages.capture import CaptureReader
-from firmware_agent.stages.count import FRAMES_PER_DEVICE, WindowCounts
-from firmware_agent.stages.parse import KIND_PROBE, ProbeBatch
 from firmware_agent.stages.privacy import DP_WITHHELD, FRAME_COUNTS, PrivacyPolicy
 from firmware_agent.tools.privacy_report import privacy_report
 from tests.agent.test_privacy_modes import _audited, _window

@@ -34,12 +34,12 @@ from firmware_agent.cli import BUNDLED_SAMPLE
 from firmware_agent.contract.errors import ConfigError
 from firmware_agent.contract.fields import DWELL_BANDS
 from firmware_agent.contract.messages import AgentId, SiteId, counts_payload, meta_payload, seal
+from firmware_agent.service.config import AgentConfig
 from firmware_agent.service.run import agent_meta
-from firmware_agent.settings import AgentConfig, load_config
+from firmware_agent.settings import load_config
 from firmware_agent.stages import anonymize
+from firmware_agent.stages.batch import NS, WindowCounts, WindowPeople
 from firmware_agent.stages.capture import CaptureReader
-from firmware_agent.stages.count import NS, WindowCounts
-from firmware_agent.stages.people import WindowPeople
 from firmware_agent.stages.pipeline import Pipeline
 from firmware_agent.stages.privacy import (
     COLLISION_FLOOR,

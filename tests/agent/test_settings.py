@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -9,8 +11,11 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from firmware_agent.contract.errors import ConfigError
-from firmware_agent.settings import SETTINGS, EpochClock, load_config
-from firmware_agent.stages.count import NS
+from firmware_agent.settings import SETTINGS, load_config
+from firmware_agent.stages.batch import NS
+from firmware_agent.stages.config import EpochClock
+from tests.support.readme_settings import documented
+from tests.support.shared import REPO
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -130,3 +135,39 @@ def test_every_mistake_in_a_file_is_reported_at_once_with_line_table_and_key(
         "[agent] site)",
         "  - broker.port must be between 1 and 65535, got 70000 (FOOTFALL_BROKER_PORT)",
     ])  # fmt: skip
+
+
+def test_every_setting_is_in_the_readme_and_every_readme_key_is_a_setting() -> None:
+    names = {s.name for s in SETTINGS}
+    assert sorted(names - documented("agent")) == []
+    assert sorted(documented("agent") - names) == []
+
+
+def test_switches_take_on_off_or_toml_booleans_and_name_the_line_otherwise(
+    tmp_path: Path,
+) -> None:
+    assert load_config(_write(tmp_path, "[source]\nhop = true\n"), environ={}).live.hop
+    on = load_config(None, environ={"FOOTFALL_HOMEASSISTANT_DISCOVERY": " On "})
+    assert on.homeassistant.discovery
+    path = _write(tmp_path, '[privacy]\nmode = "Strict"\n[source]\nhop = "yes"\n')
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, environ={})
+    assert str(raised.value) == (  # one problem: "Strict" is a choice, any case
+        f"source.hop must be 'on' or 'off', got 'yes' (from {path} line 4, [source] hop)"
+    )
+
+
+def test_config_show_loads_no_numba() -> None:
+    """The stages that compile kernels are imported by the commands that run them only."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from firmware_agent import cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    status = cli.main(['config', 'show', '--help-text'])\n"
+        "print(status, len(out.getvalue().splitlines()))\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'numba', 'llvmlite', 'scapy'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.splitlines() == [f"0 {2 * len(SETTINGS)}", "[]"]

@@ -13,10 +13,11 @@ import nacl.signing
 import pytest
 
 from aggregator.cli import build_parser, main
-from aggregator.config import load_config
+from aggregator.config import SETTINGS, load_config
 from aggregator.errors import ConfigError
 from aggregator.store import Store
 from firmware_agent.contract.messages import public_key_text
+from tests.support.readme_settings import documented
 from tests.support.shared import REPO
 
 
@@ -165,6 +166,22 @@ def test_unknown_settings_and_bad_values_are_refused_by_name(tmp_path: Path) -> 
     # A replica's name, not its host's, makes the client id: the same after a move.
     named = load_config(environ={"FOOTFALL_AGG_INGEST_REPLICA": "b"})
     assert named.ingest.client_id == "footfall-aggregator-b"
+
+
+def test_every_setting_is_in_the_readme_and_every_readme_key_is_a_setting() -> None:
+    names = {s.name for s in SETTINGS}
+    assert sorted(names - documented("aggregator")) == []
+    assert sorted(documented("aggregator") - names) == []
+
+
+def test_switches_and_choices_are_read_once_for_both_programs() -> None:
+    config = load_config(environ={"FOOTFALL_AGG_SERVE_INGEST": "OFF"})
+    assert config.serve.ingest is False
+    assert load_config(
+        environ={}, overrides={"serve.secure_cookies": " On"}
+    ).serve.secure_cookies == ("on")
+    with pytest.raises(ConfigError, match=r"serve\.secure_cookies must be 'auto', 'on' or 'off'"):
+        load_config(environ={}, overrides={"serve.secure_cookies": "always"})
 
 
 def _commands(parser: argparse.ArgumentParser, prefix: str = "") -> list[str]:

@@ -33,9 +33,10 @@ import pytest
 from firmware_agent.cli import BUNDLED_SAMPLE
 from firmware_agent.contract.errors import ChannelHopError, LiveCaptureError
 from firmware_agent.settings import load_config
-from firmware_agent.stages.capture import CaptureReader, FrameBatch
-from firmware_agent.stages.count import NS, WindowCounts
-from firmware_agent.stages.live import LiveCapture, LiveSettings
+from firmware_agent.stages.batch import NS, FrameBatch, WindowCounts
+from firmware_agent.stages.capture import CaptureReader
+from firmware_agent.stages.config import LiveSettings
+from firmware_agent.stages.live import LiveCapture
 from firmware_agent.stages.pipeline import Pipeline
 from tests.agent.test_live import is_probe_request
 from tests.agent.test_privacy import _secrets_of

@@ -34,8 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from firmware_agent.settings import AgentConfig, load_config
-from firmware_agent.stages.estimate import Calibration, EstimateSettings
+from firmware_agent.service.config import AgentConfig
+from firmware_agent.settings import load_config
+from firmware_agent.stages.config import Calibration, EstimateSettings
 from firmware_agent.tools.capture_stats import inspect_capture
 from firmware_agent.tools.evaluate import Replay, Scores, Truth, fit_calibration, replay, score
 from tests.support.truth_fryza import LAB_ZONE, write_truth

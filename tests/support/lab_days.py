@@ -38,8 +38,9 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from firmware_agent.settings import AgentConfig, load_config
-from firmware_agent.stages.estimate import Calibration
+from firmware_agent.service.config import AgentConfig
+from firmware_agent.settings import load_config
+from firmware_agent.stages.config import Calibration
 from firmware_agent.tools.evaluate import Truth, fit_calibration, replay, site_threshold
 from tests.support.truth_fryza import LAB_ZONE
 

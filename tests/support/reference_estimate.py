@@ -7,17 +7,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, tzinfo
 
+from firmware_agent.stages.batch import KIND_PROBE, RSSI_MISSING
+from firmware_agent.stages.config import AUTO, EstimateSettings
 from firmware_agent.stages.estimate import (
-    AUTO,
     AUTO_FALLBACK_DBM,
     AUTO_MIN_CHAINS,
     AUTO_RANGE_DBM,
     AUTO_STEP_S,
     RING,
-    EstimateSettings,
     WindowEstimate,
 )
-from firmware_agent.stages.parse import KIND_PROBE, RSSI_MISSING
 
 NS = 1_000_000_000
 

@@ -10,9 +10,8 @@ import bisect
 from collections import defaultdict
 from collections.abc import Iterable
 
-from firmware_agent.contract.fields import DWELL_BANDS, DWELL_EDGES_MIN
-from firmware_agent.stages.parse import RSSI_MISSING
-from firmware_agent.stages.people import SAMPLE_S, PeopleSettings, WindowPeople
+from firmware_agent.stages.batch import DWELL_BANDS, DWELL_EDGES_MIN, RSSI_MISSING, WindowPeople
+from firmware_agent.stages.people import SAMPLE_S, PeopleSettings
 
 NS = 1_000_000_000
 Row = tuple[int, int, int, int]  # ts_ns, chain, rssi, the signal threshold in force
