@@ -208,7 +208,8 @@ class Accounts:
                 users.insert().values(name=name, role=role, password_hash=hashed, created_at=now)
             )
             (user_id,) = result.inserted_primary_key or (None,)
-        assert user_id is not None
+        if user_id is None:
+            raise AccountError(f"the database gave user {name} no id")
         return int(user_id)
 
     def set_password(self, name: str, password: str, now: int) -> None:

@@ -103,13 +103,13 @@ def _refusals(refused: dict[str, int], stored: bool) -> Finding:
 
 
 def _stored(health: AgentHealth) -> Finding:
-    assert health.last_window is not None
+    last = utc_text(health.last_window) if health.last_window is not None else "-"
     seen = utc_text(health.last_seen_at) if health.last_seen_at is not None else "-"
     return Finding(
         "stored",
         OK,
         f"{health.windows} windows, the last of "
-        f"{utc_text(health.last_window)} (seq {health.last_seq}), last seen {seen}, "
+        f"{last} (seq {health.last_seq}), last seen {seen}, "
         f"{health.missing} missing",
     )
 

@@ -176,9 +176,9 @@ class JetStreamSession:
             self._loop.close()
 
     async def _main(self) -> None:
-        self._stopping = asyncio.Event()
+        stopping = self._stopping = asyncio.Event()
         s = self.settings
-        nc = self._nc = await self._connect()
+        nc = self._nc = await self._connect(stopping)
         if nc is None:
             return
         try:
@@ -187,7 +187,7 @@ class JetStreamSession:
                 asyncio.create_task(self._pull(js, COUNTS_STREAM, self.durable)),
                 asyncio.create_task(self._pull(js, STATE_STREAM, f"{self.durable}-state")),
             ]
-            await self._stopping.wait()
+            await stopping.wait()
             for task in pulls:
                 task.cancel()
             await asyncio.gather(*pulls, return_exceptions=True)
@@ -199,11 +199,10 @@ class JetStreamSession:
             with contextlib.suppress(Exception):
                 await nc.close()
 
-    async def _connect(self) -> Any:
+    async def _connect(self, stopping: asyncio.Event) -> Any:
         """The NATS connection (it reconnects by itself, to any server listed), or None if
         stopped before one was made."""
         s = self.settings
-        assert self._stopping is not None
 
         async def lost() -> None:
             self.connected.clear()
@@ -233,7 +232,7 @@ class JetStreamSession:
         if context is not None:
             options["tls"] = context
         attempt = 0
-        while not self._stopping.is_set():
+        while not stopping.is_set():
             try:
                 return await nats.connect(**options)
             except Exception as exc:
@@ -241,7 +240,7 @@ class JetStreamSession:
                 wait = min(0.25 * 2**attempt, s.backoff_max_s)
                 log.warning("JetStream %s: %s; connecting again in %.1f s", self.address, exc, wait)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), wait)
+                    await asyncio.wait_for(stopping.wait(), wait)
         return None
 
     async def _ensure(self, js: Any, stream: str, durable: str) -> Any:

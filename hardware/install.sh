@@ -324,7 +324,7 @@ fi
 # 5. the signing key
 if [ "$venv" = yes ] && [ ! -e "$r/etc/footfall/signing.key" ]; then
 	"$agent" keygen --set "agent.config_dir=$r/etc/footfall" >/dev/null 2>&1
-	changed "made the signing key /etc/footfall/signing.key (footfall-agent enroll prints it)"
+	changed "made the signing key /etc/footfall/signing.key (footfall-agent enrol prints it)"
 fi
 if [ -e "$r/etc/footfall/signing.key" ]; then
 	ensure_owner "$r/etc/footfall/signing.key" 600 footfall footfall

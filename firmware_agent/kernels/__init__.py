@@ -19,6 +19,16 @@ the Python environment (``/opt/footfall/lib/footfall-kernels`` on an access poin
 read-only to the agent, written by ``hardware/install.sh``). Differences of the AOT build:
 pycc's entry points hold the GIL (the JIT's are ``nogil``), and they take arrays of any
 layout where the JIT specialises on contiguous ones.
+
+Why ``numba.pycc`` although numba marks it for deprecation (decided in issue 19): numba's
+deprecation notices ("Deprecation of the numba.pycc module", numba's
+docs/source/reference/deprecation.rst) give no removal version. Pending-deprecation warnings
+since 0.57; real deprecation warnings only once the replacement exists (none has shipped:
+0.68.1, the newest release in October 2026, still warns "pending"); then at least two
+releases of those before removal. So pycc cannot disappear before 0.71, and ``pyproject.toml``
+pins ``numba<0.71``. The build ignores only the *pending* warning: a real deprecation warning
+reaches whoever builds, and ``tests/integration/test_kernels.py`` fails on it (two releases
+left: move the build then) and checks that the installed numba is inside the pin.
 """
 
 from __future__ import annotations
@@ -101,7 +111,8 @@ def _load_aot() -> types.ModuleType | None:
         path = directory / f"{name}{suffix}"
         if path.is_file():
             spec = importlib.util.spec_from_file_location(name, path)
-            assert spec is not None and spec.loader is not None
+            if spec is None or spec.loader is None:  # not for a file with an extension suffix
+                raise ImportError(f"cannot load the kernels' build {path}", path=str(path))
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             return module
@@ -177,8 +188,10 @@ def build(target_cpu: str = "host") -> tuple[Path, bool]:
         return Path(str(AOT.__file__)), False
     for module in KERNEL_MODULES:
         importlib.import_module(f"firmware_agent.{module}")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*pycc.*pending deprecation")
+    from numba.core.errors import NumbaPendingDeprecationWarning  # noqa: PLC0415 (only to build)
+
+    with warnings.catch_warnings():  # pending only: see the module's docstring
+        warnings.simplefilter("ignore", NumbaPendingDeprecationWarning)
         try:
             from numba.pycc.cc import CC  # noqa: PLC0415 (only to build)
         except ImportError as exc:  # numba.pycc builds the extension with setuptools

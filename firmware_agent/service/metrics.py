@@ -1,13 +1,20 @@
-"""Prometheus metrics for installers: a plain-text endpoint on a local port.
+"""Prometheus metrics for installers: an HTTP endpoint on a local port.
 
 ``GET /metrics`` on ``metrics.host:metrics.port`` (127.0.0.1 by default; off while the port is
-0) answers in the Prometheus text exposition format, version 0.0.4: counters of frames, probe
-requests, malformed frames and kernel drops, windows published, the spool's depth and the time
-of the last publish. Nothing in it identifies a device: these are the agent's own totals.
+0) answers in the Prometheus text format (OpenMetrics when the scraper asks for it, gzip when it
+accepts it): counters of frames, probe requests, malformed frames and kernel drops, windows
+published, the spool's depth and the time of the last publish. Nothing in it identifies a
+device: these are the agent's own totals.
 
 The values are read when scraped, from callables the service registers (:class:`Metric`), so
-the hot path pays nothing for them. Served by :mod:`http.server` in a thread of its own: no
-new dependency.
+the hot path pays nothing for them. ``prometheus_client`` writes the exposition and serves it
+(in a daemon thread, in a registry of the agent's own: no process or platform collectors, so the
+metric names are the ones below and no others); until issue 19 this module wrote the text by
+hand. What the library costs, measured on the 2-core build machine under load (25 fresh
+interpreters importing this module, alternating): fastest import 79 ms by hand, 98 ms with the
+library; peak RSS 22.4 MiB by hand, 24.6 MiB with it (it brings ``wsgiref`` beside the
+``http.server`` and ``ssl`` the hand-written server loaded already). About 20 ms and 2 MiB once
+per start of a service that runs for months; one pure-Python wheel, nothing for a Pi to build.
 """
 
 from __future__ import annotations
@@ -15,11 +22,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Literal
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric as Family
 
 from firmware_agent.contract.errors import ConfigError, SpoolError
 from firmware_agent.contract.resolve import setting
@@ -35,12 +45,10 @@ __all__ = [
     "MetricsSettings",
     "SpoolWatch",
     "agent_metrics",
-    "exposition",
+    "registry",
 ]
 
 log = logging.getLogger("footfall.agent")
-
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,69 +69,54 @@ class MetricsSettings:
 
 @dataclass(frozen=True, slots=True)
 class Metric:
-    """One metric: its name, type (counter or gauge), help, and how to read its value now
-    (None: not known yet, left out)."""
+    """One metric: its name, type, help, and how to read its value now (None: not known yet,
+    left out)."""
 
     name: str
-    kind: str
+    kind: Literal["counter", "gauge"]
     help: str
     value: Callable[[], float | None]
 
 
-def exposition(metrics: Sequence[Metric]) -> str:
-    """The metrics in the Prometheus text format."""
-    lines = []
-    for metric in metrics:
-        value = metric.value()
-        if value is None:
-            continue
-        lines += [
-            f"# HELP {metric.name} {metric.help}",
-            f"# TYPE {metric.name} {metric.kind}",
-            f"{metric.name} {_number(value)}",
-        ]
-    return "\n".join(lines) + "\n"
+class _Collector:
+    """Reads the metrics when scraped (a ``prometheus_client`` custom collector)."""
+
+    def __init__(self, metrics: Sequence[Metric]) -> None:
+        self.metrics = list(metrics)
+
+    def collect(self) -> Iterator[Family]:
+        for metric in self.metrics:
+            value = metric.value()
+            if value is None:
+                continue
+            if metric.kind == "counter":
+                yield CounterMetricFamily(metric.name, metric.help, value=value)
+            else:
+                yield GaugeMetricFamily(metric.name, metric.help, value=value)
 
 
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+def registry(metrics: Sequence[Metric]) -> CollectorRegistry:
+    """A registry holding just these metrics (``generate_latest`` of it is the scrape)."""
+    collectors = CollectorRegistry()
+    collectors.register(_Collector(metrics))
+    return collectors
 
 
 class MetricsServer:
-    """``/metrics`` over HTTP in a daemon thread; :meth:`close` stops it."""
+    """``/metrics`` over HTTP in a daemon thread; :meth:`close` stops it. The library answers
+    any path with the metrics (its choice, for old scrape configs), not only ``/metrics``."""
 
     def __init__(self, settings: MetricsSettings, metrics: Sequence[Metric]) -> None:
-        self.metrics = list(metrics)
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404, "only /metrics is here")
-                    return
-                body = exposition(outer.metrics).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", CONTENT_TYPE)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                """Scrapes are not worth a log line each."""
-
         try:
-            self._server = ThreadingHTTPServer((settings.host, settings.port), Handler)
+            self._server, self._thread = start_http_server(
+                settings.port, settings.host, registry(metrics)
+            )
         except OSError as exc:
             raise ConfigError(
                 f"metrics.port: cannot listen on {settings.host}:{settings.port}: {exc.strerror}"
                 " (another process has it? choose another port, or 0 for none)"
             ) from exc
-        self._server.daemon_threads = True
-        self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="footfall-metrics", daemon=True
-        )
-        self._thread.start()
+        self.port = self._server.server_port
         log.info("metrics on http://%s:%d/metrics", settings.host, self.port)
 
     def close(self) -> None:

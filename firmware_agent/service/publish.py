@@ -213,9 +213,11 @@ class _Client(mqtt.Client):
     until the garbage collector finds it)."""
 
     def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
-        assert self._ssl_context is not None  # only called with TLS on
+        context = self._ssl_context
+        if context is None:  # as paho's own: it calls this only with TLS on
+            raise ValueError("TLS socket asked for without an SSL context")
         # The context checks the host name itself (check_hostname), as paho then relies on.
-        ssl_sock = self._ssl_context.wrap_socket(
+        ssl_sock = context.wrap_socket(
             tcp_sock, server_hostname=self._host, do_handshake_on_connect=False
         )
         try:
@@ -488,7 +490,8 @@ class Publisher:
 
     def _send(self, connection: Connection, spool: Spool, dropped: int) -> None:
         """Send the spool in order until stopped (and drained, or overdue)."""
-        receipts = self._receipt_key is not None
+        receipt_key = self._receipt_key
+        receipts = receipt_key is not None
         resend = _Resend(self.settings.resend_per_s)
         next_status = time.monotonic() + self.settings.receipt_timeout_s
         inflight: dict[int, SpooledMessage] = {}
@@ -537,8 +540,8 @@ class Publisher:
                 if not acked:
                     acked_since = time.monotonic()
                 acked.append(message.seq)
-            if receipts:
-                self._take_receipts(connection, spool)
+            if receipt_key is not None:
+                self._take_receipts(connection, spool, receipt_key)
                 if time.monotonic() >= next_status:
                     next_status = time.monotonic() + self.settings.receipt_timeout_s
                     state = spool.state()
@@ -623,10 +626,10 @@ class Publisher:
             )
             self._timeout = timeout
 
-    def _take_receipts(self, connection: Connection, spool: Spool) -> None:
+    def _take_receipts(
+        self, connection: Connection, spool: Spool, key: nacl.signing.VerifyKey
+    ) -> None:
         """Let go of the windows the receipts that came in cover."""
-        key = self._receipt_key
-        assert key is not None
         suback, connection.events.suback = connection.events.suback, None
         if suback is not None and any(reason.is_failure for reason in suback):
             log.error(

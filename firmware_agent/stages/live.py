@@ -296,6 +296,18 @@ def _release_blocks(
         ring32[w + 2] = 0  # TP_STATUS_KERNEL
 
 
+def _empty(ring: NDArray[np.uint8]) -> FrameBatch:
+    """A batch of no frames: what quiet air yields after ``idle_s``."""
+    return FrameBatch(
+        ring,
+        np.empty(0, np.int64),
+        np.empty(0, np.int32),
+        np.empty(0, np.int64),
+        np.empty(0, np.uint16),
+        True,
+    )
+
+
 class LiveCapture:
     """Streams probe requests from a live interface as FrameBatch objects (see module doc).
 
@@ -464,12 +476,15 @@ class LiveCapture:
             return KernelStats(*self._totals)
 
     def __iter__(self) -> Iterator[FrameBatch]:
-        if self._ring is None:
+        ring = self._ring  # taken once: close() clears the attribute
+        if ring is None:
             return iter(())
-        take = self._ring_taker() if self.mode == "ring" else self._recv_taker()
-        return self._batches(take)
+        take = self._ring_taker(ring) if self.mode == "ring" else self._recv_taker(ring)
+        return self._batches(take, ring)
 
-    def _batches(self, take: Callable[[], Taken | None]) -> Iterator[FrameBatch]:
+    def _batches(
+        self, take: Callable[[], Taken | None], ring: NDArray[np.uint8]
+    ) -> Iterator[FrameBatch]:
         """Batches as they come; an empty one after ``idle_s`` of quiet air."""
         poller = select.poll()
         poller.register(self._sock, select.POLLIN | select.POLLERR)
@@ -501,7 +516,7 @@ class LiveCapture:
                 continue
             if time.monotonic() - quiet_since >= self._idle_s:
                 quiet_since = time.monotonic()
-                yield self._empty()
+                yield _empty(ring)
             for _, event in poller.poll(idle_ms):
                 if event & select.POLLERR and not self._stop.is_set():
                     err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -509,21 +524,8 @@ class LiveCapture:
                         f"interface {self.iface!r} failed: {os.strerror(err)} (was it removed?)"
                     )
 
-    def _empty(self) -> FrameBatch:
-        assert self._ring is not None
-        return FrameBatch(
-            self._ring,
-            np.empty(0, np.int64),
-            np.empty(0, np.int32),
-            np.empty(0, np.int64),
-            np.empty(0, np.uint16),
-            True,
-        )
-
-    def _ring_taker(self) -> Callable[[], Taken | None]:
+    def _ring_taker(self, ring: NDArray[np.uint8]) -> Callable[[], Taken | None]:
         """The ready blocks as one batch pointing into the ring, and how to hand them back."""
-        ring = self._ring
-        assert ring is not None
         ring32 = ring.view(np.uint32)
         capacity = _TAKE_BLOCKS * (_BLOCK_BYTES // _MIN_FRAME_SLOT)
         offsets = np.empty(capacity, np.int64)
@@ -555,10 +557,8 @@ class LiveCapture:
 
         return take
 
-    def _recv_taker(self) -> Callable[[], Taken | None]:
+    def _recv_taker(self, buf: NDArray[np.uint8]) -> Callable[[], Taken | None]:
         """What has arrived, frame by frame, into the buffer, and how to zero it after."""
-        buf = self._ring
-        assert buf is not None
         view = buf.data
         capacity = _RECV_BUFFER // 64
         offsets = np.empty(capacity, np.int64)

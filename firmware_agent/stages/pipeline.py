@@ -179,7 +179,11 @@ class Pipeline:
             out = []
             for window in windows:
                 start = self.epoch_start
-                assert start is not None  # a window exists only under a key
+                if start is None:
+                    raise RuntimeError(
+                        f"window {window.window_start} closed without an epoch key (a bug: a "
+                        "window exists only under a key)"
+                    )
                 out.append((window, start))
             return out
 
@@ -281,9 +285,9 @@ class Pipeline:
             start = cut
 
     def _rotate(self, watermark: int) -> Iterator[WindowCounts]:
-        assert self._key is not None
         yield from self._counted(self._close_until(self._boundary, end_visits=True))
-        self._key.wipe()
+        if self._key is not None:  # there is one: the epoch being ended counted under it
+            self._key.wipe()
         self._key = EpochKey()
         self.stats.epochs += 1
         start = self._boundary
@@ -342,9 +346,12 @@ class Pipeline:
         calibration = self.config.calibration
         joined = []
         for window, estimate, people in zip(windows, estimates, figures, strict=True):
-            assert window.window_start == estimate.window_start == people.window_start, (
-                "counter, estimator and people stage differ"
-            )
+            if not window.window_start == estimate.window_start == people.window_start:
+                raise RuntimeError(
+                    f"the counter, estimator and people stage closed different windows "
+                    f"({window.window_start}, {estimate.window_start}, {people.window_start}): "
+                    "a bug, their windows must line up"
+                )
             joined.append(
                 replace(
                     window,

@@ -353,18 +353,16 @@ def _set_table_values(text: str, table: str, values: dict[str, str]) -> tuple[st
         if lines[i].strip():
             last = i
     for key, value in values.items():
-        at = next(
-            (i for i in range(start + 1, end) if (m := _KEY.match(lines[i])) and m[1] == key),
-            None,
+        at, old = next(
+            ((i, m) for i in range(start + 1, end) if (m := _KEY.match(lines[i])) and m[1] == key),
+            (None, None),
         )
-        if at is None:
+        if at is None or old is None:
             last += 1
             end += 1
             lines.insert(last, f"{key} = {value}\n")
             changes.append(f"{table}.{key}: (unset) -> {value}")
             continue
-        old = _KEY.match(lines[at])
-        assert old is not None
         if old[2] != value:
             changes.append(f"{table}.{key}: {old[2]} -> {value}")
         lines[at] = f"{key} = {value}\n"

@@ -357,7 +357,10 @@ def _build_templates(link_type: int, fcs: bool) -> _Templates:
                         Antenna=0,
                     )
                 )
-                assert len(radio) == _RADIOTAP
+                if len(radio) != _RADIOTAP:  # the kernels' offsets assume this size
+                    raise RuntimeError(
+                        f"scapy built a {len(radio)}-byte radiotap header, not {_RADIOTAP}"
+                    )
             if fcs:
                 bases.append(zlib.crc32(frame))
                 tables.append(_crc_tables(len(frame), (*_ADDR2_SC, frame_ds)))

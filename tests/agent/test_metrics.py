@@ -1,24 +1,26 @@
-"""The Prometheus endpoint: text exposition, served on a local port, spool-derived counters."""
+"""The Prometheus endpoint: text exposition (by prometheus_client), served on a local port,
+spool-derived counters."""
 
 from __future__ import annotations
 
 import threading
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics
+from prometheus_client.parser import text_string_to_metric_families
 
 from firmware_agent.contract.errors import ConfigError
 from firmware_agent.service.metrics import (
-    CONTENT_TYPE,
     Metric,
     MetricsServer,
     MetricsSettings,
     SpoolWatch,
     agent_metrics,
-    exposition,
+    registry,
 )
 from firmware_agent.service.spool import Spool
 from firmware_agent.stages.live import KernelStats
@@ -26,7 +28,13 @@ from firmware_agent.stages.pipeline import PipelineStats
 from tests.support.mqtt_broker import wait_for
 
 
+def exposition(metrics: list[Metric]) -> str:
+    return generate_latest(registry(metrics)).decode()
+
+
 def test_exposition_is_prometheus_text_and_leaves_unknown_values_out() -> None:
+    """The names and types on the wire are the ones the hand-written exposition had (a counter
+    named ``..._total`` keeps its name; no ``_created`` series)."""
     text = exposition([
         Metric("footfall_frames_total", "counter", "Frames read.", lambda: 12),
         Metric("footfall_last_publish_timestamp_seconds", "gauge", "When.", lambda: None),
@@ -35,27 +43,30 @@ def test_exposition_is_prometheus_text_and_leaves_unknown_values_out() -> None:
     assert text == (
         "# HELP footfall_frames_total Frames read.\n"
         "# TYPE footfall_frames_total counter\n"
-        "footfall_frames_total 12\n"
+        "footfall_frames_total 12.0\n"
         "# HELP footfall_ratio A share.\n"
         "# TYPE footfall_ratio gauge\n"
         "footfall_ratio 0.25\n"
     )
 
 
-def test_server_answers_on_metrics_only_and_refuses_a_taken_port() -> None:
+def test_server_answers_in_text_or_openmetrics_and_refuses_a_taken_port() -> None:
     stats = PipelineStats(frames=7, probe_requests=5, malformed=1)
     metrics = [Metric("footfall_frames_total", "counter", "Frames.", lambda: stats.frames)]
     server = MetricsServer(MetricsSettings(port=0, host="127.0.0.1"), metrics)
     try:
-        url = f"http://127.0.0.1:{server.port}"
-        with urllib.request.urlopen(url + "/metrics", timeout=2) as response:
-            assert response.headers["Content-Type"] == CONTENT_TYPE
-            assert b"footfall_frames_total 7\n" in response.read()
+        url = f"http://127.0.0.1:{server.port}/metrics"
+        with urllib.request.urlopen(url, timeout=2) as response:
+            assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+            assert b"\nfootfall_frames_total 7.0\n" in response.read()
         stats.frames = 9
-        with urllib.request.urlopen(url + "/metrics", timeout=2) as response:
-            assert b"footfall_frames_total 9\n" in response.read()
-        with pytest.raises(urllib.error.HTTPError, match="404"):
-            urllib.request.urlopen(url + "/", timeout=2)
+        wanted = "application/openmetrics-text; version=1.0.0"
+        request = urllib.request.Request(url, headers={"Accept": wanted})
+        with urllib.request.urlopen(request, timeout=2) as response:
+            assert response.headers["Content-Type"].startswith(wanted)
+            (family,) = openmetrics(response.read().decode())
+        assert (family.name, family.type) == ("footfall_frames", "counter")
+        assert [(s.name, s.value) for s in family.samples] == [("footfall_frames_total", 9)]
         taken = rf"metrics.port: cannot listen on 127.0.0.1:{server.port}"
         with pytest.raises(ConfigError, match=taken):
             MetricsServer(MetricsSettings(port=server.port), metrics)
@@ -107,11 +118,15 @@ def test_agent_metrics_include_the_kernels_counters_for_a_live_source(tmp_path: 
         connected = threading.Event()
         live = agent_metrics(stats, watch, connected, lambda: KernelStats(10, 3, 1))
         text = exposition(live)
-        for line in ("footfall_frames_total 10", "footfall_probe_requests_total 8",
-                     "footfall_malformed_total 2", "footfall_kernel_packets_total 10",
-                     "footfall_kernel_drops_total 3", "footfall_spool_depth 0",
-                     "footfall_broker_connected 0", "footfall_windows_closed_total 1"):  # fmt: skip
-            assert f"\n{line}\n" in text
+        samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        assert samples == {
+            "footfall_frames_total": 10, "footfall_probe_requests_total": 8,
+            "footfall_malformed_total": 2, "footfall_windows_closed_total": 1,
+            "footfall_windows_published_total": 0, "footfall_spool_depth": 0,
+            "footfall_spool_dropped_total": 0, "footfall_devices_evicted_total": 0,
+            "footfall_broker_connected": 0, "footfall_kernel_packets_total": 10,
+            "footfall_kernel_drops_total": 3,
+        }  # fmt: skip
         assert "footfall_last_publish_timestamp_seconds" not in text  # nothing published yet
         assert "kernel" not in exposition(agent_metrics(stats, watch, connected, None))
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from firmware_agent.stages.batch import NS, WindowCounts
 from firmware_agent.stages.capture import CaptureReader
 from firmware_agent.stages.pipeline import Pipeline
 from firmware_agent.tools.synthetic import SyntheticSpec, write_synthetic_capture
+from tests.support.agent_harness import UTC
 
 UTC_MIDNIGHT = {"FOOTFALL_EPOCH_TIMEZONE": "UTC"}
 
@@ -105,6 +108,20 @@ def test_replay_from_stdin_equals_replay_of_the_file() -> None:
     assert from_file.returncode == from_pipe.returncode == 0
     assert from_file.stdout == from_pipe.stdout
     assert from_file.stdout.count(b"\n") > 20
+
+
+def test_replay_under_python_o_prints_the_same_windows(
+    sample_windows: list[dict[str, Any]],
+) -> None:
+    """``python -O`` drops asserts: the pipeline's invariants (windows of the counter, estimator
+    and people stage lining up; an epoch key under every window) are explicit checks instead,
+    and a replay runs through them to the same windows."""
+    optimised = subprocess.run(
+        [sys.executable, "-O", "-m", "firmware_agent.cli", "replay", str(BUNDLED_SAMPLE)],
+        capture_output=True, text=True, check=False, env=os.environ | UTC,
+    )  # fmt: skip
+    assert optimised.returncode == 0, optimised.stderr
+    assert [json.loads(line) for line in optimised.stdout.splitlines()] == sample_windows
 
 
 def test_replay_of_a_non_capture_is_one_line_naming_the_file(tmp_path: Path) -> None:

@@ -4,17 +4,20 @@ One build per session (about 20 s here, in a fixture). Each mode runs in a proce
 (the choice is made when :mod:`firmware_agent.kernels` is imported): the shared captures'
 ``replay`` and ``inspect`` output is byte for byte the same, the AOT process never imports
 numba, a stale build is ignored with a warning, and the kernels' own unit tests pass on the
-AOT build too.
+AOT build too. And the numba pin that keeps ``numba.pycc`` holds.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from tests.support.shared import REPO
 
@@ -120,3 +123,20 @@ def test_doctor_under_the_aot_build_replays_without_numba(aot_dir: Path) -> None
     status, numba_loaded = result.stdout.splitlines()
     assert status.startswith(f"ok not needed: kernels compiled ahead of time ({aot_dir}/"), status
     assert numba_loaded == "False"
+
+
+def test_numba_is_inside_its_pin_and_pycc_is_not_yet_deprecated() -> None:
+    """numba removes pycc no sooner than two releases after it first warns of deprecation (not
+    "pending deprecation"): the reasons for the pin are in firmware_agent/kernels' docstring."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    (numba,) = (r for r in map(Requirement, project["dependencies"]) if r.name == "numba")
+    installed = importlib.metadata.version("numba")
+    assert numba.specifier.contains(installed), f"numba {installed} is outside {numba}"
+    pycc = subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning", "-c", "import numba.pycc"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert pycc.returncode == 0, (
+        f"numba {installed} deprecates pycc (or lost it): at most two releases before removal;"
+        f" move the AOT build off numba.pycc or lower the pin below it\n{pycc.stderr}"
+    )
