@@ -83,7 +83,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from aggregator.config import AggregatorConfig
 from aggregator.errors import IngestFatalError, StoreError
@@ -91,10 +91,8 @@ from aggregator.mqtt import PACKET_OVERHEAD, Delivery, Session
 from aggregator.receipts import Receipts, load_receipt_key
 from aggregator.registry import Registry, noisy
 from aggregator.store import BatchOutcome, Store
+from aggregator.transport import Transport
 from aggregator.verify import REASONS, Accepted, Refusal, Verifier, WindowLimits
-
-if TYPE_CHECKING:
-    from aggregator.jetstream import JetStreamSession
 
 __all__ = ["Ingest", "IngestStats", "topics"]
 
@@ -263,7 +261,7 @@ class Ingest:
             self.settings.receipt_interval_ms / 1000,
         )
 
-    def _session(self) -> Session | JetStreamSession:
+    def _session(self) -> Transport:
         """The transport: an MQTT session, or JetStream consumers (broker.kind); the rest of
         ingest is the same for both."""
         if self.config.broker.kind == "jetstream":

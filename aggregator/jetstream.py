@@ -42,7 +42,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -61,6 +60,7 @@ from nats.js.api import (
 
 from aggregator.config import BrokerSettings
 from aggregator.mqtt import Delivery
+from aggregator.transport import Transport
 
 __all__ = ["COUNTS_STREAM", "STATE_STREAM", "JetStreamSession", "stream_configs", "topic_of"]
 
@@ -98,7 +98,7 @@ def stream_configs(replicas: int, max_age_s: int) -> list[StreamConfig]:
     ]
 
 
-class JetStreamSession:
+class JetStreamSession(Transport):
     """Durable pull consumers on the two streams, fed to ``on_message`` (see the module
     docstring). The client runs in a thread of its own with its own event loop."""
 
@@ -111,26 +111,19 @@ class JetStreamSession:
         receive_maximum: int,
         on_message: Callable[[Delivery], None],
     ) -> None:
-        self.settings = settings
+        super().__init__(
+            settings,
+            receive_maximum=receive_maximum,
+            on_message=on_message,
+            thread_name="footfall-jetstream",
+        )
         self.durable = durable
         self.max_age_s = max_age_s
-        self.receive_maximum = receive_maximum
-        self.on_message = on_message
-        self.connected = threading.Event()  # streams and consumers in place
         self._pending: dict[int, Msg] = {}
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._nc: Any = None  # the connection, once made
         self._stopping: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._run, name="footfall-jetstream", daemon=True)
-
-    @property
-    def address(self) -> str:
-        return self.settings.address
-
-    def start(self) -> None:
-        self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Send the acknowledgements queued, close the connection and end the thread."""
