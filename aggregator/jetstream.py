@@ -26,14 +26,23 @@ becomes a :class:`Delivery` with the MQTT topic its subject stands for. ``ack`` 
 after the commit; an acknowledgement lost with a connection only means the message comes again
 (the store skips it as a duplicate).
 
-What JetStream cannot give: NATS's MQTT listener acknowledges an agent's QoS 1 PUBLISH when it
-has passed the message on inside NATS, not when a stream has stored it. A message that arrives
-while the stream has no leader (seconds, during an election after its leader's node died) is
-dropped after the agent was told it was delivered. Receipts (:mod:`aggregator.receipts`, the
-aggregator's signed word of what it stored) close that gap: an agent given the receipt key
-keeps a window until a receipt covers it. They go out as plain NATS messages on
+What JetStream cannot give: NATS's MQTT listener (2.9) acknowledges an agent's QoS 1
+PUBLISH when it has passed the message on inside NATS, not when a stream has stored it, and
+no ``mqtt`` setting changes that (``stream_replicas``, ``consumer_replicas``, ``ack_wait``,
+``max_ack_pending`` are about its own session streams and its deliveries to subscribers). A
+message that arrives while the stream has no leader (seconds, during an election after its
+leader's node died, or while a whole cluster starts again) is dropped after the agent was told
+it was delivered: 1 window of 3,000 in one run of a whole-cluster restart. Receipts
+(:mod:`aggregator.receipts`, the aggregator's signed word of what it stored) close that gap
+end to end: an agent given the receipt key keeps a window until a receipt covers it and sends
+it again when none does (tests/aggregator/test_ingest_jetstream.py: the agents' own
+publishers through every fault, 0 lost). Receipts go out as plain NATS messages on
 ``footfall.v1.<site>.<agent>.receipt``, which the agent's MQTT subscription to its
-``…/receipt`` topic receives unchanged (QoS 0, not retained).
+``…/receipt`` topic receives unchanged (QoS 0). NATS keeps no retained message published from
+the NATS side (only an MQTT client's PUBLISH with the retain flag is kept), so the receipt an
+agent missed while away is published again when its ``connected`` status arrives
+(:mod:`aggregator.ingest`): the same effect as a retained receipt, with no connection to the
+MQTT listener and no per-agent message held in every node's memory.
 """
 
 from __future__ import annotations
@@ -142,8 +151,7 @@ class JetStreamSession(Transport):
     def publish(self, topic: str, payload: bytes) -> bool:
         """Send a message (a receipt) on the subject for ``topic``; False (nothing sent) while
         not connected. Agents subscribed over MQTT get it as QoS 0, not retained: one that
-        connects waits for the next receipt (or re-sends after broker.receipt_timeout_s, and
-        the skip makes one)."""
+        connects is sent its receipt again when its status says so (module docstring)."""
         if self._nc is None or not self.connected.is_set():
             return False
         subject = topic.replace("/", ".")
