@@ -28,11 +28,12 @@ was not acknowledged, so acknowledgements of messages from an older connection a
 After each commit the agents whose windows the batch settled get a new signed receipt
 (:mod:`aggregator.receipts`), published by the worker at most every
 ``ingest.receipt_interval_ms`` per agent: agents that have the receipt key keep a window
-until a receipt covers it, so nothing the broker loses is lost. A counts window refused for
-its content after its signature verified with the enrolled key (its range, its sense, retention:
-:attr:`Refusal.settles`) is quarantined with its text and reason and settled in the same
-transaction, so the receipt covers it and the agent stops sending it; a message whose
-signature did not verify, or from an agent not enrolled, settles nothing.
+until a receipt covers it, so nothing the broker loses is lost. An agent's live ``connected``
+status has its receipt published again too, for an agent that missed it while away. A counts
+window refused for its content after its signature verified with the enrolled key (its range,
+its sense, retention: :attr:`Refusal.settles`) is quarantined with its text and reason and
+settled in the same transaction, so the receipt covers it and the agent stops sending it; a
+message whose signature did not verify, or from an agent not enrolled, settles nothing.
 
 **No message can stop ingest** (issue 16: one signed window dated 9999-12-31 did, for every
 site, across restarts). Each message is verified on its own: an exception while verifying it
@@ -83,7 +84,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from aggregator.config import AggregatorConfig
 from aggregator.errors import IngestFatalError, StoreError
@@ -91,10 +92,8 @@ from aggregator.mqtt import PACKET_OVERHEAD, Delivery, Session
 from aggregator.receipts import Receipts, load_receipt_key
 from aggregator.registry import Registry, noisy
 from aggregator.store import BatchOutcome, Store
+from aggregator.transport import Transport
 from aggregator.verify import REASONS, Accepted, Refusal, Verifier, WindowLimits
-
-if TYPE_CHECKING:
-    from aggregator.jetstream import JetStreamSession
 
 __all__ = ["Ingest", "IngestStats", "topics"]
 
@@ -125,6 +124,7 @@ class _Verified:
     tally: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     quarantine: list[dict[str, Any]] = field(default_factory=list)  # verify_failed, settling
     settle: list[tuple[int, int]] = field(default_factory=list)  # (agent key, seq) refused
+    greeted: set[int] = field(default_factory=set)  # agent keys that said "connected" just now
 
 
 @dataclass(slots=True)
@@ -208,6 +208,21 @@ def _topic_ids(topic: str) -> tuple[str, str]:
     return "", ""
 
 
+def _greeting(delivery: Delivery, message: Accepted) -> bool:
+    """Whether the message is an agent's word that it is connected: a live status (not one a
+    broker kept and hands every new subscriber) with cause ``connected``, which an agent sends
+    on connecting (and again while its spool's size changes). Its receipt goes out again in
+    answer, so an agent that was away when its last receipt went by (NATS keeps no receipt:
+    :mod:`aggregator.jetstream`; a Mosquitto without persistence loses its retained ones in a
+    restart) lets go of what is stored instead of sending it all again on its re-send
+    timer."""
+    return (
+        message.kind == "status"
+        and not delivery.retain
+        and message.payload.get("cause") == "connected"
+    )
+
+
 def _with_metas(registry: Registry, results: Iterable[Accepted | Refusal]) -> Registry:
     """The registry with what the accepted meta messages say about their agents' noise."""
     changed = {
@@ -263,7 +278,7 @@ class Ingest:
             self.settings.receipt_interval_ms / 1000,
         )
 
-    def _session(self) -> Session | JetStreamSession:
+    def _session(self) -> Transport:
         """The transport: an MQTT session, or JetStream consumers (broker.kind); the rest of
         ingest is the same for both."""
         if self.config.broker.kind == "jetstream":
@@ -411,6 +426,8 @@ class Ingest:
                 verified.quarantine.append(row)  # counted as a refusal by store.quarantine
             else:
                 verified.accepted.append(result)
+                if _greeting(delivery, result):
+                    verified.greeted.add(result.agent.key)
         with self._stats_lock:
             self.stats.accepted += len(verified.accepted)
             self.stats.refused.update(r.reason for r in refused)
@@ -442,7 +459,7 @@ class Ingest:
                 if outcome is None:
                     return  # stopping with the database down: the broker keeps the batch
                 self.session.ack([delivery for delivery, _ in verified.batch])
-                self.receipts.changed(outcome.settled)
+                self.receipts.changed(outcome.settled | verified.greeted)
                 with self._stats_lock:
                     self.stats.batches += 1
                     self.stats.received += len(verified.batch)

@@ -26,14 +26,23 @@ becomes a :class:`Delivery` with the MQTT topic its subject stands for. ``ack`` 
 after the commit; an acknowledgement lost with a connection only means the message comes again
 (the store skips it as a duplicate).
 
-What JetStream cannot give: NATS's MQTT listener acknowledges an agent's QoS 1 PUBLISH when it
-has passed the message on inside NATS, not when a stream has stored it. A message that arrives
-while the stream has no leader (seconds, during an election after its leader's node died) is
-dropped after the agent was told it was delivered. Receipts (:mod:`aggregator.receipts`, the
-aggregator's signed word of what it stored) close that gap: an agent given the receipt key
-keeps a window until a receipt covers it. They go out as plain NATS messages on
+What JetStream cannot give: NATS's MQTT listener (2.9) acknowledges an agent's QoS 1
+PUBLISH when it has passed the message on inside NATS, not when a stream has stored it, and
+no ``mqtt`` setting changes that (``stream_replicas``, ``consumer_replicas``, ``ack_wait``,
+``max_ack_pending`` are about its own session streams and its deliveries to subscribers). A
+message that arrives while the stream has no leader (seconds, during an election after its
+leader's node died, or while a whole cluster starts again) is dropped after the agent was told
+it was delivered: 1 window of 3,000 in one run of a whole-cluster restart. Receipts
+(:mod:`aggregator.receipts`, the aggregator's signed word of what it stored) close that gap
+end to end: an agent given the receipt key keeps a window until a receipt covers it and sends
+it again when none does (tests/aggregator/test_ingest_jetstream.py: the agents' own
+publishers through every fault, 0 lost). Receipts go out as plain NATS messages on
 ``footfall.v1.<site>.<agent>.receipt``, which the agent's MQTT subscription to its
-``…/receipt`` topic receives unchanged (QoS 0, not retained).
+``…/receipt`` topic receives unchanged (QoS 0). NATS keeps no retained message published from
+the NATS side (only an MQTT client's PUBLISH with the retain flag is kept), so the receipt an
+agent missed while away is published again when its ``connected`` status arrives
+(:mod:`aggregator.ingest`): the same effect as a retained receipt, with no connection to the
+MQTT listener and no per-agent message held in every node's memory.
 """
 
 from __future__ import annotations
@@ -42,7 +51,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -61,6 +69,7 @@ from nats.js.api import (
 
 from aggregator.config import BrokerSettings
 from aggregator.mqtt import Delivery
+from aggregator.transport import Transport
 
 __all__ = ["COUNTS_STREAM", "STATE_STREAM", "JetStreamSession", "stream_configs", "topic_of"]
 
@@ -98,7 +107,7 @@ def stream_configs(replicas: int, max_age_s: int) -> list[StreamConfig]:
     ]
 
 
-class JetStreamSession:
+class JetStreamSession(Transport):
     """Durable pull consumers on the two streams, fed to ``on_message`` (see the module
     docstring). The client runs in a thread of its own with its own event loop."""
 
@@ -111,26 +120,19 @@ class JetStreamSession:
         receive_maximum: int,
         on_message: Callable[[Delivery], None],
     ) -> None:
-        self.settings = settings
+        super().__init__(
+            settings,
+            receive_maximum=receive_maximum,
+            on_message=on_message,
+            thread_name="footfall-jetstream",
+        )
         self.durable = durable
         self.max_age_s = max_age_s
-        self.receive_maximum = receive_maximum
-        self.on_message = on_message
-        self.connected = threading.Event()  # streams and consumers in place
         self._pending: dict[int, Msg] = {}
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._nc: Any = None  # the connection, once made
         self._stopping: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._run, name="footfall-jetstream", daemon=True)
-
-    @property
-    def address(self) -> str:
-        return self.settings.address
-
-    def start(self) -> None:
-        self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Send the acknowledgements queued, close the connection and end the thread."""
@@ -149,8 +151,7 @@ class JetStreamSession:
     def publish(self, topic: str, payload: bytes) -> bool:
         """Send a message (a receipt) on the subject for ``topic``; False (nothing sent) while
         not connected. Agents subscribed over MQTT get it as QoS 0, not retained: one that
-        connects waits for the next receipt (or re-sends after broker.receipt_timeout_s, and
-        the skip makes one)."""
+        connects is sent its receipt again when its status says so (module docstring)."""
         if self._nc is None or not self.connected.is_set():
             return False
         subject = topic.replace("/", ".")

@@ -52,6 +52,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from aggregator.config import BrokerSettings
+from aggregator.transport import Transport
 from firmware_agent.contract.broker import Backoff, reason_in_words
 
 __all__ = ["PACKET_OVERHEAD", "Delivery", "ProtocolError", "Session"]
@@ -172,7 +173,7 @@ def puback_packets(mids: Sequence[int]) -> bytes:
     return b"".join(b"\x40\x02" + struct.pack("!H", mid) for mid in mids)
 
 
-class Session:
+class Session(Transport):
     """One MQTT 5 or 3.1.1 subscriber session (``settings.protocol``), kept connected (see
     the module docstring).
 
@@ -191,20 +192,21 @@ class Session:
         on_message: Callable[[Delivery], None],
         maximum_packet_size: int = 0,
     ) -> None:
-        self.settings = settings
+        super().__init__(
+            settings,
+            receive_maximum=receive_maximum,
+            on_message=on_message,
+            thread_name="footfall-mqtt",
+        )
         self.v5 = settings.protocol == "5"
         self.client_id = client_id
         self.session_expiry_s = session_expiry_s
-        self.receive_maximum = receive_maximum
         self.maximum_packet_size = maximum_packet_size
         self.filters = list(filters)
-        self.on_message = on_message
         self.context = settings.ssl_context()
-        self.connected = threading.Event()  # connected and subscribed
         self.session_present = False
         self.connections = 0
         self._generation = 0
-        self._lock = threading.Lock()
         self._acks: list[int] = []
         self._out: list[bytes] = []  # PUBLISH packets to send
         self._skip = 0  # bytes of a packet too large to keep still to come, and to drop
@@ -212,14 +214,6 @@ class Session:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._thread = threading.Thread(target=self._run, name="footfall-mqtt", daemon=True)
-
-    @property
-    def address(self) -> str:
-        return self.settings.address
-
-    def start(self) -> None:
-        self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Disconnect (the broker keeps the session) and end the thread."""

@@ -319,8 +319,12 @@ class Connection:
         return info.mid
 
     def subscribe(self, topic: Topic) -> None:
-        """Subscribe at QoS 1 (the SUBACK's verdict comes later, in ``events.suback``)."""
-        rc, _ = self.client.subscribe(str(topic), qos=1)
+        """Subscribe at QoS 0 (the SUBACK's verdict comes later, in ``events.suback``):
+        receipts are published at QoS 0, so QoS 1 would buy nothing, and NATS's MQTT listener
+        backs every QoS 1 subscription with a replicated JetStream consumer, whose creation
+        timed out while a cluster restarted (a receipt subscription was then left deaf for
+        good: aggregator/jetstream.py)."""
+        rc, _ = self.client.subscribe(str(topic), qos=0)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             self._lost(f"cannot subscribe ({mqtt.error_string(rc)})")
 

@@ -27,8 +27,11 @@ import sqlalchemy as sa
 from paho.mqtt.enums import CallbackAPIVersion
 
 from aggregator.config import AggregatorConfig, StoreSettings, load_config
-from aggregator.ingest import Ingest
+from aggregator.ingest import Ingest, _greeting
+from aggregator.mqtt import Delivery
+from aggregator.registry import AgentEntry
 from aggregator.store import Store, site_days, windows
+from aggregator.verify import Accepted
 from firmware_agent.contract.messages import AgentId, SiteId, seal, status_payload
 from tests.support.agent_fleet import Fleet, fleet_broker, fleet_messages, make_agents
 from tests.support.aggregator_harness import Agent, drop_schema, meta_of, pg_dsn
@@ -320,3 +323,22 @@ def test_ingest_resumes_its_session_after_a_broker_restart_and_loses_nothing(
         broker.kill()
         if settings.schema:
             drop_schema(settings.dsn, settings.schema)
+
+
+def test_only_a_live_connected_status_is_answered_with_a_receipt() -> None:
+    """An agent's live ``connected`` status has its receipt published again (NATS keeps no
+    receipt for an agent that was away); a retained one, which a broker hands every new
+    subscriber (every agent's at once when ingest starts), or any other message, does not."""
+    (agent,) = make_agents(1, "s1")
+    entry = AgentEntry(1, "s1", "a0", agent.key.verify_key, False, "UTC", 0)
+
+    def greets(kind: str, cause: str, retained: bool) -> bool:
+        payload = {"kind": kind, "cause": cause}
+        message = Accepted(kind, payload, "", entry, NOW, "", NOW)
+        topic = f"footfall/v1/s1/a0/{kind}"
+        return _greeting(Delivery(1, 1, 1, retained, topic, b"", 0), message)
+
+    assert greets("status", "connected", retained=False)
+    assert not greets("status", "connected", retained=True)
+    assert not greets("status", "stopped", retained=False)
+    assert not greets("counts", "", retained=False)

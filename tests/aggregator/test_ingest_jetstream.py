@@ -1,23 +1,24 @@
 """Ingest from a replicated stream: a 3-node NATS JetStream cluster on loopback
-(tests/support/nats_cluster.py), 50 simulated agents publishing 3,000 signed windows over MQTT 3.1.1
-to the cluster's MQTT listener, two ``footfall-aggregator ingest`` processes
-(``broker.kind = "jetstream"``, streams with 3 replicas) and PostgreSQL. Every window is
-stored exactly once (every agent's seqs 1..60 once, the roll-ups counting each once) while:
+(tests/support/nats_cluster.py), agents publishing over MQTT 3.1.1 to the cluster's MQTT
+listener, two ``footfall-aggregator ingest`` processes (``broker.kind = "jetstream"``, streams
+with 3 replicas) and PostgreSQL.
 
-* a: one node is killed with ``kill -9`` and restarted;
-* b: one ingest process is killed for good (the other gets what it held after
-  ``broker.ack_wait_s``);
-* c: the node every agent is connected to is killed (they connect to the next one);
-* d: the whole cluster is killed and restarted.
+The fault run is the agents' own: 50 agents, each the agent's :class:`Publisher` over its own
+spool with the aggregator's receipt key (tests/support/delivery_agents.py, as for Mosquitto in
+tests/integration/test_delivery.py), make 3,000 signed windows, and every one is stored exactly
+once (0 lost, 0 stored twice, the roll-ups counting each once) through, in turn:
 
-and agent a0, subscribed over MQTT to its receipt topic on another node, gets the signed
-receipt of all its windows, published by ingest as a NATS message.
+* a: one node killed with ``kill -9`` and restarted;
+* c: the node every agent is connected to killed (they go on to the next in broker.hosts);
+* d: the whole cluster killed and started again;
+* b: one ingest process killed for good (the other gets what it held after
+  ``broker.ack_wait_s``).
 
-The fleet has no receipts; once stored windows stop growing for 10 s, the test sends again
-what the store lacks, as an agent with the receipt key does (it prints how many): NATS's MQTT
-listener acknowledges a message before a stream stores it, and one run of (d) lost 1 window
-of 3,000 that way before this step existed. A resent window already in the stream is skipped
-by the store as a duplicate.
+The agents end only when receipts cover every window, so they are what closes the gap NATS
+leaves: its MQTT listener acknowledges a message before a stream stores it, and a whole-cluster
+restart dropped 1 window of 3,000 that way once (aggregator/jetstream.py); an agent sends again
+what no receipt covers. NATS keeps no receipt for an agent away when it went out: ingest sends
+it again when the agent says it is connected (tested after the run).
 
 Without ``FOOTFALL_TEST_PG_DSN`` or nats-server the tests skip, saying why (with
 ``FOOTFALL_REQUIRE_BROKER`` a missing nats-server fails).
@@ -26,15 +27,12 @@ Without ``FOOTFALL_TEST_PG_DSN`` or nats-server the tests skip, saying why (with
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
-import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nats
@@ -46,93 +44,26 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from aggregator.config import StoreSettings, load_config
 from aggregator.jetstream import COUNTS_STREAM, STATE_STREAM, stream_configs, topic_of
-from aggregator.store import Store, windows
 from aggregator.store import agents as store_agents
-from firmware_agent.contract.messages import AgentId, SiteId, counts_payload
+from aggregator.store import windows
+from firmware_agent.contract.messages import AgentId, SiteId, counts_payload, status_payload
 from firmware_agent.service.publish import Publisher
 from firmware_agent.service.run import agent_meta
 from firmware_agent.service.spool import Spool, SpoolSettings
 from firmware_agent.settings import load_config as load_agent_config
 from firmware_agent.tools.doctor import FAIL, OK, check_broker
-from tests.aggregator.test_ingest import _every_window_once, stored
-from tests.support.agent_fleet import (
-    Fleet,
-    SimAgent,
-    fast_seal,
-    fleet_messages,
-    make_agents,
-    window,
-)
+from tests.support.agent_fleet import SimAgent, fast_seal, make_agents, window
+from tests.support.delivery import Rig
 from tests.support.mqtt_broker import HOST, Subscriber, TestCertificates, wait_for
 from tests.support.nats_cluster import AGGREGATOR, NatsCluster, Ports, nats_server
 from tests.support.shared import REPO
 
-NOW = int(time.time())
-AGENTS, WINDOWS = 50, 60
+AGENTS, WINDOWS, RATE = 20, 100, 8  # 2,000 windows, made over 12.5 s
 
 pytestmark = pytest.mark.skipif(
     nats_server() is None and not os.environ.get("FOOTFALL_REQUIRE_BROKER"),
     reason="nats-server is not installed (.ci/run installs it)",
 )
-
-
-def _config_file(path: Path, cluster: NatsCluster, settings: StoreSettings) -> Path:
-    path.write_text(
-        f'[store]\ndsn = "{settings.dsn}"\nschema = "{settings.schema}"\nretention_days = 0\n'
-        f'data_dir = "{path.parent}"\n'
-        f'[broker]\nkind = "jetstream"\nservers = "{cluster.servers}"\n'
-        f'username = "{AGGREGATOR[0]}"\npassword = "{AGGREGATOR[1]}"\nstream_replicas = 3\n'
-        "ack_wait_s = 3\nkeepalive_s = 5\nbackoff_max_s = 1\nconnect_timeout_s = 3\n"
-        "[ingest]\nbatch_wait_ms = 20\n"
-    )
-    return path
-
-
-def _resend_what_is_missing(
-    settings: StoreSettings, agents: list[SimAgent], cluster: NatsCluster
-) -> int:
-    """What an agent with the receipt key does: once stored windows stop growing, send again
-    the windows that no receipt covers (here: read from the store). NATS acknowledged them, so
-    the fleet let them go; the cluster dropped them (the MQTT listener's PUBACK comes before a
-    stream stores the message: docs/aggregator.md). The number sent again."""
-    before, quiet_since = -1, time.monotonic()
-    while (now := stored(settings)) < len(agents) * WINDOWS:
-        if now != before:  # growing: wait until it has not grown for 10 s (3 ack waits)
-            before, quiet_since = now, time.monotonic()
-        elif time.monotonic() - quiet_since > 10:
-            break
-        time.sleep(0.5)
-    with Store(settings) as store, store.engine.connect() as conn:
-        held = set(
-            conn.execute(
-                sa.select(store_agents.c.agent_id, windows.c.seq).join(
-                    store_agents, store_agents.c.agent_key == windows.c.agent_key
-                )
-            ).all()
-        )
-    for agent in agents:
-        agent.messages = [
-            m for i, m in enumerate(agent.messages) if (agent.agent, i + 1) not in held
-        ]
-    missing = sum(len(a.messages) for a in agents)
-    if missing:
-        Fleet(cluster.mqtt_ports[1:], [a for a in agents if a.messages]).start().join(30)
-    return missing
-
-
-def _through(receipts: Subscriber) -> int:
-    """The through_seq of the last signed receipt received (0: none)."""
-    got = receipts.envelopes("receipt")
-    return int(got[-1].payload["through_seq"]) if got else 0
-
-
-def _spawn(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as err:
-        return subprocess.Popen(
-            [sys.executable, "-m", "aggregator.cli", "ingest", "--config", str(config_file)],
-            cwd=REPO,
-            stderr=err,
-        )
 
 
 def test_subjects_map_to_the_agents_topics_and_the_streams_keep_their_meaning() -> None:
@@ -201,12 +132,26 @@ def _publish_as(agent: SimAgent, port: int, topics: list[str]) -> None:
         client.loop_stop()
 
 
-def test_an_agent_may_publish_only_under_its_own_topic(tmp_path: Path) -> None:
-    """hardware/nats's permissions, as the cluster runs them: a0 posing as a1 reaches nobody;
-    its own message, sent after, arrives."""
-    a0, a1 = make_agents(2, "s1")
-    cluster = NatsCluster(tmp_path / "nats", [a0, a1], Ports())
+@pytest.fixture(scope="module")
+def small_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    """A 3-node cluster with the accounts of agents a0 and a1 (make_agents(2, seed="small")),
+    for the tests that need no fault run; a test that kills a node starts it again."""
+    cluster = NatsCluster(tmp_path_factory.mktemp("nats"), _small_agents(), Ports())
     cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+def _small_agents() -> list[SimAgent]:
+    return make_agents(2, "s1", seed="small")
+
+
+def test_an_agent_may_publish_only_under_its_own_topic(small_cluster: NatsCluster) -> None:
+    """hardware/nats's permissions, as the cluster runs them: a0 posing as a1 reaches nobody;
+    its own message, sent after on the same connection (so it arrives after), is the first
+    and only one heard."""
+    a0, a1 = _small_agents()
+    cluster = small_cluster
 
     async def heard() -> list[str]:
         nc = await nats.connect(
@@ -216,62 +161,26 @@ def test_an_agent_may_publish_only_under_its_own_topic(tmp_path: Path) -> None:
         await nc.flush()
         own, forged = (f"footfall/v1/s1/{a.agent}/status" for a in (a0, a1))
         await asyncio.to_thread(_publish_as, a0, cluster.nodes[0].mqtt, [forged, own])
-        subjects = []
-        with contextlib.suppress(nats.errors.TimeoutError):
-            while True:
-                subjects.append((await sub.next_msg(timeout=2)).subject)
+        first = await sub.next_msg(timeout=10)
+        await nc.flush()
+        subjects = [first.subject] + ["more"] * sub.pending_msgs
         await nc.close()
         return subjects
 
-    try:
-        assert asyncio.run(heard()) == ["footfall.v1.s1.a0.status"]
-    finally:
-        cluster.stop()
-
-
-def _fault_a(cluster: NatsCluster, procs: dict[str, subprocess.Popen[bytes]]) -> None:
-    node = cluster.nodes[1]
-    cluster.kill(node)
-    time.sleep(1)
-    cluster.restart(node)
-
-
-def _fault_b(cluster: NatsCluster, procs: dict[str, subprocess.Popen[bytes]]) -> None:
-    procs["ingest-a"].send_signal(signal.SIGKILL)  # for good: its messages go to ingest-b
-    procs["ingest-a"].wait(10)
-
-
-def _fault_c(cluster: NatsCluster, procs: dict[str, subprocess.Popen[bytes]]) -> None:
-    cluster.kill(cluster.nodes[0])  # every agent's node; it stays down until the end
-
-
-def _fault_d(cluster: NatsCluster, procs: dict[str, subprocess.Popen[bytes]]) -> None:
-    for node in cluster.nodes:
-        cluster.kill(node)
-    time.sleep(1)
-    cluster.start()
-
-
-FAULTS: dict[str, Callable[[NatsCluster, dict[str, subprocess.Popen[bytes]]], None]] = {
-    "a-node-killed-and-restarted": _fault_a,
-    "b-ingest-killed-for-good": _fault_b,
-    "c-agents-node-killed": _fault_c,
-    "d-whole-cluster-restarted": _fault_d,
-}
+    assert asyncio.run(heard()) == ["footfall.v1.s1.a0.status"]
 
 
 def test_doctor_checks_a_node_and_the_agent_fails_over_to_the_next(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    small_cluster: NatsCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``footfall-agent doctor``'s broker check accepts a node's MQTT listener with the
     agent's account and refuses a wrong password; then the agent's own publisher (MQTT 3.1.1),
     its first node down, is taken to the next by broker.hosts, and its window leaves the spool
     (the node acknowledged it)."""
-    (agent,) = make_agents(1, "s1")
-    cluster = NatsCluster(tmp_path / "nats", [agent], Ports())
-    cluster.start()
+    agent = _small_agents()[0]
+    cluster = small_cluster
+    first, *others = cluster.nodes
     try:
-        first, *others = cluster.nodes
         config = load_agent_config(
             None,
             environ={},
@@ -328,54 +237,93 @@ def test_doctor_checks_a_node_and_the_agent_fails_over_to_the_next(
         with Spool(spool_path) as spool:
             assert spool.state().pending == 0
     finally:
-        cluster.stop()
+        if not first.running:
+            cluster.restart(first)
 
 
-@pytest.mark.parametrize("fault", list(FAULTS))
-def test_every_window_stored_once_through_a_fault(
-    fault: str, pg_schema: tuple[str, str], tmp_path: Path
-) -> None:
-    settings = StoreSettings(*pg_schema)
-    agents = make_agents(AGENTS, "s1")
-    total = fleet_messages(agents, WINDOWS)
-    cluster = NatsCluster(tmp_path / "nats", agents, Ports())
-    cluster.start()
-    with Store.open(settings) as store:
-        store.add_site("s1", "Mall", "Europe/Paris", NOW)
-        store.add_agents("s1", {a.agent: a.public_key for a in agents}, NOW)
-    config_file = _config_file(tmp_path / "aggregator.toml", cluster, settings)
-    logs = {name: tmp_path / f"{name}.log" for name in ("ingest-a", "ingest-b")}
-    procs = {name: _spawn(config_file, log) for name, log in logs.items()}
-    fleet: Fleet | None = None
+def _node_killed_and_restarted(rig: Rig, cluster: NatsCluster) -> None:
+    cluster.kill(cluster.nodes[1])
+    cluster.restart(cluster.nodes[1])
+
+
+def _agents_node_killed(rig: Rig, cluster: NatsCluster) -> None:
+    cluster.kill(cluster.nodes[0])  # every agent's node; down until the cluster restarts
+
+
+def _cluster_restarted(rig: Rig, cluster: NatsCluster) -> None:
+    cluster.kill()
+    for node in cluster.nodes:
+        cluster.restart(node)
+
+
+def _ingest_killed_for_good(rig: Rig, cluster: NatsCluster) -> None:
+    rig.kill("ingest-a")  # its unacknowledged messages go to ingest-b
+
+
+FAULTS: dict[str, Callable[[Rig, NatsCluster], None]] = {
+    "a: a node kill -9 and restart": _node_killed_and_restarted,
+    "c: the agents' node kill -9": _agents_node_killed,
+    "d: the whole cluster restarted": _cluster_restarted,
+    "b: an ingest process killed for good": _ingest_killed_for_good,
+}
+
+
+def _greeted_back(rig: Rig, cluster: NatsCluster) -> int:
+    """Agent a0, connecting after its windows were stored, says it is connected: the
+    through_seq of the receipt it is sent in answer."""
+    a0 = rig.agents[0]
+    receipts = Subscriber(
+        cluster.nodes[2].mqtt, f"footfall/v1/s1/{a0.agent}/receipt", account=("s1/a0", a0.password)
+    )
     try:
-        for log in logs.values():
-            wait_for(lambda log=log: f"consuming {COUNTS_STREAM}" in log.read_text(), 30, log.name)
-        # agent a0 listening for its receipts on node 3 (not killed in a to c)
-        receipts = Subscriber(
-            cluster.nodes[2].mqtt, "footfall/v1/s1/a0/receipt", account=("s1/a0", "pw-0")
-        )
-        fleet = Fleet(cluster.mqtt_ports, agents, rate=400).start()
-        wait_for(lambda: stored(settings) >= total // 4, 30, "a quarter of the windows")
-        FAULTS[fault](cluster, procs)
-        fleet.join(60)
-        resent = _resend_what_is_missing(settings, agents, cluster)
-        wait_for(lambda: stored(settings) >= total, 60, f"all {total} windows")
-        if not fault.startswith("d-"):  # the receipt, unchanged, through the MQTT listener
-            wait_for(lambda: _through(receipts) == WINDOWS, 15, "a0's receipt of every window")
-    except AssertionError as exc:
-        logs_text = "\n".join(f"--- {n}\n{p.read_text()[-3000:]}" for n, p in logs.items())
-        raise AssertionError(f"{exc}\n{logs_text}\n{cluster.logs()}") from exc
+        hello = status_payload(
+            SiteId("s1"), AgentId(a0.agent), cause="connected", at=int(time.time()),
+            spool_pending=0, spool_dropped=0, last_seq=0,
+        )  # fmt: skip
+        receipts.client.publish("footfall/v1/s1/a0/status", fast_seal(hello, a0.key), qos=1)
+        wait_for(lambda: bool(receipts.envelopes("receipt")), 15, "a0's receipt")
+        return int(receipts.envelopes("receipt")[-1].payload["through_seq"])
     finally:
-        if fleet is not None:
-            fleet.stop()
-        if receipts is not None:
-            receipts.close()
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        exits = {name: proc.wait(20) for name, proc in procs.items()}
-        cluster.stop()
-    print(f"{fault}: {resent} windows missing once ingest went quiet, sent again")
-    killed = {"ingest-a"} if fault.startswith("b-") else set()
-    assert all(code == 0 for name, code in exits.items() if name not in killed), exits
-    _every_window_once(settings, AGENTS, WINDOWS)
+        receipts.close()
+
+
+def test_every_window_stored_once_through_every_fault(
+    pg_schema: tuple[str, str], tmp_path: Path
+) -> None:
+    rig = Rig.on_nats(
+        tmp_path, StoreSettings(*pg_schema), agents=AGENTS, windows=WINDOWS, rate=RATE
+    )
+    cluster = rig.broker
+    assert isinstance(cluster, NatsCluster)
+    exits = {}
+    try:
+        rig.start_ingest("ingest-a", "ingest-b")
+        rig.start_agents()
+        after = 0  # stored when the last fault was over
+        for share, (name, fault) in zip((0.1, 0.3, 0.5, 0.7), FAULTS.items(), strict=True):
+            # each fault strikes once the one before has let 10 % more be stored
+            mark = max(rig.total * share, after + rig.total * 0.1)
+            wait_for(lambda m=mark: rig.stored() >= m, 60, f"{mark:.0f} stored, before {name}")
+            fault(rig, cluster)
+            after = rig.stored()
+        rig.agents_done(60)  # every spool empty: receipts cover every window
+        through = _greeted_back(rig, cluster)
+        with rig.store.engine.connect() as conn:
+            last = conn.execute(
+                sa.select(sa.func.max(windows.c.seq))
+                .join(store_agents, store_agents.c.agent_key == windows.c.agent_key)
+                .where(store_agents.c.agent_id == "a0")
+            ).scalar_one()
+        for name in list(rig.processes):  # a clean stop after all that
+            process = rig.processes.pop(name)
+            process.terminate()
+            exits[name] = process.wait(20)
+        outcome = rig.outcome()
+    except AssertionError as exc:
+        logs = "\n".join(f"--- {n}\n{rig.log(n)[-3000:]}" for n in ("ingest-a", "ingest-b"))
+        raise AssertionError(f"{exc}\n{logs}\n{cluster.logs()}") from exc
+    finally:
+        rig.stop()
+    assert (outcome.lost, outcome.twice) == (0, 0), outcome
+    assert exits == {"ingest-b": 0}, exits
+    assert through == last, f"a0 was sent a receipt through seq {through}, it made {last}"

@@ -110,7 +110,7 @@ def test_a_window_refused_after_it_verified_is_settled_and_not_sent_again(
         refused=refused,
     )  # fmt: skip
     try:
-        rig.start_ingest("ingest-a", "")
+        rig.start_ingest("ingest-a", share_group="")
         rig.start_agents()
         rig.agents_done(30)
         time.sleep(1)  # their last status

@@ -36,6 +36,7 @@ import sqlalchemy as sa
 
 from aggregator.config import StoreSettings
 from aggregator.demo import amqtt_command
+from aggregator.jetstream import COUNTS_STREAM
 from aggregator.receipts import load_receipt_key
 from aggregator.store import Store, agents, site_days, windows
 from firmware_agent.contract.messages import public_key_text
@@ -50,6 +51,7 @@ from tests.support.mqtt_broker import (
     free_port,
     wait_for,
 )
+from tests.support.nats_cluster import NatsCluster, Ports
 from tests.support.netns import require
 
 REPO = Path(__file__).resolve().parents[2]
@@ -115,7 +117,7 @@ class Rig:
     """The parts of one fault run (module docstring)."""
 
     root: Path
-    broker: Mosquitto | Amqtt
+    broker: Mosquitto | Amqtt | NatsCluster
     settings: StoreSettings
     agents: list[SimAgent]
     windows: int
@@ -153,14 +155,39 @@ class Rig:
         """A rig; with ``amqtt``, the demo's broker instead of Mosquitto (MQTT 3.1.1); the
         windows numbered in ``refused`` (0 the first) are made with counts that do not add up
         (tests/support/delivery_agents.py)."""
-        seed = root.name
-        sim = make_agents(agents, "s1", seed=seed)
+        sim = make_agents(agents, "s1", seed=root.name)
         where = root / "broker"
         broker = Amqtt(where) if amqtt else fleet_broker(mosquitto, where, certs, sim)
+        return cls._around(broker, root, settings, sim, windows, rate, db_link, refused)
+
+    @classmethod
+    def on_nats(
+        cls, root: Path, settings: StoreSettings, *, agents: int, windows: int, rate: float
+    ) -> Rig:
+        """A rig whose broker is a 3-node NATS cluster (tests/support/nats_cluster.py): the
+        agents publish to the first node's MQTT listener, the others in broker.hosts; ingest
+        reads the JetStream streams."""
+        sim = make_agents(agents, "s1", seed=root.name)
+        cluster = NatsCluster(root / "nats", sim, Ports())
+        return cls._around(cluster, root, settings, sim, windows, rate)
+
+    @classmethod
+    def _around(
+        cls,
+        broker: Mosquitto | Amqtt | NatsCluster,
+        root: Path,
+        settings: StoreSettings,
+        sim: list[SimAgent],
+        windows: int,
+        rate: float,
+        db_link: Link | None = None,
+        refused: tuple[int, ...] = (),
+    ) -> Rig:
+        """The rig around a broker, which it starts; the site and the agents enrolled."""
         broker.start()
         now = int(time.time())
         first = now - now % WINDOW_S - WINDOW_S * windows
-        rig = cls(root, broker, settings, sim, windows, seed, first, db_link, rate, refused)
+        rig = cls(root, broker, settings, sim, windows, root.name, first, db_link, rate, refused)
         with Store.open(settings) as store:
             store.add_site("s1", "Mall", "UTC", int(time.time()))
             store.add_agents("s1", {a.agent: a.public_key for a in sim}, int(time.time()))
@@ -168,7 +195,7 @@ class Rig:
 
     @property
     def protocol(self) -> str:
-        return "3.1.1" if isinstance(self.broker, Amqtt) else "5"
+        return "5" if isinstance(self.broker, Mosquitto) else "3.1.1"
 
     @property
     def total(self) -> int:
@@ -183,28 +210,37 @@ class Rig:
         if self.db_link is not None:  # through the link that plays the database gone
             dsn = dsn.replace(f":{self.db_link.target[1]}/", f":{self.db_link.port}/")
         path = self.root / f"aggregator-{share_group or 'plain'}.toml"
-        path.write_text(
-            f'[store]\ndsn = "{dsn}"\nschema = "{self.settings.schema}"\nretention_days = 0\n'
-            f'data_dir = "{self.root}"\n'
-            f'[broker]\nhost = "{HOST}"\nport = {self.broker.port}\nusername = "{READER[0]}"\n'
+        broker = (
+            self.broker.ingest_settings()
+            if isinstance(self.broker, NatsCluster)
+            else f'host = "{HOST}"\nport = {self.broker.port}\nusername = "{READER[0]}"\n'
             f'password = "{READER[1]}"\nkeepalive_s = 5\nbackoff_max_s = 1\n'
             f'protocol = "{self.protocol}"\n'
+        )
+        path.write_text(
+            f'[store]\ndsn = "{dsn}"\nschema = "{self.settings.schema}"\nretention_days = 0\n'
+            f'data_dir = "{self.root}"\n[broker]\n{broker}'
             f'[ingest]\nbatch_wait_ms = 20\nshare_group = "{share_group}"\n'
             "receipt_interval_ms = 200\n"
         )
         return path
 
-    def start_ingest(self, name: str, share_group: str = "footfall") -> None:
-        log = (self.root / f"{name}.log").open("ab")
-        self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "aggregator.cli", "-v", "ingest",
-             "--config", str(self.ingest_config(share_group)),
-             "--set", f"ingest.client_id={name}"],
-            cwd=REPO, stderr=log, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        log.close()
-        wait_for(lambda: "connected to broker" in self.log(name), 20, f"{name} to connect")
-        time.sleep(0.3)  # its SUBACK
+    def start_ingest(self, *names: str, share_group: str = "footfall") -> None:
+        """Ingest processes, started together; returns once each reads from the broker."""
+        for name in names:
+            log = (self.root / f"{name}.log").open("ab")
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", "aggregator.cli", "-v", "ingest",
+                 "--config", str(self.ingest_config(share_group)),
+                 "--set", f"ingest.client_id={name}"],
+                cwd=REPO, stderr=log, stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+            log.close()
+        nats = isinstance(self.broker, NatsCluster)
+        ready = f"consuming {COUNTS_STREAM}" if nats else "connected to broker"
+        for name in names:
+            wait_for(lambda name=name: ready in self.log(name), 20, f"{name} to connect")
+        time.sleep(0.3)  # their SUBACK
 
     def start_agents(
         self, at: tuple[str, str, int] | None = None, *, receipts: bool = True
@@ -214,11 +250,12 @@ class Rig:
         the spool on the broker's PUBACK)."""
         self._agents_at = at or self._agents_at
         namespace, host, port = self._agents_at or ("", HOST, self.broker.port)
+        hosts = self.broker.hosts if isinstance(self.broker, NatsCluster) else ""
         inside = ["ip", "netns", "exec", namespace] if namespace else []
         log = (self.root / "agents.log").open("ab")
         self.processes["agents"] = subprocess.Popen(
             [*inside, sys.executable, "-m", "tests.support.delivery_agents",
-             "--root", str(self.root), "--host", host, "--port", str(port),
+             "--root", str(self.root), "--host", host, "--port", str(port), "--hosts", hosts,
              "--agents", str(len(self.agents)),
              "--seed", self.seed, "--receipt-key", self.receipt_key if receipts else "",
              "--windows", str(self.windows), "--first", str(self.first),
@@ -312,8 +349,8 @@ def _mid_stream(rig: Rig, replicas: int = 1, agents_at: tuple[str, str, int] | N
     """Ingest (one process on a plain subscription, or ``replicas`` on a shared one) and the
     agents started (``agents_at``: in that namespace, to that address and port), and a share of
     the windows stored: the moment a fault strikes."""
-    for name in ("ingest-a", "ingest-b")[:replicas]:
-        rig.start_ingest(name, "footfall" if replicas > 1 else "")
+    names = ("ingest-a", "ingest-b")[:replicas]
+    rig.start_ingest(*names, share_group="footfall" if replicas > 1 else "")
     rig.start_agents(agents_at)
     _until_stored(rig, 0.3)
 
@@ -327,13 +364,13 @@ def _outage(rig: Rig, seconds: float) -> bool:
 def broker_killed_while_ingest_away(rig: Rig, _outage_s: float, receipts: bool = True) -> bool:
     """Finding 3: every window acknowledged by the broker and queued for an ingest that is
     away, then the broker killed before it saved them."""
-    rig.start_ingest("ingest-a", "")  # its session exists: the broker queues for it
+    rig.start_ingest("ingest-a", share_group="")  # its session exists: the broker queues for it
     rig.kill("ingest-a", signal.SIGTERM)
     rig.start_agents(receipts=receipts)
     wait_for(lambda: rig.published() >= rig.total, 60, "the broker to acknowledge everything")
     rig.broker.kill()
     rig.broker.start()
-    rig.start_ingest("ingest-a", "")
+    rig.start_ingest("ingest-a", share_group="")
     if receipts:
         _until_stored(rig, 0.1)
     return rig.health_right()
@@ -368,7 +405,7 @@ def ingest_killed(rig: Rig, outage_s: float) -> bool:
     _mid_stream(rig)
     rig.kill("ingest-a")
     right = _outage(rig, outage_s)
-    rig.start_ingest("ingest-a", "")
+    rig.start_ingest("ingest-a", share_group="")
     return right
 
 

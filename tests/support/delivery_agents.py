@@ -93,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--host", default=HOST)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--hosts", default="", help="more host:port pairs (broker.hosts)")
     parser.add_argument("--agents", type=int, required=True)
     parser.add_argument("--seed", required=True)
     parser.add_argument("--receipt-key", default="", help="empty: PUBACK is enough")
@@ -110,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = BrokerSettings(
             host=args.host,
             port=args.port,
+            hosts=args.hosts,
             username=f"{agent.site}/{agent.agent}",
             password=agent.password,
             keepalive_s=2,

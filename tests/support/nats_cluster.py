@@ -133,6 +133,25 @@ class NatsCluster:
     def mqtt_ports(self) -> list[int]:
         return [n.mqtt for n in self.nodes]
 
+    @property
+    def port(self) -> int:
+        """The MQTT listener agents try first (the first node's)."""
+        return self.nodes[0].mqtt
+
+    @property
+    def hosts(self) -> str:
+        """The other nodes' MQTT listeners, as an agent's broker.hosts."""
+        return ",".join(f"{HOST}:{n.mqtt}" for n in self.nodes[1:])
+
+    def ingest_settings(self) -> str:
+        """The [broker] lines of an ingest process's config: JetStream, streams on 3 nodes, a
+        message a dead process took goes to another after 3 s."""
+        return (
+            f'kind = "jetstream"\nservers = "{self.servers}"\nusername = "{AGGREGATOR[0]}"\n'
+            f'password = "{AGGREGATOR[1]}"\nstream_replicas = 3\nack_wait_s = 3\n'
+            "keepalive_s = 5\nbackoff_max_s = 1\nconnect_timeout_s = 3\n"
+        )
+
     def start(self, timeout: float = 30) -> None:
         for node in self.nodes:
             self._spawn(node)
@@ -160,11 +179,13 @@ class NatsCluster:
 
         wait_for(up, timeout, f"nats-server {node.name}: /{page} answering 200")
 
-    def kill(self, node: Node) -> None:
-        """kill -9."""
-        assert node.proc is not None
-        node.proc.send_signal(signal.SIGKILL)
-        node.proc.wait(10)
+    def kill(self, node: Node | None = None) -> None:
+        """kill -9 of ``node``, or of every node running (the whole cluster)."""
+        for each in [node] if node is not None else self.nodes:
+            if each.running:
+                assert each.proc is not None
+                each.proc.send_signal(signal.SIGKILL)
+                each.proc.wait(10)
 
     def restart(self, node: Node, timeout: float = 30) -> None:
         """Start a killed node again; it catches up with the others after this returns."""
@@ -172,11 +193,7 @@ class NatsCluster:
         self._wait_up(node, timeout, "varz")
 
     def stop(self) -> None:
-        for node in self.nodes:
-            if node.running:
-                assert node.proc is not None
-                node.proc.send_signal(signal.SIGKILL)
-                node.proc.wait(10)
+        self.kill()
 
     def logs(self) -> str:
         return "\n".join(f"--- {n.name}\n{n.log.read_text()[-3000:]}" for n in self.nodes)
