@@ -41,8 +41,13 @@ table is scanned once for visits whose end instant has passed. A frame more than
 ``lateness_s`` late (older than the oldest open window) counts in the oldest open window, as
 the counter counts it.
 
-Memory: one row of five integers per chain of the epoch and the ring (a few hundred rows);
-both are wiped with the epoch, with the estimator's chains. Nothing here is logged.
+Memory: one row of five integers per row of the estimator's chain table and the ring (a few
+hundred rows); both are wiped with the epoch, with the estimator's chains. The estimator reuses
+the rows of chains it retired (silent past every gap: their visits have ended) or evicted at its
+ceiling, and marks the row that begins a chain (``fresh``): a visit still open there (an evicted
+chain's) ends then, counted as if its device had gone silent at its last frame. So the table
+follows the chains of the last twenty minutes or so, and each window close walks only those.
+Nothing here is logged.
 """
 
 from __future__ import annotations
