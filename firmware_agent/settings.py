@@ -150,6 +150,7 @@ def load_config(
             window_s=count.window_s,
             lateness_s=count.lateness_s,
             visit_gap_s=count.visit_gap_s,
+            max_devices=count.max_devices,
         ),
         EstimateSettings,
     )

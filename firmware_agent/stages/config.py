@@ -239,6 +239,7 @@ class EstimateSettings:
     link: bool = True  # False: every address is a device (the evaluation's stages)
     assume_randomised: bool = False  # True: ignore the locally administered bit (datasets)
     visit_gap_s: int = 600  # count.visit_gap_s: an address silent longer is linked afresh
+    max_devices: int = 250_000  # count.max_devices: the ceiling of live addresses and chains
 
     def __post_init__(self) -> None:
         if self.rssi_threshold_dbm != AUTO and not -120 <= self.rssi_threshold_dbm <= 0:
@@ -261,6 +262,10 @@ class EstimateSettings:
         for name, (lo, hi, value) in bounds.items():
             if not lo <= value <= hi:
                 raise ConfigError(f"estimate.{name} must be between {lo} and {hi}, got {value}")
+        if not 1024 <= self.max_devices <= 100_000_000:
+            raise ConfigError(
+                f"max_devices must be between 1024 and 100000000, got {self.max_devices}"
+            )
         if 0 < self.static_min_s < self.window_s:
             raise ConfigError(
                 f"estimate.static_min_s must be 0 (off) or at least one window "
@@ -285,9 +290,20 @@ class EstimateSettings:
                 int(self.assume_randomised),
                 int(self.link),
                 self.visit_gap_s * NS,
+                self.max_devices,
             ],
             np.int64,
         )
+
+    @property
+    def horizon_ns(self) -> int:
+        """How long after its last frame a chain or an address can still change a figure: the
+        longest gap that links (``link_gap_s``, ``cadence_gap_s``) or keeps a visit
+        (``visit_gap_s``, which the people stage shares), and one window more for frames that
+        come late. Past it they are retired (see
+        :class:`~firmware_agent.stages.estimate.Estimator`)."""
+        gap = max(self.link_gap_s, self.cadence_gap_s, self.visit_gap_s)
+        return (gap + self.window_s) * NS
 
 
 def _calibration_number(name: str) -> Callable[[str], float]:

@@ -82,7 +82,8 @@ they are the same (tests/agent/test_people.py). For 5-minute windows nothing cha
 their ends. A new epoch starts from the fallback.
 
 Everything here (ids, fingerprints, chains, sequence numbers, per-device signal) stays in
-memory, is wiped with the epoch and is never logged; only the per-window counts leave.
+memory, is wiped with the epoch (or retired sooner: :class:`Estimator`) and is never logged;
+only the per-window counts leave.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from firmware_agent.kernels import kernel
-from firmware_agent.kernels.table import KeyedRows, slot
+from firmware_agent.kernels.table import KeyedRows, rehash, slot
 from firmware_agent.stages.batch import KIND_PROBE, RSSI_MISSING, DeviceBatch
 from firmware_agent.stages.config import AUTO, EstimateSettings
 
@@ -130,17 +131,23 @@ _C_FIRST, _C_LAST, _C_RSSI, _C_BEST, _C_NWIN, _C_LASTWIN = range(6)
 _C_WIN, _C_WBEST = 6, 8  # two slots each, by window parity
 _CCOLS = 10
 
+_FREE_ROW = -2  # _C_LASTWIN of a retired chain's row, on the free stack for reuse
+
 # Fingerprint table columns (int64): new addresses with a recent one of the same fingerprint,
-# of them continued by sequence number, chance matches expected (x 4096), ring head, ring.
+# of them continued by sequence number, chance matches expected (x 4096), ring head, ring,
+# and for each ring entry whose address was retired its chain + 1 (0: none, or retired too).
 _F_NEW, _F_CONT, _F_EXPECT, _F_HEAD = range(4)
 _F_RING = 4
-_FCOLS = _F_RING + RING
+_F_TOMB = _F_RING + RING
+_FCOLS = _F_TOMB + RING
 
 # Clock and sizes (int64): newest timestamp, oldest open window start, chains, addresses,
 # fingerprints, chains behind the last learnt threshold, when the site opens on the epoch's
 # day (a chain first heard before it may be static), the threshold in force, the next step
-# instant at which it is learnt.
+# instant at which it is learnt; chain rows on the free stack, chains made this epoch.
 _K_MAX, _K_OLDEST, _K_CHAINS, _K_ADDRS, _K_FPS, _K_THR_N, _K_OPENS, _K_THR, _K_STEP = range(9)
+_K_FREE, _K_MADE = 9, 10
+_NCLOCK = 11
 _NONE = np.iinfo(np.int64).min
 
 # Parameters (int64), in this order.
@@ -160,7 +167,8 @@ _NONE = np.iinfo(np.int64).min
     _P_ALL_RANDOM,
     _P_LINK,
     _P_FORGET,
-) = range(15)
+    _P_MAX,
+) = range(16)
 
 # Output row columns (int64).
 _O_START, _O_PEOPLE, _O_STATIC, _O_THR = range(4)
@@ -217,6 +225,16 @@ def otsu_split(hist: NDArray[np.int64], lo: int) -> int:
     return lo + (first + last) // 2 + 1
 
 
+@kernel(inline=True)
+def _lingering(s: NDArray[np.int64], params: NDArray[np.int64], hist: NDArray[np.int64]) -> int:
+    """Put a chain that lingered ``min_dwell_s`` with a known signal into ``hist`` (1), or
+    not (0): what the learnt threshold splits. A free row has no signal."""
+    if s[_C_LAST] - s[_C_FIRST] >= params[_P_DWELL] and s[_C_BEST] != RSSI_MISSING:
+        hist[min(max(s[_C_BEST], _HIST_LO), _HIST_LO + _HIST_BINS - 1) - _HIST_LO] += 1
+        return 1
+    return 0
+
+
 @kernel()
 def _learn(
     chains: NDArray[np.int64],
@@ -225,22 +243,20 @@ def _learn(
     hist: NDArray[np.int64],
 ) -> None:
     """The step instant ``clock[_K_STEP]`` has passed: learn the threshold there (if it is
-    learnt) from every chain of the epoch so far, and move on to the next step."""
+    learnt) from every chain of the epoch so far (those retired are in ``hist[1]``), and move
+    on to the next step."""
     clock[_K_STEP] += AUTO_STEP_S * NS
     if params[_P_THR] != AUTO:
         return
-    dwell = params[_P_DWELL]
-    hist[:] = 0
+    hist[0, :] = hist[1, :]  # the retired chains'
     lingering = 0
+    for b in range(_HIST_BINS):
+        lingering += hist[1, b]
     for c in range(clock[_K_CHAINS]):
-        s = chains[c]
-        if s[_C_LAST] - s[_C_FIRST] >= dwell and s[_C_BEST] != RSSI_MISSING:
-            b = min(max(s[_C_BEST], _HIST_LO), _HIST_LO + _HIST_BINS - 1)
-            hist[b - _HIST_LO] += 1
-            lingering += 1
+        lingering += _lingering(chains[c], params, hist[0])
     thr = AUTO_FALLBACK_DBM
     if lingering >= AUTO_MIN_CHAINS:
-        thr = min(max(otsu_split(hist, _HIST_LO), AUTO_RANGE_DBM[0]), AUTO_RANGE_DBM[1])
+        thr = min(max(otsu_split(hist[0], _HIST_LO), AUTO_RANGE_DBM[0]), AUTO_RANGE_DBM[1])
     clock[_K_THR] = thr
     clock[_K_THR_N] = lingering
 
@@ -345,7 +361,10 @@ def _link(
         other = np.uint64(st[_F_RING + (head - 1 - k) % RING])
         if other == 0:
             continue
-        a = addrs[slot(addr_keys, other)]
+        j = slot(addr_keys, other)
+        if addr_keys[j] == 0:  # retired: heard longer ago than either gap
+            continue
+        a = addrs[j]
         gap = abs(t - a[_A_LAST])
         heard |= gap <= max(params[_P_LINK_GAP], params[_P_CADENCE])
         if gap <= params[_P_LINK_GAP]:
@@ -366,10 +385,14 @@ def _link(
     if resets:  # a counter that matched did so by chance: link by cadence
         chain = -1
         for k in range(RING):
-            other = np.uint64(st[_F_RING + (head - 1 - k) % RING])
+            e = (head - 1 - k) % RING
+            other = np.uint64(st[_F_RING + e])
             if other == 0:
                 continue
-            c = addrs[slot(addr_keys, other), _A_CHAIN]
+            j = slot(addr_keys, other)
+            c = addrs[j, _A_CHAIN] if addr_keys[j] != 0 else st[_F_TOMB + e] - 1
+            if c < 0:  # retired with its chain
+                continue
             cs = chains[c]
             if abs(t - cs[_C_LAST]) > params[_P_CADENCE]:
                 continue
@@ -379,6 +402,7 @@ def _link(
             if chain < 0 or cs[_C_FIRST] < chains[chain, _C_FIRST]:
                 chain = c
     st[_F_RING + head % RING] = np.int64(dev)
+    st[_F_TOMB + head % RING] = 0
     st[_F_HEAD] = (head + 1) % RING
     return chain
 
@@ -386,7 +410,8 @@ def _link(
 @kernel(
     export=(
         "UniTuple(i8, 2)(u1[:], i8[:], u8[:], u1[:], i2[:], u8[:], u2[:], i8, u8[:], "
-        "i8[:, :], i8[:, :], u8[:], i8[:, :], i8[:], i8[:], i8[:], i8[:, :], i8, i8[:], i2[:])"
+        "i8[:, :], i8[:, :], u8[:], i8[:, :], i8[:], i8[:], i8[:, :], i8[:], i8[:, :], i8, "
+        "i8[:], i2[:], u1[:])"
     )
 )
 def _estimate(
@@ -406,21 +431,24 @@ def _estimate(
     clock: NDArray[np.int64],
     params: NDArray[np.int64],
     hist: NDArray[np.int64],
+    free: NDArray[np.int64],
     out: NDArray[np.int64],
     rows: int,
     row_chain: NDArray[np.int64],
     row_thr: NDArray[np.int16],
+    row_fresh: NDArray[np.uint8],
 ) -> tuple[int, int]:
     """Link and place rows begin.. until done, a table needs room, or out is full.
 
     The clock and windows follow the counter's rule exactly: every row (malformed or not)
     moves the watermark, and a row older than the oldest open window counts in that window.
-    ``row_chain[i]`` gets the chain of probe row ``i`` and ``row_thr[i]`` the signal threshold
-    in force when it came (the people stage's input).
+    ``row_chain[i]`` gets the chain of probe row ``i``, ``row_thr[i]`` the signal threshold
+    in force when it came and ``row_fresh[i]`` 1 if it began its chain (the people stage's
+    input: a chain's row may be one a retired or evicted chain had).
     Returns (next row, rows of out filled).
     """
     w, lateness = params[_P_W], params[_P_LATE]
-    addr_limit = addr_keys.shape[0] // 2
+    addr_limit = min(addr_keys.shape[0] // 2, params[_P_MAX])
     fp_limit = fp_keys.shape[0] // 2
     chain_limit = chains.shape[0]
     i = begin
@@ -429,7 +457,7 @@ def _estimate(
         if (
             clock[_K_ADDRS] >= addr_limit
             or clock[_K_FPS] >= fp_limit
-            or clock[_K_CHAINS] >= chain_limit
+            or (clock[_K_CHAINS] >= chain_limit and clock[_K_FREE] == 0)
         ):
             break
         t = ts[i]
@@ -461,8 +489,14 @@ def _estimate(
                     t, dev, fp[i], s, r, addr_keys, addrs, chains, fp_keys, fps, clock, params
                 )
             if chain < 0:
-                chain = clock[_K_CHAINS]
-                clock[_K_CHAINS] += 1
+                if clock[_K_FREE] > 0:
+                    clock[_K_FREE] -= 1
+                    chain = free[clock[_K_FREE]]
+                else:
+                    chain = clock[_K_CHAINS]
+                    clock[_K_CHAINS] += 1
+                clock[_K_MADE] += 1
+                row_fresh[i] = 1  # people stage hook
                 cs = chains[chain]
                 cs[:] = 0
                 cs[_C_FIRST] = t
@@ -501,7 +535,69 @@ def _estimate(
     return i, rows
 
 
-@kernel(export="i8(i8[:, :], i8[:], i8[:], i8[:], i8, i8[:, :])")
+@kernel(export="i8(i8[:, :], i8[:], i8[:], i8[:, :], i8[:], i8, b1)")
+def _retire_chains(
+    chains: NDArray[np.int64],
+    clock: NDArray[np.int64],
+    params: NDArray[np.int64],
+    hist: NDArray[np.int64],
+    free: NDArray[np.int64],
+    cutoff: int,
+    busy_too: bool,
+) -> int:
+    """Free the rows of the chains last heard before ``cutoff`` and (unless ``busy_too``: an
+    eviction) in no open window; the retired histogram ``hist[1]`` keeps what the learnt
+    threshold needs of them. Returns how many were freed."""
+    oldest = clock[_K_OLDEST] // params[_P_W]
+    freed = 0
+    for c in range(clock[_K_CHAINS]):
+        s = chains[c]
+        if s[_C_LASTWIN] == _FREE_ROW or s[_C_LAST] >= cutoff:
+            continue
+        if not busy_too and (s[_C_WIN] >= oldest or s[_C_WIN + 1] >= oldest):
+            continue
+        _lingering(s, params, hist[1])
+        s[:] = 0
+        s[_C_BEST] = RSSI_MISSING  # a free row is not learnt from
+        s[_C_WIN] = -1  # nor counted
+        s[_C_WIN + 1] = -1
+        s[_C_LASTWIN] = _FREE_ROW
+        free[clock[_K_FREE]] = c
+        clock[_K_FREE] += 1
+        freed += 1
+    return freed
+
+
+@kernel(export="void(u8[:], i8[:, :], b1[:], i8[:, :], u8[:], i8[:, :])")
+def _tombstones(
+    addr_keys: NDArray[np.uint64],
+    addrs: NDArray[np.int64],
+    keep: NDArray[np.bool_],
+    chains: NDArray[np.int64],
+    fp_keys: NDArray[np.uint64],
+    fps: NDArray[np.int64],
+) -> None:
+    """Before the addresses not kept leave the table, every ring entry naming one keeps the
+    chain it is in (the cadence rule reads it); an entry whose chain was freed keeps none."""
+    for f in range(fp_keys.shape[0]):
+        if fp_keys[f] == 0:
+            continue
+        st = fps[f]
+        for e in range(RING):
+            other = np.uint64(st[_F_RING + e])
+            if other == 0:
+                continue
+            j = slot(addr_keys, other)
+            if addr_keys[j] != 0:
+                if keep[j]:
+                    continue
+                st[_F_TOMB + e] = addrs[j, _A_CHAIN] + 1
+            c = st[_F_TOMB + e] - 1
+            if c >= 0 and chains[c, _C_LASTWIN] == _FREE_ROW:
+                st[_F_TOMB + e] = 0
+
+
+@kernel(export="i8(i8[:, :], i8[:], i8[:], i8[:, :], i8, i8[:, :])")
 def _flush(
     chains: NDArray[np.int64],
     clock: NDArray[np.int64],
@@ -522,6 +618,30 @@ class Estimator:
     It closes exactly the windows a :class:`~firmware_agent.stages.count.WindowCounter` with the
     same
     ``window_s`` and ``lateness_s`` closes, at the same rows.
+
+    **Bounded memory.** Whenever the address table is half full or every chain row is taken,
+    the addresses and chains last heard more than :attr:`EstimateSettings.horizon_ns` before
+    the oldest open window (20 minutes by default) are *retired*: nothing that comes can
+    change them any more (a frame of such an address is linked afresh either way, and neither
+    linking rule reaches that far back), and their windows are closed. A retired chain's row
+    goes on a free stack for the next new chain, with what the learnt threshold needs of it
+    kept in a histogram; a retired address leaves the table, which is rebuilt at four times
+    the addresses left (down to ``capacity``; a fingerprint's ring keeps a retired address's
+    chain for the cadence rule). So the tables follow the devices of the last twenty minutes,
+    not of the day, and every figure is the one an unbounded store gives (the kernel is held
+    to its plain-Python twin, tests/support/reference_estimate.py, over hours of chains
+    coming and going; only a frame that comes more than one window behind the oldest open
+    window could tell them apart). Through a day of 2 million addresses (bench/bench_scale.py,
+    kernels built ahead of time) the replay's peak RSS went from 349 to 189 MB: the estimate
+    and people stages take 13 MB of it instead of 173 (without them, 176 MB: the process and
+    the count stage's table at its ceiling).
+
+    **Ceiling.** At most ``max_devices`` (``count.max_devices``) live addresses and as many
+    chains. Past it the longest silent are *evicted*: addresses down to three quarters of it
+    (their chains stay), chains an eighth at a time (with their addresses; the people stage
+    ends their visits, :attr:`row_fresh`). Evictions are counted (:attr:`evicted_total`,
+    ``footfall_estimate_evicted_total``) and the first of an epoch is logged: figures of a
+    venue past the ceiling may differ from an unbounded store's.
     """
 
     def __init__(
@@ -539,16 +659,24 @@ class Estimator:
         self._capacity = capacity
         self._addrs = KeyedRows(capacity, _ACOLS)
         self._chains = np.zeros((capacity, _CCOLS), np.int64)
+        self._free = np.zeros(capacity, np.int64)
         self._fps = KeyedRows(max(capacity // 8, 64), _FCOLS)
-        self._clock = np.array([_NONE, _NONE, 0, 0, 0, 0, _NONE, 0, _NONE], np.int64)
-        self._hist = np.zeros(_HIST_BINS, np.int64)
+        self._clock = np.zeros(_NCLOCK, np.int64)
+        self._clock[[_K_MAX, _K_OLDEST, _K_OPENS, _K_STEP]] = _NONE
+        self._hist = np.zeros((2, _HIST_BINS), np.int64)  # learnt from; of retired chains
         self._out = np.zeros((256, _NOUT), np.int64)
         self._clock[_K_THR] = self._initial_threshold()
         self._threshold_said: int | None = None
+        self._evicted = 0  # this epoch
+        self.evicted_total = 0
+        """Addresses and chains evicted at the ceiling since this estimator began."""
         self.row_chains = np.zeros(0, np.int64)
         """People stage hook: the chain of each row of the last batch added (-1: none)."""
         self.row_thresholds = np.zeros(0, np.int16)
         """People stage hook: the signal threshold in force at each row of the last batch."""
+        self.row_fresh = np.zeros(0, np.uint8)
+        """People stage hook: 1 for a row of the last batch that began its chain (the row may
+        be one a retired or evicted chain had)."""
         self.threshold_note = (
             f"{settings.rssi_threshold_dbm} dBm (set: estimate.rssi_threshold_dbm)"
             if settings.rssi_threshold_dbm != AUTO
@@ -563,14 +691,20 @@ class Estimator:
 
     @property
     def chains(self) -> int:
-        """Chains (estimated devices) so far this epoch."""
-        return int(self._clock[_K_CHAINS])
+        """Chains (estimated devices) made so far this epoch."""
+        return int(self._clock[_K_MADE])
+
+    @property
+    def live(self) -> tuple[int, int]:
+        """Addresses and chains held now (neither retired nor evicted)."""
+        return int(self._clock[_K_ADDRS]), int(self._clock[_K_CHAINS] - self._clock[_K_FREE])
 
     def add(self, batch: DeviceBatch) -> list[WindowEstimate]:
         """Estimate a batch; return the windows its rows closed."""
         closed: list[WindowEstimate] = []
         self.row_chains = np.full(len(batch), -1, np.int64)
         self.row_thresholds = np.zeros(len(batch), np.int16)
+        self.row_fresh = np.zeros(len(batch), np.uint8)
         if self._clock[_K_OPENS] == _NONE and len(batch):
             self._clock[_K_OPENS] = self._opens(int(batch.ts_ns[0]))
         i = 0
@@ -592,13 +726,15 @@ class Estimator:
                 self._clock,
                 self._params,
                 self._hist,
+                self._free,
                 self._out,
                 0,
                 self.row_chains,
                 self.row_thresholds,
+                self.row_fresh,
             )
             closed += self._emit(rows)
-            self._grow()
+            self._room()
         self._note()
         return closed
 
@@ -626,6 +762,7 @@ class Estimator:
         self.wipe()
         self._addrs = KeyedRows(self._capacity, _ACOLS)
         self._chains = np.zeros((self._capacity, _CCOLS), np.int64)
+        self._free = np.zeros(self._capacity, np.int64)
         self._fps = KeyedRows(max(self._capacity // 8, 64), _FCOLS)
         self._clock[_K_OLDEST] = start_ns
         self._clock[_K_OPENS] = self._opens(start_ns)
@@ -644,23 +781,102 @@ class Estimator:
         self._addrs.wipe()
         self._fps.wipe()
         self._chains.fill(0)
+        self._free.fill(0)
         self._hist.fill(0)
         self.row_chains.fill(-1)  # people stage hook
         self._clock[_K_CHAINS] = self._clock[_K_ADDRS] = self._clock[_K_FPS] = 0
+        self._clock[_K_FREE] = self._clock[_K_MADE] = 0
+        self._evicted = 0
         self._clock[_K_THR_N] = 0
         self._clock[_K_OPENS] = _NONE
         self._clock[_K_THR] = self._initial_threshold()
 
-    def _grow(self) -> None:
-        if self._clock[_K_ADDRS] >= self._addrs.capacity // 2:
-            self._addrs = self._addrs.grown()
+    def _room(self) -> None:
+        """Make room for the kernel to go on: retire (see the class), grow, or evict."""
         if self._clock[_K_FPS] >= self._fps.capacity // 2:
             self._fps = self._fps.grown()
-        if self._clock[_K_CHAINS] >= self._chains.shape[0]:
-            bigger = np.zeros((self._chains.shape[0] * 2, _CCOLS), np.int64)
-            bigger[: self._chains.shape[0]] = self._chains
-            self._chains.fill(0)
-            self._chains = bigger
+        ceiling = self.settings.max_devices
+        addrs_full = self._clock[_K_ADDRS] >= min(self._addrs.capacity // 2, ceiling)
+        rows = len(self._chains)
+        chains_full = self._clock[_K_CHAINS] >= rows and self._clock[_K_FREE] == 0
+        if not (addrs_full or chains_full):
+            return
+        cutoff = int(self._clock[_K_OLDEST]) - self.settings.horizon_ns
+        self._retire_chains(cutoff, busy_too=False)
+        spare = int(self._clock[_K_FREE]) + rows - int(self._clock[_K_CHAINS])
+        if spare < rows // 4 and rows < ceiling:
+            self._grow_chains(min(2 * rows, ceiling))
+        elif not spare:  # every row taken, at the ceiling
+            live = self._chains[:, _C_LASTWIN] != _FREE_ROW
+            lasts = self._chains[live, _C_LAST]
+            k = max(1, ceiling // 8)
+            self._evict(self._retire_chains(int(np.partition(lasts, k - 1)[k - 1]) + 1, True))
+        self._retire_addresses(cutoff)
+
+    def _retire_chains(self, cutoff: int, busy_too: bool) -> int:
+        return int(
+            _retire_chains(
+                self._chains, self._clock, self._params, self._hist, self._free, cutoff, busy_too
+            )
+        )
+
+    def _grow_chains(self, size: int) -> None:
+        bigger = np.zeros((size, _CCOLS), np.int64)
+        rows = len(self._chains)
+        bigger[:rows] = self._chains
+        free = np.zeros(size, np.int64)
+        free[:rows] = self._free
+        self._chains.fill(0)
+        self._chains, self._free = bigger, free
+
+    def _retire_addresses(self, cutoff: int) -> None:
+        """Take out of the address table those heard before ``cutoff`` or whose chain was
+        freed, and the longest silent past three quarters of the ceiling; rebuild it. The rings
+        forget freed chains even if no address goes (a chain's addresses may all have gone
+        before it: one relinked elsewhere after a silence)."""
+        keys, rows = self._addrs.keys, self._addrs.rows
+        used = keys != 0
+        chain_freed = self._chains[rows[:, _A_CHAIN], _C_LASTWIN] == _FREE_ROW
+        keep = used & ~chain_freed & (rows[:, _A_LAST] >= cutoff)
+        evicted = int(np.count_nonzero(used & chain_freed & (rows[:, _A_LAST] >= cutoff)))
+        ceiling = self.settings.max_devices
+        kept = int(np.count_nonzero(keep))
+        if kept > ceiling * 7 // 8:
+            lasts = rows[keep, _A_LAST]
+            k = kept - ceiling * 3 // 4
+            keep &= rows[:, _A_LAST] > np.partition(lasts, k - 1)[k - 1]
+            evicted += kept - int(np.count_nonzero(keep))
+            kept = int(np.count_nonzero(keep))
+        self._evict(evicted)
+        capacity = self._addrs.capacity
+        if kept >= capacity // 4:
+            capacity *= 2
+        while capacity > self._capacity and kept < capacity // 16:
+            capacity //= 2
+        capacity = min(capacity, 1 << (2 * ceiling - 1).bit_length())
+        _tombstones(keys, rows, keep, self._chains, self._fps.keys, self._fps.rows)
+        if kept == int(np.count_nonzero(used)) and capacity == self._addrs.capacity:
+            return
+        table = KeyedRows(capacity, _ACOLS)
+        kept_keys = np.where(keep, keys, np.uint64(0))
+        rehash(kept_keys, rows, table.keys, table.rows)
+        kept_keys.fill(0)  # device ids: wiped like the tables
+        self._addrs.wipe()
+        self._addrs = table
+        self._clock[_K_ADDRS] = kept
+
+    def _evict(self, n: int) -> None:
+        if not n:
+            return
+        if not self._evicted:
+            log.warning(
+                "estimator at its ceiling (count.max_devices = %d): the longest silent "
+                "addresses and chains are evicted from now on in this epoch "
+                "(footfall_estimate_evicted_total)",
+                self.settings.max_devices,
+            )
+        self._evicted += n
+        self.evicted_total += n
 
     def _initial_threshold(self) -> int:
         """The threshold before anything is learnt in an epoch: the set one, or the fallback."""
@@ -697,8 +913,8 @@ class Estimator:
                 f"heard for {dwell} s or more; {self._count(lingering)} so far)"
             )
         values = np.arange(_HIST_LO, _HIST_LO + _HIST_BINS)
-        inside = self._hist[values >= threshold]
-        outside = self._hist[values < threshold]
+        inside = self._hist[0, values >= threshold]
+        outside = self._hist[0, values < threshold]
         return (
             f"{threshold} dBm (auto: Otsu's split of the best signal of the {lingering} devices "
             f"heard for {dwell} s or more: {self._count(int(inside.sum()))} at or above it, "

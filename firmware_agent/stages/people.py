@@ -41,8 +41,13 @@ table is scanned once for visits whose end instant has passed. A frame more than
 ``lateness_s`` late (older than the oldest open window) counts in the oldest open window, as
 the counter counts it.
 
-Memory: one row of five integers per chain of the epoch and the ring (a few hundred rows);
-both are wiped with the epoch, with the estimator's chains. Nothing here is logged.
+Memory: one row of five integers per row of the estimator's chain table and the ring (a few
+hundred rows); both are wiped with the epoch, with the estimator's chains. The estimator reuses
+the rows of chains it retired (silent past every gap: their visits have ended) or evicted at its
+ceiling, and marks the row that begins a chain (``fresh``): a visit still open there (an evicted
+chain's) ends then, counted as if its device had gone silent at its last frame. So the table
+follows the chains of the last twenty minutes or so, and each window close walks only those.
+Nothing here is logged.
 """
 
 from __future__ import annotations
@@ -235,14 +240,15 @@ def _close_window(
 
 @kernel(
     export=(
-        "UniTuple(i8, 2)(u1[:], i8[:], i8[:], i2[:], i2[:], i8, i8[:, :], i8[:, :], i8[:], "
-        "i8[:], i8[:, :], i8)"
+        "UniTuple(i8, 2)(u1[:], i8[:], i8[:], u1[:], i2[:], i2[:], i8, i8[:, :], i8[:, :], "
+        "i8[:], i8[:], i8[:, :], i8)"
     )
 )
 def _people(
     kind: NDArray[np.uint8],
     ts: NDArray[np.int64],
     chain: NDArray[np.int64],
+    fresh: NDArray[np.uint8],
     rssi: NDArray[np.int16],
     thresholds: NDArray[np.int16],
     begin: int,
@@ -257,7 +263,9 @@ def _people(
 
     The clock and windows follow the counter's rule exactly: every row moves the watermark.
     Row ``i`` is judged against the signal threshold ``thresholds[i]`` (the estimator's when
-    the row came). Returns (next row, rows of out filled).
+    the row came); with ``fresh[i]`` it begins its chain, so a visit still open on that row
+    (of an evicted chain) ends as if its device had gone silent. Returns (next row, rows of
+    out filled).
     """
     w, lateness, hold, gap = params[_P_W], params[_P_LATE], params[_P_HOLD], params[_P_GAP]
     dwell, s, n = params[_P_DWELL], params[_P_SAMPLE], params[_P_RING]
@@ -284,7 +292,7 @@ def _people(
         clock[_K_USED] = max(clock[_K_USED], c + 1)
         v = visits[c]
         r = np.int64(rssi[i])
-        if v[_V_STATE] != _NOVISIT and t - v[_V_LAST] > gap:
+        if v[_V_STATE] != _NOVISIT and (fresh[i] or t - v[_V_LAST] > gap):
             _end_visit(v, ring[(max(v[_V_LAST] + gap, oldest) // s) % n], params)
         if v[_V_STATE] == _NOVISIT:
             v[_V_STATE] = _PENDING
@@ -371,10 +379,16 @@ class PeopleCounter:
         chains: NDArray[np.int64],
         rssi: NDArray[np.int16],
         thresholds: NDArray[np.int16],
+        fresh: NDArray[np.uint8] | None = None,
     ) -> list[WindowPeople]:
         """Place a batch's rows (``chains``: each row's chain, -1 for none); return the windows
         they closed. Each row is judged against its signal threshold (``thresholds``: the
-        estimator's when the row came), so neither batching nor ``window_s`` changes it."""
+        estimator's when the row came), so neither batching nor ``window_s`` changes it.
+        ``fresh`` marks the rows that began their chain (:attr:`Estimator.row_fresh
+        <firmware_agent.stages.estimate.Estimator.row_fresh>`; None: no chain's row is
+        reused)."""
+        if fresh is None:
+            fresh = np.zeros(len(chains), np.uint8)
         if len(chains) and int(chains.max()) >= len(self._visits):
             self._grow(int(chains.max()) + 1)
         closed: list[WindowPeople] = []
@@ -384,6 +398,7 @@ class PeopleCounter:
                 kind,
                 ts_ns,
                 chains,
+                fresh,
                 rssi,
                 thresholds,
                 i,

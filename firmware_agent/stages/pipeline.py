@@ -108,6 +108,7 @@ class PipelineStats:
     epochs: int = 0
     epochs_skipped: int = 0
     devices_evicted: int = 0  # device table rows evicted at count.max_devices, every epoch
+    estimate_evicted: int = 0  # addresses and chains the estimator evicted there, every epoch
 
 
 @dataclass(slots=True)
@@ -328,12 +329,14 @@ class Pipeline:
         if self._estimator is None or self._people is None:
             return self._strict(windows)
         estimates = self._estimator.add(batch)
+        self.stats.estimate_evicted = self._estimator.evicted_total
         figures = self._people.add(
             batch.kind,
             batch.ts_ns,
             self._estimator.row_chains,
             batch.rssi,
             self._estimator.row_thresholds,
+            self._estimator.row_fresh,
         )
         return self._joined(windows, estimates, figures)
 

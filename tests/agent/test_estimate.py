@@ -26,14 +26,17 @@ from firmware_agent.stages.batch import (
     RSSI_MISSING,
     DeviceBatch,
     WindowCounts,
+    WindowPeople,
 )
 from firmware_agent.stages.capture import CaptureReader
 from firmware_agent.stages.config import AUTO, Calibration, EstimateSettings
 from firmware_agent.stages.estimate import AUTO_FALLBACK_DBM, Estimator, WindowEstimate, otsu_split
 from firmware_agent.stages.parse import parse_batch
+from firmware_agent.stages.people import PeopleCounter, PeopleSettings
 from firmware_agent.stages.pipeline import Pipeline
 from firmware_agent.tools.synthetic import SyntheticSpec, write_synthetic_capture
 from tests.support.reference_estimate import Row, otsu_reference, reference_estimates
+from tests.support.shared import shared_path
 
 NS = 1_000_000_000
 T0 = 1_699_999_200 * NS  # a whole hour
@@ -407,3 +410,102 @@ def test_the_threshold_note_prints_no_count_of_devices_from_1_to_k_minus_1() -> 
     est.close_all()
     assert "fewer than 5 so far" in est.threshold_note, est.threshold_note
     assert " 1 so far" not in est.threshold_note
+
+
+# -- bounded memory -------------------------------------------------------------------------
+
+
+class Renumbered:
+    """Chains renumbered so that no number serves twice: a row that began its chain
+    (``row_fresh``) gets a new one. What the people stage would see from an unbounded store."""
+
+    def __init__(self) -> None:
+        self.current: dict[int, int] = {}
+        self.made = 0
+
+    def __call__(self, chains: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+        out = np.full(len(chains), -1, np.int64)
+        for i, (c, new) in enumerate(zip(chains.tolist(), fresh.tolist(), strict=True)):
+            if c < 0:
+                continue
+            if new:
+                self.current[c] = self.made
+                self.made += 1
+            out[i] = self.current[c]
+        return out
+
+
+def test_retiring_chains_changes_no_figure_on_a_real_day() -> None:
+    """The busiest shared capture (the lab, a working day) through tables of 16 rows: chains
+    and addresses silent past the horizon are retired all day long and their rows reused, and
+    the windows are the unbounded twin's; the people stage, handed reused chain numbers with
+    their fresh rows, gives what it gives with numbers never reused."""
+    path = shared_path("data", "pcaps", "fryza_p1_sc6-61_2023-02-21_anonymized.pcap")
+    settings = load_config(None, environ={"FOOTFALL_EPOCH_TIMEZONE": "UTC"})
+    est = Estimator(settings.estimate, capacity=16, zone=UTC)
+    people = PeopleSettings.from_config(settings.count, settings.estimate)
+    reused, unique = PeopleCounter(people), PeopleCounter(people)
+    renumber = Renumbered()
+    key = EpochKey()
+    rows: list[Row] = []
+    kernel: list[WindowEstimate] = []
+    figures: tuple[list[WindowPeople], list[WindowPeople]] = ([], [])
+    most = widest = 0
+    with CaptureReader(path, batch_frames=2000) as reader:
+        for frames in reader:
+            b = anonymize(parse_batch(frames), key)
+            kernel += est.add(b)
+            most = max(most, len(est._chains))
+            widest = max(widest, est._addrs.capacity)
+            args = (b.kind, b.ts_ns)
+            figures[0].extend(reused.add(*args, est.row_chains, b.rssi, est.row_thresholds,
+                                         est.row_fresh))  # fmt: skip
+            ids = renumber(est.row_chains, est.row_fresh)
+            figures[1].extend(unique.add(*args, ids, b.rssi, est.row_thresholds))
+            rows += zip(*(a.tolist() for a in (b.kind, b.ts_ns, b.device, b.randomised, b.rssi,
+                                                b.fp, b.seq)), strict=True)  # fmt: skip
+    kernel += est.close_all()
+    until = (kernel[-1].window_start + settings.count.window_s) * NS
+    for counter, out in zip((reused, unique), figures, strict=True):
+        out.extend(counter.close_until(until, end_visits=True))
+    assert kernel == reference_estimates(rows, settings.estimate)
+    assert figures[0] == figures[1] and sum(w.arrivals for w in figures[0]) > 50
+    assert est.evicted_total == 0
+    assert est.chains > 3 * most and est.live[1] < most  # rows reused over and over
+    assert len({r[2] for r in rows}) > widest
+
+
+def test_past_the_ceiling_the_longest_silent_go_and_are_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """3,000 laptops (global addresses) that stay an hour, arriving within ten minutes: more
+    than the ceiling (1,024) within the horizon. The tables stay at the ceiling, the evictions
+    are counted and said once, and every visit the people stage saw arrive still ends once
+    (an evicted chain's visit ends when its row is taken by a new chain)."""
+    rng, ids = np.random.default_rng(18), Ids()
+    laptops = [phone(ids, rng, fp=9, start_s=float(rng.uniform(0, 600)), end_s=4200,
+                     every_s=60, rssi=-50, new_address="never", randomised=0, burst=1)
+               for _ in range(3000)]  # fmt: skip
+    rows = merged(*laptops)
+    s = replace(FIXED, max_devices=1024)
+    est = Estimator(s, capacity=16, zone=UTC)
+    counter = PeopleCounter(PeopleSettings(min_dwell_s=s.min_dwell_s))
+    figures: list[WindowPeople] = []
+    with caplog.at_level(logging.WARNING, logger="footfall.agent"):
+        for lo in range(0, len(rows), 5000):
+            b = batch(rows[lo : lo + 5000])
+            est.add(b)
+            assert est.live[0] <= 1024 and est.live[1] <= 1024
+            figures += counter.add(b.kind, b.ts_ns, est.row_chains, b.rssi,
+                                   est.row_thresholds, est.row_fresh)  # fmt: skip
+    windows = est.close_all()
+    figures += counter.close_until((windows[-1].window_start + 300) * NS, end_visits=True)
+    assert len(est._chains) == 1024 and est._addrs.capacity == 2048
+    assert est.evicted_total > 3000
+    said = [r.message for r in caplog.records if "estimator at its ceiling" in r.message]
+    assert said == [
+        "estimator at its ceiling (count.max_devices = 1024): the longest silent addresses "
+        "and chains are evicted from now on in this epoch (footfall_estimate_evicted_total)"
+    ]
+    arrived = sum(w.arrivals for w in figures)
+    assert arrived == sum(w.visits_ended for w in figures) > 500  # fewer: evicted ones start over

@@ -124,6 +124,7 @@ def test_agent_metrics_include_the_kernels_counters_for_a_live_source(tmp_path: 
             "footfall_malformed_total": 2, "footfall_windows_closed_total": 1,
             "footfall_windows_published_total": 0, "footfall_spool_depth": 0,
             "footfall_spool_dropped_total": 0, "footfall_devices_evicted_total": 0,
+            "footfall_estimate_evicted_total": 0,
             "footfall_broker_connected": 0, "footfall_kernel_packets_total": 10,
             "footfall_kernel_drops_total": 3,
         }  # fmt: skip

@@ -179,3 +179,7 @@ def test_more_addresses_than_the_ceiling_run_to_the_end_and_report_evictions(
     assert sum(w.probe_requests for w in capped) == truth.frames
     published = [(w.window_start, w.devices, w.visitors, w.visits_ended) for w in capped]
     assert published == [(w.window_start, w.devices, w.visitors, w.visits_ended) for w in free]
+    # The estimator keeps the addresses of about twenty minutes: under the same ceiling it
+    # evicted none, and its figures are the ones without it.
+    assert pipeline.stats.estimate_evicted == 0
+    assert [(w.people_est, w.figures) for w in capped] == [(w.people_est, w.figures) for w in free]
