@@ -558,7 +558,7 @@ def _link(
 @kernel(inline=True)
 def _new_chain(chains: NDArray[np.int64], clock: NDArray[np.int64], t: int, r: int) -> int:
     """A new chain, first and last heard at ``t`` with signal ``r``, in no window yet."""
-    chain = clock[_K_CHAINS]
+    chain: int = clock[_K_CHAINS]
     clock[_K_CHAINS] += 1
     cs = chains[chain]
     cs[:] = 0
