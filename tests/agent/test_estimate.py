@@ -259,6 +259,19 @@ def test_resetting_phones_of_one_model_far_apart_in_signal_stay_two() -> None:
     assert set(full_windows(estimate(merged(near, far), FIXED), 0, 3600)) == {2}
 
 
+def test_a_model_that_wrongly_learnt_to_reset_does_not_merge_phones_that_keep_an_address() -> None:
+    """Eight phones of one model walk in a minute apart, each keeping its random address: none
+    continues another's counter, so the model learns to reset after five and cadence links the
+    next ones into the first phone's chain; that phone is heard again under its own address, so
+    each is split out (a phone never goes back to an address it has left). Without the rule: 5.
+    (A chain remembers its newest address only: two wrong links within one probing interval
+    leave the first in place; 20 s apart here, 7 of the 8.)"""
+    rng, ids = np.random.default_rng(6), Ids()
+    phones = [phone(ids, rng, fp=9, start_s=60 * k, end_s=3600, every_s=30, rssi=-55,
+                    new_address="never") for k in range(8)]  # fmt: skip
+    assert set(full_windows(estimate(merged(*phones), FIXED), 420, 3600)) == {8}
+
+
 def test_global_addresses_count_as_themselves_and_must_dwell() -> None:
     rng, ids = np.random.default_rng(4), Ids()
     laptops = [phone(ids, rng, fp=9, start_s=0, end_s=1800, every_s=40, rssi=-60,

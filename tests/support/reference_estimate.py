@@ -32,6 +32,8 @@ class _Chain:
     windows: dict[int, int] = field(default_factory=dict)  # window index -> best signal
     heard: int = 0  # windows heard in, counted when a newer one starts
     newest_window: int = -1
+    joined: int = 0  # when its newest address joined it (0: none since a split)
+    newest: int = 0  # that address
 
 
 @dataclass
@@ -192,7 +194,14 @@ def reference_estimates(
             if chain is None:
                 chains.append(_Chain(t, t, rssi, rssi))
                 chain = len(chains) - 1
+            chains[chain].joined, chains[chain].newest = t, dev
             addresses[dev] = [chain, t, seq]
+        elif addresses[dev][1] < chains[addresses[dev][0]].joined < t:
+            # a phone never goes back to an address it has left: its newest one is another's
+            old = chains[addresses[dev][0]]
+            chains.append(_Chain(old.joined, old.joined, old.rssi, old.rssi))
+            addresses[old.newest][0] = len(chains) - 1
+            old.joined = old.newest = 0
         a = addresses[dev]
         a[1], a[2] = max(a[1], t), seq
         c = chains[a[0]]

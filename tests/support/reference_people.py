@@ -1,17 +1,18 @@
 """A plain-Python twin of the numba people stage (firmware_agent/stages/people.py), written offline
 from the definitions in docs/messages.md (counts v2): visits cut at silences longer than the
 visit gap, arrivals at the qualifying frame, presence sampled on fixed instants, ends at the
-last frame + the gap. The kernel, which works online with a ring of slots, must give exactly
-the same windows for rows in time order."""
+last frame + the gap, dwell with the visit's own probing interval added. The kernel, which works
+online with a ring of slots, must give exactly the same windows for rows in time order."""
 
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import defaultdict
 from collections.abc import Iterable
 
 from firmware_agent.stages.batch import DWELL_BANDS, DWELL_EDGES_MIN, RSSI_MISSING, WindowPeople
-from firmware_agent.stages.people import SAMPLE_S, PeopleSettings
+from firmware_agent.stages.people import BURST_S, SAMPLE_S, PeopleSettings
 
 NS = 1_000_000_000
 Row = tuple[int, int, int, int]  # ts_ns, chain, rssi, the signal threshold in force
@@ -68,7 +69,9 @@ def reference_people(
                 present.append(([t for t in times if t < became], became))
                 continue
             events[end // w * w]["visits_ended"] += 1
-            minutes = (last + hold - visit[0][0]) // (60 * NS)
+            span = last - visit[0][0]
+            gaps = sum(b[0] - a[0] > BURST_S * NS for a, b in itertools.pairwise(visit))
+            minutes = (span + (span // gaps if gaps else hold)) // (60 * NS)
             band = sum(minutes >= edge for edge in DWELL_EDGES_MIN)
             events[end // w * w][DWELL_BANDS[band]] += 1
             present.append((times, until_ns))
