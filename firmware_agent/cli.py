@@ -287,8 +287,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _listening(session: BrokerSession, topic: str, seconds: float) -> Iterator[tuple[str, bytes]]:
+    def ready() -> None:
+        print(f"listening on {topic} for {seconds:g} s", file=sys.stderr, flush=True)
+
     with session:
-        yield from session.listen(topic, seconds)
+        yield from session.listen(topic, seconds, ready)
 
 
 def _agent_key(text: str) -> tuple[str, nacl.signing.VerifyKey]:

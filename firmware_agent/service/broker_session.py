@@ -11,7 +11,7 @@ so it never takes over the running agent's session.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -31,10 +31,12 @@ class BrokerSession:
         self.settings = settings
         self._connack: ReasonCode | None = None
         self._acks: dict[int, ReasonCode] = {}
+        self._subacks: dict[int, list[ReasonCode]] = {}
         client = paho_client(settings, client_id, settings.ssl_context())
         client.on_connect = self._on_connect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         self._client = client
         self._received: list[tuple[str, bytes]] = []
 
@@ -43,6 +45,9 @@ class BrokerSession:
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, reason: ReasonCode, _p: Any) -> None:
         self._acks[mid] = reason
+
+    def _on_subscribe(self, _c: Any, _u: Any, mid: int, reasons: list[ReasonCode], _p: Any) -> None:
+        self._subacks[mid] = reasons
 
     def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
         self._received.append((message.topic, bytes(message.payload)))
@@ -81,10 +86,26 @@ class BrokerSession:
                 f"broker {self.settings.address} refused {topic}: {reason_in_words(reason)}"
             )
 
-    def listen(self, topic_filter: str, seconds: float) -> Iterator[tuple[str, bytes]]:
+    def listen(
+        self, topic_filter: str, seconds: float, ready: Callable[[], None] | None = None
+    ) -> Iterator[tuple[str, bytes]]:
         """(topic, payload) of what arrives on ``topic_filter`` (QoS 1, retained messages
-        first) for ``seconds``."""
-        self._client.subscribe(topic_filter, qos=1)
+        first) for ``seconds`` from the broker's acknowledgement of the subscription, when
+        ``ready`` is called (so a caller can tell when nothing published will be missed)."""
+        _result, mid = self._client.subscribe(topic_filter, qos=1)
+        deadline = time.monotonic() + self.settings.connect_timeout_s
+        while mid not in self._subacks:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"broker {self.settings.address} did not acknowledge the "
+                                  f"subscription to {topic_filter}")  # fmt: skip
+            if self._client.loop(0.05) != mqtt.MQTT_ERR_SUCCESS:
+                raise BrokerError(f"broker {self.settings.address} dropped the connection")
+        refused = [r for r in self._subacks.pop(mid) if r.is_failure]
+        if refused:
+            raise BrokerError(f"broker {self.settings.address} refused the subscription to "
+                              f"{topic_filter}: {reason_in_words(refused[0])}")  # fmt: skip
+        if ready is not None:
+            ready()
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if self._client.loop(0.1) != mqtt.MQTT_ERR_SUCCESS:

@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -266,7 +265,8 @@ def test_a_real_run_passes_on_the_broker_and_in_its_capture(
     listen += ["--set", f"broker.username={READER[0]}", "--set", f"broker.password={READER[1]}"]
     audit = subprocess.Popen(listen, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(4)  # the audit is subscribed (it starts in about a second)
+        assert audit.stderr is not None
+        assert "listening on #" in audit.stderr.readline()  # subscribed: nothing will be missed
         assert files.start("--source", str(BUNDLED_SAMPLE)).wait(60) == 0, files.log_text()
         out, err = audit.communicate(timeout=60)
     finally:
