@@ -66,7 +66,7 @@ __all__ = ["run_checks"]
 _CAP_NET_ADMIN, _CAP_NET_RAW = 12, 13
 _MIN_FREE_BYTES = 50 << 20
 _TIME_ERROR = 5  # adjtimex(2): the clock is not synchronised
-_SAMPLE = Path(__file__).with_name("data") / "sample.pcap"
+_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample.pcap"
 _RECEIPT_WAIT_S = 2.0  # a retained receipt arrives right after the subscription
 
 

@@ -47,7 +47,7 @@ from firmware_agent.contract.errors import ConfigError
 I64 = NDArray[np.int64]
 U8 = NDArray[np.uint8]
 
-SAMPLE_PATH = Path(__file__).resolve().parent / "data" / "sample.pcap"
+SAMPLE_PATH = Path(__file__).resolve().parents[1] / "data" / "sample.pcap"
 
 _CHANNELS = np.array([1, 6, 11], dtype=np.int64)
 _FREQS = np.array([2412, 2437, 2462], dtype=np.int64)
