@@ -1,12 +1,20 @@
 """The MQTT session ingest reads through (5, or 3.1.1): receive, and acknowledge when told to.
 
-Why not paho: paho-mqtt 2.2 costs about 150 µs of CPU per QoS 1 message received and
-acknowledged on this project's machine (it reads a packet's header a byte per ``recv`` call,
-builds a ``Properties`` object for every MQTT 5 PUBLISH, and writes each PUBACK on its own):
-6,500 messages/s with nothing else to do, while ingest's whole budget at 5,000 messages/s on
-two cores shared with the broker and the database is about 300 µs per message, signature
-check included. ``bench/bench_ingest.py`` measures both side by side. Ingest needs a small
-part of MQTT, so this module does that part and nothing else, in about 20 µs per message:
+Ours, not a maintained client (issue 19's question, answered by ``bench/bench_ingest.py``,
+which runs both side by side). paho-mqtt 2.2 costs about 150 µs of CPU per QoS 1 message
+received and acknowledged here (it reads a packet's header a byte per ``recv`` call, builds a
+``Properties`` object for every MQTT 5 PUBLISH, and writes each PUBACK on its own): receive
+only, nothing else done, it ran at 22 % of our rate (1,527 against 6,934 messages/s,
+2026-12-05, 2 cores at load 11.9; 7,128 against 27,958 on a quiet machine), while ingest's
+whole CPU is 190-300 µs a message, signature check included. aiomqtt 2.5 is paho-mqtt under
+asyncio (it requires paho-mqtt), so it costs at least as much. gmqtt 0.8 (asyncio) acknowledges
+a QoS 1 message when its ``on_message`` coroutine returns (with ``optimistic_acknowledgement``
+off): ingest acknowledges after a batch's commit, so up to ``ingest.receive_maximum`` (2,000)
+coroutines would wait on each commit, each PUBACK written on its own, in an asyncio loop that
+ingest's threads do not have; not measured, for it would need ingest rewritten around it.
+Ingest needs a small part of MQTT, so this module does that part and nothing else, in about
+20 µs per message; its packets are :mod:`aggregator.mqtt_codec`'s, unit-tested packet by
+packet:
 
 * one connection at a time, TCP or TLS (``ssl.SSLContext``), user name and password;
 * MQTT 5 (``broker.protocol = "5"``): ``clean_start`` off with a Session Expiry Interval (the
@@ -16,8 +24,8 @@ part of MQTT, so this module does that part and nothing else, in about 20 µs pe
 * MQTT 3.1.1 (``"3.1.1"``, protocol level 4, for brokers without 5 such as amqtt):
   ``clean session`` off (the broker keeps the session for as long as it decides) and no
   properties in any packet; the broker's own limit bounds what it sends ahead. The two
-  versions differ only in the packets' layout (:func:`connect_packet`,
-  :func:`subscribe_packet`, :func:`_skip_properties`) and the CONNACK's codes;
+  versions differ only in the packets' layout (:mod:`aggregator.mqtt_codec`) and the
+  CONNACK's codes;
 * SUBSCRIBE at QoS 1 on connecting (shared subscriptions are plain topic filters here);
 * PUBLISH received (QoS 0 and 1), reads buffered 256 KiB at a time; one larger than the
   maximum packet size (3.1.1, which cannot announce it, or a broker that ignores it) is read

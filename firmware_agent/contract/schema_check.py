@@ -30,13 +30,13 @@ jsonschema is 70 times slower: the agent's ``seal`` took 2.6-3.6 ms a message wi
 backfill of 100,000 windows: 527 s at that load, issue 18's goal 30 s) and 0.26-0.36 ms with
 this check (the backfill: 33 s at load 10.6, ``bench/bench_spool.py``). fastjsonschema is 3
 times slower than ours and accepts ``11.0``. jsonschema-rs is 11 times faster (34 µs a message
-saved), but it accepts ``11.0`` (JSON Schema's integer, with no option to refuse it), quotes the
-payload's values in its reasons (the verifier's refusals never do) and is a compiled Rust
-extension the agent would have to install on a Raspberry Pi; and two checkers, one per program,
-would be two readings of the contract. So the contract keeps this one: the standard library
-only, which also took jsonschema (and its four dependencies, one of them a Rust extension,
-``rpds-py``) off the agent's install; jsonschema stays a test dependency that the tests hold
-this check equal to.
+saved, about 13 % of ingest's 260 µs of CPU a message, ``docs/aggregator.md``), but it accepts
+``11.0`` (JSON Schema's integer, with no option to refuse it), quotes the payload's values in
+its reasons (the verifier's refusals never do) and is a compiled Rust extension the agent would
+have to install on a Raspberry Pi; and two checkers, one per program, would be two readings of
+the contract. So the contract keeps this one: the standard library only, which also took
+jsonschema (and its four dependencies, one of them a Rust extension, ``rpds-py``) off the
+agent's install; jsonschema stays a test dependency that the tests hold this check equal to.
 
 A keyword it does not know, or a pattern that is not anchored at both ends, is an error at
 start-up, never a silent pass, and the tests hold it equal to jsonschema made strict the same
