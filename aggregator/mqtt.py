@@ -72,7 +72,6 @@ from aggregator.mqtt_codec import (
     puback_packets,
     publish_packet,
     read_varint,
-    reason_in_words,
     subscribe_packet,
 )
 
@@ -80,10 +79,50 @@ __all__ = ["PACKET_OVERHEAD", "Delivery", "ProtocolError", "Session", "reason_in
 
 log = logging.getLogger("footfall.aggregator")
 
+_REASONS = {
+    0x01: "it does not speak MQTT 5 (try broker.protocol = '3.1.1')",  # a 3.1.1 CONNACK
+    0x04: "disconnected with the will message",
+    0x80: "unspecified error",
+    0x81: "malformed packet",
+    0x82: "protocol error",
+    0x83: "implementation specific error",
+    0x84: "it does not speak MQTT 5 (try broker.protocol = '3.1.1')",
+    0x85: "client identifier not valid (ingest.client_id)",
+    0x86: "bad user name or password (check broker.username and broker.password)",
+    0x87: "not authorised (check the account and the broker's ACL)",
+    0x88: "server unavailable",
+    0x89: "server busy",
+    0x8A: "banned",
+    0x8B: "server shutting down",
+    0x8D: "keep-alive timeout",
+    0x8E: "session taken over: another process connected with the same ingest.client_id",
+    0x8F: "topic filter invalid",
+    0x93: "receive maximum exceeded",
+    0x95: "packet too large",
+    0x97: "quota exceeded",
+    0x9C: "use another server",
+    0x9D: "server moved",
+    0x9E: "shared subscriptions not supported",
+    0x9F: "connection rate exceeded",
+    0xA2: "wildcard subscriptions not supported",
+}
+_RETURN_CODES_311 = {  # CONNACK return codes of MQTT 3.1.1, and SUBACK's failure
+    0x01: "it does not speak MQTT 3.1.1",
+    0x02: "client identifier rejected (ingest.client_id)",
+    0x03: "server unavailable",
+    0x04: "bad user name or password (check broker.username and broker.password)",
+    0x05: "not authorised (check the account and the broker's ACL)",
+    0x80: "refused",
+}
 _READ_SIZE = 256 * 1024
 # What a PUBLISH holds besides its payload: fixed header, topic (footfall/v1/<site>/<agent>/
 # <kind> is at most 146 bytes), packet id, properties (a publisher's user properties count).
 PACKET_OVERHEAD = 1024
+
+
+def reason_in_words(code: int, v5: bool = True) -> str:
+    """An MQTT 5 reason code (or a 3.1.1 return code) as words an operator can act on."""
+    return (_REASONS if v5 else _RETURN_CODES_311).get(code, f"reason code 0x{code:02x}")
 
 
 class Delivery(NamedTuple):
