@@ -51,7 +51,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from importlib import resources
-from typing import Any
+from typing import Any, TypeGuard
 
 __all__ = ["SchemaCheck", "check_for", "control_characters", "schema"]
 
@@ -80,7 +80,7 @@ def _is_integer(x: object) -> bool:
     return type(x) is int
 
 
-def _is_number(x: object) -> bool:
+def _is_number(x: object) -> TypeGuard[int | float]:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
@@ -385,7 +385,6 @@ def _number_check(schema: Mapping[str, Any]) -> Check:
     def number_check(x: object) -> str | None:
         if not _is_number(x):
             return None
-        assert isinstance(x, int | float)
         if low is not None and x < low:
             return f": must be at least {low}"
         if high is not None and x > high:
@@ -402,8 +401,9 @@ def _whole(pattern: str | bool) -> Callable[[str], bool]:
     docstring); any string without a pattern."""
     if pattern is False:
         return lambda x: True
-    assert isinstance(pattern, str)
-    if not (pattern.startswith("^") and pattern.endswith("$") and not pattern.endswith("\\$")):
+    if not isinstance(pattern, str) or not (
+        pattern.startswith("^") and pattern.endswith("$") and not pattern.endswith("\\$")
+    ):
         raise ValueError(f"unsupported pattern {pattern!r}: only '^...$', matched as a whole")
     body = re.compile(pattern[1:-1])
     return lambda x: body.fullmatch(x) is not None
