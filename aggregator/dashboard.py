@@ -1,6 +1,6 @@
 """The merchants' dashboard: server-rendered pages (Jinja2), charts drawn by the vendored uPlot
-(``aggregator/web/static/uPlot-1.6.32.min.js``; no build step, no CDN), and the web app that
-serves them with the API (:func:`create_app`).
+(``aggregator/web/static/uPlot-1.6.32.min.js``; no build step, no CDN), installed on the web
+app beside the API by :func:`install_dashboard` (the app: :mod:`aggregator.app`).
 
 Pages: ``/login``, ``/`` (the user's sites), ``/sites/<site>?date=YYYY-MM-DD`` (a day: by hour
 against the same weekday a week before, the last 4 weeks by day, busy times, dwell, capture
@@ -29,15 +29,12 @@ from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
 
 from aggregator import __version__
 from aggregator.accounts import TOKEN_DAYS, User
-from aggregator.admin import admin_router
 from aggregator.api import (
     CSRF_COOKIE,
     KEY_PATTERN,
     SESSION_COOKIE,
     SITE_PATTERN,
     ApiError,
-    Services,
-    api_router,
     asked_day,
     dashboard_data,
     install_error_handlers,
@@ -46,10 +43,9 @@ from aggregator.api import (
 )
 from aggregator.errors import AccountError, LoginRefusedError, RegistryError
 from aggregator.query import Site
-from aggregator.store import Store
 from firmware_agent.contract.fields import ID_PATTERN
 
-__all__ = ["UPLOT", "create_app", "shown_value"]
+__all__ = ["UPLOT", "install_dashboard", "shown_value"]
 
 WEB = Path(__file__).with_name("web")
 UPLOT = "uPlot-1.6.32"
@@ -393,22 +389,9 @@ class _Headers(BaseHTTPMiddleware):
         return response
 
 
-def create_app(
-    store: Store, *, session_s: int = 12 * 3600, secure_cookies: str = "auto"
-) -> FastAPI:
-    """The API and the dashboard over one store."""
-    app = FastAPI(
-        title="footfall",
-        version=__version__,
-        description="Foot traffic counts of the sites you may see. Errors: "
-        '{"error": {"status", "code", "message", "field"}}.',
-        openapi_url="/api/v1/openapi.json",
-        docs_url=None,  # api_docs: Swagger UI from this server, under its own CSP
-        redoc_url=None,
-    )
-    app.state.services = Services(store, session_s, secure_cookies)
-    app.include_router(api_router)
-    app.include_router(admin_router)
+def install_dashboard(app: FastAPI) -> None:
+    """The pages, their static files and security headers, and HTML error pages, on ``app``
+    (:func:`aggregator.app.create_app`)."""
     app.include_router(pages)
     app.mount("/static", StaticFiles(directory=WEB / "static"), name="static")
     app.mount("/api/v1/docs/assets", StaticFiles(directory=str(swagger_ui_path)), name="docs")
@@ -422,5 +405,3 @@ def create_app(
     @app.exception_handler(_SignInRequiredError)
     async def to_login(_request: Request, _exc: _SignInRequiredError) -> Response:
         return RedirectResponse("/login", status_code=303)
-
-    return app

@@ -1,12 +1,20 @@
 """The MQTT session ingest reads through (5, or 3.1.1): receive, and acknowledge when told to.
 
-Why not paho: paho-mqtt 2.2 costs about 150 µs of CPU per QoS 1 message received and
-acknowledged on this project's machine (it reads a packet's header a byte per ``recv`` call,
-builds a ``Properties`` object for every MQTT 5 PUBLISH, and writes each PUBACK on its own):
-6,500 messages/s with nothing else to do, while ingest's whole budget at 5,000 messages/s on
-two cores shared with the broker and the database is about 300 µs per message, signature
-check included. ``bench/bench_ingest.py`` measures both side by side. Ingest needs a small
-part of MQTT, so this module does that part and nothing else, in about 20 µs per message:
+Ours, not a maintained client (issue 19's question, answered by ``bench/bench_ingest.py``,
+which runs both side by side). paho-mqtt 2.2 costs about 150 µs of CPU per QoS 1 message
+received and acknowledged here (it reads a packet's header a byte per ``recv`` call, builds a
+``Properties`` object for every MQTT 5 PUBLISH, and writes each PUBACK on its own): receive
+only, nothing else done, it ran at 22 % of our rate (1,527 against 6,934 messages/s,
+2026-12-05, 2 cores at load 11.9; 7,128 against 27,958 on a quiet machine), while ingest's
+whole CPU is 190-300 µs a message, signature check included. aiomqtt 2.5 is paho-mqtt under
+asyncio (it requires paho-mqtt), so it costs at least as much. gmqtt 0.8 (asyncio) acknowledges
+a QoS 1 message when its ``on_message`` coroutine returns (with ``optimistic_acknowledgement``
+off): ingest acknowledges after a batch's commit, so up to ``ingest.receive_maximum`` (2,000)
+coroutines would wait on each commit, each PUBACK written on its own, in an asyncio loop that
+ingest's threads do not have; not measured, for it would need ingest rewritten around it.
+Ingest needs a small part of MQTT, so this module does that part and nothing else, in about
+20 µs per message; its packets are :mod:`aggregator.mqtt_codec`'s, unit-tested packet by
+packet:
 
 * one connection at a time, TCP or TLS (``ssl.SSLContext``), user name and password;
 * MQTT 5 (``broker.protocol = "5"``): ``clean_start`` off with a Session Expiry Interval (the
@@ -16,8 +24,8 @@ part of MQTT, so this module does that part and nothing else, in about 20 µs pe
 * MQTT 3.1.1 (``"3.1.1"``, protocol level 4, for brokers without 5 such as amqtt):
   ``clean session`` off (the broker keeps the session for as long as it decides) and no
   properties in any packet; the broker's own limit bounds what it sends ahead. The two
-  versions differ only in the packets' layout (:func:`connect_packet`,
-  :func:`subscribe_packet`, :func:`_skip_properties`) and the CONNACK's codes;
+  versions differ only in the packets' layout (:mod:`aggregator.mqtt_codec`) and the
+  CONNACK's codes;
 * SUBSCRIBE at QoS 1 on connecting (shared subscriptions are plain topic filters here);
 * PUBLISH received (QoS 0 and 1), reads buffered 256 KiB at a time; one larger than the
   maximum packet size (3.1.1, which cannot announce it, or a broker that ignores it) is read
@@ -45,13 +53,26 @@ import logging
 import selectors
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from aggregator.config import BrokerSettings
+from aggregator.mqtt_codec import (
+    DISCONNECT,
+    PINGREQ,
+    ProtocolError,
+    connect_packet,
+    decode_connack,
+    decode_publish,
+    decode_suback,
+    next_packet,
+    puback_packets,
+    publish_packet,
+    read_varint,
+    subscribe_packet,
+)
 from aggregator.transport import Transport
 from firmware_agent.contract.broker import Backoff, reason_in_words
 
@@ -59,16 +80,10 @@ __all__ = ["PACKET_OVERHEAD", "Delivery", "ProtocolError", "Session"]
 
 log = logging.getLogger("footfall.aggregator")
 
-_PINGREQ = b"\xc0\x00"
-_DISCONNECT = b"\xe0\x00"  # normal disconnection: the session stays (its expiry runs)
 _READ_SIZE = 256 * 1024
 # What a PUBLISH holds besides its payload: fixed header, topic (footfall/v1/<site>/<agent>/
 # <kind> is at most 146 bytes), packet id, properties (a publisher's user properties count).
 PACKET_OVERHEAD = 1024
-
-
-class ProtocolError(Exception):
-    """The broker sent something this session cannot read, or refused it."""
 
 
 class Delivery(NamedTuple):
@@ -81,96 +96,6 @@ class Delivery(NamedTuple):
     topic: str
     payload: bytes  # empty when it was too large to keep
     size: int  # the payload's size as sent
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _read_varint(data: bytes | bytearray, at: int) -> tuple[int, int] | None:
-    """(value, bytes used) of a variable byte integer at ``at``; None if incomplete."""
-    value, shift = 0, 0
-    for i in range(4):
-        if at + i >= len(data):
-            return None
-        byte = data[at + i]
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, i + 1
-        shift += 7
-    raise ProtocolError("malformed packet: a length of more than four bytes")
-
-
-def _skip_properties(data: bytes | bytearray, at: int, packet: str) -> int:
-    """Where an MQTT 5 packet's properties that start at ``at`` end."""
-    try:
-        first = data[at]
-    except IndexError:
-        raise ProtocolError(f"malformed {packet}") from None
-    if first < 0x80:  # under 128 bytes of properties: one byte says so
-        return at + 1 + first
-    length = _read_varint(data, at)
-    if length is None:
-        raise ProtocolError(f"malformed {packet}")
-    return at + length[1] + length[0]
-
-
-def _string(value: str | bytes) -> bytes:
-    raw = value.encode() if isinstance(value, str) else value
-    return struct.pack("!H", len(raw)) + raw
-
-
-def connect_packet(
-    client_id: str,
-    username: str,
-    password: str,
-    keepalive_s: int,
-    session_expiry_s: int,
-    receive_maximum: int,
-    v5: bool = True,
-    maximum_packet_size: int = 0,
-) -> bytes:
-    """CONNECT, clean start (3.1.1: clean session) off; MQTT 5 with the session expiry,
-    receive maximum and maximum packet size (0: none), 3.1.1 (protocol level 4) without
-    properties."""
-    flags = (0x80 if username else 0) | (0x40 if password else 0)
-    body = _string("MQTT") + bytes([5 if v5 else 4, flags]) + struct.pack("!H", keepalive_s)
-    if v5:
-        properties = b"\x11" + struct.pack("!I", session_expiry_s)
-        properties += b"\x21" + struct.pack("!H", receive_maximum)
-        if maximum_packet_size:
-            properties += b"\x27" + struct.pack("!I", maximum_packet_size)
-        body += _varint(len(properties)) + properties
-    body += _string(client_id)
-    if username:
-        body += _string(username)
-    if password:
-        body += _string(password.encode())
-    return b"\x10" + _varint(len(body)) + body
-
-
-def subscribe_packet(mid: int, filters: Sequence[str], v5: bool = True) -> bytes:
-    """SUBSCRIBE each filter at QoS 1 (MQTT 5: with no properties)."""
-    body = struct.pack("!H", mid) + (b"\x00" if v5 else b"")
-    for topic_filter in filters:
-        body += _string(topic_filter) + b"\x01"
-    return b"\x82" + _varint(len(body)) + body
-
-
-def publish_packet(topic: str, payload: bytes, v5: bool = True) -> bytes:
-    """PUBLISH at QoS 0, retained (MQTT 5: with no properties)."""
-    body = _string(topic) + (b"\x00" if v5 else b"") + payload
-    return b"\x31" + _varint(len(body)) + body
-
-
-def puback_packets(mids: Sequence[int]) -> bytes:
-    """PUBACKs (success, no properties: the two-byte form, the same in 3.1.1)."""
-    return b"".join(b"\x40\x02" + struct.pack("!H", mid) for mid in mids)
 
 
 class Session(Transport):
@@ -237,7 +162,7 @@ class Session(Transport):
         if not self.connected.is_set():
             return False
         with self._lock:
-            self._out.append(publish_packet(topic, payload, self.v5))
+            self._out.append(publish_packet(topic, payload, self.v5, retain=True))
         self._wake()
         return True
 
@@ -313,14 +238,15 @@ class Session(Transport):
                     "no answer to CONNECT in time (a broker without MQTT 5, such as amqtt, says "
                     "nothing: if that is it, set broker.protocol = '3.1.1')"
                 ) from None
-            if header >> 4 != 2 or len(body) < 2:
+            if header >> 4 != 2:
                 raise ProtocolError(f"expected CONNACK, got packet type {header >> 4}")
-            if body[1] != 0:
-                raise ProtocolError(f"refused the connection: {reason_in_words(body[1], self.v5)}")
+            session_present, code = decode_connack(body)
+            if code != 0:
+                raise ProtocolError(f"refused the connection: {reason_in_words(code, self.v5)}")
         except BaseException:
             raw.close()
             raise
-        self.session_present = bool(body[0] & 1)
+        self.session_present = session_present
         self.connections += 1
         log.info(
             "connected to broker %s as %s (session %s)",
@@ -335,12 +261,10 @@ class Session(Transport):
         its body, and the bytes read past it."""
         data = bytearray()
         while True:
-            if len(data) >= 2:
-                length = _read_varint(data, 1)
-                if length is not None and len(data) >= 1 + length[1] + length[0]:
-                    start = 1 + length[1]
-                    end = start + length[0]
-                    return data[0], bytes(data[start:end]), bytes(data[end:])
+            packet = next_packet(data)
+            if packet is not None:
+                header, start, end = packet
+                return header, bytes(data[start:end]), bytes(data[end:])
             chunk = sock.recv(4096)
             if not chunk:
                 raise ProtocolError("closed the connection before accepting it")
@@ -366,7 +290,7 @@ class Session(Transport):
                 if now - last_in > 1.5 * s.keepalive_s:
                     raise ProtocolError("no answer within 1.5 keep-alives (broker.keepalive_s)")
                 if now - last_out >= s.keepalive_s:
-                    sock.sendall(_PINGREQ)
+                    sock.sendall(PINGREQ)
                     last_out = now
                 for key, _ in selector.select(timeout=min(1.0, s.keepalive_s / 2)):
                     if key.fileobj is self._wake_r:
@@ -395,7 +319,7 @@ class Session(Transport):
                     last_out = time.monotonic()
             # The last batch's acknowledgements go before the DISCONNECT, or the broker sends
             # that batch again to the next connection (stored already: skipped as duplicates).
-            sock.sendall(puback_packets(self._take_acks()) + _DISCONNECT)
+            sock.sendall(puback_packets(self._take_acks()) + DISCONNECT)
         finally:
             selector.close()
 
@@ -425,7 +349,7 @@ class Session(Transport):
             if first < 0x80:  # a length under 128: one byte
                 size, used = first, 1
             else:
-                length = _read_varint(data, at + 1)
+                length = read_varint(data, at + 1)
                 if length is None:
                     break
                 size, used = length
@@ -455,21 +379,7 @@ class Session(Transport):
         return at
 
     def _publish(self, header: int, body: bytearray, generation: int) -> None:
-        qos = (header >> 1) & 3
-        topic_length = (body[0] << 8) | body[1]
-        at = 2 + topic_length
-        try:
-            topic = body[2:at].decode()
-        except UnicodeDecodeError as exc:
-            raise ProtocolError("malformed PUBLISH: its topic is not UTF-8") from exc
-        mid = 0
-        if qos:
-            mid = (body[at] << 8) | body[at + 1]
-            at += 2
-        if self.v5:
-            at = _skip_properties(body, at, "PUBLISH")
-        payload = bytes(body[at:])
-        retain = bool(header & 1)
+        qos, retain, topic, mid, payload = decode_publish(header, body, self.v5)
         self.on_message(Delivery(generation, mid, qos, retain, topic, payload, len(payload)))
 
     def _oversize(
@@ -488,7 +398,7 @@ class Session(Transport):
         mid = (head[at] << 8) | head[at + 1] if qos else 0
         at += 2 if qos else 0
         if self.v5:
-            length = _read_varint(head, at)
+            length = read_varint(head, at)
             if length is None:
                 return False
             at += length[1] + length[0]
@@ -501,7 +411,7 @@ class Session(Transport):
         return True
 
     def _suback(self, body: bytes) -> None:
-        codes = body[_skip_properties(body, 2, "SUBACK") if self.v5 else 2 :]
+        codes = decode_suback(body, self.v5)
         refused = [
             f"{topic_filter}: {reason_in_words(code, self.v5)}"
             for topic_filter, code in zip(self.filters, codes, strict=False)

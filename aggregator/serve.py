@@ -12,8 +12,8 @@ import time
 
 import uvicorn
 
+from aggregator.app import create_app
 from aggregator.config import AggregatorConfig
-from aggregator.dashboard import create_app
 from aggregator.store import Store
 
 __all__ = ["serve"]

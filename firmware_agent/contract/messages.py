@@ -1,7 +1,8 @@
 """The message contract between agents and the aggregator: ids, topics, payloads, signatures.
 
-Both sides import this one module, so it stays light: the standard library, pynacl, and
-``jsonschema`` (imported on first validation). No numba, numpy, scapy or paho.
+Both sides import this one module, so it stays light: the standard library and pynacl; the
+schemas are checked by :mod:`firmware_agent.contract.schema_check` (standard library only). No
+numba, numpy, scapy or paho.
 
 Topics (:class:`Topic`)::
 
@@ -40,24 +41,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import itertools
 import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import nacl.exceptions
 import nacl.signing
 
 from firmware_agent.contract.errors import MessageError, SchemaError, SignatureError
 from firmware_agent.contract.fields import DIAGNOSTICS, ID_PATTERN, PEOPLE_FIGURES
-
-if TYPE_CHECKING:
-    from jsonschema.protocols import Validator
+from firmware_agent.contract.schema_check import check_for, control_characters
 
 __all__ = [
     "CURRENT",
@@ -92,7 +89,6 @@ VERSIONS: Mapping[str, tuple[int, ...]] = {"counts": (1, 2), "status": (1,), "me
 """Every (kind, v) a reader accepts: ``schemas/<kind>.v<v>.json``."""
 CURRENT: Mapping[str, int] = {"counts": 2, "status": 1, "meta": 2}
 """The version of each kind an agent of this release publishes."""
-_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 def _check_id(value: object, what: str) -> None:
@@ -164,34 +160,10 @@ def canonical_json(value: object) -> bytes:
     ).encode()
 
 
-@functools.cache
-def _validator(name: str) -> Validator:
-    # jsonschema costs ~0.15 s to import; only validation needs it.
-    from jsonschema import Draft202012Validator  # noqa: PLC0415
-
-    schema = json.loads(
-        resources.files("firmware_agent.contract").joinpath(f"schemas/{name}.json").read_text()
-    )
-    Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema)
-
-
 def _schema_errors(name: str, instance: Any, what: str) -> None:
-    from jsonschema.exceptions import best_match  # noqa: PLC0415 (see _validator)
-
-    error = best_match(_validator(name).iter_errors(instance))
+    error = check_for(name).errors(instance)
     if error is not None:
-        raise SchemaError(f"{what}: {error.json_path}: {error.message}")
-
-
-def _control_characters(value: object, path: str, what: str) -> None:
-    """Python's ``$`` also matches before a final newline: refuse control characters outright."""
-    if isinstance(value, str) and _CONTROL.search(value):
-        raise SchemaError(f"{what}: {path}: control characters are not allowed in {value!r}")
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            _control_characters(key, path, what)
-            _control_characters(item, f"{path}.{key}", what)
+        raise SchemaError(f"{what}: {error}")
 
 
 def known_schemas() -> str:
@@ -238,7 +210,9 @@ def validate(payload: Mapping[str, object]) -> None:
         error = counts_v2_errors(payload)
         if error is not None:
             raise SchemaError(f"{what}: {error}")
-    _control_characters(payload, "$", what)
+    control = control_characters(payload)
+    if control is not None:
+        raise SchemaError(f"{what}: ${control}")
 
 
 def seal(payload: Mapping[str, object], key: nacl.signing.SigningKey) -> bytes:

@@ -12,7 +12,6 @@ from typing import Any
 
 import nacl.signing
 import pytest
-from jsonschema import Draft202012Validator
 
 from firmware_agent.cli import BUNDLED_SAMPLE
 from firmware_agent.contract.errors import MessageError, SchemaError, SignatureError
@@ -126,21 +125,21 @@ def test_sealed_message_verifies_and_tampering_does_not() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"mac": "a4:5e:60:01:02:03"}, r"counts message: \$: Additional properties .*'mac'"),
-        ({"devices": -1}, r"counts message: \$.devices: -1 is less than the minimum of 0"),
-        ({"seq": 0}, r"counts message: \$.seq: 0 is less than the minimum of 1"),
-        ({"epoch": "not hex"}, r"counts message: \$.epoch: 'not hex' does not match"),
+        ({"mac": "a4:5e:60:01:02:03"}, r"counts message: \$: unexpected field 'mac'"),
+        ({"devices": -1}, r"counts message: \$.devices: must be at least 0"),
+        ({"seq": 0}, r"counts message: \$.seq: must be at least 1"),
+        ({"epoch": "not hex"}, r"counts message: \$.epoch: does not match"),
         ({"window_start": "2024-03-05 10:55"}, r"counts message: \$.window_start"),
-        ({"dwell_minutes": {"lt5": 1}}, r"\$.dwell_minutes: '5-15' is a required property"),
-        ({"site": "s1\n"}, r"counts message: \$.site: control characters are not allowed"),
+        ({"dwell_minutes": {"lt5": 1}}, r"\$.dwell_minutes: the required field '5-15' is missing"),
+        ({"site": "s1\n"}, r"counts message: \$.site: does not match"),  # as a whole
         ({"v": 3}, r"payload: \$.kind and \$.v must name a known schema \(counts v1/2, "),
-        ({"v": 1}, r"counts message: \$: Additional properties .*'arrivals'"),
-        ({"devices_epoch": 289}, r"counts message: \$: Additional properties .*'devices_epoch'"),
-        ({"visitors": 8}, r"counts message: \$: Additional properties .*'visitors'"),
+        ({"v": 1}, r"counts message: \$: the required field 'visitors' is missing"),
+        ({"devices_epoch": 289}, r"counts message: \$: unexpected field 'devices_epoch'"),
+        ({"visitors": 8}, r"counts message: \$: unexpected field 'visitors'"),
         ({"occupancy_mean": 1.234}, r"\$.occupancy_mean: 1.234 has more than 2 decimals"),
         ({"occupancy_mean": -1}, r"\$.occupancy_mean"),
         ({"no_data": True}, r"\$.arrivals: must be null when \$.no_data is true, got 6"),
-        ({"no_data": None}, r"counts message: \$.no_data: None is not of type 'boolean'"),
+        ({"no_data": None}, r"counts message: \$.no_data: must be boolean, got null"),
     ],
 )
 def test_schema_errors_name_the_field(change: dict[str, object], message: str) -> None:
@@ -153,7 +152,7 @@ def test_schema_errors_name_the_field(change: dict[str, object], message: str) -
 def test_counts_v1_still_validates_and_verifies() -> None:
     v1 = counts_payload(SITE, AGENT, 812, "9f3c1a7e52b04d68", _v1_window(), version=1)
     assert Envelope.parse(seal(v1, KEY)).verify(KEY.verify_key) == v1
-    with pytest.raises(SchemaError, match=r"Additional properties .*'no_data'"):
+    with pytest.raises(SchemaError, match=r"unexpected field 'no_data'"):
         validate(v1 | {"no_data": False})
 
 
@@ -168,7 +167,7 @@ def test_no_data_window_is_all_null_figures() -> None:
 
 def test_envelope_refuses_unknown_fields_and_bad_signatures() -> None:
     envelope = json.loads(seal(_counts(), KEY))
-    with pytest.raises(SchemaError, match=r"envelope: \$: Additional properties .*'key'"):
+    with pytest.raises(SchemaError, match=r"envelope: \$: unexpected field 'key'"):
         Envelope.parse(json.dumps(envelope | {"key": "x"}).encode())
     with pytest.raises(SchemaError, match=r"envelope: \$.sig"):
         Envelope.parse(json.dumps(envelope | {"sig": "short"}).encode())
@@ -209,9 +208,10 @@ def test_schemas_are_valid_2020_12_and_closed() -> None:
             for key, value in node.items():
                 closed(value, f"{where}.{key}")
 
+    jsonschema = pytest.importorskip("jsonschema")  # a test extra: the agent checks with ours
     for path in SCHEMAS.glob("*.json"):
         schema = json.loads(path.read_text())
-        Draft202012Validator.check_schema(schema)
+        jsonschema.Draft202012Validator.check_schema(schema)
         assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
         closed(schema, path.name)
 
@@ -222,7 +222,7 @@ def test_importing_the_contract_loads_nothing_heavy() -> None:
         "m.validate({'kind': 'status', 'v': 1, 'site': 's', 'agent': 'a', 'state': 'online',"
         " 'cause': 'connected', 'at': '2024-01-01T00:00:00Z', 'spool_pending': 0,"
         " 'spool_dropped': 0, 'last_seq': 0})\n"
-        "heavy = {'numba', 'numpy', 'scapy', 'paho'}\n"
+        "heavy = {'numba', 'numpy', 'scapy', 'paho', 'jsonschema'}\n"
         "print(sorted({n.split('.')[0] for n in sys.modules} & heavy))"
     )
     result = subprocess.run(

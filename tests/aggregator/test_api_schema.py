@@ -26,7 +26,7 @@ from schemathesis.specs.openapi.checks import (
 from aggregator.accounts import Accounts
 from aggregator.admin import admin_router
 from aggregator.api import api_router
-from aggregator.dashboard import create_app
+from aggregator.app import create_app
 from aggregator.store import Store
 from tests.support.web_harness import SITES, USERS, seeded_store
 

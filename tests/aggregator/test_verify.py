@@ -21,16 +21,18 @@ import pytest
 from jsonschema import Draft202012Validator, ValidationError, validators
 
 from aggregator.registry import AgentEntry, Registry
-from aggregator.verify import REASONS, Accepted, Refusal, SchemaCheck, Verifier, canonical
+from aggregator.verify import REASONS, Accepted, Refusal, Verifier, canonical
 from firmware_agent.contract.messages import (
     AgentId,
     SiteId,
     canonical_json,
     counts_payload,
     meta_payload,
+    receipt_payload,
     seal,
     status_payload,
 )
+from firmware_agent.contract.schema_check import SchemaCheck
 from firmware_agent.stages.privacy import STANDARD_PUBLISHES
 from tests.agent.test_messages import _window
 from tests.support.agent_fleet import fast_seal, window
@@ -218,6 +220,9 @@ def _mutations(payload: dict[str, Any], rng: random.Random) -> list[Any]:
                 changed = copy.deepcopy(payload)
                 changed[key]["extra"] = 1
                 out.append(changed)
+        if isinstance(payload[key], list):  # a receipt's gaps: pairs of seqs, at most 255
+            for items in ([[1]], [[1, 2, 3]], [[0, 1]], [[1, 2.0]], [[1, 2]] * 256, [[1, 2], 3]):
+                out.append(payload | {key: items})
     for value in values:
         out.append(payload | {"unknown": value})
     out += [None, [], "counts", 1]
@@ -231,7 +236,8 @@ V2_WINDOW = _window() | {  # with suppressed counts too
 
 
 @pytest.mark.parametrize(
-    "name", ["counts.v1", "counts.v2", "status.v1", "meta.v1", "meta.v2", "envelope.v1"]
+    "name",
+    ["counts.v1", "counts.v2", "status.v1", "meta.v1", "meta.v2", "envelope.v1", "receipt.v1"],
 )
 def test_the_fast_schema_check_agrees_with_jsonschema(name: str) -> None:
     site, agent = SiteId("s1"), AgentId("a1")
@@ -270,6 +276,7 @@ def test_the_fast_schema_check_agrees_with_jsonschema(name: str) -> None:
         "meta.v1": v1_meta,
         "meta.v2": meta,
         "envelope.v1": {"alg": "ed25519", "payload": {}, "sig": "A" * 86 + "=="},
+        "receipt.v1": receipt_payload(site, agent, [(5, 9), (12, 12), (20, 30)], 0),
     }
     schema = json.loads(
         (

@@ -6,8 +6,9 @@ aggregator sees of an agent is its broker account and its signed messages, so a
 broker's ACL wants) from a single thread and publishes pre-sealed envelopes at QoS 1, with an
 in-flight window per connection, like the agent's publisher. After a lost connection it
 connects again and sends what was not acknowledged (as the agent's spool does), so a broker
-restart loses nothing on the agents' side. Packets are written by hand (a few lines of MQTT
-3.1.1) so that the fleet costs the machine little next to the aggregator it loads.
+restart loses nothing on the agents' side. Packets are the aggregator's own codec's
+(:mod:`aggregator.mqtt_codec`, MQTT 3.1.1), written straight to sockets so that the fleet
+costs the machine little next to the aggregator it loads.
 
 :func:`fleet_messages` makes the envelopes: the same canonical JSON and Ed25519 signature as
 :func:`firmware_agent.contract.messages.seal`, without its per-message schema validation (the schema
@@ -22,7 +23,6 @@ import hashlib
 import json
 import selectors
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -33,6 +33,13 @@ from pathlib import Path
 
 import nacl.signing
 
+from aggregator.mqtt_codec import (
+    connect_packet,
+    decode_connack,
+    decode_puback,
+    next_packet,
+    publish_packet,
+)
 from firmware_agent.contract.messages import (
     AgentId,
     SiteId,
@@ -139,32 +146,6 @@ def fleet_broker(
     return broker
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _text(value: str | bytes) -> bytes:
-    raw = value.encode() if isinstance(value, str) else value
-    return struct.pack("!H", len(raw)) + raw
-
-
-def _connect_packet(client_id: str, user: str, password: str) -> bytes:
-    # MQTT 3.1.1, clean session, user name and password, no keep-alive.
-    body = _text("MQTT") + bytes([4, 0xC2]) + struct.pack("!H", 0)
-    body += _text(client_id) + _text(user) + _text(password)
-    return b"\x10" + _varint(len(body)) + body
-
-
-def _publish_packet(topic: bytes, pid: int, payload: bytes, dup: bool) -> bytes:
-    body = _text(topic) + struct.pack("!H", pid) + payload
-    return bytes([0x3A if dup else 0x32]) + _varint(len(body)) + body
-
-
 class _Connection:
     def __init__(
         self, agent: SimAgent, ports: Sequence[int], inflight: int, reconnect_s: float
@@ -194,16 +175,21 @@ class _Connection:
         sock: socket.socket | None = None
         try:
             sock = socket.create_connection((HOST, self.port), timeout=2)
-            sock.sendall(
-                _connect_packet(
+            sock.sendall(  # MQTT 3.1.1, clean session, no keep-alive
+                connect_packet(
                     f"fleet-{self.agent.site}-{self.agent.agent}",
                     f"{self.agent.site}/{self.agent.agent}",
                     self.agent.password,
+                    keepalive_s=0,
+                    session_expiry_s=0,
+                    receive_maximum=0,
+                    v5=False,
+                    clean_start=True,
                 )
             )
-            ack = b""
-            while len(ack) < 4:
-                chunk = sock.recv(4 - len(ack))
+            ack = bytearray()
+            while (packet := next_packet(ack)) is None:
+                chunk = sock.recv(4096)
                 if not chunk:
                     raise OSError("closed")
                 ack += chunk
@@ -212,7 +198,8 @@ class _Connection:
                 sock.close()
             self.lost()
             return False
-        if ack[0] != 0x20 or ack[3] != 0:
+        header, start, end = packet
+        if header != 0x20 or decode_connack(ack[start:end])[1] != 0:
             sock.close()
             raise AssertionError(f"broker refused {self.agent.agent}: CONNACK {ack.hex()}")
         sock.setblocking(False)
@@ -245,7 +232,8 @@ class _Connection:
                 break
             self.pid = self.pid % 65535 + 1
             self.inflight[self.pid] = index
-            self.out += _publish_packet(self.topic, self.pid, self.agent.messages[index], dup)
+            message = self.agent.messages[index]
+            self.out += publish_packet(self.topic, message, False, qos=1, mid=self.pid, dup=dup)
             n += 1
         return n
 
@@ -255,13 +243,14 @@ class _Connection:
         if not data:
             raise OSError("closed by the broker")
         self.inp += data
-        while len(self.inp) >= 4 and self.inp[0] == 0x40:
-            pid = struct.unpack("!H", self.inp[2:4])[0]
-            del self.inp[:4]
-            if self.inflight.pop(pid, None) is not None:
+        at = 0
+        while (packet := next_packet(self.inp, at)) is not None:
+            header, start, at = packet
+            if header != 0x40:
+                raise AssertionError(f"unexpected packet {header:#x} for {self.agent.agent}")
+            if self.inflight.pop(decode_puback(self.inp[start:at]), None) is not None:
                 self.acked += 1
-        if self.inp and self.inp[0] != 0x40:
-            raise AssertionError(f"unexpected packet {self.inp[:8].hex()} for {self.agent.agent}")
+        del self.inp[:at]
 
 
 class Fleet:

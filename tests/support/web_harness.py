@@ -26,8 +26,8 @@ import uvicorn
 from playwright.sync_api import Browser, sync_playwright
 
 from aggregator.accounts import Accounts
+from aggregator.app import create_app
 from aggregator.config import StoreSettings, load_config
-from aggregator.dashboard import create_app
 from aggregator.rollup import zone
 from aggregator.serve import serve
 from aggregator.store import Store
