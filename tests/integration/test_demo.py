@@ -29,7 +29,7 @@ import httpx
 import pytest
 
 from tests.support.netns import require
-from tests.support.web_harness import free_port
+from tests.support.ports import free_port
 
 START_S = 180  # the demo prints its login within this (about 45 s on 2 busy cores)
 

@@ -42,8 +42,9 @@ from tests.agent.test_privacy import _secrets_of
 from tests.agent.test_privacy_memory import found
 from tests.agent.test_privacy_modes import _memory
 from tests.support.agent_harness import prepare_agent, unique_id
-from tests.support.mqtt_broker import Mosquitto, Subscriber, free_port, wait_for
+from tests.support.mqtt_broker import Mosquitto, Subscriber, wait_for
 from tests.support.netns import Veth, require
+from tests.support.ports import free_port
 
 UTC = {"FOOTFALL_EPOCH_TIMEZONE": "UTC"}
 RADIOTAP = LiveSettings(link_type=127)

@@ -47,10 +47,10 @@ from tests.support.mqtt_broker import (
     Link,
     Mosquitto,
     TestCertificates,
-    free_port,
     wait_for,
 )
 from tests.support.netns import require
+from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
