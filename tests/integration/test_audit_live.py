@@ -23,6 +23,7 @@ from tests.support.mqtt_broker import HOST, READER, Mosquitto
 
 StartBroker = Callable[[Mapping[tuple[str, str], str]], Mosquitto]
 AUDIT = [sys.executable, "-m", "firmware_agent.cli", "audit"]
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("mode", ["standard", "strict"])

@@ -346,6 +346,8 @@ def enrol_on_the_web_page(day: Day, chromium: Browser, public_key: str) -> None:
     page.close()
 
 
+@pytest.mark.slow
+@pytest.mark.root
 def test_the_installers_day_as_the_guide_writes_it(day: Day, browser: Browser) -> None:
     aggregator = Path(sys.executable).parent / "footfall-aggregator"
     day.substitutions = [

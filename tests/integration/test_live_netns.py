@@ -39,8 +39,7 @@ from firmware_agent.stages.live import LiveCapture, LiveSettings
 from firmware_agent.stages.pipeline import Pipeline
 from tests.agent.test_live import is_probe_request
 from tests.agent.test_privacy import _secrets_of
-from tests.agent.test_privacy_modes import _memory
-from tests.integration.test_privacy_memory import found
+from tests.integration.test_privacy_memory import _memory, found
 from tests.support.agent_harness import prepare_agent, unique_id
 from tests.support.mqtt_broker import Mosquitto, Subscriber, wait_for
 from tests.support.netns import Veth, require
