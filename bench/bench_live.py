@@ -52,10 +52,10 @@ from tests.support.mqtt_broker import (  # noqa: E402
     Subscriber,
     TestCertificates,
     find_mosquitto,
-    free_port,
     wait_for,
 )
 from tests.support.netns import Veth, veth_pair  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
 
 OUT = REPO / "bench" / "out"
 UNIT = REPO / "hardware" / "systemd" / "footfall-agent.service"

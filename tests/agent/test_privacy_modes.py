@@ -12,11 +12,9 @@ import os
 import re
 import resource
 import shutil
-import struct
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -53,8 +51,7 @@ from firmware_agent.stages.privacy import (
 )
 from firmware_agent.tools.audit import Audit
 from firmware_agent.tools.privacy_report import privacy_report
-from tests.agent.test_privacy import RECORD_KEYS_CHILD, u64_hits
-from tests.support.shared import shared_capture_names, shared_path
+from tests.support.shared import shared_path
 
 UTC_ENV = {"FOOTFALL_EPOCH_TIMEZONE": "UTC"}
 
@@ -286,102 +283,6 @@ def test_two_sensors_in_one_room_publish_nothing_that_links_a_device() -> None:
     # the room, not on any device's id, so nothing in it can match a device across sensors.
     assert released[0] == released[1]
     assert not labels_a & labels_b
-
-
-_DUMP_CHILD = RECORD_KEYS_CHILD + textwrap.dedent(
-    """
-    import sys
-    from firmware_agent.stages.capture import CaptureReader
-    from firmware_agent.contract.errors import NotACaptureError
-    from firmware_agent.stages.pipeline import Pipeline
-    from firmware_agent.settings import load_config
-
-    config = load_config(None, environ={"FOOTFALL_EPOCH_TIMEZONE": "UTC",
-                                       "FOOTFALL_EPOCH_LENGTH": "300",
-                                       "FOOTFALL_PRIVACY_MODE": sys.argv[1]})
-    *ended, last = sys.argv[2:]
-    for path in ended:  # a whole run each: fed, then finished as a stopping agent does
-        pipeline = Pipeline(config)
-        try:
-            with CaptureReader(path) as reader:
-                for batch in reader:
-                    for _ in pipeline.feed(batch):
-                        pass
-        except NotACaptureError:
-            continue  # refused before any frame: nothing was keyed
-        for _ in pipeline.finish():
-            pass
-    pipeline = Pipeline(config)  # the last one stays running: its key is the live one
-    with CaptureReader(last) as reader:
-        for batch in reader:
-            for _ in pipeline.feed(batch):
-                pass
-    print(keys[-1], *keys[:-1], "", sep="\\n", flush=True)  # the current key, rotated-out ones
-    sys.stdin.readline()
-    """
-)
-
-
-def _memory(pid: int) -> Iterator[bytes]:
-    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
-        for line in maps:
-            fields = line.split()
-            if "rw" not in fields[1] or (len(fields) > 5 and fields[5].startswith("/")):
-                continue  # only the process's own writable memory: heap, stacks, anonymous
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            try:
-                mem.seek(start)
-                yield mem.read(end - start)
-            except OSError:
-                continue
-
-
-def _siphash_state(key: bytes) -> list[bytes]:
-    """SipHash's state v0..v3 right after initialisation under ``key`` (8 bytes each, little
-    endian): the key XORed with the public constants, as the kernel holds it."""
-    k0, k1 = struct.unpack("<QQ", key)
-    constants = (0x736F6D6570736575, 0x646F72616E646F6D, 0x6C7967656E657261, 0x7465646279746573)
-    return [struct.pack("<Q", k ^ c) for k, c in zip((k0, k1, k0, k1), constants, strict=True)]
-
-
-@pytest.mark.parametrize("mode", ["standard", "strict"])
-def test_a_memory_dump_after_rotation_holds_no_previous_key(mode: str) -> None:
-    """Best effort (docs/PRIVACY.md): one process runs the pipeline over every shared capture
-    (each a whole run, finished) and then the bundled one (still running); its writable memory
-    is searched for every rotated-out key, whole and by halves, and for the SipHash state
-    derived from it."""
-    captures = [str(shared_path("data", "pcaps", name)) for name in shared_capture_names()]
-    child = subprocess.Popen(
-        [sys.executable, "-c", _DUMP_CHILD, mode, *captures, str(BUNDLED_SAMPLE)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=os.environ | {"PYTHONHASHSEED": "0"},
-    )
-    try:
-        assert child.stdout is not None
-        keys: list[bytes] = []
-        while line := child.stdout.readline().strip():  # a blank line ends the keys
-            k0, k1 = (int(word, 16) for word in line.split())
-            keys.append(np.array([k0, k1], np.uint64).astype("<u8").tobytes())
-        current, *old = keys
-        assert len(old) >= 3, "the child ended early, or rotated too few times"
-        memory = list(_memory(child.pid))
-        assert any(current in blob for blob in memory), "the search cannot even find the live key"
-        live = np.unique(np.frombuffer(current, "<u8"))
-        assert sum(u64_hits(blob, live) for blob in memory) >= 2, "nor the live key's halves"
-        # Every 8-byte needle: the key's halves (a whole key holds both) and the state words.
-        needles = [part for raw in old for part in (raw[:8], raw[8:], *_siphash_state(raw))]
-        wanted = np.unique(np.frombuffer(b"".join(needles), "<u8"))
-        hits = sum(u64_hits(blob, wanted) for blob in memory)
-        assert hits == 0, f"{hits} copies of rotated-out keys found in the process's memory"
-    finally:
-        child.kill()
-        child.wait()
-        if child.stdout is not None:
-            child.stdout.close()
-        if child.stdin is not None:
-            child.stdin.close()
 
 
 def _locked_kb(address: int) -> int:

@@ -13,6 +13,7 @@ from tests.support.aggregator_harness import pg_dsn
 from tests.support.shared import REPO
 
 
+@pytest.mark.postgres
 def test_the_api_benchmark_runs_at_a_tiny_scale(capsys: pytest.CaptureFixture[str]) -> None:
     spec = importlib.util.spec_from_file_location("bench_api", REPO / "bench" / "bench_api.py")
     assert spec is not None and spec.loader is not None

@@ -412,6 +412,7 @@ def _stored_within_a_second(rig: Rig) -> float:
     return time.monotonic() - sent
 
 
+@pytest.mark.postgres  # the rig's store
 @pytest.mark.parametrize("kind", KINDS, ids=[k.name for k in KINDS])
 def test_a_hostile_message_is_refused_with_its_reason_and_stops_no_one(
     rig: Rig, kind: Kind, tmp_path: Path
@@ -492,6 +493,7 @@ def test_the_suite_has_at_least_50_kinds_and_the_two_stalls() -> None:
     assert len({k.agent.agent for k in KINDS}) == len(KINDS)
 
 
+@pytest.mark.postgres  # the rig's store
 def test_an_agent_that_adds_noise_is_held_to_the_schema_only(rig: Rig) -> None:
     """Standard mode with differential privacy noises each count on its own: its sums need
     not add up. Its meta says so; counts in the same batch as that meta are held to it, and

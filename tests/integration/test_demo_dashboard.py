@@ -25,7 +25,10 @@ import pytest
 from playwright.sync_api import Browser, Page
 
 from tests.integration.test_demo import _lines_until_login
-from tests.support.web_harness import free_port
+from tests.support.ports import free_port
+
+# One five-week demo (its own amqtt broker, the dashboard in Chromium) for the whole module.
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -32,8 +32,9 @@ from firmware_agent.service.publish import BrokerSettings
 from firmware_agent.settings import load_config
 from firmware_agent.tools import doctor
 from tests.support.agent_harness import prepare_agent, toml_text, unique_id
-from tests.support.mqtt_broker import HOST, READER, Mosquitto, free_port
+from tests.support.mqtt_broker import HOST, READER, Mosquitto
 from tests.support.netns import Veth
+from tests.support.ports import free_port
 
 StartBroker = Callable[[Mapping[tuple[str, str], str]], Mosquitto]
 CHECKS = [

@@ -89,6 +89,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield root
 
 
+@pytest.mark.root  # installed: install.sh sets owners
 def test_install_twice_changes_nothing(installed: Path) -> None:
     before = snapshot(installed)
     again = subprocess.run(
@@ -101,6 +102,7 @@ def test_install_twice_changes_nothing(installed: Path) -> None:
     assert snapshot(installed) == before
 
 
+@pytest.mark.root  # installed: install.sh sets owners
 def test_install_lays_out_config_state_and_units_with_their_owners(installed: Path) -> None:
     def owner(path: str) -> tuple[str, str, str]:
         st = (installed / path.lstrip("/")).stat()
@@ -126,6 +128,7 @@ def test_install_lays_out_config_state_and_units_with_their_owners(installed: Pa
     assert "unmanaged-devices=interface-name:wlx00c0ca;interface-name:mon0" in nm
 
 
+@pytest.mark.root  # installed: install.sh sets owners
 def test_installed_units_pass_systemd_analyze_verify(installed: Path, tmp_path: Path) -> None:
     root = tmp_path / "root"
     shutil.copytree(installed, root, symlinks=True)

@@ -58,8 +58,9 @@ from aggregator.config import StoreSettings
 from aggregator.store import Store
 from firmware_agent.cli import BUNDLED_SAMPLE
 from firmware_agent.tools.doctor import clock_state
-from tests.support.mqtt_broker import ShippedBroker, free_port, shipped_broker, wait_for
+from tests.support.mqtt_broker import ShippedBroker, shipped_broker, wait_for
 from tests.support.netns import NEEDED, as_ethernet, require
+from tests.support.ports import free_port
 from tests.support.shared import REPO
 
 T = TypeVar("T")
@@ -345,6 +346,8 @@ def enrol_on_the_web_page(day: Day, chromium: Browser, public_key: str) -> None:
     page.close()
 
 
+@pytest.mark.slow
+@pytest.mark.root
 def test_the_installers_day_as_the_guide_writes_it(day: Day, browser: Browser) -> None:
     aggregator = Path(sys.executable).parent / "footfall-aggregator"
     day.substitutions = [

@@ -56,6 +56,7 @@ def aot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+@pytest.mark.slow  # the AOT build (aot_dir): about a minute
 def test_the_build_replaces_a_stale_one_and_a_second_run_changes_nothing(aot_dir: Path) -> None:
     (path,) = aot_dir.iterdir()
     assert path.name.startswith("footfall_kernels_") and path.name != STALE
@@ -65,6 +66,7 @@ def test_the_build_replaces_a_stale_one_and_a_second_run_changes_nothing(aot_dir
     assert path.stat().st_mtime_ns == before.st_mtime_ns
 
 
+@pytest.mark.slow  # the AOT build (aot_dir): about a minute
 def test_aot_and_jit_give_the_same_bytes_on_the_shared_captures_without_numba(
     aot_dir: Path, pcaps_dir: Path, tmp_path: Path
 ) -> None:
@@ -86,6 +88,7 @@ def test_a_stale_build_is_ignored_with_a_warning(tmp_path: Path) -> None:
     assert "compiling with numba's JIT instead" in result.stderr
 
 
+@pytest.mark.slow  # the AOT build (aot_dir): about a minute
 def test_the_kernels_unit_tests_pass_on_the_aot_build(aot_dir: Path) -> None:
     tests = [
         "tests/agent/test_anonymize.py",
@@ -110,6 +113,7 @@ def test_a_build_without_a_c_compiler_says_what_it_needs(tmp_path: Path) -> None
     assert not list(tmp_path.iterdir())  # nothing half-built is left
 
 
+@pytest.mark.slow  # the AOT build (aot_dir): about a minute
 def test_doctor_under_the_aot_build_replays_without_numba(aot_dir: Path) -> None:
     code = (
         "import sys\n"

@@ -40,11 +40,11 @@ from firmware_agent.stages.live import LiveCapture
 from firmware_agent.stages.pipeline import Pipeline
 from tests.agent.test_live import is_probe_request
 from tests.agent.test_privacy import _secrets_of
-from tests.agent.test_privacy_memory import found
-from tests.agent.test_privacy_modes import _memory
+from tests.integration.test_privacy_memory import _memory, found
 from tests.support.agent_harness import prepare_agent, unique_id
-from tests.support.mqtt_broker import Mosquitto, Subscriber, free_port, wait_for
+from tests.support.mqtt_broker import Mosquitto, Subscriber, wait_for
 from tests.support.netns import Veth, require
+from tests.support.ports import free_port
 
 UTC = {"FOOTFALL_EPOCH_TIMEZONE": "UTC"}
 RADIOTAP = LiveSettings(link_type=127)

@@ -44,9 +44,9 @@ from tests.support.mqtt_broker import (
     Mosquitto,
     Subscriber,
     TestCertificates,
-    free_port,
     wait_for,
 )
+from tests.support.ports import free_port
 
 StartBroker = Callable[[Mapping[tuple[str, str], str]], Mosquitto]
 

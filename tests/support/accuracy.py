@@ -19,7 +19,7 @@ One phone per file (``baccichet_*``): distinct addresses against the estimate, w
 locally administered bit ignored (the dataset's anonymiser drew random addresses) and no
 signal threshold (each file is one phone near the sniffer; there is no street).
 
-tests/agent/test_accuracy.py asserts the goals from the same numbers.
+tests/integration/test_accuracy.py asserts the goals from the same numbers.
 """
 
 from __future__ import annotations

@@ -8,11 +8,11 @@ file written with ``mosquitto_passwd -b``, ACL, persistence, log) on free loopba
   a client certificate and a password required.
 
 It can be stopped (SIGTERM), killed (SIGKILL), made to save its persistence (SIGUSR1) and
-started again on the same ports. The ACL gives each agent account (user name
-``<site>/<agent>``) write access to its own topics only (``pattern write footfall/v1/%u/#``)
-and read access to its receipt, and the ``reader`` account read access to all and write
-access to the receipts (it is what ingest logs in as). Its two ports are bound together when
-chosen, so they differ (two separate "free" ports could be the same one).
+started again on the same ports (from :mod:`tests.support.ports`, which never hands a port out
+twice). The ACL gives each agent account (user name ``<site>/<agent>``) write access to its own
+topics only (``pattern write footfall/v1/%u/#``) and read access to its receipt, and the
+``reader`` account read access to all and write access to the receipts (it is what ingest logs
+in as).
 
 :class:`Link` stands between a client and the broker (or a database): :meth:`Link.cut`
 silences every open connection (bytes are swallowed, nothing is closed, so only keep-alive
@@ -49,6 +49,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from firmware_agent.contract.messages import Envelope
+from tests.support.ports import free_port, free_ports
 
 HOST = "127.0.0.1"
 READER = ("reader", "reader-secret")
@@ -64,19 +65,6 @@ def find_mosquitto() -> str | None:
         if os.access(path, os.X_OK):
             return str(path)
     return None
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports: all bound at once, so none is handed out twice."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for sock in socks:
-            sock.bind((HOST, 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:

@@ -4,16 +4,15 @@ the MQTT listener the agents publish to. One account holds the aggregator's user
 every subject) and one user per agent, ``<site>/<agent>``, MQTT only, that may publish only
 under its own topic (hardware/nats/footfall-accounts.conf, the same permissions).
 
-Ports come from :class:`Ports`, which holds every port it handed out until the test ends, so
-two nodes (or a node and a test broker) never get the same one even though a killed node's
-ports are free again for a moment.
+Ports come from :class:`Ports` (:class:`tests.support.ports.PortAllocator`), which never hands
+a port out twice, so two nodes (or a node and a test broker) never get the same one even though
+a killed node's ports are free again for a moment.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import urllib.request
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from tests.support.agent_fleet import SimAgent
 from tests.support.mqtt_broker import HOST, wait_for
+from tests.support.ports import PortAllocator as Ports
 
 NATS_SERVER = "/usr/sbin/nats-server"
 AGGREGATOR = ("aggregator", "aggregator-pw")
@@ -33,22 +33,6 @@ def nats_server() -> str | None:
         if os.access(candidate, os.X_OK):
             return candidate
     return None
-
-
-class Ports:
-    """Free loopback ports, never the same one twice in a run."""
-
-    def __init__(self) -> None:
-        self.given: set[int] = set()
-
-    def take(self) -> int:
-        while True:
-            with socket.socket() as sock:
-                sock.bind((HOST, 0))
-                port = int(sock.getsockname()[1])
-            if port not in self.given:
-                self.given.add(port)
-                return port
 
 
 @dataclass

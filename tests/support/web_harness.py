@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import threading
 import time
 import uuid
@@ -35,6 +34,7 @@ from aggregator.verify import Accepted, Verifier
 from firmware_agent.contract.messages import AgentId, SiteId, counts_payload, utc_text
 from tests.support.agent_fleet import fast_seal
 from tests.support.aggregator_harness import Agent, drop_schema, pg_dsn
+from tests.support.ports import free_port
 
 DAY = date(2026, 11, 16)  # a Monday: the day the tests look at
 FIRST = DAY - timedelta(days=27)
@@ -112,13 +112,6 @@ class Served:
 
     store: Store
     url: str
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @contextlib.contextmanager
