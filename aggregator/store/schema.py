@@ -131,7 +131,8 @@ windows = sa.Table(
     ),
 )
 WINDOW_COLUMNS = tuple(c.name for c in windows.columns)
-assert WINDOW_COLUMNS[5:23] == (*COUNT_COLUMNS, *NULLABLE_COLUMNS, "suppressed")
+if WINDOW_COLUMNS[5:23] != (*COUNT_COLUMNS, *NULLABLE_COLUMNS, "suppressed"):  # writes' row order
+    raise RuntimeError(f"windows' columns 5-22 are not the counts in order: {WINDOW_COLUMNS}")
 
 
 def _measure_columns() -> list[sa.Column[Any]]:

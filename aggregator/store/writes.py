@@ -350,7 +350,8 @@ class Writer(Database):
         names = ", ".join(c.name for c in table.columns)
         if self.dialect == "postgresql":
             raw = conn.connection.driver_connection
-            assert raw is not None
+            if raw is None:  # a pooled connection always has its driver's; never None here
+                raise RuntimeError("the PostgreSQL connection has no driver connection")
             # The table is empty: ON COMMIT DELETE ROWS.
             with (
                 raw.cursor() as cursor,
