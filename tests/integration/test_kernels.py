@@ -49,6 +49,13 @@ def aot_dir() -> Path:
     return kernels_build.built()
 
 
+@pytest.fixture(scope="session")
+def aot_unit_tests(aot_dir: Path) -> subprocess.CompletedProcess[str]:
+    """pytest's run of the kernels' unit tests (kernels_build.UNIT_TESTS: anonymize, live,
+    count) on the build, started in the background as soon as the build was done."""
+    return kernels_build.unit_tests()
+
+
 @pytest.mark.slow  # the AOT build (aot_dir): about a minute
 def test_the_build_replaces_a_stale_one_and_a_second_run_changes_nothing(aot_dir: Path) -> None:
     (path,) = aot_dir.iterdir()
@@ -84,14 +91,10 @@ def test_a_stale_build_is_ignored_with_a_warning(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # the AOT build (aot_dir): about a minute
-def test_the_kernels_unit_tests_pass_on_the_aot_build(aot_dir: Path) -> None:
-    tests = [
-        "tests/agent/test_anonymize.py",
-        "tests/agent/test_live.py",
-        "tests/agent/test_count.py",
-    ]
-    result = _run(aot_dir, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests)
-    assert result.returncode == 0, result.stdout[-3000:]
+def test_the_kernels_unit_tests_pass_on_the_aot_build(
+    aot_unit_tests: subprocess.CompletedProcess[str],
+) -> None:
+    assert aot_unit_tests.returncode == 0, aot_unit_tests.stdout[-3000:]
 
 
 def test_a_build_without_a_c_compiler_says_what_it_needs(tmp_path: Path) -> None:
