@@ -94,6 +94,9 @@ class KeyedRows:
     written, so the unused tail costs address space, not RSS; growing into a second table
     while the first is alive took 1.5 times the grown table (the count stage's last doubling,
     to 524,288 slots: 69 MB for a moment, the busy day's peak once eviction stopped copying).
+    Where the system refuses the reserve (Linux's default overcommit refuses a mapping larger
+    than RAM and swap: ``count.max_devices`` of millions on a Pi) the table has none and grows
+    into a new one, as before.
     """
 
     __slots__ = ("_all_keys", "_all_rows", "keys", "rows")
@@ -101,9 +104,12 @@ class KeyedRows:
     def __init__(self, capacity: int, columns: int, reserve: int = 0) -> None:
         if capacity < 1 or capacity & (capacity - 1):
             raise ValueError(f"capacity must be a power of two, got {capacity}")
-        size = max(capacity, reserve)
-        self._all_keys = np.zeros(size, np.uint64)
-        self._all_rows = np.zeros((size, columns), np.int64)
+        try:
+            self._all_keys = np.zeros(max(capacity, reserve), np.uint64)
+            self._all_rows = np.zeros((max(capacity, reserve), columns), np.int64)
+        except MemoryError:  # address space refused (a ceiling far above the RAM): no reserve
+            self._all_keys = np.zeros(capacity, np.uint64)
+            self._all_rows = np.zeros((capacity, columns), np.int64)
         self.keys = self._all_keys[:capacity]
         self.rows = self._all_rows[:capacity]
 

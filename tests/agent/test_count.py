@@ -319,3 +319,14 @@ def test_rehash_in_place_leaves_every_row_where_a_lookup_finds_it() -> None:
             assert list(table.rows[i]) == list(row)
         assert sorted(int(k) for k in table.keys if k) == sorted(rows)
         assert not table.rows[table.keys == 0].any()
+
+
+def test_a_reserve_the_system_refuses_leaves_a_table_that_grows_by_copying() -> None:
+    """A reserve beyond any address space (2^43 slots) is refused: the table is the capacity
+    asked for, and grows into a new table with every row."""
+    table = KeyedRows(4, 2, reserve=1 << 43)
+    table.keys[1], table.rows[1] = 5, (7, 8)
+    bigger = table.grown()
+    assert (table.capacity, bigger.capacity) == (4, 8)
+    assert (int(bigger.keys[5]), list(bigger.rows[5])) == (5, [7, 8])
+    assert not table.keys.any()
