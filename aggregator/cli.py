@@ -113,9 +113,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from aggregator.demo import run_demo  # noqa: PLC0415
+    from aggregator.demo import DEMO_DAYS, run_demo  # noqa: PLC0415
 
-    return run_demo(args.port, args.timezone, args.broker)
+    days = DEMO_DAYS if args.days is None else args.days
+    return run_demo(args.port, args.timezone, args.broker, days)
 
 
 def _password(args: argparse.Namespace) -> str:
@@ -617,6 +618,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("FOOTFALL_DEMO_BROKER", "auto"),
         help="'auto' (the default, or FOOTFALL_DEMO_BROKER): Mosquitto if installed, else the "
         "embedded amqtt; 'mosquitto'; 'embedded' (amqtt, MQTT 3.1.1)",
+    )
+    p.add_argument(
+        "--days",
+        type=int,
+        help="how many days of the two shops' people to publish (default: five weeks); fewer "
+        "start sooner",
     )
 
     users = sub.add_parser(

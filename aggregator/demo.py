@@ -67,6 +67,7 @@ from firmware_agent.tools.shop_traffic import ShopProfile, shop_windows
 
 __all__ = [
     "BROKERS",
+    "DEMO_DAYS",
     "DEMO_SITES",
     "Broker",
     "amqtt_command",
@@ -344,8 +345,11 @@ def _check_port(port: int) -> None:
             ) from exc
 
 
-def run_demo(port: int, timezone: str, broker_choice: str = "auto") -> int:
-    """Run the demo until Ctrl-C or SIGTERM (see the module docstring)."""
+def run_demo(port: int, timezone: str, broker_choice: str = "auto", days: int = DEMO_DAYS) -> int:
+    """Run the demo until Ctrl-C or SIGTERM (see the module docstring), with ``days`` days of
+    the two shops' people."""
+    if days < 1:
+        raise AggregatorError(f"the demo's --days must be at least 1, got {days}")
     _check_port(port)
     bin_dir = Path(sys.executable).parent
     agent_cli = str(bin_dir / "footfall-agent")
@@ -400,8 +404,8 @@ def run_demo(port: int, timezone: str, broker_choice: str = "auto") -> int:
                     if not ready.wait(30):
                         raise AggregatorError("the aggregator did not start within 30 s")
                     began = time.monotonic()
-                    print(f"publishing {DEMO_DAYS} days of two shops' people ...", flush=True)
-                    sent = fill_traffic(store, broker, now)
+                    print(f"publishing {days} days of two shops' people ...", flush=True)
+                    sent = fill_traffic(store, broker, now, days)
                     for site_id in DEMO_SITES:
                         accounts.grant(MERCHANT, site_id)
                     _replay(agent_cli, agent_toml)

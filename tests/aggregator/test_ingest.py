@@ -33,8 +33,8 @@ from aggregator.registry import AgentEntry
 from aggregator.store import Store, site_days, windows
 from aggregator.verify import Accepted
 from firmware_agent.contract.messages import AgentId, SiteId, seal, status_payload
-from tests.support.agent_fleet import Fleet, fleet_broker, fleet_messages, make_agents
-from tests.support.aggregator_harness import Agent, drop_schema, meta_of, pg_dsn
+from tests.support.agent_fleet import Fleet, fleet_broker, fleet_messages, make_agents, meta_of
+from tests.support.aggregator_harness import Agent, drop_schema, pg_dsn
 from tests.support.mqtt_broker import HOST, READER, Mosquitto, TestCertificates, wait_for
 from tests.support.shared import REPO
 

@@ -43,8 +43,8 @@ from firmware_agent.contract.messages import (
     utc_text,
 )
 from tests.aggregator.test_ingest import AgentAccount, _config_file, _spawn
-from tests.support.agent_fleet import WINDOW
-from tests.support.aggregator_harness import Agent, drop_schema, meta_of, pg_dsn, stored_seqs
+from tests.support.agent_fleet import WINDOW, meta_of
+from tests.support.aggregator_harness import Agent, drop_schema, pg_dsn, stored_seqs
 from tests.support.mqtt_broker import HOST, Mosquitto, TestCertificates, wait_for
 
 NOW = int(time.time())

@@ -4,34 +4,36 @@ replaying the bundled capture, and the printed login opens a dashboard with its 
 Three times: with Mosquitto (MQTT 5), stopped by Ctrl-C (SIGINT); with the embedded amqtt broker
 forced (``--broker embedded``, MQTT 3.1.1), stopped by SIGTERM; and with ``--broker auto`` where
 Mosquitto is hidden (a mount namespace puts /dev/null over its binaries: what a machine without
-it gets), which must fall back to the embedded broker and say so. Each time every window of the
-capture reaches the dashboard's API, the demo exits 0 and its broker is gone; each run is
-bounded in time. A broker it does not know (``FOOTFALL_DEMO_BROKER``) is refused, naming the
-flag and the variable.
+it gets), which must fall back to the embedded broker and say so (with ``--days 2``: the same
+broker and data path as ``embedded``, which carries the five weeks). Each time every window of
+the capture reaches the dashboard's API, the demo exits 0 and its broker is gone; each run is
+bounded in time. The Mosquitto run is the session's demo (tests/support/demo.py), which
+test_demo_dashboard.py reads in Chromium too; it is stopped at the session's end. A broker it
+does not know (``FOOTFALL_DEMO_BROKER``) is refused, naming the flag and the variable, and so
+is ``--days 0``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.support.demo import Demo, listening, start_demo, stop_demo
 from tests.support.netns import require
 from tests.support.ports import free_port
 
-START_S = 180  # the demo prints its login within this (about 45 s on 2 busy cores)
+SHORT_DAYS = 2  # of the shops' history, in the 'auto' run (see the test)
 
 
 @pytest.fixture(scope="module")
@@ -44,34 +46,6 @@ def replayed_windows() -> tuple[int, str]:
     )
     lines = done.stdout.splitlines()
     return len(lines), json.loads(lines[0])["window_start"][:10]
-
-
-def _lines_until_login(demo: subprocess.Popen[str]) -> str:
-    """What the demo printed up to its 'Ctrl-C stops it.' line; fails after START_S."""
-    lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-
-    def read() -> None:
-        assert demo.stdout is not None
-        for line in demo.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
-    text, deadline = "", time.monotonic() + START_S
-    while not text.endswith("Ctrl-C stops it.\n"):
-        try:
-            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            raise AssertionError(f"no login within {START_S} s:\n{text}") from None
-        if line is None:
-            raise AssertionError(f"the demo exited with {demo.wait()}:\n{text}")
-        text += line
-    return text
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _hiding_mosquitto(broker: str) -> list[str]:
@@ -115,60 +89,67 @@ def _hiding_mosquitto(broker: str) -> list[str]:
     ids=["mosquitto", "embedded", "auto-without-mosquitto"],
 )
 def test_the_demo_prints_a_login_that_shows_the_replayed_counts(
-    broker: str, stop: signal.Signals, printed: str, replayed_windows: tuple[int, str]
+    broker: str,
+    stop: signal.Signals,
+    printed: str,
+    replayed_windows: tuple[int, str],
+    request: pytest.FixtureRequest,
 ) -> None:
-    if broker == "mosquitto" and not (
-        shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()
-    ):
-        pytest.skip("the demo with Mosquitto needs mosquitto (apt-get install mosquitto)")
-    port = free_port()
-    cli = Path(sys.executable).with_name("footfall-aggregator")
-    demo = subprocess.Popen(
-        [*_hiding_mosquitto(broker), str(cli), "demo", "--port", str(port), "--broker", broker],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    if broker == "mosquitto":  # the session's demo, stopped by SIGINT at its end (mosquitto_demo)
+        _shows_the_replayed_counts(request.getfixturevalue("mosquitto_demo"), broker, printed,
+                                   replayed_windows)  # fmt: skip
+        return
+    # 'auto' differs from 'embedded' only in choosing the broker (the same amqtt, the same data
+    # path after the "broker:" line), so two days of the shops' history show it as well as five
+    # weeks do, the 'embedded' run carrying the five weeks through amqtt.
+    days = ["--days", str(SHORT_DAYS)] if broker == "auto" else []
+    demo = start_demo(_hiding_mosquitto(broker), broker, *days)
     try:
-        text = _lines_until_login(demo)
-        assert text.startswith(printed), text
-        protocol = "MQTT 5" if broker == "mosquitto" else "MQTT 3.1.1"
-        listens = re.search(rf", {protocol}, on 127\.0\.0\.1:(\d+)\n", text)
-        url = re.search(r"open (http://\S+)", text)
-        password = re.search(r"password: (\S+)", text)
-        assert listens and url and password, text
-        windows, day = replayed_windows
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as browser:
-            csrf = browser.get("/login").cookies["footfall_csrf"]
-            signed = browser.post(
-                "/login", data={"name": "demo", "password": password.group(1), "csrf": csrf}
-            )
-            assert signed.status_code == 303
-            data = browser.get(f"/api/v1/sites/demo-shop/dashboard?day={day}").json()
-            devices = browser.get(
-                f"/api/v1/sites/demo-shop/counts?resolution=hour&from={day}&to={day}"
-            ).json()["rows"]
-            # Every window the agent made came through the broker and was stored once (the
-            # bundled capture lies within one day), as counts v2 (people).
-            assert sum(row["windows"] for row in devices) == windows > 0
-            assert [(a["agent"], a["counts_v"]) for a in data["agents"]] == [("entrance", 2)]
-            assert sum(row["windows"] for row in data["rows"]) == windows
-            # The two shops' five weeks of people (v2), all stored; the link opens the latest day.
-            shop = browser.get(url.group(1))
-            assert shop.status_code == 200 and "Visitors" in shop.text
-            for site in ("high-street", "station"):
-                (agent,) = browser.get(f"/api/v1/sites/{site}/agents?since_hours=1000").json()
-                assert agent["counts_v"] == 2 and agent["windows"] > 9000
+        _shows_the_replayed_counts(demo, broker, printed, replayed_windows)
     finally:
-        demo.send_signal(stop)
-        status = demo.wait(30)
-        if demo.stdout is not None:
-            demo.stdout.close()
+        status = stop_demo(demo, stop)
     assert status == 0
-    assert not _listening(int(listens.group(1))), "the demo's broker outlived it"
+    assert not listening(demo.broker_port), "the demo's broker outlived it"
 
 
-def test_the_demo_refuses_a_broker_it_does_not_know() -> None:
+def _shows_the_replayed_counts(
+    demo: Demo, broker: str, printed: str, replayed_windows: tuple[int, str]
+) -> None:
+    text = demo.printed
+    assert text.startswith(printed), text
+    protocol = "MQTT 5" if broker == "mosquitto" else "MQTT 3.1.1"
+    assert re.search(rf", {protocol}, on 127\.0\.0\.1:(\d+)\n", text), text
+    short = f"publishing {SHORT_DAYS} days of two shops' people" in text
+    sent = int(demo.found(r"\n(\d+) windows of people in "))
+    windows, day = replayed_windows
+    with httpx.Client(base_url=f"http://127.0.0.1:{demo.port}") as browser:
+        csrf = browser.get("/login").cookies["footfall_csrf"]
+        signed = browser.post(
+            "/login", data={"name": "demo", "password": demo.password, "csrf": csrf}
+        )
+        assert signed.status_code == 303
+        data = browser.get(f"/api/v1/sites/demo-shop/dashboard?day={day}").json()
+        devices = browser.get(
+            f"/api/v1/sites/demo-shop/counts?resolution=hour&from={day}&to={day}"
+        ).json()["rows"]
+        # Every window the agent made came through the broker and was stored once (the
+        # bundled capture lies within one day), as counts v2 (people).
+        assert sum(row["windows"] for row in devices) == windows > 0
+        assert [(a["agent"], a["counts_v"]) for a in data["agents"]] == [("entrance", 2)]
+        assert sum(row["windows"] for row in data["rows"]) == windows
+        # The two shops' five weeks of people (v2), all stored (with --days, every window
+        # sent); the link opens the latest day.
+        shop = browser.get(demo.url)
+        assert shop.status_code == 200 and "Visitors" in shop.text
+        shops = []
+        for site in ("high-street", "station"):
+            (agent,) = browser.get(f"/api/v1/sites/{site}/agents?since_hours=1000").json()
+            assert agent["counts_v"] == 2 and (short or agent["windows"] > 9000)
+            shops.append(agent["windows"])
+        assert not short or sum(shops) == sent > 0, (shops, sent)
+
+
+def test_the_demo_refuses_a_broker_it_does_not_know_and_less_than_a_day() -> None:
     cli = Path(sys.executable).with_name("footfall-aggregator")
     done = subprocess.run(
         [str(cli), "demo", "--port", str(free_port())],
@@ -183,6 +164,12 @@ def test_the_demo_refuses_a_broker_it_does_not_know() -> None:
         "(--broker or FOOTFALL_DEMO_BROKER) must be one of auto, mosquitto, embedded, got "
         "'nats'" in done.stderr
     )
+    days = subprocess.run(
+        [str(cli), "demo", "--port", str(free_port()), "--days", "0"],
+        check=False, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert days.returncode == 1
+    assert "the demo's --days must be at least 1, got 0" in days.stderr
 
 
 def test_the_demo_says_at_once_that_its_port_is_taken() -> None:

@@ -2,7 +2,8 @@
 it: the tiles equal the API's figures; an hour's visitors on the page equal that hour's
 arrivals in the API and in the CSV; week and month views total what the API's weeks and
 months hold; the multi-site overview sorts; nothing is cut off at 390 px. One demo run
-(``footfall-aggregator demo``: broker, ingest, five weeks of two shops) serves every test.
+(``footfall-aggregator demo``: broker, ingest, five weeks of two shops) serves every test: the
+session's (tests/support/demo.py), which test_demo.py asks too.
 Screenshots go to ``FOOTFALL_ARTEFACTS`` (else pytest's temporary directory); with
 ``FOOTFALL_README_IMAGE=1`` the desktop one also replaces ``docs/dashboard.png``."""
 
@@ -11,12 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-import re
-import shutil
-import subprocess
-import sys
 from calendar import monthrange
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -24,10 +20,9 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page
 
-from tests.integration.test_demo import _lines_until_login
-from tests.support.ports import free_port
+from tests.support.demo import Demo as RunningDemo
 
-# One five-week demo (its own amqtt broker, the dashboard in Chromium) for the whole module.
+# The session's five-week demo (Mosquitto), the dashboard in Chromium.
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,28 +39,9 @@ class Demo:
 
 
 @pytest.fixture(scope="module")
-def demo() -> Iterator[Demo]:
-    if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
-        pytest.skip("the demo's dashboard test uses Mosquitto (apt-get install mosquitto)")
-    port = free_port()
-    cli = Path(sys.executable).with_name("footfall-aggregator")
-    process = subprocess.Popen(
-        [str(cli), "demo", "--port", str(port), "--broker", "mosquitto"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        text = _lines_until_login(process)
-        url = re.search(r"open (http://\S+)", text)
-        password = re.search(r"password: (\S+)", text)
-        assert url and password, text
-        yield Demo(url.group(1), password.group(1), url.group(1).split("date=")[1])
-    finally:
-        process.terminate()
-        process.wait(30)
-        if process.stdout is not None:
-            process.stdout.close()
+def demo(mosquitto_demo: RunningDemo) -> Demo:
+    url = mosquitto_demo.url
+    return Demo(url, mosquitto_demo.password, url.split("date=")[1])
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """The kernels compiled ahead of time (``footfall-agent build-kernels``) against numba's JIT.
 
-One build per session (about 20 s here, in a fixture). Each mode runs in a process of its own
+One build per session (about 20 s of CPU), started in the background as soon as collection is
+over (tests/support/kernels_build.py). Each mode runs in a process of its own
 (the choice is made when :mod:`firmware_agent.kernels` is imported): the shared captures'
 ``replay`` and ``inspect`` output is byte for byte the same, the AOT process never imports
 numba, a stale build is ignored with a warning, and the kernels' own unit tests pass on the
@@ -10,19 +11,18 @@ AOT build too. And the numba pin that keeps ``numba.pycc`` holds.
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import subprocess
 import sys
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 
+from tests.support import kernels_build
+from tests.support.kernels_build import AGENT, STALE, env
 from tests.support.shared import REPO
-
-AGENT = Path(sys.executable).with_name("footfall-agent")
-STALE = "footfall_kernels_0000000000000000.cpython-311-x86_64-linux-gnu.so"
 
 # Replays and inspects every capture given, then says which compiler modules were loaded.
 SCRIPT = """
@@ -36,24 +36,24 @@ print("numba", sorted(m for m in sys.modules if m.split(".")[0] in ("numba", "ll
 """
 
 
-def _env(kernels_dir: Path) -> dict[str, str]:
-    return os.environ | {"FOOTFALL_KERNELS_DIR": str(kernels_dir), "FOOTFALL_EPOCH_TIMEZONE": "UTC"}
-
-
 def _run(kernels_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        args, env=_env(kernels_dir), capture_output=True, text=True, check=False, cwd=REPO
+        args, env=env(kernels_dir), capture_output=True, text=True, check=False, cwd=REPO
     )
 
 
 @pytest.fixture(scope="session")
-def aot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("kernels")
-    (directory / STALE).write_bytes(b"an older build")
-    built = _run(directory, str(AGENT), "build-kernels")
-    assert built.returncode == 0, built.stderr
-    assert built.stdout.startswith(f"built {directory}/footfall_kernels_"), built.stdout
-    return directory
+def aot_dir() -> Path:
+    """The session's build: started once collection was over (tests/support/kernels_build.py),
+    over a stale one."""
+    return kernels_build.built()
+
+
+@pytest.fixture(scope="session")
+def aot_unit_tests(aot_dir: Path) -> subprocess.CompletedProcess[str]:
+    """pytest's run of the kernels' unit tests (kernels_build.UNIT_TESTS: anonymize, live,
+    count) on the build, started in the background as soon as the build was done."""
+    return kernels_build.unit_tests()
 
 
 @pytest.mark.slow  # the AOT build (aot_dir): about a minute
@@ -71,8 +71,10 @@ def test_aot_and_jit_give_the_same_bytes_on_the_shared_captures_without_numba(
     aot_dir: Path, pcaps_dir: Path, tmp_path: Path
 ) -> None:
     captures = sorted(str(p) for p in pcaps_dir.iterdir() if not p.name.endswith(".csv"))
-    aot = _run(aot_dir, sys.executable, "-c", SCRIPT, *captures)
-    jit = _run(tmp_path, sys.executable, "-c", SCRIPT, *captures)
+    with ThreadPoolExecutor(1) as pool:  # the two at once, a core each (half the wall time)
+        started = pool.submit(_run, aot_dir, sys.executable, "-c", SCRIPT, *captures)
+        jit = _run(tmp_path, sys.executable, "-c", SCRIPT, *captures)
+        aot = started.result()
     assert aot.stdout.splitlines()[-2:] == ["aot True", "numba []"], aot.stderr
     assert jit.stdout.splitlines()[-2:] == ["aot False", "numba ['llvmlite']"], jit.stderr
     assert aot.stdout.splitlines()[:-2] == jit.stdout.splitlines()[:-2]
@@ -89,20 +91,16 @@ def test_a_stale_build_is_ignored_with_a_warning(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # the AOT build (aot_dir): about a minute
-def test_the_kernels_unit_tests_pass_on_the_aot_build(aot_dir: Path) -> None:
-    tests = [
-        "tests/agent/test_anonymize.py",
-        "tests/agent/test_live.py",
-        "tests/agent/test_count.py",
-    ]
-    result = _run(aot_dir, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests)
-    assert result.returncode == 0, result.stdout[-3000:]
+def test_the_kernels_unit_tests_pass_on_the_aot_build(
+    aot_unit_tests: subprocess.CompletedProcess[str],
+) -> None:
+    assert aot_unit_tests.returncode == 0, aot_unit_tests.stdout[-3000:]
 
 
 def test_a_build_without_a_c_compiler_says_what_it_needs(tmp_path: Path) -> None:
     result = subprocess.run(
         [str(AGENT), "build-kernels"],
-        env=_env(tmp_path) | {"CC": "/bin/false"},
+        env=env(tmp_path) | {"CC": "/bin/false"},
         capture_output=True,
         text=True,
         check=False,

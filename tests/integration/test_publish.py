@@ -35,9 +35,8 @@ from firmware_agent.service.publish import BrokerSettings, Connection, Publisher
 from firmware_agent.service.run import agent_meta
 from firmware_agent.service.spool import Spool, SpoolSettings
 from firmware_agent.settings import load_config
-from tests.support.agent_fleet import START, window
+from tests.support.agent_fleet import START, meta_of, window
 from tests.support.agent_harness import counts_of, prepare_agent, unique_id
-from tests.support.aggregator_harness import meta_of
 from tests.support.mqtt_broker import (
     HOST,
     READER,

@@ -40,11 +40,13 @@ from aggregator.mqtt_codec import (
     next_packet,
     publish_packet,
 )
+from firmware_agent.contract.fields import STANDARD_PUBLISHES
 from firmware_agent.contract.messages import (
     AgentId,
     SiteId,
     canonical_json,
     counts_payload,
+    meta_payload,
     public_key_text,
     seal,
     utc_text,
@@ -386,3 +388,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def meta_of(site: str, agent: str, **privacy: object) -> dict[str, object]:
+    """A meta payload (v2) as an agent in standard mode sends it, ``privacy`` fields
+    replaced."""
+    return meta_payload(
+        SiteId(site),
+        AgentId(agent),
+        agent_version="0.1.0",
+        window_s=300,
+        epoch_length="midnight",
+        epoch_timezone="Europe/Paris",
+        thresholds={
+            "rssi_threshold_dbm": -75,
+            "min_dwell_s": 120,
+            "visit_gap_s": 600,
+            "lateness_s": 10,
+            "presence_hold_s": 120,
+        },
+        privacy={
+            "mode": "standard",
+            "device_hash": "siphash-2-4",
+            "key_bits": 128,
+            "key_lifetime_s": 90000,
+            "id_bits": None,
+            "suppress_below": 5,
+            "dp_epsilon": None,
+            "dp_epsilon_day": None,
+            "published": dict.fromkeys(STANDARD_PUBLISHES, True),
+        }
+        | privacy,
+    )

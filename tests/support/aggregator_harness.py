@@ -24,11 +24,9 @@ from firmware_agent.contract.messages import (
     AgentId,
     SiteId,
     counts_payload,
-    meta_payload,
     public_key_text,
     seal,
 )
-from firmware_agent.stages.privacy import STANDARD_PUBLISHES
 
 PG_DSN = os.environ.get("FOOTFALL_TEST_PG_DSN", "")
 NO_PG = (
@@ -114,38 +112,6 @@ class Agent:
             SiteId(self.site), AgentId(self.agent), seq, "9f3c1a7e52b04d68", window, version=1
         )
         return seal(payload, self.key)
-
-
-def meta_of(site: str, agent: str, **privacy: object) -> dict[str, object]:
-    """A meta payload (v2) as an agent in standard mode sends it, ``privacy`` fields
-    replaced."""
-    return meta_payload(
-        SiteId(site),
-        AgentId(agent),
-        agent_version="0.1.0",
-        window_s=300,
-        epoch_length="midnight",
-        epoch_timezone="Europe/Paris",
-        thresholds={
-            "rssi_threshold_dbm": -75,
-            "min_dwell_s": 120,
-            "visit_gap_s": 600,
-            "lateness_s": 10,
-            "presence_hold_s": 120,
-        },
-        privacy={
-            "mode": "standard",
-            "device_hash": "siphash-2-4",
-            "key_bits": 128,
-            "key_lifetime_s": 90000,
-            "id_bits": None,
-            "suppress_below": 5,
-            "dp_epsilon": None,
-            "dp_epsilon_day": None,
-            "published": dict.fromkeys(STANDARD_PUBLISHES, True),
-        }
-        | privacy,
-    )
 
 
 def stored_seqs(store: Store, site: str, agent: str) -> list[int]:

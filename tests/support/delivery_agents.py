@@ -23,8 +23,7 @@ import nacl.signing
 from firmware_agent.contract.messages import AgentId, SiteId, counts_payload
 from firmware_agent.service.publish import BrokerSettings, Publisher
 from firmware_agent.service.spool import Spool, SpoolSettings
-from tests.support.agent_fleet import SimAgent, fast_seal, make_agents, window
-from tests.support.aggregator_harness import meta_of
+from tests.support.agent_fleet import SimAgent, fast_seal, make_agents, meta_of, window
 from tests.support.mqtt_broker import HOST
 
 WINDOW_S = 300
