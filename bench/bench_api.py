@@ -22,7 +22,7 @@ the hourly roll-ups, and agents' health counted from the day shown up to now (wh
 did before it was bounded to the day) instead of over the day.
 
 Usage: ``python bench/bench_api.py [--agents 20 --days 365 --repeat 30] [--pg DSN | --no-pg]
-[--keep]``; PostgreSQL from ``--pg``, else ``FOOTFALL_TEST_PG_DSN``, else the local server.
+[--keep] [--only sqlite|postgresql]``; PostgreSQL from ``--pg``, else ``FOOTFALL_TEST_PG_DSN``, else the local server.
 ``--keep`` keeps the databases (``bench/out/bench_api.sqlite3``, schema ``ff_bench_api``) and
 reuses them on the next run instead of building again.
 """
@@ -430,6 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=os.environ.get("FOOTFALL_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test"),
     )
     parser.add_argument("--no-pg", action="store_true")
+    parser.add_argument("--only", choices=("sqlite", "postgresql"), help="time one database")
     parser.add_argument("--keep", action="store_true", help="keep the databases, reuse them")
     args = parser.parse_args(argv)
     now = int(time.time())
@@ -437,6 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mid_year = today - timedelta(days=args.days // 2)
     days = [today, mid_year, latest_dst_change(ZONE, today, args.days)]
     kinds = ["sqlite"] if args.no_pg else ["sqlite", "postgresql"]
+    if args.only:
+        kinds = [args.only]
     out = []
     for kind in kinds:
         with database(kind, args.pg, args.keep) as settings, Store.open(settings) as store:
