@@ -23,12 +23,16 @@ goes to one then the other in turns (ABBA...): "before" and "after" under the sa
 on a shared machine moves a p95 more than most changes do. Both checkouts must be at the same
 migration head (each server migrates on start).
 
+``--writing``: meanwhile a thread holds SQLite's write lock 40 ms of every 100 ms, about what a
+full ingest batch takes (500 messages at ~63 µs of database each, and the commit): a reader in
+WAL mode never waits for it; a call that takes it does.
+
 Baselines, in process and in the same run: busy times from the 5-minute windows instead of
 the hourly roll-ups, and agents' health counted from the day shown up to now (what the page
 did before it was bounded to the day) instead of over the day.
 
 Usage: ``python bench/bench_api.py [--agents 20 --days 365 --repeat 30] [--pg DSN | --no-pg]
-[--keep] [--only sqlite|postgresql] [--against DIR]``; PostgreSQL from ``--pg``, else
+[--keep] [--only sqlite|postgresql] [--against DIR] [--writing]``; PostgreSQL from ``--pg``, else
 ``FOOTFALL_TEST_PG_DSN``, else the local server.
 ``--keep`` keeps the databases (``bench/out/bench_api.sqlite3``, schema ``ff_bench_api``) and
 reuses them on the next run instead of building again.
@@ -44,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -325,6 +330,26 @@ def served_by(root: Path, settings: StoreSettings) -> Iterator[str]:
         process.wait(30)
 
 
+@contextmanager
+def writing(store: Store) -> Iterator[None]:
+    """SQLite's write lock held 40 ms of every 100 ms by a thread (ingest's full batches)."""
+    stop = threading.Event()
+
+    def hold() -> None:
+        while not stop.is_set():
+            with store.begin():  # BEGIN IMMEDIATE: the write lock
+                time.sleep(0.04)
+            time.sleep(0.06)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def time_calls(
     store: Store, days: Sequence[date], repeat: int, against: Path | None = None
 ) -> list[Timing]:
@@ -521,6 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--against", type=Path, help="another checkout: time its app and this one's in turns"
     )
+    parser.add_argument("--writing", action="store_true", help="SQLite: hold the write lock")
     args = parser.parse_args(argv)
     now = int(time.time())
     today = datetime.fromtimestamp(now, zone(ZONE)).date()
@@ -544,7 +570,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{kind}: settled in {time.monotonic() - began:.0f} s", flush=True)
             print(f"{kind}: timing the site page's calls ...", flush=True)
             load = os.getloadavg()[0]
-            timings = time_calls(store, days, args.repeat, args.against)
+            with writing(store) if args.writing and kind == "sqlite" else contextlib.nullcontext():
+                timings = time_calls(store, days, args.repeat, args.against)
             loads = f"{load:.1f} then {os.getloadavg()[0]:.1f}"  # at the start, at the end
             out.append(report(f"{kind} ({store.where})", timings, days, loads))
             out.append(report_baselines(kind, mid_year, baselines(store, mid_year, args.repeat)))

@@ -38,10 +38,11 @@ def test_the_api_benchmark_runs_at_a_tiny_scale(capsys: pytest.CaptureFixture[st
 
 
 def test_the_api_benchmark_times_two_checkouts_in_turns(capsys: pytest.CaptureFixture[str]) -> None:
-    """``--against``: this checkout against itself, each served by a process of its own."""
+    """``--against``: this checkout against itself, each served by a process of its own, while
+    a thread holds the write lock now and then (``--writing``)."""
     bench = _bench()
     argv = ["--agents", "1", "--days", "1", "--repeat", "2", "--only", "sqlite"]
-    assert bench.main([*argv, "--against", str(REPO)]) == 0
+    assert bench.main([*argv, "--against", str(REPO), "--writing"]) == 0
     out = capsys.readouterr().out
     assert "before (--against) and after (this checkout) in turns" in out
     for label, _ in bench.calls("bench", bench.date(2026, 1, 1)):
