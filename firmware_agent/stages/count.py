@@ -47,7 +47,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from firmware_agent.kernels import kernel
-from firmware_agent.kernels.table import KeyedRows, rehash, slot
+from firmware_agent.kernels.table import KeyedRows, slot
 from firmware_agent.stages.batch import (
     DWELL_BANDS,
     DWELL_EDGES_MIN,
@@ -66,7 +66,9 @@ __all__ = ["WindowCounter"]
 
 # Device table columns (int64).
 # A row is 10 x 8 bytes and its key 8; with the slot lists (12 bytes a slot) and the table
-# between a quarter and a half full, a device costs 200-400 bytes here.
+# between a quarter and a half full, a device costs 200-400 bytes here. Growth and eviction
+# move rows within the same arrays (reserved at the ceiling's size): at the ceiling only the
+# eviction's sort comes on top (about 10 MB at the default 250,000 rows).
 _LAST, _VISIT_START, _RANDOM = range(3)
 _WIN, _WRSSI, _WFRAMES, _VISITOR = 3, 5, 7, 9  # _WIN, _WRSSI, _WFRAMES: two slots each
 _NCOLS = 10
@@ -290,7 +292,10 @@ class WindowCounter:
 
     def __init__(self, settings: CountSettings, capacity: int = 4096) -> None:
         self.settings = settings
-        self.table = KeyedRows(capacity, _NCOLS)
+        # The table never grows past the smallest power of two >= 2 * max_devices (it grows
+        # when half full, below the ceiling): reserved at once, it grows in place.
+        self._reserve = 1 << (2 * settings.max_devices - 1).bit_length()
+        self.table = KeyedRows(capacity, _NCOLS, self._reserve)
         self._acc = np.zeros((2, _NACC), np.int64)
         self._clock = np.array([_NONE, _NONE] + [0] * (_NCLOCK - 2), np.int64)
         self._lists = np.zeros((3, capacity // 2 + 1), np.int64)
@@ -358,16 +363,20 @@ class WindowCounter:
 
         Rows heard in an open window or in an open visit go only once no other is left (a
         venue with more devices than the ceiling within ``visit_gap_s``): their window then
-        counts fewer devices and their visit never ends. The rest are rehashed into a table
-        of the same size (every slot moves, so the slot lists are rebuilt).
+        counts fewer devices and their visit never ends. The rest are rehashed within the
+        same arrays (rows move, so the slot lists are rebuilt): at the default ceiling a
+        second table and a copy of the rows took another 66 MB for a moment (issue 18); the
+        columns read here and the sort take 10 MB.
         """
         keys, rows = self.table.keys, self.table.rows
         used = np.flatnonzero(keys)
         oldest = int(self._clock[_C_OLDEST]) // int(self._params[0])
-        r = rows[used]
-        busy = (r[:, _VISIT_START] != _NONE) | (r[:, _WIN] >= oldest) | (r[:, _WIN + 1] >= oldest)
-        order = np.lexsort((r[:, _LAST], busy))  # silent first, then the longest silent
+        busy = rows[used, _VISIT_START] != _NONE
+        busy |= rows[used, _WIN] >= oldest
+        busy |= rows[used, _WIN + 1] >= oldest
+        order = np.lexsort((rows[used, _LAST], busy))  # silent first, then the longest silent
         drop = used[order[: max(1, self.settings.max_devices // 8)]]
+        del used, busy, order
         keys[drop] = 0
         rows[drop] = 0
         self._clock[_C_USED] -= len(drop)
@@ -379,10 +388,7 @@ class WindowCounter:
                 "are evicted from now on in this epoch (footfall_devices_evicted_total)",
                 self.settings.max_devices,
             )
-        moved = KeyedRows(self.table.capacity, _NCOLS)
-        rehash(keys, rows, moved.keys, moved.rows)
-        self.table.wipe()
-        self.table = moved
+        self.table.rehash_in_place()
         self._relist()
 
     def close_until(self, until_ns: int, *, end_visits: bool) -> Iterator[WindowCounts]:
@@ -431,16 +437,18 @@ class WindowCounter:
         The wiped table is let go and a small one takes its place: a busy day's memory goes
         back to the system (numpy returns large arrays with ``munmap``)."""
         self.table.wipe()
-        self.table = KeyedRows(self._capacity, _NCOLS)
+        self.table = KeyedRows(self._capacity, _NCOLS, self._reserve)
         self._lists = np.zeros((3, self._capacity // 2 + 1), np.int64)
         self._clock[_C_USED] = self._clock[_C_EVICTED] = 0
         self._clock[_C_OPEN_VISITS] = self._clock[_C_HEARD] = self._clock[_C_HEARD + 1] = 0
         self._clock[_C_OLDEST] = start_ns
 
     def _relist(self) -> None:
-        """Rebuild the slot lists after the table moved its rows (grown)."""
+        """Rebuild the slot lists after the table moved its rows (grown or evicted): in place
+        when the table kept its size."""
         keys, rows = self.table.keys, self.table.rows
-        self._lists = np.zeros((3, self.table.capacity // 2 + 1), np.int64)
+        if self._lists.shape[1] != self.table.capacity // 2 + 1:
+            self._lists = np.zeros((3, self.table.capacity // 2 + 1), np.int64)
         oldest = int(self._clock[_C_OLDEST]) // int(self._params[0])
         used = keys != 0
         for p in (0, 1):

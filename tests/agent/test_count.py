@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from firmware_agent.contract.errors import ConfigError
+from firmware_agent.kernels.table import KeyedRows
 from firmware_agent.stages.batch import (
     DWELL_BANDS,
     FRAMES_PER_DEVICE,
@@ -286,3 +287,46 @@ def test_the_ceiling_evicts_the_longest_silent_devices_and_nothing_published_cha
     assert evicted == counter.evicted_total > 15_000
     counter.new_epoch(T0 + 86_400 * NS)
     assert (counter.table.capacity, counter.evicted, counter.evicted_total) == (64, 0, evicted)
+
+
+def test_rehash_in_place_leaves_every_row_where_a_lookup_finds_it() -> None:
+    """Eviction's in-place rehash: random tables with clusters that wrap around the end, a
+    random third of the keys zeroed, then rehashed in place: every kept key is found by
+    linear probing from its home (no empty slot before it) with its own row, every empty
+    slot's row is zeros, and nothing else is in the table."""
+    rng = np.random.default_rng(18)
+    for _ in range(300):
+        table = KeyedRows(64, 3)
+        keys = rng.integers(1, 2**63, 40, dtype=np.uint64)
+        keys[: rng.integers(0, 40)] |= np.uint64(56)  # homes 56-63: clusters wrap to slot 0
+        rows = {}
+        for key in np.unique(keys):
+            i = int(key) & 63
+            while table.keys[i]:
+                i = (i + 1) & 63
+            table.keys[i] = key
+            table.rows[i] = rows[int(key)] = rng.integers(-9, 9, 3)
+        for i in np.flatnonzero(rng.random(64) < 1 / 3):
+            rows.pop(int(table.keys[i]), None)
+            table.keys[i] = 0
+            table.rows[i] = 0
+        table.rehash_in_place()
+        for key, row in rows.items():
+            i = key & 63
+            while table.keys[i] != key:
+                assert table.keys[i] != 0
+                i = (i + 1) & 63
+            assert list(table.rows[i]) == list(row)
+        assert sorted(int(k) for k in table.keys if k) == sorted(rows)
+        assert not table.rows[table.keys == 0].any()
+
+
+def test_a_reserve_the_system_refuses_leaves_a_table_that_grows_by_copying() -> None:
+    """A reserve beyond any address space (2^43 slots) is refused: the table is the capacity
+    asked for, and grows into a new table with every row."""
+    table = KeyedRows(4, 2, reserve=1 << 43)
+    table.keys[1], table.rows[1] = 5, (7, 8)
+    bigger = table.grown()
+    assert (table.capacity, bigger.capacity) == (4, 8)
+    assert (int(bigger.keys[5]), list(bigger.rows[5])) == (5, [7, 8])
+    assert not table.keys.any()
