@@ -438,8 +438,9 @@ class Accounts:
         return secret
 
     def session_user(self, secret: str, now: int) -> User | None:
-        """The user of a live session, or None."""
-        with self.store.begin() as conn:
+        """The user of a live session, or None (read without the write lock: see
+        :meth:`token_user`)."""
+        with self.store.begin(read_only=True) as conn:
             row = conn.execute(
                 sa.select(users.c.id, users.c.name, users.c.role)
                 .join(sessions, sessions.c.user_id == users.c.id)
@@ -515,7 +516,7 @@ class Accounts:
         """The user of a live API token (neither revoked nor expired, its user enabled), or
         None; notes when it was last used (to the minute)."""
         t = api_tokens.c
-        with self.store.begin() as conn:
+        with self.store.begin(read_only=True) as conn:
             row = conn.execute(
                 sa.select(
                     users.c.id, users.c.name, users.c.role, t.id.label("token"), t.last_used_at
@@ -530,9 +531,14 @@ class Accounts:
             ).first()
             if row is None:
                 return None
-            if row.last_used_at is None or now - row.last_used_at >= 60:
+            user = self._user(conn, row.id, row.name, row.role)
+        # Every call reads in a read-only transaction, and only the first in a minute writes:
+        # on SQLite a writer's BEGIN IMMEDIATE waits for the write lock, which ingest's
+        # batches hold, so a call that wrote each time waited for ingest.
+        if row.last_used_at is None or now - row.last_used_at >= 60:
+            with self.store.begin() as conn:
                 conn.execute(api_tokens.update().where(t.id == row.token).values(last_used_at=now))
-            return self._user(conn, row.id, row.name, row.role)
+        return user
 
 
 def _check_password(password: str) -> None:

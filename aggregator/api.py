@@ -291,14 +291,18 @@ def dashboard_data(
     resolution = "hour" if first == last else "day"
     now = int(time.time())
     by = "hour" if resolution == "hour" else "day"
+    # Agents' health over the range's last day (a month of windows is too many to read).
+    day_start, day_end = found.counts.day_bounds(site, last, last)
+    # One transaction for it all: each one more is a pool check-out (a ping), BEGIN and
+    # COMMIT, three round trips to a server that a loaded machine is slow to schedule.
     with found.store.begin(read_only=True) as conn:
         busy = busy_times(conn, site, last)
         hours = hours_of(conn, site, first, last, by)
         before = hours_of(conn, site, before_first, before_last, by)
-        tiles = summary(conn, site, last if range_ != "day" else day, now)
-    # Agents' health over the range's last day (a month of windows is too many to read).
-    day_start, day_end = found.counts.day_bounds(site, last, last)
-    agents = found.store.agents(site.id, since=day_start, until=day_end)
+        # A day's tiles are of the day shown and the same weekday a week before: just read.
+        read = (hours, before) if range_ == "day" else None
+        tiles = summary(conn, site, last if range_ != "day" else day, now, read)
+        agents = found.store.agents(site.id, since=day_start, until=day_end, conn=conn)
     return {
         "site": asdict(site),
         "date": day.isoformat(),

@@ -195,15 +195,23 @@ def busy_times(conn: Connection, site: Site, last: date) -> list[list[float | No
     ``None`` where no hour published them."""
     h = site_hours.c
     start, end = Counts.day_bounds(site, last - timedelta(days=27), last)
-    query = sa.select(h.local_hour, h.arrivals_sum).where(
-        h.site_id == site.id, h.hour_start >= start, h.hour_start < end, h.arrivals_windows > 0
+    # Summed by the database: 168 rows instead of 672. An hour's local wall time is its start
+    # plus its offset (whole hours, even in a half-hour zone); 1970-01-01 was a Thursday (3).
+    local = h.hour_start + h.utc_offset_s
+    weekday = ((local // 86400 + 3) % 7).label("weekday")
+    hour = (local % 86400 // 3600).label("hour")
+    query = (
+        sa.select(weekday, hour, sa.func.sum(h.arrivals_sum), sa.func.count())
+        .where(
+            h.site_id == site.id, h.hour_start >= start, h.hour_start < end, h.arrivals_windows > 0
+        )
+        .group_by(weekday, hour)
     )
     sums = [[0] * 24 for _ in range(7)]
     seen = [[0] * 24 for _ in range(7)]
-    for local, arrivals in conn.execute(query):
-        day, hour = date.fromisoformat(local[:10]).weekday(), int(local[11:13])
-        sums[day][hour] += arrivals
-        seen[day][hour] += 1
+    for day, hour_of_day, arrivals, hours in conn.execute(query):
+        sums[day][hour_of_day] = int(arrivals)
+        seen[day][hour_of_day] = int(hours)
     return [
         [round(t / n, 1) if n else None for t, n in zip(tr, nr, strict=True)]
         for tr, nr in zip(sums, seen, strict=True)
@@ -233,18 +241,28 @@ def capture_rate(row: dict[str, Any] | None) -> float | None:
     return round(row["arrivals"] / heard, 3) if heard else None
 
 
-def summary(conn: Connection, site: Site, day: date, now: int) -> dict[str, Any]:
+def summary(
+    conn: Connection,
+    site: Site,
+    day: date,
+    now: int,
+    read: tuple[Sequence[sa.RowMapping], Sequence[sa.RowMapping]] | None = None,
+) -> dict[str, Any]:
     """A day's headline tiles: visitors (arrivals) so far, against the same weekday a week
     before up to the same local time, people in the shop now (the latest hour's occupancy),
-    the peak hour by arrivals, the median dwell and the capture rate."""
+    the peak hour by arrivals, the median dwell and the capture rate. ``read``: the day's
+    hours and those of the same weekday a week before (:func:`hours_of`), when the caller has
+    read them already (the site page's day range: two reads fewer)."""
     local_now = datetime.fromtimestamp(now, zone(site.timezone))
     # "So far" only for today; a past day is compared whole.
     until = f"{local_now.hour + 1:02d}:00" if day == local_now.date() else None
-    raw = hours_of(conn, site, day, day)
+    if read is None:
+        week_before = day - timedelta(days=7)
+        read = hours_of(conn, site, day, day), hours_of(conn, site, week_before, week_before)
+    raw, raw_before = read
     hours = group(raw, "hour")
     total = next(iter(group(raw, "range")), None)
-    week_before = day - timedelta(days=7)
-    before = next(iter(group(hours_of(conn, site, week_before, week_before), "range", until)), None)
+    before = next(iter(group(raw_before, "range", until)), None)
     arrivals = None if total is None else total["arrivals"]
     previous = None if before is None else before["arrivals"]
     change = (

@@ -17,12 +17,23 @@ is shown, and the page itself (HTML, with a session cookie); each on three local
 a mid-year day, the latest daylight-saving change in the site's zone), ``--repeat`` times
 each. Goal: p95 under 100 ms for every call.
 
+With ``--against DIR`` (another checkout, e.g. main's in a ``git worktree``), both checkouts'
+apps are served, each by uvicorn in a process of its own on the kept databases, and each call
+goes to one then the other in turns (ABBA...): "before" and "after" under the same load, which
+on a shared machine moves a p95 more than most changes do. Both checkouts must be at the same
+migration head (each server migrates on start).
+
+``--writing``: meanwhile a thread holds SQLite's write lock 40 ms of every 100 ms, about what a
+full ingest batch takes (500 messages at ~63 µs of database each, and the commit): a reader in
+WAL mode never waits for it; a call that takes it does.
+
 Baselines, in process and in the same run: busy times from the 5-minute windows instead of
 the hourly roll-ups, and agents' health counted from the day shown up to now (what the page
 did before it was bounded to the day) instead of over the day.
 
 Usage: ``python bench/bench_api.py [--agents 20 --days 365 --repeat 30] [--pg DSN | --no-pg]
-[--keep]``; PostgreSQL from ``--pg``, else ``FOOTFALL_TEST_PG_DSN``, else the local server.
+[--keep] [--only sqlite|postgresql] [--against DIR] [--writing]``; PostgreSQL from ``--pg``, else
+``FOOTFALL_TEST_PG_DSN``, else the local server.
 ``--keep`` keeps the databases (``bench/out/bench_api.sqlite3``, schema ``ff_bench_api``) and
 reuses them on the next run instead of building again.
 """
@@ -30,11 +41,14 @@ reuses them on the next run instead of building again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -61,6 +75,7 @@ from aggregator.store import Store, agents, metadata, windows  # noqa: E402
 from aggregator.verify import Accepted  # noqa: E402
 from firmware_agent.contract.messages import public_key_text, utc_text  # noqa: E402
 from tests.support.aggregator_harness import drop_schema  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
 from tests.support.web_harness import serve_app  # noqa: E402
 
 SITE = "bench"
@@ -228,6 +243,7 @@ class Timing:
     label: str
     samples_ms: list[float]
     rows: list[int]  # per date
+    side: str = ""  # with --against: "before" (that checkout) or "after" (this one)
 
     def p(self, q: float) -> float:
         ordered = sorted(self.samples_ms)
@@ -277,8 +293,68 @@ def calls(site: str, day: date) -> list[tuple[str, str]]:
     ]
 
 
-def time_calls(store: Store, days: Sequence[date], repeat: int) -> list[Timing]:
-    """Each call of the site page, on each day, ``repeat`` times (after one unmeasured)."""
+# The app of a checkout (argv: its root, store DSN, schema, port), as a process of its own.
+SERVER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import uvicorn
+from aggregator.app import create_app
+from aggregator.config import StoreSettings
+from aggregator.store import Store
+store = Store.open(StoreSettings(sys.argv[2], sys.argv[3]))
+uvicorn.run(create_app(store), host="127.0.0.1", port=int(sys.argv[4]), log_level="warning")
+"""
+
+
+@contextmanager
+def served_by(root: Path, settings: StoreSettings) -> Iterator[str]:
+    """The app of the checkout at ``root`` on the store of ``settings``, served by uvicorn in
+    a process of its own, as ``footfall-aggregator serve`` is; its base URL."""
+    port = free_port()
+    argv = [sys.executable, "-c", SERVER, str(root), settings.dsn, settings.schema, str(port)]
+    process = subprocess.Popen(argv)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{url}/login", timeout=1)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None, f"{root}'s server exited"
+                assert time.monotonic() < deadline, f"{root}'s server did not start"
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+@contextmanager
+def writing(store: Store) -> Iterator[None]:
+    """SQLite's write lock held 40 ms of every 100 ms by a thread (ingest's full batches)."""
+    stop = threading.Event()
+
+    def hold() -> None:
+        while not stop.is_set():
+            with store.begin():  # BEGIN IMMEDIATE: the write lock
+                time.sleep(0.04)
+            time.sleep(0.06)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def time_calls(
+    store: Store, days: Sequence[date], repeat: int, against: Path | None = None
+) -> list[Timing]:
+    """Each call of the site page, on each day, ``repeat`` times (after one unmeasured); with
+    ``against``, to that checkout's server and this one's in turns."""
     accounts = Accounts(store)
     now = int(time.time())
     name = f"merchant-{uuid.uuid4().hex[:8]}"
@@ -287,22 +363,36 @@ def time_calls(store: Store, days: Sequence[date], repeat: int) -> list[Timing]:
     (user,) = [u for u in accounts.users() if u.name == name]
     headers = {"Authorization": f"Bearer {accounts.add_token(user, 'bench', now)}"}
     cookies = {SESSION_COOKIE: accounts.open_session(user, now, 3600)}
-    timings: dict[str, Timing] = {}
-    with (
-        serve_app(store) as url,
-        httpx.Client(base_url=url, headers=headers, timeout=60) as api,
-        httpx.Client(base_url=url, cookies=cookies, timeout=60) as browser,
-    ):
+    timings: dict[tuple[str, str], Timing] = {}
+    with contextlib.ExitStack() as stack:
+        if against is None:
+            urls = {"": stack.enter_context(serve_app(store))}
+        else:
+            urls = {
+                "before": stack.enter_context(served_by(against, store.settings)),
+                "after": stack.enter_context(served_by(REPO, store.settings)),
+            }
+        clients = {  # per side: (API client, browser client)
+            side: (
+                stack.enter_context(httpx.Client(base_url=url, headers=headers, timeout=60)),
+                stack.enter_context(httpx.Client(base_url=url, cookies=cookies, timeout=60)),
+            )
+            for side, url in urls.items()
+        }
         for day in days:
             for label, path in calls(SITE, day):
-                client = browser if path.startswith("/sites/") else api
-                timing = timings.setdefault(label, Timing(label, [], []))
-                timing.rows.append(_rows_of(client.get(path)))
-                for _ in range(repeat):
-                    began = time.perf_counter()
-                    answer = client.get(path)
-                    timing.samples_ms.append(1000 * (time.perf_counter() - began))
-                    assert answer.status_code == 200, answer.text
+                page = path.startswith("/sites/")
+                for side, pair in clients.items():
+                    timing = timings.setdefault((label, side), Timing(label, [], [], side))
+                    timing.rows.append(_rows_of(pair[page].get(path)))
+                for i in range(repeat):
+                    for side in list(clients)[:: 1 if i % 2 == 0 else -1]:
+                        began = time.perf_counter()
+                        answer = clients[side][page].get(path)
+                        timings[(label, side)].samples_ms.append(
+                            1000 * (time.perf_counter() - began)
+                        )
+                        assert answer.status_code == 200, answer.text
     return list(timings.values())
 
 
@@ -369,11 +459,13 @@ def baselines(store: Store, day: date, repeat: int) -> list[tuple[str, float, st
     ]
 
 
-def report(where: str, timings: Sequence[Timing], days: Sequence[date]) -> str:
+def report(where: str, timings: Sequence[Timing], days: Sequence[date], load: str) -> str:
     dates = ", ".join(d.isoformat() for d in days)
+    if timings[0].side:
+        return report_pairs(where, timings, dates, load)
     out = [
         f"\n{where}: p50 / p95 / max over {len(timings[0].samples_ms)} calls each "
-        f"(days {dates}); rows per day",
+        f"(days {dates}; load average {load}); rows per day",
         "",
         "| call | p50 ms | p95 ms | max ms | rows | p95 < 100 ms |",
         "|---|---:|---:|---:|---|---|",
@@ -384,6 +476,25 @@ def report(where: str, timings: Sequence[Timing], days: Sequence[date]) -> str:
         out.append(
             f"| {t.label} | {t.p(0.5):.1f} | {t.p(0.95):.1f} | {max(t.samples_ms):.1f} | "
             f"{rows} | {verdict} |"
+        )
+    return "\n".join(out)
+
+
+def report_pairs(where: str, timings: Sequence[Timing], dates: str, load: str) -> str:
+    """The table of ``--against``: each call's p50 and p95, before and after."""
+    out = [
+        f"\n{where}: p50 / p95 in ms over {len(timings[0].samples_ms)} calls each, before "
+        f"(--against) and after (this checkout) in turns (days {dates}; load average {load})",
+        "",
+        "| call | before p50 | before p95 | after p50 | after p95 | after p95 < 100 ms |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    sides = {(t.label, t.side): t for t in timings}
+    for label in dict.fromkeys(t.label for t in timings):
+        before, after = sides[(label, "before")], sides[(label, "after")]
+        out.append(
+            f"| {label} | {before.p(0.5):.1f} | {before.p(0.95):.1f} | {after.p(0.5):.1f} | "
+            f"{after.p(0.95):.1f} | {'yes' if after.ok else '**no**'} |"
         )
     return "\n".join(out)
 
@@ -430,13 +541,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=os.environ.get("FOOTFALL_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test"),
     )
     parser.add_argument("--no-pg", action="store_true")
+    parser.add_argument("--only", choices=("sqlite", "postgresql"), help="time one database")
     parser.add_argument("--keep", action="store_true", help="keep the databases, reuse them")
+    parser.add_argument(
+        "--against", type=Path, help="another checkout: time its app and this one's in turns"
+    )
+    parser.add_argument("--writing", action="store_true", help="SQLite: hold the write lock")
     args = parser.parse_args(argv)
     now = int(time.time())
     today = datetime.fromtimestamp(now, zone(ZONE)).date()
     mid_year = today - timedelta(days=args.days // 2)
     days = [today, mid_year, latest_dst_change(ZONE, today, args.days)]
     kinds = ["sqlite"] if args.no_pg else ["sqlite", "postgresql"]
+    if args.only:
+        kinds = [args.only]
     out = []
     for kind in kinds:
         with database(kind, args.pg, args.keep) as settings, Store.open(settings) as store:
@@ -451,8 +569,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             settle(store)
             print(f"{kind}: settled in {time.monotonic() - began:.0f} s", flush=True)
             print(f"{kind}: timing the site page's calls ...", flush=True)
-            timings = time_calls(store, days, args.repeat)
-            out.append(report(f"{kind} ({store.where})", timings, days))
+            load = os.getloadavg()[0]
+            with writing(store) if args.writing and kind == "sqlite" else contextlib.nullcontext():
+                timings = time_calls(store, days, args.repeat, args.against)
+            loads = f"{load:.1f} then {os.getloadavg()[0]:.1f}"  # at the start, at the end
+            out.append(report(f"{kind} ({store.where})", timings, days, loads))
             out.append(report_baselines(kind, mid_year, baselines(store, mid_year, args.repeat)))
             print(out[-2] + "\n" + out[-1], flush=True)
     print("\n".join(out))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from aggregator.errors import RegistryError
@@ -149,11 +150,16 @@ class Health(Database):
         return sa.func.least(a, b) if self.dialect == "postgresql" else sa.func.min(a, b)
 
     def agents(
-        self, site: str | None = None, since: int | None = None, until: int | None = None
+        self,
+        site: str | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        conn: Connection | None = None,
     ) -> list[AgentHealth]:
         """Every agent (of one site), with its health; with ``since`` (and ``until``, Unix s),
         the windows stored and missing count only those from then on (and before then): a
-        quick look at a big store.
+        quick look at a big store. Read in ``conn``'s transaction when given (the site page's
+        other reads' one), else in a read-only one of its own.
 
         Missing windows are the gaps in an agent's stored seqs, and (but with ``until``) those
         after its last stored one up to the ``last_seq`` of its last status: windows it made
@@ -163,6 +169,9 @@ class Health(Database):
         and ``footfall-aggregator quarantine`` shows them). ``spool_filling``: its last status
         said more than :data:`SPOOL_FILLING` windows wait in its spool (the aggregator does
         not store them, or the agent cannot reach the broker)."""
+        if conn is None:
+            with self.begin(read_only=True) as own:
+                return self.agents(site, since, until, own)
         a = agents.c
         scope: ColumnElement[bool] = sa.true()
         listed = sa.select(
@@ -181,9 +190,12 @@ class Health(Database):
             a.status_last_seq,
             a.counts_v,
         ).order_by(a.site_id, a.agent_id)
+        refusals_read = sa.select(receipts.c.agent_key, receipts.c.refused)
         if site is not None:
+            keys = sa.select(a.agent_key).where(a.site_id == site)
             listed = listed.where(a.site_id == site)
-            scope &= windows.c.agent_key.in_(sa.select(a.agent_key).where(a.site_id == site))
+            scope &= windows.c.agent_key.in_(keys)
+            refusals_read = refusals_read.where(receipts.c.agent_key.in_(keys))
         if since is not None or until is not None:
             # Both bounds, always: given one, SQLite's planner reads every window of an agent
             # in primary key order instead of the (agent, window start) index's range.
@@ -205,26 +217,22 @@ class Health(Database):
             .where(scope)
             .group_by(w.agent_key)
         )
-        with self.begin(read_only=True) as conn:
-            rows = conn.execute(listed).all()
-            figures = {row[0]: row[1:] for row in conn.execute(stored)}
-            # Only an agent with a seq not stored between its first and its last (in scope)
-            # can miss windows between them: the gaps (a LAG over every window in scope) are
-            # read for those agents alone (for all 20 agents of a day: 55-77 ms, most of the
-            # site page's time).
-            holed = sorted(
-                key for key, (count, _, _, last, first) in figures.items() if last - first >= count
-            )
-            gapped: dict[int, int] = {}
-            if holed:
-                gaps = self._gaps(scope & w.agent_key.in_(holed))
-                lost = sa.func.sum(sa.case((gaps.c.missing > 0, gaps.c.missing), else_=0))
-                query = sa.select(gaps.c.agent_key, lost).group_by(gaps.c.agent_key)
-                gapped = {key: int(missing) for key, missing in conn.execute(query)}
-            refused = {
-                key: json.loads(text)
-                for key, text in conn.execute(sa.select(receipts.c.agent_key, receipts.c.refused))
-            }
+        rows = conn.execute(listed).all()
+        figures = {row[0]: row[1:] for row in conn.execute(stored)}
+        # Only an agent with a seq not stored between its first and its last (in scope)
+        # can miss windows between them: the gaps (a LAG over every window in scope) are
+        # read for those agents alone (for all 20 agents of a day: 55-77 ms, most of the
+        # site page's time).
+        holed = sorted(
+            key for key, (count, _, _, last, first) in figures.items() if last - first >= count
+        )
+        gapped: dict[int, int] = {}
+        if holed:
+            gaps = self._gaps(scope & w.agent_key.in_(holed))
+            lost = sa.func.sum(sa.case((gaps.c.missing > 0, gaps.c.missing), else_=0))
+            query = sa.select(gaps.c.agent_key, lost).group_by(gaps.c.agent_key)
+            gapped = {key: int(missing) for key, missing in conn.execute(query)}
+        refused = {key: json.loads(text) for key, text in conn.execute(refusals_read)}
         out = []
         for row in rows:
             count, first, last, last_seq, first_seq = figures.get(

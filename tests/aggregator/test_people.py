@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from aggregator.people import figures, summary
+from aggregator.people import busy_times, figures, summary
 from aggregator.query import Counts
 from aggregator.store import Store
 from aggregator.verify import Accepted, Verifier
@@ -198,3 +198,35 @@ def test_hourly_windows_and_5_minute_windows_of_the_same_people_read_the_same(
                     assert x[name] == y[name], (resolution, x["local"], name)
                 assert abs(x["occupancy_mean"] - y["occupancy_mean"]) <= 0.015 + 1e-9
                 assert x["occupancy_peak"] == y["occupancy_peak"]
+
+
+def test_busy_times_are_each_weekday_and_local_hours_mean_across_a_clock_change(
+    store: Store,
+) -> None:
+    """The database groups the hours by local weekday and hour (from each hour's start and
+    offset): in a half-hour zone, over 4 weeks with a daylight-saving change, the means equal
+    those of the hours' own local labels."""
+    agent = Agent("s1", "a1")
+    store.add_site("s1", "Shop", "Australia/Adelaide", NOW)  # +09:30, +10:30 from 4 October
+    store.add_agent("s1", agent.agent, agent.public_key, NOW)
+    last = date(2026, 10, 18)
+    start = int(datetime(2026, 9, 20, 12, tzinfo=ZoneInfo("UTC")).timestamp())
+    bodies = [
+        window("2026-01-01T00:00", (i * 5) % 11, 1.0, 2)
+        | {"window_start": start + 3600 * i, "window_s": 3600}
+        for i in range(28 * 24)
+    ]
+    ingest(store, agent, bodies)
+    site = Counts(store).site("s1")
+    with store.begin(read_only=True) as conn:
+        busy = busy_times(conn, site, last)
+        hours = figures(conn, site, date(2026, 9, 21), last, "hour")
+    sums: dict[tuple[int, int], list[int]] = {}
+    for hour in hours:
+        day = date.fromisoformat(hour["local"][:10]).weekday()
+        sums.setdefault((day, int(hour["local"][11:13])), []).append(hour["arrivals"])
+    assert busy == [
+        [round(sum(v) / len(v), 1) if (v := sums.get((d, h))) else None for h in range(24)]
+        for d in range(7)
+    ]
+    assert (len(sums[(0, 2)]), len(sums[(6, 2)])) == (4, 3)  # 4 October had no 02:00
