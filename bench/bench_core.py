@@ -32,12 +32,13 @@ from pathlib import Path
 from scapy.layers.dot11 import Dot11, RadioTap
 from scapy_dissect import dissect
 
+from firmware_agent import BUNDLED_SAMPLE
 from firmware_agent.settings import load_config
 from firmware_agent.stages.batch import KIND_PROBE, LINKTYPE_RADIOTAP, FrameBatch
 from firmware_agent.stages.capture import CaptureReader
 from firmware_agent.stages.parse import parse_batch
 from firmware_agent.stages.pipeline import Pipeline
-from firmware_agent.tools.synthetic import SAMPLE_PATH, SyntheticSpec, write_synthetic_capture
+from firmware_agent.tools.synthetic import SyntheticSpec, write_synthetic_capture
 
 OUT = Path(__file__).resolve().parent / "out"
 AGENT = [sys.executable, "-m", "firmware_agent.cli"]
@@ -127,7 +128,9 @@ def warm_start_s() -> float:
     times = []
     for _ in range(5):
         start = time.perf_counter()
-        subprocess.run([*AGENT, "replay", str(SAMPLE_PATH)], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [*AGENT, "replay", str(BUNDLED_SAMPLE)], check=True, stdout=subprocess.DEVNULL
+        )
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

@@ -41,12 +41,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from firmware_agent import BUNDLED_SAMPLE
 from firmware_agent.settings import load_config
 from firmware_agent.stages.batch import KIND_PROBE
 from firmware_agent.stages.capture import CaptureReader
 from firmware_agent.stages.parse import parse_batch
 from firmware_agent.stages.pipeline import Pipeline
-from firmware_agent.tools.synthetic import SAMPLE_PATH, SyntheticSpec, write_synthetic_capture
+from firmware_agent.tools.synthetic import SyntheticSpec, write_synthetic_capture
 
 OUT = Path(__file__).resolve().parent / "out"
 SHARED = Path(__file__).resolve().parents[2] / "shared/data/pcaps"
@@ -225,7 +226,7 @@ def main() -> None:
     subprocess.run(
         [*AGENT, "build-kernels"], env=_env(kernels), check=True, stdout=subprocess.DEVNULL
     )
-    _in_process(SAMPLE_PATH, 1)  # the JIT compiles (or loads its cache) outside the timings
+    _in_process(BUNDLED_SAMPLE, 1)  # the JIT compiles (or loads its cache) outside the timings
     print(f"load average at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
 
     if not args.memory_only:

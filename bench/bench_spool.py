@@ -30,6 +30,7 @@ from pathlib import Path
 
 import nacl.signing
 
+from firmware_agent import BUNDLED_SAMPLE
 from firmware_agent.service.config import AgentConfig
 from firmware_agent.service.run import _counts_message
 from firmware_agent.service.spool import Spool, SpoolSettings
@@ -38,14 +39,13 @@ from firmware_agent.stages.batch import WindowCounts
 from firmware_agent.stages.capture import CaptureReader
 from firmware_agent.stages.pipeline import Pipeline
 from firmware_agent.stages.privacy import epoch_label
-from firmware_agent.tools.synthetic import SAMPLE_PATH
 
 OUT = Path(__file__).resolve().parent / "out"
 
 
 def windows(config: AgentConfig, n: int) -> list[WindowCounts]:
     """The sample's windows, repeated with advancing starts, ``n`` of them."""
-    with CaptureReader(SAMPLE_PATH) as reader:
+    with CaptureReader(BUNDLED_SAMPLE) as reader:
         real = list(Pipeline(config).run(reader))
     step = config.count.window_s
     return [

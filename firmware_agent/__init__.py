@@ -13,4 +13,10 @@ settings class, and :mod:`firmware_agent.settings` makes the registry of them al
 :mod:`firmware_agent.cli` is ``footfall-agent``.
 """
 
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+BUNDLED_SAMPLE = Path(__file__).with_name("data") / "sample.pcap"
+"""The synthetic capture shipped with the package: the demo's and the doctor's source, written
+by ``python -m firmware_agent.tools.synthetic --sample``."""

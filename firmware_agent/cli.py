@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import nacl.signing
 
-from firmware_agent import __version__
+from firmware_agent import BUNDLED_SAMPLE, __version__
 from firmware_agent.contract.checks import exit_status, print_table
 from firmware_agent.contract.command_line import run_command
 from firmware_agent.contract.errors import AgentError
@@ -38,8 +38,6 @@ if TYPE_CHECKING:
 # 'enrol' and --help need not wait for (tests/agent/test_settings.py).
 
 log = logging.getLogger("footfall.agent")
-
-BUNDLED_SAMPLE = Path(__file__).with_name("data") / "sample.pcap"
 
 
 class Progress:

@@ -41,7 +41,7 @@ from typing import Any
 
 import nacl.signing
 
-from firmware_agent import kernels
+from firmware_agent import BUNDLED_SAMPLE, kernels
 from firmware_agent.contract.checks import FAIL, OK, SKIP, WARN, Finding
 from firmware_agent.contract.errors import AgentError, BrokerError, MessageError
 from firmware_agent.contract.messages import (
@@ -66,7 +66,6 @@ __all__ = ["run_checks"]
 _CAP_NET_ADMIN, _CAP_NET_RAW = 12, 13
 _MIN_FREE_BYTES = 50 << 20
 _TIME_ERROR = 5  # adjtimex(2): the clock is not synchronised
-_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample.pcap"
 _RECEIPT_WAIT_S = 2.0  # a retained receipt arrives right after the subscription
 
 
@@ -333,7 +332,7 @@ def _kernels() -> Iterator[Any]:
 
 def _replay_sample(config: AgentConfig) -> float:
     started = time.monotonic()
-    with CaptureReader(_SAMPLE, in_place=True) as reader:
+    with CaptureReader(BUNDLED_SAMPLE, in_place=True) as reader:
         for _ in Pipeline(config).run(reader):
             pass
     return time.monotonic() - started

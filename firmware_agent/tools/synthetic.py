@@ -37,18 +37,17 @@ import sys
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 
+from firmware_agent import BUNDLED_SAMPLE
 from firmware_agent.contract.errors import ConfigError
 from firmware_agent.contract.fields import DWELL_BANDS
 
 I64 = NDArray[np.int64]
 U8 = NDArray[np.uint8]
 
-SAMPLE_PATH = Path(__file__).resolve().parents[1] / "data" / "sample.pcap"
 
 _CHANNELS = np.array([1, 6, 11], dtype=np.int64)
 _FREQS = np.array([2412, 2437, 2462], dtype=np.int64)
@@ -800,7 +799,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("OUT is required (or --sample)")
     try:
         spec = SAMPLE_SPEC if sample else SyntheticSpec(**given)
-        truth = write_synthetic_capture(out or SAMPLE_PATH, spec)
+        truth = write_synthetic_capture(out or BUNDLED_SAMPLE, spec)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

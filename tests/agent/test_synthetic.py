@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from scapy.layers.dot11 import Dot11, Dot11Elt, Dot11FCS, Dot11ProbeReq, RadioTap
 from scapy.utils import rdpcap
 
+from firmware_agent import BUNDLED_SAMPLE
 from firmware_agent.contract.errors import ConfigError
 from firmware_agent.tools.synthetic import (
-    SAMPLE_PATH,
     SAMPLE_SPEC,
     SyntheticSpec,
     SyntheticTruth,
@@ -239,11 +239,11 @@ def test_command_line_prints_truth(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_bundled_sample_is_reproducible(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert SAMPLE_PATH.is_file(), "run: python -m firmware_agent.tools.synthetic --sample"
-    assert SAMPLE_PATH.stat().st_size < 2_000_000
+    assert BUNDLED_SAMPLE.is_file(), "run: python -m firmware_agent.tools.synthetic --sample"
+    assert BUNDLED_SAMPLE.stat().st_size < 2_000_000
     fresh = tmp_path / "sample.pcap"
     assert main(["--sample", str(fresh)]) == 0
     truth = json.loads(capsys.readouterr().out)
-    assert fresh.read_bytes() == SAMPLE_PATH.read_bytes()
+    assert fresh.read_bytes() == BUNDLED_SAMPLE.read_bytes()
     assert truth["frames"] == SAMPLE_SPEC.frames and truth["devices"] == SAMPLE_SPEC.devices
     assert 2 * 3600 <= (truth["last_ts_ns"] - truth["first_ts_ns"]) / 1e9 <= 4 * 3600
