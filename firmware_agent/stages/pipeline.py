@@ -26,10 +26,9 @@ Windows close on the frames' own clock. A live source also gives the wall clock
 capture stalled) only where the sensor *normally hears something*: the median frames of the
 epoch's windows with frames so far is at least :data:`NORMAL_FRAMES`. Elsewhere a silent
 window is a quiet one: its figures are published (zero people), not a gap. The rule is causal
-(only windows already closed) and is the one the 101 lab days are scored by
-(tests/support/lab_days.py, over the whole day there): at a median of 10 frames a window, a silent
-one
-is an outage (P < 5e-5 for a Poisson count). It is per window whatever ``window_s`` is, since
+(only windows already closed), and the 101 lab days are scored by this very flag
+(tests/support/lab_days.py): at a median of 10 frames a window, a silent one is an outage
+(P < 5e-5 for a Poisson count). It is per window whatever ``window_s`` is, since
 it is a window's count that falls to zero by chance. Until the epoch has a window with frames
 (its first windows, after midnight) the previous epoch's windows decide, so a radio that died
 before midnight stays a gap after it and a quiet site's night stays zeros; before any frame at

@@ -8,10 +8,10 @@ settings and the capture's size), so re-scoring, re-calibrating or regenerating 
 change elsewhere takes seconds.
 
 **Scored windows**: 5-minute windows whose start is 06:00-22:00 Prague time and whose truth
-covers at least half of them (``Truth.window``). A window in which the sensor heard no frame
-while it normally hears many (the day's median window with frames holds at least
-:data:`NORMAL_FRAMES`: a zero is then an outage, P < 5e-5 for a Poisson count) is **missing**: it
-is counted as such and not scored, never as an empty room.
+covers at least half of them (``Truth.window``). A window the agent marks ``no_data`` (nothing
+heard while the epoch's median window with frames holds at least
+:data:`~firmware_agent.stages.pipeline.NORMAL_FRAMES`: a zero is then an outage, P < 5e-5 for a
+Poisson count) is **missing**: it is counted as such and not scored, never as an empty room.
 
 **Out of sample**: the days in date order are dealt into :data:`FOLDS` folds (day ``i`` into
 fold ``i % FOLDS``); each fold is scored with the calibration fitted on the other folds' days
@@ -46,8 +46,8 @@ from tests.support.truth_fryza import LAB_ZONE
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / "bench" / "out" / "lab"
+CACHED = ("start", "people_est", "probes", "no_data")  # a cached day's columns, per window
 FOLDS = 2
-NORMAL_FRAMES = 10  # frames in the day's median window with frames: a zero window is an outage
 HOURS = (6, 22)  # local hours scored, [start, end)
 OCCUPIED = 3  # people: an occupied window (MAE and MAPE)
 LEVELS: tuple[tuple[str, float, float], ...] = (
@@ -109,10 +109,12 @@ def replay_sources() -> list[Path]:
 
 
 def code_digest(config: AgentConfig) -> str:
-    """Digest of the replay's code and the estimate settings: what a cached replay depends on
-    (a change elsewhere in the agent, the MQTT client say, keeps the cache and the doc)."""
+    """Digest of the replay's code, the estimate settings and the cached columns: what a cached
+    replay depends on (a change elsewhere in the agent, the MQTT client say, keeps the cache
+    and the doc)."""
     h = hashlib.sha256(repr(config.estimate).encode())
     h.update(repr(config.epoch).encode())
+    h.update(repr(CACHED).encode())
     for path in replay_sources():
         h.update(path.name.encode() + path.read_bytes())
     return h.hexdigest()[:16]
@@ -120,12 +122,14 @@ def code_digest(config: AgentConfig) -> str:
 
 @dataclass(frozen=True, slots=True)
 class DayWindows:
-    """One day replayed: per window its start (Unix s), people_est and probe requests."""
+    """One day replayed: per window its start (Unix s), people_est, probe requests and
+    whether the agent marked it no data (an outage)."""
 
     date: str
     start: NDArray[np.int64]
     people_est: NDArray[np.int64]
     probes: NDArray[np.int64]
+    no_data: NDArray[np.bool_]
     seconds: float  # the replay's time (0 when read from the cache)
 
 
@@ -135,21 +139,25 @@ def replay_day(day: LabDay, config: AgentConfig, cache: Path | None = CACHE) -> 
     if cache is not None:
         where = cache / code_digest(config) / f"{day.date}-{day.path.stat().st_size}.json"
         if where.exists():
-            saved = json.loads(where.read_text())
-            keys = ("start", "people_est", "probes")
-            return DayWindows(day.date, *(np.array(saved[k], np.int64) for k in keys), 0.0)
+            start, people, probes, no_data = (json.loads(where.read_text())[k] for k in CACHED)
+            return DayWindows(
+                day.date, np.array(start, np.int64), np.array(people, np.int64),
+                np.array(probes, np.int64), np.array(no_data, np.bool_), 0.0,
+            )  # fmt: skip
     began = time.perf_counter()
     result = replay(day.path, config)
     seconds = time.perf_counter() - began
     start = [w.window_start for w in result.windows]
     people = [int(w.people_est or 0) for w in result.windows]
     probes = [w.probe_requests for w in result.windows]
+    no_data = [w.no_data for w in result.windows]
     if where is not None:
         where.parent.mkdir(parents=True, exist_ok=True)
-        where.write_text(json.dumps({"start": start, "people_est": people, "probes": probes}))
+        columns = (start, people, probes, no_data)
+        where.write_text(json.dumps(dict(zip(CACHED, columns, strict=True))))
     return DayWindows(
         day.date, np.array(start, np.int64), np.array(people, np.int64),
-        np.array(probes, np.int64), seconds,
+        np.array(probes, np.int64), np.array(no_data, np.bool_), seconds,
     )  # fmt: skip
 
 
@@ -160,28 +168,27 @@ class Scored:
     date: str
     people_est: NDArray[np.int64]
     truth: NDArray[np.float64]
-    missing: int  # windows 06-22 with truth but no frame (an outage): not scored
+    missing: int  # windows 06-22 with truth that the agent marked no data: not scored
 
 
 def scored(day: DayWindows, truth: Truth, window_s: int = 300) -> Scored:
-    """The day's windows 06-22 local that the truth covers; outages left out and counted."""
+    """The day's windows 06-22 local that the truth covers; the windows the agent marked no
+    data (outages) left out and counted."""
     if day.start.size:  # the rows that can cover the day: window() is linear in the rows
         lo = max(int(np.searchsorted(truth.times, day.start[0], "right")) - 1, 0)
         hi = int(np.searchsorted(truth.times, day.start[-1] + window_s, "right")) + 1
         truth = Truth(truth.times[lo:hi], truth.people[lo:hi])
-    heard = day.probes[day.probes > 0]
-    normal = heard.size > 0 and float(np.median(heard)) >= NORMAL_FRAMES
     est: list[int] = []
     tru: list[float] = []
     missing = 0
-    for start, people, probes in zip(day.start, day.people_est, day.probes, strict=True):
+    for start, people, no_data in zip(day.start, day.people_est, day.no_data, strict=True):
         hour = datetime.fromtimestamp(int(start), LAB_ZONE).hour
         if not HOURS[0] <= hour < HOURS[1]:
             continue
         value = truth.window(int(start), window_s)
         if value is None:
             continue
-        if probes == 0 and normal:
+        if no_data:
             missing += 1
             continue
         est.append(int(people))
