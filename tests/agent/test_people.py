@@ -69,6 +69,33 @@ def test_the_kernel_equals_its_plain_python_twin(seed: int, window_s: int, batch
     assert max(w.occupancy_peak for w in got) > 2
 
 
+def test_a_visit_the_input_cuts_short_arrives_at_its_end() -> None:
+    """Strong for 30 s when the input ends: cut short, not walking past, so it arrives in the
+    last window (the twin agrees); weak then, or strong but gone long before: passers-by."""
+    settings = PeopleSettings(window_s=300, lateness_s=0, min_dwell_s=60, visit_gap_s=600)
+    start = 1_709_625_600 * NS
+    end = start + 3600 * NS
+    frames = [  # (s since start, chain, dBm)
+        *((s, 0, -60) for s in (600, 615)),  # strong, heard 15 s, an hour before the end
+        *((s, 1, -60) for s in (3570, 3585, 3599)),  # strong, the last 30 s
+        *((s, 2, -90) for s in (3575, 3590)),  # weak, the last 25 s
+    ]
+    frames.sort()
+    ts = np.array([start + s * NS for s, _, _ in frames], np.int64)
+    chain = np.array([c for _, c, _ in frames], np.int64)
+    rssi = np.array([r for _, _, r in frames], np.int16)
+    thresholds = np.full(len(ts), -75, np.int16)
+    counter = PeopleCounter(settings)
+    got = counter.add(np.full(len(ts), KIND_PROBE, np.uint8), ts, chain, rssi, thresholds)
+    got += counter.close_until(end, end_visits=True)
+    rows = zip(ts.tolist(), chain.tolist(), rssi.tolist(), thresholds.tolist(), strict=True)
+    assert got == reference_people(rows, settings, end)
+    last = got[-1]
+    assert (last.arrivals, last.visits_ended, last.passersby) == (1, 1, 1)
+    assert last.dwell_minutes["lt5"] == 1 and last.occupancy_peak == 0
+    assert sum(w.arrivals for w in got) == 1 and sum(w.passersby for w in got) == 2
+
+
 def test_a_hold_longer_than_the_visit_gap_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"must be from 1 s to count\.visit_gap_s"):
         PeopleSettings(visit_gap_s=60, hold_s=120)

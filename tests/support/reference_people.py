@@ -59,10 +59,15 @@ def reference_people(
                     break
             last = visit[-1][0]
             end = min(last + gap, until_ns - 1)
-            if arrived is None:
+            near = best == RSSI_MISSING or best >= visit[-1][2]
+            if arrived is None and near and until_ns - visit[0][0] < dwell:
+                arrived = len(visit)  # cut short by the input's end: it arrives there
+                events[end // w * w]["arrivals"] += 1
+            elif arrived is None:
                 events[end // w * w]["passersby"] += 1
                 continue
-            events[visit[arrived][0] // w * w]["arrivals"] += 1
+            else:
+                events[visit[arrived][0] // w * w]["arrivals"] += 1
             times = [t for t, _, _ in visit[arrived:]]
             became = next((t for t in times if static and t - visit[0][0] >= static), None)
             if became is not None:  # a static device: out of occupancy, its end counts nothing
