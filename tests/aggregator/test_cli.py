@@ -4,6 +4,7 @@ and an aggregator that never loads the agent's hot path."""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import subprocess
 import sys
@@ -91,6 +92,41 @@ def test_a_failed_enrol_leaves_no_store_behind(
     assert run(capsys, "enroll", *enrol) == (0, "agent shop-1/door enrolled\n", "")
 
 
+def test_the_admins_commands_do_nothing_when_they_fail(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    dsn: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bad site or account makes no database; an installer granted a site that does not
+    exist is not added (else the fixed command says 'already exists')."""
+
+    def users_add(*sites: str, password: str = "installer-pw-1") -> tuple[int, str, str]:
+        monkeypatch.setattr("sys.stdin", io.StringIO(password + "\n"))
+        granted = [arg for site in sites for arg in ("--site", site)]
+        return run(capsys, "users", "add", "ines", "--role", "installer", *granted,
+                   "--password-stdin", *dsn)  # fmt: skip
+
+    status, _, err = run(capsys, "sites", "add", "My Shop", "--timezone", "UTC", *dsn)
+    assert status == 1 and "site id must match" in err
+    status, _, err = run(capsys, "sites", "add", "my-shop", "--timezone", "Mars/Olympus", *dsn)
+    assert status == 1 and "time zone must be an IANA name" in err
+    status, _, err = users_add(password="short")
+    assert status == 1 and "password must be at least 10 characters" in err
+    assert list(tmp_path.iterdir()) == []
+    assert run(capsys, "sites", "add", "my-shop", "--timezone", "UTC", *dsn)[0] == 0
+    status, _, err = users_add("my-shop", "my-shopp")
+    assert status == 1 and err == (
+        "footfall-aggregator: error: site my-shopp does not exist: add it first "
+        "(footfall-aggregator sites add my-shopp --timezone ZONE); no user was added\n"
+    )
+    assert run(capsys, "users", "list", *dsn)[1] == ""
+    assert users_add("my-shop", "my-shop") == (0, "user ines added (installer)\n", "")
+    assert run(capsys, "users", "list", *dsn)[1].splitlines()[1].split() == [
+        "ines", "installer", "enabled", "my-shop",
+    ]  # fmt: skip
+
+
 def check_rows(out: str) -> dict[str, str]:
     return {
         line[:10].strip(): line[10:].strip() for line in out.splitlines()[1:-1] if line[0] != " "
@@ -105,7 +141,7 @@ def test_agents_check_names_the_first_missing_step_and_its_fix(
     status, out, _ = run(capsys, "agents", "check", "shop-2", "door", *dsn)
     rows = check_rows(out)
     assert status == 1 and rows["site"] == "FAIL  site shop-2 does not exist"
-    assert "fix: an admin: footfall-aggregator sites add shop-2 --timezone ZONE" in out
+    assert "fix: an admin: footfall-aggregator sites add shop-2 --timezone ZONE\n" in out
     assert {rows[c][:4] for c in ("enrolment", "refusals", "stored", "status")} == {"skip"}
     status, out, _ = run(capsys, "agents", "check", "shop-1", "door", *dsn)
     rows = check_rows(out)
