@@ -204,6 +204,30 @@ def test_unknown_settings_and_bad_values_are_refused_by_name(tmp_path: Path) -> 
     assert named.ingest.client_id == "footfall-aggregator-b"
 
 
+def test_every_mistake_in_the_file_is_reported_at_once_with_its_line(tmp_path: Path) -> None:
+    config = tmp_path / "aggregator.toml"
+    config.write_text(
+        '[ingest]\nbatch_maxx = 10\n[broker]\nport = "x"\nprotocol = "3.1.1"\n'
+        "[store]\nretention_days = -1\n[serve]\nport = 0\nsession_hours = 0\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_config(config, environ={})
+    lines = str(raised.value).splitlines()
+    assert lines[0] == f"5 problems in {config}:"
+    assert lines[1:] == [
+        f"  - {config} line 2, [ingest] batch_maxx: unknown setting 'ingest.batch_maxx'; did "
+        "you mean 'ingest.batch_max'?",
+        f"  - broker.port must be an integer, got 'x' (from {config} line 4, [broker] port)",
+        "  - store.retention_days must be between 0 (keep all) and 100000, got -1 "
+        f"({config} line 7, [store] retention_days)",
+        "  - serve.port must be 1 to 65535, got 0; serve.session_hours must be between 1 and "
+        f"2160, got 0 ({config} line 9, [serve] port; {config} line 10, [serve] session_hours)",
+        "  - ingest.share_group = 'footfall' needs MQTT 5 (a shared subscription), but "
+        "broker.protocol is '3.1.1': set ingest.share_group = '' (one ingest process) or "
+        "broker.protocol = '5'",
+    ]
+
+
 def test_every_setting_is_in_the_readme_and_every_readme_key_is_a_setting() -> None:
     names = {s.name for s in SETTINGS}
     assert sorted(names - documented("aggregator")) == []
