@@ -396,6 +396,8 @@ def test_the_installers_day_as_the_guide_writes_it(day: Day, browser: Browser) -
     assert f"agent.site = {day.site}, agent.id = door, epoch.timezone = Europe/Paris" in installed
     assert "installed footfall" not in installed  # the prepared environment was the same version
     pin_radio(day)  # the next boot
+    again = day.run_block("install", on_pi=True, stdin=AGENT_PASSWORD + "\n")  # run twice,
+    assert "nothing to change" in again, again  # the radio already renamed by its .link file
 
     # 3. The agent runs before the admin has made the site: its windows are refused.
     day.start_agent()
@@ -468,6 +470,7 @@ def test_the_installers_day_as_the_guide_writes_it(day: Day, browser: Browser) -
     assert "fix: iw dev footfall0 set type monitor" in table(radio)["interface"][1]
     assert failed(out) == {"broker"}, out
     assert "not authorised" in table(out)["broker"][1] or "refused" in table(out)["broker"][1]
+    assert "the account (broker.username, broker.password)" in table(out)["broker"][1]
     assert (table(out)["acl"][0], table(out)["stored"][0]) == ("skip", "skip")
     acl = day.broker.acl.read_text()
     day.broker.acl.write_text(acl.replace("pattern write footfall/v1/%u/meta\n", ""))
@@ -477,6 +480,13 @@ def test_the_installers_day_as_the_guide_writes_it(day: Day, browser: Browser) -
     day.broker.reload()
     assert failed(out) == {"acl"}, out
     assert "fix: the broker's ACL (hardware/mosquitto/footfall.acl" in table(out)["acl"][1]
+    day.broker.acl.write_text("pattern write footfall/v1/#\n" + acl)  # and one that lets too much
+    day.broker.reload()
+    status, out = day.doctor()
+    day.broker.acl.write_text(acl)
+    day.broker.reload()
+    assert failed(out) == {"acl"}, out
+    assert "accepted: this account may write other agents' topics" in table(out)["acl"][1]
 
 
 def test_the_readme_sends_installers_to_the_guide_this_test_runs() -> None:
