@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -72,6 +73,7 @@ __all__ = [
     "User",
     "UserRow",
     "backoff_s",
+    "check_new_user",
 ]
 
 ROLES = ("merchant", "installer", "admin")
@@ -157,6 +159,16 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def check_new_user(name: str, role: str, password: str) -> str:
+    """The user name, once name, role and password are all acceptable (checked before anything
+    is written, or a database made)."""
+    name = _check_name(name)
+    if role not in ROLES:
+        raise AccountError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    _check_password(password)
+    return name
+
+
 def _check_name(name: str) -> str:
     if not 1 <= len(name) <= 100 or any(c.isspace() or not c.isprintable() for c in name):
         raise AccountError(
@@ -194,22 +206,30 @@ class Accounts:
 
     # --- users -----------------------------------------------------------------------------
 
-    def add_user(self, name: str, role: str, password: str, now: int) -> int:
-        """A new user (its id); the password is hashed with Argon2id."""
-        name = _check_name(name)
-        if role not in ROLES:
-            raise AccountError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-        _check_password(password)
+    def add_user(
+        self, name: str, role: str, password: str, now: int, granted: Sequence[str] = ()
+    ) -> int:
+        """A new user (its id), who sees the sites ``granted``; the password is hashed with
+        Argon2id. All or nothing: a site that does not exist adds no user."""
+        name = check_new_user(name, role, password)
         hashed = nacl.pwhash.argon2id.str(password.encode(), _OPS, _MEM).decode()
         with self.store.begin() as conn:
             if conn.execute(sa.select(users.c.id).where(users.c.name == name)).first():
                 raise AccountError(f"user {name} already exists")
+            known = set(conn.execute(sa.select(sites.c.id)).scalars())
+            if missing := [site for site in granted if site not in known]:
+                raise AccountError(
+                    f"site {missing[0]} does not exist: add it first (footfall-aggregator sites "
+                    f"add {missing[0]} --timezone ZONE); no user was added"
+                )
             result = conn.execute(
                 users.insert().values(name=name, role=role, password_hash=hashed, created_at=now)
             )
             (user_id,) = result.inserted_primary_key or (None,)
-        if user_id is None:
-            raise AccountError(f"the database gave user {name} no id")
+            if user_id is None:
+                raise AccountError(f"the database gave user {name} no id")
+            for site in dict.fromkeys(granted):
+                conn.execute(grants.insert().values(user_id=user_id, site_id=site))
         return int(user_id)
 
     def set_password(self, name: str, password: str, now: int) -> None:

@@ -32,8 +32,7 @@ def check_agent(store: Store, site: str, agent: str) -> list[Finding]:
                 "site",
                 FAIL,
                 f"site {site} does not exist",
-                f"an admin: footfall-aggregator sites add {site} --timezone ZONE (or the "
-                "web page's Sites)",
+                f"an admin: footfall-aggregator sites add {site} --timezone ZONE",
             ),
             *(Finding(check, SKIP, "needs the site") for check in _AFTER_SITE),
         ]

@@ -21,10 +21,10 @@ from pathlib import Path
 from types import FrameType
 
 from aggregator import __version__
-from aggregator.accounts import MAX_TOKEN_DAYS, TOKEN_DAYS, Accounts, UserRow
+from aggregator.accounts import MAX_TOKEN_DAYS, TOKEN_DAYS, Accounts, UserRow, check_new_user
 from aggregator.config import SETTINGS, AggregatorConfig, load_config
 from aggregator.errors import AccountError, AggregatorError, StoreError
-from aggregator.store import AgentHealth, Store, engine_url
+from aggregator.store import AgentHealth, Store, check_new_site, engine_url
 from firmware_agent.contract.checks import exit_status, print_table
 from firmware_agent.contract.command_line import run_command
 from firmware_agent.contract.messages import public_key_text
@@ -130,11 +130,10 @@ def _password(args: argparse.Namespace) -> str:
 
 
 def cmd_users_add(args: argparse.Namespace) -> int:
+    password = _password(args)
+    check_new_user(args.name, args.role, password)  # before a database is made for it
     with _store(args, creates=True) as store:
-        accounts = Accounts(store)
-        accounts.add_user(args.name, args.role, _password(args), int(time.time()))
-        for site in args.site or ():
-            accounts.grant(args.name, site)
+        Accounts(store).add_user(args.name, args.role, password, int(time.time()), args.site or ())
     print(f"user {args.name} added ({args.role})")
     return 0
 
@@ -247,6 +246,7 @@ def cmd_users_revoke_token(args: argparse.Namespace) -> int:
 
 
 def cmd_sites_add(args: argparse.Namespace) -> int:
+    check_new_site(args.site, args.timezone)  # before a database is made for it
     with _store(args, creates=True) as store:
         store.add_site(args.site, args.name or args.site, args.timezone, int(time.time()))
     print(f"site {args.site} added (time zone {args.timezone})")

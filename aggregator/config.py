@@ -19,16 +19,18 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from aggregator.errors import ConfigError
 from firmware_agent.contract.broker import BrokerBase
 from firmware_agent.contract.resolve import (
+    Problems,
     Setting,
     Value,
     build,
     declared,
     redefault,
+    report,
     resolve,
     setting,
 )
@@ -47,6 +49,7 @@ __all__ = [
 
 DEFAULT_CONFIG = Path("/etc/footfall/aggregator.toml")
 SQLITE_FILE = "aggregator.sqlite3"
+T = TypeVar("T")
 
 
 def _check(problems: list[str], ok: bool, message: str) -> None:
@@ -463,12 +466,45 @@ def load_config(
     """Defaults, then ``path`` (or /etc/footfall/aggregator.toml if present), then the
     environment, then ``overrides`` (command-line flags, by dotted name). The settings whose
     default is made from others (the database, the client id, the receipt key file) get it
-    here, so that ``config show`` prints what is used."""
+    here, so that ``config show`` prints what is used. Every mistake is reported at once, in
+    one :class:`ConfigError`, each with its file, line, table and key."""
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
+    found: list[str] = []
+    places: dict[str, str] = {}
     values, sources = resolve(
-        SETTINGS, path, os.environ if environ is None else environ, overrides or {}, ConfigError
+        SETTINGS,
+        path,
+        os.environ if environ is None else environ,
+        overrides or {},
+        ConfigError,
+        problems=found,
+        places=places,
     )
+    _derive(values)
+    defaults = _derive({s.name: s.default for s in SETTINGS})
+    problems = Problems(SETTINGS, ConfigError, found, places)
+
+    def section(name: str, cls: type[T]) -> T:
+        return problems.check(
+            f"{name}.", lambda: build(cls, name, values), lambda: build(cls, name, defaults)
+        )
+
+    store = section("store", StoreSettings)
+    broker = section("broker", BrokerSettings)
+    ingest = section("ingest", IngestSettings)
+    serve = section("serve", ServeSettings)
+    try:
+        config = AggregatorConfig(values, sources, store, broker, ingest, serve)
+    except ConfigError as exc:
+        found.append(str(exc))
+    if found:
+        raise ConfigError(report(found, str(path) if path is not None else "the settings"))
+    return config
+
+
+def _derive(values: dict[str, Value]) -> dict[str, Value]:
+    """``values`` with the settings whose default is made from others filled in, if empty."""
     data_dir = Path(str(values["store.data_dir"]))
     derived = {
         "store.dsn": f"sqlite:///{data_dir / SQLITE_FILE}",
@@ -477,14 +513,7 @@ def load_config(
     }
     for name, value in derived.items():
         values[name] = values[name] or value
-    return AggregatorConfig(
-        values,
-        sources,
-        build(StoreSettings, "store", values),
-        build(BrokerSettings, "broker", values),
-        build(IngestSettings, "ingest", values),
-        build(ServeSettings, "serve", values),
-    )
+    return values
 
 
 def _default_client_id(replica: str) -> str:

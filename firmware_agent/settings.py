@@ -16,13 +16,12 @@ Light on purpose: ``config show`` imports this module and the classes, and no nu
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from firmware_agent.contract.errors import ConfigError
-from firmware_agent.contract.resolve import Setting, build, declared, report, resolve
+from firmware_agent.contract.resolve import Problems, Setting, build, declared, report, resolve
 from firmware_agent.service.config import AgentConfig, AgentIdentity, SourceSettings
 from firmware_agent.service.homeassistant import HomeAssistantSettings
 from firmware_agent.service.metrics import MetricsSettings
@@ -40,7 +39,6 @@ from firmware_agent.stages.privacy import STANDARD_MAX_KEY_S, PrivacyPolicy
 __all__ = ["DEFAULT_CONFIG", "SECTIONS", "SETTINGS", "load_config"]
 
 DEFAULT_CONFIG = Path("/etc/footfall/agent.toml")
-T = TypeVar("T")
 
 SECTIONS: tuple[tuple[str, type[Any]], ...] = (
     ("agent", AgentIdentity),
@@ -60,35 +58,6 @@ SECTIONS: tuple[tuple[str, type[Any]], ...] = (
 SETTINGS: tuple[Setting, ...] = tuple(
     s for section, cls in SECTIONS for s in declared(section, cls)
 )
-
-
-class _Problems:
-    """Every mistake in the settings, each with where its setting was set; the settings
-    built from defaults where one is wrong, so that the checks after it still run."""
-
-    def __init__(self, found: list[str], places: Mapping[str, str]) -> None:
-        self.found = found
-        self.places = places
-
-    def check(self, section: str, make: Callable[[], T], fallback: Callable[[], T]) -> T:
-        try:
-            return make()
-        except ConfigError as exc:
-            self.found.append(self._placed(str(exc), section))
-            return fallback()
-
-    def _placed(self, message: str, section: str) -> str:
-        """The message, with where each setting of ``section`` it names was set."""
-        named = [
-            s.name
-            for s in SETTINGS
-            if s.name.startswith(section)
-            and re.search(rf"\b{re.escape(s.name.removeprefix(section))}\b", message)
-        ]
-        where = [
-            self.places[n] for n in named if n in self.places and self.places[n] not in message
-        ]
-        return f"{message} ({'; '.join(where)})" if where else message
 
 
 def load_config(
@@ -113,7 +82,7 @@ def load_config(
         problems=found,
         places=places,
     )
-    problems = _Problems(found, places)
+    problems = Problems(SETTINGS, ConfigError, found, places)
     count = problems.check("count.", lambda: build(CountSettings, "count", values), CountSettings)
     if values["privacy.mode"] == "strict" and sources["epoch.length"] == "default":
         values["epoch.length"] = str(count.window_s)

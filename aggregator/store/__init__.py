@@ -16,7 +16,7 @@ Times are Unix seconds (integers) throughout.
 from __future__ import annotations
 
 from aggregator.store.engine import Database, engine_url
-from aggregator.store.enrolment import Enrolment, SiteRow
+from aggregator.store.enrolment import Enrolment, SiteRow, check_new_site
 from aggregator.store.health import SPOOL_FILLING, AgentHealth, Gap, Health
 from aggregator.store.schema import (
     NULLABLE_COLUMNS,
@@ -57,6 +57,7 @@ __all__ = [
     "agent_hours",
     "agents",
     "api_tokens",
+    "check_new_site",
     "engine_url",
     "grants",
     "login_attempts",

@@ -38,6 +38,19 @@ def check_site(site: str) -> str:
         raise RegistryError(str(exc)) from exc
 
 
+def check_new_site(site: str, timezone: str) -> str:
+    """The site id, once it and the time zone (IANA) are acceptable (checked before anything
+    is written, or a database made)."""
+    site = check_site(site)
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise RegistryError(
+            f"time zone must be an IANA name such as 'Europe/Paris', got {timezone!r}"
+        ) from exc
+    return site
+
+
 def check_agent(agent: str) -> str:
     try:
         return AgentId(agent).value
@@ -55,13 +68,7 @@ class Enrolment(Database):
 
     def add_site(self, site: str, name: str, timezone: str, now: int) -> None:
         """Register a site; its time zone (IANA) decides its local hours and days."""
-        site = check_site(site)
-        try:
-            ZoneInfo(timezone)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise RegistryError(
-                f"time zone must be an IANA name such as 'Europe/Paris', got {timezone!r}"
-            ) from exc
+        site = check_new_site(site, timezone)
         with self.begin() as conn:
             exists = conn.execute(sa.select(sites.c.timezone).where(sites.c.id == site)).first()
             if exists is not None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast, overload
 
 __all__ = [
+    "Problems",
     "Setting",
     "Value",
     "build",
@@ -214,6 +215,46 @@ def _places(path: Path, text: str) -> dict[str, str]:
             name = f"{table}.{found[1]}" if table else found[1]
             places[name] = f"{path} line {number}, [{table}] {found[1]}"
     return places
+
+
+class Problems:
+    """Every mistake in the settings, each with where its setting was set (``places``, from
+    :func:`resolve`): :meth:`check` builds a section, and where one of its values is wrong,
+    notes why and builds it from defaults, so that the checks after it still run."""
+
+    def __init__(
+        self,
+        settings: Sequence[Setting],
+        error: type[Exception],
+        found: list[str],
+        places: Mapping[str, str],
+    ) -> None:
+        self.settings = settings
+        self.error = error
+        self.found = found
+        self.places = places
+
+    def check(self, section: str, make: Callable[[], T], fallback: Callable[[], T]) -> T:
+        """``make()``; if it raises the settings' error, the message (with the places of the
+        ``section`` settings it names) is noted and ``fallback()`` is returned."""
+        try:
+            return make()
+        except self.error as exc:
+            self.found.append(self._placed(str(exc), section))
+            return fallback()
+
+    def _placed(self, message: str, section: str) -> str:
+        """The message, with where each setting of ``section`` it names was set."""
+        named = [
+            s.name
+            for s in self.settings
+            if s.name.startswith(section)
+            and re.search(rf"\b{re.escape(s.name.removeprefix(section))}\b", message)
+        ]
+        where = [
+            self.places[n] for n in named if n in self.places and self.places[n] not in message
+        ]
+        return f"{message} ({'; '.join(where)})" if where else message
 
 
 def report(problems: Sequence[str], what: str) -> str:

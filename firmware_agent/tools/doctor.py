@@ -180,7 +180,8 @@ def check_broker(config: AgentConfig) -> Finding:
             pass
     except AgentError as exc:
         return Finding("broker", FAIL, str(exc), "check broker.host, broker.port, broker.tls_ca "
-                       "and the account: footfall-agent enrol prints what to set up")  # fmt: skip
+                       "and the account (broker.username, broker.password): footfall-agent enrol "
+                       "prints what to set up")  # fmt: skip
     tls = "TLS" if broker.tls_ca else "no TLS"
     user = f"as {broker.username!r}" if broker.username else "anonymously"
     return Finding("broker", OK, f"{broker.address} ({tls}) accepted {site}/{agent} {user}")

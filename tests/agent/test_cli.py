@@ -11,7 +11,8 @@ from firmware_agent import cli
 from firmware_agent.contract.errors import ConfigError, SigningKeyError
 from firmware_agent.contract.messages import verify_key_from_text
 from firmware_agent.contract.signing import KEY_FILE, create_signing_key, load_signing_key
-from firmware_agent.settings import load_config
+from firmware_agent.settings import SETTINGS, load_config
+from tests.support.shared import REPO
 
 
 def _config(tmp_path: Path, text: str = "") -> Path:
@@ -65,6 +66,24 @@ def test_config_show_masks_the_password(
     assert "hunter2" not in out
     assert "broker.password" in out and "********" in out and "FOOTFALL_BROKER_PASSWORD" in out
     assert "8883" in out and "command line" in out
+
+
+def test_config_show_help_text_explains_every_setting_as_the_shipped_config_says(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shipped = (REPO / "hardware" / "agent.toml").read_text()
+    assert "'footfall-agent config show --help-text' lists every setting with its help" in shipped
+    monkeypatch.setenv("FOOTFALL_BROKER_PASSWORD", "hunter2")
+    config = str(_config(tmp_path, '[broker]\nusername = "s1/a1"\n'))
+    assert cli.main(["config", "show", "--help-text", "--config", config]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "hunter2" not in "\n".join(lines)
+    shown = dict(zip(lines[::2], lines[1::2], strict=True))  # a setting, then its help
+    assert len(shown) == len(SETTINGS)
+    for setting, (line, help_line) in zip(SETTINGS, shown.items(), strict=True):
+        assert line.split()[0] == setting.name and help_line == f"    {setting.help}"
+    password = next(line for line in shown if line.startswith("broker.password "))
+    assert password.split()[1:] == ["'********'", "(FOOTFALL_BROKER_PASSWORD)"]
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ and an aggregator that never loads the agent's hot path."""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import subprocess
 import sys
@@ -91,6 +92,41 @@ def test_a_failed_enrol_leaves_no_store_behind(
     assert run(capsys, "enroll", *enrol) == (0, "agent shop-1/door enrolled\n", "")
 
 
+def test_the_admins_commands_do_nothing_when_they_fail(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    dsn: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bad site or account makes no database; an installer granted a site that does not
+    exist is not added (else the fixed command says 'already exists')."""
+
+    def users_add(*sites: str, password: str = "installer-pw-1") -> tuple[int, str, str]:
+        monkeypatch.setattr("sys.stdin", io.StringIO(password + "\n"))
+        granted = [arg for site in sites for arg in ("--site", site)]
+        return run(capsys, "users", "add", "ines", "--role", "installer", *granted,
+                   "--password-stdin", *dsn)  # fmt: skip
+
+    status, _, err = run(capsys, "sites", "add", "My Shop", "--timezone", "UTC", *dsn)
+    assert status == 1 and "site id must match" in err
+    status, _, err = run(capsys, "sites", "add", "my-shop", "--timezone", "Mars/Olympus", *dsn)
+    assert status == 1 and "time zone must be an IANA name" in err
+    status, _, err = users_add(password="short")
+    assert status == 1 and "password must be at least 10 characters" in err
+    assert list(tmp_path.iterdir()) == []
+    assert run(capsys, "sites", "add", "my-shop", "--timezone", "UTC", *dsn)[0] == 0
+    status, _, err = users_add("my-shop", "my-shopp")
+    assert status == 1 and err == (
+        "footfall-aggregator: error: site my-shopp does not exist: add it first "
+        "(footfall-aggregator sites add my-shopp --timezone ZONE); no user was added\n"
+    )
+    assert run(capsys, "users", "list", *dsn)[1] == ""
+    assert users_add("my-shop", "my-shop") == (0, "user ines added (installer)\n", "")
+    assert run(capsys, "users", "list", *dsn)[1].splitlines()[1].split() == [
+        "ines", "installer", "enabled", "my-shop",
+    ]  # fmt: skip
+
+
 def check_rows(out: str) -> dict[str, str]:
     return {
         line[:10].strip(): line[10:].strip() for line in out.splitlines()[1:-1] if line[0] != " "
@@ -105,7 +141,7 @@ def test_agents_check_names_the_first_missing_step_and_its_fix(
     status, out, _ = run(capsys, "agents", "check", "shop-2", "door", *dsn)
     rows = check_rows(out)
     assert status == 1 and rows["site"] == "FAIL  site shop-2 does not exist"
-    assert "fix: an admin: footfall-aggregator sites add shop-2 --timezone ZONE" in out
+    assert "fix: an admin: footfall-aggregator sites add shop-2 --timezone ZONE\n" in out
     assert {rows[c][:4] for c in ("enrolment", "refusals", "stored", "status")} == {"skip"}
     status, out, _ = run(capsys, "agents", "check", "shop-1", "door", *dsn)
     rows = check_rows(out)
@@ -166,6 +202,30 @@ def test_unknown_settings_and_bad_values_are_refused_by_name(tmp_path: Path) -> 
     # A replica's name, not its host's, makes the client id: the same after a move.
     named = load_config(environ={"FOOTFALL_AGG_INGEST_REPLICA": "b"})
     assert named.ingest.client_id == "footfall-aggregator-b"
+
+
+def test_every_mistake_in_the_file_is_reported_at_once_with_its_line(tmp_path: Path) -> None:
+    config = tmp_path / "aggregator.toml"
+    config.write_text(
+        '[ingest]\nbatch_maxx = 10\n[broker]\nport = "x"\nprotocol = "3.1.1"\n'
+        "[store]\nretention_days = -1\n[serve]\nport = 0\nsession_hours = 0\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_config(config, environ={})
+    lines = str(raised.value).splitlines()
+    assert lines[0] == f"5 problems in {config}:"
+    assert lines[1:] == [
+        f"  - {config} line 2, [ingest] batch_maxx: unknown setting 'ingest.batch_maxx'; did "
+        "you mean 'ingest.batch_max'?",
+        f"  - broker.port must be an integer, got 'x' (from {config} line 4, [broker] port)",
+        "  - store.retention_days must be between 0 (keep all) and 100000, got -1 "
+        f"({config} line 7, [store] retention_days)",
+        "  - serve.port must be 1 to 65535, got 0; serve.session_hours must be between 1 and "
+        f"2160, got 0 ({config} line 9, [serve] port; {config} line 10, [serve] session_hours)",
+        "  - ingest.share_group = 'footfall' needs MQTT 5 (a shared subscription), but "
+        "broker.protocol is '3.1.1': set ingest.share_group = '' (one ingest process) or "
+        "broker.protocol = '5'",
+    ]
 
 
 def test_every_setting_is_in_the_readme_and_every_readme_key_is_a_setting() -> None:

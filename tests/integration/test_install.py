@@ -14,7 +14,11 @@ drifts from this test fails it):
 * ``install.sh --root`` installs the agent into a directory, and the agent runs from there. Its
   Python environment is made beforehand (``python -m venv`` with this checkout's packages on
   its path, as an image builder's cache would), so ``install.sh`` finds the same version
-  installed and does not reach PyPI; the numba cache of the checkout is then warm.
+  installed and does not reach PyPI. What ``install.sh`` does last on a Pi, and not into a
+  ``--root``, is done there too: its kernels made ready, by its fallback (one ``footfall-agent
+  replay`` fills numba's cache, the checkout's), so that the agent never compiles while the
+  day runs (on a cold cache a stop waited for a compilation past its 30 s, and ``doctor``'s
+  ``numba cache`` was red).
 * what stands in for the hardware is said once, in :meth:`Day.agent_env`: the config and state
   directories under the root, the radio read as radiotap (a veth is Ethernet to the kernel),
   short broker timers. ``footfall-doctor`` (systemd-run as the service's user) is run as
@@ -51,7 +55,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from playwright.sync_api import Browser
+from playwright.sync_api import Browser, Page
 
 from aggregator.agent_check import check_agent
 from aggregator.config import StoreSettings
@@ -299,7 +303,8 @@ def _air(air: str, frames: Path, stop: threading.Event) -> None:
 def prepare_environment(root: Path) -> None:
     """/opt/footfall as an image builder's cache leaves it: a virtual environment with this
     checkout's packages on its path and its footfall-agent (install.sh then finds the same
-    version and installs nothing from PyPI)."""
+    version and installs nothing from PyPI), its kernels ready (install.sh's fallback: one
+    replay fills numba's cache)."""
     base = Path(sys.base_prefix) / "bin" / "python3"
     venv = root / "opt/footfall"
     subprocess.run([str(base), "-m", "venv", "--without-pip", str(venv)], check=True)
@@ -312,6 +317,7 @@ def prepare_environment(root: Path) -> None:
         f"#!{venv}/bin/python3\nimport sys\nfrom firmware_agent.cli import main\nsys.exit(main())\n"
     )
     agent.chmod(0o755)
+    subprocess.run([str(agent), "replay"], stdout=subprocess.DEVNULL, check=True, timeout=600)
 
 
 def pin_radio(day: Day) -> None:
@@ -330,7 +336,8 @@ def pin_radio(day: Day) -> None:
     _ip("-n", day.namespace, "link", "set", name[1], "up")
 
 
-def enrol_on_the_web_page(day: Day, chromium: Browser, public_key: str) -> None:
+def enrol_on_the_web_page(day: Day, chromium: Browser, public_key: str) -> Page:
+    """The installer signs in, enrols the agent on the site's page and stays there."""
     page = chromium.new_page()
     page.goto(f"{day.url}/sites/{day.site}")
     page.fill("input[name=name]", "ines")
@@ -343,7 +350,13 @@ def enrol_on_the_web_page(day: Day, chromium: Browser, public_key: str) -> None:
     with page.expect_navigation():
         page.click("button:text('Enrol')")
     assert "door" in page.inner_text("table")
-    page.close()
+    return page
+
+
+def agent_row(page: Page) -> list[str]:
+    """The agent's row of the site page's agents table, as the installer sees it now."""
+    page.reload()
+    return page.inner_text("#agents tr[data-agent=door]").split("\t")
 
 
 @pytest.mark.slow
@@ -383,6 +396,8 @@ def test_the_installers_day_as_the_guide_writes_it(day: Day, browser: Browser) -
     assert f"agent.site = {day.site}, agent.id = door, epoch.timezone = Europe/Paris" in installed
     assert "installed footfall" not in installed  # the prepared environment was the same version
     pin_radio(day)  # the next boot
+    again = day.run_block("install", on_pi=True, stdin=AGENT_PASSWORD + "\n")  # run twice,
+    assert "nothing to change" in again, again  # the radio already renamed by its .link file
 
     # 3. The agent runs before the admin has made the site: its windows are refused.
     day.start_agent()
@@ -399,13 +414,17 @@ def test_the_installers_day_as_the_guide_writes_it(day: Day, browser: Browser) -
     day.run_block("admin-site", on_pi=False, stdin=PASSWORD + "\n")
     (_, out), (_, on_the_pi) = together(day.agents_check, day.doctor)
     assert failed(out) == {"enrolment", "stored"}, out
+    assert "footfall-agent enrol prints the command" in table(out)["enrolment"][1]
+    assert f"enrols it on the web page /sites/{day.site}" in table(out)["enrolment"][1]
     assert failed(on_the_pi) == {"stored"}, on_the_pi
+    assert f"agents check {day.site} door" in table(on_the_pi)["stored"][1]
 
     # 5. Enrolment on the web page, as the installer, with the key 'enrol' printed.
     printed = day.run_block("enrol", on_pi=True)
     public_key = printed.splitlines()[0].removeprefix("public key: ")
     assert f"or on the web page /sites/{day.site}: 'Enrol an agent', id door" in printed
-    enrol_on_the_web_page(day, browser, public_key)
+    page = enrol_on_the_web_page(day, browser, public_key)
+    assert agent_row(page)[3] == "0"  # its windows: none stored yet
 
     # 6. Doctor before the start (no window stored yet), the start, doctor once stored.
     out = day.run_block("check", on_pi=True, strict=False)
@@ -436,6 +455,9 @@ def test_the_installers_day_as_the_guide_writes_it(day: Day, browser: Browser) -
     )
     status, out = day.agents_check()
     assert failed(out) == set() and table(out)["stored"][0] == "ok", out
+    row = agent_row(page)  # and the site's page shows it counted
+    assert row[1] == "online" and int(row[3]) >= 1, row
+    page.close()
     day.stop_agent()
 
     # 7. The README's failures, each turning exactly its own line red, with its fix.
@@ -448,6 +470,7 @@ def test_the_installers_day_as_the_guide_writes_it(day: Day, browser: Browser) -
     assert "fix: iw dev footfall0 set type monitor" in table(radio)["interface"][1]
     assert failed(out) == {"broker"}, out
     assert "not authorised" in table(out)["broker"][1] or "refused" in table(out)["broker"][1]
+    assert "the account (broker.username, broker.password)" in table(out)["broker"][1]
     assert (table(out)["acl"][0], table(out)["stored"][0]) == ("skip", "skip")
     acl = day.broker.acl.read_text()
     day.broker.acl.write_text(acl.replace("pattern write footfall/v1/%u/meta\n", ""))
@@ -457,3 +480,23 @@ def test_the_installers_day_as_the_guide_writes_it(day: Day, browser: Browser) -
     day.broker.reload()
     assert failed(out) == {"acl"}, out
     assert "fix: the broker's ACL (hardware/mosquitto/footfall.acl" in table(out)["acl"][1]
+    day.broker.acl.write_text("pattern write footfall/v1/#\n" + acl)  # and one that lets too much
+    day.broker.reload()
+    status, out = day.doctor()
+    day.broker.acl.write_text(acl)
+    day.broker.reload()
+    assert failed(out) == {"acl"}, out
+    assert "accepted: this account may write other agents' topics" in table(out)["acl"][1]
+
+
+def test_the_readme_sends_installers_to_the_guide_this_test_runs() -> None:
+    """The README holds no installer's steps of its own that could drift from the guide's
+    (which the test above runs): it points at the guide and at this test."""
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"^```sh\n(.*?)^```", readme, re.MULTILINE | re.DOTALL)
+    steps = ("install.sh", "footfall-doctor", "mosquitto_passwd", "systemctl")
+    assert not [s for block in blocks for s in steps if s in block]
+    assert "[hardware/README.md](hardware/README.md), which starts with the installer's day" in (
+        readme
+    )
+    assert "`tests/integration/test_install.py` runs that procedure as written" in readme
