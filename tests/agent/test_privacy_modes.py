@@ -254,14 +254,22 @@ def test_linear_counting_corrects_the_collisions_of_strict_ids() -> None:
 
 
 def test_strict_replay_counts_close_to_standard_and_publishes_no_per_device_fields() -> None:
+    """Each replay draws its own keys, so its collisions differ: over 150 replays of the
+    sample, strict's MAPE against standard was 16 % on average, 24 % at worst, and one replay
+    in 14 was above 20 % (the test failed that often when it judged one replay). Judged on the
+    mean of five replays, whose spread is a third of one's."""
     standard = _windows(_config())
     strict_config = _config(privacy_mode="strict", privacy_expected_devices="64")
-    strict = [strict_config.privacy.correct(w) for w in _windows(strict_config)]
-    assert [w.window_start for w in strict] == [w.window_start for w in standard]
-    busy = [(a.devices, b.devices) for a, b in zip(standard, strict, strict=True) if a.devices >= 5]
-    error = np.mean([abs(b - a) / a for a, b in busy])
+    errors = []
+    for _ in range(5):
+        strict = [strict_config.privacy.correct(w) for w in _windows(strict_config)]
+        assert [w.window_start for w in strict] == [w.window_start for w in standard]
+        assert all(w.people_est is None for w in strict)  # the estimator is off in strict mode
+        pairs = zip(standard, strict, strict=True)
+        busy = [(a.devices, b.devices) for a, b in pairs if a.devices >= 5]
+        errors.append(np.mean([abs(b - a) / a for a, b in busy]))
+    error = np.mean(errors)
     assert error < 0.2, f"strict devices depart from standard by {error:.1%} on average"
-    assert all(w.people_est is None for w in strict)  # the estimator is off in strict mode
 
 
 def test_two_sensors_in_one_room_publish_nothing_that_links_a_device() -> None:
