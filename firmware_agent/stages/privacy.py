@@ -168,7 +168,7 @@ class PrivacyPolicy:
 
     mode: Mode = setting(
         "standard",
-        "'standard' (keyed device ids for at most 24 h: dwell, visits, unique-today) or "
+        "'standard' (keyed device ids for at most 24 h: arrivals, visits, dwell, occupancy) or "
         "'strict' (nothing per device outlives a window of at most 10 min; truncated ids).",
         choices=MODES,
     )
