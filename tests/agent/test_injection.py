@@ -263,16 +263,20 @@ def noised_differences(
     b: list[tuple[int | None, WindowCounts]],
 ) -> list[str]:
     """Under noise: the noised counts within the sensitivity (L1, before noise), every other
-    field exactly equal."""
+    field exactly equal. ``no_data`` is read off the noised frame counts (post-processing):
+    what it reads besides them, whether the sensor normally hears, must be equal."""
     out = []
     for i, ((ea, wa), (eb, wb)) in enumerate(zip(a, b, strict=True)):
         na, nb = policy.noised_counts(wa), policy.noised_counts(wb)
         l1 = sum(abs(na.get(k, 0) - nb.get(k, 0)) for k in set(na) | set(nb))
         if l1 > policy.sensitivity:
             out.append(f"window {i}: the noised counts move by {l1} > {policy.sensitivity}")
-        rest_a = {k: v for k, v in flatten_counts(policy.release(wa)).items() if k not in na}
-        rest_b = {k: v for k, v in flatten_counts(policy.release(wb)).items() if k not in nb}
-        out += differences([{"epoch": ea} | rest_a], [{"epoch": eb} | rest_b])
+        rest = [
+            {"epoch": e, "silence_is_gap": w.silence_is_gap}
+            | {k: v for k, v in flatten_counts(policy.release(w)).items() if k not in n}
+            for e, w, n in ((ea, wa, na), (eb, wb, nb))
+        ]
+        out += differences([rest[0] | {"no_data": None}], [rest[1] | {"no_data": None}])
     return out
 
 
