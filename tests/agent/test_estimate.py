@@ -441,7 +441,7 @@ def test_the_threshold_note_prints_no_median_signal_of_fewer_than_k_devices() ->
             every_s=30,
             rssi=-85 + i % 3,
             new_address="never",
-        )  # fmt: skip
+        )
     ]
     rows += phone(ids, rng, fp=7, start_s=0, end_s=900, every_s=30, rssi=-52, new_address="never")
     est = Estimator(EstimateSettings(), suppress_below=5)
