@@ -173,6 +173,9 @@ class WindowCounts:
     # Filled in by the pipeline: no frame at all in a window while the sensor normally hears
     # some (firmware_agent/stages/pipeline.py, NORMAL_FRAMES): a gap, not an empty venue.
     no_data: bool = False
+    # Filled in by the pipeline: whether the sensor normally hears at this window, so that a
+    # silent window would be no data (the privacy stage applies it to noised frame counts).
+    silence_is_gap: bool = False
     # Strict mode, filled in by the pipeline (PrivacyPolicy.anonymise): the width the window's
     # ids were counted at, and the share of its devices that share their value with another.
     id_bits: int | None = None

@@ -443,7 +443,7 @@ class CaptureReader:
             bufsize=0,
         )
         if piped:
-            head = self._buf[: self._end].tobytes()  # compressed: no frame byte in the clear
+            head = self._buf[: self._end].copy()  # wiped once written: see _pump
             threading.Thread(
                 target=_pump, args=(head, self._file, self._child), name="footfall-gunzip",
                 daemon=True,
@@ -666,25 +666,32 @@ class CaptureReader:
         return [link_type, snaplen, shift, mul, div, offset]
 
 
-def _pump(head: bytes, source: Any, child: subprocess.Popen[bytes]) -> None:
+def _pump(head: NDArray[np.uint8], source: Any, child: subprocess.Popen[bytes]) -> None:
     """Feed a gzip child: ``head`` (the compressed bytes already read), then the rest of
-    ``source``, moved by ``splice(2)`` in the kernel when it has a file descriptor."""
+    ``source``, moved by ``splice(2)`` in the kernel when it has a file descriptor, else
+    through one buffer. Compressed bytes can be frames in the clear (deflate stores a block
+    it cannot shrink as it is), so both are wiped once written, and no ``bytes`` copy is made."""
     sink = cast(BinaryIO, child.stdin)
+    buffer = np.zeros(1 << 16, np.uint8)
     try:
-        sink.write(head)
+        sink.write(head.data)
+        head.fill(0)
         try:
             fd = source.fileno()
         except (AttributeError, OSError):
             fd = None
         if fd is None:
-            while chunk := source.read(1 << 16):
-                sink.write(chunk)
+            while got := source.readinto(buffer.data):
+                sink.write(buffer.data[:got])
+                buffer[:got] = 0
         else:
             while os.splice(fd, sink.fileno(), 1 << 16):
                 pass
     except OSError:
         pass  # the reader closed early: the child is gone
     finally:
+        head.fill(0)
+        buffer.fill(0)
         with contextlib.suppress(OSError):
             sink.close()
 

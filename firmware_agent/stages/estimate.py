@@ -953,20 +953,25 @@ class Estimator:
         inside = self._hist[0, values >= threshold]
         outside = self._hist[0, values < threshold]
         return (
-            f"{threshold} dBm (auto: Otsu's split of the best signal of the {lingering} devices "
-            f"heard for {dwell} s or more: {self._count(int(inside.sum()))} at or above it, "
-            f"median {_median(values[values >= threshold], inside)} dBm; "
-            f"{self._count(int(outside.sum()))} below, "
-            f"median {_median(values[values < threshold], outside)} dBm; kept within "
+            f"{threshold} dBm (auto: Otsu's split of the best signal of the "
+            f"{self._count(lingering)} devices heard for {dwell} s or more: "
+            f"{self._side('at or above it', values[values >= threshold], inside)}; "
+            f"{self._side('below', values[values < threshold], outside)}; kept within "
             f"{AUTO_RANGE_DBM[0]}..{AUTO_RANGE_DBM[1]} dBm)"
         )
 
     def _count(self, n: int) -> str:
         return str(n) if n == 0 or n >= self._k else f"fewer than {self._k}"
 
+    def _side(self, where: str, values: NDArray[np.int64], weights: NDArray[np.int64]) -> str:
+        """How many devices lie on one side of the split and, for k or more, their median
+        signal (the median of fewer could be one device's own)."""
+        n = int(weights.sum())
+        if n < self._k:
+            return f"{self._count(n)} {where}"
+        return f"{n} {where}, median {_median(values, weights)} dBm"
+
 
 def _median(values: NDArray[np.int64], weights: NDArray[np.int64]) -> int:
-    if not weights.sum():
-        return 0
     cumulative = np.cumsum(weights)
     return int(values[int(np.searchsorted(cumulative, (cumulative[-1] + 1) // 2))])

@@ -383,13 +383,10 @@ class Pipeline:
         """Count the windows; a silent one is no data where the sensor normally hears."""
         for window in windows:
             self.stats.windows += 1
+            hears = self._normally_hears()
             if window.frames:
                 self._heard.append(window.frames)
-            yield (
-                replace(window, no_data=True)
-                if not window.frames and self._normally_hears()
-                else window
-            )
+            yield replace(window, no_data=hears and not window.frames, silence_is_gap=hears)
 
     def _normally_hears(self) -> bool:
         """Whether the epoch's windows with frames so far (or, before it has any, the last

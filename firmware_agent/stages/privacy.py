@@ -168,7 +168,7 @@ class PrivacyPolicy:
 
     mode: Mode = setting(
         "standard",
-        "'standard' (keyed device ids for at most 24 h: dwell, visits, unique-today) or "
+        "'standard' (keyed device ids for at most 24 h: arrivals, visits, dwell, occupancy) or "
         "'strict' (nothing per device outlives a window of at most 10 min; truncated ids).",
         choices=MODES,
     )
@@ -379,11 +379,12 @@ class PrivacyPolicy:
     def noised_counts(self, window: WindowCounts) -> dict[str, int]:
         """The counts of ``window`` the noise goes on, as counted (dwell bands as
         ``dwell_minutes.<band>``): the counts this policy publishes and, under noise, the
-        bounded frame counts (nothing in a window without data). Under noise one device id
+        bounded frame counts (nothing in a window without data, unless under noise: a silent
+        window is noised like any other, see :meth:`release`). Under noise one device id
         moves their sum by at most :attr:`sensitivity`."""
-        if window.no_data:
+        if window.no_data and self.dp_epsilon is None:
             return {}
-        counts = _counts(self._publishable(window))
+        counts = _counts(self._publishable(replace(window, no_data=False)))
         if self.dp_epsilon is not None:
             counts |= {
                 "probe_requests": window.probe_requests_clipped,
@@ -408,15 +409,23 @@ class PrivacyPolicy:
         Noise goes on the counts as counted (in strict mode, on the truncated ids, where one
         device moves each count by at most one), then strict mode's collision correction and
         the suppression follow as post-processing, which spends no privacy budget. A window
-        without data is published as it is: every figure null (a gap), nothing to hide."""
-        flat = self._publishable(window)
-        if window.no_data:
-            return _unflatten(flat)
+        without data is published as it is: every figure null (a gap), nothing to hide.
+
+        Under noise, whether a window is a gap is read off its *noised* frame counts (all 0,
+        at a sensor that normally hears: the rule without noise, applied to what is
+        published), since the exact rule tells one device's single frame from none."""
+        if window.no_data and self.dp_epsilon is None:
+            return _unflatten(self._publishable(window))
         counts = self.noised_counts(window)
         if self.dp_epsilon is not None:
             noise = self.dp_epsilon / self.sensitivity
             counts = {name: max(0, n + discrete_laplace(noise)) for name, n in counts.items()}
+            silent = not any(counts[name] for name in FRAME_COUNTS)
+            window = replace(window, no_data=window.silence_is_gap and silent)
         frames = {name: counts.pop(name) for name in FRAME_COUNTS if name in counts}
+        flat = self._publishable(window)
+        if window.no_data:
+            return _unflatten(flat | frames)
         if self.strict:
             counts = self._corrected(counts, window.id_bits)
         hidden = suppress(counts, self.suppress_below)

@@ -330,3 +330,26 @@ def test_a_reserve_the_system_refuses_leaves_a_table_that_grows_by_copying() -> 
     assert (table.capacity, bigger.capacity) == (4, 8)
     assert (int(bigger.keys[5]), list(bigger.rows[5])) == (5, [7, 8])
     assert not table.keys.any()
+
+
+def test_the_counter_keeps_no_fingerprint_or_sequence_number() -> None:
+    """Least necessary state (issue 17): the device table once held each device's keyed model
+    fingerprint and last sequence number all day and never read them. Counted with
+    distinctive ones, the windows are those counted without, and no array of the counter
+    holds any of them (an epoch still open: nothing wiped yet)."""
+    rows = frame_rows(17, 3000)
+    rng = np.random.default_rng(17)
+    marked = replace(
+        _batch(rows),
+        fp=rng.integers(1 << 62, 1 << 63, len(rows), dtype=np.uint64),
+        seq=rng.integers(50_000, 60_000, len(rows), dtype=np.uint16),
+    )
+    counter = WindowCounter(CountSettings())
+    windows = list(counter.add(marked))
+    assert windows == list(WindowCounter(CountSettings()).add(_batch(rows)))
+    arrays = [a for a in vars(counter).values() if isinstance(a, np.ndarray)]
+    arrays += [counter.table.keys, counter.table.rows]
+    held = np.concatenate([a.ravel().view(np.uint64) for a in arrays])
+    assert len(held) > 4096 and counter.oldest_open_ns is not None
+    assert not np.isin(held, marked.fp).any()
+    assert not np.isin(held, marked.seq.astype(np.uint64)).any()

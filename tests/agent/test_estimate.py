@@ -425,6 +425,33 @@ def test_the_threshold_note_prints_no_count_of_devices_from_1_to_k_minus_1() -> 
     assert " 1 so far" not in est.threshold_note
 
 
+def test_the_threshold_note_prints_no_median_signal_of_fewer_than_k_devices() -> None:
+    """Forty devices far off and one near: Otsu's split leaves the near one alone above it,
+    and the median signal of one device is that device's signal (it was printed)."""
+    rng, ids = np.random.default_rng(4), Ids()
+    rows = [
+        row
+        for i in range(40)
+        for row in phone(
+            ids,
+            rng,
+            fp=100 + i,
+            start_s=0,
+            end_s=900,
+            every_s=30,
+            rssi=-85 + i % 3,
+            new_address="never",
+        )
+    ]
+    rows += phone(ids, rng, fp=7, start_s=0, end_s=900, every_s=30, rssi=-52, new_address="never")
+    est = Estimator(EstimateSettings(), suppress_below=5)
+    est.add(batch(sorted(rows, key=lambda r: r[1])))
+    est.close_all()
+    note = est.threshold_note
+    assert "fewer than 5 at or above it; 40 below, median -81 dBm;" in note, note
+    assert note.count("median") == 1, note
+
+
 # -- bounded memory -------------------------------------------------------------------------
 
 

@@ -79,6 +79,10 @@ def _windows(config: AgentConfig, capture: Path = BUNDLED_SAMPLE) -> list[Window
             "count.window_s + count.lateness_s must be at most 600 s",
         ),
         ({"epoch_length": "90000"}, "keeps a key and device ids for at most 24 hours"),
+        (  # it gave 16-bit ids, 99.7 % of them unique (issue 17)
+            {"privacy_mode": "strict", "privacy_expected_devices": "65536"},
+            "'strict' keeps ids of at most 12 bits, so that most devices share theirs",
+        ),
         ({"privacy_suppress_below": "1"}, "a count of one device is that device"),
         ({"privacy_dp_epsilon": "lots"}, "privacy.dp_epsilon must be 'off' or a number"),
         ({"privacy_dp_epsilon": "50"}, "at most 10"),
@@ -98,6 +102,8 @@ def test_strict_mode_keys_every_window_and_truncates_ids() -> None:
     meta = agent_meta(config)["privacy"]
     assert meta == config.privacy.meta()
     assert (meta["mode"], meta["key_lifetime_s"], meta["id_bits"]) == ("strict", 300, 6)
+    widest = _config(privacy_mode="strict", privacy_expected_devices="8191")
+    assert agent_meta(widest)["privacy"]["id_bits"] == 12  # the most strict declares
     assert 0.75 < (config.privacy.shared_share() or 0) < 0.85  # most devices share their id
 
 
@@ -254,14 +260,22 @@ def test_linear_counting_corrects_the_collisions_of_strict_ids() -> None:
 
 
 def test_strict_replay_counts_close_to_standard_and_publishes_no_per_device_fields() -> None:
+    """Each replay draws its own keys, so its collisions differ: over 150 replays of the
+    sample, strict's MAPE against standard was 16 % on average, 24 % at worst, and one replay
+    in 14 was above 20 % (the test failed that often when it judged one replay). Judged on the
+    mean of five replays, whose spread is a third of one's."""
     standard = _windows(_config())
     strict_config = _config(privacy_mode="strict", privacy_expected_devices="64")
-    strict = [strict_config.privacy.correct(w) for w in _windows(strict_config)]
-    assert [w.window_start for w in strict] == [w.window_start for w in standard]
-    busy = [(a.devices, b.devices) for a, b in zip(standard, strict, strict=True) if a.devices >= 5]
-    error = np.mean([abs(b - a) / a for a, b in busy])
+    errors = []
+    for _ in range(5):
+        strict = [strict_config.privacy.correct(w) for w in _windows(strict_config)]
+        assert [w.window_start for w in strict] == [w.window_start for w in standard]
+        assert all(w.people_est is None for w in strict)  # the estimator is off in strict mode
+        pairs = zip(standard, strict, strict=True)
+        busy = [(a.devices, b.devices) for a, b in pairs if a.devices >= 5]
+        errors.append(np.mean([abs(b - a) / a for a, b in busy]))
+    error = np.mean(errors)
     assert error < 0.2, f"strict devices depart from standard by {error:.1%} on average"
-    assert all(w.people_est is None for w in strict)  # the estimator is off in strict mode
 
 
 def test_two_sensors_in_one_room_publish_nothing_that_links_a_device() -> None:

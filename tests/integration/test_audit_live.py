@@ -1,6 +1,7 @@
-"""``footfall-agent audit`` on a real run: an agent publishing the bundled sample to a Mosquitto
-of the test's own, heard by the audit on the broker, and (standard mode) captured on the wire by
-tcpdump and audited again from the capture, with the same verdict and count. About 22 s each
+"""``footfall-agent audit`` on a real run: an agent publishing the bundled sample, and its Home
+Assistant discovery config, to a Mosquitto of the test's own, heard by the audit on the broker
+(listening on '#'), and (standard mode) captured on the wire by tcpdump and audited again from
+the capture, with the same verdict and count. About 22 s each
 (the audit listens for 20 s), so here rather than in the agent's fast layer
 (tests/agent/test_audit.py holds the audit's rules)."""
 
@@ -18,7 +19,7 @@ import pytest
 from firmware_agent.cli import BUNDLED_SAMPLE
 from firmware_agent.contract.messages import public_key_text
 from tests.support.agent_harness import prepare_agent, unique_id
-from tests.support.mqtt_broker import HOST, READER, Mosquitto
+from tests.support.mqtt_broker import HOST, READER, Mosquitto, Subscriber
 
 StartBroker = Callable[[Mapping[tuple[str, str], str]], Mosquitto]
 AUDIT = [sys.executable, "-m", "firmware_agent.cli", "audit"]
@@ -31,7 +32,9 @@ def test_a_real_run_passes_on_the_broker_and_in_its_capture(
 ) -> None:
     site, agent = unique_id("s"), "a1"
     broker = start_broker({(site, agent): f"pw-{agent}"})
-    files = prepare_agent(tmp_path, broker, site, agent, {"privacy.mode": mode})
+    settings = {"privacy.mode": mode, "homeassistant.discovery": True}
+    files = prepare_agent(tmp_path, broker, site, agent, settings)
+    discovery = Subscriber(broker, "homeassistant/#")
     key = f"{site}/{agent}={public_key_text(files.verify_key)}"
     pcap = tmp_path / "agent.pcap"
     tcpdump = _tcpdump(pcap, broker.port) if mode == "standard" else None
@@ -43,13 +46,16 @@ def test_a_real_run_passes_on_the_broker_and_in_its_capture(
         assert "listening on #" in audit.stderr.readline()  # subscribed: nothing will be missed
         assert files.start("--source", str(BUNDLED_SAMPLE)).wait(60) == 0, files.log_text()
         out, err = audit.communicate(timeout=60)
+        configs = [t for t, _, _ in discovery.snapshot()]
     finally:
+        discovery.close()
         audit.kill()
         if tcpdump is not None:
             tcpdump.send_signal(signal.SIGINT)
             tcpdump.communicate(timeout=10)
     assert audit.returncode == 0, out + err
     assert "verdict: PASS" in out and f"{site}/{agent}" in out
+    assert configs == [f"homeassistant/device/footfall-{site}/{agent}/config"]  # heard, passed
     counts = int(out.split(f"{site}/{agent}")[1].split()[3])
     assert counts > 20, out  # the bundled sample's windows were all heard
     if tcpdump is None:

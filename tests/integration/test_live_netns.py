@@ -23,7 +23,6 @@ import signal
 import struct
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from firmware_agent.stages.pipeline import Pipeline
 from tests.agent.test_live import is_probe_request
 from tests.agent.test_privacy import _secrets_of
 from tests.integration.test_privacy_memory import _memory, found
-from tests.support.agent_harness import prepare_agent, unique_id
+from tests.support.agent_harness import prepare_agent, scrape, unique_id
 from tests.support.mqtt_broker import Mosquitto, Subscriber, wait_for
 from tests.support.netns import Veth, require
 from tests.support.ports import free_port
@@ -199,16 +198,6 @@ def test_hopping_on_a_radio_that_refuses_is_an_error_naming_channel_and_interfac
     settings = LiveSettings(link_type=127, hop=True, hop_channels=(1, 6, 11))
     with pytest.raises(ChannelHopError, match=rf"iw refused channel 1 on {veth.agent}: "):
         LiveCapture(veth.agent, settings)
-
-
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-        text = response.read().decode()
-    return {
-        line.split()[0]: float(line.split()[1])
-        for line in text.splitlines()
-        if line and not line.startswith("#")
-    }
 
 
 def test_agent_run_on_an_interface_publishes_its_counts_and_metrics(

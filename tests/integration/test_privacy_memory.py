@@ -30,12 +30,17 @@ import textwrap
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from firmware_agent.cli import BUNDLED_SAMPLE
+from firmware_agent.stages.capture import CaptureReader
 from tests.agent.test_privacy import RECORD_KEYS_CHILD, _secrets_of, u64_hits
+from tests.support.agent_harness import prepare_agent, scrape, unique_id
+from tests.support.mqtt_broker import wait_for
+from tests.support.ports import free_port
 from tests.support.shared import shared_capture_names, shared_path
 
 _CHILD = textwrap.dedent(
@@ -171,6 +176,75 @@ def test_a_running_agent_holds_no_address_or_ssid_of_its_source(kind: str, tmp_p
         child.kill()
         child.wait()
     assert seen == dict.fromkeys(seen, (0, 0)), f"(addresses, SSIDs) found: {seen}"
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("kind", ["stdin", "gzip on stdin"])
+def test_footfall_agent_run_reading_stdin_holds_no_address_or_ssid(
+    kind: str, start_broker: Any, tmp_path: Path
+) -> None:
+    """The documented ``tcpdump ... | footfall-agent run --source -``, the real service (spool,
+    signing, publisher to a broker), stopped once it has counted what it could of the capture
+    written to it while the pipe stays open (all of it; through ``gzip -dc``, what gzip has
+    let out before its input ends): 0 addresses and 0 SSIDs in its writable memory. gzip
+    decompresses nothing until its input buffer (256 KiB) is full or the input ends, so the
+    gzipped day (132 KiB) is sent stored (1 MiB): gzip lets out all but its last buffer."""
+    path = shared_path("data", "lab", "fryza_p1_sc6-61_2022-10-19_anonymized.pcap.gz")
+    path = path if kind.startswith("gzip") else BUNDLED_SAMPLE
+    macs, ssids = _secrets_of(path)
+    with CaptureReader(path) as reader:
+        frames = sum(len(batch.lengths) for batch in reader)
+    site, agent = unique_id("s"), "a1"
+    broker = start_broker({(site, agent): f"pw-{agent}"})
+    port = free_port()
+    files = prepare_agent(tmp_path, broker, site, agent, {"metrics.port": port})
+    run = files.start("--source", "-", stdin=subprocess.PIPE)
+    try:
+        assert run.stdin is not None
+        raw = path.read_bytes()
+        run.stdin.write(gzip.compress(gzip.decompress(raw), 0) if kind.startswith("gzip") else raw)
+        run.stdin.flush()
+
+        seen: list[float] = []
+
+        def settled() -> bool:  # most frames counted, and no more for a second
+            assert run.poll() is None, files.log_text()
+            try:
+                seen.append(scrape(port)["footfall_frames_total"])
+            except OSError:
+                return False
+            time.sleep(0.5)
+            return seen[-1] >= frames // 2 and seen[-3:] == [seen[-1]] * 3
+
+        wait_for(settled, 60, f"most of the {frames} frames counted (seen {seen[-3:]})")
+        assert seen[-1] == frames or kind.startswith("gzip"), (seen[-1], frames)
+        os.kill(run.pid, signal.SIGSTOP)
+        _stopped(run)
+        hits = found(_memory(run.pid), macs | ssids)
+        os.kill(run.pid, signal.SIGCONT)
+        run.stdin.close()
+        assert run.wait(60) == 0, files.log_text()
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert len(macs) > 100 and ssids
+    # gzip lets out what it has decompressed wherever that ends: the record it cut waits in
+    # the read buffer for its rest, the one batch the design allows (frames count in order).
+    in_flight = _record(path, int(seen[-1])) if seen[-1] < frames else b""
+    hits = {h for h in hits if h not in in_flight}
+    assert (sum(len(h) == 6 for h in hits), sum(len(h) != 6 for h in hits)) == (0, 0)
+
+
+def _record(path: Path, index: int) -> bytes:
+    """The bytes of a capture's record ``index`` (from 0)."""
+    with CaptureReader(path) as reader:
+        for batch in reader:
+            if index < len(batch.lengths):
+                at = int(batch.offsets[index])
+                return bytes(batch.data[at : at + int(batch.lengths[index])])
+            index -= len(batch.lengths)
+    raise AssertionError(f"{path} has no record {index}")
 
 
 _DUMP_CHILD = RECORD_KEYS_CHILD + textwrap.dedent(

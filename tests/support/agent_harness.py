@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -156,3 +157,14 @@ def recorded_keys_fixture(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[np.n
 
     monkeypatch.setattr(anonymize.EpochKey, "__init__", remember)
     yield keys
+
+
+def scrape(port: int) -> dict[str, float]:
+    """An agent's metrics (``metrics.port``) by name."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+        text = response.read().decode()
+    return {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }

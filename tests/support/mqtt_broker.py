@@ -149,6 +149,7 @@ class Mosquitto:
         acl = [
             "pattern write footfall/v1/%u/#",
             "pattern read footfall/v1/%u/receipt",
+            "pattern write homeassistant/device/footfall-%u/config",  # as hardware/mosquitto's
             f"user {READER[0]}",
             "topic read #",
             "topic write footfall/v1/+/+/receipt",
