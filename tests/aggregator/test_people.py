@@ -124,6 +124,42 @@ def test_v2_figures_roll_up_by_their_kind_and_no_data_is_a_gap(store: Store) -> 
     assert health.counts_v == 2
 
 
+CAPTURE = "SELECT capture_arrivals, capture_passersby FROM {} ORDER BY 1, 2"
+
+
+@pytest.mark.parametrize("store_settings", ["sqlite", "postgresql"], indirect=True)
+def test_the_capture_rate_pairs_arrivals_and_passersby_window_by_window(store: Store) -> None:
+    """A window whose arrivals or passers-by are suppressed is in neither term of the capture
+    rate; the migration that adds the terms fills them from the stored windows as ingest does."""
+    agent = Agent("s1", "a1")
+    enrol(store, agent)
+    bodies = [
+        window("2026-12-01T10:00", 6, 3.0, 5),  # 6 of 18 came in
+        window("2026-12-01T10:05", 10, 3.0, 5, passersby=None),  # passers-by suppressed
+        window("2026-12-01T10:10", 0, 3.0, 5, passersby=9),  # arrivals suppressed below
+        window("2026-12-01T11:00", 0, 0.0, 0),  # nobody heard
+    ]
+    bodies[2]["arrivals"] = None
+    ingest(store, agent, bodies)
+    site = Counts(store).site("s1")
+    with store.begin(read_only=True) as conn:
+        ten, eleven = figures(conn, site, date(2026, 12, 1), date(2026, 12, 1), "hour")
+        (day,) = figures(conn, site, date(2026, 12, 1), date(2026, 12, 1), "day")
+        tiles = summary(conn, site, date(2026, 12, 1), NOW)
+    # Not (6 + 10) / (6 + 10 + 12 + 9): the suppressed figures' partners stay out.
+    assert (ten["arrivals"], ten["passersby"]) == (16, 21)
+    assert ten["capture_rate"] == day["capture_rate"] == tiles["capture_rate"] == round(6 / 18, 3)
+    assert eleven["capture_rate"] is None
+    tables = ("agent_hours", "agent_days", "site_hours", "site_days")
+    with store.begin(read_only=True) as conn:
+        live = {t: conn.exec_driver_sql(CAPTURE.format(t)).all() for t in tables}
+    assert live["site_days"] == [(6, 12)]
+    assert store.migrate("0009", downgrade=True) == "0009"
+    assert store.migrate() == "0010"
+    with store.begin(read_only=True) as conn:
+        assert {t: conn.exec_driver_sql(CAPTURE.format(t)).all() for t in tables} == live
+
+
 def test_two_agents_hearing_the_same_people_are_not_added(store: Store) -> None:
     door, till = Agent("s1", "door"), Agent("s1", "till")
     enrol(store, door, till)
