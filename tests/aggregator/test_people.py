@@ -5,19 +5,23 @@ two agents at one site not added, and the truth of the demo's traffic model read
 
 from __future__ import annotations
 
+import re
 from datetime import date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 
+from aggregator.cli import main
+from aggregator.config import StoreSettings
+from aggregator.dashboard import templates
 from aggregator.people import busy_times, figures, summary
 from aggregator.query import Counts
 from aggregator.store import Store
 from aggregator.verify import Accepted, Verifier
 from firmware_agent.contract.messages import AgentId, SiteId, utc_text
 from firmware_agent.tools.shop_traffic import ShopProfile, shop_windows
-from tests.support.agent_fleet import fast_seal
+from tests.support.agent_fleet import fast_seal, meta_of
 from tests.support.aggregator_harness import Agent
 
 NOW = 1_800_000_000
@@ -158,6 +162,39 @@ def test_the_capture_rate_pairs_arrivals_and_passersby_window_by_window(store: S
     assert store.migrate() == "0010"
     with store.begin(read_only=True) as conn:
         assert {t: conn.exec_driver_sql(CAPTURE.format(t)).all() for t in tables} == live
+
+
+@pytest.mark.parametrize("store_settings", ["sqlite"], indirect=True)
+def test_the_agents_that_still_send_v1_are_named_before_their_first_window(
+    store: Store, store_settings: StoreSettings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An agent says in its meta which counts it sends (meta v2's ``counts_v``; a meta v1
+    comes from an agent that predates people figures): the health, the agents table and
+    ``agents list`` say so before its first window, and its windows' version after."""
+    old, new, counting = Agent("s1", "old"), Agent("s1", "new"), Agent("s1", "counting")
+    enrol(store, old, new, counting)
+    v1 = {k: v for k, v in meta_of("s1", "old").items() if k != "counts_v"} | {"v": 1}
+    v1["thresholds"] = {k: v for k, v in dict(v1["thresholds"]).items() if k != "presence_hold_s"}
+    v1["privacy"] = {k: v for k, v in dict(v1["privacy"]).items() if k != "published"}
+    verifier, registry = Verifier(65536), store.registry()
+    metas = [
+        verifier.check(f"footfall/v1/s1/{a.agent}/meta", fast_seal(m, a.key), registry, NOW)
+        for a, m in ((old, v1), (new, meta_of("s1", "new")))
+    ]
+    assert all(isinstance(m, Accepted) for m in metas), metas
+    store.store_batch([m for m in metas if isinstance(m, Accepted)], now=NOW)
+    ingest(store, counting, [window("2026-12-01T10:00", 6, 3.0, 5)])
+    sends = {a.agent: (a.counts_v, a.meta_counts_v) for a in store.agents("s1")}
+    assert sends == {"old": (None, 1), "new": (None, 2), "counting": (2, None)}
+    assert main(["agents", "list", "--set", f"store.dsn={store_settings.dsn}"]) == 0
+    rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["old"].endswith("devices v1 (meta): upgrade it")
+    assert rows["new"].endswith("people v2 (meta)") and rows["counting"].endswith("people v2")
+    page = templates.env.get_template("agents_table.html")
+    html = page.render(agents=store.agents("s1"), day="2026-12-01")
+    cells = dict(re.findall(r'data-agent="(\w+)">.*?<td class="sends">(.*?)</td>', html, re.S))
+    assert "devices only (v1): upgrade it" in cells["old"] and "its meta says" in cells["old"]
+    assert cells["counting"] == "people (v2)"
 
 
 def test_two_agents_hearing_the_same_people_are_not_added(store: Store) -> None:
