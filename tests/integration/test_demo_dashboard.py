@@ -63,7 +63,7 @@ def signed_in(browser: Browser, demo: Demo, width: int) -> Page:
     page.fill("input[name=name]", "demo")
     page.fill("input[name=password]", demo.password)
     page.click("button[type=submit]")
-    page.wait_for_url(demo.url.split("/sites/")[0] + "/")
+    page.wait_for_url(demo.url)  # the printed link survives the login
     page.errors = errors  # type: ignore[attr-defined]
     return page
 
@@ -150,6 +150,7 @@ def test_the_overview_sorts_and_a_phone_reads_every_page(
 ) -> None:
     page = signed_in(browser, demo, 390)
     base = demo.url.split("/sites/")[0]
+    page.goto(base + "/")
     sites = page.eval_on_selector_all("#overview tbody tr", "rows => rows.map(r => r.dataset.site)")
     assert sorted(sites) == ["demo-shop", "high-street", "station"]
     page.click("#overview th[data-key='arrivals_7d'] button")
