@@ -143,6 +143,76 @@ def test_week_and_month_views_total_the_apis_periods(
     page.context.close()
 
 
+def test_a_custom_range_is_compared_with_as_many_days_before_it(
+    browser: Browser,
+    demo: Demo,
+    artefacts: Path,
+) -> None:
+    page = signed_in(browser, demo, 1280)
+    base = demo.url.split("/sites/")[0]
+    first, last = demo.days_back(12), demo.days_back(3)  # ten days
+    page.goto(f"{base}/sites/high-street?range=custom&from={first}&to={last}")
+    page.wait_for_selector("body[data-charts-ready='1']")
+    data = page.request.get(
+        f"{base}/api/v1/sites/high-street/dashboard?range=custom&from={first}&to={last}"
+    ).json()
+    assert (data["first"], data["last"], data["resolution"]) == (first, last, "day")
+    assert (data["previous_first"], data["previous_last"]) == (
+        demo.days_back(22),
+        demo.days_back(13),
+    )
+    days = page.request.get(
+        f"{base}/api/v1/sites/high-street/people?from={first}&to={last}&resolution=day"
+    ).json()["rows"]
+    total, before = data["total"], data["previous_total"]
+    assert len(days) == 10 and total["arrivals"] == sum(d["arrivals"] for d in days) > 0
+    assert text(page, "#total-arrivals") == shown(total["arrivals"], total["arrivals_suppressed"])
+    assert page.evaluate("() => footfallCharts.people.data[1].length") == 10
+    assert before[
+        "arrivals"
+    ] > 0 and f"before: {shown(before['arrivals'], before['arrivals_suppressed'])}" in (
+        text(page, "#range-total")
+    )
+    page.screenshot(path=str(artefacts / "demo-custom.png"), full_page=True)
+    page.context.close()
+
+
+def test_an_outage_is_a_gap_a_week_of_one_day_reads_right_and_axes_start_at_zero(
+    browser: Browser,
+    demo: Demo,
+    artefacts: Path,
+) -> None:
+    page = signed_in(browser, demo, 1280)
+    base = demo.url.split("/sites/")[0]
+    # The station's sensor was down three hours one afternoon: those hours are no data, drawn
+    # as gaps (null), never as an empty shop.
+    days = page.request.get(
+        f"{base}/api/v1/sites/station/people?from={demo.days_back(34)}&to={demo.day}&resolution=day"
+    ).json()["rows"]
+    (outage,) = [d["local"] for d in days if d["no_data_windows"]]
+    page.goto(f"{base}/sites/station?date={outage}")
+    page.wait_for_selector("body[data-charts-ready='1']")
+    hours = page.request.get(
+        f"{base}/api/v1/sites/station/people?from={outage}&to={outage}&resolution=hour"
+    ).json()["rows"]
+    gaps = [int(h["local"][11:13]) for h in hours if h["no_data"]]
+    assert gaps == [14, 15, 16]
+    for name, line in (("people", 1), ("occupancy", 1), ("occupancy", 2)):
+        drawn = page.evaluate(f"() => footfallCharts.{name}.data[{line}]")
+        assert [drawn[h] for h in gaps] == [None] * 3 and drawn[13] is not None, name
+        assert page.evaluate(f"() => footfallCharts.{name}.scales.y.min") == 0, name
+    assert "Gaps are periods without data" in text(page, "main")
+    page.screenshot(path=str(artefacts / "demo-outage.png"), full_page=True)
+    # The bundled capture's shop has one day of windows: its week is that day and six empty
+    # ones, and the page says nothing of retention.
+    page.goto(f"{base}/sites/demo-shop?range=week&date=2024-03-05")
+    page.wait_for_selector("body[data-charts-ready='1']")
+    drawn = page.evaluate("() => footfallCharts.people.data[1]")
+    assert len(drawn) == 7 and sum(v is not None for v in drawn) == 1
+    assert "retention" not in text(page, "main") and "≥ 0" not in text(page, "main")
+    page.context.close()
+
+
 def test_the_overview_sorts_and_a_phone_reads_every_page(
     browser: Browser,
     demo: Demo,
