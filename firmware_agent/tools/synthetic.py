@@ -833,7 +833,8 @@ def write_people_capture(path: str | os.PathLike[str], spec: PeopleSpec) -> Peop
 
 def write_people_stream(fh: BinaryIO, specs: Iterable[PeopleSpec]) -> list[PeopleTruth]:
     """Write one pcap stream of the persons of ``specs`` (one after the other, in time order,
-    all of one link type) to ``fh``, a spec's frames as soon as they are made; their truths."""
+    all of one link type) to ``fh``, a spec's frames as soon as they are made; their truths.
+    Without specs, a stream of no frames (radiotap)."""
     truths: list[PeopleTruth] = []
     link_type: int | None = None
     for spec in specs:
@@ -846,6 +847,8 @@ def write_people_stream(fh: BinaryIO, specs: Iterable[PeopleSpec]) -> list[Peopl
         _write_records(fh, frames, link_type, fcs=False)
         fh.flush()
         truths.append(truth)
+    if link_type is None:
+        _write_header(fh, 127)
     return truths
 
 

@@ -54,3 +54,14 @@ def test_a_shops_days_stream_through_the_agent_as_the_shop_was() -> None:
             int(str(h["arrivals"])) for h in truth.hourly() if int(str(h["hour_start"])) in gaps
         )
         assert want > 150 and abs(counted - (want - lost)) <= 0.1 * (want - lost), day
+
+
+def test_a_demo_started_in_the_first_hour_of_its_only_day_streams_no_frame() -> None:
+    first = date(2026, 11, 2)
+    until = int(datetime.combine(first, time(0, 20), ZoneInfo(ZONE)).timestamp())
+    assert shop_specs(ShopProfile(), first, 1, until) == []
+    stream = io.BytesIO()
+    assert write_people_stream(stream, []) == []
+    stream.seek(0)
+    with CaptureReader(stream) as reader:
+        assert sum(len(batch) for batch in reader) == 0
