@@ -300,8 +300,8 @@ def site_page(
         previous_text=previous_text,
         empty_text=_empty_text(data, found.counts.first_day(site)),
         suppressed_text=(
-            f"≥ marks a lower bound: {suppressed} windows had too few people to publish "
-            "(privacy threshold)."
+            f"≥ marks a lower bound: {suppressed} window{'s' if suppressed > 1 else ''} had "
+            "too few people to publish (privacy threshold)."
             if suppressed
             else ""
         ),

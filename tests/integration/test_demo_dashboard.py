@@ -92,6 +92,8 @@ def test_tiles_and_an_hours_visitors_equal_the_api_and_the_csv(
         page.screenshot(path=str(REPO / "docs" / "dashboard.png"), full_page=False)
     tiles = page.request.get(f"{base}/api/v1/sites/high-street/summary?day={day}").json()
     assert text(page, "#tile-visitors") == shown(tiles["arrivals"], tiles["arrivals_suppressed"])
+    if tiles["arrivals_suppressed"]:  # explained in one line
+        assert "≥ marks a lower bound: " in text(page, "main")
     assert text(page, "#tile-peak") == tiles["peak_hour"]
     assert text(page, "#tile-capture") == f"{100 * tiles['capture_rate']:.0f} %"
     assert text(page, "#tile-dwell") == f"{tiles['median_dwell_minutes']:.0f}"
