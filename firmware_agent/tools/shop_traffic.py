@@ -153,7 +153,8 @@ def shop_specs(
     """The persons of ``days`` local days from ``first`` (up to the hour before ``until``,
     Unix s), one spec a day: visitors arriving at the model's rate of each hour (daylight-saving
     days have 23 or 25), passers-by at ``passer_ratio`` times it, stays log-uniform around
-    ``dwell_median_min``, and the printer and TV next door; the ``no_data`` span is silent."""
+    ``dwell_median_min``, and the printer and TV next door; the ``no_data`` span is silent.
+    A day's people depend on the profile's seed and the date alone, whatever ``first``."""
     tz = ZoneInfo(profile.timezone)
     specs = []
     for d in range(days):
@@ -178,7 +179,7 @@ def shop_specs(
                 rates=tuple(rates),
                 passersby_per_visitor=profile.passer_ratio,
                 dwell_min=(profile.dwell_median_min / 6, profile.dwell_median_min * 6),
-                seed=profile.seed * 1000 + d,
+                seed=profile.seed * 1_000_000 + day.toordinal(),
                 static_devices=_STATIC_DEVICES,
                 silent_ns=silent,
             )

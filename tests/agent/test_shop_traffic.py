@@ -6,7 +6,7 @@ outage is no data; and its days' visitors are counted within 10 % of the generat
 from __future__ import annotations
 
 import io
-from datetime import date, datetime, time
+from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from firmware_agent.settings import load_config
@@ -28,8 +28,10 @@ def test_a_shops_days_stream_through_the_agent_as_the_shop_was() -> None:
     tz = ZoneInfo(ZONE)
     outage = int(datetime.combine(date(2026, 11, 3), time(14), tz).timestamp())
     profile = ShopProfile(peak_arrivals_per_hour=40, seed=7, no_data=(outage, outage + 3 * 3600))
+    specs = shop_specs(profile, first, 2)
+    assert shop_specs(profile, first + timedelta(days=1), 1) == specs[1:]  # a date's people
     stream = io.BytesIO()
-    truths = write_people_stream(stream, shop_specs(profile, first, 2))
+    truths = write_people_stream(stream, specs)
     stream.seek(0)
     with CaptureReader(stream) as reader:
         windows = list(Pipeline(load_config(None, environ=SHOP)).run(reader))
