@@ -15,6 +15,10 @@ one at 17:30) and the weekday (Saturday busiest); stays are log-normal (median `
 min``), cut at closing; passers-by (people heard outside) run at ``passer_ratio`` times the
 arrivals' rate from 07:00 to 21:00. A ``no_data`` span (the sensor heard nothing: radio down)
 can be given; its windows carry no figures. Output depends only on the profile and the seed.
+The frames' form differs in two ways (:class:`~firmware_agent.tools.synthetic.PeopleSpec`
+draws it): stays are log-uniform (``dwell_median_min`` / 6 to x 6, the same median), and
+passers-by walk past only while the shop is open (at ``passer_ratio`` times each hour's
+arrivals), the devices next door being what the sensor hears at night.
 """
 
 from __future__ import annotations
