@@ -621,7 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "demo",
         cmd_demo,
-        "the whole system on this machine: broker, aggregator, an agent replaying a capture",
+        "the whole system on this machine: broker, aggregator, two shops' agents counting "
+        "their generated phones, an agent replaying a capture",
     )
     p.add_argument("--port", type=int, default=8080, help="the dashboard's port (default 8080)")
     p.add_argument("--timezone", default="Europe/Paris", help="the demo shop's time zone (IANA)")
@@ -634,8 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--days",
         type=int,
-        help="how many days of the two shops' people to publish (default: five weeks); fewer "
-        "start sooner",
+        help="how many days of the two shops' phones their agents count (default: five "
+        "weeks); fewer start sooner",
     )
 
     users = sub.add_parser(
