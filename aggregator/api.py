@@ -427,6 +427,9 @@ class PeopleRow(BaseModel):
     occupancy_mean_suppressed: int
     occupancy_peak: int | None
     occupancy_peak_suppressed: int
+    capture_rate: float | None = Field(
+        description="arrivals / (arrivals + passers-by) over the windows that published both"
+    )
 
 
 class PeopleOut(BaseModel):
@@ -457,7 +460,9 @@ class SummaryOut(BaseModel):
     peak_hour_arrivals: int | None
     median_dwell_minutes: float | None
     visits_ended: int | None
-    capture_rate: float | None = Field(description="arrivals / (arrivals + passers-by)")
+    capture_rate: float | None = Field(
+        description="arrivals / (arrivals + passers-by) over the windows that published both"
+    )
     passersby: int | None
     hours: int
     v1_windows: int

@@ -305,6 +305,7 @@ def cmd_agents_list(args: argparse.Namespace) -> int:
             "REFUSED",
             "SPOOL",
             "SPOOL DROPPED",
+            "SENDS",
         )
     ]
     for a in agents:
@@ -322,10 +323,20 @@ def cmd_agents_list(args: argparse.Namespace) -> int:
                 a.refused,
                 _spool(a),
                 "-" if a.spool_dropped is None else a.spool_dropped,
+                _sends(a),
             )
         )
     _table(rows)
     return 0
+
+
+def _sends(a: AgentHealth) -> str:
+    """Which counts the agent sends: its latest window's version, else its meta's."""
+    version = a.counts_v or a.meta_counts_v
+    if version is None:
+        return "-"
+    said = "" if a.counts_v else " (meta)"
+    return f"people v2{said}" if version >= 2 else f"devices v1{said}: upgrade it"
 
 
 def _spool(a: AgentHealth) -> str:
@@ -549,7 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
         "agents and their health",
         "Every agent with its health: enrolled or revoked, online or offline (its last status "
         "message), last seen, windows stored, the last window, windows missing (gaps in its "
-        "sequence numbers) and windows its spool dropped.",
+        "sequence numbers), windows its spool dropped, and which counts it sends (people, v2, "
+        "or devices only, v1: an agent to upgrade; from its meta before its first window).",
     )
     p.add_argument("--site", help="only this site's agents")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -609,7 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "demo",
         cmd_demo,
-        "the whole system on this machine: broker, aggregator, an agent replaying a capture",
+        "the whole system on this machine: broker, aggregator, two shops' agents counting "
+        "their generated phones, an agent replaying a capture",
     )
     p.add_argument("--port", type=int, default=8080, help="the dashboard's port (default 8080)")
     p.add_argument("--timezone", default="Europe/Paris", help="the demo shop's time zone (IANA)")
@@ -622,8 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--days",
         type=int,
-        help="how many days of the two shops' people to publish (default: five weeks); fewer "
-        "start sooner",
+        help="how many days of the two shops' phones their agents count (default: five "
+        "weeks); fewer start sooner",
     )
 
     users = sub.add_parser(

@@ -19,6 +19,7 @@ import time
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, FastAPI, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -149,9 +150,18 @@ def _user_site(request: Request, user: User, site_id: str) -> Site:
     raise ApiError(404, f"site {site_id} does not exist")
 
 
+def _local_path(target: str) -> str:
+    """Where to go after signing in: ``target`` if it is a path on this server (``/...``, not
+    ``//host`` nor a backslash, which browsers read as another host), else ``/``."""
+    local = target.startswith("/") and not target.startswith("//") and "\\" not in target
+    return target if local and target.isprintable() else "/"
+
+
 @pages.get("/login")
-def login_page(request: Request) -> HTMLResponse:
-    return _render(request, "login.html", title="Sign in")
+def login_page(
+    request: Request, next_page: Annotated[str, Query(alias="next", max_length=2000)] = "/"
+) -> HTMLResponse:
+    return _render(request, "login.html", title="Sign in", next_page=_local_path(next_page))
 
 
 @pages.post("/login")
@@ -160,20 +170,30 @@ def login(
     name: Annotated[str, Form(max_length=100)],
     password: Annotated[str, Form(max_length=1000)],
     csrf: Annotated[str, Form(max_length=100)] = "",
+    next_page: Annotated[str, Form(alias="next", max_length=2000)] = "/",
 ) -> Response:
     _check_csrf(request, csrf)
     found = services(request)
     address = request.client.host if request.client else "-"
+    target = _local_path(next_page)
     try:
         user = found.accounts.login(name, password, address, int(time.time()))
     except LoginRefusedError as exc:
         status = 429 if exc.limited else 401
-        page = _render(request, "login.html", status, title="Sign in", error=str(exc), name=name)
+        page = _render(
+            request,
+            "login.html",
+            status,
+            title="Sign in",
+            error=str(exc),
+            name=name,
+            next_page=target,
+        )
         if exc.limited:
             page.headers["Retry-After"] = str(exc.retry_after_s)
         return page
     secret = found.accounts.open_session(user, int(time.time()), found.session_s)
-    response = RedirectResponse("/", status_code=303)
+    response = RedirectResponse(target, status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
         secret,
@@ -280,8 +300,8 @@ def site_page(
         previous_text=previous_text,
         empty_text=_empty_text(data, found.counts.first_day(site)),
         suppressed_text=(
-            f"≥ marks a lower bound: {suppressed} windows had too few people to publish "
-            "(privacy threshold)."
+            f"≥ marks a lower bound: {suppressed} window{'s' if suppressed > 1 else ''} had "
+            "too few people to publish (privacy threshold)."
             if suppressed
             else ""
         ),
@@ -403,5 +423,10 @@ def install_dashboard(app: FastAPI) -> None:
     install_error_handlers(app, error_page)
 
     @app.exception_handler(_SignInRequiredError)
-    async def to_login(_request: Request, _exc: _SignInRequiredError) -> Response:
-        return RedirectResponse("/login", status_code=303)
+    async def to_login(request: Request, _exc: _SignInRequiredError) -> Response:
+        """The login page, which comes back to the page asked for (a link to a site's day,
+        as the demo prints, survives signing in)."""
+        asked = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        if request.method != "GET" or asked == "/":
+            return RedirectResponse("/login", status_code=303)
+        return RedirectResponse(f"/login?{urlencode({'next': asked})}", status_code=303)

@@ -5,11 +5,22 @@ config, no persistence; MQTT 5), otherwise amqtt, a broker in Python installed w
 ``[demo]`` extra, in a process of its own (MQTT 3.1.1 only, so agent and ingest speak 3.1.1 to
 it); ``--broker`` (or ``FOOTFALL_DEMO_BROKER``) chooses. Either takes no password: it listens on
 127.0.0.1 only. Then it starts the aggregator (SQLite in a temporary directory; API, dashboard
-and ingest in this process), and an agent that replays the capture bundled with footfall at
-full speed through the broker, signed, as a real one would, with the aggregator's receipt key
-(a window leaves its spool only once stored); it enrols the agent, makes a demo
-merchant with a fresh random password, and prints the broker it used, the dashboard's address
-and the login. Ctrl-C (or SIGTERM) stops it all.
+and ingest in this process) and three agents, ``footfall-agent run`` processes publishing
+through the broker, signed, as real ones would, with the aggregator's receipt key (a window
+leaves an agent's spool only once stored): one replays the capture bundled with footfall at
+full speed; each of the two shops' counts the probe requests of ``--days`` days of its
+customers' and passers-by's phones (addresses that rotate; next door, a printer and a TV),
+which :mod:`firmware_agent.tools.shop_traffic` generates with their ground truth and pipes
+into it as one pcap stream. The demo enrols the agents, waits until every window is stored,
+says for each shop the visitors its agent counted against the truth, makes a demo merchant
+with a fresh random password, and prints the broker it used, the dashboard's address and the
+login. Ctrl-C (or SIGTERM) stops it all.
+
+The shops' agents publish hourly windows (``count.window_s = 3600``): at 5 minutes a small
+shop's arrivals, visits and occupancy are mostly from 1 to 4, which the agent suppresses
+(``privacy.suppress_below``, 5), so the page would show lower bounds. Their signal threshold
+is the site's (-76 dBm, what ``footfall-agent calibrate --site-threshold`` picks from an
+empty hour there), as an installer's calibration visit would set it.
 
 amqtt keeps a session's queued messages only for a client that gave a user name (with
 anonymous access on it keeps none), so the embedded broker is configured to want a user name and
@@ -22,7 +33,6 @@ disconnecting, and keeps nothing over its own restart (docs/aggregator.md).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import importlib.util
 import json
@@ -37,7 +47,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from datetime import time as dtime
 from importlib import metadata, resources
@@ -45,7 +55,6 @@ from pathlib import Path
 from types import FrameType
 from zoneinfo import ZoneInfo
 
-import nacl.signing
 import sqlalchemy as sa
 
 from aggregator.accounts import Accounts
@@ -54,26 +63,21 @@ from aggregator.errors import AggregatorError
 from aggregator.receipts import load_receipt_key
 from aggregator.serve import serve
 from aggregator.store import Store, agents, site_days, windows
-from firmware_agent.contract.messages import (
-    AgentId,
-    SiteId,
-    Topic,
-    canonical_json,
-    public_key_text,
-    utc_text,
-)
-from firmware_agent.service.publish import BrokerSettings, Connection
-from firmware_agent.tools.shop_traffic import ShopProfile, shop_windows
+from firmware_agent.contract.messages import public_key_text
+from firmware_agent.tools.shop_traffic import ShopProfile
 
 __all__ = [
     "BROKERS",
     "DEMO_DAYS",
     "DEMO_SITES",
+    "SHOP_SETTINGS",
     "Broker",
+    "Shop",
     "amqtt_command",
     "embedded_broker",
-    "fill_traffic",
+    "finish_shops",
     "run_demo",
+    "start_shops",
 ]
 
 SITE, AGENT, MERCHANT = "demo-shop", "entrance", "demo"
@@ -84,8 +88,10 @@ DEMO_SITES: dict[str, tuple[str, str, ShopProfile]] = {
     "station": ("Station kiosk", "door", ShopProfile(peak_arrivals_per_hour=25, seed=12)),
 }
 DEMO_DAYS = 35
-_INFLIGHT = 512
-_SETTLE_S = 180  # longest wait for ingest to store the shops' windows
+# The shops' agents' settings (see the module docstring), besides their time zone.
+SHOP_SETTINGS = "[count]\nwindow_s = 3600\n[estimate]\nrssi_threshold_dbm = -76\n"
+_SETTLE_S = 300  # longest wait for the shops' agents to count and ingest to store their windows
+_QUIET = os.environ | {"FOOTFALL_LOG": "warning"}
 BROKERS = ("auto", "mosquitto", "embedded")
 _START_S = 30  # longest wait for a broker to listen (amqtt imports for ~1 s on a busy machine)
 _REPLAY_S = 600  # longest the agent may take to replay the bundled capture
@@ -203,17 +209,33 @@ def _broker(workdir: Path, choice: str) -> contextlib.AbstractContextManager[Bro
     return embedded_broker(workdir)
 
 
-def _agent_config(workdir: Path, broker: Broker, receipt_key: str) -> Path:
-    """The agent's config: with the aggregator's receipt key, so a window leaves its spool only
-    once stored, whatever the broker (amqtt too) forgets."""
-    path = workdir / "agent.toml"
+def _agent_config(
+    workdir: Path, site: str, agent: str, broker: Broker, receipt_key: str, more: str = ""
+) -> Path:
+    """An agent's config (its key and spool in ``workdir/site``): with the aggregator's receipt
+    key, so a window leaves its spool only once stored, whatever the broker (amqtt too)
+    forgets; ``more`` adds settings."""
+    home = workdir / site
+    home.mkdir()
+    path = home / "agent.toml"
     path.write_text(
-        f'[agent]\nsite = "{SITE}"\nid = "{AGENT}"\nconfig_dir = "{workdir}/agent"\n'
-        f'state_dir = "{workdir}/agent"\n'
-        f'[broker]\nhost = "127.0.0.1"\nport = {broker.port}\nusername = "{SITE}/{AGENT}"\n'
+        f'[agent]\nsite = "{site}"\nid = "{agent}"\nconfig_dir = "{home}"\n'
+        f'state_dir = "{home}"\n'
+        f'[broker]\nhost = "127.0.0.1"\nport = {broker.port}\nusername = "{site}/{agent}"\n'
         f'protocol = "{broker.protocol}"\nreceipt_key = "{receipt_key}"\nreceipt_timeout_s = 5\n'
+        + more
     )
     return path
+
+
+def _keygen(agent_cli: str, agent_toml: Path) -> str:
+    """``footfall-agent keygen``: the agent's signing key written, its public key."""
+    return subprocess.run(
+        [agent_cli, "keygen", "--config", str(agent_toml)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
 def _replay(agent_cli: str, agent_toml: Path) -> None:
@@ -225,7 +247,7 @@ def _replay(agent_cli: str, agent_toml: Path) -> None:
         subprocess.run(
             [*command, "--source", str(sample)],
             check=True,
-            env=os.environ | {"FOOTFALL_LOG": "warning"},
+            env=_QUIET,
             stderr=subprocess.DEVNULL,
             timeout=_REPLAY_S,
         )
@@ -233,99 +255,107 @@ def _replay(agent_cli: str, agent_toml: Path) -> None:
         raise AggregatorError(f"the agent's replay failed: {exc}") from exc
 
 
-def _seal(payload: dict[str, object], key: nacl.signing.SigningKey) -> bytes:
-    signature = key.sign(canonical_json(payload)).signature
-    envelope = {"alg": "ed25519", "payload": payload, "sig": base64.b64encode(signature).decode()}
-    return canonical_json(envelope)
+@dataclass(frozen=True, slots=True)
+class Shop:
+    """One of :data:`DEMO_SITES` being counted: its generator piping a pcap stream into its
+    agent, and the file the generator writes each hour's truth to."""
+
+    site: str
+    name: str
+    agent: str
+    generator: subprocess.Popen[bytes]
+    counting: subprocess.Popen[bytes]
+    truth: Path
 
 
-def fill_traffic(store: Store, broker: Broker, now: int, days: int = DEMO_DAYS) -> int:
-    """Enrol :data:`DEMO_SITES` and publish ``days`` local days of their people, up to
-    ``now``, as each site's agent would: counts v2 windows (5 minutes), signed with the agent's
-    key, at QoS 1 through the broker to ingest, with the agent's MQTT connection
-    (:class:`firmware_agent.service.publish.Connection`). The windows sent."""
-    sent = 0
+def start_shops(
+    store: Store, workdir: Path, broker: Broker, receipt_key: str, now: int, days: int
+) -> list[Shop]:
+    """Enrol :data:`DEMO_SITES` and start counting ``days`` local days of their people, up to
+    ``now``: for each, :mod:`firmware_agent.tools.shop_traffic` generates the phones' probe
+    requests (with the truth) as one pcap stream, piped into ``footfall-agent run --source -``,
+    which counts them (:data:`SHOP_SETTINGS`) and publishes each window signed through the
+    broker to ingest, as an agent in the shop would; it exits once ingest's receipts say every
+    window is stored."""
+    agent_cli = str(Path(sys.executable).with_name("footfall-agent"))
+    shops = []
     for site_id, (name, agent, shop) in DEMO_SITES.items():
         profile = shop
-        key = nacl.signing.SigningKey.generate()
         store.add_site(site_id, name, profile.timezone, now)
-        store.add_agent(site_id, agent, public_key_text(key), now)
+        toml = _agent_config(
+            workdir,
+            site_id,
+            agent,
+            broker,
+            receipt_key,
+            SHOP_SETTINGS + f'[epoch]\ntimezone = "{profile.timezone}"\n',
+        )
+        store.add_agent(site_id, agent, _keygen(agent_cli, toml), now)
         today = datetime.fromtimestamp(now, ZoneInfo(profile.timezone)).date()
         first = today - timedelta(days=days - 1)
-        wednesday = first + timedelta(days=(2 - first.weekday()) % 7 + 14)
-        if site_id == "station":
+        command = [sys.executable, "-m", "firmware_agent.tools.shop_traffic", "-"]
+        command += ["--first", first.isoformat(), "--days", str(days), "--until", str(now)]
+        command += ["--timezone", profile.timezone, "--seed", str(profile.seed)]
+        command += ["--peak", str(profile.peak_arrivals_per_hour)]
+        if site_id == "station":  # its sensor was down one Wednesday afternoon
+            wednesday = first + timedelta(days=(2 - first.weekday()) % 7 + 14)
             gap = int(
                 datetime.combine(wednesday, dtime(14), ZoneInfo(profile.timezone)).timestamp()
             )
-            profile = replace(profile, no_data=(gap, gap + 3 * 3600))
-        bodies = shop_windows(profile, first, days, 300, until=now)
-        topic = Topic.parse(f"footfall/v1/{site_id}/{agent}/counts")
-        header = {"kind": "counts", "v": 2, "site": SiteId(site_id).value}
-        header |= {"agent": AgentId(agent).value, "epoch": secrets.token_hex(8)}
-        connection = Connection(
-            BrokerSettings(
-                host="127.0.0.1",
-                port=broker.port,
-                username=f"{site_id}/{agent}",
-                protocol=broker.protocol,
-                max_inflight=_INFLIGHT,
-            ),
-            None,
-            f"demo-{site_id}-{agent}",
+            command += ["--no-data", str(gap), str(gap + 3 * 3600)]
+        truth = toml.with_name("truth.jsonl")
+        generator = subprocess.Popen(
+            [*command, "--truth", str(truth)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
         )
-        connection.open()
-        try:
-            waiting = 0
-            for seq, body in enumerate(bodies, 1):
-                heard = not body["no_data"]
-                payload = (
-                    header
-                    | body
-                    | {
-                        "seq": seq,
-                        "window_start": utc_text(body["window_start"]),
-                        "probe_requests": 40 * (body.get("passersby") or 0) if heard else 0,
-                        "malformed": 0,
-                        "late_frames": 0,
-                        "devices": 2 * (body.get("passersby") or 0) if heard else None,
-                        "devices_randomised": body.get("passersby") if heard else None,
-                    }
-                )
-                connection.publish(topic, _seal(payload, key))
-                waiting += 1
-                while waiting >= _INFLIGHT:
-                    waiting -= len(connection.loop(0.05))
-            while waiting > 0:
-                waiting -= len(connection.loop(0.05))
-        finally:
-            connection.close()
-        sent += len(bodies)
-    return sent
+        assert generator.stdout is not None
+        counting = subprocess.Popen(
+            [agent_cli, "run", "--config", str(toml), "--source", "-"],
+            stdin=generator.stdout,
+            env=_QUIET,
+            stderr=subprocess.DEVNULL,
+        )
+        generator.stdout.close()  # the agent's now: it sees the end when the generator exits
+        shops.append(Shop(site_id, name, agent, generator, counting, truth))
+    return shops
 
 
-def _settle(store: Store, sent: int) -> None:
-    """Wait until ingest has stored the ``sent`` windows of the demo's shops, saying every
-    10 s how far it got (about 10 s on 2 quiet cores; a busy machine takes longer); after
-    :data:`_SETTLE_S`, say how many are stored and go on with those."""
-    keys = sa.select(agents.c.agent_key).where(agents.c.site_id.in_(list(DEMO_SITES)))
-    began = time.monotonic()
-    said = began
+def finish_shops(store: Store, shops: list[Shop]) -> int:
+    """Wait for the shops' generators and agents to finish (every window stored), then say,
+    for each, the visitors its agent counted against the generator's truth; the windows
+    stored."""
     stored = 0
-    while time.monotonic() - began < _SETTLE_S:
+    deadline = time.monotonic() + _SETTLE_S
+    for shop in shops:
+        for process, what in ((shop.generator, "generator"), (shop.counting, "agent")):
+            try:
+                status = process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise AggregatorError(
+                    f"{shop.name}'s {what} did not finish within {_SETTLE_S} s"
+                ) from None
+            if status != 0:
+                raise AggregatorError(f"{shop.name}'s {what} exited with status {status}")
+        truth = sum(json.loads(line)["arrivals"] for line in shop.truth.read_text().splitlines())
+        key = sa.select(agents.c.agent_key).where(
+            agents.c.site_id == shop.site, agents.c.agent_id == shop.agent
+        )
         with store.begin(read_only=True) as conn:
-            stored = (
-                conn.execute(
-                    sa.select(sa.func.count()).where(windows.c.agent_key.in_(keys))
-                ).scalar()
-                or 0
-            )
-        if stored >= sent:
-            return
-        if time.monotonic() - said >= 10:
-            said = time.monotonic()
-            print(f"  {stored} of {sent} windows stored ...", flush=True)
-        time.sleep(0.2)
-    print(f"  only {stored} of {sent} windows stored after {_SETTLE_S} s; the page shows those")
+            windows_of = conn.execute(
+                sa.select(sa.func.count()).where(windows.c.agent_key == key.scalar_subquery())
+            ).scalar_one()
+            counted = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(site_days.c.arrivals_sum), 0)).where(
+                    site_days.c.site_id == shop.site
+                )
+            ).scalar_one()
+        stored += int(windows_of)
+        off = f" ({100 * (counted - truth) / truth:+.1f} %)" if truth else ""
+        print(
+            f"  {shop.name}: {counted} visitors counted by its agent, {truth} in the "
+            f"generator's truth{off}",
+            flush=True,
+        )
+    return stored
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -376,14 +406,9 @@ def run_demo(port: int, timezone: str, broker_choice: str = "auto", days: int = 
                     "serve.port": port,
                 }
             )
-            receipt_key = load_receipt_key(Path(config.ingest.receipt_key_file))
-            agent_toml = _agent_config(workdir, broker, public_key_text(receipt_key))
-            public_key = subprocess.run(
-                [agent_cli, "keygen", "--config", str(agent_toml)],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.strip()
+            receipt_key = public_key_text(load_receipt_key(Path(config.ingest.receipt_key_file)))
+            agent_toml = _agent_config(workdir, SITE, AGENT, broker, receipt_key)
+            public_key = _keygen(agent_cli, agent_toml)
             password = secrets.token_urlsafe(12)
             with Store.open(config.store) as store:
                 now = int(time.time())
@@ -400,17 +425,21 @@ def run_demo(port: int, timezone: str, broker_choice: str = "auto", days: int = 
                     daemon=True,
                 )
                 server.start()
+                shops: list[Shop] = []
                 try:
                     if not ready.wait(30):
                         raise AggregatorError("the aggregator did not start within 30 s")
                     began = time.monotonic()
-                    print(f"publishing {days} days of two shops' people ...", flush=True)
-                    sent = fill_traffic(store, broker, now, days)
+                    print(
+                        f"counting {days} days of two shops' phones through their agents ...",
+                        flush=True,
+                    )
+                    shops = start_shops(store, workdir, broker, receipt_key, now, days)
                     for site_id in DEMO_SITES:
                         accounts.grant(MERCHANT, site_id)
                     _replay(agent_cli, agent_toml)
-                    _settle(store, sent)
-                    print(f"{sent} windows of people in {time.monotonic() - began:.0f} s")
+                    stored = finish_shops(store, shops)
+                    print(f"{stored} windows of people in {time.monotonic() - began:.0f} s")
                     shop = next(iter(DEMO_SITES))
                     with store.begin(read_only=True) as conn:
                         day = conn.execute(
@@ -426,7 +455,11 @@ def run_demo(port: int, timezone: str, broker_choice: str = "auto", days: int = 
                     # the thread marked as stopped, and the broker would stop before ingest.
                     while server.is_alive():
                         stop.wait(0.5)
-                finally:  # the aggregator stops before the broker does
+                finally:  # the agents and the aggregator stop before the broker does
+                    for process in (p for shop in shops for p in (shop.generator, shop.counting)):
+                        if process.poll() is None:
+                            process.kill()
+                            process.wait()
                     stop.set()
                     server.join(15)
     return 0

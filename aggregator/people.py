@@ -16,6 +16,10 @@ agent's figure; with agents that cover separate areas it undercounts (``docs/agg
 
 **Gaps and suppression.** A figure is ``null`` when no window of the period published it, and
 ``<figure>_suppressed`` counts the windows that suppressed it (the value is then a lower bound).
+The capture rate (the share of the people heard who came in: arrivals / (arrivals +
+passers-by)) is taken over the windows that published both, so a window where one of them is
+suppressed is in neither its numerator nor its denominator; ``null`` without such a window
+or without anyone heard in them.
 A period whose v2 windows all had no data (the sensor heard nothing) is a gap: ``no_data`` is
 true and every figure is ``null``, never 0. v1 windows carry no people: they count in
 ``v1_windows`` only (their device-level figures are diagnostics, :mod:`aggregator.query`).
@@ -61,6 +65,7 @@ PEOPLE_UNITS: dict[str, str] = {
     "windows": "windows",
     "v1_windows": "windows",
     "no_data_windows": "windows",
+    "capture_rate": "share of people heard",
 }
 # Dwell bands' bounds in minutes, for the median.
 # (the last band, an hour or more, taken as up to two hours).
@@ -107,6 +112,8 @@ def _query(site: Site, first: date, last: date, by: str) -> sa.Select[Any]:
         c.occupancy_peak_max.label("occupancy_peak"),
         c.occupancy_peak_windows.label("occupancy_peak_published"),
         c.occupancy_peak_suppressed,
+        c.capture_arrivals,
+        c.capture_passersby,
     ]
     return sa.select(*columns).where(c.site_id == site.id, scope).order_by(order)
 
@@ -155,6 +162,9 @@ def _row(local: str, hours: Sequence[sa.RowMapping]) -> dict[str, Any]:
     out["occupancy_peak_suppressed"] = sum(int(h["occupancy_peak_suppressed"]) for h in hours)
     v2 = out["windows"] - out["v1_windows"]
     out["no_data"] = v2 > 0 and out["no_data_windows"] == v2
+    came = sum(int(h["capture_arrivals"]) for h in hours)
+    heard = came + sum(int(h["capture_passersby"]) for h in hours)
+    out["capture_rate"] = round(came / heard, 3) if heard else None
     return out
 
 
@@ -233,14 +243,6 @@ def median_dwell(row: dict[str, Any]) -> float | None:
     return None  # unreachable: the bands hold every visit
 
 
-def capture_rate(row: dict[str, Any] | None) -> float | None:
-    """Arrivals over arrivals and passers-by: the share of the people heard who came in."""
-    if row is None or row["arrivals"] is None or row["passersby"] is None:
-        return None
-    heard = row["arrivals"] + row["passersby"]
-    return round(row["arrivals"] / heard, 3) if heard else None
-
-
 def summary(
     conn: Connection,
     site: Site,
@@ -288,7 +290,7 @@ def summary(
         "peak_hour_arrivals": None if busiest is None else busiest["arrivals"],
         "median_dwell_minutes": None if total is None else median_dwell(total),
         "visits_ended": None if total is None else total["visits_ended"],
-        "capture_rate": capture_rate(total),
+        "capture_rate": None if total is None else total["capture_rate"],
         "passersby": None if total is None else total["passersby"],
         "hours": len(hours),
         "v1_windows": sum(h["v1_windows"] for h in hours),

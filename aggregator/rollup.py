@@ -23,7 +23,10 @@ that carried the field at all (``*_windows``, suppressed ones included). So a re
 **Counts v2.** A v2 window adds its people figures (arrivals, passers-by, visits ended, dwell
 bands: sums, with the windows that published and suppressed each) and its occupancy (mean *
 window_s in hundredths of a person-second, and the seconds: a period's mean is their quotient,
-time-weighted whatever the window length; the peak as a maximum). A no-data window adds only to
+time-weighted whatever the window length; the peak as a maximum), and, when it published both
+its arrivals and its passers-by, those two again (``capture_arrivals``, ``capture_passersby``:
+the capture rate's terms, so that a window where one is suppressed enters neither the rate's
+numerator nor its denominator alone). A no-data window adds only to
 ``windows`` and ``no_data_windows``. A v1 window adds 1 to ``v1_windows`` and no people. The
 site rows' people sums are the busiest agent's, set by the store (``aggregator.store.BUSIEST``).
 """
@@ -118,6 +121,8 @@ SUM_MEASURES: tuple[str, ...] = (
     "occupancy_suppressed",
     "occupancy_peak_windows",
     "occupancy_peak_suppressed",
+    "capture_arrivals",
+    "capture_passersby",
 )
 MAX_MEASURES: tuple[str, ...] = (
     "devices_max",
@@ -252,7 +257,9 @@ def _people_measures(p: Mapping[str, Any]) -> list[int]:
         int(peak is not None),
         int(peak is None and there[-1]),
     ]
-    return out
+    arrivals, passersby = values[0], values[1]
+    paired = arrivals is not None and passersby is not None
+    return [*out, *((int(arrivals or 0), int(passersby or 0)) if paired else (0, 0))]
 
 
 def window_measures(p: Mapping[str, Any]) -> tuple[list[int], list[int]]:

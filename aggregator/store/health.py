@@ -53,6 +53,16 @@ class AgentHealth:
     spool_filling: bool  # its last status said more than SPOOL_FILLING windows wait
     refused: int  # windows it sent, signed, that ingest refused for their content (settled)
     counts_v: int | None  # the counts schema of its latest window: 1 (devices only) or 2
+    meta_counts_v: int | None  # what its latest meta says it sends (meta v1: counts v1)
+
+
+def _declared_counts_v(meta: str | None) -> int | None:
+    """The counts version a stored meta payload says its agent sends: its ``counts_v`` (meta
+    v2), 1 for a meta v1 (its agent predates counts v2); None without a meta."""
+    if meta is None:
+        return None
+    payload = json.loads(meta)
+    return int(payload.get("counts_v", 1)) if payload.get("v", 1) >= 2 else 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +199,7 @@ class Health(Database):
             a.spool_dropped,
             a.status_last_seq,
             a.counts_v,
+            a.meta,
         ).order_by(a.site_id, a.agent_id)
         refusals_read = sa.select(receipts.c.agent_key, receipts.c.refused)
         if site is not None:
@@ -269,6 +280,7 @@ class Health(Database):
                     spool_filling=(row.spool_pending or 0) > SPOOL_FILLING,
                     refused=sum(hi - lo + 1 for lo, hi in refused.get(row.agent_key, [])),
                     counts_v=row.counts_v,
+                    meta_counts_v=_declared_counts_v(row.meta),
                 )
             )
         return out

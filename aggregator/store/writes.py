@@ -465,10 +465,16 @@ def _positional_insert(table: sa.Table, conflict: str) -> str:
 
 
 # The site roll-ups' people figures that are the busiest agent's (aggregator/people.py): each
-# additive figure's sum, and the occupancy's time-weighted sum and seconds. The rest of a site
-# row sums its agents' (windows, published and suppressed windows) or takes their greatest
-# (occupancy peak), as every roll-up does.
-BUSIEST = (*(f"{name}_sum" for name in PEOPLE_COUNTS), "occupancy_cs", "occupancy_s")
+# additive figure's sum, the capture rate's two terms, and the occupancy's time-weighted sum
+# and seconds. The rest of a site row sums its agents' (windows, published and suppressed
+# windows) or takes their greatest (occupancy peak), as every roll-up does.
+BUSIEST = (
+    *(f"{name}_sum" for name in PEOPLE_COUNTS),
+    "capture_arrivals",
+    "capture_passersby",
+    "occupancy_cs",
+    "occupancy_s",
+)
 
 
 def _busiest_statements() -> tuple[sa.Update, sa.Update]:

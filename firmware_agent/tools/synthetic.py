@@ -35,8 +35,9 @@ import json
 import os
 import sys
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import BinaryIO
 
 import numpy as np
 from numpy.typing import NDArray
@@ -548,35 +549,44 @@ def write_synthetic_capture(path: str | os.PathLike[str], spec: SyntheticSpec) -
 
 
 def _write(path: str | os.PathLike[str], frames: _Frames, link_type: int, fcs: bool) -> None:
+    """A pcap file of ``frames``."""
+    with open(path, "wb") as fh:
+        _write_header(fh, link_type)
+        _write_records(fh, frames, link_type, fcs)
+
+
+def _write_header(fh: BinaryIO, link_type: int) -> None:
+    fh.write(np.array([0xA1B2C3D4, 0x00040002, 0, 0, 65535, link_type], "<u4").tobytes())
+
+
+def _write_records(fh: BinaryIO, frames: _Frames, link_type: int, fcs: bool) -> None:
     """Assemble every record from the template pool and patch in the per-frame fields."""
     tpl = _build_templates(link_type, fcs)
     d11 = _HDR + (_RADIOTAP if link_type == 127 else 0)
-    with open(path, "wb") as fh:
-        fh.write(np.array([0xA1B2C3D4, 0x00040002, 0, 0, 65535, link_type], "<u4").tobytes())
-        for lo in range(0, len(frames.ts_us), _CHUNK):
-            sl = slice(lo, lo + _CHUNK)
-            tt = frames.template[sl]
-            lens = tpl.length[tt]
-            off = np.cumsum(lens) - lens
-            buf = tpl.pool[np.repeat(tpl.start[tt] - off, lens) + np.arange(int(lens.sum()))]
-            ts = frames.ts_us[sl]
-            _put(buf, off, ts // _US, 4)
-            _put(buf, off + 4, ts % _US, 4)
-            chan = frames.channel[sl]
-            if link_type == 127:
-                _put(buf, off + _HDR + 8, frames.tsft_us[sl], 8)
-                _put(buf, off + _HDR + 18, _FREQS[chan], 2)
-                _put(buf, off + _HDR + 22, frames.dbm[sl] & 0xFF, 1)
-            _put(buf, off + d11 + 10, frames.addr[sl], 6, big=True)
-            _put(buf, off + d11 + 22, frames.seq[sl] << 4, 2)
-            _put(buf, off + tpl.ds_pos[tt], _CHANNELS[chan], 1)
-            if fcs:
-                crc = tpl.fcs_base[tt].copy()
-                patched = [off + d11 + p for p in _ADDR2_SC] + [off + tpl.ds_pos[tt]]
-                for k, pos in enumerate(patched):
-                    crc ^= tpl.fcs_tables[tt, k, buf[pos]]
-                _put(buf, off + lens - 4, crc.astype(np.int64), 4)
-            fh.write(buf.data)
+    for lo in range(0, len(frames.ts_us), _CHUNK):
+        sl = slice(lo, lo + _CHUNK)
+        tt = frames.template[sl]
+        lens = tpl.length[tt]
+        off = np.cumsum(lens) - lens
+        buf = tpl.pool[np.repeat(tpl.start[tt] - off, lens) + np.arange(int(lens.sum()))]
+        ts = frames.ts_us[sl]
+        _put(buf, off, ts // _US, 4)
+        _put(buf, off + 4, ts % _US, 4)
+        chan = frames.channel[sl]
+        if link_type == 127:
+            _put(buf, off + _HDR + 8, frames.tsft_us[sl], 8)
+            _put(buf, off + _HDR + 18, _FREQS[chan], 2)
+            _put(buf, off + _HDR + 22, frames.dbm[sl] & 0xFF, 1)
+        _put(buf, off + d11 + 10, frames.addr[sl], 6, big=True)
+        _put(buf, off + d11 + 22, frames.seq[sl] << 4, 2)
+        _put(buf, off + tpl.ds_pos[tt], _CHANNELS[chan], 1)
+        if fcs:
+            crc = tpl.fcs_base[tt].copy()
+            patched = [off + d11 + p for p in _ADDR2_SC] + [off + tpl.ds_pos[tt]]
+            for k, pos in enumerate(patched):
+                crc ^= tpl.fcs_tables[tt, k, buf[pos]]
+            _put(buf, off + lens - 4, crc.astype(np.int64), 4)
+        fh.write(buf.data)
 
 
 # --- persons with known visits ------------------------------------------------------------
@@ -603,9 +613,13 @@ class PeopleSpec:
     rotating_share: float = 0.5  # phones with a new address every 3-15 minutes
     seed: int = 1
     link_type: int = 127
+    static_devices: int = 0  # next door, left on (a printer, a TV): weak, global, always heard
+    silent_ns: tuple[int, int] | None = None  # [start, end): the sensor heard nothing
 
     def __post_init__(self) -> None:
         problems = []
+        if not 0 <= self.static_devices <= 100:
+            problems.append("static_devices must be within [0, 100]")
         if not self.rates or min(self.rates) < 0 or max(self.rates) > 10_000:
             problems.append("rates must be 1 or more arrivals per hour within [0, 10000]")
         if not 0 <= self.passersby_per_visitor <= 100:
@@ -762,11 +776,80 @@ def _people(spec: PeopleSpec) -> tuple[_Frames, PeopleTruth]:
     return frames, truth
 
 
+def _static(spec: PeopleSpec) -> _Frames:
+    """The frames of ``spec``'s static devices (next door: global addresses, weak signal), a
+    burst every 60-120 s from its start to its end; drawn apart from the persons' (whose frames
+    stay the same whatever the number of static devices)."""
+    rng = np.random.default_rng((spec.seed, spec.static_devices))
+    n = spec.static_devices
+    span_s = float(spec.duration_s)
+    steps = rng.uniform(60, 120, (n, int(span_s // 60) + 1))
+    steps[:, 0] *= rng.random(n)
+    offsets = np.cumsum(steps, axis=1)
+    device, step = np.nonzero(offsets < span_s - 1)
+    size = rng.choice(np.arange(1, 4), len(device))
+    burst = np.repeat(np.arange(len(device)), size)
+    rank = np.arange(len(burst)) - np.repeat(np.cumsum(size) - size, size)
+    who = device[burst]
+    t_ns = spec.start_ns + (offsets[device, step][burst] * 1e9).astype(np.int64) + rank * 20_000_000
+    model = np.array([6, 7] * n, np.int64)[:n]
+    oui = np.array([_MODELS[m].ouis[0] for m in model], np.int64)
+    seq = (rng.integers(0, 4096, n)[who] + np.arange(len(burst))) % 4096
+    dbm = np.round(rng.uniform(-88, -82, n)[who] + rng.normal(0, 1.5, len(burst)))
+    ts_us = t_ns // 1000
+    return _Frames(
+        ts_us=ts_us,
+        tsft_us=ts_us - spec.start_ns // 1000 + 10**9,
+        template=model[who] * (len(_SSIDS) + 1),
+        addr=_distinct(rng, oui, 24)[who],
+        seq=seq,
+        channel=rank % 3,
+        dbm=dbm.astype(np.int64),
+        directed=np.zeros(len(burst), bool),
+    )
+
+
+def _people_frames(spec: PeopleSpec) -> tuple[_Frames, PeopleTruth]:
+    """The persons' frames with the static devices' among them, less those of the silent span."""
+    frames, truth = _people(spec)
+    if spec.static_devices:
+        both = [frames, _static(spec)]
+        merged = {f: np.concatenate([getattr(x, f) for x in both]) for f in _Frames.__slots__}
+        order = np.argsort(merged["ts_us"], kind="stable")
+        frames = _Frames(**{f: v[order] for f, v in merged.items()})
+    if spec.silent_ns is not None:
+        ts_ns = frames.ts_us * 1000
+        heard = (ts_ns < spec.silent_ns[0]) | (ts_ns >= spec.silent_ns[1])
+        frames = _Frames(**{f: getattr(frames, f)[heard] for f in _Frames.__slots__})
+    return frames, truth
+
+
 def write_people_capture(path: str | os.PathLike[str], spec: PeopleSpec) -> PeopleTruth:
     """Write a pcap of the phones of ``spec``'s persons; return who was there (the truth)."""
-    frames, truth = _people(spec)
+    frames, truth = _people_frames(spec)
     _write(path, frames, spec.link_type, fcs=False)
     return truth
+
+
+def write_people_stream(fh: BinaryIO, specs: Iterable[PeopleSpec]) -> list[PeopleTruth]:
+    """Write one pcap stream of the persons of ``specs`` (one after the other, in time order,
+    all of one link type) to ``fh``, a spec's frames as soon as they are made; their truths.
+    Without specs, a stream of no frames (radiotap)."""
+    truths: list[PeopleTruth] = []
+    link_type: int | None = None
+    for spec in specs:
+        if link_type is None:
+            link_type = spec.link_type
+            _write_header(fh, link_type)
+        elif spec.link_type != link_type:
+            raise ConfigError("a pcap stream has one link type: the specs' differ")
+        frames, truth = _people_frames(spec)
+        _write_records(fh, frames, link_type, fcs=False)
+        fh.flush()
+        truths.append(truth)
+    if link_type is None:
+        _write_header(fh, 127)
+    return truths
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -273,6 +273,31 @@ def test_sign_in_cookies_csrf_rate_limit_and_sign_out(served: Served) -> None:
     assert signed.get("/api/v1/me").status_code == 401
 
 
+def test_a_link_to_a_page_survives_signing_in_and_only_to_this_server(served: Served) -> None:
+    link = f"/sites/shop-a?date={DAY}"
+    visitor = browser(served)
+    asked = visitor.get(link, follow_redirects=False)
+    assert asked.status_code == 303
+    assert asked.headers["location"] == f"/login?next=%2Fsites%2Fshop-a%3Fdate%3D{DAY}"
+    form = visitor.get(asked.headers["location"])
+    assert f'name="next" value="{link}"' in form.text
+    csrf = visitor.cookies["footfall_csrf"]
+    data = {"name": "alice", "password": PASSWORD, "csrf": csrf}
+    wrong = visitor.post("/login", data=data | {"password": "wrong" * 3, "next": link})
+    assert wrong.status_code == 401 and f'name="next" value="{link}"' in wrong.text
+    signed = visitor.post("/login", data=data | {"next": link})
+    assert (signed.status_code, signed.headers["location"]) == (303, link)
+    assert visitor.get(link).status_code == 200
+    # Elsewhere: another host (//host, /\host, a URL), or nothing: the user's sites.
+    for elsewhere in ("//evil.example/x", "/\\evil.example", "https://evil.example/", ""):
+        other = browser(served)
+        csrf = other.get("/login").cookies["footfall_csrf"]
+        answer = other.post("/login", data=data | {"csrf": csrf, "next": elsewhere})
+        assert answer.headers["location"] == "/", elsewhere
+        form = other.get("/login", params={"next": elsewhere})
+        assert 'name="next" value="/"' in form.text, elsewhere
+
+
 @pytest.mark.parametrize("role", ["installer", "merchant"])
 def test_installers_enrol_agents_merchants_do_not(served: Served, role: str) -> None:
     name = {"installer": "ivan", "merchant": "alice"}[role]

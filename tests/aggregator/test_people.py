@@ -5,19 +5,23 @@ two agents at one site not added, and the truth of the demo's traffic model read
 
 from __future__ import annotations
 
+import re
 from datetime import date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 
+from aggregator.cli import main
+from aggregator.config import StoreSettings
+from aggregator.dashboard import templates
 from aggregator.people import busy_times, figures, summary
 from aggregator.query import Counts
 from aggregator.store import Store
 from aggregator.verify import Accepted, Verifier
 from firmware_agent.contract.messages import AgentId, SiteId, utc_text
 from firmware_agent.tools.shop_traffic import ShopProfile, shop_windows
-from tests.support.agent_fleet import fast_seal
+from tests.support.agent_fleet import fast_seal, meta_of
 from tests.support.aggregator_harness import Agent
 
 NOW = 1_800_000_000
@@ -122,6 +126,75 @@ def test_v2_figures_roll_up_by_their_kind_and_no_data_is_a_gap(store: Store) -> 
     assert tiles["peak_hour"] == "10:00" and tiles["capture_rate"] == round(5 / 15, 3)
     (health,) = store.agents("s1")
     assert health.counts_v == 2
+
+
+CAPTURE = "SELECT capture_arrivals, capture_passersby FROM {} ORDER BY 1, 2"
+
+
+@pytest.mark.parametrize("store_settings", ["sqlite", "postgresql"], indirect=True)
+def test_the_capture_rate_pairs_arrivals_and_passersby_window_by_window(store: Store) -> None:
+    """A window whose arrivals or passers-by are suppressed is in neither term of the capture
+    rate; the migration that adds the terms fills them from the stored windows as ingest does."""
+    agent = Agent("s1", "a1")
+    enrol(store, agent)
+    bodies = [
+        window("2026-12-01T10:00", 6, 3.0, 5),  # 6 of 18 came in
+        window("2026-12-01T10:05", 10, 3.0, 5, passersby=None),  # passers-by suppressed
+        window("2026-12-01T10:10", 0, 3.0, 5, passersby=9),  # arrivals suppressed below
+        window("2026-12-01T11:00", 0, 0.0, 0),  # nobody heard
+    ]
+    bodies[2]["arrivals"] = None
+    ingest(store, agent, bodies)
+    site = Counts(store).site("s1")
+    with store.begin(read_only=True) as conn:
+        ten, eleven = figures(conn, site, date(2026, 12, 1), date(2026, 12, 1), "hour")
+        (day,) = figures(conn, site, date(2026, 12, 1), date(2026, 12, 1), "day")
+        tiles = summary(conn, site, date(2026, 12, 1), NOW)
+    # Not (6 + 10) / (6 + 10 + 12 + 9): the suppressed figures' partners stay out.
+    assert (ten["arrivals"], ten["passersby"]) == (16, 21)
+    assert ten["capture_rate"] == day["capture_rate"] == tiles["capture_rate"] == round(6 / 18, 3)
+    assert eleven["capture_rate"] is None
+    tables = ("agent_hours", "agent_days", "site_hours", "site_days")
+    with store.begin(read_only=True) as conn:
+        live = {t: conn.exec_driver_sql(CAPTURE.format(t)).all() for t in tables}
+    assert live["site_days"] == [(6, 12)]
+    assert store.migrate("0009", downgrade=True) == "0009"
+    assert store.migrate() == "0010"
+    with store.begin(read_only=True) as conn:
+        assert {t: conn.exec_driver_sql(CAPTURE.format(t)).all() for t in tables} == live
+
+
+@pytest.mark.parametrize("store_settings", ["sqlite"], indirect=True)
+def test_the_agents_that_still_send_v1_are_named_before_their_first_window(
+    store: Store, store_settings: StoreSettings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An agent says in its meta which counts it sends (meta v2's ``counts_v``; a meta v1
+    comes from an agent that predates people figures): the health, the agents table and
+    ``agents list`` say so before its first window, and its windows' version after."""
+    old, new, counting = Agent("s1", "old"), Agent("s1", "new"), Agent("s1", "counting")
+    enrol(store, old, new, counting)
+    v1 = {k: v for k, v in meta_of("s1", "old").items() if k != "counts_v"} | {"v": 1}
+    v1["thresholds"] = {k: v for k, v in dict(v1["thresholds"]).items() if k != "presence_hold_s"}
+    v1["privacy"] = {k: v for k, v in dict(v1["privacy"]).items() if k != "published"}
+    verifier, registry = Verifier(65536), store.registry()
+    metas = [
+        verifier.check(f"footfall/v1/s1/{a.agent}/meta", fast_seal(m, a.key), registry, NOW)
+        for a, m in ((old, v1), (new, meta_of("s1", "new")))
+    ]
+    assert all(isinstance(m, Accepted) for m in metas), metas
+    store.store_batch([m for m in metas if isinstance(m, Accepted)], now=NOW)
+    ingest(store, counting, [window("2026-12-01T10:00", 6, 3.0, 5)])
+    sends = {a.agent: (a.counts_v, a.meta_counts_v) for a in store.agents("s1")}
+    assert sends == {"old": (None, 1), "new": (None, 2), "counting": (2, None)}
+    assert main(["agents", "list", "--set", f"store.dsn={store_settings.dsn}"]) == 0
+    rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["old"].endswith("devices v1 (meta): upgrade it")
+    assert rows["new"].endswith("people v2 (meta)") and rows["counting"].endswith("people v2")
+    page = templates.env.get_template("agents_table.html")
+    html = page.render(agents=store.agents("s1"), day="2026-12-01")
+    cells = dict(re.findall(r'data-agent="(\w+)">.*?<td class="sends">(.*?)</td>', html, re.S))
+    assert "devices only (v1): upgrade it" in cells["old"] and "its meta says" in cells["old"]
+    assert cells["counting"] == "people (v2)"
 
 
 def test_two_agents_hearing_the_same_people_are_not_added(store: Store) -> None:
