@@ -29,9 +29,10 @@ def serve(
     stop: threading.Event | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM (uvicorn's handlers, in the main thread) or ``stop`` is
-    set, then stop ingest after its batch. ``ready`` is set once the server listens and ingest
-    (if on) has subscribed. If ingest fails for good (:class:`IngestFatalError`), the server
-    stops too and the error is raised: the process exits non-zero for its supervisor."""
+    set, then stop ingest after its batch (:meth:`Ingest.finish`: at most ``STOP_GRACE_S``).
+    ``ready`` is set once the server listens and ingest (if on) has subscribed. If ingest fails
+    for good (:class:`IngestFatalError`), the server stops too and the error is raised: the
+    process exits non-zero for its supervisor."""
     settings = config.serve
     app = create_app(
         store, session_s=3600 * settings.session_hours, secure_cookies=settings.secure_cookies
@@ -48,21 +49,15 @@ def serve(
         )
     )
     ingest_thread = None
-    failed: list[BaseException] = []
     if settings.ingest:
         from aggregator.ingest import Ingest  # noqa: PLC0415 (only with ingest in process)
 
         ingest = Ingest(config, store)
 
-        def run_ingest() -> None:
-            try:
-                ingest.run()
-            except BaseException as exc:
-                failed.append(exc)
-                server.should_exit = True
+        def ingest_ended() -> None:
+            server.should_exit = True
 
-        ingest_thread = threading.Thread(target=run_ingest, name="footfall-ingest", daemon=True)
-        ingest_thread.start()
+        ingest_thread = ingest.start(on_end=ingest_ended)
         log.info("ingest in this process: broker %s", config.broker.address)
     log.info("serving the API and dashboard on http://%s:%d/", settings.host, settings.port)
 
@@ -85,7 +80,4 @@ def serve(
         server.run()
     finally:
         if ingest_thread is not None:
-            ingest.stop()
-            ingest_thread.join()
-    if failed:
-        raise failed[0]
+            ingest.finish(ingest_thread)

@@ -15,24 +15,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
 from aggregator.cli import main
 from aggregator.config import StoreSettings
-from aggregator.ingest import Ingest
+from aggregator.ingest import STOP_GRACE_S, Ingest
 from aggregator.store import QUARANTINE_KEEP, Store
 from aggregator.verify import Accepted, Verifier
 from firmware_agent.contract.messages import utc_text
 from tests.aggregator.test_ingest import AgentAccount, _config_file, _spawn, config_for, running
 from tests.support.aggregator_harness import Agent, stored_seqs
+from tests.support.delivery import database_link
 from tests.support.mqtt_broker import Mosquitto, wait_for
 
 NOW = int(time.time())
@@ -234,6 +237,65 @@ def test_a_stop_ends_ingest_within_its_grace_while_the_database_is_gone(
     assert not thread.is_alive()
     assert took < 2
     assert ingest.stats.stored == 0
+
+
+@contextlib.contextmanager
+def _database_hangs(settings: StoreSettings) -> Iterator[tuple[StoreSettings, Callable[[], None]]]:
+    """The settings ingest is to use, and a call that makes its database hang without
+    failing: on SQLite another connection holds the write lock; on PostgreSQL every
+    connection goes silent (a link that takes what is sent and answers nothing) and new ones
+    are refused."""
+    if settings.dsn.startswith("sqlite"):
+        holder = sqlite3.connect(settings.dsn.removeprefix("sqlite:///"), isolation_level=None)
+        try:
+            yield settings, lambda: holder.execute("BEGIN IMMEDIATE")
+        finally:
+            holder.close()
+        return
+    link = database_link(settings.dsn)
+    dsn = settings.dsn.replace(f":{link.target[1]}/", f":{link.port}/")
+    try:
+        yield StoreSettings(dsn, settings.schema), link.cut
+    finally:
+        link.close()
+
+
+def test_sigterm_ends_ingest_within_its_grace_while_the_database_hangs(
+    store_settings: StoreSettings,
+    start_broker: Callable[[Mapping[tuple[str, str], str]], Mosquitto],
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while a batch waits on a database that neither answers nor fails (a lock
+    held, a silent network): ingest exits within its grace, saying that it left the batch to
+    the broker. It used to wait for the database: 60 s on SQLite (its lock timeout, twice
+    over), for ever on PostgreSQL."""
+    agent = Agent("s1", "a1")
+    broker = start_broker({("s1", "a1"): "pw"})
+    with Store.open(store_settings) as store:
+        store.add_site("s1", "", "UTC", NOW)
+        store.add_agent("s1", "a1", agent.public_key, NOW)
+    log = tmp_path / "ingest.log"
+    with _database_hangs(store_settings) as (settings, hang):
+        process = _spawn(_config_file(tmp_path / "agg.toml", broker, settings), "hang", log)
+        account = AgentAccount(broker, "s1", "a1", "pw")
+        try:
+            wait_for(lambda: "connected to broker" in log.read_text(), 20, "ingest to connect")
+            hang()
+            account.publish("counts", agent.counts(1, utc_text(RECENT)))
+            time.sleep(2)  # the window taken and the database waited on
+            process.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(60)
+            took = time.monotonic() - started
+        finally:
+            account.close()
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    text = log.read_text()
+    assert took < STOP_GRACE_S + 5 < 90, text  # systemd's default TimeoutStopSec: 90 s
+    assert process.returncode is not None and "the broker sends it again" in text, text
 
 
 def test_the_quarantine_keeps_its_newest_rows(store: Store) -> None:
