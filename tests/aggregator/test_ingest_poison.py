@@ -32,9 +32,11 @@ import pytest
 
 from aggregator.cli import main
 from aggregator.config import StoreSettings
+from aggregator.errors import IngestFatalError
 from aggregator.ingest import STOP_GRACE_S, Ingest
-from aggregator.store import QUARANTINE_KEEP, Store
-from aggregator.verify import Accepted, Verifier
+from aggregator.registry import Registry
+from aggregator.store import QUARANTINE_KEEP, BatchOutcome, Store
+from aggregator.verify import Accepted, Refusal, Verifier
 from firmware_agent.contract.messages import utc_text
 from tests.aggregator.test_ingest import AgentAccount, _config_file, _spawn, config_for, running
 from tests.support.aggregator_harness import Agent, refuse_seq_666, stored_seqs
@@ -296,6 +298,81 @@ def test_sigterm_ends_ingest_within_its_grace_while_the_database_hangs(
     text = log.read_text()
     assert took < STOP_GRACE_S + 5 < 90, text  # systemd's default TimeoutStopSec: 90 s
     assert process.returncode is not None and "the broker sends it again" in text, text
+
+
+class _FaultyVerifier(Verifier):
+    """A verifier that raises on one message (seq 13). No real message makes the verifier
+    raise (the hostile suite's 62 kinds do not), so the fault is put in: what ingest does if
+    a bug ever let one through."""
+
+    def check(
+        self, topic: str, data: bytes, registry: Registry, received_at: int, size: int = -1
+    ) -> Accepted | Refusal:
+        if b'"seq":13,' in data:
+            raise ValueError("a bug in the verifier")
+        return super().check(topic, data, registry, received_at, size)
+
+
+def test_an_error_verifying_one_message_refuses_it_and_stops_no_one(
+    store_settings: StoreSettings,
+    start_broker: Callable[[Mapping[tuple[str, str], str]], Mosquitto],
+) -> None:
+    agent = Agent("s1", "a1")
+    broker = start_broker({("s1", "a1"): "pw"})
+    with Store.open(store_settings) as store:
+        store.add_site("s1", "", "UTC", NOW)
+        store.add_agent("s1", "a1", agent.public_key, NOW)
+        account = AgentAccount(broker, "s1", "a1", "pw")
+        config = config_for(broker, store_settings, **{"ingest.batch_wait_ms": 200})
+        try:
+            with running(config) as ingest:
+                ingest.verifier = _FaultyVerifier(65536)
+                for seq in (12, 13, 14):  # one batch
+                    account.publish("counts", agent.counts(seq, utc_text(RECENT + 300 * seq)))
+                wait_for(lambda: ingest.stats.received == 3, 10, "the batch")
+                refused = dict(ingest.stats.refused)
+        finally:
+            account.close()
+        assert stored_seqs(store, "s1", "a1") == [12, 14]
+        assert refused == {"verify_failed": 1}
+        (row,) = store.quarantined()
+        assert (row["reason"], row["agent_id"], row["message"]) == ("verify_failed", "a1", None)
+        assert row["error"] == "ValueError: a bug in the verifier"
+        assert store.refusal_counts() == {("verify_failed", "s1", "a1"): 1}
+
+
+def test_a_stage_that_fails_unexpectedly_stops_ingest_loudly(
+    store_settings: StoreSettings,
+    start_broker: Callable[[Mapping[tuple[str, str], str]], Mosquitto],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The store stage used to die alone (the roll-up's OverflowError), leaving a process that
+    stayed connected and stored nothing. Any error it does not expect now stops the other
+    stage and makes :meth:`Ingest.run` raise, for the process to exit non-zero; the fault is
+    put in through the after-batch hook, which runs in the store stage."""
+    agent = Agent("s1", "a1")
+    broker = start_broker({("s1", "a1"): "pw"})
+
+    def fail(_outcome: BatchOutcome) -> None:
+        raise RuntimeError("a bug in the store stage")
+
+    with Store.open(store_settings) as store:
+        store.add_site("s1", "", "UTC", NOW)
+        store.add_agent("s1", "a1", agent.public_key, NOW)
+        ingest = Ingest(config_for(broker, store_settings), store, on_batch=fail)
+        thread = ingest.start(on_end=lambda: None)
+        account = AgentAccount(broker, "s1", "a1", "pw")
+        try:
+            wait_for(ingest.connected.is_set, 10, "ingest to connect")
+            account.publish("counts", agent.counts(1, utc_text(RECENT)))
+            thread.join(20)  # it ends by itself
+            assert not thread.is_alive()
+            message = "ingest stopped: RuntimeError: a bug in the store stage"
+            with pytest.raises(IngestFatalError, match=f"^{message}$"):
+                ingest.finish(thread)
+        finally:
+            account.close()
+    assert "the store stage failed: RuntimeError: a bug in the store stage" in caplog.text
 
 
 def test_the_quarantine_keeps_its_newest_rows(store: Store) -> None:
