@@ -271,6 +271,7 @@ class Ingest:
         self._stop = threading.Event()
         self._fatal: BaseException | None = None
         self._raised: BaseException | None = None  # by run, in the thread of start
+        self._stopped_at = 0.0  # monotonic time of the first stop (0: not stopped)
         self._pool = (
             ThreadPoolExecutor(self.settings.verify_threads, thread_name_prefix="footfall-verify")
             if self.settings.verify_threads > 1
@@ -315,6 +316,8 @@ class Ingest:
 
     def stop(self) -> None:
         """Ask :meth:`run` to finish its batch and return (safe from any thread or signal)."""
+        if not self._stopped_at:
+            self._stopped_at = time.monotonic()
         self._stop.set()
 
     def start(self, on_end: Callable[[], None]) -> threading.Thread:
@@ -334,10 +337,11 @@ class Ingest:
         return thread
 
     def finish(self, thread: threading.Thread) -> None:
-        """Stop ingest started by :meth:`start` and wait at most ``STOP_GRACE_S`` for it; raise
-        what it raised, or :class:`IngestFatalError` if it is still waiting on the database."""
+        """Stop ingest started by :meth:`start` and wait for it until ``STOP_GRACE_S`` after the
+        first stop; raise what it raised, or :class:`IngestFatalError` if it is still waiting
+        on the database."""
         self.stop()
-        thread.join(STOP_GRACE_S)
+        thread.join(max(0.0, self._stopped_at + STOP_GRACE_S - time.monotonic()))
         if thread.is_alive():
             raise IngestFatalError(
                 f"ingest did not stop within {STOP_GRACE_S} s (the database has not answered): "
