@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -85,10 +86,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     log.setLevel(min(log.getEffectiveLevel(), logging.INFO))  # a service says what it does
     with Store.open(config.store) as store:
         ingest = Ingest(config, store)
+        stopping = threading.Event()
 
         def stop(signum: int, _frame: FrameType | None) -> None:
             log.info("received %s: finishing the batch in hand", signal.Signals(signum).name)
-            ingest.stop()
+            stopping.set()
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
@@ -98,7 +100,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             config.broker.address,
             config.ingest.share_group,
         )
-        ingest.run()
+        thread = ingest.start(on_end=stopping.set)
+        while not stopping.wait(0.5):  # this thread takes the signals: it never waits long
+            pass
+        ingest.finish(thread)
     return 0
 
 

@@ -47,7 +47,12 @@ acknowledged with the rest. A stage that fails unexpectedly, a database that ref
 message (the probe fails too) or that stays unusable for ``ingest.database_retry_s`` is fatal:
 :meth:`Ingest.run` stops both stages and raises :class:`IngestFatalError`, and the process
 exits non-zero for its supervisor to start it again; the broker keeps what was not
-acknowledged. A stop (SIGTERM) waits at most 10 s for the batch being stored.
+acknowledged. A stop (SIGTERM) waits at most 10 s for the batch being stored, and at most
+``STOP_GRACE_S`` (20 s) for ingest as a whole: :meth:`Ingest.start` runs it in a thread of its
+own, so the thread that takes the signal never waits on the database, and :meth:`Ingest.finish`
+gives up on a database that neither answers nor fails (a lock held, a silent network) with
+:class:`IngestFatalError`, within systemd's default grace of 90 s; the batch in hand stays
+unacknowledged, and the broker sends it again.
 
 Refusals are counted per reason, site and agent (``refusals``), but an agent that is not
 enrolled is counted as agent ``''`` of its site (of site ``''`` if the site has no enrolled
@@ -95,12 +100,13 @@ from aggregator.store import BatchOutcome, Store
 from aggregator.transport import Transport
 from aggregator.verify import REASONS, Accepted, Refusal, Verifier, WindowLimits
 
-__all__ = ["Ingest", "IngestStats", "topics"]
+__all__ = ["STOP_GRACE_S", "Ingest", "IngestStats", "topics"]
 
 log = logging.getLogger("footfall.aggregator")
 
 _QUIET_REASONS = frozenset({"duplicate"})  # normal after a redelivery: logged at INFO
 _STOP_WAIT_S = 10  # how long a stop waits for the store stage's batch in hand
+STOP_GRACE_S = 20  # how long a stop waits for ingest as a whole (:meth:`Ingest.finish`)
 T = TypeVar("T")
 
 
@@ -264,6 +270,8 @@ class Ingest:
         self._registry: Registry | None = None
         self._stop = threading.Event()
         self._fatal: BaseException | None = None
+        self._raised: BaseException | None = None  # by run, in the thread of start
+        self._stopped_at = 0.0  # monotonic time of the first stop (0: not stopped)
         self._pool = (
             ThreadPoolExecutor(self.settings.verify_threads, thread_name_prefix="footfall-verify")
             if self.settings.verify_threads > 1
@@ -308,7 +316,39 @@ class Ingest:
 
     def stop(self) -> None:
         """Ask :meth:`run` to finish its batch and return (safe from any thread or signal)."""
+        if not self._stopped_at:
+            self._stopped_at = time.monotonic()
         self._stop.set()
+
+    def start(self, on_end: Callable[[], None]) -> threading.Thread:
+        """:meth:`run` in a thread of its own, which calls ``on_end`` when run returns or
+        raises; :meth:`finish` stops it and raises what it raised."""
+
+        def run() -> None:
+            try:
+                self.run()
+            except BaseException as exc:
+                self._raised = exc
+            finally:
+                on_end()
+
+        thread = threading.Thread(target=run, name="footfall-ingest", daemon=True)
+        thread.start()
+        return thread
+
+    def finish(self, thread: threading.Thread) -> None:
+        """Stop ingest started by :meth:`start` and wait for it until ``STOP_GRACE_S`` after the
+        first stop; raise what it raised, or :class:`IngestFatalError` if it is still waiting
+        on the database."""
+        self.stop()
+        thread.join(max(0.0, self._stopped_at + STOP_GRACE_S - time.monotonic()))
+        if thread.is_alive():
+            raise IngestFatalError(
+                f"ingest did not stop within {STOP_GRACE_S} s (the database has not answered): "
+                "exiting without the batch in hand (unacknowledged: the broker sends it again)"
+            )
+        if self._raised is not None:
+            raise self._raised
 
     def run(self) -> None:
         """Connect, then verify and store batches until :meth:`stop`; raise

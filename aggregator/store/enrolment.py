@@ -184,12 +184,12 @@ class Enrolment(Database):
             bump_version(conn)
 
     def registry_version(self) -> int:
-        with self.begin() as conn:
+        with self.begin(read_only=True) as conn:  # SQLite: never waits for the write lock
             return int(conn.execute(sa.select(registry_state.c.version)).scalar_one())
 
     def registry(self) -> Registry:
         """Every enrolled agent (revoked ones too: their messages are refused by name)."""
-        with self.begin() as conn:
+        with self.begin(read_only=True) as conn:
             version = int(conn.execute(sa.select(registry_state.c.version)).scalar_one())
             rows = conn.execute(
                 sa.select(

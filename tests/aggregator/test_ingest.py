@@ -182,18 +182,23 @@ def test_ingest_stores_verified_messages_and_refuses_hostile_ones_with_their_rea
     assert '"agent_version":"0.1.0"' in meta_text
 
 
-def _spawn(config_file: Path, client_id: str, log: Path) -> subprocess.Popen[bytes]:
+def _spawn(
+    config_file: Path, client_id: str, log: Path, command: str = "ingest", *more: str
+) -> subprocess.Popen[bytes]:
+    """``footfall-aggregator <command>`` (ingest, or serve with ingest in it) with the
+    settings of ``config_file`` and ``more`` arguments, its log in ``log``."""
     with log.open("ab") as err:
         return subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "aggregator.cli",
-                "ingest",
+                command,
                 "--config",
                 str(config_file),
                 "--set",
                 f"ingest.client_id={client_id}",
+                *more,
             ],
             cwd=REPO,
             stderr=err,

@@ -1,19 +1,20 @@
 """The hostile-message suite (issue 16): 62 kinds of message, each refused with its own reason,
 while a valid window from another agent sent after each is stored within a second.
 
-One Mosquitto, one PostgreSQL schema and one ingest process (``footfall-aggregator ingest``,
-the real command) serve the whole module. Each kind comes from an agent of its own (``kNN``,
-with its broker account), so the ``refusals`` table tells its reason apart from every other
-kind's: each test reads the rows its message added. Among the kinds are the two stalls of
-issue 16 (a window dated 9999-12-31 in a UTC site or 0001-01-01 in New York: the roll-up's
-``OverflowError`` killed the store thread; a replayed signature with ``\\n`` after it: the
-89-character value failed PostgreSQL's insert), a window the database itself refuses (a
-constraint on seq 666: quarantined, the rest of its batch stored), made-up agents (counted
-as one row of their site, not a row each), and a 100 MB message, which the broker drops for
-ingest because ingest announced its MQTT 5 Maximum Packet Size (its peak memory is read).
-A window refused for its content after its signature verified is quarantined with its text and
-settled (its agent's receipt covers it); a bad signature or a schema refusal settles nothing.
-The module ends with SIGTERM: ingest exits 0 within its grace period.
+One Mosquitto, one store and one ingest process (``footfall-aggregator ingest``, the real
+command) serve the whole module, once on SQLite and once on PostgreSQL (a schema of its own).
+Each kind comes from an agent of its own (``kNN``, with its broker account), so the
+``refusals`` table tells its reason apart from every other kind's: each test reads the rows
+its message added. Among the kinds are the two stalls of issue 16 (a window dated 9999-12-31
+in a UTC site or 0001-01-01 in New York: the roll-up's ``OverflowError`` killed the store
+thread; a replayed signature with ``\\n`` after it: the 89-character value failed
+PostgreSQL's insert, and SQLite stored it), a window the database itself refuses (seq 666:
+quarantined, the rest of its batch stored), made-up agents (counted as one row of their
+site, not a row each), and a 100 MB message, which the broker drops for ingest because
+ingest announced its MQTT 5 Maximum Packet Size (its peak memory is read). A window refused
+for its content after its signature verified is quarantined with its text and settled (its
+agent's receipt covers it); a bad signature or a schema refusal settles nothing. The module
+ends with SIGTERM: ingest exits 0 within its grace period.
 """
 
 from __future__ import annotations
@@ -44,7 +45,13 @@ from firmware_agent.contract.messages import (
 )
 from tests.aggregator.test_ingest import AgentAccount, _config_file, _spawn
 from tests.support.agent_fleet import WINDOW, meta_of
-from tests.support.aggregator_harness import Agent, drop_schema, pg_dsn, stored_seqs
+from tests.support.aggregator_harness import (
+    Agent,
+    drop_schema,
+    pg_dsn,
+    refuse_seq_666,
+    stored_seqs,
+)
 from tests.support.mqtt_broker import HOST, Mosquitto, TestCertificates, wait_for
 
 NOW = int(time.time())
@@ -353,8 +360,9 @@ def _peak_rss_kib(pid: int) -> int:
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def rig(
+    request: pytest.FixtureRequest,
     mosquitto_bin: str,
     test_certificates: TestCertificates,
     tmp_path_factory: pytest.TempPathFactory,
@@ -364,7 +372,10 @@ def rig(
     accounts[(SITE, GOOD.agent)] = accounts[(SITE, NOISY.agent)] = "pw"
     broker = Mosquitto(mosquitto_bin, root / "broker", test_certificates, accounts)
     broker.start()
-    settings = StoreSettings(pg_dsn(), f"ff_test_{uuid.uuid4().hex[:10]}")
+    if request.param == "sqlite":
+        settings = StoreSettings(f"sqlite:///{root / 'aggregator.sqlite3'}")
+    else:
+        settings = StoreSettings(pg_dsn(), f"ff_test_{uuid.uuid4().hex[:10]}")
     store = Store.open(settings)
     store.add_site(SITE, "", "UTC", NOW)
     store.add_site(YORK, "", "America/New_York", NOW)
@@ -380,8 +391,7 @@ def rig(
     assert isinstance(old, Accepted), old
     store.store_batch([old], now=NOW)
     assert store.prune(NOW, 90) == 1
-    with store.begin() as conn:
-        conn.exec_driver_sql("ALTER TABLE windows ADD CONSTRAINT no_666 CHECK (seq <> 666)")
+    refuse_seq_666(store)
     log = root / "ingest.log"
     process = _spawn(_config_file(root / "aggregator.toml", broker, settings), "hostile", log)
     good = AgentAccount(broker, SITE, GOOD.agent, "pw")
@@ -400,7 +410,8 @@ def rig(
             process.wait()
         broker.kill()
         store.close()
-        drop_schema(settings.dsn, settings.schema)
+        if settings.schema:
+            drop_schema(settings.dsn, settings.schema)
 
 
 def _stored_within_a_second(rig: Rig) -> float:
@@ -412,7 +423,6 @@ def _stored_within_a_second(rig: Rig) -> float:
     return time.monotonic() - sent
 
 
-@pytest.mark.postgres  # the rig's store
 @pytest.mark.parametrize("kind", KINDS, ids=[k.name for k in KINDS])
 def test_a_hostile_message_is_refused_with_its_reason_and_stops_no_one(
     rig: Rig, kind: Kind, tmp_path: Path
@@ -493,7 +503,6 @@ def test_the_suite_has_at_least_50_kinds_and_the_two_stalls() -> None:
     assert len({k.agent.agent for k in KINDS}) == len(KINDS)
 
 
-@pytest.mark.postgres  # the rig's store
 def test_an_agent_that_adds_noise_is_held_to_the_schema_only(rig: Rig) -> None:
     """Standard mode with differential privacy noises each count on its own: its sums need
     not add up. Its meta says so; counts in the same batch as that meta are held to it, and

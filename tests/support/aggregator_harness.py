@@ -114,6 +114,19 @@ class Agent:
         return seal(payload, self.key)
 
 
+def refuse_seq_666(store: Store) -> None:
+    """A constraint of the database's own, ``no_666``, that refuses one message (seq 666) and
+    no other: what ingest must quarantine on its own while it stores the rest."""
+    with store.begin() as conn:
+        if store.dialect == "postgresql":
+            conn.exec_driver_sql("ALTER TABLE windows ADD CONSTRAINT no_666 CHECK (seq <> 666)")
+        else:
+            conn.exec_driver_sql(
+                "CREATE TRIGGER no_666 BEFORE INSERT ON windows WHEN NEW.seq = 666 "
+                "BEGIN SELECT RAISE(ABORT, 'no_666: seq 666 refused'); END"
+            )
+
+
 def stored_seqs(store: Store, site: str, agent: str) -> list[int]:
     """The seqs of an agent's stored windows, in order."""
     with store.begin(read_only=True) as conn:
