@@ -305,6 +305,7 @@ def cmd_agents_list(args: argparse.Namespace) -> int:
             "REFUSED",
             "SPOOL",
             "SPOOL DROPPED",
+            "EVICTIONS",
         )
     ]
     for a in agents:
@@ -322,10 +323,18 @@ def cmd_agents_list(args: argparse.Namespace) -> int:
                 a.refused,
                 _spool(a),
                 "-" if a.spool_dropped is None else a.spool_dropped,
+                _evictions(a),
             )
         )
     _table(rows)
     return 0
+
+
+def _evictions(a: AgentHealth) -> str:
+    """``count/estimate`` eviction rounds since the agent started; ``-`` from a status v1."""
+    if a.count_evictions is None or a.estimate_evictions is None:
+        return "-"
+    return f"{a.count_evictions}/{a.estimate_evictions}"
 
 
 def _spool(a: AgentHealth) -> str:

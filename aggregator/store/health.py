@@ -53,6 +53,10 @@ class AgentHealth:
     spool_filling: bool  # its last status said more than SPOOL_FILLING windows wait
     refused: int  # windows it sent, signed, that ingest refused for their content (settled)
     counts_v: int | None  # the counts schema of its latest window: 1 (devices only) or 2
+    # Eviction rounds since the agent started, from its last status (None: status v1 or
+    # none yet): its count stage's device table and its estimate stage's tables at ceiling.
+    count_evictions: int | None = None
+    estimate_evictions: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +193,8 @@ class Health(Database):
             a.spool_dropped,
             a.status_last_seq,
             a.counts_v,
+            a.count_evictions,
+            a.estimate_evictions,
         ).order_by(a.site_id, a.agent_id)
         refusals_read = sa.select(receipts.c.agent_key, receipts.c.refused)
         if site is not None:
@@ -269,6 +275,8 @@ class Health(Database):
                     spool_filling=(row.spool_pending or 0) > SPOOL_FILLING,
                     refused=sum(hi - lo + 1 for lo, hi in refused.get(row.agent_key, [])),
                     counts_v=row.counts_v,
+                    count_evictions=row.count_evictions,
+                    estimate_evictions=row.estimate_evictions,
                 )
             )
         return out

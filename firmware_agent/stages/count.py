@@ -312,6 +312,7 @@ class WindowCounter:
         )
         self._capacity = capacity
         self.evicted_total = 0  # rows evicted at the ceiling since this counter began
+        self.evictions = 0  # eviction rounds (an eighth of the ceiling each) since then
         self._out = np.zeros((256, _NOUT), np.int64)
 
     @property
@@ -382,6 +383,7 @@ class WindowCounter:
         self._clock[_C_USED] -= len(drop)
         self._clock[_C_EVICTED] += len(drop)
         self.evicted_total += len(drop)
+        self.evictions += 1
         if self._clock[_C_EVICTED] == len(drop):  # the epoch's first eviction
             log.warning(
                 "device table at its ceiling (count.max_devices = %d): the longest silent rows "

@@ -1,0 +1,31 @@
+"""Status v2: agents note the eviction rounds of their last status (the count stage's device
+table and the estimate stage's tables, since the agent started); NULL while an agent sends
+status v1.
+
+Revision ID: 0010
+Revises: 0009
+Create Date: 2026-12-05
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0010"
+down_revision = "0009"
+branch_labels = None
+depends_on = None
+
+COLUMNS = ("count_evictions", "estimate_evictions")
+
+
+def upgrade() -> None:
+    for name in COLUMNS:
+        op.add_column("agents", sa.Column(name, sa.BigInteger))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("agents") as batch:
+        for name in COLUMNS:
+            batch.drop_column(name)
