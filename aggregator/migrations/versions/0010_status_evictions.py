@@ -26,6 +26,5 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("agents") as batch:
-        for name in COLUMNS:
-            batch.drop_column(name)
+    for name in COLUMNS:  # not a batch: SQLite would copy agents, which windows reference
+        op.drop_column("agents", name)
