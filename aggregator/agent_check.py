@@ -120,4 +120,13 @@ def _status(health: AgentHealth | None) -> Finding:
     detail = f"{health.state} since {at} ({health.cause}), {health.spool_pending} windows spooled"
     if health.state != "online":
         return Finding("status", WARN, detail, "on the Pi: systemctl status footfall-agent")
+    if health.count_evictions or health.estimate_evictions:
+        return Finding(
+            "status",
+            WARN,
+            f"{detail}; its tables were at their ceiling (eviction rounds since it started: "
+            f"{health.count_evictions} device table, {health.estimate_evictions} estimator)",
+            "raise count.max_devices or estimate.max_fingerprints if the Pi's memory allows "
+            "(hardware/README.md)",
+        )
     return Finding("status", OK, detail)

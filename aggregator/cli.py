@@ -311,6 +311,7 @@ def cmd_agents_list(args: argparse.Namespace) -> int:
             "SPOOL",
             "SPOOL DROPPED",
             "SENDS",
+            "EVICTIONS",
         )
     ]
     for a in agents:
@@ -329,6 +330,7 @@ def cmd_agents_list(args: argparse.Namespace) -> int:
                 _spool(a),
                 "-" if a.spool_dropped is None else a.spool_dropped,
                 _sends(a),
+                _evictions(a),
             )
         )
     _table(rows)
@@ -342,6 +344,11 @@ def _sends(a: AgentHealth) -> str:
         return "-"
     said = "" if a.counts_v else " (meta)"
     return f"people v2{said}" if version >= 2 else f"devices v1{said}: upgrade it"
+def _evictions(a: AgentHealth) -> str:
+    """``count/estimate`` eviction rounds since the agent started; ``-`` from a status v1."""
+    if a.count_evictions is None or a.estimate_evictions is None:
+        return "-"
+    return f"{a.count_evictions}/{a.estimate_evictions}"
 
 
 def _spool(a: AgentHealth) -> str:

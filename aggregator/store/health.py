@@ -54,6 +54,10 @@ class AgentHealth:
     refused: int  # windows it sent, signed, that ingest refused for their content (settled)
     counts_v: int | None  # the counts schema of its latest window: 1 (devices only) or 2
     meta_counts_v: int | None  # what its latest meta says it sends (meta v1: counts v1)
+    # Eviction rounds since the agent started, from its last status (None: status v1 or
+    # none yet): its count stage's device table and its estimate stage's tables at ceiling.
+    count_evictions: int | None = None
+    estimate_evictions: int | None = None
 
 
 def _declared_counts_v(meta: str | None) -> int | None:
@@ -200,6 +204,8 @@ class Health(Database):
             a.status_last_seq,
             a.counts_v,
             a.meta,
+            a.count_evictions,
+            a.estimate_evictions,
         ).order_by(a.site_id, a.agent_id)
         refusals_read = sa.select(receipts.c.agent_key, receipts.c.refused)
         if site is not None:
@@ -281,6 +287,8 @@ class Health(Database):
                     refused=sum(hi - lo + 1 for lo, hi in refused.get(row.agent_key, [])),
                     counts_v=row.counts_v,
                     meta_counts_v=_declared_counts_v(row.meta),
+                    count_evictions=row.count_evictions,
+                    estimate_evictions=row.estimate_evictions,
                 )
             )
         return out

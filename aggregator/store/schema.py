@@ -72,6 +72,9 @@ agents = sa.Table(
     sa.Column("meta", sa.Text),
     sa.Column("meta_at", sa.BigInteger),
     sa.Column("counts_v", sa.SmallInteger),  # the schema version of its latest counts (0005)
+    # Its last status's eviction rounds (status v2; NULL from a v1 agent: 0010).
+    sa.Column("count_evictions", sa.BigInteger),
+    sa.Column("estimate_evictions", sa.BigInteger),
     sa.UniqueConstraint("site_id", "agent_id", name="uq_agents_site_agent"),
 )
 

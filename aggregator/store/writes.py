@@ -315,6 +315,8 @@ class Writer(Database):
                         "pending": int(p["spool_pending"]),
                         "dropped": int(p["spool_dropped"]),
                         "last_seq": int(p["last_seq"]),
+                        "count_evictions": p.get("count_evictions"),  # None: status v1
+                        "estimate_evictions": p.get("estimate_evictions"),
                     }
                 )
             elif message.kind == "meta":
@@ -602,6 +604,8 @@ class _Statements:
                 spool_pending=sa.bindparam("pending"),
                 spool_dropped=sa.bindparam("dropped"),
                 status_last_seq=sa.bindparam("last_seq"),
+                count_evictions=sa.bindparam("count_evictions"),
+                estimate_evictions=sa.bindparam("estimate_evictions"),
             )
         )
         self.update_counts_v = (

@@ -33,6 +33,7 @@ __all__ = [
     "DWELL_BANDS",
     "DWELL_EDGES_MIN",
     "DWELL_FIELDS",
+    "EVICTIONS",
     "FRAME_COUNTS",
     "HEADER",
     "ID_PATTERN",
@@ -154,6 +155,11 @@ COUNTS_V1 = CountsFields(
 )
 """Counts v1: no agent of this release publishes it; readers keep accepting it, frozen."""
 CATALOGUE = {fields.v: fields for fields in (COUNTS_V1, COUNTS_V2)}
+
+EVICTIONS = ("count_evictions", "estimate_evictions")
+"""Status v2's figures beyond v1's: eviction rounds since the agent started, of the count
+stage's device table and of the estimate stage's tables (ceiling events, not rows: one round
+evicts many rows, and the rounds move only when a table is full, ``docs/PRIVACY.md``)."""
 
 
 def column(name: str) -> str:

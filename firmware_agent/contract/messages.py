@@ -32,8 +32,9 @@ everywhere: unknown fields are errors) and, for counts v2, the rules a schema ca
 (:func:`counts_v2_errors`). It must also check that the topic's site and agent are the
 payload's. ``docs/messages.md`` documents every field.
 
-**Versions** (:data:`VERSIONS`): an agent publishes counts v2 and meta v2 (:data:`CURRENT`);
-readers keep accepting counts v1 and meta v1 from agents not yet upgraded. Status is v1 only.
+**Versions** (:data:`VERSIONS`): an agent publishes counts v2, meta v2 and status v2
+(:data:`CURRENT`); readers keep accepting counts v1, meta v1 and status v1 from agents not yet
+upgraded. Status v2 adds the eviction rounds (:data:`~firmware_agent.contract.fields.EVICTIONS`).
 The topic's ``v1`` names the topic layout, not a payload version.
 """
 
@@ -53,7 +54,7 @@ import nacl.exceptions
 import nacl.signing
 
 from firmware_agent.contract.errors import MessageError, SchemaError, SignatureError
-from firmware_agent.contract.fields import DIAGNOSTICS, ID_PATTERN, PEOPLE_FIGURES
+from firmware_agent.contract.fields import DIAGNOSTICS, EVICTIONS, ID_PATTERN, PEOPLE_FIGURES
 from firmware_agent.contract.schema_check import check_for, control_characters
 
 __all__ = [
@@ -85,9 +86,9 @@ TOPIC_ROOT = "footfall/v1"
 KINDS = ("counts", "status", "meta")  # what agents send
 RECEIPT = "receipt"  # what the aggregator sends back (v1)
 _ALL_KINDS = (*KINDS, RECEIPT)
-VERSIONS: Mapping[str, tuple[int, ...]] = {"counts": (1, 2), "status": (1,), "meta": (1, 2)}
+VERSIONS: Mapping[str, tuple[int, ...]] = {"counts": (1, 2), "status": (1, 2), "meta": (1, 2)}
 """Every (kind, v) a reader accepts: ``schemas/<kind>.v<v>.json``."""
-CURRENT: Mapping[str, int] = {"counts": 2, "status": 1, "meta": 2}
+CURRENT: Mapping[str, int] = {"counts": 2, "status": 2, "meta": 2}
 """The version of each kind an agent of this release publishes."""
 
 
@@ -302,11 +303,16 @@ def status_payload(
     spool_pending: int,
     spool_dropped: int,
     last_seq: int,
+    evictions: tuple[int, int] = (0, 0),
+    version: int = CURRENT["status"],
 ) -> dict[str, object]:
-    """A status payload; ``cause`` is ``connected`` (online), ``stopped`` or ``lost`` (offline)."""
-    return {
+    """A status payload; ``cause`` is ``connected`` (online), ``stopped`` or ``lost`` (offline).
+
+    ``evictions``: the count and estimate stages' eviction rounds since the agent started
+    (v2; ``version`` 1, without them, only for readers' tests)."""
+    payload: dict[str, object] = {
         "kind": "status",
-        "v": CURRENT["status"],
+        "v": version,
         "site": site.value,
         "agent": agent.value,
         "state": "online" if cause == "connected" else "offline",
@@ -316,6 +322,9 @@ def status_payload(
         "spool_dropped": spool_dropped,
         "last_seq": last_seq,
     }
+    if version >= 2:
+        payload |= dict(zip(EVICTIONS, evictions, strict=True))
+    return payload
 
 
 def meta_payload(

@@ -202,8 +202,8 @@ def agent_metrics(
                "Device table rows evicted at its ceiling (count.max_devices) since the start.",
                lambda: stats.devices_evicted),
         Metric("footfall_estimate_evicted_total", "counter",
-               "Addresses and chains the estimator evicted at its ceiling (count.max_devices) "
-               "since the start.",
+               "Addresses and chains the estimator evicted at its ceiling (count.max_devices), "
+               "and fingerprints at estimate.max_fingerprints, since the start.",
                lambda: stats.estimate_evicted),
         Metric("footfall_broker_connected", "gauge", "1 while connected to the broker.",
                lambda: int(connected.is_set())),

@@ -36,6 +36,10 @@ paho-mqtt 2 client driven by its ``loop()`` in that thread) and its own handle o
 5. at stop: keep sending until the spool is empty or the grace period is over, publish
    ``offline`` (cause ``stopped``) and disconnect cleanly, so the broker drops the will.
 
+The status (v2) also carries the eviction rounds of the count and estimate stages (read from
+the ``evictions`` callable the pipeline's thread keeps current); ``online`` is published again
+when new windows are spooled and the spool dropped windows or a table evicted since the last.
+
 Broker refusals become sentences (:func:`reason_in_words`): bad user name or password, not
 authorised, TLS failures naming the CA file. With MQTT 3.1.1 a broker that refuses a publish
 for lack of rights still acknowledges it (the protocol has no way to say no): use MQTT 5,
@@ -51,7 +55,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -365,8 +369,11 @@ class Publisher:
         spool_path: Path,
         spool_settings: SpoolSettings,
         meta: Mapping[str, object],
+        evictions: Callable[[], tuple[int, int]] = lambda: (0, 0),
     ) -> None:
         self.settings = settings
+        self._evictions = evictions  # the count and estimate stages' rounds (status v2)
+        self._said_evictions = (0, 0)  # those of the last status sent
         self._context = settings.ssl_context()
         self.site, self.agent = site, agent
         self._key = key
@@ -446,6 +453,7 @@ class Publisher:
             log.error("publisher stopped: %s", exc)
 
     def _status(self, cause: str, state: SpoolState) -> bytes:
+        self._said_evictions = self._evictions()
         payload = status_payload(
             self.site,
             self.agent,
@@ -454,6 +462,7 @@ class Publisher:
             spool_pending=state.pending,
             spool_dropped=state.dropped,
             last_seq=state.last_seq,
+            evictions=self._said_evictions,
         )
         return seal(payload, self._key)
 
@@ -508,7 +517,7 @@ class Publisher:
                 self._wake.clear()
                 more = True
                 state = spool.state()
-                if state.dropped != dropped:
+                if state.dropped != dropped or self._evictions() != self._said_evictions:
                     dropped = state.dropped
                     self._publish_status(connection, state)
             room = self.settings.max_inflight - len(inflight)

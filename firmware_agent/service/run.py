@@ -187,13 +187,13 @@ def run_agent(config: AgentConfig) -> int:
         _open_source(config, stop) as reader,
         _signals(stop),
     ):
+        pipeline = Pipeline(config)
         publisher = Publisher(
             config.broker, identity.site, identity.agent, key, spool_path, config.spool,
-            agent_meta(config),
+            agent_meta(config), lambda: pipeline.stats.evictions,
         )  # fmt: skip
         publisher.start()
         log.info("running site=%s agent=%s source=%s", identity.site, identity.agent, reader.name)
-        pipeline = Pipeline(config)
         watch = metrics = None
         if config.metrics.port:
             watch = SpoolWatch(spool_path)

@@ -236,6 +236,11 @@ class EstimateSettings:
         "then can be static, so a person who stays all day is never taken for a PC (24: any "
         "device, whenever first heard).",
     )
+    max_fingerprints: int = setting(
+        16_384,
+        "Ceiling of the model fingerprints the estimator holds in an epoch; at it, the eighth "
+        "heard longest ago are evicted (counted in status).",
+    )
     link: bool = True  # False: every address is a device (the evaluation's stages)
     assume_randomised: bool = False  # True: ignore the locally administered bit (datasets)
     visit_gap_s: int = 600  # count.visit_gap_s: an address silent longer is linked afresh
@@ -258,6 +263,7 @@ class EstimateSettings:
             "static_min_s": (0, 7 * 86400, self.static_min_s),
             "static_share_pct": (1, 100, self.static_share_pct),
             "static_closed_h": (0, 24, self.static_closed_h),
+            "max_fingerprints": (64, 10_000_000, self.max_fingerprints),
         }
         for name, (lo, hi, value) in bounds.items():
             if not lo <= value <= hi:
@@ -291,6 +297,7 @@ class EstimateSettings:
                 int(self.link),
                 self.visit_gap_s * NS,
                 self.max_devices,
+                self.max_fingerprints,
             ],
             np.int64,
         )

@@ -64,14 +64,23 @@ log = logging.getLogger("footfall.agent")
 
 __all__ = ["WindowCounter"]
 
-# Device table columns (int64).
-# A row is 10 x 8 bytes and its key 8; with the slot lists (12 bytes a slot) and the table
-# between a quarter and a half full, a device costs 200-400 bytes here. Growth and eviction
-# move rows within the same arrays (reserved at the ceiling's size): at the ceiling only the
-# eviction's sort comes on top (about 10 MB at the default 250,000 rows).
-_LAST, _VISIT_START, _RANDOM = range(3)
-_WIN, _WRSSI, _WFRAMES, _VISITOR = 3, 5, 7, 9  # _WIN, _WRSSI, _WFRAMES: two slots each
-_NCOLS = 10
+# Device table columns (int64): last frame, start of the current visit (or _NONE), flags
+# (_F_RANDOM: its last frame's address was locally administered; _F_VISITOR: a visitor in its
+# current visit), and for each open-window slot (two: by parity) one word: the window index
+# (signed, bits 32-63; -1: none), the best signal in it (int16, bits 16-31) and its frames
+# (bits 0-15, saturating: only up to FRAMES_PER_DEVICE is read).
+# A row is 5 x 8 bytes and its key 8 (10 columns, 88 bytes, before issue 18's packing); with
+# the slot lists (12 bytes a slot) and the table between a quarter and a half full, a device
+# costs 120-240 bytes here. Growth and eviction move rows within the same arrays (reserved at
+# the ceiling's size): at the ceiling only the eviction's sort comes on top (about 10 MB at the
+# default 250,000 rows).
+_LAST, _VISIT_START, _FLAGS, _W = range(4)  # _W: two slots
+_NCOLS = 5
+_F_RANDOM, _F_VISITOR = 1, 2
+_WIN_SHIFT = 32
+_RSSI_SHIFT = 16
+_FRAMES_MAX = 0xFFFF
+_NO_WINDOW = -1 << _WIN_SHIFT  # a window word of no window
 
 # Window accumulator columns (int64), one row per open-window slot (two: by parity).
 _A_PROBES, _A_MALFORMED, _A_LATE, _A_ENDED = range(4)
@@ -101,6 +110,25 @@ _L_OPEN = 2
 _NONE = np.iinfo(np.int64).min
 
 
+@kernel(inline=True)
+def _window(word: int) -> int:
+    """A window word's window index (-1: none)."""
+    return word >> _WIN_SHIFT
+
+
+@kernel(inline=True)
+def _heard(widx: int, rssi: int, frames: int) -> int:
+    """The window word of window ``widx`` with its best signal and frames."""
+    return (widx << _WIN_SHIFT) | ((rssi & 0xFFFF) << _RSSI_SHIFT) | min(frames, _FRAMES_MAX)
+
+
+@kernel(inline=True)
+def _signal(word: int) -> int:
+    """A window word's best signal (int16)."""
+    r = (word >> _RSSI_SHIFT) & 0xFFFF
+    return r - 0x10000 if r >= 0x8000 else r
+
+
 @kernel()
 def _close_window(
     keys: NDArray[np.uint64],
@@ -125,21 +153,22 @@ def _close_window(
     clipped = 0
     for k in range(clock[_C_HEARD + p]):
         s = state[lists[p, k]]
-        if s[_WIN + p] == widx:
+        word = s[_W + p]
+        if _window(word) == widx:
             devices += 1
-            randomised += s[_RANDOM]
-            clipped += min(s[_WFRAMES + p], FRAMES_PER_DEVICE)
-            r = s[_WRSSI + p]
+            randomised += s[_FLAGS] & _F_RANDOM
+            clipped += min(word & _FRAMES_MAX, FRAMES_PER_DEVICE)
+            r = _signal(word)
             if (r >= thr or r == RSSI_MISSING) and s[_LAST] - s[_VISIT_START] >= min_dwell:
                 visitors += 1
-                s[_VISITOR] = 1
+                s[_FLAGS] |= _F_VISITOR
     clock[_C_HEARD + p] = 0
     kept = 0
     for k in range(clock[_C_OPEN_VISITS]):
         i = lists[_L_OPEN, k]
         s = state[i]
         if end_all_visits or s[_LAST] + gap <= end:
-            if s[_VISITOR]:
+            if s[_FLAGS] & _F_VISITOR:
                 dwell_min = (s[_LAST] - s[_VISIT_START]) // (60 * NS)
                 band = 0
                 while band < 4 and dwell_min >= DWELL_EDGES_MIN[band]:
@@ -147,7 +176,7 @@ def _close_window(
                 acc[p, _A_ENDED] += 1
                 acc[p, _A_DWELL + band] += 1
             s[_VISIT_START] = _NONE
-            s[_VISITOR] = 0
+            s[_FLAGS] &= _F_RANDOM
         else:
             lists[_L_OPEN, kept] = i
             kept += 1
@@ -237,28 +266,26 @@ def _count(
             clock[_C_USED] += 1
             s[_LAST] = t
             s[_VISIT_START] = _NONE
-            s[_WIN] = -1
-            s[_WIN + 1] = -1
+            s[_W] = _NO_WINDOW
+            s[_W + 1] = _NO_WINDOW
         if s[_VISIT_START] == _NONE:
             s[_VISIT_START] = t
             lists[_L_OPEN, clock[_C_OPEN_VISITS]] = j
             clock[_C_OPEN_VISITS] += 1
         elif t - s[_LAST] > gap:  # silent too long: the old visit ends, a new one begins
             s[_VISIT_START] = t
-            s[_VISITOR] = 0
+            s[_FLAGS] &= _F_RANDOM
         elif t < s[_VISIT_START]:
             s[_VISIT_START] = t
         s[_LAST] = max(s[_LAST], t)
-        s[_RANDOM] = randomised[i]
-        if s[_WIN + p] != widx:
-            s[_WIN + p] = widx
+        s[_FLAGS] = (s[_FLAGS] & _F_VISITOR) | (_F_RANDOM if randomised[i] else 0)
+        word = s[_W + p]
+        if _window(word) != widx:
+            s[_W + p] = _heard(widx, r, 1)
             lists[p, clock[_C_HEARD + p]] = j
             clock[_C_HEARD + p] += 1
-            s[_WRSSI + p] = r
-            s[_WFRAMES + p] = 1
         else:
-            s[_WRSSI + p] = max(s[_WRSSI + p], r)
-            s[_WFRAMES + p] += 1
+            s[_W + p] = _heard(widx, max(_signal(word), r), (word & _FRAMES_MAX) + 1)
         i += 1
     return i, rows
 
@@ -312,6 +339,7 @@ class WindowCounter:
         )
         self._capacity = capacity
         self.evicted_total = 0  # rows evicted at the ceiling since this counter began
+        self.evictions = 0  # eviction rounds (an eighth of the ceiling each) since then
         self._out = np.zeros((256, _NOUT), np.int64)
 
     @property
@@ -372,8 +400,8 @@ class WindowCounter:
         used = np.flatnonzero(keys)
         oldest = int(self._clock[_C_OLDEST]) // int(self._params[0])
         busy = rows[used, _VISIT_START] != _NONE
-        busy |= rows[used, _WIN] >= oldest
-        busy |= rows[used, _WIN + 1] >= oldest
+        busy |= rows[used, _W] >> _WIN_SHIFT >= oldest
+        busy |= rows[used, _W + 1] >> _WIN_SHIFT >= oldest
         order = np.lexsort((rows[used, _LAST], busy))  # silent first, then the longest silent
         drop = used[order[: max(1, self.settings.max_devices // 8)]]
         del used, busy, order
@@ -382,6 +410,7 @@ class WindowCounter:
         self._clock[_C_USED] -= len(drop)
         self._clock[_C_EVICTED] += len(drop)
         self.evicted_total += len(drop)
+        self.evictions += 1
         if self._clock[_C_EVICTED] == len(drop):  # the epoch's first eviction
             log.warning(
                 "device table at its ceiling (count.max_devices = %d): the longest silent rows "
@@ -428,8 +457,8 @@ class WindowCounter:
         (:meth:`~firmware_agent.stages.privacy.PrivacyPolicy.anonymise`)."""
         widx = window_start * NS // int(self._params[0])
         rows = self.table.rows
-        present = (self.table.keys != 0) & (rows[:, _WIN + (widx & 1)] == widx)
-        return self.table.keys[present], rows[present, _RANDOM] == 1
+        present = (self.table.keys != 0) & (rows[:, _W + (widx & 1)] >> _WIN_SHIFT == widx)
+        return self.table.keys[present], rows[present, _FLAGS] & _F_RANDOM != 0
 
     def new_epoch(self, start_ns: int) -> None:
         """Wipe the table: the next frames are counted under a new key from ``start_ns``.
@@ -453,7 +482,7 @@ class WindowCounter:
         used = keys != 0
         for p in (0, 1):
             widx = oldest if oldest & 1 == p else oldest + 1
-            self._fill(p, _C_HEARD + p, used & (rows[:, _WIN + p] == widx))
+            self._fill(p, _C_HEARD + p, used & (rows[:, _W + p] >> _WIN_SHIFT == widx))
         self._fill(_L_OPEN, _C_OPEN_VISITS, used & (rows[:, _VISIT_START] != _NONE))
 
     def _fill(self, row: int, length: int, where: NDArray[np.bool_]) -> None:

@@ -150,11 +150,13 @@ _FREE_ROW = -2  # _C_LASTWIN of a retired chain's row, on the free stack for reu
 
 # Fingerprint table columns (int64): new addresses with a recent one of the same fingerprint,
 # of them continued by sequence number, chance matches expected (x 4096), ring head, ring,
-# and for each ring entry whose address was retired its chain + 1 (0: none, or retired too).
+# for each ring entry whose address was retired its chain + 1 (0: none, or retired too), and
+# when its newest address came (what the ceiling's eviction orders by, with the ring's).
 _F_NEW, _F_CONT, _F_EXPECT, _F_HEAD = range(4)
 _F_RING = 4
 _F_TOMB = _F_RING + RING
-_FCOLS = _F_TOMB + RING
+_F_LAST = _F_TOMB + RING
+_FCOLS = _F_LAST + 1
 
 # Clock and sizes (int64): newest timestamp, oldest open window start, chains, addresses,
 # fingerprints, chains behind the last learnt threshold, when the site opens on the epoch's
@@ -183,7 +185,8 @@ _NONE = np.iinfo(np.int64).min
     _P_LINK,
     _P_FORGET,
     _P_MAX,
-) = range(16)
+    _P_MAX_FP,
+) = range(17)
 
 # Output row columns (int64).
 _O_START, _O_PEOPLE, _O_STATIC, _O_THR = range(4)
@@ -419,6 +422,7 @@ def _link(
     st[_F_RING + head % RING] = np.int64(dev)
     st[_F_TOMB + head % RING] = 0
     st[_F_HEAD] = (head + 1) % RING
+    st[_F_LAST] = max(st[_F_LAST], t)
     return chain
 
 
@@ -489,7 +493,7 @@ def _estimate(
     """
     w, lateness = params[_P_W], params[_P_LATE]
     addr_limit = min(addr_keys.shape[0] // 2, params[_P_MAX])
-    fp_limit = fp_keys.shape[0] // 2
+    fp_limit = min(fp_keys.shape[0] // 2, params[_P_MAX_FP])
     chain_limit = chains.shape[0]
     i = begin
     n = kind.shape[0]
@@ -634,6 +638,31 @@ def _tombstones(
                 st[_F_TOMB + e] = 0
 
 
+@kernel(export="void(u8[:], i8[:, :], u8[:], i8[:, :], i8[:])")
+def _fingerprints_heard(
+    addr_keys: NDArray[np.uint64],
+    addrs: NDArray[np.int64],
+    fp_keys: NDArray[np.uint64],
+    fps: NDArray[np.int64],
+    heard: NDArray[np.int64],
+) -> None:
+    """``heard[f]``: when fingerprint slot ``f`` was last heard, its newest address's arrival
+    or the last frame of an address of its ring still held, whichever is later."""
+    for f in range(fp_keys.shape[0]):
+        if fp_keys[f] == 0:
+            continue
+        st = fps[f]
+        last = st[_F_LAST]
+        for e in range(RING):
+            other = np.uint64(st[_F_RING + e])
+            if other == 0:
+                continue
+            j = slot(addr_keys, other)
+            if addr_keys[j] != 0:
+                last = max(last, addrs[j, _A_LAST])
+        heard[f] = last
+
+
 @kernel(export="i8(i8[:, :], i8[:], i8[:], i8[:, :], i8, i8[:, :])")
 def _flush(
     chains: NDArray[np.int64],
@@ -676,9 +705,14 @@ class Estimator:
     **Ceiling.** At most ``max_devices`` (``count.max_devices``) live addresses and as many
     chains. Past it the longest silent are *evicted*: addresses down to three quarters of it
     (their chains stay), chains an eighth at a time (with their addresses; the people stage
-    ends their visits, :attr:`row_fresh`). Evictions are counted (:attr:`evicted_total`,
-    ``footfall_estimate_evicted_total``) and the first of an epoch is logged: figures of a
-    venue past the ceiling may differ from an unbounded store's.
+    ends their visits, :attr:`row_fresh`). Fingerprints are not retired (a model's learnt
+    reset counts for the whole epoch) but stop at ``max_fingerprints``
+    (``estimate.max_fingerprints``): there the eighth heard longest ago (the newest address
+    of each, or the last frame of an address of its ring still held) are evicted; an evicted
+    fingerprint heard again starts afresh, unlearnt, and its addresses still held keep their
+    chains. Evictions are counted (:attr:`evicted_total`, ``footfall_estimate_evicted_total``;
+    :attr:`evictions`, the rounds, in ``status``) and the first of an epoch is logged:
+    figures of a venue past a ceiling may differ from an unbounded store's.
     """
 
     def __init__(
@@ -706,7 +740,11 @@ class Estimator:
         self._threshold_said: int | None = None
         self._evicted = 0  # this epoch
         self.evicted_total = 0
-        """Addresses and chains evicted at the ceiling since this estimator began."""
+        """Addresses, chains and fingerprints evicted at a ceiling since this estimator
+        began."""
+        self.evictions = 0
+        """Eviction rounds since this estimator began: the times it found a table at its
+        ceiling and evicted (what ``status`` publishes: rounds, not rows)."""
         self.row_chains = np.zeros(0, np.int64)
         """People stage hook: the chain of each row of the last batch added (-1: none)."""
         self.row_thresholds = np.zeros(0, np.int16)
@@ -735,6 +773,11 @@ class Estimator:
     def live(self) -> tuple[int, int]:
         """Addresses and chains held now (neither retired nor evicted)."""
         return int(self._clock[_K_ADDRS]), int(self._clock[_K_CHAINS] - self._clock[_K_FREE])
+
+    @property
+    def fingerprints(self) -> tuple[int, int]:
+        """Fingerprints held now, and the slots of their table."""
+        return int(self._clock[_K_FPS]), self._fps.capacity
 
     def add(self, batch: DeviceBatch) -> list[WindowEstimate]:
         """Estimate a batch; return the windows its rows closed."""
@@ -829,8 +872,17 @@ class Estimator:
         self._clock[_K_THR] = self._initial_threshold()
 
     def _room(self) -> None:
-        """Make room for the kernel to go on: retire (see the class), grow, or evict."""
-        if self._clock[_K_FPS] >= self._fps.capacity // 2:
+        """Make room for the kernel to go on: retire (see the class), grow, or evict; one
+        eviction round if anything was evicted."""
+        before = self.evicted_total
+        self._make_room()
+        if self.evicted_total > before:
+            self.evictions += 1
+
+    def _make_room(self) -> None:
+        if self._clock[_K_FPS] >= self.settings.max_fingerprints:
+            self._evict_fingerprints()
+        elif self._clock[_K_FPS] >= self._fps.capacity // 2:
             self._fps = self._fps.grown()
         ceiling = self.settings.max_devices
         addrs_full = self._clock[_K_ADDRS] >= min(self._addrs.capacity // 2, ceiling)
@@ -849,6 +901,20 @@ class Estimator:
             k = max(1, ceiling // 8)
             self._evict(self._retire_chains(int(np.partition(lasts, k - 1)[k - 1]) + 1, True))
         self._retire_addresses(cutoff)
+
+    def _evict_fingerprints(self) -> None:
+        """At ``max_fingerprints``: the eighth heard longest ago leave the table (wiped), the
+        rest are rehashed in place."""
+        keys, rows = self._fps.keys, self._fps.rows
+        heard = np.zeros(len(keys), np.int64)
+        _fingerprints_heard(self._addrs.keys, self._addrs.rows, keys, rows, heard)
+        used = np.flatnonzero(keys)
+        drop = used[np.argsort(heard[used], kind="stable")[: max(1, len(used) // 8)]]
+        keys[drop] = 0
+        rows[drop] = 0
+        self._fps.rehash_in_place()
+        self._clock[_K_FPS] -= len(drop)
+        self._evict(len(drop))
 
     def _retire_chains(self, cutoff: int, busy_too: bool) -> int:
         return int(
@@ -907,10 +973,11 @@ class Estimator:
             return
         if not self._evicted:
             log.warning(
-                "estimator at its ceiling (count.max_devices = %d): the longest silent "
-                "addresses and chains are evicted from now on in this epoch "
-                "(footfall_estimate_evicted_total)",
+                "estimator at its ceiling (count.max_devices = %d, estimate.max_fingerprints "
+                "= %d): the longest silent addresses, chains or fingerprints are evicted from "
+                "now on in this epoch (footfall_estimate_evicted_total)",
                 self.settings.max_devices,
+                self.settings.max_fingerprints,
             )
         self._evicted += n
         self.evicted_total += n

@@ -107,7 +107,8 @@ class PipelineStats:
     epochs: int = 0
     epochs_skipped: int = 0
     devices_evicted: int = 0  # device table rows evicted at count.max_devices, every epoch
-    estimate_evicted: int = 0  # addresses and chains the estimator evicted there, every epoch
+    estimate_evicted: int = 0  # addresses, chains, fingerprints the estimator evicted, ditto
+    evictions: tuple[int, int] = (0, 0)  # eviction rounds of the two (status v2), ditto
 
 
 @dataclass(slots=True)
@@ -325,10 +326,12 @@ class Pipeline:
             truncate_ids(batch, self._bits)
         windows = list(self._counter.add(batch))
         self.stats.devices_evicted = self._counter.evicted_total
+        self.stats.evictions = (self._counter.evictions, self.stats.evictions[1])
         if self._estimator is None or self._people is None:
             return self._strict(windows)
         estimates = self._estimator.add(batch)
         self.stats.estimate_evicted = self._estimator.evicted_total
+        self.stats.evictions = (self._counter.evictions, self._estimator.evictions)
         figures = self._people.add(
             batch.kind,
             batch.ts_ns,

@@ -3,6 +3,7 @@ capture of their traffic), FAIL with its own reason on each kind of leak."""
 
 from __future__ import annotations
 
+import base64
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,9 +20,11 @@ from firmware_agent.contract.fields import (
 from firmware_agent.contract.messages import (
     AgentId,
     SiteId,
+    canonical_json,
     counts_payload,
     meta_payload,
     seal,
+    status_payload,
 )
 from firmware_agent.service.homeassistant import discovery_message
 from firmware_agent.stages.privacy import epoch_label
@@ -124,6 +127,35 @@ def test_honest_messages_pass() -> None:
     assert _reasons(audit) == []
     assert audit.verdict()
     assert "verdict: PASS" in audit.report()
+
+
+def test_status_v1_and_v2_pass_and_a_status_with_more_than_its_schema_fails() -> None:
+    """Status v2's eviction rounds are part of the contract the audit checks (an agent of
+    this release publishes them); a status that adds a figure of its own breaks it."""
+    status = {
+        version: status_payload(
+            SiteId(SITE),
+            AgentId(AGENT),
+            cause="connected",
+            at=1_709_625_600,
+            spool_pending=2,
+            spool_dropped=0,
+            last_seq=7,
+            evictions=(3, 11),
+            version=version,
+        )
+        for version in (1, 2)
+    }
+    audit = _audit(_meta(), status[1], status[2], _counts(1))
+    assert (_reasons(audit), audit.verdict()) == ([], True)
+    leaky = status[2] | {"devices_epoch": 250_001}
+    body = canonical_json(leaky)
+    envelope = {"alg": "ed25519", "payload": leaky, "sig": ""}
+    envelope["sig"] = base64.b64encode(KEY.sign(body).signature).decode()
+    audit.add(f"footfall/v1/{SITE}/{AGENT}/status", canonical_json(envelope))
+    assert _reasons(audit) == [
+        "breaks the contract: status message: $: unexpected field 'devices_epoch'"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -544,8 +544,53 @@ def test_past_the_ceiling_the_longest_silent_go_and_are_counted(
     assert est.evicted_total > 3000
     said = [r.message for r in caplog.records if "estimator at its ceiling" in r.message]
     assert said == [
-        "estimator at its ceiling (count.max_devices = 1024): the longest silent addresses "
-        "and chains are evicted from now on in this epoch (footfall_estimate_evicted_total)"
+        "estimator at its ceiling (count.max_devices = 1024, estimate.max_fingerprints = "
+        "16384): the longest silent addresses, chains or fingerprints are evicted from now on "
+        "in this epoch (footfall_estimate_evicted_total)"
     ]
+    assert 0 < est.evictions < est.evicted_total  # rounds, each of many rows
     arrived = sum(w.arrivals for w in figures)
     assert arrived == sum(w.visits_ended for w in figures) > 500  # fewer: evicted ones start over
+
+
+def fingerprint_day(models: int) -> list[Row]:
+    """Phones of ``models`` distinct models (fingerprints), a new random address every burst,
+    arriving one after another over four hours, each for ten minutes: a few dozen models heard
+    at any time, every one of them heard in the epoch."""
+    rng, ids = np.random.default_rng(21), Ids()
+    return merged(*(phone(ids, rng, fp=10_000 + m, start_s=m * 14_400 / models,
+                          end_s=m * 14_400 / models + 600, every_s=30, rssi=-50)
+                    for m in range(models)))  # fmt: skip
+
+
+def test_the_fingerprint_table_stops_at_its_ceiling_and_counts_its_evictions() -> None:
+    """1,000 models in an epoch against a ceiling of 128: the capture runs to the end with the
+    fingerprint table never above the ceiling (nor its slots above twice it), the evictions
+    counted (rows and rounds); with the ceiling not reached (one above the models heard) the
+    estimates are the ones of a ceiling far above, and nothing is evicted. The models heard
+    last are the ones kept (the oldest silent go first)."""
+    rows = merged(fingerprint_day(1000))
+    bounded = Estimator(replace(FIXED, max_fingerprints=128), capacity=16, zone=UTC)
+    out: list[WindowEstimate] = []
+    most = 0
+    for lo in range(0, len(rows), 2000):
+        out += bounded.add(batch(rows[lo : lo + 2000]))
+        held, slots = bounded.fingerprints
+        assert held <= 128 and slots <= 256
+        most = max(most, held)
+    out += bounded.close_all()
+    assert most > 128 - 128 // 8
+    assert bounded.evicted_total >= 1000 - 128 and bounded.evictions >= (1000 - 128) // 16
+    assert out[-1].window_start == (rows[-1][1] // NS) // 300 * 300
+    recent = {r[5] for r in rows[-200:]}
+    kept = set(bounded._fps.keys[bounded._fps.keys != 0].tolist())
+    assert recent <= kept
+    exact = replace(FIXED, max_fingerprints=1001)
+    assert estimate(rows, exact) == estimate(rows, replace(FIXED, max_fingerprints=1_000_000))
+    at_ceiling = Estimator(exact, capacity=16, zone=UTC)
+    at_ceiling.add(batch(rows))
+    assert (at_ceiling.fingerprints[0], at_ceiling.evicted_total, at_ceiling.evictions) == (
+        1000,
+        0,
+        0,
+    )

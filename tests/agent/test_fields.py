@@ -86,3 +86,9 @@ def test_no_other_source_spells_the_catalogue_again() -> None:
         if text in path.read_text()
     ]
     assert found == []
+
+
+def test_status_v2_is_v1_and_the_eviction_rounds() -> None:
+    v1, v2 = _schema("status.v1"), _schema("status.v2")
+    assert set(v2["properties"]) == set(v1["properties"]) | set(fields.EVICTIONS)
+    assert v2["required"] == [*v1["required"], *fields.EVICTIONS]

@@ -16,6 +16,7 @@ import pytest
 
 from firmware_agent.cli import BUNDLED_SAMPLE
 from firmware_agent.contract.errors import MessageError, SchemaError, SignatureError
+from firmware_agent.contract.fields import EVICTIONS
 from firmware_agent.contract.messages import (
     AgentId,
     Envelope,
@@ -183,6 +184,38 @@ def test_status_state_follows_its_cause() -> None:
     validate(online)
     with pytest.raises(SchemaError, match=r"\$.cause"):
         validate(online | {"cause": "lost"})
+
+
+def test_status_v2_carries_the_eviction_rounds_and_v1_stays_without() -> None:
+    """Status v2 (what an agent publishes) has both eviction rounds, required, whole and not
+    negative; v1 (still accepted) has neither, and a v1 message with them is refused."""
+    v2, v1 = (
+        status_payload(
+            SITE,
+            AGENT,
+            cause="connected",
+            at=0,
+            spool_pending=0,
+            spool_dropped=0,
+            last_seq=4,
+            evictions=(3, 11),
+            version=version,
+        )
+        for version in (2, 1)
+    )
+    validate(v2)
+    assert (v2["v"], v2["count_evictions"], v2["estimate_evictions"]) == (2, 3, 11)
+    assert tuple(k for k in v2 if k.endswith("_evictions")) == EVICTIONS
+    validate(v1)
+    assert v1 == {k: v for k, v in v2.items() if k not in EVICTIONS} | {"v": 1}
+    for bad, field in (
+        (v1 | {"count_evictions": 3}, "unexpected field 'count_evictions'"),
+        ({k: v for k, v in v2.items() if k != "estimate_evictions"}, "'estimate_evictions'"),
+        (v2 | {"count_evictions": -1}, r"\$.count_evictions"),
+        (v2 | {"estimate_evictions": 1.5}, r"\$.estimate_evictions"),
+    ):
+        with pytest.raises(SchemaError, match=field):
+            validate(bad)
 
 
 def test_public_keys_round_trip_as_base64() -> None:

@@ -17,9 +17,13 @@ from aggregator.cli import build_parser, main
 from aggregator.config import SETTINGS, load_config
 from aggregator.errors import ConfigError
 from aggregator.store import Store
-from firmware_agent.contract.messages import public_key_text
+from aggregator.verify import Accepted, Verifier
+from firmware_agent.contract.messages import AgentId, SiteId, public_key_text, seal, status_payload
+from tests.support.aggregator_harness import Agent
 from tests.support.readme_settings import documented
 from tests.support.shared import REPO
+
+NOW = 1_709_640_000  # 2024-03-05 12:00 UTC
 
 
 @pytest.fixture
@@ -166,6 +170,37 @@ def test_agents_check_names_the_first_missing_step_and_its_fix(
         "FAIL  agent shop-1/door was revoked at"
         in run(capsys, "agents", "check", "shop-1", "door", *dsn)[1]
     )
+
+
+def test_agents_list_and_check_show_a_status_v2_eviction_rounds(
+    capsys: pytest.CaptureFixture[str], dsn: list[str]
+) -> None:
+    """An agent whose status (v2) says its tables evicted: ``agents list`` shows the rounds
+    (``count/estimate``; ``-`` before any status v2), ``--json`` has them, and ``agents
+    check`` warns with the fix."""
+    agent = Agent("shop-1", "door")
+    assert run(capsys, "sites", "add", "shop-1", "--timezone", "UTC", *dsn)[0] == 0
+    assert run(capsys, "agents", "add", "shop-1", "door", agent.public_key, *dsn)[0] == 0
+    listed = run(capsys, "agents", "list", *dsn)[1].splitlines()
+    assert listed[0].split()[-1] == "EVICTIONS" and listed[1].split()[-1] == "-"
+    status = status_payload(
+        SiteId("shop-1"), AgentId("door"), cause="connected", at=NOW, spool_pending=0,
+        spool_dropped=0, last_seq=0, evictions=(3, 8),
+    )  # fmt: skip
+    with Store.open(load_config(None, overrides=dict([dsn[1].split("=", 1)])).store) as store:
+        topic = "footfall/v1/shop-1/door/status"
+        accepted = Verifier(65536).check(topic, seal(status, agent.key), store.registry(), NOW)
+        assert isinstance(accepted, Accepted), accepted
+        store.store_batch([accepted], now=NOW)
+    assert run(capsys, "agents", "list", *dsn)[1].splitlines()[1].split()[-1] == "3/8"
+    (row,) = map(json.loads, run(capsys, "agents", "list", "--json", *dsn)[1].splitlines())
+    assert (row["count_evictions"], row["estimate_evictions"]) == (3, 8)
+    out = run(capsys, "agents", "check", "shop-1", "door", *dsn)[1]
+    assert check_rows(out)["status"].endswith(
+        "its tables were at their ceiling (eviction rounds since it started: 3 device table, "
+        "8 estimator)"
+    )
+    assert "raise count.max_devices or estimate.max_fingerprints" in out
 
 
 def test_config_show_masks_secrets_and_says_where_each_value_came_from(

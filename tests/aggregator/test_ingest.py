@@ -147,6 +147,7 @@ def test_ingest_stores_verified_messages_and_refuses_hostile_ones_with_their_rea
                 spool_pending=0,
                 spool_dropped=3,
                 last_seq=2,
+                evictions=(4, 9),
             )
             accounts["a1"].publish("status", seal(status, a1.key), retain=True)
             meta = meta_of("s1", "a1")
@@ -171,6 +172,7 @@ def test_ingest_stores_verified_messages_and_refuses_hostile_ones_with_their_rea
     with Store(settings) as store:
         health = {h.agent: h for h in store.agents()}
         assert (health["a1"].state, health["a1"].spool_dropped) == ("online", 3)
+        assert (health["a1"].count_evictions, health["a1"].estimate_evictions) == (4, 9)
         assert health["a1"].revoked_at is not None
         counted = store.refusal_counts()
         assert counted[("bad_signature", "s1", "a1")] == 2

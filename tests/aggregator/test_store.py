@@ -353,6 +353,27 @@ def test_agent_health_shows_status_last_seen_and_missing_windows(store: Store) -
         assert conn.execute(sa.select(agents.c.status_at)).scalar() == NOW + 5
 
 
+def test_health_shows_a_v2_status_eviction_rounds_and_a_v1_status_none(store: Store) -> None:
+    """Status v2's eviction rounds land in the agent's health (and ``agents list``); a later
+    status v1 (an agent rolled back) says nothing of them: unknown, not zero."""
+    agent = Agent()
+    enrolled(store, agent)
+    assert (store.agents()[0].count_evictions, store.agents()[0].estimate_evictions) == (
+        None,
+        None,
+    )
+    for at, version, evictions in ((NOW, 2, (3, 8)), (NOW + 60, 1, (0, 0))):
+        status = status_payload(
+            SiteId("s1"), AgentId("a1"), cause="connected", at=at, spool_pending=0,
+            spool_dropped=0, last_seq=0, evictions=evictions, version=version,
+        )  # fmt: skip
+        topic = "footfall/v1/s1/a1/status"
+        store.store_batch([accept(store, topic, fast_seal(status, agent.key), at)], now=at)
+        (health,) = store.agents()
+        seen = (health.count_evictions, health.estimate_evictions)
+        assert seen == (evictions if version == 2 else (None, None))
+
+
 def test_refusals_are_counted_by_reason_site_and_agent(store: Store) -> None:
     store.store_batch([], {("bad_signature", "s1", "a1"): 2, ("bad_topic", "", ""): 1}, now=NOW)
     store.store_batch([], {("bad_signature", "s1", "a1"): 3}, now=NOW + 1)

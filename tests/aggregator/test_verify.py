@@ -237,7 +237,16 @@ V2_WINDOW = _window() | {  # with suppressed counts too
 
 @pytest.mark.parametrize(
     "name",
-    ["counts.v1", "counts.v2", "status.v1", "meta.v1", "meta.v2", "envelope.v1", "receipt.v1"],
+    [
+        "counts.v1",
+        "counts.v2",
+        "status.v1",
+        "status.v2",
+        "meta.v1",
+        "meta.v2",
+        "envelope.v1",
+        "receipt.v1",
+    ],
 )
 def test_the_fast_schema_check_agrees_with_jsonschema(name: str) -> None:
     site, agent = SiteId("s1"), AgentId("a1")
@@ -271,7 +280,24 @@ def test_the_fast_schema_check_agrees_with_jsonschema(name: str) -> None:
         ),
         "counts.v2": counts_payload(site, agent, 3, "9f3c1a7e52b04d68", V2_WINDOW),
         "status.v1": status_payload(
-            site, agent, cause="connected", at=0, spool_pending=1, spool_dropped=0, last_seq=3
+            site,
+            agent,
+            cause="connected",
+            at=0,
+            spool_pending=1,
+            spool_dropped=0,
+            last_seq=3,
+            version=1,
+        ),
+        "status.v2": status_payload(
+            site,
+            agent,
+            cause="lost",
+            at=0,
+            spool_pending=1,
+            spool_dropped=0,
+            last_seq=3,
+            evictions=(2, 7),
         ),
         "meta.v1": v1_meta,
         "meta.v2": meta,

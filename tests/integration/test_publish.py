@@ -21,6 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from firmware_agent.cli import BUNDLED_SAMPLE
 from firmware_agent.contract.broker import Backoff
 from firmware_agent.contract.errors import BrokerError, ConfigError
+from firmware_agent.contract.fields import EVICTIONS
 from firmware_agent.contract.messages import (
     AgentId,
     SiteId,
@@ -35,6 +36,10 @@ from firmware_agent.service.publish import BrokerSettings, Connection, Publisher
 from firmware_agent.service.run import agent_meta
 from firmware_agent.service.spool import Spool, SpoolSettings
 from firmware_agent.settings import load_config
+from firmware_agent.stages.capture import CaptureReader
+from firmware_agent.stages.pipeline import Pipeline
+from firmware_agent.tools.audit import Audit
+from firmware_agent.tools.synthetic import SyntheticSpec, write_synthetic_capture
 from tests.support.agent_fleet import START, meta_of, window
 from tests.support.agent_harness import counts_of, prepare_agent, unique_id
 from tests.support.mqtt_broker import (
@@ -171,6 +176,48 @@ def test_spool_cap_drops_the_oldest_and_status_reports_it(
     finally:
         sub.close()
     assert f"skipped {len(sample_windows)} windows already spooled" in files.log_text()
+
+
+def test_status_v2_publishes_the_eviction_rounds_and_the_audit_passes_it(
+    start_broker: StartBroker, tmp_path: Path
+) -> None:
+    """A capture with 11,892 addresses in half an hour against count.max_devices = 1024: the
+    agent runs to the end, its status (v2) says both tables evicted, the rounds only grow, the
+    last status (offline) has the same rounds as an in-process replay, and a privacy audit of
+    everything it published passes."""
+    capture = tmp_path / "busy.pcap"
+    spec = SyntheticSpec(frames=24_000, devices=8000, randomised_share=1.0, seed=18,
+                         duration_s=1800)  # fmt: skip
+    write_synthetic_capture(capture, spec)
+    environ = {"FOOTFALL_EPOCH_TIMEZONE": "UTC", "FOOTFALL_COUNT_MAX_DEVICES": "1024"}
+    pipeline = Pipeline(load_config(None, environ=environ))
+    with CaptureReader(capture, in_place=True) as frames:
+        expected = len(list(pipeline.run(frames)))
+    rounds = pipeline.stats.evictions
+    assert min(rounds) > 0
+    site = unique_id("s")
+    broker = start_broker({(site, "a1"): "pw-a1"})
+    files = prepare_agent(tmp_path, broker, site, "a1", {"count.max_devices": 1024})
+    sub = Subscriber(broker)
+    try:
+        run = files.start("--source", str(capture))
+        assert run.wait(60) == 0, files.log_text()
+        wait_for(
+            lambda: any(e.payload["cause"] == "stopped" for e in sub.envelopes("/status")),
+            10,
+            "the offline status",
+        )
+        assert len(sub.windows()) == expected
+        statuses = [e.payload for e in sub.envelopes("/status")]
+        said = [tuple(p[name] for name in EVICTIONS) for p in statuses]
+        assert {p["v"] for p in statuses} == {2}
+        assert said == sorted(said) and said[-1] == rounds
+        audit = Audit({f"{site}/a1": files.verify_key})
+        for topic, body, _ in sub.snapshot():
+            audit.add(topic, body)
+        assert audit.verdict(), audit.report()
+    finally:
+        sub.close()
 
 
 def _settings(broker: Mosquitto, **changes: Any) -> BrokerSettings:

@@ -12,6 +12,7 @@ from firmware_agent.contract.fields import (
     DWELL,
     DWELL_BANDS,
     DWELL_EDGES_MIN,
+    EVICTIONS,
     FRAME_COUNTS,
     ID_PATTERN,
     IMPLICIT,
@@ -53,6 +54,7 @@ def section() -> str:
         f"- Under noise (`dp_epsilon` set) withheld: {_names(v2.dp_withheld)} "
         f"(v1: {_names(v1.dp_withheld)}).",
         f"- Never published, in any mode: {_names(NEVER_PUBLISHED)}.",
+        f"- Status v2 adds to v1 the eviction rounds since the agent started: {_names(EVICTIONS)}.",
     ]
     return BEGIN + "\n".join(lines) + "\n" + END
 
