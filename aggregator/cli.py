@@ -344,6 +344,8 @@ def _sends(a: AgentHealth) -> str:
         return "-"
     said = "" if a.counts_v else " (meta)"
     return f"people v2{said}" if version >= 2 else f"devices v1{said}: upgrade it"
+
+
 def _evictions(a: AgentHealth) -> str:
     """``count/estimate`` eviction rounds since the agent started; ``-`` from a status v1."""
     if a.count_evictions is None or a.estimate_evictions is None:
