@@ -159,7 +159,7 @@ def test_the_capture_rate_pairs_arrivals_and_passersby_window_by_window(store: S
         live = {t: conn.exec_driver_sql(CAPTURE.format(t)).all() for t in tables}
     assert live["site_days"] == [(6, 12)]
     assert store.migrate("0009", downgrade=True) == "0009"
-    assert store.migrate() == "0010"
+    assert store.migrate() == "0011"
     with store.begin(read_only=True) as conn:
         assert {t: conn.exec_driver_sql(CAPTURE.format(t)).all() for t in tables} == live
 
