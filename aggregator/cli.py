@@ -310,8 +310,8 @@ def cmd_agents_list(args: argparse.Namespace) -> int:
             "REFUSED",
             "SPOOL",
             "SPOOL DROPPED",
-            "SENDS",
             "EVICTIONS",
+            "SENDS",
         )
     ]
     for a in agents:
@@ -329,8 +329,8 @@ def cmd_agents_list(args: argparse.Namespace) -> int:
                 a.refused,
                 _spool(a),
                 "-" if a.spool_dropped is None else a.spool_dropped,
-                _sends(a),
                 _evictions(a),
+                _sends(a),
             )
         )
     _table(rows)

@@ -182,7 +182,7 @@ def test_agents_list_and_check_show_a_status_v2_eviction_rounds(
     assert run(capsys, "sites", "add", "shop-1", "--timezone", "UTC", *dsn)[0] == 0
     assert run(capsys, "agents", "add", "shop-1", "door", agent.public_key, *dsn)[0] == 0
     listed = run(capsys, "agents", "list", *dsn)[1].splitlines()
-    assert listed[0].split()[-1] == "EVICTIONS" and listed[1].split()[-1] == "-"
+    assert listed[0].split()[-2:] == ["EVICTIONS", "SENDS"] and listed[1].split()[-2] == "-"
     status = status_payload(
         SiteId("shop-1"), AgentId("door"), cause="connected", at=NOW, spool_pending=0,
         spool_dropped=0, last_seq=0, evictions=(3, 8),
@@ -192,7 +192,7 @@ def test_agents_list_and_check_show_a_status_v2_eviction_rounds(
         accepted = Verifier(65536).check(topic, seal(status, agent.key), store.registry(), NOW)
         assert isinstance(accepted, Accepted), accepted
         store.store_batch([accepted], now=NOW)
-    assert run(capsys, "agents", "list", *dsn)[1].splitlines()[1].split()[-1] == "3/8"
+    assert run(capsys, "agents", "list", *dsn)[1].splitlines()[1].split()[-2] == "3/8"
     (row,) = map(json.loads, run(capsys, "agents", "list", "--json", *dsn)[1].splitlines())
     assert (row["count_evictions"], row["estimate_evictions"]) == (3, 8)
     out = run(capsys, "agents", "check", "shop-1", "door", *dsn)[1]
