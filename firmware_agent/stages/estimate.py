@@ -41,7 +41,8 @@ synthetic people captures a busy model's new addresses (passers-by, new visitors
 phone's address out while it was still heard, before the phone moved on to its next one, which
 then continued no counter and began a new chain (seeds 1-4: 37 of the 630 visitors with a
 rotating phone that keeps its counter were split into several chains; 21 with this rule). The
-101 lab days did not move.
+101 lab days did not move. A longer ring of the oldest to come (32 or 64) did as much for the
+synthetic captures but made the one-phone capture baccichet_iPhone11-M read 3 devices.
 
 A fingerprint has learnt to reset once ``reset_min`` of its new addresses arrived while some
 address of it had been heard within ``cadence_gap_s`` (or ``link_gap_s`` if longer), and fewer
