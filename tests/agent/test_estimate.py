@@ -272,6 +272,31 @@ def test_a_model_that_wrongly_learnt_to_reset_does_not_merge_phones_that_keep_an
     assert set(full_windows(estimate(merged(*phones), FIXED), 420, 3600)) == {8}
 
 
+def test_a_busy_models_ring_keeps_the_addresses_still_heard() -> None:
+    """A phone that keeps its counter and moves to a new address every 5 minutes, while a new
+    address of its model comes every 5 s from the corridor (35 dB weaker): a ring of the last
+    RING new addresses had forgotten the phone's address before it moved on, and each move
+    began a new chain; the ring lets go of the address heard longest ago instead."""
+    rng, ids = np.random.default_rng(8), Ids()
+    rows: list[Row] = []
+    counter = 100
+    for k in range(6):
+        dev = ids()
+        for t in range(300 * k, 300 * k + 300, 30):
+            counter += 5
+            rows += [(KIND_PROBE, T0 + (t * 1000 + 20 * f) * 1_000_000, dev, 1, -55, 11,
+                      counter + f) for f in range(3)]  # fmt: skip
+    phone_rows = len(rows)
+    rows += [(KIND_PROBE, T0 + t * NS + NS // 2, ids(), 1, -90, 11, int(rng.integers(0, 4096)))
+             for t in range(0, 1800, 5)]  # fmt: skip
+    order = sorted(range(len(rows)), key=lambda i: rows[i][1])
+    est = Estimator(FIXED, capacity=16, zone=UTC)
+    est.add(batch([rows[i] for i in order]))
+    chain_of = dict(zip(order, est.row_chains.tolist(), strict=True))
+    assert len({chain_of[i] for i in range(phone_rows)}) == 1
+    assert chain_of[0] not in {chain_of[i] for i in range(phone_rows, len(rows))}
+
+
 def test_global_addresses_count_as_themselves_and_must_dwell() -> None:
     rng, ids = np.random.default_rng(4), Ids()
     laptops = [phone(ids, rng, fp=9, start_s=0, end_s=1800, every_s=40, rssi=-60,

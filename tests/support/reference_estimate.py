@@ -41,7 +41,7 @@ class _Fingerprint:
     new: int = 0
     continued: int = 0
     expected: int = 0  # chance matches x 4096
-    recent: list[int] = field(default_factory=list)  # device ids, newest last
+    recent: list[int] = field(default_factory=list)  # device ids, newest last (RING at most)
 
 
 def _better(a: int, b: int) -> int:
@@ -140,7 +140,7 @@ def reference_estimates(
     def link(t: int, dev: int, fp: int, seq: int, rssi: int) -> int | None:
         f = fingerprints.setdefault(fp, _Fingerprint())
         recent, heard, best_delta, chain = 0, False, 4096, None
-        for other in reversed(f.recent[-RING:]):
+        for other in reversed(f.recent):
             c, last, other_seq = addresses[other]
             heard |= abs(t - last) <= max(s.link_gap_s, s.cadence_gap_s) * NS
             if abs(t - last) <= s.link_gap_s * NS:
@@ -159,7 +159,7 @@ def reference_estimates(
         if resets:  # a counter that matched did so by chance
             chain = None
             candidates = []  # (first seen, newest first) of chains in cadence and in signal
-            for order, other in enumerate(reversed(f.recent[-RING:])):
+            for order, other in enumerate(reversed(f.recent)):
                 c = addresses[other][0]
                 if abs(t - chains[c].last) > s.cadence_gap_s * NS:
                     continue
@@ -169,6 +169,8 @@ def reference_estimates(
                 candidates.append((chains[c].first, order, c))
             if candidates:
                 chain = min(candidates)[2]
+        if len(f.recent) == RING:  # the address heard longest ago (the oldest on a tie) leaves
+            f.recent.remove(min(f.recent, key=lambda other: addresses[other][1]))
         f.recent.append(dev)
         return chain
 
