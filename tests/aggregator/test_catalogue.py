@@ -22,11 +22,12 @@ def test_roll_up_columns_follow_the_catalogue() -> None:
 
 def test_the_api_people_row_holds_every_catalogue_figure() -> None:
     """``PeopleRow`` stays a written-out pydantic model (mypy and the OpenAPI schema read it
-    as a class); its figures are held here to the catalogue's."""
+    as a class); its figures are held here to the catalogue's, then the one ratio derived
+    from two of them (the capture rate, over the windows that published both)."""
     figures = [fields.column(name) for name in fields.PEOPLE_COUNTS] + list(fields.LEVELS)
     assert list(people.FIGURES) == figures
     row = [n for n in api.PeopleRow.model_fields if n not in ("local", "no_data")]
-    assert row[3:] == [n for f in figures for n in (f, f"{f}_suppressed")]
+    assert row[3:] == [n for f in figures for n in (f, f"{f}_suppressed")] + ["capture_rate"]
 
 
 def test_ingest_broker_settings_raise_the_aggregator_s_own_error() -> None:

@@ -337,14 +337,14 @@ def pin_radio(day: Day) -> None:
 
 
 def enrol_on_the_web_page(day: Day, chromium: Browser, public_key: str) -> Page:
-    """The installer signs in, enrols the agent on the site's page and stays there."""
+    """The installer signs in from the site's page, is sent back to it, enrols the agent
+    there and stays."""
     page = chromium.new_page()
     page.goto(f"{day.url}/sites/{day.site}")
     page.fill("input[name=name]", "ines")
     page.fill("input[name=password]", PASSWORD)
     page.click("button[type=submit]")
-    page.wait_for_url(f"{day.url}/")
-    page.goto(f"{day.url}/sites/{day.site}")
+    page.wait_for_url(f"{day.url}/sites/{day.site}")
     page.fill("input[name=agent]", "door")
     page.fill("input[name=public_key]", public_key)
     with page.expect_navigation():
