@@ -328,7 +328,11 @@ def test_sigterm_ends_ingest_within_its_grace_while_the_database_hangs(
                 process.wait()
     text = log.read_text()
     assert took < STOP_GRACE_S + 10 < 90, text  # systemd's default TimeoutStopSec: 90 s
-    assert process.returncode is not None and "the broker sends it again" in text, text
+    # Either the batch waited on a connection that went silent ("the broker sends it again")
+    # or, when ingest had to open a new connection after the cut, the link refused it and
+    # ingest was retrying ("the broker keeps the batch"): which one depends on the pool.
+    left = ("the broker sends it again", "the broker keeps the batch")
+    assert process.returncode is not None and any(s in text for s in left), text
     if command == "serve" and not settings.schema:  # SQLite: the sign-in waited for the
         assert "timeout graceful shutdown exceeded" in text, text  # write lock: given up
 
