@@ -96,6 +96,32 @@ def test_a_visit_the_input_cuts_short_arrives_at_its_end() -> None:
     assert sum(w.arrivals for w in got) == 1 and sum(w.passersby for w in got) == 2
 
 
+def test_a_visit_arrives_only_once_heard_in_the_venue_for_the_minimum_dwell() -> None:
+    """One strong frame, then weak ones for 5 minutes (an outsider whose phone peaked once):
+    a passer-by. Strong for under the minimum dwell, then weak: a passer-by. Weak, then strong
+    for the minimum dwell: it arrives at the strong frame 60 s after its first strong one."""
+    settings = PeopleSettings(window_s=300, lateness_s=0, min_dwell_s=60, visit_gap_s=600)
+    start = 1_709_625_600 * NS
+    end = start + 3600 * NS
+    frames = [  # (s since start, chain, dBm)
+        (0, 0, -60), *((s, 0, -90) for s in range(20, 320, 20)),
+        *((s, 1, -60) for s in (0, 20, 40)), *((s, 1, -90) for s in range(60, 320, 20)),
+        *((s, 2, -90) for s in range(0, 300, 20)), *((s, 2, -60) for s in range(300, 400, 20)),
+    ]  # fmt: skip
+    frames.sort()
+    ts = np.array([start + s * NS for s, _, _ in frames], np.int64)
+    chain = np.array([c for _, c, _ in frames], np.int64)
+    rssi = np.array([r for _, _, r in frames], np.int16)
+    thresholds = np.full(len(ts), -75, np.int16)
+    counter = PeopleCounter(settings)
+    got = counter.add(np.full(len(ts), KIND_PROBE, np.uint8), ts, chain, rssi, thresholds)
+    got += counter.close_until(end, end_visits=True)
+    rows = zip(ts.tolist(), chain.tolist(), rssi.tolist(), thresholds.tolist(), strict=True)
+    assert got == reference_people(rows, settings, end)
+    assert [w.arrivals for w in got[:2]] == [0, 1]  # chain 2, at 360 s
+    assert sum(w.arrivals for w in got) == 1 and sum(w.passersby for w in got) == 2
+
+
 def test_a_hold_longer_than_the_visit_gap_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"must be from 1 s to count\.visit_gap_s"):
         PeopleSettings(visit_gap_s=60, hold_s=120)
