@@ -237,6 +237,7 @@ def main() -> int:
     folds: dict[int, Tally] = defaultdict(Tally)
     published = {"class": 0, "empty": 0}
     truth_total = {"class": 0.0, "empty": 0.0}
+    at_start = {"class": 0.0, "empty": 0.0}  # the truth's people at each day's first minute
     for i, day in enumerate(days, 1):
         rows, arrivals = rows_of(day, config)
         published["empty" if day.max_people == 0 else "class"] += arrivals
@@ -265,6 +266,8 @@ def main() -> int:
             levels[level(mean)].agent += hours[hour]
             levels[level(mean)].truth += rises.get(hour, 0.0)
         day_truth = sum(rises.values())
+        a = int(np.searchsorted(truth.times, lo))
+        at_start[kind] += float(truth.people[a]) if a < truth.times.size else 0.0
         truth_total[kind] += day_truth
         folds[fold[day.date]].agent += sum(hours.values())
         folds[fold[day.date]].truth += day_truth
@@ -280,6 +283,7 @@ def main() -> int:
     total = {k: sum(v.values()) for k, v in causes.items()}
     print(f"{'total':<12} {total['class']:>10} {total['empty']:>10}")
     print(f"{'truth rises':<12} {truth_total['class']:>10g} {truth_total['empty']:>10g}")
+    print(f"{'  at start':<12} {at_start['class']:>10g} {at_start['empty']:>10g}")
     print("\nper local hour, by the hour's mean truth (people)")
     print(f"{'truth':<6} {'agent':>7} {'truth rises':>11} {'ratio':>6}")
     for name in [n for n, _, _ in LEVELS] + ["none"]:
