@@ -273,3 +273,28 @@ def test_a_silent_window_at_a_quiet_sensor_is_zero_people_not_a_gap() -> None:
         released = config.privacy.release(w)
         assert released["no_data"] is False and released["devices"] == 0
         assert released["arrivals"] == 0 and released["occupancy_peak"] is not None
+
+
+@pytest.mark.parametrize(("closed", "follows"), [(True, True), (True, False), (False, True)])
+def test_a_device_heard_across_midnight_while_closed_is_static(closed: bool, follows: bool) -> None:
+    """A till heard every 30 s from the epoch's start (chains were wiped at midnight) and a
+    phone that comes at 00:20: with the site closed at a boundary the till is in nothing and
+    the phone arrives; at the input's first epoch, or a site open at midnight, both arrive."""
+    settings = PeopleSettings(
+        window_s=300, lateness_s=0, min_dwell_s=60, visit_gap_s=600, closed_at_epoch=closed
+    )
+    start = 1_709_625_600 * NS
+    end = start + 3600 * NS
+    frames = [*((s, 0) for s in range(5, 3600, 30)), *((s, 1) for s in range(1200, 1500, 20))]
+    frames.sort()
+    ts = np.array([start + s * NS for s, _ in frames], np.int64)
+    chain = np.array([c for _, c in frames], np.int64)
+    rssi = np.full(len(ts), -50, np.int16)
+    counter = PeopleCounter(settings)
+    counter.new_epoch(start, follows=follows)
+    kind = np.full(len(ts), KIND_PROBE, np.uint8)
+    got = counter.add(kind, ts, chain, rssi, np.full(len(ts), -75, np.int16))
+    got += counter.close_until(end, end_visits=True)
+    static = closed and follows
+    assert sum(w.arrivals for w in got) == (1 if static else 2)
+    assert max(w.occupancy_peak for w in got[:4]) == (0 if static else 1)
