@@ -105,7 +105,7 @@ def _paced(
 def agent_meta(config: AgentConfig) -> dict[str, object]:
     """The meta payload: how this agent counts and what it does for privacy."""
     count = config.count
-    people = PeopleSettings.from_config(count, config.estimate)
+    people = PeopleSettings.from_config(count, config.estimate, config.epoch)
     threshold = config.estimate.rssi_threshold_dbm
     return meta_payload(
         config.identity.site,

@@ -142,7 +142,9 @@ class Pipeline:
                 suppress_below=self.config.privacy.suppress_below,
             )
             self._people = PeopleCounter(
-                PeopleSettings.from_config(self.config.count, self.config.estimate)
+                PeopleSettings.from_config(
+                    self.config.count, self.config.estimate, self.config.epoch
+                )
             )
 
     @property
@@ -287,6 +289,7 @@ class Pipeline:
 
     def _rotate(self, watermark: int) -> Iterator[WindowCounts]:
         yield from self._counted(self._close_until(self._boundary, end_visits=True))
+        ended = self._key is not None
         if self._key is not None:  # there is one: the epoch being ended counted under it
             self._key.wipe()
         self._key = EpochKey()
@@ -299,10 +302,10 @@ class Pipeline:
             following = self.config.epoch.next_boundary(start)
             self.stats.epochs_skipped += 1
             log.info("no frames for a whole epoch: windows resume at %d", start // NS)
-        self._new_epoch(start)
+        self._new_epoch(start, follows=ended and start == self._boundary)
         self._boundary = following
 
-    def _new_epoch(self, start: int) -> None:
+    def _new_epoch(self, start: int, *, follows: bool = False) -> None:
         self._epoch_start = start
         self._heard_before = self._heard or self._heard_before
         self._heard = []
@@ -310,7 +313,7 @@ class Pipeline:
         if self._estimator:
             self._estimator.new_epoch(start)
         if self._people:
-            self._people.new_epoch(start)
+            self._people.new_epoch(start, follows=follows)
 
     def _close_until(self, until: int, *, end_visits: bool) -> list[WindowCounts]:
         windows = list(self._counter.close_until(until, end_visits=end_visits))

@@ -96,6 +96,32 @@ def test_a_visit_the_input_cuts_short_arrives_at_its_end() -> None:
     assert sum(w.arrivals for w in got) == 1 and sum(w.passersby for w in got) == 2
 
 
+def test_a_visit_arrives_only_once_heard_in_the_venue_for_the_minimum_dwell() -> None:
+    """One strong frame, then weak ones for 5 minutes (an outsider whose phone peaked once):
+    a passer-by. Strong for under the minimum dwell, then weak: a passer-by. Weak, then strong
+    for the minimum dwell: it arrives at the strong frame 60 s after its first strong one."""
+    settings = PeopleSettings(window_s=300, lateness_s=0, min_dwell_s=60, visit_gap_s=600)
+    start = 1_709_625_600 * NS
+    end = start + 3600 * NS
+    frames = [  # (s since start, chain, dBm)
+        (0, 0, -60), *((s, 0, -90) for s in range(20, 320, 20)),
+        *((s, 1, -60) for s in (0, 20, 40)), *((s, 1, -90) for s in range(60, 320, 20)),
+        *((s, 2, -90) for s in range(0, 300, 20)), *((s, 2, -60) for s in range(300, 400, 20)),
+    ]  # fmt: skip
+    frames.sort()
+    ts = np.array([start + s * NS for s, _, _ in frames], np.int64)
+    chain = np.array([c for _, c, _ in frames], np.int64)
+    rssi = np.array([r for _, _, r in frames], np.int16)
+    thresholds = np.full(len(ts), -75, np.int16)
+    counter = PeopleCounter(settings)
+    got = counter.add(np.full(len(ts), KIND_PROBE, np.uint8), ts, chain, rssi, thresholds)
+    got += counter.close_until(end, end_visits=True)
+    rows = zip(ts.tolist(), chain.tolist(), rssi.tolist(), thresholds.tolist(), strict=True)
+    assert got == reference_people(rows, settings, end)
+    assert [w.arrivals for w in got[:2]] == [0, 1]  # chain 2, at 360 s
+    assert sum(w.arrivals for w in got) == 1 and sum(w.passersby for w in got) == 2
+
+
 def test_a_hold_longer_than_the_visit_gap_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"must be from 1 s to count\.visit_gap_s"):
         PeopleSettings(visit_gap_s=60, hold_s=120)
@@ -247,3 +273,28 @@ def test_a_silent_window_at_a_quiet_sensor_is_zero_people_not_a_gap() -> None:
         released = config.privacy.release(w)
         assert released["no_data"] is False and released["devices"] == 0
         assert released["arrivals"] == 0 and released["occupancy_peak"] is not None
+
+
+@pytest.mark.parametrize(("closed", "follows"), [(True, True), (True, False), (False, True)])
+def test_a_device_heard_across_midnight_while_closed_is_static(closed: bool, follows: bool) -> None:
+    """A till heard every 30 s from the epoch's start (chains were wiped at midnight) and a
+    phone that comes at 00:20: with the site closed at a boundary the till is in nothing and
+    the phone arrives; at the input's first epoch, or a site open at midnight, both arrive."""
+    settings = PeopleSettings(
+        window_s=300, lateness_s=0, min_dwell_s=60, visit_gap_s=600, closed_at_epoch=closed
+    )
+    start = 1_709_625_600 * NS
+    end = start + 3600 * NS
+    frames = [*((s, 0) for s in range(5, 3600, 30)), *((s, 1) for s in range(1200, 1500, 20))]
+    frames.sort()
+    ts = np.array([start + s * NS for s, _ in frames], np.int64)
+    chain = np.array([c for _, c in frames], np.int64)
+    rssi = np.full(len(ts), -50, np.int16)
+    counter = PeopleCounter(settings)
+    counter.new_epoch(start, follows=follows)
+    kind = np.full(len(ts), KIND_PROBE, np.uint8)
+    got = counter.add(kind, ts, chain, rssi, np.full(len(ts), -75, np.int16))
+    got += counter.close_until(end, end_visits=True)
+    static = closed and follows
+    assert sum(w.arrivals for w in got) == (1 if static else 2)
+    assert max(w.occupancy_peak for w in got[:4]) == (0 if static else 1)

@@ -1,6 +1,7 @@
 """A plain-Python twin of the numba people stage (firmware_agent/stages/people.py), written offline
 from the definitions in docs/messages.md (counts v2): visits cut at silences longer than the
-visit gap, arrivals at the qualifying frame, presence sampled on fixed instants, ends at the
+visit gap, arrivals at the first frame in the venue (at or above its threshold) the minimum
+dwell after the first such frame, presence sampled on fixed instants, ends at the
 last frame + the gap, dwell with the visit's own probing interval added. The kernel, which works
 online with a ring of slots, must give exactly the same windows for rows in time order."""
 
@@ -49,18 +50,16 @@ def reference_people(
     # and when it became a static device (presence ends there)
     for frames in by_chain.values():
         for visit in _visits(frames, gap):
-            best = RSSI_MISSING
-            arrived = None
-            for j, (t, rssi, threshold) in enumerate(visit):
-                if rssi != RSSI_MISSING:
-                    best = rssi if best == RSSI_MISSING else max(best, rssi)
-                if t - visit[0][0] >= dwell and (best == RSSI_MISSING or best >= threshold):
-                    arrived = j
-                    break
+            near = [rssi == RSSI_MISSING or rssi >= threshold for _, rssi, threshold in visit]
+            since = next((t for (t, _, _), n in zip(visit, near, strict=True) if n), None)
+            arrived = next(
+                (j for j, ((t, _, _), n) in enumerate(zip(visit, near, strict=True))
+                 if n and since is not None and t - since >= dwell),
+                None,
+            )  # fmt: skip
             last = visit[-1][0]
             end = min(last + gap, until_ns - 1)
-            near = best == RSSI_MISSING or best >= visit[-1][2]
-            if arrived is None and near and until_ns - visit[0][0] < dwell:
+            if arrived is None and since is not None and until_ns - since < dwell:
                 arrived = len(visit)  # cut short by the input's end: it arrives there
                 events[end // w * w]["arrivals"] += 1
             elif arrived is None:
