@@ -264,6 +264,12 @@ class IngestSettings:
         "for its supervisor to start it again (the broker keeps what it has not stored); 0: retry "
         "for ever.",
     )
+    stop_grace_s: int = setting(
+        20,
+        "How long (s) a stop (SIGTERM) waits for ingest to finish the batch in hand before the "
+        "process exits without it (the broker sends it again); keep it under the supervisor's "
+        "stop timeout (systemd's TimeoutStopSec, 90 s by default).",
+    )
     log_interval_s: int = setting(
         60,
         "A refusal is logged once per reason and agent per this many seconds (then counted only); "
@@ -358,6 +364,11 @@ class IngestSettings:
             problems,
             0 <= self.database_retry_s <= 86400 * 7,
             f"ingest.database_retry_s must be between 0 and 604800, got {self.database_retry_s}",
+        )
+        _check(
+            problems,
+            1 <= self.stop_grace_s <= 3600,
+            f"ingest.stop_grace_s must be between 1 and 3600, got {self.stop_grace_s}",
         )
         _check(
             problems,

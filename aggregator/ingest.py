@@ -48,11 +48,11 @@ message (the probe fails too) or that stays unusable for ``ingest.database_retry
 :meth:`Ingest.run` stops both stages and raises :class:`IngestFatalError`, and the process
 exits non-zero for its supervisor to start it again; the broker keeps what was not
 acknowledged. A stop (SIGTERM) waits at most 10 s for the batch being stored, and at most
-``STOP_GRACE_S`` (20 s) for ingest as a whole: :meth:`Ingest.start` runs it in a thread of its
-own, so the thread that takes the signal never waits on the database, and :meth:`Ingest.finish`
-gives up on a database that neither answers nor fails (a lock held, a silent network) with
-:class:`IngestFatalError`, within systemd's default grace of 90 s; the batch in hand stays
-unacknowledged, and the broker sends it again.
+``ingest.stop_grace_s`` (20 s) for ingest as a whole: :meth:`Ingest.start` runs it in a
+thread of its own, so the thread that takes the signal never waits on the database, and
+:meth:`Ingest.finish` gives up on a database that neither answers nor fails (a lock held, a
+silent network) with :class:`IngestFatalError`, within systemd's default grace of 90 s; the
+batch in hand stays unacknowledged, and the broker sends it again.
 
 Refusals are counted per reason, site and agent (``refusals``), but an agent that is not
 enrolled is counted as agent ``''`` of its site (of site ``''`` if the site has no enrolled
@@ -100,13 +100,12 @@ from aggregator.store import BatchOutcome, Store
 from aggregator.transport import Transport
 from aggregator.verify import REASONS, Accepted, Refusal, Verifier, WindowLimits
 
-__all__ = ["STOP_GRACE_S", "Ingest", "IngestStats", "topics"]
+__all__ = ["Ingest", "IngestStats", "topics"]
 
 log = logging.getLogger("footfall.aggregator")
 
 _QUIET_REASONS = frozenset({"duplicate"})  # normal after a redelivery: logged at INFO
 _STOP_WAIT_S = 10  # how long a stop waits for the store stage's batch in hand
-STOP_GRACE_S = 20  # how long a stop waits for ingest as a whole (:meth:`Ingest.finish`)
 T = TypeVar("T")
 
 
@@ -337,14 +336,16 @@ class Ingest:
         return thread
 
     def finish(self, thread: threading.Thread) -> None:
-        """Stop ingest started by :meth:`start` and wait for it until ``STOP_GRACE_S`` after the
-        first stop; raise what it raised, or :class:`IngestFatalError` if it is still waiting
-        on the database."""
+        """Stop ingest started by :meth:`start` and wait for it until ``ingest.stop_grace_s``
+        after the first stop; raise what it raised, or :class:`IngestFatalError` if it is still
+        waiting on the database."""
         self.stop()
-        thread.join(max(0.0, self._stopped_at + STOP_GRACE_S - time.monotonic()))
+        grace = self.settings.stop_grace_s
+        thread.join(max(0.0, self._stopped_at + grace - time.monotonic()))
         if thread.is_alive():
             raise IngestFatalError(
-                f"ingest did not stop within {STOP_GRACE_S} s (the database has not answered): "
+                f"ingest did not stop within {grace} s (ingest.stop_grace_s; the database has not "
+                "answered): "
                 "exiting without the batch in hand (unacknowledged: the broker sends it again)"
             )
         if self._raised is not None:

@@ -69,7 +69,7 @@ def serve(
     stop: threading.Event | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM (uvicorn's handlers, in the main thread) or ``stop`` is
-    set, then stop ingest after its batch (:meth:`Ingest.finish`: at most ``STOP_GRACE_S``
+    set, then stop ingest after its batch (:meth:`Ingest.finish`: at most ``ingest.stop_grace_s``
     after the signal; uvicorn waits at most ``_CALLS_GRACE_S`` for calls in progress).
     ``ready`` is set once the server listens and ingest (if on) has subscribed. If ingest fails
     for good (:class:`IngestFatalError`), the server stops too and the error is raised: the
