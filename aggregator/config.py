@@ -24,13 +24,11 @@ from typing import Any, ClassVar, TypeVar
 from aggregator.errors import ConfigError
 from firmware_agent.contract.broker import BrokerBase
 from firmware_agent.contract.resolve import (
-    Problems,
     Setting,
     Value,
     build,
     declared,
     redefault,
-    report,
     resolve,
     setting,
 )
@@ -481,20 +479,11 @@ def load_config(
     one :class:`ConfigError`, each with its file, line, table and key."""
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
-    found: list[str] = []
-    places: dict[str, str] = {}
-    values, sources = resolve(
-        SETTINGS,
-        path,
-        os.environ if environ is None else environ,
-        overrides or {},
-        ConfigError,
-        problems=found,
-        places=places,
+    values, sources, problems = resolve(
+        SETTINGS, path, os.environ if environ is None else environ, overrides or {}, ConfigError
     )
     _derive(values)
     defaults = _derive({s.name: s.default for s in SETTINGS})
-    problems = Problems(SETTINGS, ConfigError, found, places)
 
     def section(name: str, cls: type[T]) -> T:
         return problems.check(
@@ -508,9 +497,8 @@ def load_config(
     try:
         config = AggregatorConfig(values, sources, store, broker, ingest, serve)
     except ConfigError as exc:
-        found.append(str(exc))
-    if found:
-        raise ConfigError(report(found, str(path) if path is not None else "the settings"))
+        problems.found.append(str(exc))
+    problems.raise_found(path)
     return config
 
 

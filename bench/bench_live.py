@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from firmware_agent.settings import load_config  # noqa: E402
 from firmware_agent.stages.capture import CaptureReader  # noqa: E402
 from firmware_agent.stages.pipeline import Pipeline  # noqa: E402
 from firmware_agent.tools.synthetic import SyntheticSpec, write_synthetic_capture  # noqa: E402
-from tests.support.agent_harness import AgentFiles, prepare_agent  # noqa: E402
+from tests.support.agent_harness import AgentFiles, prepare_agent, scrape  # noqa: E402
 from tests.support.mqtt_broker import (  # noqa: E402
     Mosquitto,
     Subscriber,
@@ -81,16 +80,6 @@ def kernels_loaded(pid: int) -> str:
     aot = "footfall_kernels_" in maps
     jit = "llvmlite" in maps
     return {(True, False): "AOT build", (False, True): "numba JIT"}.get((aot, jit), "both?")
-
-
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-        text = response.read().decode()
-    return {
-        line.split()[0]: float(line.split()[1])
-        for line in text.splitlines()
-        if line and not line.startswith("#")
-    }
 
 
 def unit_environment() -> dict[str, str]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware_agent.contract.errors import ConfigError
-from firmware_agent.contract.resolve import Problems, Setting, build, declared, report, resolve
+from firmware_agent.contract.resolve import Setting, build, declared, resolve
 from firmware_agent.service.config import AgentConfig, AgentIdentity, SourceSettings
 from firmware_agent.service.homeassistant import HomeAssistantSettings
 from firmware_agent.service.metrics import MetricsSettings
@@ -71,18 +71,9 @@ def load_config(
     once, in one :class:`ConfigError`, each with its file, line, table and key."""
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
-    found: list[str] = []
-    places: dict[str, str] = {}
-    values, sources = resolve(
-        SETTINGS,
-        path,
-        os.environ if environ is None else environ,
-        overrides or {},
-        ConfigError,
-        problems=found,
-        places=places,
+    values, sources, problems = resolve(
+        SETTINGS, path, os.environ if environ is None else environ, overrides or {}, ConfigError
     )
-    problems = Problems(SETTINGS, ConfigError, found, places)
     count = problems.check("count.", lambda: build(CountSettings, "count", values), CountSettings)
     if values["privacy.mode"] == "strict" and sources["epoch.length"] == "default":
         values["epoch.length"] = str(count.window_s)
@@ -152,6 +143,5 @@ def load_config(
         privacy=privacy,
         file=path,
     )
-    if found:
-        raise ConfigError(report(found, str(path) if path is not None else "the settings"))
+    problems.raise_found(path)
     return config

@@ -218,21 +218,16 @@ def _places(path: Path, text: str) -> dict[str, str]:
 
 
 class Problems:
-    """Every mistake in the settings, each with where its setting was set (``places``, from
-    :func:`resolve`): :meth:`check` builds a section, and where one of its values is wrong,
-    notes why and builds it from defaults, so that the checks after it still run."""
+    """Every mistake in the settings, each with where its setting was set (``places``, filled
+    by :func:`resolve`): :meth:`check` builds a section, and where one of its values is wrong,
+    notes why and builds it from defaults, so that the checks after it still run;
+    :meth:`raise_found` reports them all at once."""
 
-    def __init__(
-        self,
-        settings: Sequence[Setting],
-        error: type[Exception],
-        found: list[str],
-        places: Mapping[str, str],
-    ) -> None:
+    def __init__(self, settings: Sequence[Setting], error: type[Exception]) -> None:
         self.settings = settings
         self.error = error
-        self.found = found
-        self.places = places
+        self.found: list[str] = []
+        self.places: dict[str, str] = {}
 
     def check(self, section: str, make: Callable[[], T], fallback: Callable[[], T]) -> T:
         """``make()``; if it raises the settings' error, the message (with the places of the
@@ -242,6 +237,12 @@ class Problems:
         except self.error as exc:
             self.found.append(self._placed(str(exc), section))
             return fallback()
+
+    def raise_found(self, path: Path | None) -> None:
+        """Raise the settings' error with every mistake noted, if there is one."""
+        if self.found:
+            what = str(path) if path is not None else "the settings"
+            raise self.error(report(self.found, what))
 
     def _placed(self, message: str, section: str) -> str:
         """The message, with where each setting of ``section`` it names was set."""
@@ -270,16 +271,12 @@ def resolve(
     environ: Mapping[str, str],
     overrides: Mapping[str, object],
     error: type[Exception],
-    *,
-    problems: list[str] | None = None,
-    places: dict[str, str] | None = None,
-) -> tuple[dict[str, Value], dict[str, str]]:
-    """(values, sources) by name: defaults, then ``path``, then ``environ``, then overrides.
-    ``places`` (filled when given) says where each value set by a file is: its line, table and
-    key. With ``problems``, mistakes are appended to it (the setting keeps its default)."""
+) -> tuple[dict[str, Value], dict[str, str], Problems]:
+    """(values, sources, problems), values and sources by name: defaults, then ``path``, then
+    ``environ``, then overrides. A mistake is noted in ``problems`` (the setting keeps its
+    default), whose ``places`` say where each value was set: a file's line, table and key."""
     by_name = {s.name: s for s in settings}
-    where_set = {} if places is None else places
-    found: list[str] = []
+    problems = Problems(settings, error)
 
     def unknown(name: str, where: str) -> Exception:
         hint = difflib.get_close_matches(name, by_name, n=1)
@@ -339,12 +336,8 @@ def resolve(
                 source = where or by_name[name].env
                 values[name] = coerce(by_name[name], value, place or source)
             except error as exc:
-                found.append(str(exc))
+                problems.found.append(str(exc))
                 continue
             sources[name] = source
-            where_set[name] = place or source
-    if found and problems is None:
-        raise error(report(found, "the settings"))
-    if problems is not None:
-        problems.extend(found)
-    return values, sources
+            problems.places[name] = place or source
+    return values, sources, problems

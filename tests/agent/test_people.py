@@ -69,18 +69,14 @@ def test_the_kernel_equals_its_plain_python_twin(seed: int, window_s: int, batch
     assert max(w.occupancy_peak for w in got) > 2
 
 
-def test_a_visit_the_input_cuts_short_arrives_at_its_end() -> None:
-    """Strong for 30 s when the input ends: cut short, not walking past, so it arrives in the
-    last window (the twin agrees); weak then, or strong but gone long before: passers-by."""
+def _people_of(frames: list[tuple[int, int, int]]) -> list[WindowPeople]:
+    """The people stage's windows (5 minutes, 60 s minimum dwell) for ``frames`` (s after the
+    hour's start, chain, dBm) at a -75 dBm threshold, the input ending an hour after its
+    start; checked against the plain-Python twin."""
     settings = PeopleSettings(window_s=300, lateness_s=0, min_dwell_s=60, visit_gap_s=600)
     start = 1_709_625_600 * NS
     end = start + 3600 * NS
-    frames = [  # (s since start, chain, dBm)
-        *((s, 0, -60) for s in (600, 615)),  # strong, heard 15 s, an hour before the end
-        *((s, 1, -60) for s in (3570, 3585, 3599)),  # strong, the last 30 s
-        *((s, 2, -90) for s in (3575, 3590)),  # weak, the last 25 s
-    ]
-    frames.sort()
+    frames = sorted(frames)
     ts = np.array([start + s * NS for s, _, _ in frames], np.int64)
     chain = np.array([c for _, c, _ in frames], np.int64)
     rssi = np.array([r for _, _, r in frames], np.int16)
@@ -90,6 +86,18 @@ def test_a_visit_the_input_cuts_short_arrives_at_its_end() -> None:
     got += counter.close_until(end, end_visits=True)
     rows = zip(ts.tolist(), chain.tolist(), rssi.tolist(), thresholds.tolist(), strict=True)
     assert got == reference_people(rows, settings, end)
+    return got
+
+
+def test_a_visit_the_input_cuts_short_arrives_at_its_end() -> None:
+    """Strong for 30 s when the input ends: cut short, not walking past, so it arrives in the
+    last window (the twin agrees); weak then, or strong but gone long before: passers-by."""
+    frames = [  # (s since start, chain, dBm)
+        *((s, 0, -60) for s in (600, 615)),  # strong, heard 15 s, an hour before the end
+        *((s, 1, -60) for s in (3570, 3585, 3599)),  # strong, the last 30 s
+        *((s, 2, -90) for s in (3575, 3590)),  # weak, the last 25 s
+    ]
+    got = _people_of(frames)
     last = got[-1]
     assert (last.arrivals, last.visits_ended, last.passersby) == (1, 1, 1)
     assert last.dwell_minutes["lt5"] == 1 and last.occupancy_peak == 0
@@ -100,24 +108,12 @@ def test_a_visit_arrives_only_once_heard_in_the_venue_for_the_minimum_dwell() ->
     """One strong frame, then weak ones for 5 minutes (an outsider whose phone peaked once):
     a passer-by. Strong for under the minimum dwell, then weak: a passer-by. Weak, then strong
     for the minimum dwell: it arrives at the strong frame 60 s after its first strong one."""
-    settings = PeopleSettings(window_s=300, lateness_s=0, min_dwell_s=60, visit_gap_s=600)
-    start = 1_709_625_600 * NS
-    end = start + 3600 * NS
     frames = [  # (s since start, chain, dBm)
         (0, 0, -60), *((s, 0, -90) for s in range(20, 320, 20)),
         *((s, 1, -60) for s in (0, 20, 40)), *((s, 1, -90) for s in range(60, 320, 20)),
         *((s, 2, -90) for s in range(0, 300, 20)), *((s, 2, -60) for s in range(300, 400, 20)),
     ]  # fmt: skip
-    frames.sort()
-    ts = np.array([start + s * NS for s, _, _ in frames], np.int64)
-    chain = np.array([c for _, c, _ in frames], np.int64)
-    rssi = np.array([r for _, _, r in frames], np.int16)
-    thresholds = np.full(len(ts), -75, np.int16)
-    counter = PeopleCounter(settings)
-    got = counter.add(np.full(len(ts), KIND_PROBE, np.uint8), ts, chain, rssi, thresholds)
-    got += counter.close_until(end, end_visits=True)
-    rows = zip(ts.tolist(), chain.tolist(), rssi.tolist(), thresholds.tolist(), strict=True)
-    assert got == reference_people(rows, settings, end)
+    got = _people_of(frames)
     assert [w.arrivals for w in got[:2]] == [0, 1]  # chain 2, at 360 s
     assert sum(w.arrivals for w in got) == 1 and sum(w.passersby for w in got) == 2
 

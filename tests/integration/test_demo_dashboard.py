@@ -68,6 +68,12 @@ def signed_in(browser: Browser, demo: Demo, width: int) -> Page:
     return page
 
 
+def drawn_at(page: Page, url: str) -> None:
+    """Open a dashboard page and wait until its charts are drawn."""
+    page.goto(url)
+    page.wait_for_selector("body[data-charts-ready='1']")
+
+
 def text(page: Page, selector: str) -> str:
     return page.inner_text(selector).strip()
 
@@ -86,8 +92,7 @@ def test_tiles_and_an_hours_visitors_equal_the_api_and_the_csv(
     page = signed_in(browser, demo, 1280)
     base = demo.url.split("/sites/")[0]
     day = demo.days_back(1)  # the last whole day
-    page.goto(f"{base}/sites/high-street?date={day}")
-    page.wait_for_selector("body[data-charts-ready='1']")
+    drawn_at(page, f"{base}/sites/high-street?date={day}")
     if os.environ.get("FOOTFALL_README_IMAGE"):
         page.screenshot(path=str(REPO / "docs" / "dashboard.png"), full_page=False)
     tiles = page.request.get(f"{base}/api/v1/sites/high-street/summary?day={day}").json()
@@ -128,8 +133,7 @@ def test_week_and_month_views_total_the_apis_periods(
     page = signed_in(browser, demo, 1280)
     base = demo.url.split("/sites/")[0]
     day = demo.days_back(17)
-    page.goto(f"{base}/sites/station?range={view}&date={day}")
-    page.wait_for_selector("body[data-charts-ready='1']")
+    drawn_at(page, f"{base}/sites/station?range={view}&date={day}")
     data = page.request.get(f"{base}/api/v1/sites/station/dashboard?range={view}&day={day}").json()
     periods = page.request.get(
         f"{base}/api/v1/sites/station/people?from={data['first']}&to={data['last']}"
@@ -153,8 +157,7 @@ def test_a_custom_range_is_compared_with_as_many_days_before_it(
     page = signed_in(browser, demo, 1280)
     base = demo.url.split("/sites/")[0]
     first, last = demo.days_back(12), demo.days_back(3)  # ten days
-    page.goto(f"{base}/sites/high-street?range=custom&from={first}&to={last}")
-    page.wait_for_selector("body[data-charts-ready='1']")
+    drawn_at(page, f"{base}/sites/high-street?range=custom&from={first}&to={last}")
     data = page.request.get(
         f"{base}/api/v1/sites/high-street/dashboard?range=custom&from={first}&to={last}"
     ).json()
@@ -192,8 +195,7 @@ def test_an_outage_is_a_gap_a_week_of_one_day_reads_right_and_axes_start_at_zero
         f"{base}/api/v1/sites/station/people?from={demo.days_back(34)}&to={demo.day}&resolution=day"
     ).json()["rows"]
     (outage,) = [d["local"] for d in days if d["no_data_windows"]]
-    page.goto(f"{base}/sites/station?date={outage}")
-    page.wait_for_selector("body[data-charts-ready='1']")
+    drawn_at(page, f"{base}/sites/station?date={outage}")
     hours = page.request.get(
         f"{base}/api/v1/sites/station/people?from={outage}&to={outage}&resolution=hour"
     ).json()["rows"]
@@ -207,8 +209,7 @@ def test_an_outage_is_a_gap_a_week_of_one_day_reads_right_and_axes_start_at_zero
     page.screenshot(path=str(artefacts / "demo-outage.png"), full_page=True)
     # The bundled capture's shop has one day of windows: its week is that day and six empty
     # ones, and the page says nothing of retention.
-    page.goto(f"{base}/sites/demo-shop?range=week&date=2024-03-05")
-    page.wait_for_selector("body[data-charts-ready='1']")
+    drawn_at(page, f"{base}/sites/demo-shop?range=week&date=2024-03-05")
     drawn = page.evaluate("() => footfallCharts.people.data[1]")
     assert len(drawn) == 7 and sum(v is not None for v in drawn) == 1
     assert "retention" not in text(page, "main") and "≥ 0" not in text(page, "main")
@@ -248,8 +249,7 @@ def test_a_day_before_the_first_window_and_the_api_docs_page(
 ) -> None:
     page = signed_in(browser, demo, 1280)
     base = demo.url.split("/sites/")[0]
-    page.goto(f"{base}/sites/high-street?date={demo.days_back(60)}")
-    page.wait_for_selector("body[data-charts-ready='1']")
+    drawn_at(page, f"{base}/sites/high-street?date={demo.days_back(60)}")
     assert "first window is on" in text(page, "#empty")
     assert text(page, "#tile-visitors") == "—" and text(page, "#tile-dwell") == "—"
     assert "retention" not in page.inner_text("main") and "≥ 0" not in page.inner_text("main")

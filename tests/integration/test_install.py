@@ -353,6 +353,19 @@ def enrol_on_the_web_page(day: Day, chromium: Browser, public_key: str) -> Page:
     return page
 
 
+def doctor_with_acl(day: Day, acl: str) -> str:
+    """What doctor says on the Pi while the broker's ACL reads ``acl``; the ACL it had is
+    put back after."""
+    shipped = day.broker.acl.read_text()
+    day.broker.acl.write_text(acl)
+    day.broker.reload()
+    try:
+        return day.doctor()[1]
+    finally:
+        day.broker.acl.write_text(shipped)
+        day.broker.reload()
+
+
 def agent_row(page: Page) -> list[str]:
     """The agent's row of the site page's agents table, as the installer sees it now."""
     page.reload()
@@ -473,18 +486,10 @@ def test_the_installers_day_as_the_guide_writes_it(day: Day, browser: Browser) -
     assert "the account (broker.username, broker.password)" in table(out)["broker"][1]
     assert (table(out)["acl"][0], table(out)["stored"][0]) == ("skip", "skip")
     acl = day.broker.acl.read_text()
-    day.broker.acl.write_text(acl.replace("pattern write footfall/v1/%u/meta\n", ""))
-    day.broker.reload()
-    status, out = day.doctor()
-    day.broker.acl.write_text(acl)
-    day.broker.reload()
+    out = doctor_with_acl(day, acl.replace("pattern write footfall/v1/%u/meta\n", ""))
     assert failed(out) == {"acl"}, out
     assert "fix: the broker's ACL (hardware/mosquitto/footfall.acl" in table(out)["acl"][1]
-    day.broker.acl.write_text("pattern write footfall/v1/#\n" + acl)  # and one that lets too much
-    day.broker.reload()
-    status, out = day.doctor()
-    day.broker.acl.write_text(acl)
-    day.broker.reload()
+    out = doctor_with_acl(day, "pattern write footfall/v1/#\n" + acl)  # one that lets too much
     assert failed(out) == {"acl"}, out
     assert "accepted: this account may write other agents' topics" in table(out)["acl"][1]
 
