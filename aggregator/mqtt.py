@@ -420,6 +420,7 @@ class Session(Transport):
         if refused:
             log.error("broker %s refused subscriptions: %s", self.address, "; ".join(refused))
             return
+        log.info("subscribed to %s on broker %s", ", ".join(self.filters), self.address)
         self.connected.set()
 
 

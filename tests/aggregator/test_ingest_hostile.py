@@ -396,8 +396,7 @@ def rig(
     process = _spawn(_config_file(root / "aggregator.toml", broker, settings), "hostile", log)
     good = AgentAccount(broker, SITE, GOOD.agent, "pw")
     try:
-        wait_for(lambda: "connected to broker" in log.read_text(), 20, "ingest to connect")
-        time.sleep(0.2)  # its SUBACK
+        wait_for(lambda: "subscribed to" in log.read_text(), 20, "ingest to subscribe")
         yield Rig(broker, store, process, log, good)
         process.send_signal(signal.SIGTERM)
         started = time.monotonic()

@@ -207,7 +207,7 @@ def test_ingest_exits_non_zero_when_its_database_is_gone_for_good(
     process = _spawn(config, "ingest-gone", log)
     account = AgentAccount(broker, "s1", "a1", "pw")
     try:
-        wait_for(lambda: "connected to broker" in log.read_text(), 20, "ingest to connect")
+        wait_for(lambda: "subscribed to" in log.read_text(), 20, "ingest to subscribe")
         _drop_windows(store_settings)
         account.publish("counts", agent.counts(1, utc_text(RECENT)))
         started = time.monotonic()
@@ -312,7 +312,7 @@ def test_sigterm_ends_ingest_within_its_grace_while_the_database_hangs(
         process = _spawn(config, "hang", log, command, *more)
         account = AgentAccount(broker, "s1", "a1", "pw")
         try:
-            wait_for(lambda: "connected to broker" in log.read_text(), 20, "ingest to connect")
+            wait_for(lambda: "subscribed to" in log.read_text(), 20, "ingest to subscribe")
             hang()
             account.publish("counts", agent.counts(1, utc_text(RECENT)))
             if command == "serve":

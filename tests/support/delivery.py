@@ -237,10 +237,9 @@ class Rig:
             )  # fmt: skip
             log.close()
         nats = isinstance(self.broker, NatsCluster)
-        ready = f"consuming {COUNTS_STREAM}" if nats else "connected to broker"
+        ready = f"consuming {COUNTS_STREAM}" if nats else "subscribed to"
         for name in names:
-            wait_for(lambda name=name: ready in self.log(name), 20, f"{name} to connect")
-        time.sleep(0.3)  # their SUBACK
+            wait_for(lambda name=name: ready in self.log(name), 20, f"{name} to subscribe")
 
     def start_agents(
         self, at: tuple[str, str, int] | None = None, *, receipts: bool = True
