@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import functools
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from firmware_agent.contract.fields import DWELL_BANDS
+from firmware_agent.service.config import AgentConfig
 from firmware_agent.settings import load_config
 from firmware_agent.stages.capture import CaptureReader
 from firmware_agent.stages.pipeline import Pipeline
@@ -115,12 +116,19 @@ def _pct(estimate: float, truth: float) -> float:
     return abs(estimate - truth) / truth * 100 if truth else float(estimate != 0) * 100
 
 
+def people_config(**estimate: object) -> AgentConfig:
+    """The agent's configuration the captures are replayed with, ``estimate`` settings
+    overridden (bench/bench_people_links.py tries them)."""
+    config = load_config(None, environ=_ENV, overrides={"count.window_s": 3600})
+    return replace(config, estimate=replace(config.estimate, **estimate))  # type: ignore[arg-type]
+
+
 @functools.cache
 def run(scenario: Scenario) -> Result:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "people.pcap"
         truth = write_people_capture(path, scenario.spec)
-        config = load_config(None, environ=_ENV, overrides={"count.window_s": 3600})
+        config = people_config()
         with CaptureReader(path) as reader:
             windows = list(Pipeline(config).run(reader))
     hours = []
