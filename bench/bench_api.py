@@ -255,7 +255,8 @@ class Timing:
 
 
 def _rows_of(answer: httpx.Response) -> int:
-    """What a call returned, in rows: a CSV's lines, a JSON list's length, a dict's lists."""
+    """What a call returned, in rows: a CSV's lines, a JSON list's length, a dict's lists, a
+    flat dict's (the tiles') known figures."""
     assert answer.status_code == 200, f"{answer.request.url}: {answer.status_code} {answer.text}"
     if answer.headers["content-type"].startswith("text/csv"):
         return answer.text.count("\n") - 1
@@ -268,7 +269,10 @@ def _rows_of(answer: httpx.Response) -> int:
         return len(body["rows"])
     if "visitors" in body:
         return sum(v is not None for row in body["visitors"] for v in row)
-    return sum(len(v) for v in body.values() if isinstance(v, list))
+    lists = [v for v in body.values() if isinstance(v, list)]
+    if lists:
+        return sum(map(len, lists))
+    return sum(isinstance(v, int | float) and not isinstance(v, bool) for v in body.values())
 
 
 def calls(site: str, day: date) -> list[tuple[str, str]]:
