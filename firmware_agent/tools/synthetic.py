@@ -36,7 +36,7 @@ import os
 import sys
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import BinaryIO
 
 import numpy as np
@@ -413,6 +413,7 @@ class _Frames:
     channel: I64  # index into _CHANNELS
     dbm: I64
     directed: NDArray[np.bool_]
+    person: I64  # who sent it: a device or person index (-1: a people capture's static device)
 
 
 def _simulate(spec: SyntheticSpec) -> _Frames:
@@ -514,6 +515,7 @@ def _simulate(spec: SyntheticSpec) -> _Frames:
         channel=channel[file_order],
         dbm=dbm.astype(np.int64)[file_order],
         directed=directed[file_order],
+        person=dev[file_order],
     )
 
 
@@ -651,6 +653,8 @@ class PeopleTruth:
     frames: int
     start_ns: int
     end_ns: int
+    phone: I64  # each person's: 0 a new address every burst, 1 rotating, 2 a global address
+    person: I64  # each frame written's person (-1: a static device): for diagnostics
 
     def hourly(self) -> list[dict[str, object]]:
         """Per hour: visitors who arrived, passers-by, visits that ended (by departure,
@@ -771,8 +775,11 @@ def _people(spec: PeopleSpec) -> tuple[_Frames, PeopleTruth]:
         channel=((rng.integers(0, 3, bursts)[burst] + rank) % 3)[order],
         dbm=dbm[order],
         directed=np.zeros(len(order), bool),
+        person=who[order],
     )
-    truth = PeopleTruth(arrive_ns, depart_ns, visitor, len(order), spec.start_ns, end_ns)
+    truth = PeopleTruth(
+        arrive_ns, depart_ns, visitor, len(order), spec.start_ns, end_ns, kind, who[order]
+    )
     return frames, truth
 
 
@@ -806,6 +813,7 @@ def _static(spec: PeopleSpec) -> _Frames:
         channel=rank % 3,
         dbm=dbm.astype(np.int64),
         directed=np.zeros(len(burst), bool),
+        person=np.full(len(burst), -1, np.int64),
     )
 
 
@@ -821,7 +829,7 @@ def _people_frames(spec: PeopleSpec) -> tuple[_Frames, PeopleTruth]:
         ts_ns = frames.ts_us * 1000
         heard = (ts_ns < spec.silent_ns[0]) | (ts_ns >= spec.silent_ns[1])
         frames = _Frames(**{f: getattr(frames, f)[heard] for f in _Frames.__slots__})
-    return frames, truth
+    return frames, replace(truth, person=frames.person)
 
 
 def write_people_capture(path: str | os.PathLike[str], spec: PeopleSpec) -> PeopleTruth:
