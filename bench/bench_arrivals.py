@@ -1,6 +1,7 @@
 """The people stage's arrivals on the lab days against the truth's, by cause: one command.
 
     .venv/bin/python bench/bench_arrivals.py [LAB_DIR] [--days N] [--rule NAME=VALUE ...]
+        [--set NAME=VALUE ...]
 
 Replays each day of ``../shared/data/lab`` through the agent's pipeline (cached per day under
 ``bench/out/arrivals/``, keyed as bench_lab's cache) and records the rows the
@@ -32,7 +33,8 @@ rises, binned by the hour's mean truth (hours with no truth minutes are ``none``
 this bench (a visit arrived once it had lasted ``min_dwell_s`` with its *best* signal at or
 above the threshold, and one heard across midnight arrived), ``gap=S`` a visit gap of S s,
 ``dwell=S`` a minimum dwell of S s. The days in date order are dealt into two folds; each fold's
-ratio is printed (a rule is chosen on one and scored on the other).
+ratio is printed (a rule is chosen on one and scored on the other). ``--set`` replays with an
+estimate setting changed (``--set cadence_gap_s=120``; cached apart), as bench_lab's.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_lab import _setting
 
 from firmware_agent.service.config import AgentConfig
 from firmware_agent.stages.batch import KIND_PROBE, NS, RSSI_MISSING
@@ -221,9 +225,13 @@ def main() -> int:
     parser.add_argument("lab", nargs="?", type=Path, default=DEFAULT)
     parser.add_argument("--days", type=int, help="only the first N days")
     parser.add_argument("--rule", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument(
+        "--set", type=_setting, action="append", default=[], metavar="NAME=VALUE",
+        help="an estimate setting (estimate.cadence_gap_s=120)",
+    )  # fmt: skip
     args = parser.parse_args()
     rule = {k: int(v) for k, _, v in (r.partition("=") for r in args.rule)}
-    config = lab_config()
+    config = lab_config(**dict(args.set))
     gap_s = rule.get("gap", config.count.visit_gap_s)
     dwell_s, static_s = rule.get("dwell", config.estimate.min_dwell_s), 4 * 3600
     truth = Truth.read(args.lab / "truth.csv")
