@@ -34,7 +34,7 @@ this bench (a visit arrived once it had lasted ``min_dwell_s`` with its *best* s
 above the threshold, and one heard across midnight arrived), ``gap=S`` a visit gap of S s,
 ``dwell=S`` a minimum dwell of S s. The days in date order are dealt into two folds; each fold's
 ratio is printed (a rule is chosen on one and scored on the other). ``--set`` replays with an
-estimate setting changed (``--set cadence_gap_s=120``; cached apart), as bench_lab's.
+estimate setting (``--set rssi_link_db=15``), as bench_lab's does.
 """
 
 from __future__ import annotations
@@ -225,10 +225,7 @@ def main() -> int:
     parser.add_argument("lab", nargs="?", type=Path, default=DEFAULT)
     parser.add_argument("--days", type=int, help="only the first N days")
     parser.add_argument("--rule", action="append", default=[], metavar="NAME=VALUE")
-    parser.add_argument(
-        "--set", type=_setting, action="append", default=[], metavar="NAME=VALUE",
-        help="an estimate setting (estimate.cadence_gap_s=120)",
-    )  # fmt: skip
+    parser.add_argument("--set", type=_setting, action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args()
     rule = {k: int(v) for k, _, v in (r.partition("=") for r in args.rule)}
     config = lab_config(**dict(args.set))
