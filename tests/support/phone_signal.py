@@ -10,8 +10,10 @@ burst's size: real phones send 6-96 frames a scan, the synthetic ones 1-4).
 
 The real phones are the one-phone captures ``baccichet_*_anonymized.pcap`` of ../shared/data/
 pcaps, each the frames of its most common fingerprint (:func:`capture_phone`); the synthetic ones
-are the visitors of a people capture (:func:`synthetic_phones`). bench/bench_signal.py prints
-the two side by side; tests/agent/test_synthetic.py holds the synthetic phones near the real ones.
+are the visitors of a people capture (:func:`synthetic_phones`); the lab's sensor (one radio on
+one channel) is seen through the devices of a lab day that keep a global address
+(:func:`global_devices`). bench/bench_signal.py prints them side by side;
+tests/agent/test_synthetic.py holds the synthetic phones near the real ones.
 """
 
 from __future__ import annotations
@@ -133,6 +135,20 @@ def capture_phone(path: Path) -> Frames:
     ts, addr, seq, rssi, fp = _read(path)
     mine = fp == Counter(fp.tolist()).most_common(1)[0][0]
     return Frames(ts[mine], addr[mine], seq[mine], rssi[mine])
+
+
+def global_devices(path: Path, min_bursts: int = 20, min_dbm: int = -75) -> list[Frames]:
+    """The frames of each global address of ``path`` (a lab day) heard in ``min_bursts``
+    bursts or more at a median signal of ``min_dbm`` or more: devices in the room that keep
+    one address (mostly machines), as one radio on one channel hears them."""
+    ts, addr, seq, rssi, _ = _read(path)
+    out = []
+    for a in np.unique(addr[(addr & 0x02) == 0]):
+        mine = addr == a
+        frames = Frames(ts[mine], addr[mine], seq[mine], rssi[mine])
+        if signal(frames).bursts >= min_bursts and np.median(frames.rssi) >= min_dbm:
+            out.append(frames)
+    return out
 
 
 def synthetic_phones(spec: PeopleSpec) -> list[Frames]:
