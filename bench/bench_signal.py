@@ -19,8 +19,9 @@ Measured (session 8): the nine real phones pooled, 194 new-address bursts, jump 
 weaker, by the neighbouring channel's radio. The synthetic phones (seeds 1-2) gave 2.5 / 6.0 /
 9.4 dB, 3 %, no step over 15 dB, with a normal scatter; 2.9 / 10.1 / 34.3 dB, 14 %, steps 11 %
 with today's model (firmware_agent/tools/synthetic.py). The lab's sensor (one radio on
-channel 2: 97 % of the frames with a DS channel say 1 or 2) hears no such copies: its global
-devices (105 device-days, mostly machines) give 3.2 / 7.7 / 13.3 dB, 9 %, no step over 15 dB.
+channel 2: of the frames that name their channel, all but 18 of 47,909 say 1 or 2) hears no
+such copies: its global devices (105 device-days, mostly machines) give 3.2 / 7.7 / 13.3 dB,
+9 %, no step over 15 dB.
 """
 
 from __future__ import annotations
