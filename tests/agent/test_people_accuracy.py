@@ -62,13 +62,15 @@ def test_with_rotating_addresses_hourly_arrivals_and_dwell_bands_meet_the_goal()
 
 
 def test_with_rotating_addresses_the_figures_stay_as_near_as_measured() -> None:
-    """Today's numbers over the four seeds (worst hour 13.3 %, worst band 13.7 %, both below
-    the truth: 12.8 % and 12.1 % while a busy model's ring forgot addresses still heard, whose
-    splits hid part of the per-burst phones' undercount; 18.8 % and 15.5 % before a visit cut
-    short by the capture's end arrived there; 37.5 % and 21.4 % on seed 1 before the split rule
-    and the dwell's probing interval), and occupancy within 15 % everywhere."""
+    """Today's numbers over the four seeds (worst hour 15.6 %, worst band 13.7 %, both below
+    the truth: 13.3 % and 13.7 % before the synthetic phones' signal jumped as real phones' do
+    (firmware_agent/tools/synthetic.py); 12.8 % and 12.1 % while a busy model's ring forgot
+    addresses still heard, whose splits hid part of the per-burst phones' undercount; 18.8 % and
+    15.5 % before a visit cut short by the capture's end arrived there; 37.5 % and 21.4 % on
+    seed 1 before the split rule and the dwell's probing interval), and occupancy within 15 %
+    everywhere."""
     rotating = _rotating()
-    assert max(r.worst_hour_pct for r in rotating) <= 13.5
+    assert max(r.worst_hour_pct for r in rotating) <= 16.0
     assert max(r.worst_band_pct for r in rotating) <= 14.0
     for result in (run(s) for s in SCENARIOS):
         errors = [abs(h.occupancy_est - h.occupancy) for h in result.hours]
