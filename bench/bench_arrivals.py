@@ -55,7 +55,7 @@ from numpy.typing import NDArray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_lab import _setting
+from bench_lab import add_settings_option
 
 from firmware_agent.service.config import AgentConfig
 from firmware_agent.stages.batch import KIND_PROBE, NS, RSSI_MISSING
@@ -225,7 +225,7 @@ def main() -> int:
     parser.add_argument("lab", nargs="?", type=Path, default=DEFAULT)
     parser.add_argument("--days", type=int, help="only the first N days")
     parser.add_argument("--rule", action="append", default=[], metavar="NAME=VALUE")
-    parser.add_argument("--set", type=_setting, action="append", default=[], metavar="NAME=VALUE")
+    add_settings_option(parser, "rssi_link_db=15")
     args = parser.parse_args()
     rule = {k: int(v) for k, _, v in (r.partition("=") for r in args.rule)}
     config = lab_config(**dict(args.set))

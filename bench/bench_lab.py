@@ -42,18 +42,24 @@ def _setting(text: str) -> tuple[str, int]:
     return name.removeprefix("estimate."), int(value)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("lab", nargs="?", type=Path, default=DEFAULT)
-    parser.add_argument("--days", type=int, help="only the first N days (a quick look)")
+def add_settings_option(parser: argparse.ArgumentParser, example: str) -> None:
+    """``--set NAME=VALUE`` (repeatable): an estimate setting to replay with, as
+    ``(name, value)`` pairs in ``args.set``."""
     parser.add_argument(
         "--set",
         type=_setting,
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="an estimate setting, e.g. static_min_s=0",
+        help=f"an estimate setting, e.g. {example}",
     )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("lab", nargs="?", type=Path, default=DEFAULT)
+    parser.add_argument("--days", type=int, help="only the first N days (a quick look)")
+    add_settings_option(parser, "static_min_s=0")
     parser.add_argument("--no-cache", action="store_true", help="replay every day again")
     parser.add_argument("--doc", action="store_true", help="write docs/ACCURACY.md's section")
     args = parser.parse_args()  # fmt: skip

@@ -50,7 +50,7 @@ from numpy.typing import NDArray
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_arrivals import Rows, recording  # puts the repository on sys.path
-from bench_lab import _setting
+from bench_lab import add_settings_option
 
 from firmware_agent.stages.batch import NS, RSSI_MISSING
 from firmware_agent.stages.capture import CaptureReader
@@ -128,14 +128,7 @@ def links(truth: PeopleTruth, rows: Rows, dwell_s: int) -> dict[str, Counter[str
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4])
-    parser.add_argument(
-        "--set",
-        type=_setting,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="an estimate setting, e.g. rssi_link_db=15",
-    )
+    add_settings_option(parser, "rssi_link_db=15")
     args = parser.parse_args()
     config = people_config(**dict(args.set))
     total = {kind: Counter[str]() for kind in KINDS}
