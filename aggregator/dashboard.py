@@ -73,8 +73,13 @@ def people_value(value: int | None, suppressed: int) -> str:
     return shown_value(value, suppressed)
 
 
-def _change(pct: float | None) -> str:
-    return "—" if pct is None else f"{pct:+.0f} %"
+def change_text(pct: float | None) -> str:
+    """A change in whole per cent with its sign (``+12 %``, ``-3 %``); one that rounds to 0 is
+    ``0 %``, never ``-0 %`` (227 visitors against 228); ``—`` when there is none."""
+    if pct is None:
+        return "—"
+    whole = round(pct)
+    return f"{whole:+d} %" if whole else "0 %"
 
 
 def _utc(unix_s: int | None) -> str:
@@ -85,7 +90,7 @@ templates.env.globals.update(
     shown=_shown,
     shown_value=shown_value,
     people=people_value,
-    change=_change,
+    change=change_text,
     id_pattern=ID_PATTERN,
 )
 templates.env.filters["utc"] = _utc

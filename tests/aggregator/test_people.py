@@ -14,7 +14,7 @@ import pytest
 
 from aggregator.cli import main
 from aggregator.config import StoreSettings
-from aggregator.dashboard import templates
+from aggregator.dashboard import change_text, templates
 from aggregator.people import busy_times, figures, summary
 from aggregator.query import Counts
 from aggregator.store import Store
@@ -303,3 +303,21 @@ def test_busy_times_are_each_weekday_and_local_hours_mean_across_a_clock_change(
         for d in range(7)
     ]
     assert (len(sums[(0, 2)]), len(sums[(6, 2)])) == (4, 3)  # 4 October had no 02:00
+
+
+@pytest.mark.parametrize(
+    ("pct", "shown"),
+    [
+        (None, "—"),
+        (-0.44, "0 %"),
+        (0.0, "0 %"),
+        (12.6, "+13 %"),
+        (-3.2, "-3 %"),
+        (-100.0, "-100 %"),
+    ],
+)
+def test_a_change_is_shown_in_whole_per_cent_and_never_as_minus_zero(
+    pct: float | None, shown: str
+) -> None:
+    """The demo's last day had 227 visitors against 228 the week before: "-0 %" on the tile."""
+    assert change_text(pct) == shown

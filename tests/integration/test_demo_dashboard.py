@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page
 
+from aggregator.dashboard import change_text
 from tests.support.demo import Demo as RunningDemo
 
 # The session's five-week demo (Mosquitto), the dashboard in Chromium.
@@ -102,7 +103,7 @@ def test_tiles_and_an_hours_visitors_equal_the_api_and_the_csv(
     assert text(page, "#tile-peak") == tiles["peak_hour"]
     assert text(page, "#tile-capture") == f"{100 * tiles['capture_rate']:.0f} %"
     assert text(page, "#tile-dwell") == f"{tiles['median_dwell_minutes']:.0f}"
-    assert text(page, "#tile-change") == f"{tiles['change_pct']:+.0f} %"
+    assert text(page, "#tile-change") == change_text(tiles["change_pct"])
 
     people = page.request.get(
         f"{base}/api/v1/sites/high-street/people?from={day}&to={day}&resolution=hour"
