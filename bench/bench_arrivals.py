@@ -71,14 +71,7 @@ from bench_lab import add_settings_option
 
 from firmware_agent.service.config import AgentConfig
 from firmware_agent.stages.batch import KIND_PROBE, NS, RSSI_MISSING, DeviceBatch
-from firmware_agent.stages.estimate import (
-    _F_CONT,
-    _F_EXPECT,
-    _F_NEW,
-    _P_RESET_MIN,
-    _P_RESET_PCT,
-    Estimator,
-)
+from firmware_agent.stages.estimate import Estimator, _resets
 from firmware_agent.stages.people import PeopleCounter
 from firmware_agent.tools.evaluate import Truth, replay
 from tests.support.lab_days import CACHE as LAB_CACHE
@@ -130,9 +123,7 @@ class Labels:
                           for f in fp], np.int32)  # fmt: skip
         slots = {int(k): i for i, k in enumerate(est._fps.keys.tolist()) if k}
         st, prm = est._fps.rows, est._params
-        resets = {f: bool(st[i, _F_NEW] >= prm[_P_RESET_MIN] and 100 * (
-            st[i, _F_CONT] * 4096 - st[i, _F_EXPECT]) < prm[_P_RESET_PCT] * st[i, _F_NEW] * 4096)
-            for f, i in slots.items()}  # fmt: skip
+        resets = {f: bool(_resets(st[i], prm)) for f, i in slots.items()}
         rnd = batch.randomised.tolist()
         kind = np.array([0 if not r else 1 if not f else 3 if resets.get(f) else 2
                          for f, r in zip(fp, rnd, strict=True)], np.uint8)  # fmt: skip

@@ -370,6 +370,18 @@ def _heard(
 
 
 @kernel(inline=True)
+def _resets(st: NDArray[np.int64], params: NDArray[np.int64]) -> bool:
+    """Whether the fingerprint of row ``st`` has learnt to reset its counter: ``reset_min`` of
+    its new addresses came while another of it was heard, and fewer than ``reset_share_pct`` %
+    of them continued a counter beyond the matches expected by chance (module docstring)."""
+    new, cont, expect = st[_F_NEW], st[_F_CONT], st[_F_EXPECT]
+    learnt: bool = new >= params[_P_RESET_MIN] and (
+        100 * (cont * 4096 - expect) < params[_P_RESET_PCT] * new * 4096
+    )
+    return learnt
+
+
+@kernel(inline=True)
 def _link(
     t: int,
     dev: np.uint64,
@@ -414,11 +426,7 @@ def _link(
         st[_F_EXPECT] += min(4096, recent * params[_P_SEQ_DELTA])
         if chain >= 0:
             st[_F_CONT] += 1
-    resets = (
-        st[_F_NEW] >= params[_P_RESET_MIN]
-        and 100 * (st[_F_CONT] * 4096 - st[_F_EXPECT]) < params[_P_RESET_PCT] * st[_F_NEW] * 4096
-    )
-    if resets:  # a counter that matched did so by chance: link by cadence
+    if _resets(st, params):  # a counter that matched did so by chance: link by cadence
         chain = -1
         for k in range(n):
             e = n - 1 - k
