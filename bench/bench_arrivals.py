@@ -134,11 +134,12 @@ class Labels:
         kind = np.array([0 if not r else 1 if not f else 3 if resets.get(f) else 2
                          for f, r in zip(fp, rnd, strict=True)], np.uint8)  # fmt: skip
         since = np.full(len(batch), -2, np.int32)
-        for i in np.flatnonzero(est.row_fresh).tolist():
-            before = np.flatnonzero(batch.device[:i] == batch.device[i])
-            t = int(ts[before[-1]]) if before.size else self.heard.get(dev[i])
-            since[i] = -1 if t is None else (int(ts[i]) - t) // NS
-        self.heard.update(zip(dev, ts.tolist(), strict=True))
+        fresh = est.row_fresh.tolist()
+        for i, (d, t) in enumerate(zip(dev, ts.tolist(), strict=True)):
+            if fresh[i]:
+                last = self.heard.get(d)
+                since[i] = -1 if last is None else (t - last) // NS
+            self.heard[d] = t
         self.last = (model, kind, since)
 
     def wipe(self) -> None:

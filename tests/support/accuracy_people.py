@@ -70,62 +70,59 @@ WHY = (
     "was measured broke real phones on the 101 lab days (below).",
 )
 MOVED = (
-    "A model's ring of 16 addresses lets go of the one heard longest ago, not the oldest to",
-    "come: a busy model had pushed a phone's address out before the phone moved on (seeds 1-4,",
-    "37 of 630 visitors with a counter-keeping rotating phone split into several chains, 21",
-    "now). Those splits had hidden part of the undercount: the worst hour went from 12.8 % to",
-    "13.3 % off, the worst band from 12.1 % to 13.7 %.",
-    "|A visit cut short by the capture's end arrives there (before: 18.8 % and 15.5 %).",
-    "|The synthetic phones' signal jumps as real phones' does (firmware_agent/tools/synthetic.py,",
-    "bench/bench_signal.py): a new address's first frame lands over 8 dB from its phone's",
-    "running level in 14 % of the bursts, p90 10 dB, as on the nine one-phone captures (14 %,",
-    "p90 10.7 dB), where a normal scatter had given 3 % (p90 6.0 dB). Since then the worst",
-    "hour is 15.6 % (seed 1; 13.3 % before, seed 3), the worst band 13.7 %, and the per-burst",
-    "phones begin 12 extra chains (none before). The figures below were measured before it.",
+    "A model's ring of 16 addresses lets go of the one heard longest ago, not the oldest to "
+    "come: a busy model had pushed a phone's address out before the phone moved on (seeds "
+    "1-4, 37 of 630 visitors with a counter-keeping rotating phone split into several "
+    "chains, 21 now). Those splits had hidden part of the undercount: the worst hour went "
+    "from 12.8 % to 13.3 % off, the worst band from 12.1 % to 13.7 %.",
+    "A visit cut short by the capture's end arrives there (before: 18.8 % and 15.5 %).",
+    "The synthetic phones' signal jumps as real phones' does "
+    "(firmware_agent/tools/synthetic.py, bench/bench_signal.py): a new address's first "
+    "frame lands over 8 dB from its phone's running level in 14 % of the bursts, p90 10 dB, "
+    "as on the nine one-phone captures (14 %, p90 10.7 dB), where a normal scatter had "
+    "given 3 % (p90 6.0 dB). Since then the worst hour is 15.6 % (seed 1; 13.3 % before, "
+    "seed 3), the worst band 13.7 %, and the per-burst phones begin 12 extra chains (none "
+    "before). The figures below were measured before it.",
 )
 TRIED = (
-    "A new address that continued no counter taken back from the model's reset evidence when",
-    "every address of the model heard before it was heard again after it (a new phone came):",
-    "13.8 % and 14.7 %; lab learnt-threshold occupied MAE 2.38 -> 2.41. Measured again with",
-    "today's ring: 39 rotating phones joined other chains instead of 61 and 6 extra chains",
-    "instead of 28, but those splits had offset part of the per-burst undercount in the first",
-    "hour: worst hour 15.0 % on seed 1. (40 of the 61 joined by cadence in the first 1.5",
-    "hours: their model, which keeps its counter, had been judged to reset while nearly only",
-    "new persons had come.)",
-    "|A new address never joining a chain heard 1-10 s before it: real phones scan again",
-    "within 10 s (8-42 % of the gaps between bursts in 7 of the 9 one-phone captures); lab",
+    "A new address that continued no counter taken back from the model's reset evidence "
+    "when every address of the model heard before it was heard again after it (a new phone "
+    "came): 13.8 % and 14.7 %; lab learnt-threshold occupied MAE 2.38 -> 2.41. Measured "
+    "again with today's ring: 39 rotating phones joined other chains instead of 61 and 6 "
+    "extra chains instead of 28, but those splits had offset part of the per-burst "
+    "undercount in the first hour: worst hour 15.0 % on seed 1. (40 of the 61 joined by "
+    "cadence in the first 1.5 hours: their model, which keeps its counter, had been judged "
+    "to reset while nearly only new persons had come.)",
+    "A new address never joining a chain heard 1-10 s before it: real phones scan again "
+    "within 10 s (8-42 % of the gaps between bursts in 7 of the 9 one-phone captures); lab "
     "MAE 2.36 -> 2.47-2.53.",
-    "|A per-burst model's chain counted as several phones from how much faster it takes new",
-    "addresses than one phone of its model: 11.1 % and 11.4 %, but 23 % more arrivals on the",
-    "101 lab days and 19 % more on the 45 empty ones (a real phone's probing rate changes",
-    "several-fold, screen on or off: one chain read as up to 9 phones); at most 2 phones a",
-    "chain: 11.1 % and 10.6 %, still 6 % more arrivals on the empty days.",
-    "|Linking by each chain's tracked signal (a new address joins the oldest chain whose",
-    "running level is within max(8 dB, 3 x its mean deviation), else begins a chain): seeds",
-    "1-4 within 8.3 % and 10.0 %, but 16 % more arrivals on the lab days (nearly all on class",
-    "days) and occupied MAE 2.36 -> 2.46; at 12-15 dB the lab held better (2.38, 4-6 % more",
-    "arrivals) and seed 3 stayed at 13.3 %. Real phones jump: over 8 dB for 14 % of new",
-    "addresses pooled over the one-phone captures, 17-67 % in 5 of the 8 with new addresses.",
-    "|Two signal levels interleaved in a chain that also bursts faster than one phone: 10.3 %",
-    "at best on seed 4, and 10 % more arrivals on the lab days, MAE 2.43; a real iPhone takes",
-    "up to 12 addresses in 1.6 s, one scan, with signals 14 dB apart.",
-    "|A cadence link kept from crossing the signal threshold (margin 0-20 dB): every worst",
-    "hour as it was (seed 1's arrivals 292 -> 293 of 314; lab learnt-threshold MAE 2.38 ->",
+    "A per-burst model's chain counted as several phones from how much faster it takes new "
+    "addresses than one phone of its model: 11.1 % and 11.4 %, but 23 % more arrivals on "
+    "the 101 lab days and 19 % more on the 45 empty ones (a real phone's probing rate "
+    "changes several-fold, screen on or off: one chain read as up to 9 phones); at most 2 "
+    "phones a chain: 11.1 % and 10.6 %, still 6 % more arrivals on the empty days.",
+    "Linking by each chain's tracked signal (a new address joins the oldest chain whose "
+    "running level is within max(8 dB, 3 x its mean deviation), else begins a chain): seeds "
+    "1-4 within 8.3 % and 10.0 %, but 16 % more arrivals on the lab days (nearly all on "
+    "class days) and occupied MAE 2.36 -> 2.46; at 12-15 dB the lab held better (2.38, 4-6 "
+    "% more arrivals) and seed 3 stayed at 13.3 %. Real phones jump: over 8 dB for 14 % of "
+    "new addresses pooled over the one-phone captures, 17-67 % in 5 of the 8 with new "
+    "addresses.",
+    "Two signal levels interleaved in a chain that also bursts faster than one phone: 10.3 "
+    "% at best on seed 4, and 10 % more arrivals on the lab days, MAE 2.43; a real iPhone "
+    "takes up to 12 addresses in 1.6 s, one scan, with signals 14 dB apart.",
+    "A cadence link kept from crossing the signal threshold (margin 0-20 dB): every worst "
+    "hour as it was (seed 1's arrivals 292 -> 293 of 314; lab learnt-threshold MAE 2.38 -> "
     "2.40-2.42). No per-burst visitor joined right after a passer-by's frame.",
-    "|A shorter cadence gap (60-180 s, the least a gap learnt per model could give): seeds 1,",
-    "3 and 4 at 12.5-13.8 %, and 9-25 % more arrivals on the lab days (+25 % at 90 s).",
-    "|A gap each chain learns from its own silences (a new address linked by cadence only",
-    "within a multiple of the longest of its last 4-8 burst intervals): the lab's arrivals",
-    "stay within 3 % only at 4 times or more, and then the worst hours stay at 12.5, 6.1,",
-    "13.3 and 12.8 %; at 1.5 times seeds 1-4 are within 7.7 % an hour but 13.6 % a band, and",
-    "the lab's arrivals rise 31-35 % (a chain holding two phones learns a short interval and",
-    "breaks at a normal one: the pace rule again).",
+    "A shorter cadence gap (60-180 s, the least a gap learnt per model could give): seeds "
+    "1, 3 and 4 at 12.5-13.8 %, and 9-25 % more arrivals on the lab days (+25 % at 90 s).",
+    "A gap each chain learns from its own silences (a new address linked by cadence only "
+    "within a multiple of the longest of its last 4-8 burst intervals): the lab's arrivals "
+    "stay within 3 % only at 4 times or more, and then the worst hours stay at 12.5, 6.1, "
+    "13.3 and 12.8 %; at 1.5 times seeds 1-4 are within 7.7 % an hour but 13.6 % a band, "
+    "and the lab's arrivals rise 31-35 % (a chain holding two phones learns a short "
+    "interval and breaks at a normal one: the pace rule again).",
 )
-
-
-def _items(lines: tuple[str, ...]) -> list[str]:
-    """Markdown list items of ``lines``, an item beginning at each line that starts with |."""
-    return ["- " + item for item in " ".join(lines).split(" |")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,11 +216,11 @@ def section() -> str:
             f"| {r.scenario.name} | {r.worst_hour_pct:.1f} % | {r.worst_band_pct:.1f} % "
             f"| {mae:.2f} of {mean:.1f} people | {'met' if met else 'not met'} |"
         )
-    out += ["", *WHY, "", "What moved the figures:", "", *_items(MOVED), ""]
+    out += ["", *WHY, "", "What moved the figures:", "", *(f"- {item}" for item in MOVED), ""]
     out += [
         "Tried and left out (seeds 1-4, and the 101 lab days as the guard):",
         "",
-        *_items(TRIED),
+        *(f"- {item}" for item in TRIED),
     ]
     for r in results:
         out += [
